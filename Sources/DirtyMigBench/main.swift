@@ -1,0 +1,1 @@
+print("dirtymig-bench: not yet")

@@ -1,0 +1,161 @@
+import CKVM
+import Glibc
+
+/// One vCPU fd (the `vcpu_` layer): its shared kvm_run page, KVM_RUN, registers, CPUID, MP state,
+/// and its dirty ring mapping. KVM_RUN is called only from the vCPU's own thread; `kick`-related
+/// state (immediate_exit) may be touched from any thread.
+public final class KVMVCPU: @unchecked Sendable {
+    // @unchecked: `runPage` is shared with the kernel by design; only the vCPU thread calls run(),
+    // other threads only store immediate_exit (atomically, in the C shim).
+    public let id: Int
+    public let fd: FileDescriptor
+    unowned let vm: KVMVirtualMachine
+    private let runPage: MappedRegion
+
+    init(vm: KVMVirtualMachine, id: Int, fd: FileDescriptor) throws(KVMError) {
+        self.vm = vm
+        self.id = id
+        self.fd = fd
+        let size = try vm.system.vcpuMmapSize
+        do {
+            runPage = try MappedRegion(length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED,
+                                       fd: fd.rawValue, offset: 0)
+        } catch {
+            throw .ioctl("mmap kvm_run of vCPU \(id)", error)
+        }
+    }
+
+    var run: UnsafeMutablePointer<kvm_run> { runPage.base.assumingMemoryBound(to: kvm_run.self) }
+
+    /// Makes the next (or current) KVM_RUN return at once with EINTR; paired with a signal.
+    public func requestImmediateExit(_ value: Bool = true) {
+        ckvm_run_set_immediate_exit(run, value ? 1 : 0)
+    }
+
+    /// Enters the guest until the next exit that needs userspace.
+    public func runOnce() throws(KVMError) -> VCPUExit {
+        let result = ckvmIoctlValue(fd.rawValue, CKVM_RUN, 0)
+        if result < 0 {
+            let error = errno
+            if error == EINTR || error == EAGAIN {
+                requestImmediateExit(false)
+                return .interrupted
+            }
+            throw .ioctl("KVM_RUN on vCPU \(id)", SystemError("KVM_RUN", errno: error))
+        }
+        return VCPUExit(run: run)
+    }
+
+    public func getRegisters() throws(KVMError) -> kvm_regs {
+        var regs = kvm_regs()
+        try kvmIoctl(fd.rawValue, CKVM_GET_REGS, "KVM_GET_REGS", &regs)
+        return regs
+    }
+
+    public func setRegisters(_ regs: kvm_regs) throws(KVMError) {
+        var copy = regs
+        try kvmIoctl(fd.rawValue, CKVM_SET_REGS, "KVM_SET_REGS", &copy)
+    }
+
+    public func getSpecialRegisters() throws(KVMError) -> kvm_sregs {
+        var sregs = kvm_sregs()
+        try kvmIoctl(fd.rawValue, CKVM_GET_SREGS, "KVM_GET_SREGS", &sregs)
+        return sregs
+    }
+
+    public func setSpecialRegisters(_ sregs: kvm_sregs) throws(KVMError) {
+        var copy = sregs
+        try kvmIoctl(fd.rawValue, CKVM_SET_SREGS, "KVM_SET_SREGS", &copy)
+    }
+
+    public func setCPUID(_ table: CPUIDTable) throws(KVMError) {
+        var raw = table.raw
+        try kvmIoctl(fd.rawValue, CKVM_SET_CPUID2, "KVM_SET_CPUID2", &raw)
+    }
+
+    public func getMPState() throws(KVMError) -> UInt32 {
+        var state = kvm_mp_state()
+        try kvmIoctl(fd.rawValue, CKVM_GET_MP_STATE, "KVM_GET_MP_STATE", &state)
+        return state.mp_state
+    }
+
+    /// The guest TSC frequency in kHz.
+    public func tscKHz() throws(KVMError) -> UInt64 {
+        UInt64(try kvmIoctl(fd.rawValue, CKVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ", value: 0))
+    }
+
+    /// Maps this vCPU's dirty ring (enabled on the VM before the vCPU was created).
+    public func mapDirtyRing(entries: Int) throws(KVMError) -> MappedRegion {
+        let length = entries * MemoryLayout<kvm_dirty_gfn>.stride
+        do {
+            return try MappedRegion(length: length, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED,
+                                    fd: fd.rawValue, offset: Int(CKVM_DIRTY_LOG_PAGE_OFFSET) * Int(getpagesize()))
+        } catch {
+            throw .ioctl("mmap dirty ring of vCPU \(id)", error)
+        }
+    }
+
+    /// Registers for an error report; nil if even reading them fails.
+    public func registerDump() -> VCPURegisterDump? {
+        guard let regs = try? getRegisters(), let sregs = try? getSpecialRegisters() else { return nil }
+        return VCPURegisterDump(regs: regs, sregs: sregs)
+    }
+}
+
+/// Why KVM_RUN returned.
+public enum VCPUExit: Sendable, Equatable {
+    case io(port: UInt16, isOut: Bool, size: UInt8, count: UInt32, dataOffset: UInt64)
+    case hlt
+    case mmio(address: UInt64)
+    case shutdown
+    case failEntry(hardwareReason: UInt64)
+    case internalError(suberror: UInt32)
+    case systemEvent(type: UInt32)
+    case dirtyRingFull
+    case interrupted
+    case other(reason: UInt32)
+
+    init(run: UnsafeMutablePointer<kvm_run>) {
+        let reason = run.pointee.exit_reason
+        switch reason {
+        case CKVM_EXIT_IO:
+            let io = ckvm_run_io(run)
+            self = .io(port: io.port, isOut: io.direction == CKVM_EXIT_IO_OUT, size: io.size, count: io.count,
+                       dataOffset: io.data_offset)
+        case CKVM_EXIT_HLT: self = .hlt
+        case CKVM_EXIT_MMIO: self = .mmio(address: ckvm_run_mmio_addr(run))
+        case CKVM_EXIT_SHUTDOWN: self = .shutdown
+        case CKVM_EXIT_FAIL_ENTRY: self = .failEntry(hardwareReason: ckvm_run_fail_entry_reason(run))
+        case CKVM_EXIT_INTERNAL_ERROR: self = .internalError(suberror: ckvm_run_internal_suberror(run))
+        case CKVM_EXIT_SYSTEM_EVENT: self = .systemEvent(type: ckvm_run_system_event_type(run))
+        case CKVM_EXIT_DIRTY_RING_FULL: self = .dirtyRingFull
+        case CKVM_EXIT_INTR: self = .interrupted
+        default: self = .other(reason: reason)
+        }
+    }
+}
+
+/// The registers worth showing when a vCPU dies.
+public struct VCPURegisterDump: Sendable, CustomStringConvertible {
+    public let rip, rsp, rflags, rax, rbx, rcx, rdx, rsi, rdi: UInt64
+    public let cr0, cr2, cr3, cr4, efer: UInt64
+    public let csSelector: UInt16
+    public let csLong: Bool
+
+    init(regs: kvm_regs, sregs: kvm_sregs) {
+        rip = regs.rip; rsp = regs.rsp; rflags = regs.rflags
+        rax = regs.rax; rbx = regs.rbx; rcx = regs.rcx; rdx = regs.rdx; rsi = regs.rsi; rdi = regs.rdi
+        cr0 = sregs.cr0; cr2 = sregs.cr2; cr3 = sregs.cr3; cr4 = sregs.cr4; efer = sregs.efer
+        csSelector = sregs.cs.selector
+        csLong = sregs.cs.l != 0
+    }
+
+    public var description: String {
+        func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
+        return """
+          rip=\(hex(rip)) rsp=\(hex(rsp)) rflags=\(hex(rflags)) cs=\(hex(UInt64(csSelector)))\(csLong ? " (64-bit)" : "")
+          rax=\(hex(rax)) rbx=\(hex(rbx)) rcx=\(hex(rcx)) rdx=\(hex(rdx)) rsi=\(hex(rsi)) rdi=\(hex(rdi))
+          cr0=\(hex(cr0)) cr2=\(hex(cr2)) cr3=\(hex(cr3)) cr4=\(hex(cr4)) efer=\(hex(efer))
+        """
+    }
+}

@@ -1,0 +1,73 @@
+import Glibc
+
+/// Everything needed to build a VM running the workload guest.
+public struct MachineConfiguration: Sendable {
+    public var name: String
+    public var memorySize: UInt64
+    public var vcpuCount: Int
+    /// One per vCPU (see WorkloadPlan.resolve).
+    public var workloads: [VCPUWorkload]
+    /// nil: no dirty tracking at all (the baseline the benchmark compares against).
+    public var tracking: TrackingMode?
+    public var ringEntries: Int
+    /// How often the ring harvester polls; zero disables it (ring-full exits only; for tests).
+    public var harvestInterval: Duration
+
+    public init(name: String = "vm", memorySize: UInt64, vcpuCount: Int, workloads: [VCPUWorkload],
+                tracking: TrackingMode? = .ring, ringEntries: Int = 4096,
+                harvestInterval: Duration = .milliseconds(1)) {
+        self.name = name
+        self.memorySize = memorySize
+        self.vcpuCount = vcpuCount
+        self.workloads = workloads
+        self.tracking = tracking
+        self.ringEntries = ringEntries
+        self.harvestInterval = harvestInterval
+    }
+
+    /// Refuses requests this host cannot satisfy, before anything is allocated.
+    public func validate(against kvm: KVMSystem) throws(MachineError) {
+        if memorySize < GuestLayout.minimumMemory || memorySize % (2 << 20) != 0 {
+            throw .invalidConfiguration("memory must be a multiple of 2 MiB and at least \(GuestLayout.minimumMemory >> 20) MiB")
+        }
+        let hostBytes = UInt64(sysconf(Int32(_SC_PHYS_PAGES))) * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        if memorySize > hostBytes {
+            throw .invalidConfiguration("--memory \(memorySize >> 20) MiB is more than this host has (\(hostBytes >> 20) MiB)")
+        }
+        if memorySize > GuestLayout.maxAddressableBytes {
+            throw .invalidConfiguration("the workload guest maps at most \(GuestLayout.maxAddressableBytes >> 30) GiB of RAM")
+        }
+        if vcpuCount < 1 || vcpuCount > min(kvm.maxVCPUs, GuestLayout.maxVCPUs) {
+            throw .invalidConfiguration("--vcpus \(vcpuCount): this host allows 1 to \(min(kvm.maxVCPUs, GuestLayout.maxVCPUs)) vCPUs (KVM allows \(kvm.maxVCPUs), the guest \(GuestLayout.maxVCPUs))")
+        }
+        if workloads.count != vcpuCount {
+            throw .invalidConfiguration("\(workloads.count) workloads for \(vcpuCount) vCPUs")
+        }
+        if let tracking, tracking.usesDirtyRing {
+            let maximum = kvm.maxDirtyRingEntries
+            if maximum == 0 {
+                throw .invalidConfiguration("this kernel has no dirty ring; use --track bitmap")
+            }
+            if ringEntries < 256 || ringEntries > maximum || ringEntries & (ringEntries - 1) != 0 {
+                throw .invalidConfiguration("--ring-entries \(ringEntries): must be a power of two from 256 to \(maximum)")
+            }
+        }
+    }
+}
+
+public enum MachineError: Error, CustomStringConvertible {
+    /// An impossible request (exit status 2).
+    case invalidConfiguration(String)
+    case guestFailed(String)
+    case kvm(KVMError)
+    case system(SystemError)
+
+    public var description: String {
+        switch self {
+        case .invalidConfiguration(let text): return text
+        case .guestFailed(let text): return text
+        case .kvm(let error): return error.description
+        case .system(let error): return error.description
+        }
+    }
+}

@@ -1,0 +1,147 @@
+import Foundation
+import Synchronization
+
+/// The thread that owns one vCPU: it loops in KVM_RUN and handles the exits that reach
+/// userspace. Other threads talk to it only through `kick`, `pause`, `resume` and `stop`:
+/// each sets a request, then kicks (immediate_exit + signal) so KVM_RUN returns promptly.
+final class VCPURunner: @unchecked Sendable {
+    // @unchecked: requests are atomics; `condition` guards `paused`; the vCPU itself is used only
+    // from this runner's thread, except for the kick (immediate_exit store + signal).
+    let vcpu: KVMVCPU
+    private let tracker: DirtyTracker?
+    private let events: MachineEvents
+    private var thread: OSThread?
+
+    private let stopRequested = Atomic<Bool>(false)
+    private let pauseRequested = Atomic<Bool>(false)
+    private let condition = NSCondition()
+    private var paused = false
+    private var consoleLine: [UInt8] = []
+
+    init(vcpu: KVMVCPU, tracker: DirtyTracker?, events: MachineEvents) {
+        self.vcpu = vcpu
+        self.tracker = tracker
+        self.events = events
+    }
+
+    func start() {
+        KickSignal.install()
+        thread = OSThread(name: "vcpu-\(vcpu.id)") { [self] in runLoop() }
+    }
+
+    /// Makes KVM_RUN return now (or the next one return at once).
+    func kick() {
+        vcpu.requestImmediateExit()
+        if let thread { KickSignal.send(to: thread.handle) }
+    }
+
+    func stop() {
+        stopRequested.store(true, ordering: .releasing)
+        condition.lock(); condition.broadcast(); condition.unlock()
+        kick()
+        thread?.join()
+    }
+
+    /// Returns once the vCPU is out of KVM_RUN and parked (or its thread has ended).
+    func pause() {
+        pauseRequested.store(true, ordering: .releasing)
+        kick()
+        condition.lock()
+        while !paused && !finished { condition.wait() }
+        condition.unlock()
+    }
+
+    func resume() {
+        pauseRequested.store(false, ordering: .releasing)
+        condition.lock(); condition.broadcast(); condition.unlock()
+    }
+
+    private var finished = false
+
+    private func runLoop() {
+        defer {
+            condition.lock(); finished = true; condition.broadcast(); condition.unlock()
+        }
+        do {
+            while !stopRequested.load(ordering: .acquiring) {
+                if pauseRequested.load(ordering: .acquiring) { parkWhilePaused(); continue }
+                if let deadline = tracker?.holdDeadline(vcpu: vcpu.id) {
+                    // A quota exit: stay out of the guest until the vCPU's interval ends.
+                    let now = MonotonicClock.nanoseconds()
+                    if deadline > now { MonotonicClock.sleep(nanoseconds: deadline - now) }
+                    continue
+                }
+                try handle(try vcpu.runOnce())
+            }
+        } catch {
+            events.vcpuFailed(vcpu.id, error)
+        }
+    }
+
+    private func parkWhilePaused() {
+        condition.lock()
+        paused = true
+        condition.broadcast()
+        while pauseRequested.load(ordering: .acquiring) && !stopRequested.load(ordering: .acquiring) {
+            condition.wait()
+        }
+        paused = false
+        condition.unlock()
+    }
+
+    private func handle(_ exit: VCPUExit) throws {
+        switch exit {
+        case .interrupted:
+            return
+        case .dirtyRingFull:
+            try tracker?.vcpuExitedRingFull(vcpu.id)
+        case .io(let port, let isOut, let size, let count, let dataOffset):
+            handlePortIO(port: port, isOut: isOut, size: size, count: count, dataOffset: dataOffset)
+        case .hlt:
+            // Only without an in-kernel irqchip; our guest halts for good when it idles.
+            condition.lock()
+            while !stopRequested.load(ordering: .acquiring) && !pauseRequested.load(ordering: .acquiring) {
+                condition.wait()
+            }
+            condition.unlock()
+        case .shutdown:
+            throw fatal("the guest shut down (triple fault)")
+        case .failEntry(let reason):
+            throw fatal("KVM could not enter the guest (hardware entry failure reason 0x\(String(reason, radix: 16)))")
+        case .internalError(let suberror):
+            throw fatal("KVM internal error (suberror \(suberror))")
+        case .systemEvent(let type):
+            throw fatal("the guest requested a system event (type \(type): shutdown or reset)")
+        case .mmio(let address):
+            throw fatal("the guest accessed unmapped memory at 0x\(String(address, radix: 16))")
+        case .other(let reason):
+            throw fatal("unexpected exit reason \(reason)")
+        }
+    }
+
+    private func fatal(_ reason: String) -> KVMError {
+        .vcpuFailed(vcpu: vcpu.id, reason: reason, registers: vcpu.registerDump())
+    }
+
+    private func handlePortIO(port: UInt16, isOut: Bool, size: UInt8, count: UInt32, dataOffset: UInt64) {
+        guard isOut else { return }   // reads from unknown ports see whatever KVM left there
+        let data = UnsafeRawPointer(vcpu.run) + Int(dataOffset)
+        switch port {
+        case GuestLayout.consolePort:
+            for index in 0..<Int(count) * Int(size) {
+                let byte = data.load(fromByteOffset: index, as: UInt8.self)
+                if byte == UInt8(ascii: "\n") {
+                    events.consoleLine(vcpu.id, String(decoding: consoleLine, as: UTF8.self))
+                    consoleLine.removeAll()
+                } else if consoleLine.count < 4096 {
+                    consoleLine.append(byte)
+                }
+            }
+        case GuestLayout.errorPort where size == 4:
+            let code = data.loadUnaligned(as: UInt32.self)
+            events.guestReportedError(vcpu.id, code)
+        default:
+            return
+        }
+    }
+}

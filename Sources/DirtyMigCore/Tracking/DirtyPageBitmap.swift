@@ -1,0 +1,78 @@
+/// One bit per page of guest RAM, indexed by RAM page (RAM offset / 4096): the form in which
+/// trackers hand dirty pages to their users (migration, rate measurement).
+public struct DirtyPageBitmap: Sendable, Equatable {
+    public private(set) var words: [UInt64]
+    public let pageCount: Int
+
+    public init(pageCount: Int, allSet: Bool = false) {
+        self.pageCount = pageCount
+        words = [UInt64](repeating: allSet ? ~0 : 0, count: (pageCount + 63) / 64)
+        if allSet { trimTail() }
+    }
+
+    @inline(__always)
+    public mutating func set(_ page: Int) {
+        words[page >> 6] |= 1 << UInt64(page & 63)
+    }
+
+    @inline(__always)
+    public func contains(_ page: Int) -> Bool {
+        words[page >> 6] & (1 << UInt64(page & 63)) != 0
+    }
+
+    /// ORs `count` words into this bitmap starting at word `wordOffset` (page = 64 * word).
+    public mutating func merge(words source: UnsafePointer<UInt64>, count: Int, atWord wordOffset: Int) {
+        for index in 0..<count where source[index] != 0 {
+            words[wordOffset + index] |= source[index]
+        }
+    }
+
+    public mutating func formUnion(_ other: DirtyPageBitmap) {
+        precondition(other.pageCount == pageCount)
+        for index in words.indices { words[index] |= other.words[index] }
+    }
+
+    public mutating func setAll() {
+        for index in words.indices { words[index] = ~0 }
+        trimTail()
+    }
+
+    public mutating func removeAll() {
+        for index in words.indices { words[index] = 0 }
+    }
+
+    public var count: Int { words.reduce(0) { $0 + $1.nonzeroBitCount } }
+    public var isEmpty: Bool { words.allSatisfy { $0 == 0 } }
+
+    /// Runs of consecutive dirty pages, as page ranges, in order.
+    public func runs() -> [Range<Int>] {
+        var result: [Range<Int>] = []
+        var start: Int? = nil
+        for (wordIndex, word) in words.enumerated() {
+            if word == 0 {
+                if let s = start { result.append(s..<wordIndex * 64); start = nil }
+                continue
+            }
+            if word == ~0 {
+                if start == nil { start = wordIndex * 64 }
+                continue
+            }
+            for bit in 0..<64 {
+                let page = wordIndex * 64 + bit
+                if word & (1 << UInt64(bit)) != 0 {
+                    if start == nil { start = page }
+                } else if let s = start {
+                    result.append(s..<page)
+                    start = nil
+                }
+            }
+        }
+        if let s = start { result.append(s..<min(words.count * 64, pageCount)) }
+        return result
+    }
+
+    private mutating func trimTail() {
+        let extra = words.count * 64 - pageCount
+        if extra > 0, let last = words.indices.last { words[last] &= ~0 >> UInt64(extra) }
+    }
+}

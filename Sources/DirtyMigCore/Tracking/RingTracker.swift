@@ -1,0 +1,243 @@
+import Foundation
+import Synchronization
+
+/// `--track ring` and `--track quota`: per-vCPU dirty rings (KVM_CAP_DIRTY_LOG_RING_ACQ_REL),
+/// harvested by a dedicated thread every `pollInterval` so that no ring ever nears full.
+///
+/// The kernel on our machines lets a vCPU overrun its ring (its soft-full exit comes late, it
+/// wraps and overwrites entries, then exits with KVM_EXIT_DIRTY_RING_FULL forever with nothing to
+/// harvest). So: ring-full exits are never relied on, only handled; a harvest that finds a ring at
+/// its soft limit, or a ring-full exit with nothing to harvest, is an overrun: it is reported as
+/// a DirtyLoss, the vCPU is recovered (every entry marked harvested, then a reset), and our read
+/// position is re-synchronised with the kernel's.
+///
+/// Resets are batched: KVM_RESET_DIRTY_RINGS re-protects pages, and a page written again after a
+/// reset is a new dirty entry. Resetting after every 1 ms poll would make a vCPU's few hot pages
+/// (its stats record) look like kilobytes per millisecond of dirtying; instead a reset happens
+/// when a ring has a quarter of its entries harvested, and at every sync a consumer asks for.
+public final class RingTracker: DirtyTracker, @unchecked Sendable {
+    // @unchecked: all mutable state is guarded by `lock`; `running` is atomic.
+    public let mode: TrackingMode
+    public let entries: Int
+    public let pollIntervalNanoseconds: UInt64
+    private let vm: KVMVirtualMachine
+    private let memory: GuestMemory
+    private let slotFirstPage: [Int]
+    private let slotPageCount: [Int]
+
+    private let lock = NSLock()
+    private var rings: [DirtyRing] = []
+    private var pending: DirtyPageBitmap
+    private var vcpuPages: [UInt64] = []
+    private var ringFullExits: [UInt64] = []
+    private var ringOverruns: [UInt64] = []
+    private var losses: [DirtyLoss] = []
+    private var totalPages: UInt64 = 0
+    private var lastSync: UInt64 = 0
+    private var started = false
+    private var quota: DirtyQuotaAccounting?
+    private var harvesterError: KVMError?
+
+    private let running = Atomic<Bool>(false)
+    private var harvester: OSThread?
+    /// Kicks a vCPU out of KVM_RUN (set by the machine that owns the vCPU threads).
+    public var kick: (@Sendable (Int) -> Void)?
+
+    /// Enables the ring on the VM: must run right after VM creation, before any vCPU exists.
+    public init(vm: KVMVirtualMachine, memory: GuestMemory, entries: Int, mode: TrackingMode,
+                pollInterval: Duration = .milliseconds(1)) throws(KVMError) {
+        precondition(mode.usesDirtyRing)
+        let bytes = UInt64(entries * CKVMConstants.dirtyGFNSize)
+        if vm.checkExtension(CKVMConstants.capDirtyLogRingAcqRel) > 0 {
+            try vm.enableCapability(CKVMConstants.capDirtyLogRingAcqRel, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL", args: [bytes])
+        } else if vm.checkExtension(CKVMConstants.capDirtyLogRing) > 0 {
+            try vm.enableCapability(CKVMConstants.capDirtyLogRing, "KVM_CAP_DIRTY_LOG_RING", args: [bytes])
+        } else {
+            throw .missingCapability("KVM_CAP_DIRTY_LOG_RING (use --track bitmap)")
+        }
+        self.vm = vm
+        self.memory = memory
+        self.entries = entries
+        self.mode = mode
+        let components = pollInterval.components
+        pollIntervalNanoseconds = UInt64(components.seconds) * 1_000_000_000 + UInt64(components.attoseconds / 1_000_000_000)
+        slotFirstPage = memory.regions.map(\.firstPage)
+        slotPageCount = memory.regions.map(\.pageCount)
+        pending = DirtyPageBitmap(pageCount: memory.pageCount)
+    }
+
+    /// Maps the ring of a vCPU just created; vCPUs must be attached in id order.
+    public func attach(_ vcpu: KVMVCPU) throws(KVMError) {
+        let mapping = try vcpu.mapDirtyRing(entries: entries)
+        lock.lock(); defer { lock.unlock() }
+        precondition(vcpu.id == rings.count)
+        rings.append(DirtyRing(vcpu: vcpu.id, entries: entries, mapping: mapping))
+        vcpuPages.append(0)
+        ringFullExits.append(0)
+        ringOverruns.append(0)
+        if mode == .quota { quota = DirtyQuotaAccounting(vcpuCount: rings.count) }
+    }
+
+    // MARK: DirtyTracker
+
+    public func start() throws(KVMError) {
+        lock.lock()
+        if started { lock.unlock(); return }
+        do {
+            for region in memory.regions {
+                try vm.setMemoryRegion(slot: region.slot, guestPhysicalAddress: region.guestPhysicalAddress,
+                                       size: region.size, hostAddress: memory.hostAddress(region: region),
+                                       logDirtyPages: true)
+            }
+        } catch { lock.unlock(); throw error }
+        started = true
+        lastSync = MonotonicClock.nanoseconds()
+        lock.unlock()
+        if pollIntervalNanoseconds > 0 {
+            running.store(true, ordering: .releasing)
+            harvester = OSThread(name: "dirty-ring-harvester") { [self] in harvestLoop() }
+        }
+    }
+
+    public func stop() {
+        running.store(false, ordering: .releasing)
+        harvester?.join()
+        harvester = nil
+        lock.lock(); defer { lock.unlock() }
+        guard started else { return }
+        try? syncLocked()
+        for region in memory.regions {
+            try? vm.setMemoryRegion(slot: region.slot, guestPhysicalAddress: region.guestPhysicalAddress,
+                                    size: region.size, hostAddress: memory.hostAddress(region: region),
+                                    logDirtyPages: false)
+        }
+        started = false
+    }
+
+    public func sync() throws(KVMError) {
+        lock.lock(); defer { lock.unlock() }
+        try syncLocked()
+    }
+
+    public func counters() -> DirtyCounters {
+        lock.lock(); defer { lock.unlock() }
+        return DirtyCounters(timeNanoseconds: lastSync, totalPages: totalPages, vcpuPages: vcpuPages,
+                             ringFullExits: ringFullExits, ringOverruns: ringOverruns, quotaExits: quota?.exits)
+    }
+
+    public func collect() throws(KVMError) -> DirtyCollection {
+        lock.lock(); defer { lock.unlock() }
+        try syncLocked()
+        let collection = DirtyCollection(pages: pending, losses: losses)
+        pending.removeAll()
+        losses.removeAll()
+        return collection
+    }
+
+    public func vcpuExitedRingFull(_ vcpu: Int) throws(KVMError) {
+        lock.lock(); defer { lock.unlock() }
+        ringFullExits[vcpu] += 1
+        let ring = rings[vcpu]
+        let harvested = harvestLocked(ring, now: MonotonicClock.nanoseconds())
+        let reset = try resetLocked()
+        if harvested == 0 && reset == 0 {
+            // Stuck: the kernel says the ring is full, we see nothing to harvest or reset.
+            ring.markEverythingHarvested()
+            _ = try resetLocked()
+            ring.needsResynchronisation = true
+            recordLoss(DirtyLoss(vcpu: vcpu, kind: .stuckRingRecovered, timeNanoseconds: MonotonicClock.nanoseconds()))
+        }
+    }
+
+    public func holdDeadline(vcpu: Int) -> UInt64? {
+        guard mode == .quota else { return nil }
+        lock.lock(); defer { lock.unlock() }
+        return quota?.holdDeadline(vcpu: vcpu, now: MonotonicClock.nanoseconds())
+    }
+
+    // MARK: Quota
+
+    /// Sets (or with nil removes) a vCPU's quota in pages per interval (quota mode only).
+    public func setQuota(pagesPerInterval: UInt64?, vcpu: Int) {
+        lock.lock(); defer { lock.unlock() }
+        quota?.setQuota(pagesPerInterval, vcpu: vcpu)
+    }
+
+    public var quotaIntervalNanoseconds: UInt64 {
+        lock.lock(); defer { lock.unlock() }
+        return quota?.intervalNanoseconds ?? 0
+    }
+
+    /// The first error the harvester thread hit, if any (it keeps running).
+    public var harvestError: KVMError? {
+        lock.lock(); defer { lock.unlock() }
+        return harvesterError
+    }
+
+    // MARK: Harvesting (all under `lock`)
+
+    private func harvestLoop() {
+        while running.load(ordering: .acquiring) {
+            lock.lock()
+            let now = MonotonicClock.nanoseconds()
+            var needReset = false
+            for ring in rings {
+                harvestLocked(ring, now: now)
+                if ring.harvestedSinceReset >= entries / 4 { needReset = true }
+            }
+            if needReset {
+                do { try resetLocked() } catch { if harvesterError == nil { harvesterError = error } }
+            }
+            lock.unlock()
+            MonotonicClock.sleep(nanoseconds: pollIntervalNanoseconds)
+        }
+    }
+
+    private func syncLocked() throws(KVMError) {
+        guard started else { return }
+        let now = MonotonicClock.nanoseconds()
+        var harvestedSinceReset = false
+        for ring in rings {
+            harvestLocked(ring, now: now)
+            if ring.harvestedSinceReset > 0 { harvestedSinceReset = true }
+        }
+        if harvestedSinceReset { try resetLocked() }
+        lastSync = now
+    }
+
+    @discardableResult
+    private func harvestLocked(_ ring: DirtyRing, now: UInt64) -> Int {
+        if ring.needsResynchronisation && !ring.resynchronise() { return 0 }
+        let count = ring.harvest { slot, offset in
+            let slotID = Int(slot & 0xFFFF)
+            guard slotID < slotFirstPage.count, offset < UInt64(slotPageCount[slotID]) else { return }
+            pending.set(slotFirstPage[slotID] + Int(offset))
+        }
+        guard count > 0 else { return 0 }
+        vcpuPages[ring.vcpu] += UInt64(count)
+        totalPages += UInt64(count)
+        if ring.harvestedSinceReset >= ring.softLimit {
+            // The kernel may already have wrapped this ring: what it overwrote is gone, and its
+            // push position may have moved away from ours.
+            ring.needsResynchronisation = true
+            recordLoss(DirtyLoss(vcpu: ring.vcpu, kind: .ringAtSoftLimit(entries: ring.harvestedSinceReset),
+                                 timeNanoseconds: now))
+        }
+        if let quota, quota.charge(vcpu: ring.vcpu, pages: count, now: now) {
+            kick?(ring.vcpu)
+        }
+        return count
+    }
+
+    @discardableResult
+    private func resetLocked() throws(KVMError) -> Int {
+        let count = try vm.resetDirtyRings()
+        for ring in rings { ring.didReset() }
+        return count
+    }
+
+    private func recordLoss(_ loss: DirtyLoss) {
+        ringOverruns[loss.vcpu] += 1
+        losses.append(loss)
+    }
+}
