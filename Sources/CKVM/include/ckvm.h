@@ -139,4 +139,9 @@ static inline int ckvm_memfd_create(const char *name, unsigned int flags) {
     return (int)syscall(SYS_memfd_create, name, flags);
 }
 static inline int ckvm_gettid(void) { return (int)syscall(SYS_gettid); }
+
+// ---- KVM_PRE_FAULT_MEMORY (Linux 6.10; newer than some distributions' headers, so spelled out)
+struct ckvm_pre_fault_memory { uint64_t gpa; uint64_t size; uint64_t flags; uint64_t padding[5]; };
+static const int CKVM_CAP_PRE_FAULT_MEMORY = 236;
+static const unsigned long CKVM_PRE_FAULT_MEMORY = _IOWR(KVMIO, 0xd5, struct ckvm_pre_fault_memory);
 #endif

@@ -71,7 +71,9 @@ public enum GuestLayout {
     //   0 u64 pages touched               8 u64 completed passes over the working set
     //  16 u32 state (GuestVCPUState)     20 u32 local APIC ID
     //  24 u64 pages written              32 u64 TSC when the workload started
-    //  40 u64 TSC at the last update     48 u64 reserved          56 u64 reserved
+    //  40 u64 TSC when the workload finished (passes reached)   48 u64 reserved   56 u64 reserved
+    // Counters are published every ~8 ms (and at the end), not per page: every store to the
+    // stats page is a dirty page to the tracker, and a reading vCPU must not look like a writer.
     public static let statsMagic: UInt32 = 0x5453_4D44
     public static let statsHeaderSize = 64
     public static let statsRecordSize = 64

@@ -159,3 +159,23 @@ public struct VCPURegisterDump: Sendable, CustomStringConvertible {
         """
     }
 }
+
+extension KVMVCPU {
+    /// KVM_PRE_FAULT_MEMORY: builds the stage-2 mappings for [gpa, gpa + size) now, so the
+    /// guest's first touch of each page does not take a (nested, expensive) EPT/NPT fault.
+    /// Returns false when the kernel lacks the ioctl.
+    public func preFaultMemory(guestPhysicalAddress: UInt64, size: UInt64) throws(KVMError) -> Bool {
+        guard vm.checkExtension(CKVM_CAP_PRE_FAULT_MEMORY) > 0 else { return false }
+        var range = ckvm_pre_fault_memory()
+        range.gpa = guestPhysicalAddress
+        range.size = size
+        while range.size > 0 {
+            // The kernel advances gpa/size as it goes and may stop early (EINTR/EAGAIN): resume.
+            let result = ckvmIoctl(fd.rawValue, CKVM_PRE_FAULT_MEMORY, &range)
+            if result < 0 && errno != EINTR && errno != EAGAIN {
+                throw .ioctl("KVM_PRE_FAULT_MEMORY", SystemError("KVM_PRE_FAULT_MEMORY"))
+            }
+        }
+        return true
+    }
+}

@@ -16,6 +16,11 @@ public struct DirtyPageBitmap: Sendable, Equatable {
     }
 
     @inline(__always)
+    public mutating func clear(_ page: Int) {
+        words[page >> 6] &= ~(1 << UInt64(page & 63))
+    }
+
+    @inline(__always)
     public func contains(_ page: Int) -> Bool {
         words[page >> 6] & (1 << UInt64(page & 63)) != 0
     }

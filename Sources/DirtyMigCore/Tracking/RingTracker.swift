@@ -28,6 +28,12 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     private let lock = NSLock()
     private var rings: [DirtyRing] = []
     private var pending: DirtyPageBitmap
+    /// Pages already counted since the last KVM_RESET_DIRTY_RINGS, and the list to clear them.
+    /// Dirty logging means "written since it was last re-protected": a page counts once per
+    /// reset epoch. Some kernels (PVM here) push an entry for every trapped store, so raw entry
+    /// counts would overstate the rate several times over.
+    private var countedSinceReset: DirtyPageBitmap
+    private var countedPages: [Int] = []
     private var vcpuPages: [UInt64] = []
     private var ringFullExits: [UInt64] = []
     private var ringOverruns: [UInt64] = []
@@ -64,6 +70,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         slotFirstPage = memory.regions.map(\.firstPage)
         slotPageCount = memory.regions.map(\.pageCount)
         pending = DirtyPageBitmap(pageCount: memory.pageCount)
+        countedSinceReset = DirtyPageBitmap(pageCount: memory.pageCount)
     }
 
     /// Maps the ring of a vCPU just created; vCPUs must be attached in id order.
@@ -208,14 +215,20 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     @discardableResult
     private func harvestLocked(_ ring: DirtyRing, now: UInt64) -> Int {
         if ring.needsResynchronisation && !ring.resynchronise() { return 0 }
+        var distinct = 0
         let count = ring.harvest { slot, offset in
             let slotID = Int(slot & 0xFFFF)
             guard slotID < slotFirstPage.count, offset < UInt64(slotPageCount[slotID]) else { return }
-            pending.set(slotFirstPage[slotID] + Int(offset))
+            let page = slotFirstPage[slotID] + Int(offset)
+            guard !countedSinceReset.contains(page) else { return }
+            countedSinceReset.set(page)
+            countedPages.append(page)
+            pending.set(page)
+            distinct += 1
         }
         guard count > 0 else { return 0 }
-        vcpuPages[ring.vcpu] += UInt64(count)
-        totalPages += UInt64(count)
+        vcpuPages[ring.vcpu] += UInt64(distinct)
+        totalPages += UInt64(distinct)
         if ring.harvestedSinceReset >= ring.softLimit {
             // The kernel may already have wrapped this ring: what it overwrote is gone, and its
             // push position may have moved away from ours.
@@ -223,7 +236,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
             recordLoss(DirtyLoss(vcpu: ring.vcpu, kind: .ringAtSoftLimit(entries: ring.harvestedSinceReset),
                                  timeNanoseconds: now))
         }
-        if let quota, quota.charge(vcpu: ring.vcpu, pages: count, now: now) {
+        if let quota, quota.charge(vcpu: ring.vcpu, pages: distinct, now: now) {
             kick?(ring.vcpu)
         }
         return count
@@ -233,6 +246,8 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     private func resetLocked() throws(KVMError) -> Int {
         let count = try vm.resetDirtyRings()
         for ring in rings { ring.didReset() }
+        for page in countedPages { countedSinceReset.clear(page) }
+        countedPages.removeAll(keepingCapacity: true)
         return count
     }
 

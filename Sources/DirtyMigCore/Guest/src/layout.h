@@ -1,0 +1,43 @@
+/* The workload guest's ABI. Mirrors GuestLayout.swift (the host side); change both together. */
+#ifndef DIRTYMIG_GUEST_LAYOUT_H
+#define DIRTYMIG_GUEST_LAYOUT_H
+
+#define TRAMPOLINE_ADDR   0x7000
+#define IMAGE_ADDR        0x100000
+#define CONFIG_ADDR       0x200000
+#define STATS_ADDR        0x210000
+#define PT_BASE           0x300000
+#define STACKS_ADDR       0x400000
+#define STACK_SHIFT       14          /* 16 KiB per vCPU */
+#define WORKLOAD_BASE     0x1000000
+#define MAX_VCPUS         64
+#define MAX_GIB           64
+#define LAPIC_BASE        0xFEE00000
+#define CONSOLE_PORT      0xE9
+#define ERROR_PORT        0x5D0
+
+#define CONFIG_MAGIC      0x46434D44  /* "DMCF" */
+#define CONFIG_VERSION    1
+#define STATS_MAGIC       0x54534D44  /* "DMST" */
+
+#define KIND_IDLE 0
+#define KIND_WRITE 1
+#define KIND_READ 2
+#define KIND_MIX 3
+#define PATTERN_SEQ 0
+#define PATTERN_RANDOM 1
+#define PATTERN_HOT 2
+
+#define STATE_NOT_STARTED 0
+#define STATE_RUNNING 1
+#define STATE_FINISHED 2
+#define STATE_IDLE 3
+#define STATE_FAILED 4
+
+#define ERR_BAD_MAGIC 1
+#define ERR_BAD_VERSION 2
+#define ERR_TOO_MANY_VCPUS 3
+#define ERR_WS_OUT_OF_RANGE 4
+#define ERR_MEMORY_TOO_LARGE 5
+
+#endif

@@ -1,0 +1,44 @@
+import DirtyMigCore
+import Foundation
+import XCTest
+
+/// Provokes a dirty-ring overrun on purpose: the harvester is off, so the ring is harvested only
+/// at ring-full exits, which on this kernel come too late. The tracker must report the loss and
+/// recover the vCPU, whose guest counters must keep moving.
+final class RingOverrunTests: XCTestCase {
+    func testOverrunIsReportedAndTheVCPURunsAgain() throws {
+        let kvm = try requireKVM()
+        let configuration = MachineConfiguration(
+            memorySize: 256 * MiB, vcpuCount: 1,
+            workloads: [writer(128 * MiB, rate: 0)],
+            tracking: .ring, ringEntries: 4096, harvestInterval: .zero)
+        let machine = try Machine(configuration, kvm: kvm)
+        try machine.start()
+        defer { machine.stop() }
+        machine.waitForGuest()
+        let tracker = try XCTUnwrap(machine.tracker)
+
+        // Wait for the first overrun.
+        let deadline = MonotonicClock.seconds() + 10
+        var overruns: UInt64 = 0
+        while MonotonicClock.seconds() < deadline {
+            overruns = tracker.counters().ringOverruns?.first ?? 0
+            if overruns > 0 { break }
+            usleep(20_000)
+        }
+        XCTAssertGreaterThan(overruns, 0, "an unharvested 4096-entry ring must overrun")
+        let counters = tracker.counters()
+        print("ring-full exits: \(counters.ringFullExits ?? []), overruns: \(counters.ringOverruns ?? [])")
+
+        // The loss reaches the consumer, then the vCPU is still making progress.
+        let collection = try tracker.collect()
+        XCTAssertFalse(collection.isComplete)
+        XCTAssertTrue(collection.losses.allSatisfy { $0.vcpu == 0 })
+        let before = machine.guestStats().vcpus[0].pages
+        Thread.sleep(forTimeInterval: 1.0)
+        let after = machine.guestStats().vcpus[0].pages
+        print("guest pages in the second after the overrun: \(after - before)")
+        XCTAssertGreaterThan(after, before + 1000, "the vCPU must run again after the overrun")
+        XCTAssertNil(machine.events.firstFailure)
+    }
+}
