@@ -1,1 +1,51 @@
-print("dirtymig")
+import DirtyMigCore
+import Foundation
+
+// dirtymig: parse, dispatch to one file per subcommand, map failures to exit statuses
+// (0 success, 1 runtime failure, 2 usage error or impossible request).
+
+/// A failure at run time (exit status 1) with a message that says what to do.
+struct RuntimeFailure: Error, CustomStringConvertible {
+    let message: String
+    init(_ message: String) { self.message = message }
+    var description: String { message }
+}
+
+/// One line to standard output, written at once (scripts read dirtyrate's lines as they come).
+func emit(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}
+
+func printError(_ text: String) {
+    FileHandle.standardError.write(Data((text.hasSuffix("\n") ? text : text + "\n").utf8))
+}
+
+let status: Int32
+do {
+    switch try ArgumentParser.parse(Array(CommandLine.arguments.dropFirst())) {
+    case .help(let text):
+        FileHandle.standardOutput.write(Data(text.utf8))
+        status = 0
+    case .version:
+        emit("dirtymig \(dirtymigVersion)")
+        status = 0
+    case .run(let arguments):
+        if let later = arguments.command.arrivesLater {
+            printError("dirtymig \(arguments.command.name): \(later).")
+            status = 1
+        } else {
+            switch arguments.command.name {
+            case "boot": status = try BootCommand.run(arguments)
+            case "dirtyrate": status = try DirtyRateCommand.run(arguments)
+            default: fatalError("no implementation for \(arguments.command.name)")
+            }
+        }
+    }
+} catch let error as UsageError {
+    printError(error.description)
+    status = UsageError.exitStatus
+} catch {
+    printError("dirtymig: \(error)")
+    status = 1
+}
+exit(status)

@@ -1,0 +1,48 @@
+/// `--help` text, generated from the option table.
+enum HelpText {
+    static var overview: String {
+        var text = """
+        dirtymig \(dirtymigVersion): live migration and dirty-page measurement for KVM virtual machines
+
+        Usage: dirtymig COMMAND [OPTIONS]
+
+        Commands:
+
+        """
+        for command in OptionTable.commands {
+            text += "  " + command.name.padding(toLength: 11, withPad: " ", startingAt: 0) + command.summary + "\n"
+        }
+        text += """
+
+        Run 'dirtymig COMMAND --help' (or 'dirtymig help COMMAND') for a command's options,
+        'dirtymig --version' for the version, and 'man dirtymig' for the full manual.
+        SIZE: 4096, 512M, 1G (K/M/G/T = KiB/MiB/GiB/TiB; KB/MB/GB = powers of 1000).
+        RATE: a SIZE per second (100M, 100MiB/s) or bits (800Mbit). DURATION: 500ms, 1s, 2m.
+
+        """
+        return text
+    }
+
+    static func help(for command: CommandSpec) -> String {
+        var text = "Usage: \(command.synopsis)\n\n\(command.summary.prefix(1).uppercased() + command.summary.dropFirst()).\n"
+        if let later = command.arrivesLater { text += "Note: \(later).\n" }
+        text += "\nOptions:\n"
+        for option in command.options {
+            let left = "--\(option.name)" + (option.value.map { " \($0)" } ?? "")
+            text += "  " + left.padding(toLength: 26, withPad: " ", startingAt: 0) + option.help + "\n"
+        }
+        text += "  " + "-h, --help".padding(toLength: 26, withPad: " ", startingAt: 0) + "show this help\n"
+        if command.name == "boot" {
+            text += """
+
+            Workload SPEC: [VCPUS:]KIND[,key=value...]  VCPUS: N or N-M (default: all)
+              KIND: idle | write | read | mix
+              keys: ws=SIZE offset=SIZE pattern=seq|random|hot:F rate=RATE writes=PCT (mix) passes=N
+              e.g. --workload 0:write,ws=512M,pattern=random,rate=100M --workload 1:read,ws=256M
+            Default: vCPU 0 writes 256 MiB sequentially at 100 MiB/s, the other vCPUs read 128 MiB.
+
+            """
+        }
+        return text
+    }
+}

@@ -1,0 +1,81 @@
+import DirtyMigCore
+
+/// Every subcommand and option, declared once. The parser, `--help`, the man page test and the
+/// completion test all read this table, so they cannot drift apart.
+struct OptionSpec {
+    enum Completion { case none, file, vm, choices([String]) }
+    let name: String
+    /// Placeholder for the value (SIZE, RATE ...); nil for a flag.
+    let value: String?
+    let help: String
+    var repeatable = false
+    var completion = Completion.none
+}
+
+struct CommandSpec {
+    let name: String
+    let summary: String
+    let synopsis: String
+    let options: [OptionSpec]
+    /// Commands that parse fully but are not built yet.
+    var arrivesLater: String? = nil
+
+    func option(_ name: String) -> OptionSpec? { options.first { $0.name == name } }
+}
+
+enum OptionTable {
+    static let trackChoices = TrackingMode.allCases.map(\.rawValue)
+    static let modeChoices = DirtyRateMode.allCases.map(\.rawValue)
+    static let throttleChoices = ["auto", "none", "cpu", "dirty-limit", "dirty-quota"]
+
+    static let vm = OptionSpec(name: "vm", value: "NAME|PATH", help: "the VM's name or control socket path (default: vm)", completion: .vm)
+    static let json = OptionSpec(name: "json", value: nil, help: "print JSON (one object per line) instead of a table")
+    static let memory = OptionSpec(name: "memory", value: "SIZE", help: "guest RAM (default 1G)")
+    static let vcpus = OptionSpec(name: "vcpus", value: "N", help: "number of vCPUs (default 2)")
+    static let workload = OptionSpec(name: "workload", value: "SPEC", help: "what vCPUs do: [VCPUS:]KIND[,key=value...] (repeatable)", repeatable: true)
+    static let track = OptionSpec(name: "track", value: "MODE", help: "dirty tracking: bitmap, ring or quota (default ring)", completion: .choices(trackChoices))
+    static let ringEntries = OptionSpec(name: "ring-entries", value: "N", help: "dirty ring size per vCPU, a power of two 256-65536 (default 4096)")
+    static let control = OptionSpec(name: "control", value: "PATH", help: "control socket path (default: per-user runtime directory, NAME.sock)", completion: .file)
+    static let name = OptionSpec(name: "name", value: "NAME", help: "the VM's name, used for its control socket (default vm)")
+
+    static let commands: [CommandSpec] = [
+        CommandSpec(name: "boot", summary: "boot a VM running the workload guest and serve its control socket",
+                    synopsis: "dirtymig boot [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track bitmap|ring|quota] [--ring-entries N] [--control PATH] [--name NAME] [--export-image FILE [--export-config FILE]]",
+                    options: [memory, vcpus, workload, track, ringEntries, control, name,
+                              OptionSpec(name: "export-image", value: "FILE", help: "write the guest image (and with --export-config its config block), print the QEMU options that run it, and exit", completion: .file),
+                              OptionSpec(name: "export-config", value: "FILE", help: "with --export-image: where to write the config block", completion: .file)]),
+        CommandSpec(name: "migrate", summary: "live-migrate a VM to a receiver (next release)",
+                    synopsis: "dirtymig migrate [--vm NAME|PATH] [--to HOST:PORT] [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--throttle MODE]",
+                    options: [vm, OptionSpec(name: "to", value: "HOST:PORT", help: "where a 'dirtymig receive' listens"),
+                              OptionSpec(name: "bandwidth", value: "RATE", help: "cap on bytes sent per second (default unlimited)"),
+                              OptionSpec(name: "downtime", value: "DURATION", help: "largest acceptable pause (default 300ms)"),
+                              OptionSpec(name: "max-iterations", value: "N", help: "give up after N passes"),
+                              OptionSpec(name: "timeout", value: "DURATION", help: "give up after this long"),
+                              OptionSpec(name: "verify", value: nil, help: "prove the destination equals the source at the pause"),
+                              json,
+                              OptionSpec(name: "stats", value: "FILE", help: "write one JSON line per pass", completion: .file),
+                              OptionSpec(name: "throttle", value: "MODE", help: "auto, none, cpu, dirty-limit or dirty-quota", completion: .choices(throttleChoices)),
+                              memory, vcpus, workload, track],
+                    arrivesLater: "live migration arrives with the next release of dirtymig (issue 3); this version parses 'migrate' but cannot run it yet"),
+        CommandSpec(name: "receive", summary: "accept incoming migrations (next release)",
+                    synopsis: "dirtymig receive --listen HOST:PORT [--control PATH] [--name NAME] [--once]",
+                    options: [OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on"), control, name,
+                              OptionSpec(name: "once", value: nil, help: "exit after one migration (non-zero if it failed)")],
+                    arrivesLater: "receiving migrations arrives with the next release of dirtymig (issue 3); this version parses 'receive' but cannot run it yet"),
+        CommandSpec(name: "dirtyrate", summary: "measure a running VM's dirty rate, per vCPU where the tracking mode allows",
+                    synopsis: "dirtymig dirtyrate [--vm NAME|PATH] [--mode ring|bitmap|sample] [--interval DURATION] [--count N] [--json]",
+                    options: [vm, OptionSpec(name: "mode", value: "MODE", help: "ring (per vCPU), bitmap (VM-wide) or sample (page hashing, any VM); default: the best the VM has", completion: .choices(modeChoices)),
+                              OptionSpec(name: "interval", value: "DURATION", help: "length of one measurement (default 1s)"),
+                              OptionSpec(name: "count", value: "N", help: "stop after N intervals (default: until interrupted)"),
+                              json]),
+        CommandSpec(name: "limit", summary: "set per-vCPU dirty-rate limits (next release)",
+                    synopsis: "dirtymig limit [--vm NAME|PATH] [--vcpu N|all] [--rate RATE | --cancel | --show] [--json]",
+                    options: [vm, OptionSpec(name: "vcpu", value: "N|all", help: "which vCPU (default all)"),
+                              OptionSpec(name: "rate", value: "RATE", help: "the dirty-rate ceiling"),
+                              OptionSpec(name: "cancel", value: nil, help: "remove the limit"),
+                              OptionSpec(name: "show", value: nil, help: "list limits and current rates"), json],
+                    arrivesLater: "dirty limits arrive with a later release of dirtymig (issue 4); this version parses 'limit' but cannot run it yet"),
+    ]
+
+    static func command(_ name: String) -> CommandSpec? { commands.first { $0.name == name } }
+}

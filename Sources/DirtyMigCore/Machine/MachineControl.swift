@@ -1,0 +1,128 @@
+import Foundation
+
+/// The control commands a running VM answers (see ControlProtocol for the framing).
+public enum MachineControl {
+    /// Registers query-status, query-dirty-counters, query-dirty-rate and quit on `server`.
+    /// `quit` replies first, then calls `onQuit` (which stops the VM) from another thread.
+    public static func register(on server: ControlServer, machine: Machine, onQuit: @escaping @Sendable () -> Void) {
+        server.register("query-status") { _ throws(ControlError) in status(machine) }
+        server.register("query-dirty-counters") { _ throws(ControlError) in try counters(machine).json }
+        server.register("query-dirty-rate") { arguments throws(ControlError) in try dirtyRate(machine, arguments) }
+        server.register("quit") { _ throws(ControlError) in
+            DispatchQueue.global().asyncAfter(deadline: .now() + 0.05) { onQuit() }
+            return ["stopping": true]
+        }
+    }
+
+    static func status(_ machine: Machine) -> JSONValue {
+        let configuration = machine.configuration
+        let stats = machine.guestStats()
+        let counters = machine.tracker?.counters()
+        let vcpus: [JSONValue] = stats.vcpus.enumerated().map { index, vcpu in
+            var pairs: [(String, JSONValue)] = [
+                ("id", .number(index)), ("state", .string(stateName(vcpu.state))),
+                ("workload", .string(describe(configuration.workloads[index]))),
+                ("pages", .number(vcpu.pages)), ("passes", .number(vcpu.passes)), ("writes", .number(vcpu.writes)),
+            ]
+            if let dirty = counters?.vcpuPages { pairs.append(("dirty_pages", .number(dirty[index]))) }
+            if let full = counters?.ringFullExits { pairs.append(("ring_full_exits", .number(full[index]))) }
+            if let overruns = counters?.ringOverruns { pairs.append(("ring_overruns", .number(overruns[index]))) }
+            if let quota = counters?.quotaExits { pairs.append(("quota_exits", .number(quota[index]))) }
+            return .object(pairs)
+        }
+        let failure = machine.events.firstFailure.map { JSONValue.string("\($0)") } ?? .null
+        return [
+            "name": .string(configuration.name),
+            "state": .string(machine.events.firstFailure == nil ? "running" : "failed"),
+            "error": failure,
+            "memory_bytes": .number(configuration.memorySize),
+            "vcpus": .number(configuration.vcpuCount),
+            "track": configuration.tracking.map { .string($0.rawValue) } ?? .null,
+            "ring_entries": configuration.tracking?.usesDirtyRing == true ? .number(configuration.ringEntries) : .null,
+            "tsc_hz": .number(machine.tscHz),
+            "uptime_s": .number(machine.uptimeSeconds),
+            "guest_booted_vcpus": .number(stats.bootedVCPUs),
+            "ring_overruns": .number(counters?.ringOverruns?.reduce(0, +) ?? 0),
+            "ring_full_exits": .number(counters?.ringFullExits?.reduce(0, +) ?? 0),
+            "quota_exits": .number(counters?.quotaExits?.reduce(0, +) ?? 0),
+            "vcpu_stats": .array(vcpus),
+        ]
+    }
+
+    /// Syncs the tracker, then returns its cumulative counts with the guest's.
+    public static func counters(_ machine: Machine) throws(ControlError) -> DirtyCounterSnapshot {
+        do { try machine.tracker?.sync() } catch { throw ControlError(.failed, "dirty log sync failed: \(error)") }
+        let counters = machine.tracker?.counters()
+        return DirtyCounterSnapshot(timeNanoseconds: counters?.timeNanoseconds ?? MonotonicClock.nanoseconds(),
+                                    unixTime: WallClock.unixSeconds(), totalDirtyPages: counters?.totalPages,
+                                    vcpuDirtyPages: counters?.vcpuPages, guestPages: machine.guestStats().vcpus.map(\.pages))
+    }
+
+    static func dirtyRate(_ machine: Machine, _ arguments: JSONValue) throws(ControlError) -> JSONValue {
+        let tracking = machine.configuration.tracking
+        var mode = DirtyRateMode.best(for: tracking)
+        if let name = arguments["mode"]?.stringValue {
+            guard let chosen = DirtyRateMode(rawValue: name) else {
+                throw ControlError(.invalidArgument, "mode must be ring, bitmap or sample, not '\(name)'")
+            }
+            mode = chosen
+        }
+        guard mode.isServed(by: tracking) else {
+            throw ControlError(.unsupported, "mode \(mode.rawValue) needs a VM booted with \(mode.requiredTracking); this VM was booted with --track \(tracking?.rawValue ?? "none")")
+        }
+        let interval = arguments["interval"]?.doubleValue ?? 1.0
+        guard interval >= 0.05, interval <= 3600 else {
+            throw ControlError(.invalidArgument, "interval must be between 0.05 and 3600 seconds")
+        }
+        return try measure(machine, mode: mode, interval: interval).json
+    }
+
+    /// Measures one interval in the given mode (blocking for `interval` seconds).
+    public static func measure(_ machine: Machine, mode: DirtyRateMode, interval: Double) throws(ControlError) -> DirtyRateReport {
+        if mode == .sample {
+            let sampler = PageSampler(seed: UInt64(MonotonicClock.nanoseconds()))
+            let pages = sampler.choosePages(pageCount: machine.memory.pageCount)
+            let guestBefore = machine.guestStats().vcpus.map(\.pages)
+            let start = sampler.hash(machine.memory, pages: pages)
+            Thread.sleep(forTimeInterval: interval)
+            let end = sampler.hash(machine.memory, pages: pages)
+            let guestAfter = machine.guestStats().vcpus.map(\.pages)
+            let seconds = Double(end.timeNanoseconds - start.timeNanoseconds) / 1e9
+            let total = PageSampler.dirtyPagesPerSecond(from: start, to: end, pageCount: machine.memory.pageCount)
+            let vcpus = guestBefore.indices.map {
+                DirtyRateReport.VCPURate(id: $0, dirtyPagesPerSecond: nil,
+                                         guestPagesPerSecond: Double(guestAfter[$0] &- guestBefore[$0]) / seconds)
+            }
+            return DirtyRateReport(unixTime: WallClock.unixSeconds(), mode: .sample, intervalSeconds: seconds,
+                                   totalPagesPerSecond: total, vcpus: vcpus)
+        }
+        let start = try counters(machine)
+        Thread.sleep(forTimeInterval: interval)
+        let end = try counters(machine)
+        return DirtyRateReport.between(start, end, mode: mode)
+    }
+
+    static func stateName(_ state: GuestVCPUState) -> String {
+        switch state {
+        case .notStarted: return "starting"
+        case .running: return "running"
+        case .finished: return "finished"
+        case .idle: return "idle"
+        case .failed: return "failed"
+        }
+    }
+
+    static func describe(_ workload: VCPUWorkload) -> String {
+        guard workload.kind != .idle else { return "idle" }
+        var text = "\(workload.kind),ws=\(ByteSize.format(workload.size)),offset=\(ByteSize.format(workload.offset))"
+        switch workload.pattern {
+        case .sequential: text += ",pattern=seq"
+        case .random: text += ",pattern=random"
+        case .hot: text += ",pattern=hot:\(workload.hotFraction)"
+        }
+        if workload.rateBytesPerSecond > 0 { text += ",rate=\(ByteRate.format(workload.rateBytesPerSecond))" }
+        if workload.kind == .mix { text += ",writes=\(workload.writePercent)" }
+        if workload.passes > 0 { text += ",passes=\(workload.passes)" }
+        return text.replacingOccurrences(of: " ", with: "")
+    }
+}
