@@ -1,0 +1,38 @@
+# bash completion for dirtymig. Source it, or install it as
+# /usr/share/bash-completion/completions/dirtymig.
+_dirtymig_vms() {
+    local dir="${XDG_RUNTIME_DIR:+$XDG_RUNTIME_DIR/dirtymig}"
+    [ -n "$dir" ] && [ -d "$dir" ] || dir="/tmp/dirtymig-$(id -u)"
+    local f; for f in "$dir"/*.sock; do [ -e "$f" ] && basename "$f" .sock; done
+}
+_dirtymig() {
+    local cur prev words cword
+    cur="${COMP_WORDS[COMP_CWORD]}"
+    prev="${COMP_WORDS[COMP_CWORD-1]}"
+    local commands="boot migrate receive dirtyrate limit help"
+    if [ "$COMP_CWORD" -eq 1 ]; then
+        COMPREPLY=($(compgen -W "$commands --help --version" -- "$cur"))
+        return
+    fi
+    local command="${COMP_WORDS[1]}" options=""
+    case "$command" in
+        boot) options="--memory --vcpus --workload --track --ring-entries --control --name --export-image --export-config --help" ;;
+        migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --verify --json --stats --throttle --memory --vcpus --workload --track --help" ;;
+        receive) options="--listen --control --name --once --help" ;;
+        dirtyrate) options="--vm --mode --interval --count --json --help" ;;
+        limit) options="--vm --vcpu --rate --cancel --show --json --help" ;;
+        help) COMPREPLY=($(compgen -W "boot migrate receive dirtyrate limit" -- "$cur")); return ;;
+    esac
+    case "$prev" in
+        --track) COMPREPLY=($(compgen -W "bitmap ring quota" -- "$cur")); return ;;
+        --control) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --export-image) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --export-config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --vm) COMPREPLY=($(compgen -W "$(_dirtymig_vms)" -- "$cur")); return ;;
+        --stats) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --throttle) COMPREPLY=($(compgen -W "auto none cpu dirty-limit dirty-quota" -- "$cur")); return ;;
+        --mode) COMPREPLY=($(compgen -W "ring bitmap sample" -- "$cur")); return ;;
+    esac
+    COMPREPLY=($(compgen -W "$options" -- "$cur"))
+}
+complete -F _dirtymig dirtymig

@@ -1,0 +1,56 @@
+# fish completion for dirtymig: copy to ~/.config/fish/completions/dirtymig.fish
+
+function __dirtymig_vms
+    set -l dir $XDG_RUNTIME_DIR/dirtymig
+    test -n "$XDG_RUNTIME_DIR"; and test -d $dir; or set dir /tmp/dirtymig-(id -u)
+    for f in $dir/*.sock; basename $f .sock; end
+end
+
+complete -c dirtymig -f
+complete -c dirtymig -n __fish_use_subcommand -l help -d "show help"
+complete -c dirtymig -n __fish_use_subcommand -l version -d "show the version"
+complete -c dirtymig -n __fish_use_subcommand -a boot -d "boot a VM running the workload guest"
+complete -c dirtymig -n __fish_use_subcommand -a migrate -d "live-migrate a VM (next release)"
+complete -c dirtymig -n __fish_use_subcommand -a receive -d "accept incoming migrations (next release)"
+complete -c dirtymig -n __fish_use_subcommand -a dirtyrate -d "measure a VM's dirty rate"
+complete -c dirtymig -n __fish_use_subcommand -a limit -d "per-vCPU dirty limits (next release)"
+complete -c dirtymig -n __fish_use_subcommand -a help -d "show help for a command"
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l memory -x
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l vcpus -x
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l workload -x
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l track -x -a 'bitmap ring quota'
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l ring-entries -x
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l control -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l name -x
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l export-image -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l export-config -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vm -x -a '(__dirtymig_vms)'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l to -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l bandwidth -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l downtime -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l max-iterations -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l timeout -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l verify
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l json
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l stats -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l throttle -x -a 'auto none cpu dirty-limit dirty-quota'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l memory -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vcpus -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l workload -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l track -x -a 'bitmap ring quota'
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l listen -x
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l control -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l name -x
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l once
+complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l vm -x -a '(__dirtymig_vms)'
+complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l mode -x -a 'ring bitmap sample'
+complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l interval -x
+complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l count -x
+complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l json
+complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l vm -x -a '(__dirtymig_vms)'
+complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l vcpu -x
+complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l rate -x
+complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l cancel
+complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l show
+complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l json
+complete -c dirtymig -n "__fish_seen_subcommand_from help" -a "boot migrate receive dirtyrate limit"
