@@ -48,6 +48,26 @@ struct ParsedArguments {
     func count(_ option: String) throws(UsageError) -> Int? {
         try parse(option) { (t) throws(QuantityError) in try Count.parse(t, what: "number") }
     }
+    /// Checks every value against its kind (SIZE, RATE, DURATION, N, a choice), for every
+    /// command, so even commands that are not implemented yet reject bad input the same way.
+    func validateValues() throws(UsageError) {
+        for option in command.options where has(option.name) {
+            switch option.value {
+            case "SIZE": _ = try size(option.name)
+            case "RATE": _ = try rate(option.name)
+            case "DURATION": _ = try duration(option.name)
+            case "N": _ = try count(option.name)
+            case "HOST:PORT":
+                let value = string(option.name) ?? ""
+                guard let colon = value.lastIndex(of: ":"), let port = Int(value[value.index(after: colon)...]),
+                      (1...65535).contains(port), colon != value.startIndex else {
+                    throw error("--\(option.name) '\(value)': expected HOST:PORT, e.g. 127.0.0.1:4444")
+                }
+            default: _ = try choice(option.name)
+            }
+        }
+    }
+
     func choice(_ option: String) throws(UsageError) -> String? {
         guard let value = string(option) else { return nil }
         if case .choices(let choices)? = command.option(option)?.completion, !choices.contains(value) {
@@ -113,6 +133,7 @@ enum ArgumentParser {
                 index += 1
             }
         }
+        try parsed.validateValues()
         return .run(parsed)
     }
 

@@ -1,0 +1,67 @@
+import XCTest
+
+/// Every kind of bad input in the list: a clear message naming the problem, exit status 2.
+final class UsageErrorTests: XCTestCase {
+    private func expectUsageError(_ arguments: [String], mentions words: [String], file: StaticString = #filePath, line: UInt = #line) throws {
+        let result = try CLI.run(arguments)
+        XCTAssertEqual(result.status, 2, "\(arguments): \(result.stderr)", file: file, line: line)
+        for word in words {
+            XCTAssertTrue(result.stderr.contains(word), "\(arguments): expected '\(word)' in: \(result.stderr)", file: file, line: line)
+        }
+    }
+
+    func testUnknownCommandsAndOptions() throws {
+        try expectUsageError(["bot"], mentions: ["unknown command 'bot'", "did you mean 'boot'"])
+        try expectUsageError(["dirtyrte"], mentions: ["did you mean 'dirtyrate'"])
+        try expectUsageError(["boot", "--memroy", "1G"], mentions: ["unknown option '--memroy'", "did you mean '--memory'"])
+        try expectUsageError(["dirtyrate", "--intervall", "1s"], mentions: ["did you mean '--interval'"])
+        try expectUsageError(["boot", "--memory"], mentions: ["--memory needs a value"])
+        try expectUsageError(["boot", "--vcpus", "2", "--vcpus", "3"], mentions: ["given twice"])
+        try expectUsageError(["boot", "stray"], mentions: ["unexpected argument 'stray'"])
+    }
+
+    func testValuesThatDoNotParse() throws {
+        try expectUsageError(["boot", "--memory", "1Q"], mentions: ["--memory", "unknown suffix 'Q'"])
+        try expectUsageError(["boot", "--vcpus", "two"], mentions: ["--vcpus", "whole number"])
+        try expectUsageError(["dirtyrate", "--interval", "5"], mentions: ["add a unit"])
+        try expectUsageError(["dirtyrate", "--mode", "smaple"], mentions: ["did you mean 'sample'"])
+        try expectUsageError(["boot", "--track", "rings"], mentions: ["not one of bitmap, ring, quota"])
+        try expectUsageError(["migrate", "--bandwidth", "fast"], mentions: ["--bandwidth", "invalid rate"])
+        try expectUsageError(["boot", "--workload", "0:write,rate=lots"], mentions: ["invalid rate"])
+        try expectUsageError(["boot", "--workload", "0:wirte"], mentions: ["did you mean 'write'"])
+    }
+
+    func testImpossibleRequests() throws {
+        try expectUsageError(["boot", "--memory", "16M"], mentions: ["below the guest's minimum"])
+        try expectUsageError(["boot", "--memory", "60G"], mentions: ["more than this host has"])
+        try expectUsageError(["boot", "--vcpus", "0"], mentions: ["positive"])
+        try expectUsageError(["boot", "--vcpus", "65"], mentions: ["at most 64"])
+        try expectUsageError(["boot", "--ring-entries", "1000"], mentions: ["power of two from 256 to 65536"])
+        try expectUsageError(["boot", "--ring-entries", "128"], mentions: ["power of two from 256 to 65536"])
+        try expectUsageError(["boot", "--ring-entries", "131072"], mentions: ["power of two from 256 to 65536"])
+        try expectUsageError(["boot", "--track", "bitmap", "--ring-entries", "4096"], mentions: ["not bitmap"])
+        try expectUsageError(["boot", "--memory", "256M", "--workload", "0:write,ws=512M"], mentions: ["outside the", "workload area"])
+        try expectUsageError(["boot", "--vcpus", "2", "--workload", "3:read"], mentions: ["vCPU 3", "2 vCPUs"])
+        try expectUsageError(["boot", "--export-config", "x"], mentions: ["needs --export-image"])
+    }
+
+    func testHelpVersionAndNotYetCommands() throws {
+        for arguments in [["--help"], ["help"], ["help", "boot"], ["boot", "--help"], ["dirtyrate", "-h"]] {
+            let result = try CLI.run(arguments)
+            XCTAssertEqual(result.status, 0, "\(arguments)")
+            XCTAssertTrue(result.stdout.contains("Usage:"), "\(arguments)")
+        }
+        XCTAssertEqual(try CLI.run(["--version"]).stdout, "dirtymig 0.1.0\n")
+        for command in ["migrate", "receive", "limit"] {
+            let result = try CLI.run([command])
+            XCTAssertEqual(result.status, 1, command)
+            XCTAssertTrue(result.stderr.contains("next release") || result.stderr.contains("later release"), result.stderr)
+        }
+    }
+
+    func testNoVMToTalkTo() throws {
+        let result = try CLI.run(["dirtyrate", "--vm", "/tmp/no-such-dirtymig-vm.sock", "--count", "1"])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertTrue(result.stderr.contains("no VM is listening"), result.stderr)
+    }
+}
