@@ -1,0 +1,46 @@
+import DirtyMigCore
+import Foundation
+import XCTest
+
+/// `--track quota`: pages are charged per vCPU per interval; a vCPU past its quota is kicked
+/// out of KVM_RUN and held until its interval ends (a quota exit). Enforcement policy is the
+/// throttling work's; here: the mechanism exists, counts, and holds only the vCPU that writes.
+final class QuotaTrackingTests: XCTestCase {
+    func testQuotaExitsHoldOnlyTheWriter() throws {
+        let kvm = try requireKVM()
+        let machine = try Machine(MachineConfiguration(
+            memorySize: 512 * MiB, vcpuCount: 2,
+            workloads: [writer(256 * MiB, rate: 0), reader(64 * MiB, offset: 256 * MiB)],
+            tracking: .quota), kvm: kvm)
+        try machine.start()
+        defer { machine.stop() }
+        machine.waitForGuest()
+        let tracker = try XCTUnwrap(machine.tracker as? RingTracker)
+        Thread.sleep(forTimeInterval: 1)
+        let free = try machine.counterSnapshot()
+        Thread.sleep(forTimeInterval: 1)
+        let freeEnd = try machine.counterSnapshot()
+        let freeRate = DirtyRateReport.between(free, freeEnd, mode: .ring)
+
+        // 20 pages per 10 ms interval = 2,000 pages/s, far below what the writer does unthrottled.
+        tracker.setQuota(pagesPerInterval: 20, vcpu: 0)
+        Thread.sleep(forTimeInterval: 1)
+        let held = try machine.counterSnapshot()
+        Thread.sleep(forTimeInterval: 2)
+        let heldEnd = try machine.counterSnapshot()
+        let heldRate = DirtyRateReport.between(held, heldEnd, mode: .ring)
+        let exits = try XCTUnwrap(tracker.counters().quotaExits)
+        print("writer: \(freeRate.vcpus[0].dirtyPagesPerSecond!) pages/s free, \(heldRate.vcpus[0].dirtyPagesPerSecond!) with a 2,000 pages/s quota; quota exits \(exits); reader guest pages/s \(freeRate.vcpus[1].guestPagesPerSecond) -> \(heldRate.vcpus[1].guestPagesPerSecond)")
+        XCTAssertGreaterThan(exits[0], 50, "the writer takes quota exits")
+        XCTAssertEqual(exits[1], 0, "the reader has no quota and takes none")
+        XCTAssertLessThan(heldRate.vcpus[0].dirtyPagesPerSecond!, freeRate.vcpus[0].dirtyPagesPerSecond! / 2)
+        XCTAssertGreaterThan(heldRate.vcpus[1].guestPagesPerSecond, freeRate.vcpus[1].guestPagesPerSecond * 0.8,
+                             "the reader keeps its pace")
+
+        tracker.setQuota(pagesPerInterval: nil, vcpu: 0)
+        Thread.sleep(forTimeInterval: 0.5)
+        let exitsAfter = try XCTUnwrap(tracker.counters().quotaExits)[0]
+        Thread.sleep(forTimeInterval: 0.5)
+        XCTAssertEqual(try XCTUnwrap(tracker.counters().quotaExits)[0], exitsAfter, "no quota, no exits")
+    }
+}
