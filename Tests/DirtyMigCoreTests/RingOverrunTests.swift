@@ -37,7 +37,8 @@ final class RingOverrunTests: XCTestCase {
         let before = machine.guestStats().vcpus[0].pages
         Thread.sleep(forTimeInterval: 1.0)
         let after = machine.guestStats().vcpus[0].pages
-        print("guest pages in the second after the overrun: \(after - before)")
+        let final = tracker.counters()
+        print("guest pages in the second after the overrun: \(after - before); losses: \(collection.losses.map(\.description)); afterwards ring-full exits \(final.ringFullExits ?? []), overruns \(final.ringOverruns ?? [])")
         XCTAssertGreaterThan(after, before + 1000, "the vCPU must run again after the overrun")
         XCTAssertNil(machine.events.firstFailure)
     }

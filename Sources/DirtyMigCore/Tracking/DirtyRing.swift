@@ -48,13 +48,38 @@ final class DirtyRing {
     /// Called after KVM_RESET_DIRTY_RINGS succeeded: everything harvested is the kernel's again.
     func didReset() { resetIndex = fetchIndex }
 
-    /// Overrun recovery: after the kernel wrapped the ring, its indices and ours disagree and
-    /// nothing looks harvestable, yet the vCPU cannot run. Marking every entry harvested lets the
-    /// next reset walk the whole ring and un-stick it. What was overwritten is lost.
+    /// Overrun recovery, last resort: marks every entry harvested so the next reset walks the
+    /// whole ring (what the machine notes found to un-stick a vCPU). It can also move the
+    /// kernel's reset index past its push index, so `recover` tries exact spans first.
     func markEverythingHarvested() {
         for index in 0..<entries {
             ckvm_dirty_gfn_store_flags(gfns + index, CKVM_DIRTY_GFN_F_RESET)
         }
+    }
+
+    /// Marks `count` entries ending just before `end` (free-running index) as harvested.
+    func markHarvested(endingAt end: UInt32, count: Int) {
+        let mask = UInt32(entries - 1)
+        for step in 1...UInt32(count) {
+            ckvm_dirty_gfn_store_flags(gfns + Int((end &- step) & mask), CKVM_DIRTY_GFN_F_RESET)
+        }
+    }
+
+    /// Clears marks the kernel did not consume (entries it will push into later).
+    func clearMarks(endingAt end: UInt32, count: Int) {
+        guard count > 0 else { return }
+        let mask = UInt32(entries - 1)
+        for step in 1...UInt32(count) {
+            let gfn = gfns + Int((end &- step) & mask)
+            if ckvm_dirty_gfn_load_flags(gfn) == CKVM_DIRTY_GFN_F_RESET { ckvm_dirty_gfn_store_flags(gfn, 0) }
+        }
+    }
+
+    /// After a recovery: the kernel publishes next at `index`.
+    func restart(at index: UInt32) {
+        fetchIndex = index
+        resetIndex = index
+        needsResynchronisation = false
     }
 
     /// Set after an overrun: the kernel's push position may no longer be ours (it wrapped, or a

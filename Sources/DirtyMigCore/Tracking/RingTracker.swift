@@ -149,11 +149,42 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         let reset = try resetLocked()
         if harvested == 0 && reset == 0 {
             // Stuck: the kernel says the ring is full, we see nothing to harvest or reset.
-            ring.markEverythingHarvested()
-            _ = try resetLocked()
-            ring.needsResynchronisation = true
+            try recoverLocked(ring)
             recordLoss(DirtyLoss(vcpu: vcpu, kind: .stuckRingRecovered, timeNanoseconds: MonotonicClock.nanoseconds()))
         }
+    }
+
+    /// Un-sticks a ring whose kernel indices no longer match its contents (after a wrap, the
+    /// entries between the kernel's reset and push indices were overwritten, then reset, and
+    /// read as empty, so KVM_RESET_DIRTY_RINGS stops at once and the ring stays "full").
+    ///
+    /// The kernel's push position is where we read next (we just harvested up to it). Its
+    /// reset position is somewhere between a ring and a soft limit before that. We mark spans
+    /// of growing length ending at the push position as harvested until a reset consumes them:
+    /// then exactly the kernel's used entries were reset, and the marks it did not reach are
+    /// cleared again (left in place, a later reset would walk past the push index, wrap the
+    /// kernel's u32 count and stick the vCPU for good). Marking the whole ring, which is what
+    /// un-sticks a ring on most occasions, is the fallback.
+    private func recoverLocked(_ ring: DirtyRing) throws(KVMError) {
+        _ = try vm.resetDirtyRings()          // nothing else may be pending while we probe
+        let end = ring.fetchIndex
+        var span = ring.softLimit
+        while span < ring.entries {
+            ring.markHarvested(endingAt: end, count: span)
+            let consumed = try vm.resetDirtyRings()
+            if consumed > 0 {
+                ring.clearMarks(endingAt: end &- UInt32(consumed), count: span - consumed)
+                ring.restart(at: end)
+                for other in rings { other.didReset() }
+                clearCounted()
+                return
+            }
+            span += 1
+        }
+        ring.clearMarks(endingAt: end, count: ring.entries - 1)
+        ring.markEverythingHarvested()
+        _ = try resetLocked()
+        ring.needsResynchronisation = true
     }
 
     public func holdDeadline(vcpu: Int) -> UInt64? {
@@ -246,9 +277,13 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     private func resetLocked() throws(KVMError) -> Int {
         let count = try vm.resetDirtyRings()
         for ring in rings { ring.didReset() }
+        clearCounted()
+        return count
+    }
+
+    private func clearCounted() {
         for page in countedPages { countedSinceReset.clear(page) }
         countedPages.removeAll(keepingCapacity: true)
-        return count
     }
 
     private func recordLoss(_ loss: DirtyLoss) {
