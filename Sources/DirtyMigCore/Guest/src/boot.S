@@ -111,6 +111,16 @@ load_data_segments_and_stack:
         push    %rsi
         ret
 
+/* Every interrupt vector lands here: acknowledge the local APIC and return. The only
+ * interrupt the guest enables is its own LAPIC timer, which ends a paced vCPU's sleep. */
+        .global interrupt_stub
+interrupt_stub:
+        push    %rax
+        mov     $(LAPIC_BASE + 0xB0), %eax
+        movl    $0, (%rax)
+        pop     %rax
+        iretq
+
         .global halt_forever
 halt_forever:
         cli

@@ -36,6 +36,7 @@ struct vcpu_stats {
 #define LAPIC(reg) (*(volatile u32 *)(u64)(LAPIC_BASE + (reg)))
 
 extern void halt_forever(void) __attribute__((noreturn));
+extern void interrupt_stub(void);
 extern char trampoline_start[], trampoline_end[];
 
 static inline u64 rdtsc(void) {
@@ -70,6 +71,56 @@ static void delay_us(u64 us) {
     u64 hz = CONFIG->tsc_hz ? CONFIG->tsc_hz : 2000000000ul;
     u64 end = rdtsc() + hz / 1000000 * us;
     while (rdtsc() < end) cpu_relax();
+}
+
+/* ---- Sleeping: paced vCPUs halt until their next page is due instead of spinning, woken by
+ * their LAPIC timer (one-shot). The timer's rate is calibrated against the TSC at boot; if it
+ * does not count, vCPUs spin as before. */
+#define TIMER_VECTOR 0x20
+struct idt_gate { u16 offset_low, selector; u8 ist, type; u16 offset_mid; u32 offset_high, zero; };
+static struct idt_gate idt[256] __attribute__((aligned(16)));
+static volatile u64 lapic_per_tsc_q16;          /* LAPIC timer ticks per TSC tick, 16.16 */
+
+static void install_interrupts(void) {
+    u64 handler = (u64)interrupt_stub;
+    for (int v = 0; v < 256; v++) {
+        idt[v] = (struct idt_gate){ (u16)handler, 0x18, 0, 0x8E, (u16)(handler >> 16), (u32)(handler >> 32), 0 };
+    }
+}
+
+static void load_interrupts(void) {
+    struct __attribute__((packed)) { u16 limit; u64 base; } pointer = { sizeof(idt) - 1, (u64)idt };
+    __asm__ volatile("lidt %0" : : "m"(pointer));
+    LAPIC(0xF0) = 0x1FF;                 /* software-enable, spurious vector 0xFF */
+    LAPIC(0x3E0) = 0xB;                  /* timer divide by 1 */
+    LAPIC(0x320) = TIMER_VECTOR;         /* one-shot, unmasked */
+}
+
+static void calibrate_timer(void) {
+    u64 hz = CONFIG->tsc_hz;
+    if (!hz) return;
+    LAPIC(0x380) = 0xFFFFFFFFu;
+    u64 start = rdtsc();
+    while (rdtsc() - start < hz / 100) cpu_relax();
+    u64 elapsed = rdtsc() - start;
+    u64 ticks = 0xFFFFFFFFu - LAPIC(0x390);
+    LAPIC(0x380) = 0;
+    lapic_per_tsc_q16 = (ticks << 16) / elapsed;
+}
+
+/* Halts until `deadline` (TSC), or returns at once if the timer is unusable. */
+static void sleep_until(u64 deadline) {
+    u64 ratio = lapic_per_tsc_q16;
+    if (!ratio) return;
+    u64 now = rdtsc();
+    while (now < deadline) {
+        u64 ticks = ((deadline - now) * ratio) >> 16;
+        if (ticks > 0xFFFFFFFFu) ticks = 0xFFFFFFFFu;
+        if (ticks == 0) break;
+        LAPIC(0x380) = (u32)ticks;
+        __asm__ volatile("sti; hlt; cli" ::: "memory");
+        now = rdtsc();
+    }
 }
 
 /* Identity-map the GiBs above 4 GiB that hold RAM (the first 4 were mapped before long mode). */
@@ -152,6 +203,8 @@ static __attribute__((noreturn)) void run_workload(u32 id) {
     u64 touched = 0, writes = 0, passes = 0, position = 0, accumulator = 0, sink = 0;
     u64 now = rdtsc(), due = now, published = now;
     u64 publish_ticks = tsc_hz / 128;                  /* ~8 ms */
+    u64 sleep_slack = tsc_hz / 100;                    /* 10 ms */
+    load_interrupts();
     st->tsc_start = now;
     st->tsc_now = now;
     st->state = STATE_RUNNING;
@@ -163,7 +216,10 @@ static __attribute__((noreturn)) void run_workload(u32 id) {
             if (remainder >= rate) { remainder -= rate; due++; }
             now = rdtsc();
             if (now > due + max_debt) due = now - max_debt;
-            while (now < due) { cpu_relax(); now = rdtsc(); }
+            /* Run ahead by up to 10 ms, then sleep until the page is due: the average
+             * stays exact, and the vCPU leaves the CPU to others instead of spinning. */
+            if (due > now + sleep_slack) { sleep_until(due); now = rdtsc(); }
+            while (!lapic_per_tsc_q16 && now < due) { cpu_relax(); now = rdtsc(); }
         }
 
         u64 page;
@@ -228,6 +284,9 @@ void guest_main_bsp(u32 id) {
     if (CONFIG->version != CONFIG_VERSION) fail(ERR_BAD_VERSION, 0);
     if (CONFIG->nr_vcpus > MAX_VCPUS) fail(ERR_TOO_MANY_VCPUS, 0);
     map_high_memory();
+    install_interrupts();
+    load_interrupts();
+    calibrate_timer();
     console("dirtymig guest: ");
     console_number(CONFIG->nr_vcpus);
     console(" vCPUs, ");
