@@ -26,16 +26,16 @@ final class GuestUnderQEMUTests: XCTestCase {
             }
             guard let connected else { throw XCTSkip("QEMU's QMP socket never appeared") }
             socket = connected
-            _ = socket.readLine()   // greeting
+            _ = try socket.readLine(limit: 1 << 20)   // greeting
             _ = try execute("qmp_capabilities")
         }
 
         func execute(_ command: String, _ arguments: JSONValue? = nil) throws -> JSONValue {
             var request: [(String, JSONValue)] = [("execute", .string(command))]
             if let arguments { request.append(("arguments", arguments)) }
-            socket.writeLine(JSONValue.object(request).serialized())
+            try socket.writeLine(JSONValue.object(request).serialized())
             while true {
-                guard case .line(let bytes) = socket.readLine() else { throw XCTSkip("QEMU closed QMP") }
+                guard case .line(let bytes) = try socket.readLine(limit: 1 << 20) else { throw XCTSkip("QEMU closed QMP") }
                 let reply = try JSONValue.parse(String(decoding: bytes, as: UTF8.self))
                 if reply["event"] != nil { continue }
                 if let error = reply["error"] { XCTFail("QMP \(command): \(error.serialized())"); return .null }

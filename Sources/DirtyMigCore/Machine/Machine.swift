@@ -47,11 +47,7 @@ public final class Machine: @unchecked Sendable {
 
             try vm.setTSSAddress(0xFFFB_D000)
             try vm.createIRQChip()
-            for region in memory.regions {
-                try vm.setMemoryRegion(slot: region.slot, guestPhysicalAddress: region.guestPhysicalAddress,
-                                       size: region.size, hostAddress: memory.hostAddress(region: region),
-                                       logDirtyPages: false)
-            }
+        try vm.setMemorySlots(of: memory, logDirtyPages: false)
 
             let cpuid = try kvm.supportedCPUID()
             var vcpus: [KVMVCPU] = []

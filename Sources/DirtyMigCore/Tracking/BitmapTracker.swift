@@ -38,11 +38,7 @@ public final class BitmapTracker: DirtyTracker, @unchecked Sendable {
     public func start() throws(KVMError) {
         lock.lock(); defer { lock.unlock() }
         guard !started else { return }
-        for region in memory.regions {
-            try vm.setMemoryRegion(slot: region.slot, guestPhysicalAddress: region.guestPhysicalAddress,
-                                   size: region.size, hostAddress: memory.hostAddress(region: region),
-                                   logDirtyPages: true)
-        }
+        try vm.setMemorySlots(of: memory, logDirtyPages: true)
         started = true
         lastSync = MonotonicClock.nanoseconds()
     }
@@ -51,11 +47,7 @@ public final class BitmapTracker: DirtyTracker, @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         guard started else { return }
         try? syncLocked()
-        for region in memory.regions {
-            try? vm.setMemoryRegion(slot: region.slot, guestPhysicalAddress: region.guestPhysicalAddress,
-                                    size: region.size, hostAddress: memory.hostAddress(region: region),
-                                    logDirtyPages: false)
-        }
+        try? vm.setMemorySlots(of: memory, logDirtyPages: false)
         started = false
     }
 

@@ -91,11 +91,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         lock.lock()
         if started { lock.unlock(); return }
         do {
-            for region in memory.regions {
-                try vm.setMemoryRegion(slot: region.slot, guestPhysicalAddress: region.guestPhysicalAddress,
-                                       size: region.size, hostAddress: memory.hostAddress(region: region),
-                                       logDirtyPages: true)
-            }
+            try vm.setMemorySlots(of: memory, logDirtyPages: true)
         } catch { lock.unlock(); throw error }
         started = true
         lastSync = MonotonicClock.nanoseconds()
@@ -113,11 +109,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         guard started else { return }
         try? syncLocked()
-        for region in memory.regions {
-            try? vm.setMemoryRegion(slot: region.slot, guestPhysicalAddress: region.guestPhysicalAddress,
-                                    size: region.size, hostAddress: memory.hostAddress(region: region),
-                                    logDirtyPages: false)
-        }
+        try? vm.setMemorySlots(of: memory, logDirtyPages: false)
         started = false
     }
 
