@@ -34,8 +34,9 @@ final class QuotaTrackingTests: XCTestCase {
         XCTAssertGreaterThan(exits[0], 50, "the writer takes quota exits")
         XCTAssertEqual(exits[1], 0, "the reader has no quota and takes none")
         XCTAssertLessThan(heldRate.vcpus[0].dirtyPagesPerSecond!, freeRate.vcpus[0].dirtyPagesPerSecond! / 2)
-        XCTAssertGreaterThan(heldRate.vcpus[1].guestPagesPerSecond, freeRate.vcpus[1].guestPagesPerSecond * 0.8,
-                             "the reader keeps its pace")
+        // The reader's pace is printed above, not asserted: it is an unpaced speed, which on a
+        // host whose load varies differs between two windows for reasons of its own (issue 4's
+        // benchmark compares throttled and unthrottled readers properly).
 
         tracker.setQuota(pagesPerInterval: nil, vcpu: 0)
         Thread.sleep(forTimeInterval: 0.5)
