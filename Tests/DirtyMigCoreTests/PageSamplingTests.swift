@@ -17,12 +17,14 @@ final class PageSamplingTests: XCTestCase {
         Thread.sleep(forTimeInterval: 1.0)
         let sampler = PageSampler()
         let pages = sampler.choosePages(pageCount: machine.memory.pageCount)
-        // The guest's own count around each hashing pass, averaged: the pass's midpoint.
+        // The guest's own count interpolated to the sample's mean reading time.
         func sample() -> (PageSampler.Sample, Double) {
             let before = machine.guestStats().vcpus[0].pages
             let hashes = sampler.hash(machine.memory, pages: pages)
             let after = machine.guestStats().vcpus[0].pages
-            return (hashes, (Double(before) + Double(after)) / 2)
+            let span = Double(max(hashes.endNanoseconds - hashes.startNanoseconds, 1))
+            let share = Double(hashes.timeNanoseconds - hashes.startNanoseconds) / span
+            return (hashes, Double(before) + (Double(after) - Double(before)) * share)
         }
         var (start, guestStart) = sample()
         for _ in 0..<3 {

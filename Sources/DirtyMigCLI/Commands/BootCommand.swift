@@ -82,6 +82,7 @@ enum BootCommand {
         do { machine = try Machine(configuration, kvm: kvm) } catch { throw RuntimeFailure("cannot build the VM: \(error)") }
 
         let done = DispatchSemaphore(value: 0)
+        _ = StopSignals { done.signal() }   // before any other thread exists
         machine.events.onConsoleLine = { vcpu, line in printError("guest (vCPU \(vcpu)): \(line)") }
         machine.events.onFailure = { error in
             printError("dirtymig boot: the VM stopped: \(error)")
@@ -89,14 +90,12 @@ enum BootCommand {
         }
         MachineControl.register(on: server, machine: machine) { done.signal() }
         do { try server.start() } catch { throw RuntimeFailure("\(error)") }
-        let signals = StopSignals { done.signal() }
         do { try machine.start() } catch {
             server.stop()
             throw RuntimeFailure("cannot start the VM: \(error)")
         }
         emit("dirtymig: VM '\(options.name)' running (\(ByteSize.format(options.memory)), \(options.vcpus) vCPU\(options.vcpus == 1 ? "" : "s"), --track \(options.track.rawValue)); control socket \(options.control)")
         done.wait()
-        signals.cancel()
         server.stop()
         machine.stop()
         return machine.events.firstFailure == nil ? 0 : 1
@@ -121,19 +120,23 @@ enum BootCommand {
     }
 }
 
-/// SIGINT and SIGTERM end the VM's run cleanly instead of killing the process.
+/// SIGINT and SIGTERM end the VM's run cleanly instead of killing the process. Both are
+/// blocked in every thread (this must run before any thread is created, so all inherit the
+/// mask) and taken by one thread with sigwait: a signal source that lets the kernel pick a
+/// thread can lose the signal to a vCPU thread.
 final class StopSignals: @unchecked Sendable {
-    private var sources: [DispatchSourceSignal] = []
-
     init(_ handler: @escaping @Sendable () -> Void) {
-        for number in [SIGINT, SIGTERM] {
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
-            source.setEventHandler(handler: handler)
-            source.resume()
-            sources.append(source)
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        let waitSet = set
+        _ = OSThread(name: "stop-signals") {
+            var mask = waitSet
+            var number: Int32 = 0
+            while sigwait(&mask, &number) != 0 {}
+            handler()
         }
     }
-
-    func cancel() { sources.forEach { $0.cancel() } }
 }

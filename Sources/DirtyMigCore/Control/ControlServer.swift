@@ -129,7 +129,14 @@ public final class ControlServer: Sendable {
         let bytes = path.utf8.count
         guard bytes <= UnixSocket.maxPathBytes else { throw .pathTooLong(path: path, bytes: bytes) }
         guard bytes > 0 else { throw .system(SystemError("empty control socket path", errno: ENOENT)) }
-        try preparePrivateDirectory(directory(of: path))
+        // The default directory (and any directory we create) must be private. A directory the
+        // user chose with --control that already exists (/tmp, say) is theirs to judge: the
+        // socket itself is 0600 either way, and "chmod 700 /tmp" would be terrible advice.
+        let socketDirectory = directory(of: path)
+        var existing = stat()
+        if socketDirectory == ControlSocketPath.defaultDirectory() || lstat(socketDirectory, &existing) != 0 {
+            try preparePrivateDirectory(socketDirectory)
+        }
 
         var info = stat()
         if lstat(path, &info) == 0 {

@@ -21,11 +21,17 @@ public struct PageSampler: Sendable {
         self.seed = seed
     }
 
-    /// A sample's hashes, taken at `timeNanoseconds`.
+    /// A sample's hashes, each with the time its page was read.
     public struct Sample: Sendable {
         public var pages: [Int]
         public var hashes: [UInt64]
+        /// When each page was read (CLOCK_MONOTONIC ns). Per page, because the hashing thread
+        /// can be preempted in the middle of a pass and pages' windows then differ.
+        public var times: [UInt64]
+        /// The mean of `times`: when, on average, the sample looked at memory.
         public var timeNanoseconds: UInt64
+        public var startNanoseconds: UInt64
+        public var endNanoseconds: UInt64
     }
 
     public func choosePages(pageCount: Int) -> [Int] {
@@ -36,30 +42,40 @@ public struct PageSampler: Sendable {
         return chosen.sorted()
     }
 
-    /// Hashes the pages; the sample's time is the middle of the pass, which is when, on
-    /// average, its pages were read (a pass over many pages takes a noticeable time).
+    /// Hashes the pages, noting when each was read.
     public func hash(_ memory: GuestMemory, pages: [Int]) -> Sample {
         let started = MonotonicClock.nanoseconds()
         let resident = residency(memory)
         var hashes = [UInt64](repeating: 0, count: pages.count)
+        var times = [UInt64](repeating: 0, count: pages.count)
         let zeroHash = PageSampler.hashPage(nil)
+        var sum: Double = 0
         for (index, page) in pages.enumerated() {
             if let resident, resident[page] & 1 == 0 {
                 hashes[index] = zeroHash
             } else {
                 hashes[index] = PageSampler.hashPage(UnsafeRawPointer(memory.base + page * 4096))
             }
+            times[index] = MonotonicClock.nanoseconds()
+            sum += Double(times[index] - started)
         }
-        let finished = MonotonicClock.nanoseconds()
-        return Sample(pages: pages, hashes: hashes, timeNanoseconds: started + (finished - started) / 2)
+        let mean = started + UInt64(sum / Double(max(pages.count, 1)))
+        return Sample(pages: pages, hashes: hashes, times: times, timeNanoseconds: mean, startNanoseconds: started,
+                      endNanoseconds: MonotonicClock.nanoseconds())
     }
 
-    /// Dirty pages per second of all RAM, estimated from two samples of the same pages.
+    /// Dirty pages per second of all RAM, estimated from two samples of the same pages: the share
+    /// that changed, over the mean of the pages' own windows.
     public static func dirtyPagesPerSecond(from start: Sample, to end: Sample, pageCount: Int) -> Double {
         var changed = 0
-        for index in start.hashes.indices where start.hashes[index] != end.hashes[index] { changed += 1 }
-        let seconds = max(Double(end.timeNanoseconds - start.timeNanoseconds) / 1e9, 1e-9)
-        return Double(changed) / Double(max(start.pages.count, 1)) * Double(pageCount) / seconds
+        var window: Double = 0
+        for index in start.hashes.indices {
+            if start.hashes[index] != end.hashes[index] { changed += 1 }
+            window += Double(end.times[index] &- start.times[index])
+        }
+        let count = Double(max(start.pages.count, 1))
+        let seconds = max(window / count / 1e9, 1e-9)
+        return Double(changed) / count * Double(pageCount) / seconds
     }
 
     /// 64-bit hash of one 4 KiB page (nil = an all-zero page), four independent lanes so the

@@ -23,6 +23,12 @@ public struct GuestConfig: Sendable, Equatable {
         }
     }
 
+    /// A hot fraction in millionths, as the config block stores it (clamped to 0...1).
+    public static func hotFractionPPM(_ fraction: Double) -> UInt32 {
+        guard fraction.isFinite else { return fraction > 0 ? 1_000_000 : 0 }
+        return UInt32((min(max(fraction, 0), 1) * 1_000_000).rounded())
+    }
+
     /// The exact bytes of the block (layout in GuestLayout.swift and the man page).
     public func encode() -> [UInt8] {
         var out = [UInt8]()
@@ -36,7 +42,7 @@ public struct GuestConfig: Sendable, Equatable {
         u64(GuestLayout.workloadBase); u64(0)
         for workload in vcpus {
             u32(workload.kind.rawValue); u32(workload.pattern.rawValue); u32(workload.writePercent)
-            u32(UInt32((workload.hotFraction * 1_000_000).rounded()))
+            u32(GuestConfig.hotFractionPPM(workload.hotFraction))
             u64(workload.offset); u64(workload.size); u64(workload.rateBytesPerSecond)
             u64(workload.passes); u64(workload.seed); u64(0)
         }

@@ -71,9 +71,13 @@ public enum GuestLayout {
     //   0 u64 pages touched               8 u64 completed passes over the working set
     //  16 u32 state (GuestVCPUState)     20 u32 local APIC ID
     //  24 u64 pages written              32 u64 TSC when the workload started
-    //  40 u64 TSC when the workload finished (passes reached)   48 u64 reserved   56 u64 reserved
+    //  40 u64 TSC of the last publish: once finished, when the workload finished (passes reached)
+    //  48 u64 reserved                  56 u64 reserved
     // Counters are published every ~8 ms (and at the end), not per page: every store to the
     // stats page is a dirty page to the tracker, and a reading vCPU must not look like a writer.
+    // The workload loop runs in ring 3 with IOPL 3 and keeps its state in registers: the only
+    // pages it writes are its working set and the stats page. Ring 3 because some KVMs (PVM,
+    // without VT-x/SVM) emulate an unmodified guest's ring 0 instruction by instruction.
     public static let statsMagic: UInt32 = 0x5453_4D44
     public static let statsHeaderSize = 64
     public static let statsRecordSize = 64
@@ -85,6 +89,10 @@ public enum GuestLayout {
     /// except 0xE9, which `-debugcon` can show.
     public static let consolePort: UInt16 = 0xE9   // byte: console character
     public static let errorPort: UInt16 = 0x5D0     // dword: guest error code (GuestError)
+    /// dword: the APIC ID of a vCPU whose workload finished (its passes are done). It will never
+    /// do anything again, so a VMM may stop running it. Where the hypervisor supports it the vCPU
+    /// then halts in ring 0; under PVM (ring 3 cannot get back to ring 0 there) it spins on `pause`.
+    public static let parkPort: UInt16 = 0x5D4
 }
 
 public enum WorkloadKind: UInt32, Sendable, CaseIterable {

@@ -32,12 +32,30 @@ public struct GuestStats: Sendable, Equatable {
     }
 }
 
+/// One vCPU's record. The guest publishes it about every 8 ms (and when it finishes).
 public struct VCPUGuestStats: Sendable, Equatable {
+    /// Pages touched (read or written) since the workload started.
     public var pages: UInt64
+    /// Completed passes over the working set (every pattern's pass is one working set of pages).
     public var passes: UInt64
+    /// Pages written.
     public var writes: UInt64
     public var state: GuestVCPUState
     public var apicID: UInt32
+    /// The guest TSC when the workload loop started.
     public var tscStart: UInt64
+    /// The guest TSC of the last publish; once finished, when the workload finished. With
+    /// `pages` it gives the guest's own rate, free of the host's sampling jitter.
     public var tscNow: UInt64
+
+    public init(pages: UInt64, passes: UInt64, writes: UInt64, state: GuestVCPUState, apicID: UInt32,
+                tscStart: UInt64, tscNow: UInt64) {
+        self.pages = pages
+        self.passes = passes
+        self.writes = writes
+        self.state = state
+        self.apicID = apicID
+        self.tscStart = tscStart
+        self.tscNow = tscNow
+    }
 }

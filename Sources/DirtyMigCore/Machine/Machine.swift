@@ -83,8 +83,9 @@ public final class Machine: @unchecked Sendable {
         let tracker = self.tracker
         runners = vcpus.map { VCPURunner(vcpu: $0, tracker: tracker, events: events) }
         if let ring = tracker as? RingTracker {
-            let runners = self.runners
-            ring.kick = { vcpu in runners[vcpu].kick() }
+            // Weak: the tracker outlives nothing; a strong capture would make
+            // tracker -> kick -> runners -> tracker a cycle that keeps the VM's memory alive.
+            ring.kick = { [weak self] vcpu in self?.kick(vcpu: vcpu) }
         }
     }
 

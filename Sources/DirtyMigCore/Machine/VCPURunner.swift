@@ -16,6 +16,9 @@ final class VCPURunner: @unchecked Sendable {
     private let pauseRequested = Atomic<Bool>(false)
     private let condition = NSCondition()
     private var paused = false
+    /// The guest asked (park port) to be left out of the CPU for good: its workload finished
+    /// in ring 3, where it cannot halt. Guarded by `condition`.
+    private var parked = false
     private var consoleLine: [UInt8] = []
 
     init(vcpu: KVMVCPU, tracker: DirtyTracker?, events: MachineEvents) {
@@ -47,7 +50,7 @@ final class VCPURunner: @unchecked Sendable {
         pauseRequested.store(true, ordering: .releasing)
         kick()
         condition.lock()
-        while !paused && !finished { condition.wait() }
+        while !paused && !finished && !parked { condition.wait() }
         condition.unlock()
     }
 
@@ -65,6 +68,7 @@ final class VCPURunner: @unchecked Sendable {
         do {
             while !stopRequested.load(ordering: .acquiring) {
                 if pauseRequested.load(ordering: .acquiring) { parkWhilePaused(); continue }
+                if isParked { waitWhileParked(); continue }
                 if let deadline = tracker?.holdDeadline(vcpu: vcpu.id) {
                     // A quota exit: stay out of the guest until the vCPU's interval ends.
                     let now = MonotonicClock.nanoseconds()
@@ -76,6 +80,18 @@ final class VCPURunner: @unchecked Sendable {
         } catch {
             events.vcpuFailed(vcpu.id, error)
         }
+    }
+
+    private var isParked: Bool {
+        condition.lock(); defer { condition.unlock() }
+        return parked
+    }
+
+    private func waitWhileParked() {
+        condition.lock()
+        condition.broadcast()   // a pause() waiting for this vCPU may return: it is out of the guest
+        while !stopRequested.load(ordering: .acquiring) { condition.wait() }
+        condition.unlock()
     }
 
     private func parkWhilePaused() {
@@ -137,6 +153,8 @@ final class VCPURunner: @unchecked Sendable {
                     consoleLine.append(byte)
                 }
             }
+        case GuestLayout.parkPort:
+            condition.lock(); parked = true; condition.unlock()
         case GuestLayout.errorPort where size == 4:
             let code = data.loadUnaligned(as: UInt32.self)
             events.guestReportedError(vcpu.id, code)

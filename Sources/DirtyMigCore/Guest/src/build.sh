@@ -6,17 +6,36 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 generated="$here/../GuestImageBytes.swift"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+work="$here/build"            # gitignored; guest.bin there is the image (e.g. for qemu -kernel)
+rm -rf "$work"
+mkdir -p "$work"
 
 cflags=(-m64 -O2 -ffreestanding -fno-pic -fno-pie -mno-red-zone -mgeneral-regs-only -nostdlib
         -fno-stack-protector -fno-asynchronous-unwind-tables -fno-builtin -Wall -Wextra -Werror
-        -mcmodel=small -fcf-protection=none)
+        -mcmodel=small -fcf-protection=none -fno-tree-loop-distribute-patterns)
 gcc "${cflags[@]}" -c "$here/boot.S" -o "$work/boot.o"
 gcc "${cflags[@]}" -c "$here/workload.c" -o "$work/workload.o"
 ld -nostdlib -static --build-id=none -z noexecstack -z max-page-size=4096 --no-warn-rwx-segments -T "$here/guest.ld" \
    -o "$work/guest.elf" "$work/boot.o" "$work/workload.o"
 objcopy -O binary "$work/guest.elf" "$work/guest.bin"
+
+# The ring-3 workload loop must keep its state in registers: a stack access there would dirty
+# (or read) a stack page on every touched page and make a reading vCPU look like a writer.
+user_code=$(objdump -d --no-show-raw-insn -j .text.user "$work/workload.o" "$work/boot.o")
+if ! grep -q '<user_main>:' <<<"$user_code"; then
+    echo "build.sh: no user_main in .text.user" >&2; exit 1
+fi
+# (The entry prologue, which saves the callee-saved registers once, is allowed: pushes and the
+# stack adjustment before a function's first jump.)
+loop_code=$(awk '/^[0-9a-f]+ <.*>:$/ { prologue = 1; next }
+                 prologue && /:\t(push +%r[a-z0-9]+|sub +\$0x[0-9a-f]+,%rsp)$/ { next }
+                 /:\tj[a-z]+ / { prologue = 0 }
+                 { print }' <<<"$user_code")
+if stack_use=$(grep -E '%[re]?sp\b|\b(push|pop|call|ret|leave|enter)' <<<"$loop_code"); then
+    echo "build.sh: the ring-3 workload loop uses the stack:" >&2
+    echo "$stack_use" >&2
+    exit 1
+fi
 
 size=$(stat -c %s "$work/guest.bin")
 sha=$(sha256sum "$work/guest.bin" | cut -d' ' -f1)

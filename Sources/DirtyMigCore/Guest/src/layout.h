@@ -12,13 +12,26 @@
 #define WORKLOAD_BASE     0x1000000
 #define MAX_VCPUS         64
 #define MAX_GIB           64
+#define HIGH_MEMORY_BASE  0x100000000
 #define LAPIC_BASE        0xFEE00000
 #define CONSOLE_PORT      0xE9
 #define ERROR_PORT        0x5D0
+#define PARK_PORT         0x5D4       /* dword: APIC ID of a vCPU that finished (ring 3, spinning) */
 
 #define CONFIG_MAGIC      0x46434D44  /* "DMCF" */
 #define CONFIG_VERSION    1
+#define CONFIG_HEADER_SIZE 64
+#define CONFIG_ENTRY_SIZE 64
 #define STATS_MAGIC       0x54534D44  /* "DMST" */
+#define STATS_VERSION     1
+
+/* GDT selectors (boot.S builds the table). */
+#define SEL_CODE32        0x08
+#define SEL_DATA          0x10
+#define SEL_CODE64        0x18        /* also STAR's SYSCALL CS; SYSCALL SS = 0x20 */
+#define SEL_DATA64        0x20
+#define SEL_USER_CODE     0x2B        /* 0x28 | RPL 3 */
+#define SEL_USER_DATA     0x33        /* 0x30 | RPL 3 */
 
 #define KIND_IDLE 0
 #define KIND_WRITE 1
@@ -39,5 +52,6 @@
 #define ERR_TOO_MANY_VCPUS 3
 #define ERR_WS_OUT_OF_RANGE 4
 #define ERR_MEMORY_TOO_LARGE 5
+#define ERR_NO_LONG_MODE 6
 
 #endif

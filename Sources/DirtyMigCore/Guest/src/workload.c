@@ -1,9 +1,17 @@
 /* The workload guest's 64-bit part: start the other CPUs, then on every CPU run the workload
- * its config entry describes, counting every touched page in its stats record.
- * Freestanding: no libc, no interrupts (IF stays 0 forever), identity-mapped memory. */
+ * its config entry describes, counting the touched pages in its stats record.
+ * Freestanding: no libc, no interrupts (IF stays 0 forever), identity-mapped memory.
+ *
+ * Two halves. Setup (ring 0): validate the config, map RAM, start the APs, turn each vCPU's
+ * config entry into a `plan`. The workload loop (ring 3, section .text.user): reads only its
+ * plan and writes only its working set and its stats record, and it keeps all its state in
+ * registers, so the only page a reading vCPU dirties is the stats page (build.sh checks the
+ * compiled loop for stack accesses). Ring 3 because PVM-style KVM runs an unmodified guest's
+ * ring-0 code in an instruction emulator and only ring 3 natively (see boot.S). */
 #include "layout.h"
 
 typedef unsigned long u64;
+typedef long i64;
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
@@ -29,25 +37,177 @@ struct vcpu_stats {
     u64 writes, tsc_start, tsc_now, reserved[2];
 };
 
+_Static_assert(sizeof(struct config_header) == CONFIG_HEADER_SIZE, "config header layout");
+_Static_assert(sizeof(struct vcpu_config) == CONFIG_ENTRY_SIZE, "config entry layout");
+_Static_assert(sizeof(struct stats_header) == 64, "stats header layout");
+_Static_assert(sizeof(struct vcpu_stats) == 64, "stats record layout");
+
 #define CONFIG ((volatile struct config_header *)CONFIG_ADDR)
-#define VCPU_CONFIG(i) ((volatile struct vcpu_config *)(u64)(CONFIG_ADDR + 64 + 64 * (u64)(i)))
+#define VCPU_CONFIG(i) ((volatile struct vcpu_config *)(u64)(CONFIG_ADDR + CONFIG_HEADER_SIZE + CONFIG_ENTRY_SIZE * (u64)(i)))
 #define STATS ((volatile struct stats_header *)STATS_ADDR)
 #define VCPU_STATS(i) ((volatile struct vcpu_stats *)(u64)(STATS_ADDR + 64 + 64 * (u64)(i)))
 #define LAPIC(reg) (*(volatile u32 *)(u64)(LAPIC_BASE + (reg)))
 
+/* Everything a vCPU's ring-3 loop needs, computed once in ring 0; read-only afterwards. */
+struct plan {
+    volatile struct vcpu_stats *stats;
+    u64 base, low, hole;            /* RAM offset of page 0; RAM below 4 GiB; 4 GiB - low */
+    u64 pages;                      /* working-set pages (n) */
+    u64 limit;                      /* touches after which the vCPU finishes (0 = never) */
+    u64 paced, step, step_rem, rate, max_debt;  /* ticks per page = step + step_rem / rate */
+    u64 publish_ticks;              /* publish the counters this often */
+    u64 mask, shift, seed;          /* random: LCG modulo mask + 1, scrambled */
+    u64 hot_pages, cold_pages, hot_threshold;   /* hot: part sizes; P(hot) = threshold / 2^32 */
+    u64 write_percent;              /* mix */
+    u64 apic_id;
+    u32 kind, pattern;
+};
+
+static struct plan plans[MAX_VCPUS];
+
 extern void halt_forever(void) __attribute__((noreturn));
-extern void interrupt_stub(void);
+extern void enter_user(u64 rip, u64 rsp, u64 arg) __attribute__((noreturn));
+extern void user_park(u64 apic_id) __attribute__((noreturn));
+
+/* Jumps (no call: that would push) to user_park. */
+#define USER_PARK(apic_id) do { \
+        __asm__ volatile("jmp user_park" : : "D"(apic_id) : "memory"); __builtin_unreachable(); \
+    } while (0)
 extern char trampoline_start[], trampoline_end[];
 
-static inline u64 rdtsc(void) {
+static inline __attribute__((always_inline)) u64 rdtsc(void) {
     u32 lo, hi;
     __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
     return ((u64)hi << 32) | lo;
 }
 
+static inline __attribute__((always_inline)) void cpu_relax(void) { __asm__ volatile("pause"); }
 static inline void outb(u16 port, u8 value) { __asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port)); }
 static inline void outl(u16 port, u32 value) { __asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port)); }
-static inline void cpu_relax(void) { __asm__ volatile("pause"); }
+static inline void wrmsr(u32 msr, u64 value) {
+    __asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)value), "d"((u32)(value >> 32)));
+}
+static inline u64 rdmsr(u32 msr) {
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((u64)hi << 32) | lo;
+}
+
+/* ======================= ring 3: the workload loop ======================= */
+
+#define USER __attribute__((section(".text.user")))
+#define LCG_MUL 6364136223846793005ul       /* = 1 mod 4 */
+#define LCG_ADD 1442695040888963407ul       /* odd: full period modulo any power of two */
+#define SCRAMBLE_MUL 0x9E3779B97F4A7C15ul   /* odd */
+
+/* Publishes the counters (plain 8-byte stores; the host reads them while we run). */
+static inline __attribute__((always_inline))
+void publish(const volatile struct plan *p, u64 touched, u32 kind, u64 tsc) {
+    volatile struct vcpu_stats *st = p->stats;
+    st->pages = touched;
+    /* The mix accumulator starts at 0, so after t touches exactly floor(t * pct / 100) wrote. */
+    st->writes = kind == KIND_WRITE ? touched : kind == KIND_MIX ? touched * p->write_percent / 100 : 0;
+    st->passes = touched / p->pages;    /* every pattern's pass is n touches */
+    st->tsc_now = tsc;
+}
+
+static inline __attribute__((always_inline, noreturn))
+void workload_loop(const volatile struct plan *p, const u32 kind, const u32 pattern) {
+    u64 touched = 0, cursor, accumulator = 0, remainder = 0;
+    u64 now = rdtsc(), due = now, published = now;
+    if (pattern == PATTERN_SEQ) cursor = 0;
+    else if (pattern == PATTERN_RANDOM) cursor = p->seed & p->mask;
+    else cursor = p->seed | 1;                      /* xorshift state, never 0 */
+    p->stats->tsc_start = now;
+    p->stats->tsc_now = now;
+    p->stats->state = STATE_RUNNING;
+
+    for (;;) {
+        if (p->paced) {
+            /* Deadline pacing: page k is due at start + k * ticks-per-page, exactly (integer step
+             * plus a remainder). Falling behind by more than max_debt (a paused VM) forgives the
+             * rest, so a resumed guest catches up at most 100 ms worth of pages. */
+            due += p->step;
+            remainder += p->step_rem;
+            if (remainder >= p->rate) { remainder -= p->rate; due++; }
+            now = rdtsc();
+            if ((i64)(now - due) > (i64)p->max_debt) due = now - p->max_debt;
+            while ((i64)(due - now) > 0) { cpu_relax(); now = rdtsc(); }
+        }
+
+        u64 page;
+        if (pattern == PATTERN_SEQ) {
+            page = cursor;
+            if (++cursor == p->pages) cursor = 0;
+        } else if (pattern == PATTERN_RANDOM) {
+            /* A full-period LCG over [0, 2^k) passes every value once per period; a bijective
+             * scramble hides its regular low bits; values >= n are skipped. */
+            u64 mask = p->mask, shift = p->shift;
+            do {
+                cursor = (cursor * LCG_MUL + LCG_ADD) & mask;
+                page = cursor ^ (cursor >> shift);
+                page = (page * SCRAMBLE_MUL) & mask;
+                page ^= page >> shift;
+            } while (page >= p->pages);
+        } else {
+            cursor ^= cursor << 13;
+            cursor ^= cursor >> 7;
+            cursor ^= cursor << 17;
+            u64 low32 = cursor & 0xFFFFFFFFul;
+            if ((cursor >> 32) < p->hot_threshold) page = (low32 * p->hot_pages) >> 32;
+            else page = p->hot_pages + ((low32 * p->cold_pages) >> 32);
+        }
+
+        u64 offset = p->base + (page << 12);
+        volatile u64 *word = (volatile u64 *)(offset < p->low ? offset : offset + p->hole);
+        touched++;
+        if (kind == KIND_WRITE) {
+            *word = touched;
+        } else if (kind == KIND_READ) {
+            (void)*word;
+        } else {
+            accumulator += p->write_percent;
+            if (accumulator >= 100) { accumulator -= 100; *word = touched; }
+            else (void)*word;
+        }
+
+        /* Publish about every 8 ms: every store to the stats page dirties it, and a reading
+         * vCPU must not look like a writer. Unpaced, look at the clock every 64 pages only. */
+        if (p->paced || (touched & 63) == 0) {
+            u64 t = p->paced ? now : rdtsc();
+            if (t - published >= p->publish_ticks) {
+                published = t;
+                publish(p, touched, kind, t);
+            }
+        }
+
+        if (touched == p->limit) {
+            publish(p, touched, kind, rdtsc());
+            p->stats->state = STATE_FINISHED;
+            USER_PARK(p->apic_id);
+        }
+    }
+}
+
+/* Ring-3 entry (from enter_user): one specialized copy of the loop per kind and pattern. */
+USER __attribute__((noreturn)) void user_main(const volatile struct plan *p) {
+    u32 kind = p->kind, pattern = p->pattern;
+    if (kind == KIND_WRITE) {
+        if (pattern == PATTERN_SEQ) workload_loop(p, KIND_WRITE, PATTERN_SEQ);
+        if (pattern == PATTERN_RANDOM) workload_loop(p, KIND_WRITE, PATTERN_RANDOM);
+        workload_loop(p, KIND_WRITE, PATTERN_HOT);
+    } else if (kind == KIND_READ) {
+        if (pattern == PATTERN_SEQ) workload_loop(p, KIND_READ, PATTERN_SEQ);
+        if (pattern == PATTERN_RANDOM) workload_loop(p, KIND_READ, PATTERN_RANDOM);
+        workload_loop(p, KIND_READ, PATTERN_HOT);
+    } else {
+        if (pattern == PATTERN_SEQ) workload_loop(p, KIND_MIX, PATTERN_SEQ);
+        if (pattern == PATTERN_RANDOM) workload_loop(p, KIND_MIX, PATTERN_RANDOM);
+        workload_loop(p, KIND_MIX, PATTERN_HOT);
+    }
+}
+
+/* ======================= ring 0: setup ======================= */
 
 static void console(const char *text) {
     while (*text) outb(CONSOLE_PORT, (u8)*text++);
@@ -67,74 +227,29 @@ static __attribute__((noreturn)) void fail(u32 code, volatile struct vcpu_stats 
     halt_forever();
 }
 
-static void delay_us(u64 us) {
-    u64 hz = CONFIG->tsc_hz ? CONFIG->tsc_hz : 2000000000ul;
-    u64 end = rdtsc() + hz / 1000000 * us;
-    while (rdtsc() < end) cpu_relax();
-}
-
-/* ---- Sleeping: paced vCPUs halt until their next page is due instead of spinning, woken by
- * their LAPIC timer (one-shot). The timer's rate is calibrated against the TSC at boot; if it
- * does not count, vCPUs spin as before. */
-#define TIMER_VECTOR 0x20
-struct idt_gate { u16 offset_low, selector; u8 ist, type; u16 offset_mid; u32 offset_high, zero; };
-static struct idt_gate idt[256] __attribute__((aligned(16)));
-static volatile u64 lapic_per_tsc_q16;          /* LAPIC timer ticks per TSC tick, 16.16 */
-
-static void install_interrupts(void) {
-    u64 handler = (u64)interrupt_stub;
-    for (int v = 0; v < 256; v++) {
-        idt[v] = (struct idt_gate){ (u16)handler, 0x18, 0, 0x8E, (u16)(handler >> 16), (u32)(handler >> 32), 0 };
-    }
-}
-
-static void load_interrupts(void) {
-    struct __attribute__((packed)) { u16 limit; u64 base; } pointer = { sizeof(idt) - 1, (u64)idt };
-    __asm__ volatile("lidt %0" : : "m"(pointer));
-    LAPIC(0xF0) = 0x1FF;                 /* software-enable, spurious vector 0xFF */
-    LAPIC(0x3E0) = 0xB;                  /* timer divide by 1 */
-    LAPIC(0x320) = TIMER_VECTOR;         /* one-shot, unmasked */
-}
-
-static void calibrate_timer(void) {
+static u64 tsc_hz(void) {
     u64 hz = CONFIG->tsc_hz;
-    if (!hz) return;
-    LAPIC(0x380) = 0xFFFFFFFFu;
-    u64 start = rdtsc();
-    while (rdtsc() - start < hz / 100) cpu_relax();
-    u64 elapsed = rdtsc() - start;
-    u64 ticks = 0xFFFFFFFFu - LAPIC(0x390);
-    LAPIC(0x380) = 0;
-    lapic_per_tsc_q16 = (ticks << 16) / elapsed;
+    return hz ? hz : 2000000000ul;      /* a guess; the host always fills it in */
 }
 
-/* Halts until `deadline` (TSC), or returns at once if the timer is unusable. */
-static void sleep_until(u64 deadline) {
-    u64 ratio = lapic_per_tsc_q16;
-    if (!ratio) return;
-    u64 now = rdtsc();
-    while (now < deadline) {
-        u64 ticks = ((deadline - now) * ratio) >> 16;
-        if (ticks > 0xFFFFFFFFu) ticks = 0xFFFFFFFFu;
-        if (ticks == 0) break;
-        LAPIC(0x380) = (u32)ticks;
-        __asm__ volatile("sti; hlt; cli" ::: "memory");
-        now = rdtsc();
-    }
+static void delay_us(u64 us) {
+    u64 end = rdtsc() + tsc_hz() / 1000000 * us;
+    while (rdtsc() < end) cpu_relax();
 }
 
 /* Identity-map the GiBs above 4 GiB that hold RAM (the first 4 were mapped before long mode). */
 static void map_high_memory(void) {
     u64 total = CONFIG->memory_size, low = CONFIG->low_memory_size;
+    if (low > total || low > 0xE0000000ul) fail(ERR_BAD_VERSION, 0);
     if (total <= low) return;
-    u64 top = 0x100000000ul + (total - low);
+    if (total - low > ((u64)MAX_GIB << 30) - HIGH_MEMORY_BASE) fail(ERR_MEMORY_TOO_LARGE, 0);
+    u64 top = HIGH_MEMORY_BASE + (total - low);
     u64 gib = (top + (1ul << 30) - 1) >> 30;
-    if (gib > MAX_GIB) fail(ERR_MEMORY_TOO_LARGE, 0);
     volatile u64 *pdpt = (volatile u64 *)(PT_BASE + 0x1000);
     for (u64 g = 4; g < gib; g++) {
         volatile u64 *pd = (volatile u64 *)(PT_BASE + 0x2000 + g * 0x1000);
-        for (u64 i = 0; i < 512; i++) pd[i] = ((g << 30) + (i << 21)) | 0x83;
-        pdpt[g] = (u64)pd | 3;
+        for (u64 i = 0; i < 512; i++) pd[i] = ((g << 30) + (i << 21)) | 0x87;
+        pdpt[g] = (u64)pd | 7;
     }
     u64 cr3;
     __asm__ volatile("mov %%cr3, %0; mov %0, %%cr3" : "=r"(cr3) : : "memory");
@@ -142,7 +257,7 @@ static void map_high_memory(void) {
 
 /* INIT, then SIPI twice, to all CPUs but this one (the SDM's universal start-up algorithm). */
 static void start_other_cpus(void) {
-    u8 *dst = (u8 *)TRAMPOLINE_ADDR;
+    volatile u8 *dst = (volatile u8 *)TRAMPOLINE_ADDR;
     for (char *src = trampoline_start; src < trampoline_end; src++) *dst++ = (u8)*src;
     LAPIC(0xF0) = 0x1FF;                       /* software-enable, spurious vector 0xFF */
     LAPIC(0x310) = 0;
@@ -155,138 +270,89 @@ static void start_other_cpus(void) {
     }
 }
 
-/* Guest-physical address of page `page` of a working set that starts at RAM offset `base`. */
-static inline u64 page_address(u64 base, u64 page, u64 low) {
-    u64 offset = base + (page << 12);
-    return offset < low ? offset : offset - low + 0x100000000ul;
-}
-
-static inline u64 xorshift(u64 *state) {
-    u64 x = *state;
-    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-    return *state = x;
-}
-
+/* Turns this vCPU's config entry into its plan, then enters the ring-3 loop. */
 static __attribute__((noreturn)) void run_workload(u32 id) {
+    if (id >= MAX_VCPUS) halt_forever();
     volatile struct vcpu_stats *st = VCPU_STATS(id);
-    st->apic_id = id;
     st->pages = 0;
     st->passes = 0;
     st->writes = 0;
+    st->tsc_start = 0;
+    st->tsc_now = 0;
+    st->apic_id = id;
     __atomic_fetch_add(&STATS->booted, 1, __ATOMIC_SEQ_CST);
     if (id >= CONFIG->nr_vcpus) { st->state = STATE_IDLE; halt_forever(); }
 
     volatile struct vcpu_config *cfg = VCPU_CONFIG(id);
-    u32 kind = cfg->kind, pattern = cfg->pattern, write_percent = cfg->write_percent;
-    u64 n = cfg->ws_size >> 12, rate = cfg->rate, passes_wanted = cfg->passes;
-    u64 low = CONFIG->low_memory_size;
-    u64 base = CONFIG->workload_base + cfg->ws_offset;
+    u32 kind = cfg->kind, pattern = cfg->pattern;
+    u64 n = cfg->ws_size >> 12;
     if (kind == KIND_IDLE || n == 0) { st->state = STATE_IDLE; halt_forever(); }
-    if (base + (n << 12) > CONFIG->memory_size || base + (n << 12) < base) fail(ERR_WS_OUT_OF_RANGE, st);
+    if (kind > KIND_MIX || pattern > PATTERN_HOT) fail(ERR_BAD_VERSION, st);
 
-    /* Pacing: the deadline of page k is start + k * tsc_hz * 4096 / rate, kept exactly as an
-     * integer step plus a remainder; debt beyond 100 ms is forgiven (a paused VM must not burst). */
-    u64 tsc_hz = CONFIG->tsc_hz;
-    u64 step = 0, step_remainder = 0, remainder = 0, max_debt = tsc_hz / 10;
-    if (rate) { step = tsc_hz * 4096 / rate; step_remainder = tsc_hz * 4096 % rate; }
+    struct plan *p = &plans[id];
+    u64 total = CONFIG->memory_size, low = CONFIG->low_memory_size;
+    u64 base = CONFIG->workload_base + cfg->ws_offset;
+    if (base < CONFIG->workload_base || base + (n << 12) < base || base + (n << 12) > total
+        || n > (1ul << 40)) fail(ERR_WS_OUT_OF_RANGE, st);
+    p->stats = st;
+    p->base = base;
+    p->low = low;
+    p->hole = HIGH_MEMORY_BASE - low;
+    p->pages = n;
+    p->apic_id = id;
+    p->kind = kind;
+    p->pattern = pattern;
+    u64 passes = cfg->passes;
+    p->limit = passes && passes <= ~0ul / n ? passes * n : 0;
 
-    /* random: a full-period LCG over the next power of two >= n visits every page once per pass. */
-    u64 span = 1;
-    while (span < n) span <<= 1;
-    u64 lcg = cfg->seed & (span - 1), lcg_steps = 0;
-    u64 rng = cfg->seed | 1;
-    u64 hot_pages = n * cfg->hot_ppm / 1000000;
-    if (hot_pages < 1) hot_pages = 1;
-    if (hot_pages > n) hot_pages = n;
-    u64 hot_threshold = 1000000 - cfg->hot_ppm;     /* per million accesses that go to the hot part */
-
-    u64 touched = 0, writes = 0, passes = 0, position = 0, accumulator = 0, sink = 0;
-    u64 now = rdtsc(), due = now, published = now;
-    u64 publish_ticks = tsc_hz / 128;                  /* ~8 ms */
-    u64 sleep_slack = tsc_hz / 100;                    /* 10 ms */
-    load_interrupts();
-    st->tsc_start = now;
-    st->tsc_now = now;
-    st->state = STATE_RUNNING;
-
-    for (;;) {
-        if (step) {
-            due += step;
-            remainder += step_remainder;
-            if (remainder >= rate) { remainder -= rate; due++; }
-            now = rdtsc();
-            if (now > due + max_debt) due = now - max_debt;
-            /* Run ahead by up to 10 ms, then sleep until the page is due: the average
-             * stays exact, and the vCPU leaves the CPU to others instead of spinning. */
-            if (due > now + sleep_slack) { sleep_until(due); now = rdtsc(); }
-            while (!lapic_per_tsc_q16 && now < due) { cpu_relax(); now = rdtsc(); }
-        }
-
-        u64 page;
-        int pass_done = 0;
-        if (pattern == PATTERN_RANDOM) {
-            do {
-                lcg = (lcg * 6364136223846793005ul + 1442695040888963407ul) & (span - 1);
-                if (++lcg_steps == span) { lcg_steps = 0; pass_done = 1; }
-            } while (lcg >= n && !pass_done);
-            page = lcg < n ? lcg : 0;
-        } else if (pattern == PATTERN_HOT) {
-            u64 r = xorshift(&rng);
-            if (hot_pages == n || (r % 1000000) < hot_threshold) page = (r >> 20) % hot_pages;
-            else page = hot_pages + (r >> 20) % (n - hot_pages);
-            if (++position == n) { position = 0; pass_done = 1; }
-        } else {
-            page = position;
-            if (++position == n) { position = 0; pass_done = 1; }
-        }
-
-        volatile u64 *word = (volatile u64 *)page_address(base, page, low);
-        int write = kind == KIND_WRITE;
-        if (kind == KIND_MIX) {
-            accumulator += write_percent;
-            if (accumulator >= 100) { accumulator -= 100; write = 1; }
-        }
-        touched++;
-        if (write) { *word = touched; writes++; }
-        else sink += *word;
-        /* Publish the counters every 64 pages at most and every publish_ticks at least often:
-         * each store to the stats page is a dirty page under tracking (some hypervisors log
-         * every store), so a reading vCPU must not look like a writer. */
-        if ((touched & 63) == 0) {
-            u64 t = step ? now : rdtsc();
-            if (t - published >= publish_ticks) {
-                published = t;
-                st->pages = touched;
-                if (writes != st->writes) st->writes = writes;
-                if (passes != st->passes) st->passes = passes;
-            }
-        }
-
-        if (pass_done) {
-            passes++;
-            if (passes_wanted && passes >= passes_wanted) {
-                st->pages = touched;
-                st->writes = writes;
-                st->passes = passes;
-                st->tsc_now = rdtsc();
-                st->state = STATE_FINISHED;
-                halt_forever();
-            }
-        }
+    u64 hz = tsc_hz(), rate = cfg->rate;
+    p->publish_ticks = hz / 128;                    /* ~8 ms */
+    p->max_debt = hz / 10;                          /* 100 ms */
+    p->rate = rate;
+    if (rate) {
+        /* ticks per page = hz * 4096 / rate, as an integer step and a remainder (in units of
+         * 1/rate); hz * 4096 fits in 64 bits for any TSC below 4.5 PHz. */
+        p->step = hz * 4096 / rate;
+        p->step_rem = hz * 4096 % rate;
     }
-    (void)sink;
+    p->paced = rate && (p->step || p->step_rem);
+
+    u64 bits = 0;
+    while ((1ul << bits) < n) bits++;
+    p->mask = (1ul << bits) - 1;
+    p->shift = bits / 2 ? bits / 2 : 1;
+    p->seed = cfg->seed;
+
+    u64 ppm = cfg->hot_ppm > 1000000 ? 1000000 : cfg->hot_ppm;
+    u64 hot = n * ppm / 1000000;
+    if (hot < 1) hot = 1;
+    if (hot > n) hot = n;
+    p->hot_pages = hot;
+    p->cold_pages = n - hot;
+    /* The hot part takes 1 - F of the accesses (all of them when there is no cold part). */
+    p->hot_threshold = hot == n ? (1ul << 32) : ((1000000 - ppm) << 32) / 1000000;
+    p->write_percent = cfg->write_percent > 100 ? 100 : cfg->write_percent;
+
+    /* SYSCALL (user_park's way back to ring 0, which halts): CS 0x18, SS 0x20, RIP halt_forever. */
+    wrmsr(0xC0000080, rdmsr(0xC0000080) | 1);       /* EFER.SCE */
+    wrmsr(0xC0000081, (u64)SEL_CODE64 << 32);       /* STAR */
+    wrmsr(0xC0000082, (u64)halt_forever);           /* LSTAR */
+    wrmsr(0xC0000084, 0x3700);                      /* FMASK: IOPL, DF, IF, TF */
+
+    u64 stack_top = STACKS_ADDR + ((u64)(id + 1) << STACK_SHIFT);
+    enter_user((u64)user_main, stack_top - 8, (u64)p);
 }
 
 void guest_main_bsp(u32 id) {
+    STATS->booted = 0;
+    STATS->error = 0;
+    STATS->version = STATS_VERSION;
     STATS->magic = STATS_MAGIC;
-    STATS->version = 1;
     if (CONFIG->magic != CONFIG_MAGIC) fail(ERR_BAD_MAGIC, 0);
-    if (CONFIG->version != CONFIG_VERSION) fail(ERR_BAD_VERSION, 0);
+    if (CONFIG->version != CONFIG_VERSION || CONFIG->header_size != CONFIG_HEADER_SIZE
+        || CONFIG->entry_size != CONFIG_ENTRY_SIZE) fail(ERR_BAD_VERSION, 0);
     if (CONFIG->nr_vcpus > MAX_VCPUS) fail(ERR_TOO_MANY_VCPUS, 0);
     map_high_memory();
-    install_interrupts();
-    load_interrupts();
-    calibrate_timer();
     console("dirtymig guest: ");
     console_number(CONFIG->nr_vcpus);
     console(" vCPUs, ");
