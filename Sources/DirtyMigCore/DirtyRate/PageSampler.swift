@@ -34,12 +34,19 @@ public struct PageSampler: Sendable {
         public var endNanoseconds: UInt64
     }
 
+    /// The pages to sample, in the order to hash them: a random order, not address order. A pass
+    /// takes tens of milliseconds, and a guest that writes sequentially crosses the sampled
+    /// addresses in order too; hashed in address order, the pages at the writer's head would all
+    /// be read at the same point of the pass (early or late, wherever the head happens to be),
+    /// which shifts the measured window by up to half a pass (±5-10 % of a 1 s interval, measured).
+    /// In random order each page's read time is independent of its address, so per-page windows
+    /// average out whatever the access pattern.
     public func choosePages(pageCount: Int) -> [Int] {
         let count = min(pageCount, max(1, Int((Double(pageCount) * 4096 / Double(1 << 30)) * Double(pagesPerGiB))))
         var generator = SplitMix64(state: seed ^ UInt64(pageCount))
         var chosen = Set<Int>()
         while chosen.count < count { chosen.insert(Int(generator.next() % UInt64(pageCount))) }
-        return chosen.sorted()
+        return chosen.sorted().shuffled(using: &generator)
     }
 
     /// Hashes the pages, noting when each was read.
