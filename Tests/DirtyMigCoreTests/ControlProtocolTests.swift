@@ -403,6 +403,14 @@ final class ControlProtocolTests: XCTestCase {
         XCTAssertTrue(error?.description.contains("chmod 700 \(loose)") ?? false, "\(String(describing: error))")
         XCTAssertTrue(error?.description.contains("0755") ?? false, "\(String(describing: error))")
 
+        // A shared directory like /tmp: the advice is to go elsewhere, never to close it.
+        let shared = directory + "/shared"
+        XCTAssertEqual(mkdir(shared, 0o700), 0)
+        XCTAssertEqual(chmod(shared, 0o1777), 0)
+        let sharedError = setupError(ControlServer(path: shared + "/vm.sock", vmName: "vm"))
+        XCTAssertTrue(sharedError?.description.contains("private directory of your own") ?? false, "\(String(describing: sharedError))")
+        XCTAssertFalse(sharedError?.description.contains("chmod") ?? true, "\(String(describing: sharedError))")
+
         XCTAssertEqual(chmod(loose, 0o700), 0)
         if geteuid() == 0 {
             XCTAssertEqual(chown(loose, 65534, 65534), 0)

@@ -129,14 +129,9 @@ public final class ControlServer: Sendable {
         let bytes = path.utf8.count
         guard bytes <= UnixSocket.maxPathBytes else { throw .pathTooLong(path: path, bytes: bytes) }
         guard bytes > 0 else { throw .system(SystemError("empty control socket path", errno: ENOENT)) }
-        // The default directory (and any directory we create) must be private. A directory the
-        // user chose with --control that already exists (/tmp, say) is theirs to judge: the
-        // socket itself is 0600 either way, and "chmod 700 /tmp" would be terrible advice.
         let socketDirectory = directory(of: path)
-        var existing = stat()
-        if socketDirectory == ControlSocketPath.defaultDirectory() || lstat(socketDirectory, &existing) != 0 {
-            try preparePrivateDirectory(socketDirectory)
-        }
+        try preparePrivateDirectory(socketDirectory,
+                                    isDefault: socketDirectory == ControlSocketPath.defaultDirectory())
 
         var info = stat()
         if lstat(path, &info) == 0 {
@@ -176,7 +171,11 @@ public final class ControlServer: Sendable {
 
     /// Creates `directory` with mode 0700 if it is missing; refuses one that is not a directory,
     /// belongs to another user, or grants group/other any permission.
-    static func preparePrivateDirectory(_ directory: String) throws(SetupError) {
+    /// The socket's directory must be a real directory, ours, and closed to other users (the
+    /// socket is 0600 too, but a loose directory lets others replace it). The advice differs:
+    /// the default directory is dirtymig's to fix; a directory the user named with --control is
+    /// theirs, and "chmod 700 /tmp" or "remove /tmp" would be terrible advice.
+    static func preparePrivateDirectory(_ directory: String, isDefault: Bool) throws(SetupError) {
         var info = stat()
         // lstat: a symbolic link planted in /tmp must not steer the socket elsewhere.
         if lstat(directory, &info) != 0 {
@@ -190,19 +189,26 @@ public final class ControlServer: Sendable {
             _ = chmod(directory, 0o700)   // in case the umask took bits away (it cannot add any)
             guard lstat(directory, &info) == 0 else { throw .system(SystemError("stat \(directory)")) }
         }
+        let privateElsewhere = "choose a --control path in a private directory of your own "
+            + "(for example: mkdir -m 700 ~/dirtymig, then --control ~/dirtymig/NAME.sock)"
         let user = geteuid()
         guard info.st_mode & S_IFMT != S_IFLNK else {
-            throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) is a symbolic link; remove it (dirtymig creates a private directory there)")
+            let fix = isDefault ? "remove it (dirtymig creates a private directory there)" : privateElsewhere
+            throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) is a symbolic link; \(fix)")
         }
         guard info.st_mode & S_IFMT == S_IFDIR else {
-            throw .unsafeDirectory(path: directory, problem: "\(directory) exists but is not a directory; remove it (it is where control sockets go)")
+            let fix = isDefault ? "remove it (it is where control sockets go)" : privateElsewhere
+            throw .unsafeDirectory(path: directory, problem: "\(directory) exists but is not a directory; \(fix)")
         }
         guard info.st_uid == user else {
-            throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) belongs to uid \(info.st_uid), not to you (uid \(user)); remove it, or set XDG_RUNTIME_DIR to a directory of your own")
+            let fix = isDefault ? "remove it, or set XDG_RUNTIME_DIR to a directory of your own" : privateElsewhere
+            throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) belongs to uid \(info.st_uid), not to you (uid \(user)); \(fix)")
         }
         let mode = info.st_mode & 0o777
         guard mode & 0o077 == 0 else {
-            throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) has mode 0\(String(mode, radix: 8)) but must be private (0700) so other users cannot control the VM; run 'chmod 700 \(directory)'")
+            // A shared directory such as /tmp (world-writable): never advise closing it.
+            let fix = mode & 0o002 != 0 ? privateElsewhere : "run 'chmod 700 \(directory)'"
+            throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) has mode 0\(String(mode, radix: 8)) but must be private (0700) so other users cannot control the VM; \(fix)")
         }
     }
 
