@@ -73,7 +73,7 @@ func runTrackingCost(seconds: Double, runs: Int, memoryMiB: UInt64) throws {
     for row in rows {
         let m = median(row.guestPagesPerSecond)
         let range = "\(Int(row.guestPagesPerSecond.min() ?? 0))-\(Int(row.guestPagesPerSecond.max() ?? 0))"
-        let ratio = baseline > 0 ? String(format: "%.2f", m / baseline) : "-"
+        let ratio = baseline > 0 ? String(format: m / baseline < 0.1 ? "%.4f" : "%.2f", m / baseline) : "-"
         let dirty = row.label == "none" ? "-" : "\(Int(median(row.dirtyPagesPerSecond)))"
         print("| \(row.label) | \(Int(m)) (\(range)) | \(ratio) | \(dirty) |")
     }

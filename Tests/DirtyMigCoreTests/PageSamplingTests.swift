@@ -19,12 +19,8 @@ final class PageSamplingTests: XCTestCase {
         let pages = sampler.choosePages(pageCount: machine.memory.pageCount)
         // The guest's own count interpolated to the sample's mean reading time.
         func sample() -> (PageSampler.Sample, Double) {
-            let before = machine.guestStats().vcpus[0].pages
-            let hashes = sampler.hash(machine.memory, pages: pages)
-            let after = machine.guestStats().vcpus[0].pages
-            let span = Double(max(hashes.endNanoseconds - hashes.startNanoseconds, 1))
-            let share = Double(hashes.timeNanoseconds - hashes.startNanoseconds) / span
-            return (hashes, Double(before) + (Double(after) - Double(before)) * share)
+            let (hashes, guest) = MachineControl.sampleWithGuestCounters(machine, sampler: sampler, pages: pages)
+            return (hashes, guest[0])
         }
         var (start, guestStart) = sample()
         for _ in 0..<3 {

@@ -95,16 +95,14 @@ public enum MachineControl {
         if mode == .sample {
             let sampler = PageSampler(seed: UInt64(MonotonicClock.nanoseconds()))
             let pages = sampler.choosePages(pageCount: machine.memory.pageCount)
-            let guestBefore = machine.guestStats().vcpus.map(\.pages)
-            let start = sampler.hash(machine.memory, pages: pages)
+            let (start, guestBefore) = sampleWithGuestCounters(machine, sampler: sampler, pages: pages)
             guard wait(interval) else { throw stopping }
-            let end = sampler.hash(machine.memory, pages: pages)
-            let guestAfter = machine.guestStats().vcpus.map(\.pages)
+            let (end, guestAfter) = sampleWithGuestCounters(machine, sampler: sampler, pages: pages)
             let seconds = Double(end.timeNanoseconds - start.timeNanoseconds) / 1e9
             let total = PageSampler.dirtyPagesPerSecond(from: start, to: end, pageCount: machine.memory.pageCount)
             let vcpus = guestBefore.indices.map {
                 DirtyRateReport.VCPURate(id: $0, dirtyPagesPerSecond: nil,
-                                         guestPagesPerSecond: Double(guestAfter[$0] &- guestBefore[$0]) / seconds)
+                                         guestPagesPerSecond: (guestAfter[$0] - guestBefore[$0]) / seconds)
             }
             return DirtyRateReport(unixTime: WallClock.unixSeconds(), mode: .sample, intervalSeconds: seconds,
                                    totalPagesPerSecond: total, vcpus: vcpus)
@@ -113,6 +111,20 @@ public enum MachineControl {
         guard wait(interval) else { throw stopping }
         let end = try counters(machine)
         return DirtyRateReport.between(start, end, mode: mode)
+    }
+
+    /// Hashes the sample and reads the guest's counters as they stood at the sample's mean
+    /// reading time (interpolated between reads before and after the pass, which takes tens of
+    /// milliseconds), so the guest's own rate covers the same window as the sampled one.
+    public static func sampleWithGuestCounters(_ machine: Machine, sampler: PageSampler, pages: [Int])
+        -> (PageSampler.Sample, [Double]) {
+        let before = machine.guestStats().vcpus.map(\.pages)
+        let sample = sampler.hash(machine.memory, pages: pages)
+        let after = machine.guestStats().vcpus.map(\.pages)
+        let span = Double(max(sample.endNanoseconds - sample.startNanoseconds, 1))
+        let share = Double(sample.timeNanoseconds - sample.startNanoseconds) / span
+        let counters = before.indices.map { Double(before[$0]) + Double(after[$0] &- before[$0]) * share }
+        return (sample, counters)
     }
 
     static func stateName(_ state: GuestVCPUState) -> String {
