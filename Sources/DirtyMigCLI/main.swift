@@ -37,6 +37,8 @@ do {
             switch arguments.command.name {
             case "boot": status = try BootCommand.run(arguments)
             case "dirtyrate": status = try DirtyRateCommand.run(arguments)
+            case "migrate": status = try MigrateCommand.run(arguments)
+            case "receive": status = try ReceiveCommand.run(arguments)
             default: fatalError("no implementation for \(arguments.command.name)")
             }
         }

@@ -78,27 +78,19 @@ enum BootCommand {
             throw UsageError(message: error.description, command: "boot")
         }
         let server = ControlServer(path: options.control, vmName: options.name)
-        let machine: Machine
-        do { machine = try Machine(configuration, kvm: kvm) } catch { throw RuntimeFailure("cannot build the VM: \(error)") }
-
-        let done = DispatchSemaphore(value: 0)
-        _ = StopSignals { done.signal() }   // before any other thread exists
-        machine.events.onConsoleLine = { vcpu, line in printError("guest (vCPU \(vcpu)): \(line)") }
-        machine.events.onFailure = { error in
-            printError("dirtymig boot: the VM stopped: \(error)")
-            done.signal()
-        }
-        MachineControl.register(on: server, machine: machine) { done.signal() }
+        let stop = StopSignals()   // before any other thread exists
         do { try server.start() } catch { throw RuntimeFailure("\(error)") }
+        let machine: Machine
+        do { machine = try Machine(configuration, kvm: kvm) } catch {
+            server.stop()
+            throw RuntimeFailure("cannot build the VM: \(error)")
+        }
         do { try machine.start() } catch {
             server.stop()
             throw RuntimeFailure("cannot start the VM: \(error)")
         }
-        emit("dirtymig: VM '\(options.name)' running (\(ByteSize.format(options.memory)), \(options.vcpus) vCPU\(options.vcpus == 1 ? "" : "s"), --track \(options.track.rawValue)); control socket \(options.control)")
-        done.wait()
-        server.stop()
-        machine.stop()
-        return machine.events.firstFailure == nil ? 0 : 1
+        return VMHost.serve(machine, server: server, stop: stop,
+                            ready: "dirtymig: VM '\(options.name)' running (\(ByteSize.format(options.memory)), \(options.vcpus) vCPU\(options.vcpus == 1 ? "" : "s"), --track \(options.track.rawValue)); control socket \(options.control)")
     }
 
     /// --export-image: the same guest and config for QEMU.
@@ -120,23 +112,3 @@ enum BootCommand {
     }
 }
 
-/// SIGINT and SIGTERM end the VM's run cleanly instead of killing the process. Both are
-/// blocked in every thread (this must run before any thread is created, so all inherit the
-/// mask) and taken by one thread with sigwait: a signal source that lets the kernel pick a
-/// thread can lose the signal to a vCPU thread.
-final class StopSignals: @unchecked Sendable {
-    init(_ handler: @escaping @Sendable () -> Void) {
-        var set = sigset_t()
-        sigemptyset(&set)
-        sigaddset(&set, SIGINT)
-        sigaddset(&set, SIGTERM)
-        pthread_sigmask(SIG_BLOCK, &set, nil)
-        let waitSet = set
-        _ = OSThread(name: "stop-signals") {
-            var mask = waitSet
-            var number: Int32 = 0
-            while sigwait(&mask, &number) != 0 {}
-            handler()
-        }
-    }
-}

@@ -82,3 +82,26 @@ public struct CPUIDTable: @unchecked Sendable {
         return copy
     }
 }
+
+extension CPUIDTable {
+    /// The first entry for `function` (subleaf 0), as (eax, ebx, ecx, edx); zeros when absent.
+    public func leaf(_ function: UInt32) -> (eax: UInt32, ebx: UInt32, ecx: UInt32, edx: UInt32) {
+        var copy = raw
+        return withUnsafeBytes(of: &copy.entries) { buffer in
+            let entries = buffer.bindMemory(to: kvm_cpuid_entry2.self)
+            for index in 0..<Int(raw.nent) where entries[index].function == function && entries[index].index == 0 {
+                return (entries[index].eax, entries[index].ebx, entries[index].ecx, entries[index].edx)
+            }
+            return (0, 0, 0, 0)
+        }
+    }
+}
+
+extension KVMSystem {
+    /// The CPUID feature bits KVM can give a guest here (what a migrated guest may rely on).
+    public var cpuFeatures: CPUFeatureSet {
+        guard let table = try? supportedCPUID() else { return CPUFeatureSet(leaf1EDX: 0, leaf1ECX: 0, extendedEDX: 0) }
+        let leaf1 = table.leaf(1), extended = table.leaf(0x8000_0001)
+        return CPUFeatureSet(leaf1EDX: leaf1.edx, leaf1ECX: leaf1.ecx, extendedEDX: extended.edx)
+    }
+}

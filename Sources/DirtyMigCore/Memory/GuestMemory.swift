@@ -99,6 +99,17 @@ public final class GuestMemory: @unchecked Sendable {
 }
 
 extension GuestMemory {
+    /// The pages that hold data (not holes), as a bitmap indexed by RAM page.
+    public func dataPages() -> DirtyPageBitmap {
+        var pages = DirtyPageBitmap(pageCount: pageCount)
+        for range in dataRanges() {
+            let first = Int(range.lowerBound / GuestLayout.pageSize)
+            let end = min(pageCount, Int((range.upperBound + GuestLayout.pageSize - 1) / GuestLayout.pageSize))
+            pages.set(first..<end)
+        }
+        return pages
+    }
+
     /// Allocates the host pages behind a RAM range now (MADV_POPULATE_WRITE) rather than at the
     /// guest's first touch, which under nested/paravirtual KVM costs tens of microseconds a page
     /// and would make a workload's first pass slower than its configured rate.

@@ -32,6 +32,20 @@ public struct DirtyPageBitmap: Sendable, Equatable {
         }
     }
 
+    /// Sets a run of pages, a word at a time where it can.
+    public mutating func set(_ range: Range<Int>) {
+        var page = range.lowerBound
+        while page < range.upperBound {
+            if page & 63 == 0 && range.upperBound - page >= 64 {
+                words[page >> 6] = ~0
+                page += 64
+            } else {
+                set(page)
+                page += 1
+            }
+        }
+    }
+
     public mutating func formUnion(_ other: DirtyPageBitmap) {
         precondition(other.pageCount == pageCount)
         for index in words.indices { words[index] |= other.words[index] }

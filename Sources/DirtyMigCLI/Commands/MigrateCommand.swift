@@ -1,0 +1,229 @@
+import DirtyMigCore
+import Foundation
+
+/// `dirtymig migrate`: ask a running VM to migrate itself to a receiver (`--vm`, `--to`), show
+/// progress, print the report. With neither, run a whole local migration in this process: boot
+/// a VM, receive it on a loopback port, migrate, report.
+enum MigrateCommand {
+    struct Options {
+        var to: HostPort?
+        var bandwidth: UInt64?
+        var downtime = 0.3
+        var maxIterations = 30
+        var timeout: Double?
+        var verify = false
+        var json = false
+        var stats: String?
+    }
+
+    static func options(_ arguments: ParsedArguments) throws(UsageError) -> Options {
+        var options = Options()
+        if let to = arguments.string("to") {
+            guard let endpoint = HostPort.parse(to), endpoint.port != 0, !endpoint.host.isEmpty else {
+                throw arguments.error("--to \(to): expected HOST:PORT, for example 10.0.0.2:4444")
+            }
+            options.to = endpoint
+        }
+        if let bandwidth = try arguments.rate("bandwidth") {
+            guard bandwidth >= 4096 else { throw arguments.error("--bandwidth must be at least 4K (a page per second)") }
+            options.bandwidth = bandwidth
+        }
+        if let downtime = try arguments.duration("downtime") {
+            guard downtime >= 0.001 else { throw arguments.error("--downtime must be at least 1ms") }
+            options.downtime = downtime
+        }
+        if let iterations = try arguments.count("max-iterations") {
+            guard iterations >= 1 else { throw arguments.error("--max-iterations must be at least 1") }
+            options.maxIterations = iterations
+        }
+        if let timeout = try arguments.duration("timeout") {
+            guard timeout > 0 else { throw arguments.error("--timeout must be positive") }
+            options.timeout = timeout
+        }
+        if let throttle = try arguments.choice("throttle"), throttle != "none", throttle != "auto" {
+            throw arguments.error("--throttle \(throttle): throttling arrives with the next release (issue 4); this one migrates with --throttle none")
+        }
+        options.verify = arguments.has("verify")
+        options.json = arguments.has("json")
+        options.stats = arguments.string("stats")
+        let embedded = options.to == nil && arguments.string("vm") == nil
+        if options.to == nil && !embedded {
+            throw arguments.error("--vm needs --to HOST:PORT (where 'dirtymig receive' listens)")
+        }
+        if !embedded {
+            for local in ["memory", "vcpus", "workload", "track"] where arguments.has(local) {
+                throw arguments.error("--\(local) applies to the local migration (no --vm, no --to); a running VM keeps its own")
+            }
+        }
+        return options
+    }
+
+    static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        let options = try options(arguments)
+        let report: JSONValue
+        if let to = options.to {
+            report = try migrateRunningVM(vm: arguments.string("vm"), to: to, options: options)
+        } else {
+            report = try migrateLocally(BootCommand.options(arguments), options: options)
+        }
+        if let stats = options.stats { try writeStats(report, to: stats) }
+        emit(options.json ? report.serialized() : ReportTable.render(report))
+        return report["status"]?.stringValue == "completed" ? 0 : 1
+    }
+
+    static func arguments(_ options: Options, to: HostPort) -> JSONValue {
+        var pairs: [(String, JSONValue)] = [("to", .string(to.description)), ("downtime_ms", .number(options.downtime * 1000)),
+                                            ("max_iterations", .number(options.maxIterations)), ("verify", .bool(options.verify))]
+        if let bandwidth = options.bandwidth { pairs.append(("bandwidth", .number(bandwidth))) }
+        if let timeout = options.timeout { pairs.append(("timeout_s", .number(timeout))) }
+        return .object(pairs)
+    }
+
+    /// The VM migrates itself; we watch through a second connection.
+    static func migrateRunningVM(vm: String?, to: HostPort, options: Options) throws -> JSONValue {
+        let path = try ControlSocketPath.resolve(vm: vm)
+        let client = try ControlClient(path: path)
+        defer { client.close() }
+        let progress = ProgressLine.start { (try? ControlClient(path: path)).map { watcher in
+            { try? watcher.call("query-migrate", timeout: 2) }
+        } }
+        defer { progress?.finish() }
+        return try client.call("migrate", arguments: arguments(options, to: to), timeout: nil)
+    }
+
+    /// Boots a VM here, receives it here on a loopback port, migrates, reports.
+    static func migrateLocally(_ boot: BootCommand.Options, options: Options) throws -> JSONValue {
+        let kvm: KVMSystem
+        do { kvm = try KVMSystem() } catch { throw RuntimeFailure("\(error)") }
+        let configuration = MachineConfiguration(name: boot.name, memorySize: boot.memory, vcpuCount: boot.vcpus,
+                                                 workloads: boot.workloads, tracking: boot.track, ringEntries: boot.ringEntries)
+        do { try configuration.validate(against: kvm) } catch {
+            throw UsageError(message: error.description, command: "migrate")
+        }
+        let receiver: MigrationReceiver
+        do { receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm) } catch {
+            throw RuntimeFailure("cannot listen on loopback: \(error)")
+        }
+        let source: Machine
+        do {
+            source = try Machine(configuration, kvm: kvm)
+            try source.start()
+        } catch { throw RuntimeFailure("cannot boot the VM: \(error)") }
+        let arrived = ReceivedMachine()
+        let receiving = OSThread(name: "receiver") { arrived.set(Result { try receiver.receiveOne() }) }
+        // Let the guest reach its pace first, so "before" measures its steady state.
+        Thread.sleep(forTimeInterval: 1.0)
+
+        var migration = MigrationOptions(destination: HostPort(host: "127.0.0.1", port: receiver.port))
+        migration.bandwidth = options.bandwidth
+        migration.downtimeSeconds = options.downtime
+        migration.maxIterations = options.maxIterations
+        migration.timeoutSeconds = options.timeout
+        migration.verify = options.verify
+        let sender = MigrationSender(machine: source, options: migration)
+        let progress = ProgressLine.start { { sender.progress.json } }
+        let report = sender.run()
+        progress?.finish()
+        if report.completed { source.stop() } else { receiver.stop() }
+        receiving.join()
+        var json = report.json
+        if let destination = arrived.machine {
+            // Show the VM running at the destination: its counters keep increasing.
+            let before = destination.guestStats().vcpus.map(\.pages)
+            Thread.sleep(forTimeInterval: 0.5)
+            let after = destination.guestStats().vcpus.map(\.pages)
+            json["destination_guest_pages_s"] = .array(zip(after, before).map { .number(Double($0 &- $1) / 0.5) })
+            destination.stop()
+        }
+        source.stop()
+        return json
+    }
+
+    static func writeStats(_ report: JSONValue, to path: String) throws {
+        let lines = (report["passes"]?.arrayValue ?? []).map { $0.serialized() + "\n" }.joined()
+        do { try Data(lines.utf8).write(to: URL(fileURLWithPath: path)) } catch {
+            throw RuntimeFailure("cannot write --stats \(path): \(error.localizedDescription)")
+        }
+    }
+}
+
+/// The receiving thread's outcome, handed to the main thread.
+final class ReceivedMachine: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = NSLock()
+    private var result: Result<Machine, Error>?
+    func set(_ value: Result<Machine, Error>) { lock.lock(); result = value; lock.unlock() }
+    var machine: Machine? { lock.lock(); defer { lock.unlock() }; return try? result?.get() }
+}
+
+/// One progress line on a terminal, redrawn four times a second; nothing when stdout is not one.
+final class ProgressLine: @unchecked Sendable {
+    // @unchecked: `running` is guarded by `lock`.
+    private let lock = NSLock()
+    private var running = true
+    private var thread: OSThread?
+
+    static func start(_ makeSource: () -> (@Sendable () -> JSONValue?)?) -> ProgressLine? {
+        guard isatty(STDOUT_FILENO) == 1, let source = makeSource() else { return nil }
+        let line = ProgressLine()
+        line.thread = OSThread(name: "progress") { [line] in
+            while line.isRunning {
+                if let progress = source(), let text = render(progress) {
+                    FileHandle.standardOutput.write(Data(("\r\u{1B}[K" + text).utf8))
+                }
+                usleep(250_000)
+            }
+            FileHandle.standardOutput.write(Data("\r\u{1B}[K".utf8))
+        }
+        return line
+    }
+
+    private var isRunning: Bool { lock.lock(); defer { lock.unlock() }; return running }
+
+    func finish() {
+        lock.lock(); running = false; lock.unlock()
+        thread?.join()
+    }
+
+    static func render(_ progress: JSONValue) -> String? {
+        guard let phase = progress["phase"]?.stringValue, phase != "none" else { return nil }
+        let sent = (progress["sent_bytes"]?.doubleValue ?? 0) / 1_048_576
+        let remaining = (progress["remaining_pages"]?.doubleValue ?? 0) * 4096 / 1_048_576
+        return String(format: "%@  pass %d  sent %.0f MiB  remaining %.0f MiB  %.0f MiB/s  dirty %.0f pages/s  expected downtime %.0f ms",
+                      phase, Int(progress["iteration"]?.doubleValue ?? 0), sent, remaining,
+                      progress["throughput_mib_s"]?.doubleValue ?? 0, progress["dirty_pages_s"]?.doubleValue ?? 0,
+                      progress["expected_downtime_ms"]?.doubleValue ?? 0)
+    }
+}
+
+/// The report as a two-column table.
+enum ReportTable {
+    static func render(_ report: JSONValue) -> String {
+        var lines: [String] = []
+        func row(_ key: String, _ value: String) { lines.append(key.padding(toLength: 22, withPad: " ", startingAt: 0) + value) }
+        func number(_ key: String, _ format: String = "%.1f") -> String {
+            report[key]?.doubleValue.map { String(format: format, $0) } ?? "-"
+        }
+        row("status", report["status"]?.stringValue ?? "-")
+        if let error = report["error"]?.stringValue { row("error", error) }
+        row("destination", report["destination"]?.stringValue ?? "-")
+        row("track", report["track"]?.stringValue ?? "-")
+        row("total", number("total_ms") + " ms")
+        row("setup", number("setup_ms") + " ms")
+        row("downtime", number("downtime_ms") + " ms")
+        row("iterations", number("iterations", "%.0f"))
+        row("transferred", String(format: "%.1f MiB", (report["transferred_bytes"]?.doubleValue ?? 0) / 1_048_576))
+        row("pages", "\(number("normal_pages", "%.0f")) normal, \(number("zero_pages", "%.0f")) zero")
+        row("throughput", number("throughput_mib_s") + " MiB/s")
+        row("dirty rate (last)", number("dirty_pages_s", "%.0f") + " pages/s")
+        row("verify", (report["verify"]?.stringValue ?? "-") + (report["verify"]?.stringValue == "off" ? "" : " (\(number("verify_ms")) ms)"))
+        row("ring overruns", number("ring_overruns", "%.0f"))
+        for vcpu in report["vcpus"]?.arrayValue ?? [] {
+            let id = Int(vcpu["id"]?.doubleValue ?? 0)
+            let before = vcpu["guest_pages_s_before"]?.doubleValue ?? 0
+            let during = vcpu["guest_pages_s_during"]?.doubleValue ?? 0
+            row("vCPU \(id) guest pages/s", String(format: "%.0f before, %.0f during", before, during))
+        }
+        return lines.joined(separator: "\n")
+    }
+}

@@ -1,0 +1,74 @@
+import DirtyMigCore
+import Foundation
+
+/// `dirtymig receive`: listen for a migration; once one completes, the VM runs in this process
+/// and is served like a booted one (so it can be migrated on again).
+enum ReceiveCommand {
+    static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        guard let listenText = arguments.string("listen") else {
+            throw arguments.error("--listen HOST:PORT is required (for example --listen 0.0.0.0:4444)")
+        }
+        guard let endpoint = HostPort.parse(listenText) else {
+            throw arguments.error("--listen \(listenText): expected HOST:PORT, for example 127.0.0.1:4444 or :4444")
+        }
+        var name = ControlSocketPath.defaultName
+        if let chosen = arguments.string("name") {
+            do { try ControlSocketPath.validate(name: chosen) } catch { throw arguments.error(error.desc) }
+            name = chosen
+        }
+        let controlPath = arguments.string("control") ?? ControlSocketPath.path(forName: name)
+        let once = arguments.has("once")
+
+        let kvm: KVMSystem
+        do { kvm = try KVMSystem() } catch { throw RuntimeFailure("\(error)") }
+        let stop = StopSignals()   // before any other thread exists
+        // The control socket is claimed now, so a name clash shows before any migration.
+        let server = ControlServer(path: controlPath, vmName: name)
+        let vmName = name
+        server.register("query-status") { (_: JSONValue) throws(ControlError) in
+            ["name": .string(vmName), "state": "listening", "listen": .string(endpoint.description)]
+        }
+        do { try server.start() } catch { throw RuntimeFailure("\(error)") }
+        let receiver: MigrationReceiver
+        do { receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name) } catch {
+            server.stop()
+            throw RuntimeFailure("dirtymig receive: \(error)")
+        }
+        let stopping = StopFlagBox()
+        stop.onSignal { stopping.raise(); receiver.stop() }
+        let shown = HostPort(host: endpoint.host.isEmpty ? "*" : endpoint.host, port: receiver.port)
+        emit("dirtymig: listening for a migration on \(shown); control socket \(controlPath)")
+
+        while true {
+            let machine: Machine
+            do {
+                machine = try receiver.receiveOne()
+            } catch {
+                if stopping.isRaised {
+                    server.stop()
+                    return 0
+                }
+                printError("dirtymig receive: the migration failed: \(error)")
+                if once {
+                    server.stop()
+                    return 1
+                }
+                printError("dirtymig receive: the partial VM was discarded; listening again")
+                continue
+            }
+            receiver.stop()   // one VM per process: it runs here now
+            let configuration = machine.configuration
+            return VMHost.serve(machine, server: server, stop: stop,
+                                ready: "dirtymig: VM '\(name)' received and running (\(ByteSize.format(configuration.memorySize)), \(configuration.vcpuCount) vCPU\(configuration.vcpuCount == 1 ? "" : "s"), --track \(configuration.tracking?.rawValue ?? "none")); control socket \(controlPath)")
+        }
+    }
+}
+
+/// A flag raised from the signal thread and read by the main one.
+final class StopFlagBox: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = NSLock()
+    private var raised = false
+    func raise() { lock.lock(); raised = true; lock.unlock() }
+    var isRaised: Bool { lock.lock(); defer { lock.unlock() }; return raised }
+}

@@ -1,0 +1,67 @@
+import DirtyMigCore
+import Foundation
+
+/// Runs a VM in this process until SIGINT/SIGTERM, `quit`, a failure, or a migration that
+/// moved it elsewhere; serves its control socket meanwhile. Shared by `boot` and `receive`.
+enum VMHost {
+    static func serve(_ machine: Machine, server: ControlServer, stop: StopSignals, ready: String) -> Int32 {
+        let done = DispatchSemaphore(value: 0)
+        stop.onSignal { done.signal() }
+        machine.events.onConsoleLine = { vcpu, line in printError("guest (vCPU \(vcpu)): \(line)") }
+        machine.events.onFailure = { error in
+            printError("dirtymig: the VM stopped: \(error)")
+            done.signal()
+        }
+        MachineControl.register(on: server, machine: machine) { done.signal() }
+        MigrationControl.register(on: server, machine: machine) {
+            printError("dirtymig: the VM was migrated; it runs at the destination now")
+            done.signal()
+        }
+        emit(ready)
+        done.wait()
+        server.stop()
+        machine.stop()
+        return machine.events.firstFailure == nil ? 0 : 1
+    }
+}
+
+/// SIGINT and SIGTERM end the run cleanly instead of killing the process. Both are blocked in
+/// every thread (this must run before any thread is created, so all inherit the mask) and taken
+/// by one thread with sigwait: a signal source that lets the kernel pick a thread can lose the
+/// signal to a vCPU thread. A signal that arrives before a handler is set is kept for it.
+final class StopSignals: @unchecked Sendable {
+    // @unchecked: `handler` and `received` are guarded by `lock`.
+    private let lock = NSLock()
+    private var handler: (@Sendable () -> Void)?
+    private var received = false
+
+    init() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        let waitSet = set
+        _ = OSThread(name: "stop-signals") { [self] in
+            var mask = waitSet
+            var number: Int32 = 0
+            while true {
+                guard sigwait(&mask, &number) == 0 else { continue }
+                lock.lock()
+                received = true
+                let action = handler
+                lock.unlock()
+                action?()
+            }
+        }
+    }
+
+    /// What to do on SIGINT/SIGTERM (replaces the previous action; runs at once if one came).
+    func onSignal(_ action: @escaping @Sendable () -> Void) {
+        lock.lock()
+        handler = action
+        let already = received
+        lock.unlock()
+        if already { action() }
+    }
+}

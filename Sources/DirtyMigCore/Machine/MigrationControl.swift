@@ -1,0 +1,77 @@
+import Synchronization
+
+/// The control commands that migrate a running VM: `migrate` (runs the whole migration and
+/// replies with the report), `query-migrate` (progress of the one under way) and
+/// `migrate-cancel`. The migration runs inside the VM's process, on the thread serving the
+/// `migrate` command; other clients are served meanwhile.
+public enum MigrationControl {
+    /// At most one migration per VM at a time.
+    final class Slot: Sendable {
+        let current = Mutex<MigrationSender?>(nil)
+    }
+
+    /// `onMigrated` runs after the reply of a migration that completed: the VM runs at the
+    /// destination now, so this process must stop its copy.
+    public static func register(on server: ControlServer, machine: Machine, onMigrated: @escaping @Sendable () -> Void) {
+        let slot = Slot()
+        server.register("migrate") { (arguments: JSONValue, context: ControlContext) throws(ControlError) in
+            let options = try migrationOptions(arguments)
+            let sender = MigrationSender(machine: machine, options: options)
+            let busy = slot.current.withLock { current -> Bool in
+                if current != nil { return true }
+                current = sender
+                return false
+            }
+            if busy { throw ControlError(.failed, "a migration of this VM is already under way") }
+            defer { slot.current.withLock { $0 = nil } }
+            let report = sender.run()
+            if report.completed { context.afterReply { onMigrated() } }
+            return report.json
+        }
+        server.register("query-migrate") { (arguments: JSONValue) throws(ControlError) in
+            try arguments.checkArguments(allowed: [])
+            guard let sender = slot.current.withLock({ $0 }) else { return ["phase": "none"] }
+            return sender.progress.json
+        }
+        server.register("migrate-cancel") { (arguments: JSONValue) throws(ControlError) in
+            try arguments.checkArguments(allowed: [])
+            guard let sender = slot.current.withLock({ $0 }) else { return ["cancelled": false] }
+            sender.cancel()
+            return ["cancelled": true]
+        }
+    }
+
+    /// The `migrate` command's arguments: `to` (HOST:PORT, required), `bandwidth` (bytes/s),
+    /// `downtime_ms`, `max_iterations`, `timeout_s`, `verify`.
+    static func migrationOptions(_ arguments: JSONValue) throws(ControlError) -> MigrationOptions {
+        try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "verify"])
+        guard let to = try arguments.stringArgument("to") else {
+            throw ControlError(.invalidArgument, "migrate needs 'to': the HOST:PORT a 'dirtymig receive' listens on")
+        }
+        guard let destination = HostPort.parse(to), destination.port != 0 else {
+            throw ControlError(.invalidArgument, "'to' must be HOST:PORT with a port from 1 to 65535, not '\(to)'")
+        }
+        var options = MigrationOptions(destination: destination)
+        if let bandwidth = try arguments.doubleArgument("bandwidth") {
+            guard bandwidth >= 4096 else { throw ControlError(.invalidArgument, "bandwidth must be at least 4096 bytes/s") }
+            options.bandwidth = UInt64(bandwidth)
+        }
+        if let downtime = try arguments.doubleArgument("downtime_ms") {
+            guard downtime >= 1, downtime <= 600_000 else { throw ControlError(.invalidArgument, "downtime_ms must be 1 to 600000") }
+            options.downtimeSeconds = downtime / 1000
+        }
+        if let iterations = try arguments.doubleArgument("max_iterations") {
+            guard iterations >= 1, iterations <= 1_000_000 else { throw ControlError(.invalidArgument, "max_iterations must be at least 1") }
+            options.maxIterations = Int(iterations)
+        }
+        if let timeout = try arguments.doubleArgument("timeout_s") {
+            guard timeout > 0 else { throw ControlError(.invalidArgument, "timeout_s must be positive") }
+            options.timeoutSeconds = timeout
+        }
+        if let verify = arguments["verify"] {
+            guard let flag = verify.boolValue else { throw ControlError(.invalidArgument, "verify must be true or false") }
+            options.verify = flag
+        }
+        return options
+    }
+}

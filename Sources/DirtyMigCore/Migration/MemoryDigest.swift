@@ -1,0 +1,44 @@
+import Foundation
+import Glibc
+
+/// A 64-bit digest of all of guest RAM, for `migrate --verify`: both sides compute it at the
+/// pause point and must agree. Each page's hash is mixed with its index and the results summed,
+/// so the order of work does not matter and two threads share it. Never-written ranges (memfd
+/// holes) are hashed as zero pages without reading them, so they cost no page faults.
+public enum MemoryDigest {
+    public static func compute(_ memory: GuestMemory, threads: Int = 2) -> UInt64 {
+        let pageCount = memory.pageCount
+        let flags = memory.dataPages()
+        let zeroHash = PageSampler.hashPage(nil)
+        let base = UInt(bitPattern: memory.base)   // an address, to share with the worker threads
+        let parts = max(1, threads)
+        let sums = Mutex([UInt64](repeating: 0, count: parts))
+        DispatchQueue.concurrentPerform(iterations: parts) { part in
+            var sum: UInt64 = 0
+            let start = pageCount * part / parts, end = pageCount * (part + 1) / parts
+            for page in start..<end {
+                let hash = flags.contains(page) ? PageSampler.hashPage(UnsafeRawPointer(bitPattern: base + UInt(page) * 4096)) : zeroHash
+                sum &+= mix(hash ^ UInt64(page) &* 0x9E37_79B9_7F4A_7C15)
+            }
+            sums.withLock { $0[part] = sum }
+        }
+        return sums.withLock { $0.reduce(0, &+) }
+    }
+
+    /// A 64-bit hash of a byte string (the saved vCPU and device state).
+    public static func hash(_ bytes: [UInt8]) -> UInt64 {
+        var state: UInt64 = 0xCBF2_9CE4_8422_2325
+        for byte in bytes { state = (state ^ UInt64(byte)) &* 0x100_0000_01B3 }
+        return mix(state ^ UInt64(bytes.count))
+    }
+
+    @inline(__always)
+    static func mix(_ value: UInt64) -> UInt64 {
+        var z = value
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+import Synchronization

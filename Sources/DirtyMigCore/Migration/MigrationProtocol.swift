@@ -1,0 +1,304 @@
+import Glibc
+
+/// The migration wire protocol: binary, framed, versioned.
+///
+/// Every frame is an 8-byte header (u32 type, u32 payload length, little-endian) and a payload
+/// whose length is bounded per type, so no input makes the receiver allocate without bound.
+/// One TCP connection carries one migration, in this order:
+///
+///     sender                               receiver
+///     hello  ─────────────────────────────▶  checks version, layout, vCPUs, CPU, host
+///            ◀─────────────────────────────  helloReply (accepted, or why not)
+///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied)
+///     …   (the source pauses its vCPUs)
+///     pages … iterationEnd   (the last dirty pages)
+///     state                  (vCPU and in-kernel device state)
+///     complete               (digests, when verifying)
+///            ◀─────────────────────────────  result (resumed, or why not)
+///
+/// Either side may send `abort` with a reason instead of its next frame.
+public enum MigrationWire {
+    /// "DMIG" at the start of every hello: a stream that does not start with it is not ours.
+    public static let magic: UInt32 = 0x4749_4D44
+    public static let version: UInt32 = 1
+    public static let frameHeaderSize = 8
+    public static let maxStringBytes = 4096
+    /// Ranges per page batch and data per batch: what the receiver accepts at most.
+    public static let maxRangesPerBatch = 4096
+    public static let maxBatchDataBytes = 64 << 20
+    public static let maxStateBytes = 16 << 20
+
+    /// A whole frame: header and payload.
+    public static func frame(_ type: MigrationFrameType, _ payload: [UInt8]) -> [UInt8] {
+        var writer = WireWriter()
+        writer.u32(type.rawValue); writer.u32(UInt32(payload.count))
+        return writer.bytes + payload
+    }
+}
+
+public enum MigrationFrameType: UInt32, Sendable {
+    case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8
+
+    /// The largest payload a frame of this type may carry.
+    var maxPayload: Int {
+        switch self {
+        case .hello: return 64 + MigrationWire.maxStringBytes + 64 * (GuestLayout.maxVCPUs + 1)
+        case .helloReply, .abort: return 16 + MigrationWire.maxStringBytes
+        case .pages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxBatchDataBytes
+        case .iterationEnd: return 12
+        case .state: return MigrationWire.maxStateBytes
+        case .complete: return 17
+        case .result: return 16 + MigrationWire.maxStringBytes
+        }
+    }
+}
+
+public enum MigrationProtocolError: Error, Equatable, CustomStringConvertible {
+    /// Not a dirtymig migration stream at all.
+    case notDirtymig(String)
+    /// A dirtymig peer that speaks another protocol version.
+    case versionMismatch(peer: UInt32, ours: UInt32)
+    case malformed(String)
+    case unexpected(String)
+
+    public var description: String {
+        switch self {
+        case .notDirtymig(let what): return "not a dirtymig migration stream (\(what))"
+        case .versionMismatch(let peer, let ours):
+            return "the peer speaks migration protocol version \(peer); this dirtymig speaks version \(ours): run the same dirtymig release on both hosts"
+        case .malformed(let what): return "malformed migration stream: \(what)"
+        case .unexpected(let what): return "unexpected in the migration stream: \(what)"
+        }
+    }
+}
+
+/// What the sender announces before anything is allocated: enough for the receiver to build the
+/// same VM, and to refuse one it cannot run.
+public struct MigrationHello: Sendable, Equatable {
+    public var version: UInt32 = MigrationWire.version
+    public var name: String
+    public var memorySize: UInt64
+    public var vcpuCount: Int
+    public var tracking: TrackingMode?
+    public var ringEntries: Int
+    /// The TSC frequency the guest paces itself with; the destination must tick at the same rate.
+    public var tscKHz: UInt64
+    /// CPUID features the guest needs (leaf 1 EDX/ECX, leaf 0x80000001 EDX), as bit masks.
+    public var requiredFeatures: CPUFeatureSet
+    /// The guest's config block, which also gives each vCPU's workload.
+    public var guestConfig: [UInt8]
+
+    public init(name: String, memorySize: UInt64, vcpuCount: Int, tracking: TrackingMode?, ringEntries: Int,
+                tscKHz: UInt64, requiredFeatures: CPUFeatureSet, guestConfig: [UInt8]) {
+        self.name = name
+        self.memorySize = memorySize
+        self.vcpuCount = vcpuCount
+        self.tracking = tracking
+        self.ringEntries = ringEntries
+        self.tscKHz = tscKHz
+        self.requiredFeatures = requiredFeatures
+        self.guestConfig = guestConfig
+    }
+
+    static let trackingCodes: [TrackingMode?] = [nil, .bitmap, .ring, .quota]
+
+    public func encode() -> [UInt8] {
+        var writer = WireWriter()
+        writer.u32(MigrationWire.magic); writer.u32(version)
+        writer.u64(memorySize); writer.u32(UInt32(vcpuCount))
+        writer.u32(UInt32(MigrationHello.trackingCodes.firstIndex(of: tracking) ?? 0))
+        writer.u32(UInt32(ringEntries)); writer.u64(tscKHz)
+        writer.u32(requiredFeatures.leaf1EDX); writer.u32(requiredFeatures.leaf1ECX)
+        writer.u32(requiredFeatures.extendedEDX)
+        writer.string(name)
+        writer.blob(guestConfig)
+        return writer.bytes
+    }
+
+    /// Magic first, then version: a foreign stream and a newer dirtymig get different answers.
+    public init(decoding payload: [UInt8]) throws(MigrationProtocolError) {
+        var reader = WireReader(payload, what: "hello")
+        guard payload.count >= 8 else { throw .notDirtymig("a \(payload.count)-byte hello") }
+        let magic = try reader.u32()
+        guard magic == MigrationWire.magic else { throw .notDirtymig("magic 0x\(String(magic, radix: 16))") }
+        version = try reader.u32()
+        guard version == MigrationWire.version else { throw .versionMismatch(peer: version, ours: MigrationWire.version) }
+        memorySize = try reader.u64()
+        vcpuCount = Int(try reader.u32())
+        let code = Int(try reader.u32())
+        guard code < MigrationHello.trackingCodes.count else { throw .malformed("tracking mode code \(code)") }
+        tracking = MigrationHello.trackingCodes[code]
+        ringEntries = Int(try reader.u32())
+        tscKHz = try reader.u64()
+        requiredFeatures = CPUFeatureSet(leaf1EDX: try reader.u32(), leaf1ECX: try reader.u32(), extendedEDX: try reader.u32())
+        name = try reader.string()
+        guestConfig = try reader.blob(max: 64 * (GuestLayout.maxVCPUs + 1))
+        try reader.finish()
+    }
+}
+
+/// CPUID feature bits, as the three registers that hold the ones our guest depends on.
+public struct CPUFeatureSet: Sendable, Equatable {
+    public var leaf1EDX: UInt32
+    public var leaf1ECX: UInt32
+    public var extendedEDX: UInt32
+
+    public init(leaf1EDX: UInt32, leaf1ECX: UInt32, extendedEDX: UInt32) {
+        self.leaf1EDX = leaf1EDX
+        self.leaf1ECX = leaf1ECX
+        self.extendedEDX = extendedEDX
+    }
+
+    /// What the workload guest uses: TSC, MSR, PAE, APIC, PGE, FXSR/SSE/SSE2 (leaf 1 EDX), and
+    /// long mode, NX (0x80000001 EDX). Nothing in leaf 1 ECX.
+    public static let workloadGuest = CPUFeatureSet(
+        leaf1EDX: 1 << 4 | 1 << 5 | 1 << 6 | 1 << 9 | 1 << 13 | 1 << 24 | 1 << 25 | 1 << 26,
+        leaf1ECX: 0, extendedEDX: 1 << 29 | 1 << 20)
+
+    /// The bits of `self` that `available` lacks, named for the error message.
+    public func missing(in available: CPUFeatureSet) -> [String] {
+        let names: [(KeyPath<CPUFeatureSet, UInt32>, Int, String)] = [
+            (\.leaf1EDX, 4, "tsc"), (\.leaf1EDX, 5, "msr"), (\.leaf1EDX, 6, "pae"), (\.leaf1EDX, 9, "apic"),
+            (\.leaf1EDX, 13, "pge"), (\.leaf1EDX, 24, "fxsr"), (\.leaf1EDX, 25, "sse"), (\.leaf1EDX, 26, "sse2"),
+            (\.extendedEDX, 29, "lm"), (\.extendedEDX, 20, "nx"),
+        ]
+        var missing = names.filter { self[keyPath: $0.0] & (1 << $0.1) != 0 && available[keyPath: $0.0] & (1 << $0.1) == 0 }.map(\.2)
+        let unnamed = (leaf1EDX & ~available.leaf1EDX) | (leaf1ECX & ~available.leaf1ECX) | (extendedEDX & ~available.extendedEDX)
+        if missing.isEmpty && unnamed != 0 { missing.append("CPUID bits 0x\(String(unnamed, radix: 16))") }
+        return missing
+    }
+}
+
+/// A run of pages in a batch: `count` pages from RAM page `firstPage`, with their bytes in the
+/// batch (`.data`) or all zero (`.zero`, no bytes on the wire).
+public struct PageRange: Sendable, Equatable {
+    public enum Kind: UInt32, Sendable { case data = 0, zero = 1 }
+    public var firstPage: UInt64
+    public var count: UInt32
+    public var kind: Kind
+}
+
+/// The receiver's answer at the end: the VM runs here now, or why not.
+public struct MigrationResult: Sendable, Equatable {
+    public enum Status: UInt8, Sendable { case resumed = 0, verifyFailed = 1, failed = 2 }
+    public var status: Status
+    /// What verification cost the receiver (hashing its memory), in nanoseconds.
+    public var verifyNanoseconds: UInt64
+    public var message: String
+
+    func encode() -> [UInt8] {
+        var writer = WireWriter()
+        writer.u8(status.rawValue); writer.u64(verifyNanoseconds); writer.string(message)
+        return writer.bytes
+    }
+
+    init(status: Status, verifyNanoseconds: UInt64 = 0, message: String = "") {
+        self.status = status
+        self.verifyNanoseconds = verifyNanoseconds
+        self.message = message
+    }
+
+    init(decoding payload: [UInt8]) throws(MigrationProtocolError) {
+        var reader = WireReader(payload, what: "result")
+        guard let status = Status(rawValue: try reader.u8()) else { throw .malformed("result status") }
+        self.status = status
+        verifyNanoseconds = try reader.u64()
+        message = try reader.string()
+        try reader.finish()
+    }
+}
+
+/// One framed connection: typed frames in and out, with the per-type bounds enforced.
+final class MigrationChannel: Sendable {
+    let socket: TCPSocket
+
+    init(socket: TCPSocket) { self.socket = socket }
+
+    func header(_ type: MigrationFrameType, payloadLength: Int) -> [UInt8] {
+        var writer = WireWriter()
+        writer.u32(type.rawValue); writer.u32(UInt32(payloadLength))
+        return writer.bytes
+    }
+
+    func send(_ type: MigrationFrameType, _ payload: [UInt8]) throws(SystemError) {
+        try socket.send(MigrationWire.frame(type, payload))
+    }
+
+    func sendAbort(_ reason: String) {
+        var writer = WireWriter()
+        writer.string(reason)
+        try? send(.abort, writer.bytes)
+    }
+
+    /// Reads a frame header; the payload is left on the socket for the caller.
+    func receiveHeader() throws(MigrationError) -> (MigrationFrameType, Int) {
+        let bytes: [UInt8]
+        do { bytes = try socket.receive(count: MigrationWire.frameHeaderSize) } catch { throw .connection(error) }
+        var reader = WireReader(bytes, what: "frame header")
+        let rawType = try MigrationError.wrap { () throws(MigrationProtocolError) in try reader.u32() }
+        let length = Int(try MigrationError.wrap { () throws(MigrationProtocolError) in try reader.u32() })
+        guard let type = MigrationFrameType(rawValue: rawType) else {
+            // A foreign stream usually fails here on its first bytes.
+            throw .protocolError(.notDirtymig("frame type 0x\(String(rawType, radix: 16))"))
+        }
+        guard length <= type.maxPayload else {
+            throw .protocolError(.malformed("a \(type) frame of \(length) bytes (at most \(type.maxPayload))"))
+        }
+        return (type, length)
+    }
+
+    func receivePayload(_ length: Int) throws(MigrationError) -> [UInt8] {
+        do { return try socket.receive(count: length) } catch { throw .connection(error) }
+    }
+
+    /// The next whole frame, which must be one of `expected` (an abort is turned into an error).
+    func receive(_ expected: Set<MigrationFrameType>) throws(MigrationError) -> (MigrationFrameType, [UInt8]) {
+        let (type, length) = try receiveHeader()
+        let payload = try receivePayload(length)
+        if type == .abort && !expected.contains(.abort) {
+            var reader = WireReader(payload, what: "abort")
+            let reason = (try? reader.string()) ?? "no reason given"
+            throw .peerAborted(reason)
+        }
+        guard expected.contains(type) else {
+            throw .protocolError(.unexpected("a \(type) frame where \(expected.map { "\($0)" }.sorted().joined(separator: " or ")) belongs"))
+        }
+        return (type, payload)
+    }
+}
+
+/// Why a migration failed, in words that say what to do.
+public enum MigrationError: Error, CustomStringConvertible {
+    case connection(SystemError)
+    case protocolError(MigrationProtocolError)
+    case refused(String)
+    case peerAborted(String)
+    case notConverging(String)
+    case timedOut(String)
+    case verifyFailed(String)
+    case machine(String)
+    case cancelled(String)
+
+    public var description: String {
+        switch self {
+        case .connection(let error):
+            switch error.errno {
+            case ECONNREFUSED: return "nothing listens at the destination (\(error.operation)); start 'dirtymig receive --listen HOST:PORT' there first"
+            case EADDRINUSE: return "\(error.operation): the port is in use; choose another with --listen HOST:PORT"
+            default: return "connection failed: \(error)"
+            }
+        case .protocolError(let error): return error.description
+        case .refused(let why): return "the destination refused the migration: \(why)"
+        case .peerAborted(let why): return "the peer aborted the migration: \(why)"
+        case .notConverging(let why): return why
+        case .timedOut(let why): return why
+        case .verifyFailed(let why): return "verification failed: \(why)"
+        case .machine(let why): return why
+        case .cancelled(let why): return why
+        }
+    }
+
+    static func wrap<T>(_ body: () throws(MigrationProtocolError) -> T) throws(MigrationError) -> T {
+        do { return try body() } catch { throw .protocolError(error) }
+    }
+}

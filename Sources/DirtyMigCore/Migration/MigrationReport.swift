@@ -1,0 +1,110 @@
+/// What `migrate` is asked to do.
+public struct MigrationOptions: Sendable {
+    public var destination: HostPort
+    /// Cap on bytes put on the wire per second; nil = unlimited.
+    public var bandwidth: UInt64?
+    /// Stop pre-copy once the expected downtime (dirty bytes ÷ measured bandwidth) is below this.
+    public var downtimeSeconds: Double = 0.3
+    public var maxIterations: Int = 30
+    public var timeoutSeconds: Double?
+    public var verify = false
+
+    public init(destination: HostPort) { self.destination = destination }
+}
+
+/// One pre-copy pass, as `--stats` writes it.
+public struct MigrationPass: Sendable {
+    public var iteration: Int
+    public var timeSeconds: Double
+    public var bytesSent: UInt64
+    public var pagesSent: UInt64
+    /// Pages dirtied while this pass was being sent (what the next pass must send).
+    public var pagesDirtied: UInt64
+    public var dirtyPagesPerSecond: Double
+    public var bandwidthBytesPerSecond: Double
+    public var expectedDowntimeSeconds: Double
+    /// The tracker lost dirty information during the pass (a ring overrun): everything was resent.
+    public var trackingLost: Bool
+
+    public var json: JSONValue {
+        [
+            "iteration": .number(iteration), "time_s": .number(timeSeconds), "bytes_sent": .number(bytesSent),
+            "pages_sent": .number(pagesSent), "pages_dirtied": .number(pagesDirtied),
+            "dirty_pages_s": .number(dirtyPagesPerSecond), "bandwidth_mib_s": .number(bandwidthBytesPerSecond / 1_048_576),
+            "expected_downtime_ms": .number(expectedDowntimeSeconds * 1000), "tracking_lost": .bool(trackingLost),
+        ]
+    }
+}
+
+/// Live progress, for the progress line.
+public struct MigrationProgress: Sendable {
+    public var phase: String = "setup"
+    public var iteration = 0
+    public var sentBytes: UInt64 = 0
+    public var remainingPages: UInt64 = 0
+    public var throughputBytesPerSecond: Double = 0
+    public var dirtyPagesPerSecond: Double = 0
+    public var expectedDowntimeSeconds: Double = 0
+
+    public init() {}
+
+    public var json: JSONValue {
+        [
+            "phase": .string(phase), "iteration": .number(iteration), "sent_bytes": .number(sentBytes),
+            "remaining_pages": .number(remainingPages), "throughput_mib_s": .number(throughputBytesPerSecond / 1_048_576),
+            "dirty_pages_s": .number(dirtyPagesPerSecond), "expected_downtime_ms": .number(expectedDowntimeSeconds * 1000),
+        ]
+    }
+}
+
+/// The end of a migration, as `migrate` reports it.
+public struct MigrationReport: Sendable {
+    public var completed = false
+    public var error: String?
+    public var totalSeconds: Double = 0
+    public var setupSeconds: Double = 0
+    public var downtimeSeconds: Double = 0
+    public var iterations = 0
+    public var transferredBytes: UInt64 = 0
+    public var zeroPages: UInt64 = 0
+    public var normalPages: UInt64 = 0
+    public var dirtyPagesPerSecond: Double = 0
+    public var verify = "off"
+    public var verifySeconds: Double = 0
+    public var track: TrackingMode?
+    public var ringOverruns: UInt64 = 0
+    public var destination: String = ""
+    public var guestPagesPerSecondBefore: [Double] = []
+    public var guestPagesPerSecondDuring: [Double] = []
+    public var passes: [MigrationPass] = []
+
+    public init() {}
+
+    public var throughputMiBPerSecond: Double {
+        totalSeconds > 0 ? Double(transferredBytes) / 1_048_576 / totalSeconds : 0
+    }
+
+    public var json: JSONValue {
+        let vcpus: [JSONValue] = guestPagesPerSecondBefore.indices.map { index in
+            [
+                "id": .number(index),
+                "guest_pages_s_before": .number(guestPagesPerSecondBefore[index]),
+                "guest_pages_s_during": .number(index < guestPagesPerSecondDuring.count ? guestPagesPerSecondDuring[index] : 0),
+            ]
+        }
+        return [
+            "status": .string(completed ? "completed" : "failed"),
+            "error": error.map { .string($0) } ?? .null,
+            "destination": .string(destination),
+            "total_ms": .number(totalSeconds * 1000), "setup_ms": .number(setupSeconds * 1000),
+            "downtime_ms": .number(downtimeSeconds * 1000), "iterations": .number(iterations),
+            "transferred_bytes": .number(transferredBytes), "zero_pages": .number(zeroPages),
+            "normal_pages": .number(normalPages), "throughput_mib_s": .number(throughputMiBPerSecond),
+            "dirty_pages_s": .number(dirtyPagesPerSecond), "verify": .string(verify),
+            "verify_ms": .number(verifySeconds * 1000),
+            "track": track.map { .string($0.rawValue) } ?? .null, "ring_overruns": .number(ringOverruns),
+            "vcpus": .array(vcpus),
+            "passes": .array(passes.map(\.json)),
+        ]
+    }
+}

@@ -1,0 +1,210 @@
+import Foundation
+import Synchronization
+
+/// The source side of a live migration, run on its own thread inside the VM's process.
+///
+/// Pre-copy: pass 1 sends every page that holds data (holes are never read), each later pass
+/// sends what the tracker saw dirtied during the previous one. When the expected downtime (dirty
+/// bytes ÷ the bandwidth measured on the last pass) is at most `--downtime`, the vCPUs are
+/// paused, the last dirty pages and the vCPU/device state are sent, and the destination resumes
+/// the VM. If the tracker lost dirty information (a ring overrun), that pass's dirty set is not
+/// trusted: every page holding data is sent again. Any failure before the destination says it
+/// runs the VM leaves the source running.
+public final class MigrationSender: Sendable {
+    public let machine: Machine
+    public let options: MigrationOptions
+    private let live = Mutex(MigrationProgress())
+    private let cancelFlag = Atomic<Bool>(false)
+
+    public init(machine: Machine, options: MigrationOptions) {
+        self.machine = machine
+        self.options = options
+    }
+
+    public var progress: MigrationProgress { live.withLock { $0 } }
+
+    /// Ends the migration at the next batch (the source VM keeps running).
+    public func cancel() { cancelFlag.store(true, ordering: .relaxed) }
+
+    private func update(_ body: (inout MigrationProgress) -> Void) { live.withLock { body(&$0) } }
+
+    /// Runs the whole migration. On `completed`, the destination runs the VM and the caller
+    /// should stop the source; otherwise the source VM is running, as before.
+    public func run(passLog: (MigrationPass) -> Void = { _ in }) -> MigrationReport {
+        var report = MigrationReport()
+        report.track = machine.configuration.tracking
+        report.destination = options.destination.description
+        report.verify = options.verify ? "failed" : "off"
+        let before = guestPace(over: 0.5)
+        report.guestPagesPerSecondBefore = before
+        let started = MonotonicClock.nanoseconds()
+        let guestAtStart = machine.guestStats().vcpus.map(\.pages)
+        var paused = false
+        do {
+            try migrate(&report, started: started, paused: &paused, guestAtStart: guestAtStart, passLog: passLog)
+            report.completed = true
+            if options.verify { report.verify = "passed" }
+        } catch {
+            report.error = error.description
+            if case .verifyFailed = error { report.verify = "failed" } else if options.verify { report.verify = "not reached" }
+            if paused { machine.resume() }
+        }
+        if report.guestPagesPerSecondDuring.isEmpty {
+            let seconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
+            report.guestPagesPerSecondDuring = zip(machine.guestStats().vcpus.map(\.pages), guestAtStart).map {
+                Double($0 &- $1) / max(seconds, 1e-9)
+            }
+        }
+        report.totalSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
+        update { $0.phase = report.completed ? "completed" : "failed" }
+        return report
+    }
+
+    /// The guest's own pages/s per vCPU over a short window (before migrating).
+    private func guestPace(over seconds: Double) -> [Double] {
+        let first = machine.guestStats().vcpus.map(\.pages)
+        let t0 = MonotonicClock.nanoseconds()
+        Thread.sleep(forTimeInterval: seconds)
+        let elapsed = Double(MonotonicClock.nanoseconds() - t0) / 1e9
+        return zip(machine.guestStats().vcpus.map(\.pages), first).map { Double($0 &- $1) / elapsed }
+    }
+
+    private func migrate(_ report: inout MigrationReport, started: UInt64, paused: inout Bool, guestAtStart: [UInt64],
+                         passLog: (MigrationPass) -> Void) throws(MigrationError) {
+        guard let tracker = machine.tracker else {
+            throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
+        }
+        let deadline = options.timeoutSeconds.map { started + UInt64($0 * 1e9) }
+        func checkTimeout() throws(MigrationError) {
+            if let deadline, MonotonicClock.nanoseconds() > deadline {
+                throw .timedOut("the migration did not finish within --timeout \(options.timeoutSeconds!) s; the VM runs on here")
+            }
+        }
+
+        // Setup: connect, handshake.
+        let socket: TCPSocket
+        do { socket = try TCPSocket.connect(options.destination) } catch { throw .connection(error) }
+        defer { socket.shutdown() }
+        socket.setTimeouts(send: 10, receive: 10)   // a destination that stalls is a failure, not a hang
+        let channel = MigrationChannel(socket: socket)
+        let hello = MigrationHello(
+            name: machine.configuration.name, memorySize: machine.configuration.memorySize,
+            vcpuCount: machine.configuration.vcpuCount, tracking: machine.configuration.tracking,
+            ringEntries: machine.configuration.ringEntries, tscKHz: machine.tscHz / 1000,
+            requiredFeatures: .workloadGuest, guestConfig: machine.guestConfig.encode())
+        do { try channel.send(.hello, hello.encode()) } catch { throw .connection(error) }
+        let (_, replyBytes) = try channel.receive([.helloReply])
+        var replyReader = WireReader(replyBytes, what: "hello reply")
+        let (accepted, reason) = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            let accepted = try replyReader.u8()
+            _ = try replyReader.u32()   // the receiver's version
+            return (accepted, try replyReader.string())
+        }
+        guard accepted == 1 else { throw .refused(reason) }
+        report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
+
+        let sender = PageSender(channel: channel, memory: machine.memory,
+                                limiter: BandwidthLimiter(bytesPerSecond: options.bandwidth))
+        func tally(_ sent: PageSendTally) {
+            report.transferredBytes += sent.bytes
+            report.zeroPages += sent.zeroPages
+            report.normalPages += sent.normalPages
+        }
+        func endPass(_ iteration: Int) throws(MigrationError) {
+            var writer = WireWriter()
+            writer.u32(UInt32(iteration)); writer.u64(0)
+            do { try channel.send(.iterationEnd, writer.bytes) } catch { throw .connection(error) }
+        }
+        func collect() throws(MigrationError) -> (DirtyPageBitmap, Bool) {
+            let collection: DirtyCollection
+            do { collection = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
+            if collection.isComplete { return (collection.pages, false) }
+            report.ringOverruns += UInt64(collection.losses.count)
+            return (machine.memory.dataPages(), true)   // resend everything that could have changed
+        }
+
+        // Pass 1: everything that holds data; the tracker's history before now is irrelevant.
+        _ = try collect()
+        var pending = machine.memory.dataPages()
+        var bandwidth = 0.0
+        var iteration = 0
+        while true {
+            iteration += 1
+            update { $0.phase = "pre-copy"; $0.iteration = iteration; $0.remainingPages = UInt64(pending.count) }
+            let passStart = MonotonicClock.nanoseconds()
+            let sent = try sender.send(pending) { cancelFlag.load(ordering: .relaxed) || deadline.map { MonotonicClock.nanoseconds() > $0 } == true }
+            tally(sent)
+            try endPass(iteration)
+            let (dirty, lost) = try collect()
+            let seconds = max(Double(MonotonicClock.nanoseconds() - passStart) / 1e9, 1e-6)
+            // A tiny pass measures latency, not bandwidth: keep the last good figure then.
+            if sent.bytes >= 1 << 20 || bandwidth == 0 { bandwidth = Double(sent.bytes) / seconds }
+            if let cap = options.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
+            let dirtyPages = UInt64(dirty.count)
+            let expected = Double(dirtyPages) * 4096 / max(bandwidth, 1)
+            let pass = MigrationPass(
+                iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
+                bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,
+                dirtyPagesPerSecond: Double(dirtyPages) / seconds, bandwidthBytesPerSecond: bandwidth,
+                expectedDowntimeSeconds: expected, trackingLost: lost)
+            report.passes.append(pass)
+            report.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
+            passLog(pass)
+            update {
+                $0.sentBytes = report.transferredBytes; $0.remainingPages = dirtyPages
+                $0.throughputBytesPerSecond = bandwidth; $0.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
+                $0.expectedDowntimeSeconds = expected
+            }
+            pending = dirty
+            if expected <= options.downtimeSeconds && !lost { break }
+            if iteration >= options.maxIterations {
+                throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", bandwidth / 1_048_576)) MiB/s of bandwidth (expected downtime \(Int(expected * 1000)) ms > \(Int(options.downtimeSeconds * 1000)) ms); the VM runs on here")
+            }
+            try checkTimeout()
+            if cancelFlag.load(ordering: .relaxed) { throw .cancelled("the migration was cancelled; the VM runs on here") }
+        }
+
+        // Stop and copy: pause, last dirty pages, state, digests; the destination resumes.
+        update { $0.phase = "stop-and-copy" }
+        let pauseStart = MonotonicClock.nanoseconds()
+        report.guestPagesPerSecondDuring = zip(machine.guestStats().vcpus.map(\.pages), guestAtStart).map {
+            Double($0 &- $1) / max(Double(pauseStart - started) / 1e9, 1e-9)
+        }
+        machine.pause()
+        paused = true
+        // What the last pass left dirty, plus what the guest wrote between that collection and
+        // the pause.
+        let (last, _) = try collect()
+        pending.formUnion(last)
+        update { $0.remainingPages = UInt64(pending.count) }
+        tally(try sender.send(pending))
+        iteration += 1
+        try endPass(iteration)
+        report.iterations = iteration
+        let stateBytes: [UInt8]
+        do { stateBytes = try machine.saveState().encode() } catch { throw .machine("cannot save the vCPU state: \(error)") }
+        do { try channel.send(.state, stateBytes) } catch { throw .connection(error) }
+        report.transferredBytes += UInt64(stateBytes.count)
+        var complete = WireWriter()
+        complete.u8(options.verify ? 1 : 0)
+        if options.verify {
+            let verifyStart = MonotonicClock.nanoseconds()
+            complete.u64(MemoryDigest.compute(machine.memory))
+            complete.u64(MemoryDigest.hash(stateBytes))
+            report.verifySeconds += Double(MonotonicClock.nanoseconds() - verifyStart) / 1e9
+        } else {
+            complete.u64(0); complete.u64(0)
+        }
+        do { try channel.send(.complete, complete.bytes) } catch { throw .connection(error) }
+        socket.setTimeouts(send: 10, receive: 60)   // the destination verifies and restores first
+        let (_, resultBytes) = try channel.receive([.result])
+        let result = try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationResult(decoding: resultBytes) }
+        report.downtimeSeconds = Double(MonotonicClock.nanoseconds() - pauseStart) / 1e9
+        report.verifySeconds += Double(result.verifyNanoseconds) / 1e9
+        switch result.status {
+        case .resumed: return
+        case .verifyFailed: throw .verifyFailed(result.message + "; the VM runs on here")
+        case .failed: throw .peerAborted(result.message)
+        }
+    }
+}

@@ -1,0 +1,165 @@
+import Glibc
+
+/// Caps the bytes put on the wire per second (`migrate --bandwidth`): before each batch, sleep
+/// until the bytes already sent fit the rate.
+final class BandwidthLimiter {
+    let bytesPerSecond: UInt64?
+    private let start = MonotonicClock.nanoseconds()
+    private var sent: UInt64 = 0
+
+    init(bytesPerSecond: UInt64?) { self.bytesPerSecond = bytesPerSecond }
+
+    func willSend(_ bytes: Int) {
+        sent += UInt64(bytes)
+        guard let rate = bytesPerSecond, rate > 0 else { return }
+        let due = start + UInt64(Double(sent) / Double(rate) * 1e9)
+        let now = MonotonicClock.nanoseconds()
+        if due > now { MonotonicClock.sleep(nanoseconds: due - now) }
+    }
+}
+
+/// What one pass put on the wire.
+struct PageSendTally {
+    var bytes: UInt64 = 0
+    var normalPages: UInt64 = 0
+    var zeroPages: UInt64 = 0
+    var nanoseconds: UInt64 = 0
+}
+
+/// Sends pages straight from guest memory: the batch header and range table are built here,
+/// the page bytes go to the socket from the guest's own mapping (sendmsg with one iovec per
+/// run), never copied. All-zero pages travel as a range flag with no bytes.
+struct PageSender {
+    let channel: MigrationChannel
+    let memory: GuestMemory
+    let limiter: BandwidthLimiter
+    /// Data per batch: big enough that headers are noise, small enough to pace smoothly.
+    static let batchDataBytes = 2 << 20
+
+    @inline(__always)
+    static func isZero(_ page: UnsafeRawPointer) -> Bool {
+        var index = 0
+        while index < 512 {
+            var any: UInt64 = 0
+            for lane in 0..<8 { any |= page.load(fromByteOffset: (index + lane) * 8, as: UInt64.self) }
+            if any != 0 { return false }
+            index += 8
+        }
+        return true
+    }
+
+    func send(_ pages: DirtyPageBitmap, shouldStop: () -> Bool = { false }) throws(MigrationError) -> PageSendTally {
+        var tally = PageSendTally()
+        let started = MonotonicClock.nanoseconds()
+        var ranges: [PageRange] = []
+        var dataBytes = 0
+
+        func flush() throws(MigrationError) {
+            guard !ranges.isEmpty else { return }
+            var table = WireWriter()
+            table.u32(UInt32(ranges.count))
+            for range in ranges {
+                table.u64(range.firstPage); table.u32(range.count); table.u32(range.kind.rawValue)
+            }
+            let header = channel.header(.pages, payloadLength: table.bytes.count + dataBytes)
+            limiter.willSend(header.count + table.bytes.count + dataBytes)
+            let base = UnsafeRawPointer(memory.base)
+            let result = header.withUnsafeBytes { headerBuffer in
+                table.bytes.withUnsafeBytes { tableBuffer in
+                    var buffers = [headerBuffer, tableBuffer]
+                    for range in ranges where range.kind == .data {
+                        buffers.append(UnsafeRawBufferPointer(start: base + Int(range.firstPage) * 4096,
+                                                              count: Int(range.count) * 4096))
+                    }
+                    return Result { () throws(SystemError) in try channel.socket.send(buffers) }
+                }
+            }
+            do { try result.get() } catch { throw .connection(error) }
+            tally.bytes += UInt64(header.count + table.bytes.count + dataBytes)
+            ranges.removeAll(keepingCapacity: true)
+            dataBytes = 0
+        }
+
+        for run in pages.runs() {
+            var page = run.lowerBound
+            while page < run.upperBound {
+                if shouldStop() { throw .cancelled("the migration was cancelled") }
+                let zero = PageSender.isZero(UnsafeRawPointer(memory.base) + page * 4096)
+                let kind: PageRange.Kind = zero ? .zero : .data
+                if zero { tally.zeroPages += 1 } else { tally.normalPages += 1; dataBytes += 4096 }
+                if let last = ranges.last, last.kind == kind, Int(last.firstPage) + Int(last.count) == page {
+                    ranges[ranges.count - 1].count += 1
+                } else {
+                    ranges.append(PageRange(firstPage: UInt64(page), count: 1, kind: kind))
+                }
+                page += 1
+                if dataBytes >= PageSender.batchDataBytes || ranges.count >= MigrationWire.maxRangesPerBatch {
+                    try flush()
+                }
+            }
+        }
+        try flush()
+        tally.nanoseconds = MonotonicClock.nanoseconds() - started
+        return tally
+    }
+}
+
+/// Receives page batches straight into guest memory. Zero ranges cost nothing for pages that
+/// never received data (they are still holes, hence zero); pages that hold older data are zeroed.
+struct PageReceiver {
+    let memory: GuestMemory
+    private(set) var hasData: DirtyPageBitmap
+    private(set) var pagesReceived: UInt64 = 0
+
+    init(memory: GuestMemory) {
+        self.memory = memory
+        hasData = DirtyPageBitmap(pageCount: memory.pageCount)
+    }
+
+    /// Reads one pages frame's payload (its header already read) into memory, validating the
+    /// range table against RAM and the payload length before any page byte is read.
+    mutating func receive(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
+        guard payloadLength >= 4 else { throw .protocolError(.malformed("a pages frame of \(payloadLength) bytes")) }
+        var countReader = WireReader(try channel.receivePayload(4), what: "page batch")
+        let count = Int(try MigrationError.wrap { () throws(MigrationProtocolError) in try countReader.u32() })
+        guard count <= MigrationWire.maxRangesPerBatch, 4 + 16 * count <= payloadLength else {
+            throw .protocolError(.malformed("a page batch of \(count) ranges in \(payloadLength) bytes"))
+        }
+        var reader = WireReader(try channel.receivePayload(16 * count), what: "page range table")
+        var ranges: [PageRange] = []
+        var dataBytes = 0
+        let pageCount = UInt64(memory.pageCount)
+        for _ in 0..<count {
+            let (first, pages, rawKind) = try MigrationError.wrap { () throws(MigrationProtocolError) in
+                (try reader.u64(), try reader.u32(), try reader.u32())
+            }
+            guard let kind = PageRange.Kind(rawValue: rawKind) else {
+                throw .protocolError(.malformed("page range kind \(rawKind)"))
+            }
+            guard pages > 0, first < pageCount, UInt64(pages) <= pageCount - first else {
+                throw .protocolError(.malformed("pages \(first)..<\(first + UInt64(pages)) outside RAM (\(pageCount) pages)"))
+            }
+            if kind == .data { dataBytes += Int(pages) * 4096 }
+            ranges.append(PageRange(firstPage: first, count: pages, kind: kind))
+        }
+        guard 4 + 16 * count + dataBytes == payloadLength else {
+            throw .protocolError(.malformed("a page batch announcing \(dataBytes) data bytes in a \(payloadLength)-byte frame"))
+        }
+        for range in ranges {
+            let first = Int(range.firstPage), end = first + Int(range.count)
+            let destination = memory.base + first * 4096
+            switch range.kind {
+            case .data:
+                do { try channel.socket.receive(into: destination, count: Int(range.count) * 4096) } catch {
+                    throw .connection(error)
+                }
+                hasData.set(first..<end)
+            case .zero:
+                for page in first..<end where hasData.contains(page) {
+                    memset(memory.base + page * 4096, 0, 4096)
+                }
+            }
+            pagesReceived += UInt64(range.count)
+        }
+    }
+}

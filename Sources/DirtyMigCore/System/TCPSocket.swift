@@ -1,0 +1,202 @@
+import Glibc
+
+/// `HOST:PORT` as users write it: `127.0.0.1:4444`, `localhost:4444`, `[::1]:4444`, `:4444`
+/// (all addresses, for listening). Port 0 means "any free port" when listening.
+public struct HostPort: Sendable, Equatable, CustomStringConvertible {
+    public var host: String
+    public var port: UInt16
+
+    public init(host: String, port: UInt16) {
+        self.host = host
+        self.port = port
+    }
+
+    public static func parse(_ text: String) -> HostPort? {
+        guard let colon = text.lastIndex(of: ":") else { return nil }
+        var host = String(text[..<colon])
+        guard let port = UInt16(text[text.index(after: colon)...]) else { return nil }
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.contains(" ") else { return nil }
+        return HostPort(host: host, port: port)
+    }
+
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+/// A TCP stream, wrapped once: connect/listen/accept/send/receive, EINTR retried, MSG_NOSIGNAL
+/// (a peer that vanished is EPIPE/ECONNRESET, never SIGPIPE), partial transfers looped.
+/// `shutdown()` may be called from any thread to wake one blocked in accept/send/receive.
+public final class TCPSocket: Sendable {
+    public let fd: FileDescriptor
+
+    init(fd: FileDescriptor) { self.fd = fd }
+
+    private static func resolve(_ endpoint: HostPort, passive: Bool) throws(SystemError) -> [(Int32, [UInt8])] {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_family = AF_UNSPEC
+        if passive { hints.ai_flags = AI_PASSIVE }
+        var list: UnsafeMutablePointer<addrinfo>? = nil
+        let host = endpoint.host.isEmpty ? nil : endpoint.host
+        let status = getaddrinfo(host, String(endpoint.port), &hints, &list)
+        guard status == 0, let first = list else {
+            let reason = status == 0 ? "no address" : String(cString: gai_strerror(status))
+            throw SystemError("resolve \(endpoint.host.isEmpty ? "*" : endpoint.host) (\(reason))", errno: EHOSTUNREACH)
+        }
+        defer { freeaddrinfo(first) }
+        var result: [(Int32, [UInt8])] = []
+        var node: UnsafeMutablePointer<addrinfo>? = first
+        while let entry = node {
+            let bytes = [UInt8](UnsafeRawBufferPointer(start: entry.pointee.ai_addr, count: Int(entry.pointee.ai_addrlen)))
+            result.append((entry.pointee.ai_family, bytes))
+            node = entry.pointee.ai_next
+        }
+        // Listening on "all addresses": prefer IPv6 (dual-stack) only if IPv4 is absent.
+        return passive ? result.sorted { $0.0 == AF_INET && $1.0 != AF_INET } : result
+    }
+
+    private static func makeSocket(family: Int32) throws(SystemError) -> FileDescriptor {
+        let raw = Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if raw < 0 { throw SystemError("socket") }
+        return FileDescriptor(owning: raw)
+    }
+
+    private func setOption(_ level: Int32, _ name: Int32, _ value: Int32) {
+        var value = value
+        _ = setsockopt(fd.rawValue, level, name, &value, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Binds and listens. EADDRINUSE: something else has the port.
+    public static func listen(_ endpoint: HostPort, backlog: Int32 = 4) throws(SystemError) -> TCPSocket {
+        var lastError = SystemError("listen \(endpoint)", errno: EADDRNOTAVAIL)
+        for (family, address) in try resolve(endpoint, passive: true) {
+            let socket = TCPSocket(fd: try makeSocket(family: family))
+            socket.setOption(SOL_SOCKET, SO_REUSEADDR, 1)
+            let bound = address.withUnsafeBytes {
+                Glibc.bind(socket.fd.rawValue, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(address.count))
+            }
+            if bound != 0 { lastError = SystemError("bind \(endpoint)"); continue }
+            if Glibc.listen(socket.fd.rawValue, backlog) != 0 { lastError = SystemError("listen \(endpoint)"); continue }
+            return socket
+        }
+        throw lastError
+    }
+
+    /// The port actually bound (useful after listening on port 0).
+    public var localPort: UInt16 {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let ok = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd.rawValue, $0, &length) }
+        } == 0
+        guard ok else { return 0 }
+        return withUnsafeBytes(of: &storage) { raw in
+            // sin_port and sin6_port sit at the same offset (2), in network order.
+            UInt16(bigEndian: raw.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
+        }
+    }
+
+    /// Connects, giving up after `timeout` seconds per address.
+    public static func connect(_ endpoint: HostPort, timeout: Double = 5) throws(SystemError) -> TCPSocket {
+        var lastError = SystemError("connect \(endpoint)", errno: ECONNREFUSED)
+        for (family, address) in try resolve(endpoint, passive: false) {
+            let socket = TCPSocket(fd: try makeSocket(family: family))
+            socket.setTimeouts(send: timeout, receive: timeout)   // connect honours SO_SNDTIMEO
+            let result = address.withUnsafeBytes {
+                Glibc.connect(socket.fd.rawValue, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(address.count))
+            }
+            if result == 0 {
+                socket.setTimeouts(send: 0, receive: 0)
+                socket.tune()
+                return socket
+            }
+            lastError = SystemError("connect \(endpoint)", errno: errno == EINPROGRESS ? ETIMEDOUT : errno)
+        }
+        throw lastError
+    }
+
+    public func accept() throws(SystemError) -> TCPSocket {
+        let raw = try retryingOnInterrupt("accept") { Int(Glibc.accept(fd.rawValue, nil, nil)) }
+        _ = fcntl(Int32(raw), F_SETFD, FD_CLOEXEC)
+        let socket = TCPSocket(fd: FileDescriptor(owning: Int32(raw)))
+        socket.tune()
+        return socket
+    }
+
+    /// No Nagle delay for the small control frames; large buffers for the page stream.
+    private func tune() {
+        setOption(Int32(IPPROTO_TCP), TCP_NODELAY, 1)
+        setOption(SOL_SOCKET, SO_SNDBUF, 4 << 20)
+        setOption(SOL_SOCKET, SO_RCVBUF, 4 << 20)
+    }
+
+    /// SO_SNDTIMEO / SO_RCVTIMEO; 0 = block for ever. A timed-out call fails with EAGAIN.
+    public func setTimeouts(send: Double, receive: Double) {
+        for (name, seconds) in [(SO_SNDTIMEO, send), (SO_RCVTIMEO, receive)] {
+            var value = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
+            _ = setsockopt(fd.rawValue, SOL_SOCKET, name, &value, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+
+    /// Sends every byte of every buffer (writev; partial writes continue where they stopped).
+    public func send(_ buffers: [UnsafeRawBufferPointer]) throws(SystemError) {
+        var vectors = buffers.filter { $0.count > 0 }.map {
+            iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count)
+        }
+        var first = 0
+        while first < vectors.count {
+            let count = min(vectors.count - first, 1024)
+            var header = msghdr()
+            let sent = vectors.withUnsafeMutableBufferPointer { pointer -> Int in
+                header.msg_iov = pointer.baseAddress! + first
+                header.msg_iovlen = count
+                return Glibc.sendmsg(fd.rawValue, &header, Int32(MSG_NOSIGNAL))
+            }
+            if sent < 0 {
+                if errno == EINTR { continue }
+                throw SystemError("send", errno: errno == EAGAIN ? ETIMEDOUT : errno)
+            }
+            var remaining = sent
+            while remaining > 0 && first < vectors.count {
+                if remaining >= vectors[first].iov_len {
+                    remaining -= vectors[first].iov_len
+                    first += 1
+                } else {
+                    vectors[first].iov_base += remaining
+                    vectors[first].iov_len -= remaining
+                    remaining = 0
+                }
+            }
+        }
+    }
+
+    public func send(_ bytes: [UInt8]) throws(SystemError) {
+        let result = bytes.withUnsafeBytes { buffer in Result { () throws(SystemError) in try send([buffer]) } }
+        try result.get()
+    }
+
+    /// Receives exactly `count` bytes into `destination`. A peer that closes first is ECONNRESET.
+    public func receive(into destination: UnsafeMutableRawPointer, count: Int) throws(SystemError) {
+        var done = 0
+        while done < count {
+            let got = Glibc.recv(fd.rawValue, destination + done, count - done, 0)
+            if got > 0 { done += got; continue }
+            if got == 0 { throw SystemError("receive (the peer closed the connection)", errno: ECONNRESET) }
+            if errno == EINTR { continue }
+            throw SystemError("receive", errno: errno == EAGAIN ? ETIMEDOUT : errno)
+        }
+    }
+
+    public func receive(count: Int) throws(SystemError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        guard count > 0 else { return bytes }
+        let result = bytes.withUnsafeMutableBytes { buffer in
+            Result { () throws(SystemError) in try receive(into: buffer.baseAddress!, count: count) }
+        }
+        try result.get()
+        return bytes
+    }
+
+    /// Wakes any thread blocked on this socket; the descriptor stays open until released.
+    public func shutdown() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR)) }
+}

@@ -1,0 +1,145 @@
+import DirtyMigCore
+import Foundation
+import XCTest
+
+/// The issue's failure cases through the command line, with real processes killed mid-transfer:
+/// `boot` (source), `receive` (destination), `migrate` (the user's command).
+final class MigrationFailureTests: XCTestCase {
+    private func requireKVM() throws {
+        guard access("/dev/kvm", R_OK | W_OK) == 0 else {
+            let reason = "skipped: needs a working /dev/kvm"
+            FileHandle.standardError.write(Data((reason + "\n").utf8))
+            throw XCTSkip(reason)
+        }
+    }
+
+    private func freePort() throws -> UInt16 {
+        let probe = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
+        return probe.localPort
+    }
+
+    /// A 256 MiB VM whose writer dirties 64 MiB at 20 MiB/s while a reader reads.
+    private func bootSource(_ name: String) throws -> Process {
+        let (boot, output) = try CLI.start(["boot", "--memory", "256M", "--vcpus", "2", "--track", "ring", "--name", name,
+                                            "--workload", "0:write,ws=64M,pattern=random,rate=20M",
+                                            "--workload", "1:read,ws=64M"])
+        let ready = try XCTUnwrap(CLI.readLine(output), "boot printed nothing")
+        XCTAssertTrue(ready.contains("running"), ready)
+        return boot
+    }
+
+    private func startReceiver(_ name: String, port: UInt16, once: Bool = false) throws -> (Process, FileHandle) {
+        var arguments = ["receive", "--listen", "127.0.0.1:\(port)", "--name", name]
+        if once { arguments.append("--once") }
+        let (receive, output) = try CLI.start(arguments)
+        let ready = try XCTUnwrap(CLI.readLine(output), "receive printed nothing")
+        XCTAssertTrue(ready.contains("listening"), ready)
+        return (receive, output)
+    }
+
+    private func guestPages(_ vm: String) throws -> [Double] {
+        let client = try ControlClient(path: ControlSocketPath.path(forName: vm))
+        defer { client.close() }
+        let status = try client.call("query-status")
+        return (status["vcpu_stats"]?.arrayValue ?? []).map { $0["pages"]?.doubleValue ?? 0 }
+    }
+
+    private func assertRuns(_ vm: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let before = try guestPages(vm)
+        Thread.sleep(forTimeInterval: 0.5)
+        let after = try guestPages(vm)
+        XCTAssertEqual(before.count, 2, file: file, line: line)
+        for index in before.indices {
+            XCTAssertGreaterThan(after[index], before[index], "\(vm) vCPU \(index) keeps running", file: file, line: line)
+        }
+    }
+
+    func testReceiverKilledMidTransferThenASecondMigrationSucceeds() throws {
+        try requireKVM()
+        let source = "src\(getpid())", destination = "dst\(getpid())"
+        let boot = try bootSource(source)
+        defer { if boot.isRunning { boot.terminate() } }
+        let port = try freePort()
+        let (doomed, _) = try startReceiver(destination, port: port)
+        defer { if doomed.isRunning { doomed.terminate() } }
+
+        // 256 MiB at 20 MiB/s takes seconds: kill the receiver one second in.
+        let migrate = Process()
+        migrate.executableURL = CLI.binary
+        migrate.arguments = ["migrate", "--vm", source, "--to", "127.0.0.1:\(port)", "--bandwidth", "20M", "--verify", "--json"]
+        let out = Pipe()
+        migrate.standardOutput = out
+        try migrate.run()
+        Thread.sleep(forTimeInterval: 1.5)
+        kill(doomed.processIdentifier, SIGKILL)
+        doomed.waitUntilExit()
+        let killedAt = Date()
+        migrate.waitUntilExit()
+        let failedAfter = Date().timeIntervalSince(killedAt)
+        XCTAssertEqual(migrate.terminationStatus, 1)
+        XCTAssertLessThan(failedAfter, 5, "migrate must fail within 5 s of losing its receiver")
+        let report = try JSONValue.parse(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self))
+        XCTAssertEqual(report["status"], "failed")
+        print("receiver killed: migrate failed \(String(format: "%.2f", failedAfter)) s later: \(report["error"]?.stringValue ?? "")")
+        XCTAssertTrue(boot.isRunning)
+        try assertRuns(source)
+
+        // The same VM to a new receiver, verified.
+        let (receiver, _) = try startReceiver(destination, port: port)
+        defer { if receiver.isRunning { receiver.terminate() } }
+        let second = try CLI.run(["migrate", "--vm", source, "--to", "127.0.0.1:\(port)", "--verify", "--json"])
+        XCTAssertEqual(second.status, 0, second.stdout + second.stderr)
+        let secondReport = try JSONValue.parse(second.stdout)
+        XCTAssertEqual(secondReport["verify"], "passed")
+        boot.waitUntilExit()
+        XCTAssertEqual(boot.terminationStatus, 0, "the source exits 0 once the destination runs the VM")
+        try assertRuns(destination)
+    }
+
+    func testSenderKilledMidTransferTheReceiverTakesTheNext() throws {
+        try requireKVM()
+        let first = "snd\(getpid())", second = "sne\(getpid())", destination = "rcv\(getpid())"
+        let port = try freePort()
+        let (receiver, receiverOutput) = try startReceiver(destination, port: port)
+        defer { if receiver.isRunning { receiver.terminate() } }
+
+        let doomed = try bootSource(first)
+        defer { if doomed.isRunning { doomed.terminate() } }
+        let migrate = Process()
+        migrate.executableURL = CLI.binary
+        migrate.arguments = ["migrate", "--vm", first, "--to", "127.0.0.1:\(port)", "--bandwidth", "20M"]
+        migrate.standardOutput = Pipe()
+        migrate.standardError = Pipe()
+        try migrate.run()
+        Thread.sleep(forTimeInterval: 1.5)
+        kill(doomed.processIdentifier, SIGKILL)
+        migrate.waitUntilExit()
+        XCTAssertNotEqual(migrate.terminationStatus, 0)
+
+        // The receiver dropped the partial VM and takes the next migration.
+        let boot = try bootSource(second)
+        defer { if boot.isRunning { boot.terminate() } }
+        let result = try CLI.run(["migrate", "--vm", second, "--to", "127.0.0.1:\(port)", "--verify", "--json"])
+        XCTAssertEqual(result.status, 0, result.stdout + result.stderr)
+        let received = try XCTUnwrap(CLI.readLine(receiverOutput, timeout: 10))
+        XCTAssertTrue(received.contains("received and running"), received)
+        try assertRuns(destination)
+    }
+
+    func testPortInUseAndNothingListening() throws {
+        try requireKVM()
+        let holder = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
+        let busy = try CLI.run(["receive", "--listen", "127.0.0.1:\(holder.localPort)", "--name", "busy\(getpid())"])
+        XCTAssertEqual(busy.status, 1)
+        XCTAssertTrue(busy.stderr.contains("port is in use"), busy.stderr)
+
+        let source = "lonely\(getpid())"
+        let boot = try bootSource(source)
+        defer { if boot.isRunning { boot.terminate() } }
+        let port = try freePort()
+        let result = try CLI.run(["migrate", "--vm", source, "--to", "127.0.0.1:\(port)"])
+        XCTAssertEqual(result.status, 1)
+        XCTAssertTrue(result.stdout.contains("nothing listens"), result.stdout + result.stderr)
+        try assertRuns(source)
+    }
+}

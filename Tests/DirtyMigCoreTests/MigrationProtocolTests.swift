@@ -1,0 +1,146 @@
+import DirtyMigCore
+import Foundation
+import XCTest
+
+/// The migration wire protocol and the receiver's defences: foreign bytes, a truncated stream,
+/// another protocol version, ranges outside RAM. After each, the receiver takes the next
+/// migration.
+final class MigrationProtocolTests: XCTestCase {
+    private func hello(memory: UInt64 = 64 * MiB, version: UInt32 = MigrationWire.version) -> MigrationHello {
+        let config = GuestConfig(tscHz: 1_000_000_000, memorySize: memory, vcpus: [VCPUWorkload(kind: .idle, seed: 0)])
+        var hello = MigrationHello(name: "t", memorySize: memory, vcpuCount: 1, tracking: .bitmap, ringEntries: 4096,
+                                   tscKHz: 1_000_000, requiredFeatures: .workloadGuest, guestConfig: config.encode())
+        hello.version = version
+        return hello
+    }
+
+    func testHelloRoundTripAndRejections() throws {
+        let original = hello()
+        XCTAssertEqual(try MigrationHello(decoding: original.encode()), original)
+        XCTAssertThrowsError(try MigrationHello(decoding: Array("GET / HTTP/1.1\r\n".utf8))) {
+            guard case .notDirtymig? = $0 as? MigrationProtocolError else { return XCTFail("\($0)") }
+        }
+        XCTAssertThrowsError(try MigrationHello(decoding: hello(version: 7).encode())) {
+            XCTAssertEqual($0 as? MigrationProtocolError, .versionMismatch(peer: 7, ours: MigrationWire.version))
+            XCTAssertTrue("\($0)".contains("version 7"), "\($0)")
+        }
+        let encoded = original.encode()
+        for cut in [9, 20, encoded.count - 1] {
+            XCTAssertThrowsError(try MigrationHello(decoding: Array(encoded.prefix(cut))), "cut at \(cut)")
+        }
+        var trailing = encoded
+        trailing.append(0)
+        XCTAssertThrowsError(try MigrationHello(decoding: trailing))
+    }
+
+    /// Starts a receiver on a loopback port; `attempts` collects each receiveOne outcome.
+    private func startReceiver(_ kvm: KVMSystem) throws -> (MigrationReceiver, Outcomes) {
+        let receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm)
+        let outcomes = Outcomes()
+        _ = OSThread(name: "test-receiver") {
+            while true {
+                do {
+                    let machine = try receiver.receiveOne()
+                    machine.stop()
+                    outcomes.append("received")
+                } catch let error as MigrationError {
+                    if case .connection(let system) = error, system.operation == "accept" { return }
+                    outcomes.append("\(error)")
+                } catch {
+                    outcomes.append("\(error)")
+                }
+            }
+        }
+        return (receiver, outcomes)
+    }
+
+    private func send(_ bytes: [UInt8], to port: UInt16, readReply: Bool = true) throws -> [UInt8] {
+        let socket = try TCPSocket.connect(HostPort(host: "127.0.0.1", port: port))
+        try socket.send(bytes)
+        socket.setTimeouts(send: 5, receive: 5)
+        var reply: [UInt8] = []
+        if readReply {
+            var byte = [UInt8](repeating: 0, count: 1)
+            while let next = try? socket.receive(count: 1), !next.isEmpty { byte = next; reply += byte }
+        }
+        return reply
+    }
+
+    func testMalformedStreamsAreRejectedAndTheReceiverListensOn() throws {
+        let kvm = try requireKVM()
+        let (receiver, outcomes) = try startReceiver(kvm)
+        defer { receiver.stop() }
+        let port = receiver.port
+
+        // 1. Random bytes.
+        var generator = SystemRandomNumberGenerator()
+        _ = try send((0..<4096).map { _ in UInt8.random(in: 0...255, using: &generator) }, to: port)
+        // 2. Another protocol version: refused with a message naming both versions.
+        let refusal = try send(MigrationWire.frame(.hello, hello(version: 2).encode()), to: port)
+        XCTAssertTrue(String(decoding: refusal, as: UTF8.self).contains("version 2"), "the sender is told why")
+        // 3. A truncated stream: a good hello, then half a page batch, then the sender vanishes.
+        var truncated = MigrationWire.frame(.hello, hello().encode())
+        var batch = [UInt8]()
+        batch += [1, 0, 0, 0]                                           // one range
+        batch += [0, 4, 0, 0, 0, 0, 0, 0] + [4, 0, 0, 0] + [0, 0, 0, 0] // pages 1024..<1028, data
+        batch += [UInt8](repeating: 0xAB, count: 4 * 4096)
+        truncated += Array(MigrationWire.frame(.pages, batch).prefix(8 + 20 + 6000))
+        _ = try send(truncated, to: port, readReply: false)
+        // 4. A range outside RAM (64 MiB = 16384 pages).
+        var outside = MigrationWire.frame(.hello, hello().encode())
+        outside += MigrationWire.frame(.pages, [1, 0, 0, 0] + [0, 0x40, 0, 0, 0, 0, 0, 0] + [1, 0, 0, 0] + [1, 0, 0, 0])
+        _ = try send(outside, to: port)
+        // 5. A frame type that does not belong: state before hello.
+        _ = try send(MigrationWire.frame(.state, [1, 2, 3]), to: port)
+
+        let deadline = Date().addingTimeInterval(10)
+        while outcomes.count < 5 && Date() < deadline { usleep(20_000) }
+        let seen = outcomes.all
+        XCTAssertEqual(seen.count, 5, "\(seen)")
+        guard seen.count == 5 else { return }
+        XCTAssertTrue(seen[0].contains("not a dirtymig migration stream"), seen[0])
+        XCTAssertTrue(seen[1].contains("version 2") && seen[1].contains("version \(MigrationWire.version)"), seen[1])
+        XCTAssertTrue(seen[2].contains("closed") || seen[2].contains("reset"), seen[2])
+        XCTAssertTrue(seen[3].contains("outside RAM"), seen[3])
+        XCTAssertTrue(seen[4].contains("state frame"), seen[4])
+    }
+
+    func testOversizedFramesAreRefusedBeforeAllocating() throws {
+        let kvm = try requireKVM()
+        let (receiver, outcomes) = try startReceiver(kvm)
+        defer { receiver.stop() }
+        // A hello that claims 4 GiB of payload: refused from its header alone.
+        _ = try send([1, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF], to: receiver.port)
+        let deadline = Date().addingTimeInterval(5)
+        while outcomes.count < 1 && Date() < deadline { usleep(20_000) }
+        XCTAssertTrue(outcomes.all.first?.contains("at most") ?? false, "\(outcomes.all)")
+    }
+
+    func testPortInUseAndNobodyListening() throws {
+        let kvm = try requireKVM()
+        let first = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm)
+        defer { first.stop() }
+        XCTAssertThrowsError(try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: first.port), kvm: kvm)) {
+            XCTAssertTrue("\($0)".contains("port is in use"), "\($0)")
+        }
+        // Nobody listens on a port we just released.
+        let port: UInt16
+        do {
+            let probe = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm)
+            port = probe.port
+            probe.stop()
+        }
+        XCTAssertThrowsError(try TCPSocket.connect(HostPort(host: "127.0.0.1", port: port))) {
+            XCTAssertEqual(($0 as? SystemError)?.errno, ECONNREFUSED)
+        }
+    }
+}
+
+/// What a background receiver saw, in order.
+final class Outcomes: @unchecked Sendable {
+    private let lock = NSLock()
+    private var items: [String] = []
+    func append(_ item: String) { lock.lock(); items.append(item); lock.unlock() }
+    var all: [String] { lock.lock(); defer { lock.unlock() }; return items }
+    var count: Int { all.count }
+}

@@ -1,0 +1,147 @@
+import DirtyMigCore
+import Foundation
+import XCTest
+
+/// Live migration on real KVM, sender and receiver in this process over loopback TCP: a 256 MiB,
+/// 2-vCPU VM with a writing and a reading vCPU, in each tracking mode, verified; and a VM moved
+/// three times, back and forth, that keeps running.
+final class MigrationTests: XCTestCase {
+    private func configuration(_ tracking: TrackingMode) -> MachineConfiguration {
+        MachineConfiguration(memorySize: 256 * MiB, vcpuCount: 2,
+                             workloads: [writer(64 * MiB, rate: 20 * MiB, pattern: .random), reader(64 * MiB, offset: 64 * MiB)],
+                             tracking: tracking)
+    }
+
+    /// Receives one migration on a background thread.
+    private final class Arrival: @unchecked Sendable {
+        private let lock = NSLock()
+        private var result: Result<Machine, MigrationError>?
+        let receiver: MigrationReceiver
+        private var thread: OSThread?
+
+        init(_ kvm: KVMSystem) throws {
+            receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm)
+            thread = OSThread(name: "test-receive") { [self] in
+                let outcome: Result<Machine, MigrationError>
+                do throws(MigrationError) { outcome = .success(try receiver.receiveOne()) } catch { outcome = .failure(error) }
+                lock.lock(); result = outcome; lock.unlock()
+            }
+        }
+
+        var endpoint: HostPort { HostPort(host: "127.0.0.1", port: receiver.port) }
+
+        func wait() -> Result<Machine, MigrationError> {
+            thread?.join()
+            receiver.stop()
+            lock.lock(); defer { lock.unlock() }
+            return result!
+        }
+    }
+
+    /// Migrates `machine` to a new receiver with --verify; returns the destination's VM.
+    private func migrate(_ machine: Machine, kvm: KVMSystem, file: StaticString = #filePath, line: UInt = #line) throws -> (Machine, MigrationReport) {
+        let arrival = try Arrival(kvm)
+        var options = MigrationOptions(destination: arrival.endpoint)
+        options.verify = true
+        let report = MigrationSender(machine: machine, options: options).run()
+        if report.completed { machine.stop() }
+        let outcome = arrival.wait()
+        XCTAssertTrue(report.completed, "migration failed: \(report.error ?? "?")", file: file, line: line)
+        XCTAssertEqual(report.verify, "passed", file: file, line: line)
+        let destination = try outcome.get()
+        return (destination, report)
+    }
+
+    private func assertRunning(_ machine: Machine, file: StaticString = #filePath, line: UInt = #line) {
+        let before = machine.guestStats().vcpus.map(\.pages)
+        Thread.sleep(forTimeInterval: 0.5)
+        let after = machine.guestStats().vcpus.map(\.pages)
+        XCTAssertNil(machine.events.firstFailure, file: file, line: line)
+        for vcpu in before.indices {
+            XCTAssertGreaterThan(after[vcpu], before[vcpu], "vCPU \(vcpu)'s guest counter must keep increasing", file: file, line: line)
+        }
+    }
+
+    private func checkMode(_ tracking: TrackingMode) throws {
+        let kvm = try requireKVM()
+        let source = try Machine(configuration(tracking), kvm: kvm)
+        try source.start()
+        defer { source.stop() }
+        source.waitForGuest()
+        Thread.sleep(forTimeInterval: 0.5)
+        let (destination, report) = try migrate(source, kvm: kvm)
+        defer { destination.stop() }
+        print("\(tracking): total \(Int(report.totalSeconds * 1000)) ms, downtime \(Int(report.downtimeSeconds * 1000)) ms, \(report.iterations) passes, \(report.transferredBytes >> 20) MiB, verify \(Int(report.verifySeconds * 1000)) ms; guest before \(report.guestPagesPerSecondBefore.map { Int($0) }), during \(report.guestPagesPerSecondDuring.map { Int($0) })")
+        XCTAssertGreaterThanOrEqual(report.iterations, 2)
+        XCTAssertGreaterThan(report.normalPages, 16384, "the working sets travel as data")
+        assertRunning(destination)
+        // The destination's tracker works too: it sees the writer's pace.
+        let start = try destination.counterSnapshot()
+        Thread.sleep(forTimeInterval: 1.0)
+        let end = try destination.counterSnapshot()
+        let rate = DirtyRateReport.between(start, end, mode: tracking == .bitmap ? .bitmap : .ring)
+        XCTAssertEqual(rate.totalMiBPerSecond, 20, accuracy: 3, "the writer keeps its 20 MiB/s pace at the destination")
+    }
+
+    func testMigrateWithBitmapTracking() throws { try checkMode(.bitmap) }
+    func testMigrateWithRingTracking() throws { try checkMode(.ring) }
+    func testMigrateWithQuotaTracking() throws { try checkMode(.quota) }
+
+    func testThereAndBackThreeTimes() throws {
+        let kvm = try requireKVM()
+        var machine = try Machine(configuration(.ring), kvm: kvm)
+        try machine.start()
+        machine.waitForGuest()
+        var lastPages = machine.guestStats().vcpus.map(\.pages)
+        for hop in 1...3 {
+            let (next, report) = try migrate(machine, kvm: kvm)
+            print("hop \(hop): downtime \(Int(report.downtimeSeconds * 1000)) ms, \(report.iterations) passes")
+            machine = next
+            assertRunning(machine)
+            let pages = machine.guestStats().vcpus.map(\.pages)
+            for vcpu in pages.indices {
+                XCTAssertGreaterThan(pages[vcpu], lastPages[vcpu], "hop \(hop): the guest's counters carry over and grow")
+            }
+            lastPages = pages
+        }
+        machine.stop()
+    }
+
+    func testNothingListeningLeavesTheSourceRunning() throws {
+        let kvm = try requireKVM()
+        let source = try Machine(configuration(.ring), kvm: kvm)
+        try source.start()
+        defer { source.stop() }
+        source.waitForGuest()
+        let port: UInt16 = try {
+            let probe = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
+            return probe.localPort
+        }()
+        let report = MigrationSender(machine: source, options: MigrationOptions(destination: HostPort(host: "127.0.0.1", port: port))).run()
+        XCTAssertFalse(report.completed)
+        XCTAssertTrue(report.error?.contains("nothing listens") ?? false, report.error ?? "")
+        assertRunning(source)
+    }
+
+    func testNonConvergingMigrationFailsAndTheSourceRunsOn() throws {
+        let kvm = try requireKVM()
+        let configuration = MachineConfiguration(memorySize: 256 * MiB, vcpuCount: 2,
+                                                 workloads: [writer(64 * MiB, rate: 0, pattern: .random), reader(64 * MiB, offset: 64 * MiB)],
+                                                 tracking: .ring)
+        let source = try Machine(configuration, kvm: kvm)
+        try source.start()
+        defer { source.stop() }
+        source.waitForGuest()
+        let arrival = try Arrival(kvm)
+        var options = MigrationOptions(destination: arrival.endpoint)
+        options.bandwidth = 8 * MiB
+        options.downtimeSeconds = 0.01
+        options.maxIterations = 3
+        let report = MigrationSender(machine: source, options: options).run()
+        XCTAssertFalse(report.completed)
+        XCTAssertTrue(report.error?.contains("did not converge") ?? false, report.error ?? "")
+        XCTAssertEqual(report.passes.count, 3)
+        guard case .failure = arrival.wait() else { return XCTFail("the receiver must drop the partial VM") }
+        assertRunning(source)
+    }
+}
