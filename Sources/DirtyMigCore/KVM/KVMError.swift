@@ -54,3 +54,14 @@ func kvmIoctl(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String,
         throw .ioctl(name(), SystemError(name()))
     }
 }
+
+/// The same for an ioctl whose argument is a variable-sized byte buffer (e.g. struct kvm_xsave).
+func kvmIoctl(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String,
+              bytes: inout [UInt8]) throws(KVMError) {
+    while true {
+        let result = bytes.withUnsafeMutableBytes { ckvmIoctl(fd, request, $0.baseAddress) }
+        if result >= 0 { return }
+        if errno == EINTR { continue }
+        throw .ioctl(name(), SystemError(name()))
+    }
+}
