@@ -153,7 +153,8 @@ final class MachineStateTests: XCTestCase {
     }
 
     /// A vCPU the guest parked stays parked: saved with its flag, never entered in the new VM,
-    /// and its OUT to the park port was completed before saving (RIP is past it, not on it).
+    /// and its OUT to the park port is complete in the saved state (RIP past it, not on it: PVM
+    /// completes an emulated OUT at the exit, hardware KVM in pause()'s completing KVM_RUN).
     func testParkedVCPUStaysParked() throws {
         let kvm = try requireKVM()
         var configuration = Self.configuration
@@ -189,6 +190,41 @@ final class MachineStateTests: XCTestCase {
         XCTAssertEqual(after.vcpus[1].parked, true)
         XCTAssertEqual(after.vcpus[1].regs.rip, rip, "the parked vCPU was not entered again")
         XCTAssertEqual(b.guestStats().vcpus[1].state, .finished)
+    }
+
+    /// Why pause() completes each vCPU's last exit: KVM finishes an instruction that exited to
+    /// userspace only on the next KVM_RUN. A tiny real-mode guest runs `in al, 0x80`: after the
+    /// exit, RIP is still on the IN and AL lacks the byte the host supplied, so state saved then
+    /// would run the IN again; completePendingExit() finishes it without entering the guest.
+    /// (The workload guest's OUTs are complete at the exit already under PVM, which emulates them.)
+    func testPendingExitIsCompletedBeforeStateIsRead() throws {
+        let kvm = try requireKVM()
+        let vm = try kvm.createVM()
+        let memory = try GuestMemory(size: 2 * MiB)
+        try vm.setMemorySlots(of: memory, logDirtyPages: false)
+        memory.write([0xE4, 0x80, 0xEB, 0xFE], at: 0x1000)   // in al, 0x80; jmp $
+        let vcpu = try vm.createVCPU(id: 0)
+        try vcpu.setCPUID(kvm.supportedCPUID())
+        var sregs = try vcpu.getSpecialRegisters()
+        sregs.cs.base = 0
+        sregs.cs.selector = 0
+        try vcpu.setSpecialRegisters(sregs)
+        var regs = kvm_regs()
+        regs.rip = 0x1000
+        regs.rflags = 2
+        try vcpu.setRegisters(regs)
+
+        guard case .io(0x80, false, 1, 1, let dataOffset) = try vcpu.runOnce() else { return XCTFail("expected an IN exit") }
+        vcpu.ioData(at: dataOffset).storeBytes(of: 0x42, as: UInt8.self)
+        let pending = try vcpu.getRegisters()
+        XCTAssertEqual(pending.rip, 0x1000, "before completion RIP is still on the IN")
+        XCTAssertNil(try vcpu.completePendingExit(), "KVM_RUN with immediate_exit returns EINTR")
+        let completed = try vcpu.getRegisters()
+        print("IN exit: rip 0x\(String(pending.rip, radix: 16)) before completion, 0x\(String(completed.rip, radix: 16)) after, al 0x\(String(completed.rax & 0xFF, radix: 16))")
+        XCTAssertEqual(completed.rip, 0x1002)
+        XCTAssertEqual(completed.rax & 0xFF, 0x42)
+        XCTAssertNil(try vcpu.completePendingExit(), "with nothing pending it does nothing")
+        XCTAssertEqual(try vcpu.getRegisters().rip, 0x1002, "and does not enter the guest")
     }
 
     /// Restoring is for a new incoming VM of the same shape, once; saving is for a paused VM.

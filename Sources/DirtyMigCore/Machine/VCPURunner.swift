@@ -172,7 +172,7 @@ final class VCPURunner: @unchecked Sendable {
 
     private func handlePortIO(port: UInt16, isOut: Bool, size: UInt8, count: UInt32, dataOffset: UInt64) {
         guard isOut else { return }   // reads from unknown ports see whatever KVM left there
-        let data = UnsafeRawPointer(vcpu.run) + Int(dataOffset)
+        let data = UnsafeRawPointer(vcpu.ioData(at: dataOffset))
         switch port {
         case GuestLayout.consolePort:
             for index in 0..<Int(count) * Int(size) {
