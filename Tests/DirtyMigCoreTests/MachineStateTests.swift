@@ -126,11 +126,8 @@ final class MachineStateTests: XCTestCase {
     /// incoming B, B runs on and A stops. B's vCPUs go on from where A's were, at A's pace.
     func testMovedGuestKeepsRunningAtItsPace() throws {
         let kvm = try requireKVM()
-        let a = try Machine(Self.configuration, kvm: kvm)
-        try a.start()
+        let a = try runningSource(kvm)
         defer { a.stop() }
-        a.waitForGuest()
-        Thread.sleep(forTimeInterval: 0.5)
         let b = try move(a, kvm: kvm)
         defer { b.stop() }
         try checkRunsAtPace(b, name: "B")
@@ -139,11 +136,8 @@ final class MachineStateTests: XCTestCase {
     /// A to B to C: the state of a restored VM is as good as the original's.
     func testStateMovesOnTwice() throws {
         let kvm = try requireKVM()
-        let a = try Machine(Self.configuration, kvm: kvm)
-        try a.start()
+        let a = try runningSource(kvm)
         defer { a.stop() }
-        a.waitForGuest()
-        Thread.sleep(forTimeInterval: 0.5)
         let b = try move(a, kvm: kvm)
         defer { b.stop() }
         Thread.sleep(forTimeInterval: 0.5)
@@ -275,6 +269,15 @@ final class MachineStateTests: XCTestCase {
     static let configuration = MachineConfiguration(
         memorySize: 128 * MiB, vcpuCount: 2,
         workloads: [writer(32 * MiB, rate: writeRate), reader(16 * MiB, offset: 32 * MiB)], tracking: .ring)
+
+    /// A VM of `configuration` that has run its workloads for half a second.
+    private func runningSource(_ kvm: KVMSystem) throws -> Machine {
+        let machine = try Machine(Self.configuration, kvm: kvm)
+        try machine.start()
+        machine.waitForGuest()
+        Thread.sleep(forTimeInterval: 0.5)
+        return machine
+    }
 
     /// Pauses `source`, moves its state (through its encoded form) and memory into a new
     /// incoming VM, starts that, and stops `source`: the steps a migration's last phase takes.

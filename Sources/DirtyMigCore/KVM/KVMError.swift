@@ -65,3 +65,16 @@ func kvmIoctl(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String,
         throw .ioctl(name(), SystemError(name()))
     }
 }
+
+/// An ioctl that fills a struct (KVM_GET_*): KVM writes a zeroed one, which is returned.
+func kvmGet<T: KVMStruct>(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String) throws(KVMError) -> T {
+    var value = T()
+    _ = try withUnsafeMutableBytes(of: &value) { (bytes) throws(KVMError) in try kvmIoctl(fd, request, name(), bytes.baseAddress) }
+    return value
+}
+
+/// An ioctl that reads a struct (KVM_SET_*), given a pointer to a copy of `value`.
+func kvmSet<T: KVMStruct>(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String, _ value: T) throws(KVMError) {
+    var copy = value
+    _ = try withUnsafeMutableBytes(of: &copy) { (bytes) throws(KVMError) in try kvmIoctl(fd, request, name(), bytes.baseAddress) }
+}

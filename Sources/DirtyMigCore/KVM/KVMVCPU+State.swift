@@ -6,8 +6,7 @@ import Glibc
 /// the order they must run in lives in `KVMVCPU.saveState()` / `restoreState(_:)`.
 extension KVMVCPU {
     public func setMPState(_ value: UInt32) throws(KVMError) {
-        var state = kvm_mp_state(mp_state: value)
-        try kvmIoctl(fd.rawValue, CKVM_SET_MP_STATE, "KVM_SET_MP_STATE", &state)
+        try kvmSet(fd.rawValue, CKVM_SET_MP_STATE, "KVM_SET_MP_STATE", kvm_mp_state(mp_state: value))
     }
 
     /// Bytes of `struct kvm_xsave` this VM uses: KVM_CAP_XSAVE2's answer (at least 4096; more when
@@ -43,49 +42,17 @@ extension KVMVCPU {
         try kvmIoctl(fd.rawValue, CKVM_SET_XSAVE, "KVM_SET_XSAVE", bytes: &bytes)
     }
 
-    public func getXCRS() throws(KVMError) -> kvm_xcrs {
-        var xcrs = kvm_xcrs()
-        try kvmIoctl(fd.rawValue, CKVM_GET_XCRS, "KVM_GET_XCRS", &xcrs)
-        return xcrs
-    }
+    public func getXCRS() throws(KVMError) -> kvm_xcrs { try kvmGet(fd.rawValue, CKVM_GET_XCRS, "KVM_GET_XCRS") }
+    public func setXCRS(_ xcrs: kvm_xcrs) throws(KVMError) { try kvmSet(fd.rawValue, CKVM_SET_XCRS, "KVM_SET_XCRS", xcrs) }
 
-    public func setXCRS(_ xcrs: kvm_xcrs) throws(KVMError) {
-        var copy = xcrs
-        try kvmIoctl(fd.rawValue, CKVM_SET_XCRS, "KVM_SET_XCRS", &copy)
-    }
+    public func getLAPIC() throws(KVMError) -> kvm_lapic_state { try kvmGet(fd.rawValue, CKVM_GET_LAPIC, "KVM_GET_LAPIC") }
+    public func setLAPIC(_ lapic: kvm_lapic_state) throws(KVMError) { try kvmSet(fd.rawValue, CKVM_SET_LAPIC, "KVM_SET_LAPIC", lapic) }
 
-    public func getLAPIC() throws(KVMError) -> kvm_lapic_state {
-        var lapic = kvm_lapic_state()
-        try kvmIoctl(fd.rawValue, CKVM_GET_LAPIC, "KVM_GET_LAPIC", &lapic)
-        return lapic
-    }
+    public func getVCPUEvents() throws(KVMError) -> kvm_vcpu_events { try kvmGet(fd.rawValue, CKVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS") }
+    public func setVCPUEvents(_ events: kvm_vcpu_events) throws(KVMError) { try kvmSet(fd.rawValue, CKVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", events) }
 
-    public func setLAPIC(_ lapic: kvm_lapic_state) throws(KVMError) {
-        var copy = lapic
-        try kvmIoctl(fd.rawValue, CKVM_SET_LAPIC, "KVM_SET_LAPIC", &copy)
-    }
-
-    public func getVCPUEvents() throws(KVMError) -> kvm_vcpu_events {
-        var events = kvm_vcpu_events()
-        try kvmIoctl(fd.rawValue, CKVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS", &events)
-        return events
-    }
-
-    public func setVCPUEvents(_ events: kvm_vcpu_events) throws(KVMError) {
-        var copy = events
-        try kvmIoctl(fd.rawValue, CKVM_SET_VCPU_EVENTS, "KVM_SET_VCPU_EVENTS", &copy)
-    }
-
-    public func getDebugRegisters() throws(KVMError) -> kvm_debugregs {
-        var debugregs = kvm_debugregs()
-        try kvmIoctl(fd.rawValue, CKVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS", &debugregs)
-        return debugregs
-    }
-
-    public func setDebugRegisters(_ debugregs: kvm_debugregs) throws(KVMError) {
-        var copy = debugregs
-        try kvmIoctl(fd.rawValue, CKVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", &copy)
-    }
+    public func getDebugRegisters() throws(KVMError) -> kvm_debugregs { try kvmGet(fd.rawValue, CKVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS") }
+    public func setDebugRegisters(_ debugregs: kvm_debugregs) throws(KVMError) { try kvmSet(fd.rawValue, CKVM_SET_DEBUGREGS, "KVM_SET_DEBUGREGS", debugregs) }
 
     /// KVM_SET_TSC_KHZ: the guest TSC frequency (needs KVM_CAP_TSC_CONTROL).
     public func setTSCKHz(_ khz: UInt32) throws(KVMError) {

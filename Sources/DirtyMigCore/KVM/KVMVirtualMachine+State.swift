@@ -14,24 +14,21 @@ extension KVMVirtualMachine {
     }
 
     public func setIRQChip(_ chip: kvm_irqchip) throws(KVMError) {
-        var copy = chip
-        try kvmIoctl(fd.rawValue, CKVM_SET_IRQCHIP, "KVM_SET_IRQCHIP(chip \(chip.chip_id))", &copy)
+        try kvmSet(fd.rawValue, CKVM_SET_IRQCHIP, "KVM_SET_IRQCHIP(chip \(chip.chip_id))", chip)
     }
 
     /// KVM_GET_CLOCK: the kvmclock base (ns) and flags (TSC_STABLE, REALTIME, HOST_TSC).
     public func getClock() throws(KVMError) -> kvm_clock_data {
         guard checkExtension(CKVM_CAP_ADJUST_CLOCK) > 0 else { throw .missingCapability("KVM_CAP_ADJUST_CLOCK (KVM_GET_CLOCK)") }
-        var clock = kvm_clock_data()
-        try kvmIoctl(fd.rawValue, CKVM_GET_CLOCK, "KVM_GET_CLOCK", &clock)
-        return clock
+        return try kvmGet(fd.rawValue, CKVM_GET_CLOCK, "KVM_GET_CLOCK")
     }
 
     /// KVM_SET_CLOCK with flags 0: kvmclock continues from `clock.clock`, as if no time passed
     /// while the VM was away (its TSC is restored the same way). KVM_CLOCK_REALTIME is not
     /// passed: it would move the guest's clock by the wall-clock time the migration took.
     public func setClock(_ clock: kvm_clock_data) throws(KVMError) {
-        var copy = kvm_clock_data()
-        copy.clock = clock.clock
-        try kvmIoctl(fd.rawValue, CKVM_SET_CLOCK, "KVM_SET_CLOCK", &copy)
+        var start = kvm_clock_data()
+        start.clock = clock.clock
+        try kvmSet(fd.rawValue, CKVM_SET_CLOCK, "KVM_SET_CLOCK", start)
     }
 }

@@ -123,17 +123,6 @@ struct StateDecoder {
     }
 }
 
-/// A KVM struct that travels as its raw bytes: a plain C struct (no pointers), zeroed by init().
-protocol KVMStruct { init() }
-extension kvm_regs: KVMStruct {}
-extension kvm_sregs: KVMStruct {}
-extension kvm_xcrs: KVMStruct {}
-extension kvm_debugregs: KVMStruct {}
-extension kvm_lapic_state: KVMStruct {}
-extension kvm_vcpu_events: KVMStruct {}
-extension kvm_irqchip: KVMStruct {}
-extension kvm_clock_data: KVMStruct {}
-
 /// Which state a blob holds (its first four bytes, little-endian).
 enum StateMagic: UInt32 {
     case vcpu = 0x4356_4D44      // "DMVC"

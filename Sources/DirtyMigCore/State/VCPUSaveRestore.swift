@@ -1,4 +1,5 @@
 import CKVM
+import Glibc
 
 /// Saving and restoring a vCPU: which ioctls, in which order, and why (Firecracker's
 /// `arch/x86_64/vcpu.rs`, Cloud Hypervisor's `KvmVcpu::state` / `set_state`). The vCPU must be
@@ -19,7 +20,7 @@ extension KVMVCPU {
         // MSRs KVM refuses to read are skipped (Cloud Hypervisor); the TSC must not be among them.
         let msrs = try getMSRs(msrIndices).entries
         guard !msrIndices.contains(MSREntry.tsc) || msrs.contains(where: { $0.index == MSREntry.tsc }) else {
-            throw .ioctl("KVM_GET_MSRS(MSR_IA32_TSC)", SystemError("KVM_GET_MSRS refused MSR_IA32_TSC", errno: 22))
+            throw .ioctl("KVM_GET_MSRS(MSR_IA32_TSC)", SystemError("KVM_GET_MSRS refused MSR_IA32_TSC", errno: EINVAL))
         }
         // Last: reading events after everything else sees any exception the reads above queued.
         let events = try getVCPUEvents()
@@ -54,7 +55,7 @@ extension KVMVCPU {
         try setLAPIC(state.lapic)
         let refused = try setMSRs(state.msrs)
         if refused.contains(MSREntry.tsc) {
-            throw .ioctl("KVM_SET_MSRS(MSR_IA32_TSC)", SystemError("KVM_SET_MSRS refused MSR_IA32_TSC", errno: 22))
+            throw .ioctl("KVM_SET_MSRS(MSR_IA32_TSC)", SystemError("KVM_SET_MSRS refused MSR_IA32_TSC", errno: EINVAL))
         }
         // Last: pending or injected exceptions, interrupts, NMIs, the interrupt shadow.
         try setVCPUEvents(state.events)
