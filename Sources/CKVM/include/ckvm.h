@@ -14,6 +14,7 @@ static const unsigned long CKVM_CREATE_VM = KVM_CREATE_VM;
 static const unsigned long CKVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
 static const unsigned long CKVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE;
 static const unsigned long CKVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID;
+static const unsigned long CKVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
 
 // ---- VM ioctls
 static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
@@ -29,6 +30,7 @@ static const unsigned long CKVM_GET_CLOCK = KVM_GET_CLOCK;
 static const unsigned long CKVM_SET_CLOCK = KVM_SET_CLOCK;
 static const unsigned long CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
 static const unsigned long CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+static const unsigned long CKVM_GET_XSAVE2 = KVM_GET_XSAVE2;
 
 // ---- vCPU ioctls
 static const unsigned long CKVM_RUN = KVM_RUN;
@@ -52,6 +54,9 @@ static const unsigned long CKVM_GET_XSAVE = KVM_GET_XSAVE;
 static const unsigned long CKVM_SET_XSAVE = KVM_SET_XSAVE;
 static const unsigned long CKVM_GET_XCRS = KVM_GET_XCRS;
 static const unsigned long CKVM_SET_XCRS = KVM_SET_XCRS;
+static const unsigned long CKVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+static const unsigned long CKVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+static const unsigned long CKVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
 
 // ---- capabilities
 static const int CKVM_CAP_IRQCHIP = KVM_CAP_IRQCHIP;
@@ -64,6 +69,13 @@ static const int CKVM_CAP_GET_TSC_KHZ = KVM_CAP_GET_TSC_KHZ;
 static const int CKVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
 static const int CKVM_CAP_DIRTY_LOG_RING = KVM_CAP_DIRTY_LOG_RING;
 static const int CKVM_CAP_DIRTY_LOG_RING_ACQ_REL = KVM_CAP_DIRTY_LOG_RING_ACQ_REL;
+static const int CKVM_CAP_XSAVE = KVM_CAP_XSAVE;
+static const int CKVM_CAP_XSAVE2 = KVM_CAP_XSAVE2;
+static const int CKVM_CAP_XCRS = KVM_CAP_XCRS;
+static const int CKVM_CAP_DEBUGREGS = KVM_CAP_DEBUGREGS;
+static const int CKVM_CAP_VCPU_EVENTS = KVM_CAP_VCPU_EVENTS;
+static const int CKVM_CAP_ADJUST_CLOCK = KVM_CAP_ADJUST_CLOCK;
+static const int CKVM_CAP_TSC_CONTROL = KVM_CAP_TSC_CONTROL;
 
 static const uint64_t CKVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
 static const uint64_t CKVM_DIRTY_LOG_INITIALLY_SET = KVM_DIRTY_LOG_INITIALLY_SET;
@@ -91,6 +103,14 @@ static const uint8_t CKVM_EXIT_IO_OUT = KVM_EXIT_IO_OUT;
 static const uint32_t CKVM_MP_STATE_RUNNABLE = KVM_MP_STATE_RUNNABLE;
 static const uint32_t CKVM_MP_STATE_UNINITIALIZED = KVM_MP_STATE_UNINITIALIZED;
 
+static const uint32_t CKVM_IRQCHIP_PIC_MASTER = KVM_IRQCHIP_PIC_MASTER;
+static const uint32_t CKVM_IRQCHIP_PIC_SLAVE = KVM_IRQCHIP_PIC_SLAVE;
+static const uint32_t CKVM_IRQCHIP_IOAPIC = KVM_IRQCHIP_IOAPIC;
+/* kvm_clock_data.flags KVM_SET_CLOCK accepts; KVM_GET_CLOCK may report more. */
+static const uint32_t CKVM_CLOCK_REALTIME = KVM_CLOCK_REALTIME;
+/* Size of struct kvm_xsave without its flexible tail (KVM_GET_XSAVE / KVM_SET_XSAVE). */
+static const int CKVM_XSAVE_LEGACY_SIZE = sizeof(struct kvm_xsave);
+
 // ---- ioctl, wrapped once: ioctl(2) is variadic, which Swift cannot call directly.
 static inline int ckvm_ioctl(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 static inline int ckvm_ioctl_value(int fd, unsigned long request, unsigned long value) {
@@ -117,6 +137,12 @@ struct ckvm_cpuid {
     uint32_t padding;
     struct kvm_cpuid_entry2 entries[256];
 };
+
+// ---- struct kvm_msrs / kvm_msr_list headers (their entries follow, counted by nmsrs).
+// Swift builds these buffers by hand: a header, then the array.
+static const int CKVM_MSRS_HEADER_SIZE = sizeof(struct kvm_msrs);
+static const int CKVM_MSR_ENTRY_SIZE = sizeof(struct kvm_msr_entry);
+static const int CKVM_MSR_LIST_HEADER_SIZE = sizeof(struct kvm_msr_list);
 
 // ---- dirty ring entry flags: acquire/release accesses (the ring is shared with the kernel)
 static inline uint32_t ckvm_dirty_gfn_load_flags(const struct kvm_dirty_gfn *gfn) {

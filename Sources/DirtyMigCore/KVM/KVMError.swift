@@ -54,3 +54,27 @@ func kvmIoctl(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String,
         throw .ioctl(name(), SystemError(name()))
     }
 }
+
+/// The same for an ioctl whose argument is a variable-sized byte buffer (e.g. struct kvm_xsave).
+func kvmIoctl(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String,
+              bytes: inout [UInt8]) throws(KVMError) {
+    while true {
+        let result = bytes.withUnsafeMutableBytes { ckvmIoctl(fd, request, $0.baseAddress) }
+        if result >= 0 { return }
+        if errno == EINTR { continue }
+        throw .ioctl(name(), SystemError(name()))
+    }
+}
+
+/// An ioctl that fills a struct (KVM_GET_*): KVM writes a zeroed one, which is returned.
+func kvmGet<T: KVMStruct>(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String) throws(KVMError) -> T {
+    var value = T()
+    _ = try withUnsafeMutableBytes(of: &value) { (bytes) throws(KVMError) in try kvmIoctl(fd, request, name(), bytes.baseAddress) }
+    return value
+}
+
+/// An ioctl that reads a struct (KVM_SET_*), given a pointer to a copy of `value`.
+func kvmSet<T: KVMStruct>(_ fd: Int32, _ request: UInt, _ name: @autoclosure () -> String, _ value: T) throws(KVMError) {
+    var copy = value
+    _ = try withUnsafeMutableBytes(of: &copy) { (bytes) throws(KVMError) in try kvmIoctl(fd, request, name(), bytes.baseAddress) }
+}

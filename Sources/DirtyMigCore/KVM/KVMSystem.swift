@@ -51,6 +51,28 @@ public final class KVMSystem: Sendable {
         return CPUIDTable(raw: table)
     }
 
+    /// KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU (the list a VMM
+    /// migrates). Asked twice: first for the count (E2BIG), then for the indices.
+    public func msrIndexList() throws(KVMError) -> [UInt32] {
+        var count: UInt32 = 0
+        let name = "KVM_GET_MSR_INDEX_LIST"
+        while true {
+            let header = Int(CKVM_MSR_LIST_HEADER_SIZE)
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: header + 4 * Int(count), alignment: 4)
+            defer { buffer.deallocate() }
+            buffer.storeBytes(of: count, as: UInt32.self)
+            if ckvmIoctl(fd.rawValue, CKVM_GET_MSR_INDEX_LIST, buffer) >= 0 {
+                let returned = min(Int(count), Int(buffer.load(as: UInt32.self)))
+                return (0..<returned).map { buffer.load(fromByteOffset: header + 4 * $0, as: UInt32.self) }
+            }
+            let needed = buffer.load(as: UInt32.self)
+            // E2BIG with the count filled in: retry with room for it (bounded: KVM's list is
+            // a few hundred entries).
+            guard errno == E2BIG || errno == EINTR, needed <= 16384 else { throw .ioctl(name, SystemError(name)) }
+            count = max(count, needed)
+        }
+    }
+
     public func createVM() throws(KVMError) -> KVMVirtualMachine {
         let vmfd = try kvmIoctl(fd.rawValue, CKVM_CREATE_VM, "KVM_CREATE_VM", value: 0)
         return KVMVirtualMachine(system: self, fd: FileDescriptor(owning: vmfd))

@@ -27,6 +27,10 @@ public final class KVMVCPU: @unchecked Sendable {
 
     var run: UnsafeMutablePointer<kvm_run> { runPage.base.assumingMemoryBound(to: kvm_run.self) }
 
+    /// Where the data of an I/O exit lives in the kvm_run page (`dataOffset` of `.io`): the host
+    /// reads an OUT's bytes there and writes an IN's.
+    public func ioData(at offset: UInt64) -> UnsafeMutableRawPointer { runPage.base + Int(offset) }
+
     /// Makes the next (or current) KVM_RUN return at once with EINTR; paired with a signal.
     public func requestImmediateExit(_ value: Bool = true) {
         ckvm_run_set_immediate_exit(run, value ? 1 : 0)

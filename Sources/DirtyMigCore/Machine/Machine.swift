@@ -15,15 +15,28 @@ public final class Machine: @unchecked Sendable {
     /// The guest's TSC frequency, which paces its workloads.
     public let tscHz: UInt64
     public let guestConfig: GuestConfig
+    public let boot: Boot
     private let runners: [VCPURunner]
+
+    /// How the VM's CPUs and memory begin.
+    public enum Boot: Sendable {
+        /// The workload guest boots from its image, with its config block and working sets.
+        case fresh
+        /// The destination of a migration: the same KVM setup (tracking, irqchip, memory slots,
+        /// vCPUs with CPUID), but guest memory stays empty and the vCPUs in their reset state
+        /// until migration fills the memory and `restoreState(_:)` the CPUs.
+        case incoming
+    }
 
     private enum State { case created, running, paused, stopped }
     private let lock = NSLock()
     private var state = State.created
+    private var restored = false
     public private(set) var startTime: UInt64 = 0
 
-    public init(_ configuration: MachineConfiguration, kvm: KVMSystem? = nil) throws(MachineError) {
+    public init(_ configuration: MachineConfiguration, kvm: KVMSystem? = nil, boot: Boot = .fresh) throws(MachineError) {
         self.configuration = configuration
+        self.boot = boot
         do {
             let kvm = try kvm ?? KVMSystem()
             try configuration.validate(against: kvm)
@@ -47,7 +60,7 @@ public final class Machine: @unchecked Sendable {
 
             try vm.setTSSAddress(0xFFFB_D000)
             try vm.createIRQChip()
-        try vm.setMemorySlots(of: memory, logDirtyPages: false)
+            try vm.setMemorySlots(of: memory, logDirtyPages: false)
 
             let cpuid = try kvm.supportedCPUID()
             var vcpus: [KVMVCPU] = []
@@ -60,15 +73,17 @@ public final class Machine: @unchecked Sendable {
             self.vcpus = vcpus
             tscHz = try vcpus[0].tscKHz() * 1000
 
-            let image = GuestImage.workload
-            memory.write(image.bytes, at: image.loadAddress)
             guestConfig = GuestConfig(tscHz: tscHz, memorySize: configuration.memorySize,
                                       vcpus: configuration.workloads)
-            memory.write(guestConfig.encode(), at: GuestLayout.configAddress)
-            try MultibootEntry.configure(vcpus[0], entry: image.entryAddress)
-            for workload in configuration.workloads where workload.kind != .idle && workload.size > 0 {
-                let start = GuestLayout.workloadBase + workload.offset
-                try memory.populate(start..<start + workload.size)
+            if boot == .fresh {
+                let image = GuestImage.workload
+                memory.write(image.bytes, at: image.loadAddress)
+                memory.write(guestConfig.encode(), at: GuestLayout.configAddress)
+                try MultibootEntry.configure(vcpus[0], entry: image.entryAddress)
+                for workload in configuration.workloads where workload.kind != .idle && workload.size > 0 {
+                    let start = GuestLayout.workloadBase + workload.offset
+                    try memory.populate(start..<start + workload.size)
+                }
             }
         } catch let error as MachineError {
             throw error
@@ -89,17 +104,20 @@ public final class Machine: @unchecked Sendable {
         }
     }
 
-    /// Starts tracking (so nothing the guest writes is missed) and then the vCPUs.
+    /// Starts tracking (so nothing the guest writes is missed) and then the vCPUs. An incoming
+    /// VM starts only once its state has been restored.
     public func start() throws(MachineError) {
         lock.lock(); defer { lock.unlock() }
         guard state == .created else { return }
+        if boot == .incoming && !restored { throw .state(.notRestored) }
         do { try tracker?.start() } catch { throw .kvm(error) }
         startTime = MonotonicClock.nanoseconds()
         for runner in runners { runner.start() }
         state = .running
     }
 
-    /// Takes every vCPU out of the guest and keeps it out until resume().
+    /// Takes every vCPU out of the guest and keeps it out until resume(). When it returns, each
+    /// vCPU's last exit is complete, so its state can be saved.
     public func pause() {
         lock.lock(); defer { lock.unlock() }
         guard state == .running else { return }
@@ -121,6 +139,52 @@ public final class Machine: @unchecked Sendable {
         for runner in runners { runner.stop() }
         tracker?.stop()
         state = .stopped
+    }
+
+    /// The CPU and in-kernel device state of a paused VM. Guest memory is not part of it.
+    public func saveState() throws(MachineError) -> MachineState {
+        lock.lock(); defer { lock.unlock() }
+        guard state == .paused else { throw .state(.notPaused) }
+        if let failure = events.firstFailure { throw .state(.vmFailed("\(failure)")) }
+        do {
+            let msrIndices = try kvm.migratableMSRIndices()
+            var states: [VCPUState] = []
+            for runner in runners {
+                var vcpuState = try runner.vcpu.saveState(msrIndices: msrIndices)
+                vcpuState.parked = runner.isParked
+                states.append(vcpuState)
+            }
+            return MachineState(memorySize: configuration.memorySize, vcpus: states,
+                                devices: try vm.saveDeviceState())
+        } catch {
+            throw .kvm(error)
+        }
+    }
+
+    /// Puts a saved state into this incoming VM, once, before start(). Its memory is filled
+    /// separately (before start()).
+    public func restoreState(_ saved: MachineState) throws(MachineError) {
+        lock.lock(); defer { lock.unlock() }
+        guard boot == .incoming else { throw .state(.notIncoming) }
+        guard !restored else { throw .state(.alreadyRestored) }
+        guard state == .created else { throw .state(.alreadyStarted) }
+        guard saved.vcpus.count == vcpus.count else {
+            throw .state(.vcpuCountMismatch(saved: saved.vcpus.count, machine: vcpus.count))
+        }
+        guard saved.memorySize == configuration.memorySize else {
+            throw .state(.memorySizeMismatch(saved: saved.memorySize, machine: configuration.memorySize))
+        }
+        // Whatever happens below, this VM's vCPUs are no longer in a state to restore into.
+        restored = true
+        do {
+            for (runner, vcpuState) in zip(runners, saved.vcpus) {
+                try runner.vcpu.restoreState(vcpuState)
+                runner.restoreParked(vcpuState.parked)
+            }
+            try vm.restoreDeviceState(saved.devices)
+        } catch {
+            throw .kvm(error)
+        }
     }
 
     /// Kicks one vCPU out of KVM_RUN (it re-enters at once unless held or paused).

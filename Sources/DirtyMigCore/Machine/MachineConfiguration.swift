@@ -61,6 +61,7 @@ public enum MachineError: Error, CustomStringConvertible {
     case guestFailed(String)
     case kvm(KVMError)
     case system(SystemError)
+    case state(MachineStateError)
 
     public var description: String {
         switch self {
@@ -68,6 +69,7 @@ public enum MachineError: Error, CustomStringConvertible {
         case .guestFailed(let text): return text
         case .kvm(let error): return error.description
         case .system(let error): return error.description
+        case .state(let error): return error.description
         }
     }
 }

@@ -19,6 +19,11 @@ final class VCPURunner: @unchecked Sendable {
     /// The guest asked (park port) to be left out of the CPU for good: its workload finished
     /// in ring 3, where it cannot halt. Guarded by `condition`.
     private var parked = false
+    /// Parked, and its last exit completed: out of the guest for good. Guarded by `condition`.
+    private var parkedOut = false
+    /// KVM_RUN returned an exit that KVM completes only on the next KVM_RUN (see
+    /// `KVMVCPU.completePendingExit`). Touched only by the runner's thread.
+    private var exitPending = false
     private var consoleLine: [UInt8] = []
 
     init(vcpu: KVMVCPU, tracker: DirtyTracker?, events: MachineEvents) {
@@ -45,13 +50,25 @@ final class VCPURunner: @unchecked Sendable {
         thread?.join()
     }
 
-    /// Returns once the vCPU is out of KVM_RUN and parked (or its thread has ended).
+    /// Returns once the vCPU is out of KVM_RUN with its last exit completed, so that its state
+    /// can be read (or its thread has ended).
     func pause() {
         pauseRequested.store(true, ordering: .releasing)
         kick()
         condition.lock()
-        while !paused && !finished && !parked { condition.wait() }
+        while !paused && !finished && !parkedOut { condition.wait() }
         condition.unlock()
+    }
+
+    /// Whether the guest parked this vCPU (part of its saved state).
+    var isParked: Bool {
+        condition.lock(); defer { condition.unlock() }
+        return parked
+    }
+
+    /// Before start(): a restored vCPU the guest had parked is never entered again.
+    func restoreParked(_ value: Bool) {
+        condition.lock(); parked = value; condition.unlock()
     }
 
     func resume() {
@@ -67,34 +84,34 @@ final class VCPURunner: @unchecked Sendable {
         }
         do {
             while !stopRequested.load(ordering: .acquiring) {
-                if pauseRequested.load(ordering: .acquiring) { parkWhilePaused(); continue }
-                if isParked { waitWhileParked(); continue }
+                if pauseRequested.load(ordering: .acquiring) { try parkWhilePaused(); continue }
+                if isParked { try waitWhileParked(); continue }
                 if let deadline = tracker?.holdDeadline(vcpu: vcpu.id) {
                     // A quota exit: stay out of the guest until the vCPU's interval ends.
                     let now = MonotonicClock.nanoseconds()
                     if deadline > now { MonotonicClock.sleep(nanoseconds: deadline - now) }
                     continue
                 }
-                try handle(try vcpu.runOnce())
+                let exit = try vcpu.runOnce()
+                exitPending = exit != .interrupted
+                try handle(exit)
             }
         } catch {
             events.vcpuFailed(vcpu.id, error)
         }
     }
 
-    private var isParked: Bool {
-        condition.lock(); defer { condition.unlock() }
-        return parked
-    }
-
-    private func waitWhileParked() {
+    private func waitWhileParked() throws {
+        try completePendingExit()
         condition.lock()
+        parkedOut = true
         condition.broadcast()   // a pause() waiting for this vCPU may return: it is out of the guest
         while !stopRequested.load(ordering: .acquiring) { condition.wait() }
         condition.unlock()
     }
 
-    private func parkWhilePaused() {
+    private func parkWhilePaused() throws {
+        try completePendingExit()
         condition.lock()
         paused = true
         condition.broadcast()
@@ -103,6 +120,20 @@ final class VCPURunner: @unchecked Sendable {
         }
         paused = false
         condition.unlock()
+    }
+
+    /// Lets KVM finish the instruction behind the last exit (e.g. move RIP past an OUT we
+    /// handled) without entering the guest, so that state saved now neither replays nor loses it.
+    private func completePendingExit() throws {
+        var rounds = 0
+        while exitPending {
+            guard let exit = try vcpu.completePendingExit() else { exitPending = false; break }
+            // Completing it took userspace again (a string I/O instruction's next chunk).
+            rounds += 1
+            if rounds > 4096 { throw fatal("the last exit did not complete in \(rounds) rounds") }
+            exitPending = exit != .interrupted
+            try handle(exit)
+        }
     }
 
     private func handle(_ exit: VCPUExit) throws {
@@ -141,7 +172,7 @@ final class VCPURunner: @unchecked Sendable {
 
     private func handlePortIO(port: UInt16, isOut: Bool, size: UInt8, count: UInt32, dataOffset: UInt64) {
         guard isOut else { return }   // reads from unknown ports see whatever KVM left there
-        let data = UnsafeRawPointer(vcpu.run) + Int(dataOffset)
+        let data = UnsafeRawPointer(vcpu.ioData(at: dataOffset))
         switch port {
         case GuestLayout.consolePort:
             for index in 0..<Int(count) * Int(size) {
