@@ -156,7 +156,7 @@ public final class MigrationReceiver: Sendable {
             name: name ?? hello.name, memorySize: hello.memorySize, vcpuCount: hello.vcpuCount,
             workloads: config.vcpus, tracking: hello.tracking, ringEntries: hello.ringEntries)
         do { try configuration.validate(against: kvm) } catch { throw .refused("\(error)") }
-        do { return try Machine(incoming: configuration, kvm: kvm, tscHz: config.tscHz) } catch {
+        do { return try Machine(configuration, kvm: kvm, boot: .incoming) } catch {
             throw .refused("cannot build the VM here: \(error)")
         }
     }
