@@ -123,8 +123,10 @@ do {
                             memoryMiB: UInt64(option("--memory", default: 512)))
     case "accuracy":
         try runAccuracy(intervals: Int(option("--seconds", default: 3)))
+    case "migration":
+        try runMigrationBenchmark(runs: Int(option("--runs", default: 3)))
     default:
-        FileHandle.standardError.write(Data("usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S]\n".utf8))
+        FileHandle.standardError.write(Data("usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S] | migration [--runs N]\n".utf8))
         exit(2)
     }
 } catch {
