@@ -123,8 +123,9 @@ public final class MigrationSender: Sendable {
             return (machine.memory.dataPages(), true)   // resend everything that could have changed
         }
 
-        // Pass 1: everything that holds data; the tracker's history before now is irrelevant.
-        _ = try collect()
+        // Pass 1: everything that holds data; the tracker's history before now (and any loss
+        // in it) is irrelevant.
+        do { _ = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
         var pending = machine.memory.dataPages()
         var bandwidth = 0.0
         var iteration = 0
@@ -174,12 +175,19 @@ public final class MigrationSender: Sendable {
         paused = true
         // What the last pass left dirty, plus what the guest wrote between that collection and
         // the pause.
-        let (last, _) = try collect()
+        let (last, lastLost) = try collect()
         pending.formUnion(last)
         update { $0.remainingPages = UInt64(pending.count) }
-        tally(try sender.send(pending))
+        let finalSent = try sender.send(pending)
+        tally(finalSent)
         iteration += 1
         try endPass(iteration)
+        report.passes.append(MigrationPass(
+            iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
+            bytesSent: finalSent.bytes, pagesSent: finalSent.normalPages + finalSent.zeroPages, pagesDirtied: 0,
+            dirtyPagesPerSecond: 0, bandwidthBytesPerSecond: Double(finalSent.bytes) / max(Double(finalSent.nanoseconds) / 1e9, 1e-6),
+            expectedDowntimeSeconds: 0, trackingLost: lastLost))
+        passLog(report.passes.last!)
         report.iterations = iteration
         let stateBytes: [UInt8]
         do { stateBytes = try machine.saveState().encode() } catch { throw .machine("cannot save the vCPU state: \(error)") }
