@@ -224,6 +224,10 @@ enum ReportTable {
             let during = vcpu["guest_pages_s_during"]?.doubleValue ?? 0
             row("vCPU \(id) guest pages/s", String(format: "%.0f before, %.0f during", before, during))
         }
+        if let after = report["destination_guest_pages_s"]?.arrayValue {
+            row("after, at destination", after.enumerated().map { String(format: "vCPU %d %.0f", $0.offset, $0.element.doubleValue ?? 0) }
+                .joined(separator: ", ") + " guest pages/s")
+        }
         return lines.joined(separator: "\n")
     }
 }

@@ -94,7 +94,7 @@ public final class MigrationReceiver: Sendable {
                     throw .protocolError(.unexpected("a \(type) frame while receiving memory"))
                 }
 
-            case .awaitingCompletion(let machine, _, let stateBytes):
+            case .awaitingCompletion(let machine, let pages, let stateBytes):
                 let (_, payload) = try channel.receive([.complete])
                 var reader = WireReader(payload, what: "complete")
                 let (verify, memoryDigest, stateDigest) = try MigrationError.wrap { () throws(MigrationProtocolError) in
@@ -134,6 +134,7 @@ public final class MigrationReceiver: Sendable {
                     machine.stop()
                     throw .connection(error)
                 }
+                pages.populateAfterResume()
                 return machine
             }
         }

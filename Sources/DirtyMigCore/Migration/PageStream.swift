@@ -110,10 +110,35 @@ struct PageReceiver {
     let memory: GuestMemory
     private(set) var hasData: DirtyPageBitmap
     private(set) var pagesReceived: UInt64 = 0
+    /// Zero pages the source had allocated (its guest had touched them, or dirtymig populated
+    /// them at boot). Left as holes here, the guest's first touch of each would fault after the
+    /// move, tens of microseconds a page on nested KVM: see `populateAfterResume`.
+    private(set) var allocatedAtSource: DirtyPageBitmap
 
     init(memory: GuestMemory) {
         self.memory = memory
         hasData = DirtyPageBitmap(pageCount: memory.pageCount)
+        allocatedAtSource = DirtyPageBitmap(pageCount: memory.pageCount)
+    }
+
+    /// After the VM resumes here: allocate, on a background thread, the zero pages that were
+    /// allocated at the source, so the guest does not pay a first-touch fault on each of them
+    /// (measured: a reader over 256 MiB ran at 48,000 pages/s here until it had touched every
+    /// page, against 180 million at the source). Not during downtime: it would only lengthen it.
+    func populateAfterResume() {
+        let runs = allocatedAtSource.runs()
+        guard !runs.isEmpty else { return }
+        let memory = self.memory
+        _ = OSThread(name: "populate-zero-pages") {
+            for run in runs {
+                var page = run.lowerBound
+                while page < run.upperBound {
+                    let end = min(run.upperBound, page + 512)
+                    try? memory.populate(UInt64(page) * 4096..<UInt64(end) * 4096)
+                    page = end
+                }
+            }
+        }
     }
 
     /// Reads one pages frame's payload (its header already read) into memory, validating the
@@ -158,6 +183,7 @@ struct PageReceiver {
                 for page in first..<end where hasData.contains(page) {
                     memset(memory.base + page * 4096, 0, 4096)
                 }
+                allocatedAtSource.set(first..<end)
             }
             pagesReceived += UInt64(range.count)
         }

@@ -1,0 +1,45 @@
+import DirtyMigCore
+import Foundation
+import XCTest
+
+/// `dirtymig migrate` with neither --vm nor --to: a whole local migration, as the README's first
+/// command runs it, with the report's fields and the --stats lines.
+final class LocalMigrationTests: XCTestCase {
+    func testLocalMigrationReportsAndWritesStats() throws {
+        guard access("/dev/kvm", R_OK | W_OK) == 0 else {
+            let reason = "skipped: needs a working /dev/kvm"
+            FileHandle.standardError.write(Data((reason + "\n").utf8))
+            throw XCTSkip(reason)
+        }
+        let stats = NSTemporaryDirectory() + "dirtymig-stats-\(getpid()).jsonl"
+        defer { unlink(stats) }
+        let result = try CLI.run(["migrate", "--memory", "256M", "--vcpus", "2", "--track", "quota",
+                                  "--workload", "0:write,ws=32M,rate=20M", "--workload", "1:read,ws=32M",
+                                  "--verify", "--json", "--stats", stats])
+        XCTAssertEqual(result.status, 0, result.stdout + result.stderr)
+        let report = try JSONValue.parse(result.stdout)
+        XCTAssertEqual(report["status"], "completed")
+        XCTAssertEqual(report["verify"], "passed")
+        XCTAssertEqual(report["track"], "quota")
+        for key in ["error", "total_ms", "setup_ms", "downtime_ms", "iterations", "transferred_bytes", "zero_pages",
+                    "normal_pages", "throughput_mib_s", "dirty_pages_s", "ring_overruns"] {
+            XCTAssertNotNil(report[key], "report field \(key)")
+        }
+        let vcpus = try XCTUnwrap(report["vcpus"]?.arrayValue)
+        XCTAssertEqual(vcpus.count, 2)
+        for vcpu in vcpus {
+            XCTAssertGreaterThan(vcpu["guest_pages_s_before"]?.doubleValue ?? 0, 0)
+            XCTAssertGreaterThan(vcpu["guest_pages_s_during"]?.doubleValue ?? 0, 0)
+        }
+        let after = try XCTUnwrap(report["destination_guest_pages_s"]?.arrayValue)
+        XCTAssertTrue(after.allSatisfy { ($0.doubleValue ?? 0) > 0 }, "the VM runs at the destination")
+        let lines = try String(contentsOfFile: stats, encoding: .utf8).split(separator: "\n")
+        XCTAssertEqual(lines.count, Int(report["iterations"]?.doubleValue ?? -1), "one --stats line per pass")
+        for line in lines {
+            let pass = try JSONValue.parse(String(line))
+            for key in ["iteration", "time_s", "bytes_sent", "pages_dirtied", "dirty_pages_s", "bandwidth_mib_s", "expected_downtime_ms"] {
+                XCTAssertNotNil(pass[key], "stats field \(key)")
+            }
+        }
+    }
+}
