@@ -35,7 +35,9 @@ public final class MigrationSender: Sendable {
         report.track = machine.configuration.tracking
         report.destination = options.destination.description
         report.verify = options.verify ? "failed" : "off"
+        update { $0.phase = "measuring the guest" }
         let before = guestPace(over: 0.5)
+        update { $0.phase = "setup" }
         report.guestPagesPerSecondBefore = before
         let started = MonotonicClock.nanoseconds()
         let guestAtStart = machine.guestStats().vcpus.map(\.pages)
@@ -133,7 +135,11 @@ public final class MigrationSender: Sendable {
             iteration += 1
             update { $0.phase = "pre-copy"; $0.iteration = iteration; $0.remainingPages = UInt64(pending.count) }
             let passStart = MonotonicClock.nanoseconds()
-            let sent = try sender.send(pending) { cancelFlag.load(ordering: .relaxed) || deadline.map { MonotonicClock.nanoseconds() > $0 } == true }
+            let sent = try sender.send(pending, shouldStop: {
+                cancelFlag.load(ordering: .relaxed) || deadline.map { MonotonicClock.nanoseconds() > $0 } == true
+            }, onBatch: { bytes, pages in
+                update { $0.sentBytes += bytes; $0.remainingPages -= min($0.remainingPages, UInt64(pages)) }
+            })
             tally(sent)
             try endPass(iteration)
             let (dirty, lost) = try collect()

@@ -48,7 +48,9 @@ struct PageSender {
         return true
     }
 
-    func send(_ pages: DirtyPageBitmap, shouldStop: () -> Bool = { false }) throws(MigrationError) -> PageSendTally {
+    /// `onBatch` gets the bytes and pages of each batch put on the wire (for live progress).
+    func send(_ pages: DirtyPageBitmap, shouldStop: () -> Bool = { false },
+              onBatch: (UInt64, Int) -> Void = { _, _ in }) throws(MigrationError) -> PageSendTally {
         var tally = PageSendTally()
         let started = MonotonicClock.nanoseconds()
         var ranges: [PageRange] = []
@@ -76,6 +78,7 @@ struct PageSender {
             }
             do { try result.get() } catch { throw .connection(error) }
             tally.bytes += UInt64(header.count + table.bytes.count + dataBytes)
+            onBatch(UInt64(header.count + table.bytes.count + dataBytes), ranges.reduce(0) { $0 + Int($1.count) })
             ranges.removeAll(keepingCapacity: true)
             dataBytes = 0
         }
