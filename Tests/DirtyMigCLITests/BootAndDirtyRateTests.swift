@@ -6,11 +6,7 @@ import XCTest
 /// sequential writer and a reader, then `dirtyrate --json --count 5`.
 final class BootAndDirtyRateTests: XCTestCase {
     func testRingRatesThroughTheCommandLine() throws {
-        guard access("/dev/kvm", R_OK | W_OK) == 0 else {
-            let reason = "skipped: needs a working /dev/kvm"
-            FileHandle.standardError.write(Data((reason + "\n").utf8))
-            throw XCTSkip(reason)
-        }
+        try requireKVMDevice()
         let name = "clitest\(getpid())"
         let (boot, output) = try CLI.start(["boot", "--memory", "1G", "--vcpus", "2", "--track", "ring", "--name", name,
                                             "--workload", "0:write,ws=512M,pattern=seq,rate=100M",
@@ -56,7 +52,7 @@ final class BootAndDirtyRateTests: XCTestCase {
     }
 
     func testSIGTERMStopsCleanly() throws {
-        guard access("/dev/kvm", R_OK | W_OK) == 0 else { throw XCTSkip("skipped: needs a working /dev/kvm") }
+        try requireKVMDevice()
         let name = "sigterm\(getpid())"
         let (boot, output) = try CLI.start(["boot", "--memory", "128M", "--vcpus", "1", "--name", name])
         XCTAssertNotNil(CLI.readLine(output))

@@ -55,3 +55,13 @@ enum CLI {
         return nil
     }
 }
+
+/// Tests that boot VMs through the command line call this first: where /dev/kvm is missing it
+/// skips the test and prints why.
+func requireKVMDevice() throws {
+    guard access("/dev/kvm", R_OK | W_OK) == 0 else {
+        let reason = "skipped: needs a working /dev/kvm (open it read-write)"
+        FileHandle.standardError.write(Data((reason + "\n").utf8))
+        throw XCTSkip(reason)
+    }
+}

@@ -6,11 +6,7 @@ import XCTest
 /// command runs it, with the report's fields and the --stats lines.
 final class LocalMigrationTests: XCTestCase {
     func testLocalMigrationReportsAndWritesStats() throws {
-        guard access("/dev/kvm", R_OK | W_OK) == 0 else {
-            let reason = "skipped: needs a working /dev/kvm"
-            FileHandle.standardError.write(Data((reason + "\n").utf8))
-            throw XCTSkip(reason)
-        }
+        try requireKVMDevice()
         let stats = NSTemporaryDirectory() + "dirtymig-stats-\(getpid()).jsonl"
         defer { unlink(stats) }
         let result = try CLI.run(["migrate", "--memory", "256M", "--vcpus", "2", "--track", "quota",

@@ -5,14 +5,6 @@ import XCTest
 /// The failure cases through the command line, with real processes killed mid-transfer:
 /// `boot` (source), `receive` (destination), `migrate` (the user's command).
 final class MigrationFailureTests: XCTestCase {
-    private func requireKVM() throws {
-        guard access("/dev/kvm", R_OK | W_OK) == 0 else {
-            let reason = "skipped: needs a working /dev/kvm"
-            FileHandle.standardError.write(Data((reason + "\n").utf8))
-            throw XCTSkip(reason)
-        }
-    }
-
     private func freePort() throws -> UInt16 {
         let probe = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
         return probe.localPort
@@ -55,7 +47,7 @@ final class MigrationFailureTests: XCTestCase {
     }
 
     func testReceiverKilledMidTransferThenASecondMigrationSucceeds() throws {
-        try requireKVM()
+        try requireKVMDevice()
         let source = "src\(getpid())", destination = "dst\(getpid())"
         let boot = try bootSource(source)
         defer { if boot.isRunning { boot.terminate() } }
@@ -97,7 +89,7 @@ final class MigrationFailureTests: XCTestCase {
     }
 
     func testSenderKilledMidTransferTheReceiverTakesTheNext() throws {
-        try requireKVM()
+        try requireKVMDevice()
         let first = "snd\(getpid())", second = "sne\(getpid())", destination = "rcv\(getpid())"
         let port = try freePort()
         let (receiver, receiverOutput) = try startReceiver(destination, port: port)
@@ -127,7 +119,7 @@ final class MigrationFailureTests: XCTestCase {
     }
 
     func testPortInUseAndNothingListening() throws {
-        try requireKVM()
+        try requireKVMDevice()
         let holder = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
         let busy = try CLI.run(["receive", "--listen", "127.0.0.1:\(holder.localPort)", "--name", "busy\(getpid())"])
         XCTAssertEqual(busy.status, 1)
