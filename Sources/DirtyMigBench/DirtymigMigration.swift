@@ -61,27 +61,37 @@ struct BenchError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// `dirtymig-bench migration`: the migration issue's three scenarios, dirtymig's side.
-func runMigrationBenchmark(runs: Int) throws {
+/// `dirtymig-bench migration`: the migration issue's three scenarios, dirtymig next to QEMU 7.2
+/// on the same guest image and config block (when qemu-system-x86_64 is installed).
+func runMigrationBenchmark(runs: Int, withQEMU: Bool) throws {
     let scenarios: [(String, UInt64, [VCPUWorkload], Bool, Double)] = [
         ("4 GiB, guest wrote nothing", 4 << 30, [VCPUWorkload(kind: .idle, seed: 0)], false, 0.2),
         ("2 GiB, 1 GiB written once, idle", 2 << 30, [VCPUWorkload(kind: .write, offset: 0, size: 1 << 30, passes: 1, seed: 1)], true, 0.2),
         ("1 GiB, rewriting 256 MiB at 200 MiB/s", 1 << 30, [VCPUWorkload(kind: .write, offset: 0, size: 256 << 20, rateBytesPerSecond: 200 << 20, seed: 1)], false, 1.0),
     ]
-    print("| scenario | total ms | setup ms | downtime ms | passes | MiB sent | MiB/s |")
+    let qemu = withQEMU && qemuExecutable() != nil
+    print("Live migration over loopback, --downtime 300ms, no bandwidth cap; median (min-max) of \(runs) runs")
+    print("")
+    print("| scenario | migrator | total ms | downtime ms | passes | MiB sent | MiB/s |")
     print("|---|---|---|---|---|---|---|")
+    func cell(_ values: [Double], _ format: String = "%.1f") -> String {
+        "\(String(format: format, median(values))) (\(String(format: format, values.min() ?? 0))-\(String(format: format, values.max() ?? 0)))"
+    }
     for (label, memory, workloads, wait, warmup) in scenarios {
-        var results: [MigrationReport] = []
+        var ours: [MigrationReport] = []
+        var theirs: [QEMUMigrationResult] = []
         for _ in 0..<runs {
-            results.append(try runDirtymigMigration(memory: memory, vcpus: workloads.count, workloads: workloads, downtime: 0.3,
-                                                    waitForFinishedPasses: wait, warmupSeconds: warmup).report)
-            if ProcessInfo.processInfo.environment["BENCH_PASSES"] != nil {
-                for pass in results.last!.passes { FileHandle.standardError.write(Data((pass.json.serialized() + "\n").utf8)) }
+            ours.append(try runDirtymigMigration(memory: memory, vcpus: workloads.count, workloads: workloads, downtime: 0.3,
+                                                 waitForFinishedPasses: wait, warmupSeconds: warmup).report)
+            if qemu {
+                theirs.append(try runQEMUMigration(memory: memory, workloads: workloads, downtime: 0.3,
+                                                   waitForFinishedPasses: wait, warmupSeconds: warmup))
             }
         }
-        func cell(_ values: [Double], _ format: String = "%.1f") -> String {
-            "\(String(format: format, median(values))) (\(String(format: format, values.min() ?? 0))-\(String(format: format, values.max() ?? 0)))"
+        print("| \(label) | dirtymig | \(cell(ours.map { $0.totalSeconds * 1000 })) | \(cell(ours.map { $0.downtimeSeconds * 1000 })) | \(cell(ours.map { Double($0.iterations) }, "%.0f")) | \(cell(ours.map { Double($0.transferredBytes) / 1_048_576 })) | \(cell(ours.map(\.throughputMiBPerSecond), "%.0f")) |")
+        if qemu {
+            print("| | QEMU 7.2 | \(cell(theirs.map(\.totalMs))) | \(cell(theirs.map(\.downtimeMs))) | \(cell(theirs.map { Double($0.passes) }, "%.0f")) | \(cell(theirs.map { Double($0.transferredBytes) / 1_048_576 })) | \(cell(theirs.map(\.throughputMiBs), "%.0f")) |")
         }
-        print("| \(label) | \(cell(results.map { $0.totalSeconds * 1000 })) | \(cell(results.map { $0.setupSeconds * 1000 })) | \(cell(results.map { $0.downtimeSeconds * 1000 })) | \(cell(results.map { Double($0.iterations) }, "%.0f")) | \(cell(results.map { Double($0.transferredBytes) / 1_048_576 })) | \(cell(results.map(\.throughputMiBPerSecond), "%.0f")) |")
     }
+    if withQEMU && !qemu { print("\n(QEMU rows skipped: qemu-system-x86_64 is not installed)") }
 }
