@@ -10,6 +10,7 @@ import Glibc
 ///     hello  ─────────────────────────────▶  checks version, layout, vCPUs, CPU, host
 ///            ◀─────────────────────────────  helloReply (accepted, or why not)
 ///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied)
+///            ◀─────────────────────────────  iterationAck (the pass is in guest memory)
 ///     …   (the source pauses its vCPUs)
 ///     pages … iterationEnd   (the last dirty pages)
 ///     state                  (vCPU and in-kernel device state)
@@ -37,7 +38,8 @@ public enum MigrationWire {
 }
 
 public enum MigrationFrameType: UInt32, Sendable {
-    case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8
+    case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8,
+         iterationAck = 9
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
@@ -46,6 +48,7 @@ public enum MigrationFrameType: UInt32, Sendable {
         case .helloReply, .abort: return 16 + MigrationWire.maxStringBytes
         case .pages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxBatchDataBytes
         case .iterationEnd: return 12
+        case .iterationAck: return 4
         case .state: return MigrationWire.maxStateBytes
         case .complete: return 17
         case .result: return 16 + MigrationWire.maxStringBytes

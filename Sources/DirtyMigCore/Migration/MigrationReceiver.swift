@@ -82,9 +82,14 @@ public final class MigrationReceiver: Sendable {
                     phase = .receivingMemory(machine, pages)
                 case .iterationEnd:
                     var reader = WireReader(try channel.receivePayload(length), what: "iteration end")
-                    _ = try MigrationError.wrap { () throws(MigrationProtocolError) in
+                    let (iteration, _, _) = try MigrationError.wrap { () throws(MigrationProtocolError) in
                         (try reader.u32(), try reader.u64(), try reader.finish())
                     }
+                    // Everything of the pass is in guest memory now: say so, so the sender
+                    // measures real bandwidth and never pauses with a backlog still in flight.
+                    var ack = WireWriter()
+                    ack.u32(iteration)
+                    do { try channel.send(.iterationAck, ack.bytes) } catch { throw .connection(error) }
                 case .state:
                     phase = .awaitingCompletion(machine, pages, stateBytes: try channel.receivePayload(length))
                 case .abort:

@@ -112,10 +112,18 @@ public final class MigrationSender: Sendable {
             report.zeroPages += sent.zeroPages
             report.normalPages += sent.normalPages
         }
+        /// Ends a pass; waits for the receiver to have it all (socket buffers hold megabytes,
+        /// which a receiver faulting in fresh pages may need tens of milliseconds to drain).
         func endPass(_ iteration: Int) throws(MigrationError) {
             var writer = WireWriter()
             writer.u32(UInt32(iteration)); writer.u64(0)
             do { try channel.send(.iterationEnd, writer.bytes) } catch { throw .connection(error) }
+            let (_, ack) = try channel.receive([.iterationAck])
+            var reader = WireReader(ack, what: "iteration ack")
+            let acknowledged = try MigrationError.wrap { () throws(MigrationProtocolError) in try reader.u32() }
+            guard acknowledged == UInt32(iteration) else {
+                throw .protocolError(.unexpected("an acknowledgement of pass \(acknowledged) after pass \(iteration)"))
+            }
         }
         func collect() throws(MigrationError) -> (DirtyPageBitmap, Bool) {
             let collection: DirtyCollection
