@@ -45,7 +45,7 @@ enum OptionTable {
                               OptionSpec(name: "export-image", value: "FILE", help: "write the guest image (and with --export-config its config block), print the QEMU options that run it, and exit", completion: .file),
                               OptionSpec(name: "export-config", value: "FILE", help: "with --export-image: where to write the config block", completion: .file)]),
         CommandSpec(name: "migrate", summary: "live-migrate a running VM to a receiver, or (with neither --vm nor --to) run a whole local migration",
-                    synopsis: "dirtymig migrate [--vm NAME|PATH] [--to HOST:PORT] [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--throttle MODE]",
+                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--throttle MODE]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--verify] [--json] [--stats FILE]   (a local migration)",
                     options: [vm, OptionSpec(name: "to", value: "HOST:PORT", help: "where a 'dirtymig receive' listens"),
                               OptionSpec(name: "bandwidth", value: "RATE", help: "cap on bytes sent per second (default unlimited)"),
                               OptionSpec(name: "downtime", value: "DURATION", help: "largest acceptable pause (default 300ms)"),
