@@ -17,38 +17,6 @@ struct QEMUMigrationResult {
     var throughputMiBs: Double
 }
 
-/// A minimal QMP client: one JSON object per line, events skipped.
-final class QMPClient {
-    let socket: UnixSocket
-
-    init(path: String, timeout: Double = 20) throws {
-        let deadline = Date().addingTimeInterval(timeout)
-        var connected: UnixSocket?
-        while connected == nil && Date() < deadline {
-            connected = try? UnixSocket.connect(path: path)
-            if connected == nil { Thread.sleep(forTimeInterval: 0.05) }
-        }
-        guard let connected else { throw BenchError("QEMU's QMP socket \(path) never appeared") }
-        socket = connected
-        _ = try socket.readLine(limit: 1 << 20)   // greeting
-        _ = try execute("qmp_capabilities")
-    }
-
-    @discardableResult
-    func execute(_ command: String, _ arguments: JSONValue? = nil) throws -> JSONValue {
-        var request: [(String, JSONValue)] = [("execute", .string(command))]
-        if let arguments { request.append(("arguments", arguments)) }
-        try socket.writeLine(JSONValue.object(request).serialized())
-        while true {
-            guard case .line(let bytes) = try socket.readLine(limit: 1 << 20) else { throw BenchError("QEMU closed QMP") }
-            let reply = try JSONValue.parse(String(decoding: bytes, as: UTF8.self))
-            if reply["event"] != nil { continue }
-            if let error = reply["error"] { throw BenchError("QMP \(command): \(error.serialized())") }
-            return reply["return"] ?? .null
-        }
-    }
-}
-
 func qemuExecutable() -> String? {
     for directory in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":") {
         let candidate = "\(directory)/qemu-system-x86_64"

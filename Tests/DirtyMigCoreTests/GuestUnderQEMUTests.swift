@@ -15,35 +15,6 @@ final class GuestUnderQEMUTests: XCTestCase {
         return nil
     }
 
-    /// A minimal QMP client: one JSON object per line; events are skipped.
-    final class QMP {
-        let socket: UnixSocket
-        init(path: String) throws {
-            var connected: UnixSocket? = nil
-            for _ in 0..<100 {
-                if let s = try? UnixSocket.connect(path: path) { connected = s; break }
-                Thread.sleep(forTimeInterval: 0.1)
-            }
-            guard let connected else { throw XCTSkip("QEMU's QMP socket never appeared") }
-            socket = connected
-            _ = try socket.readLine(limit: 1 << 20)   // greeting
-            _ = try execute("qmp_capabilities")
-        }
-
-        func execute(_ command: String, _ arguments: JSONValue? = nil) throws -> JSONValue {
-            var request: [(String, JSONValue)] = [("execute", .string(command))]
-            if let arguments { request.append(("arguments", arguments)) }
-            try socket.writeLine(JSONValue.object(request).serialized())
-            while true {
-                guard case .line(let bytes) = try socket.readLine(limit: 1 << 20) else { throw XCTSkip("QEMU closed QMP") }
-                let reply = try JSONValue.parse(String(decoding: bytes, as: UTF8.self))
-                if reply["event"] != nil { continue }
-                if let error = reply["error"] { XCTFail("QMP \(command): \(error.serialized())"); return .null }
-                return reply["return"] ?? .null
-            }
-        }
-    }
-
     func testExportedGuestRunsUnderQEMUAndItsDirtyRateMatches() throws {
         guard let qemu = qemuPath() else {
             let reason = "skipped: qemu-system-x86_64 is not installed (Debian package qemu-system-x86)"
@@ -70,7 +41,7 @@ final class GuestUnderQEMUTests: XCTestCase {
         process.standardError = FileHandle.nullDevice
         try process.run()
         defer { process.terminate(); process.waitUntilExit() }
-        let qmp = try QMP(path: directory + "/qmp.sock")
+        let qmp = try QMPClient(path: directory + "/qmp.sock")
 
         func stats() throws -> GuestStats {
             let dump = directory + "/stats.bin"
