@@ -105,6 +105,26 @@ final class MigrationProtocolTests: XCTestCase {
         XCTAssertTrue(seen[4].contains("state frame"), seen[4])
     }
 
+    func testAMemoryDigestMismatchIsRefusedAndTheVMDropped() throws {
+        let kvm = try requireKVM()
+        let (receiver, outcomes) = try startReceiver(kvm)
+        defer { receiver.stop() }
+        let state: [UInt8] = [1, 2, 3]
+        var complete: [UInt8] = [1]
+        withUnsafeBytes(of: UInt64(0xDEAD).littleEndian) { complete += $0 }
+        withUnsafeBytes(of: MemoryDigest.hash(state).littleEndian) { complete += $0 }
+        let stream = MigrationWire.frame(.hello, hello().encode())
+            + MigrationWire.frame(.iterationEnd, [UInt8](repeating: 0, count: 12))
+            + MigrationWire.frame(.state, state) + MigrationWire.frame(.complete, complete)
+        let reply = try send(stream, to: receiver.port)
+        // helloReply (8 + 9 bytes), iterationAck (8 + 4), then the result: status 1 = verification failed.
+        XCTAssertGreaterThan(reply.count, 17 + 12 + 8)
+        if reply.count > 17 + 12 + 8 { XCTAssertEqual(reply[17 + 12], 7, "a result frame"); XCTAssertEqual(reply[17 + 12 + 8], 1, "verification failed") }
+        let deadline = Date().addingTimeInterval(10)
+        while outcomes.count < 1 && Date() < deadline { usleep(20_000) }
+        XCTAssertTrue(outcomes.all.first?.contains("verification failed: memory digest differs") ?? false, "\(outcomes.all)")
+    }
+
     func testOversizedFramesAreRefusedBeforeAllocating() throws {
         let kvm = try requireKVM()
         let (receiver, outcomes) = try startReceiver(kvm)

@@ -183,3 +183,91 @@ final class MigrationRingOverrunTests: XCTestCase {
         XCTAssertEqual(arrival.all, ["received"])
     }
 }
+
+/// The sender's side of the ending: a destination that reports a verification mismatch, and a
+/// migration that runs out of --timeout. Either way the source VM runs on.
+final class MigrationEndingTests: XCTestCase {
+    private static func u32(_ bytes: [UInt8], _ offset: Int) -> UInt32 {
+        (0..<4).reduce(UInt32(0)) { $0 | UInt32(bytes[offset + $1]) << (8 * UInt32($1)) }
+    }
+
+    /// A destination that follows the protocol but answers `complete` with a verification failure.
+    private func startMismatchingDestination() throws -> (UInt16, OSThread) {
+        let listener = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
+        let port = listener.localPort
+        let thread = OSThread(name: "fake-destination") {
+            guard let socket = try? listener.accept() else { return }
+            while let header = try? socket.receive(count: 8) {
+                let type = MigrationEndingTests.u32(header, 0), length = Int(MigrationEndingTests.u32(header, 4))
+                guard let payload = try? socket.receive(count: length) else { return }
+                switch MigrationFrameType(rawValue: type) {
+                case .hello?:
+                    try? socket.send(MigrationWire.frame(.helloReply, [1] + [1, 0, 0, 0] + [0, 0, 0, 0]))
+                case .iterationEnd?:
+                    try? socket.send(MigrationWire.frame(.iterationAck, Array(payload.prefix(4))))
+                case .complete?:
+                    let message = Array("memory digest differs".utf8)
+                    var result: [UInt8] = [1] + [UInt8](repeating: 0, count: 8)
+                    result += [UInt8(message.count), 0, 0, 0] + message
+                    try? socket.send(MigrationWire.frame(.result, result))
+                    return
+                default:
+                    continue
+                }
+            }
+        }
+        return (port, thread)
+    }
+
+    private func runningSource(_ kvm: KVMSystem) throws -> Machine {
+        let configuration = MachineConfiguration(memorySize: 128 * MiB, vcpuCount: 2,
+                                                 workloads: [writer(16 * MiB, rate: 10 * MiB), reader(16 * MiB, offset: 16 * MiB)],
+                                                 tracking: .ring)
+        let source = try Machine(configuration, kvm: kvm)
+        try source.start()
+        source.waitForGuest()
+        return source
+    }
+
+    private func assertRunning(_ machine: Machine, file: StaticString = #filePath, line: UInt = #line) {
+        let before = machine.guestStats().vcpus.map(\.pages)
+        Thread.sleep(forTimeInterval: 0.3)
+        let after = machine.guestStats().vcpus.map(\.pages)
+        for vcpu in before.indices {
+            XCTAssertGreaterThan(after[vcpu], before[vcpu], "vCPU \(vcpu) runs on at the source", file: file, line: line)
+        }
+    }
+
+    func testVerificationMismatchResumesTheSource() throws {
+        let kvm = try requireKVM()
+        let source = try runningSource(kvm)
+        defer { source.stop() }
+        let (port, destination) = try startMismatchingDestination()
+        var options = MigrationOptions(destination: HostPort(host: "127.0.0.1", port: port))
+        options.verify = true
+        let report = MigrationSender(machine: source, options: options).run()
+        destination.join()
+        XCTAssertFalse(report.completed)
+        XCTAssertEqual(report.verify, "failed")
+        XCTAssertTrue(report.error?.contains("memory digest differs") ?? false, report.error ?? "")
+        assertRunning(source)
+    }
+
+    func testTimeoutFailsCleanly() throws {
+        let kvm = try requireKVM()
+        let source = try runningSource(kvm)
+        defer { source.stop() }
+        let receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm)
+        let receiving = OSThread(name: "test-receive") { _ = try? receiver.receiveOne() }
+        var options = MigrationOptions(destination: HostPort(host: "127.0.0.1", port: receiver.port))
+        options.bandwidth = 4 * MiB   // 16+ MiB of data: several seconds
+        options.timeoutSeconds = 1
+        let report = MigrationSender(machine: source, options: options).run()
+        receiving.join()
+        receiver.stop()
+        XCTAssertFalse(report.completed)
+        XCTAssertTrue(report.error?.contains("--timeout") ?? false, report.error ?? "")
+        XCTAssertLessThan(report.totalSeconds, 3, "the timeout ends the migration promptly")
+        assertRunning(source)
+    }
+}

@@ -143,11 +143,17 @@ public final class MigrationSender: Sendable {
             iteration += 1
             update { $0.phase = "pre-copy"; $0.iteration = iteration; $0.remainingPages = UInt64(pending.count) }
             let passStart = MonotonicClock.nanoseconds()
-            let sent = try sender.send(pending, shouldStop: {
-                cancelFlag.load(ordering: .relaxed) || deadline.map { MonotonicClock.nanoseconds() > $0 } == true
-            }, onBatch: { bytes, pages in
-                update { $0.sentBytes += bytes; $0.remainingPages -= min($0.remainingPages, UInt64(pages)) }
-            })
+            let sent: PageSendTally
+            do {
+                sent = try sender.send(pending, shouldStop: {
+                    cancelFlag.load(ordering: .relaxed) || deadline.map { MonotonicClock.nanoseconds() > $0 } == true
+                }, onBatch: { bytes, pages in
+                    update { $0.sentBytes += bytes; $0.remainingPages -= min($0.remainingPages, UInt64(pages)) }
+                })
+            } catch {
+                if case .cancelled = error { try checkTimeout() }   // say which: timeout or cancel
+                throw error
+            }
             tally(sent)
             try endPass(iteration)
             let (dirty, lost) = try collect()

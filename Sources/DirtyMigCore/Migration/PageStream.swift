@@ -86,7 +86,7 @@ struct PageSender {
         for run in pages.runs() {
             var page = run.lowerBound
             while page < run.upperBound {
-                if shouldStop() { throw .cancelled("the migration was cancelled") }
+                if shouldStop() { throw .cancelled("the migration was cancelled; the VM runs on here") }
                 let zero = PageSender.isZero(UnsafeRawPointer(memory.base) + page * 4096)
                 let kind: PageRange.Kind = zero ? .zero : .data
                 if zero { tally.zeroPages += 1 } else { tally.normalPages += 1; dataBytes += 4096 }
