@@ -31,6 +31,10 @@ final class QuotaTrackingTests: XCTestCase {
         let heldRate = DirtyRateReport.between(held, heldEnd, mode: .ring)
         let exits = try XCTUnwrap(tracker.counters().quotaExits)
         print("writer: \(freeRate.vcpus[0].dirtyPagesPerSecond!) pages/s free, \(heldRate.vcpus[0].dirtyPagesPerSecond!) with a 2,000 pages/s quota; quota exits \(exits); reader guest pages/s \(freeRate.vcpus[1].guestPagesPerSecond) -> \(heldRate.vcpus[1].guestPagesPerSecond)")
+        // A writer once made no progress here (free 66k pages/s, then 0, no quota exits) and it
+        // did not reproduce: if it comes back, these say whether its ring was stuck.
+        let counters = tracker.counters()
+        print("ring-full exits \(counters.ringFullExits ?? []), overruns \(counters.ringOverruns ?? []), harvester error \(String(describing: tracker.harvestError)), vCPU failure \(String(describing: machine.events.firstFailure)), guest \(machine.guestStats().vcpus.map { ($0.pages, $0.state) })")
         XCTAssertGreaterThan(exits[0], 50, "the writer takes quota exits")
         XCTAssertEqual(exits[1], 0, "the reader has no quota and takes none")
         XCTAssertLessThan(heldRate.vcpus[0].dirtyPagesPerSecond!, freeRate.vcpus[0].dirtyPagesPerSecond! / 2)
