@@ -39,6 +39,7 @@ do {
             case "dirtyrate": status = try DirtyRateCommand.run(arguments)
             case "migrate": status = try MigrateCommand.run(arguments)
             case "receive": status = try ReceiveCommand.run(arguments)
+            case "limit": status = try LimitCommand.run(arguments)
             default: fatalError("no implementation for \(arguments.command.name)")
             }
         }

@@ -23,7 +23,7 @@ final class QuotaTrackingTests: XCTestCase {
         let freeRate = DirtyRateReport.between(free, freeEnd, mode: .ring)
 
         // 20 pages per 10 ms interval = 2,000 pages/s, far below what the writer does unthrottled.
-        tracker.setQuota(pagesPerInterval: 20, vcpu: 0)
+        tracker.setUserLimit(pagesPerSecond: 2_000, vcpu: 0)
         Thread.sleep(forTimeInterval: 1)
         let held = try machine.counterSnapshot()
         Thread.sleep(forTimeInterval: 2)
@@ -42,7 +42,7 @@ final class QuotaTrackingTests: XCTestCase {
         // host whose load varies differs between two windows for reasons of its own (issue 4's
         // benchmark compares throttled and unthrottled readers properly).
 
-        tracker.setQuota(pagesPerInterval: nil, vcpu: 0)
+        tracker.setUserLimit(pagesPerSecond: nil, vcpu: 0)
         Thread.sleep(forTimeInterval: 0.5)
         let exitsAfter = try XCTUnwrap(tracker.counters().quotaExits)[0]
         Thread.sleep(forTimeInterval: 0.5)

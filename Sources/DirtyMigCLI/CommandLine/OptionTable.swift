@@ -66,13 +66,12 @@ enum OptionTable {
                               OptionSpec(name: "interval", value: "DURATION", help: "length of one measurement (default 1s)"),
                               OptionSpec(name: "count", value: "N", help: "stop after N intervals (default: until interrupted)"),
                               json]),
-        CommandSpec(name: "limit", summary: "set per-vCPU dirty-rate limits (next release)",
+        CommandSpec(name: "limit", summary: "set, change, cancel or list per-vCPU dirty-rate limits on a running VM",
                     synopsis: "dirtymig limit [--vm NAME|PATH] [--vcpu N|all] [--rate RATE | --cancel | --show] [--json]",
                     options: [vm, OptionSpec(name: "vcpu", value: "N|all", help: "which vCPU (default all)"),
-                              OptionSpec(name: "rate", value: "RATE", help: "the dirty-rate ceiling"),
+                              OptionSpec(name: "rate", value: "RATE", help: "the dirty-rate ceiling (ring: dirty limit; quota: dirty-quota exits)"),
                               OptionSpec(name: "cancel", value: nil, help: "remove the limit"),
-                              OptionSpec(name: "show", value: nil, help: "list limits and current rates"), json],
-                    arrivesLater: "dirty limits arrive with a later release of dirtymig (issue 4); this version parses 'limit' but cannot run it yet"),
+                              OptionSpec(name: "show", value: nil, help: "list limit, current rate and throttle state per vCPU (the default)"), json]),
     ]
 
     static func command(_ name: String) -> CommandSpec? { commands.first { $0.name == name } }

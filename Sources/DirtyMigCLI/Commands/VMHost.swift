@@ -13,6 +13,7 @@ enum VMHost {
             done.signal()
         }
         MachineControl.register(on: server, machine: machine) { done.signal() }
+        LimitControl.register(on: server, machine: machine)
         MigrationControl.register(on: server, machine: machine) {
             printError("dirtymig: the VM was migrated; it runs at the destination now")
             done.signal()

@@ -16,6 +16,10 @@ public final class Machine: @unchecked Sendable {
     public let tscHz: UInt64
     public let guestConfig: GuestConfig
     public let boot: Boot
+    /// Where every throttle puts its penalties; each vCPU thread waits them out.
+    public let holds: VCPUHolds
+    /// Auto-converge (`migrate --throttle cpu`).
+    public let cpuThrottle: CPUThrottle
     private let runners: [VCPURunner]
 
     /// How the VM's CPUs and memory begin.
@@ -43,6 +47,7 @@ public final class Machine: @unchecked Sendable {
             self.kvm = kvm
             vm = try kvm.createVM()
             memory = try GuestMemory(size: configuration.memorySize)
+            holds = VCPUHolds(vcpuCount: configuration.vcpuCount)
 
             // Tracking capabilities must be enabled before any memory slot or vCPU exists.
             var ringTracker: RingTracker? = nil
@@ -51,7 +56,8 @@ public final class Machine: @unchecked Sendable {
                 tracker = try BitmapTracker(vm: vm, memory: memory)
             case .ring?, .quota?:
                 let ring = try RingTracker(vm: vm, memory: memory, entries: configuration.ringEntries,
-                                           mode: configuration.tracking!, pollInterval: configuration.harvestInterval)
+                                           mode: configuration.tracking!, holds: holds,
+                                           pollInterval: configuration.harvestInterval)
                 ringTracker = ring
                 tracker = ring
             case nil:
@@ -96,12 +102,14 @@ public final class Machine: @unchecked Sendable {
         }
         let events = self.events
         let tracker = self.tracker
-        runners = vcpus.map { VCPURunner(vcpu: $0, tracker: tracker, events: events) }
-        if let ring = tracker as? RingTracker {
-            // Weak: the tracker outlives nothing; a strong capture would make
-            // tracker -> kick -> runners -> tracker a cycle that keeps the VM's memory alive.
-            ring.kick = { [weak self] vcpu in self?.kick(vcpu: vcpu) }
-        }
+        let holds = self.holds
+        let runners = vcpus.map { VCPURunner(vcpu: $0, tracker: tracker, holds: holds, events: events) }
+        self.runners = runners
+        // Kicks capture the runners, not the machine: a strong capture of `self` would make
+        // machine -> tracker -> kick -> machine a cycle that keeps the VM's memory alive.
+        let kick: @Sendable (Int) -> Void = { vcpu in runners[vcpu].kick() }
+        (tracker as? RingTracker)?.kick = kick
+        cpuThrottle = CPUThrottle(holds: holds, vcpuCount: configuration.vcpuCount, kick: kick)
     }
 
     /// Starts tracking (so nothing the guest writes is missed) and then the vCPUs. An incoming
@@ -136,6 +144,7 @@ public final class Machine: @unchecked Sendable {
     public func stop() {
         lock.lock(); defer { lock.unlock() }
         guard state == .running || state == .paused else { state = .stopped; return }
+        cpuThrottle.set(percent: 0)
         for runner in runners { runner.stop() }
         tracker?.stop()
         state = .stopped

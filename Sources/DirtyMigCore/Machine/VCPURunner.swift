@@ -9,6 +9,7 @@ final class VCPURunner: @unchecked Sendable {
     // from this runner's thread, except for the kick (immediate_exit store + signal).
     let vcpu: KVMVCPU
     private let tracker: DirtyTracker?
+    private let holds: VCPUHolds
     private let events: MachineEvents
     private var thread: OSThread?
 
@@ -26,9 +27,10 @@ final class VCPURunner: @unchecked Sendable {
     private var exitPending = false
     private var consoleLine: [UInt8] = []
 
-    init(vcpu: KVMVCPU, tracker: DirtyTracker?, events: MachineEvents) {
+    init(vcpu: KVMVCPU, tracker: DirtyTracker?, holds: VCPUHolds, events: MachineEvents) {
         self.vcpu = vcpu
         self.tracker = tracker
+        self.holds = holds
         self.events = events
     }
 
@@ -56,6 +58,7 @@ final class VCPURunner: @unchecked Sendable {
         pauseRequested.store(true, ordering: .releasing)
         kick()
         condition.lock()
+        condition.broadcast()   // a vCPU waiting out a throttle hold stops waiting
         while !paused && !finished && !parkedOut { condition.wait() }
         condition.unlock()
     }
@@ -86,19 +89,46 @@ final class VCPURunner: @unchecked Sendable {
             while !stopRequested.load(ordering: .acquiring) {
                 if pauseRequested.load(ordering: .acquiring) { try parkWhilePaused(); continue }
                 if isParked { try waitWhileParked(); continue }
-                if let deadline = tracker?.holdDeadline(vcpu: vcpu.id) {
-                    // A quota exit: stay out of the guest until the vCPU's interval ends.
-                    let now = MonotonicClock.nanoseconds()
-                    if deadline > now { MonotonicClock.sleep(nanoseconds: deadline - now) }
+                if let deadline = holds.deadline(vcpu.id, now: MonotonicClock.nanoseconds()) {
+                    waitOutHold(until: deadline)
                     continue
                 }
+                let paced = holds.isPaced(vcpu.id)
+                if paced { armSliceTimer() }
                 let exit = try vcpu.runOnce()
                 exitPending = exit != .interrupted
                 try handle(exit)
+                if paced, let ring = tracker as? RingTracker { ring.vcpuSliceEnded(vcpu.id) }
             }
         } catch {
             events.vcpuFailed(vcpu.id, error)
         }
+    }
+
+    /// A vCPU under a dirty-rate ceiling runs in slices of at most this long, after which its own
+    /// thread charges what it dirtied. An unpaced vCPU dirties ~90 pages in 200 µs here, which
+    /// bounds how far one slice can overshoot its allowance (5 MiB/s is 1,280 pages a second).
+    static let pacedSliceNanoseconds: UInt64 = 200_000
+    private var sliceTimer: ThreadTimer?
+
+    private func armSliceTimer() {
+        if sliceTimer == nil { sliceTimer = ThreadTimer(signal: KickSignal.number) }
+        sliceTimer?.arm(nanoseconds: Self.pacedSliceNanoseconds)
+    }
+
+    /// A throttle's penalty (dirty limit, quota exit, auto-converge timeslice): stay out of the
+    /// guest until `deadline`, unless a pause or stop comes first.
+    private func waitOutHold(until deadline: UInt64) {
+        let start = MonotonicClock.nanoseconds()
+        guard deadline > start else { return }
+        condition.lock()
+        let wallDeadline = Date(timeIntervalSinceNow: Double(deadline - start) / 1e9)
+        while !stopRequested.load(ordering: .acquiring) && !pauseRequested.load(ordering: .acquiring)
+            && MonotonicClock.nanoseconds() < deadline {
+            if !condition.wait(until: wallDeadline) { break }
+        }
+        condition.unlock()
+        holds.accountHeld(vcpu.id, nanoseconds: MonotonicClock.nanoseconds() - start)
     }
 
     private func waitWhileParked() throws {

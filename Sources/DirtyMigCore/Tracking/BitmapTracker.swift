@@ -114,5 +114,4 @@ public final class BitmapTracker: DirtyTracker, @unchecked Sendable {
     }
 
     public func vcpuExitedRingFull(_ vcpu: Int) throws(KVMError) {}
-    public func holdDeadline(vcpu: Int) -> UInt64? { nil }
 }

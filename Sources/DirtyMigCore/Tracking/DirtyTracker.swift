@@ -73,6 +73,4 @@ public protocol DirtyTracker: AnyObject, Sendable {
     func collect() throws(KVMError) -> DirtyCollection
     /// Called on the vCPU's own thread after KVM_EXIT_DIRTY_RING_FULL.
     func vcpuExitedRingFull(_ vcpu: Int) throws(KVMError)
-    /// Until when (monotonic ns) the vCPU must stay out of the guest; nil when it may run.
-    func holdDeadline(vcpu: Int) -> UInt64?
 }

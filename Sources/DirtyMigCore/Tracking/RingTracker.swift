@@ -41,7 +41,15 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     private var totalPages: UInt64 = 0
     private var lastSync: UInt64 = 0
     private var started = false
-    private var quota: DirtyQuotaAccounting?
+    /// Ceilings per vCPU: the dirty limit in ring mode, dirty-quota exits in quota mode.
+    private var pacer: DirtyPacer
+    private let holds: VCPUHolds
+    /// Per-vCPU dirty pages/s over the last whole second the harvester saw (for `limit --show`).
+    private var recentRates: [Double] = []
+    private var rateWindowStart: UInt64 = 0
+    private var rateWindowPages: [UInt64] = []
+    private var rateWindowHeld: [UInt64] = []
+    private var recentHeld: [Double] = []
     private var harvesterError: KVMError?
 
     private let running = Atomic<Bool>(false)
@@ -50,8 +58,9 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     public var kick: (@Sendable (Int) -> Void)?
 
     /// Enables the ring on the VM: must run right after VM creation, before any vCPU exists.
+    /// The pacer (dirty limit or dirty quota) sets its holds in `holds`.
     public init(vm: KVMVirtualMachine, memory: GuestMemory, entries: Int, mode: TrackingMode,
-                pollInterval: Duration = .milliseconds(1)) throws(KVMError) {
+                holds: VCPUHolds, pollInterval: Duration = .milliseconds(1)) throws(KVMError) {
         precondition(mode.usesDirtyRing)
         let bytes = UInt64(entries * CKVMConstants.dirtyGFNSize)
         if vm.checkExtension(CKVMConstants.capDirtyLogRingAcqRel) > 0 {
@@ -65,6 +74,8 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         self.memory = memory
         self.entries = entries
         self.mode = mode
+        self.holds = holds
+        pacer = mode == .quota ? DirtyQuotaPacer(vcpuCount: 0) : DirtyLimitPacer(vcpuCount: 0)
         let components = pollInterval.components
         pollIntervalNanoseconds = UInt64(components.seconds) * 1_000_000_000 + UInt64(components.attoseconds / 1_000_000_000)
         slotFirstPage = memory.regions.map(\.firstPage)
@@ -82,7 +93,9 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         vcpuPages.append(0)
         ringFullExits.append(0)
         ringOverruns.append(0)
-        if mode == .quota { quota = DirtyQuotaAccounting(vcpuCount: rings.count) }
+        recentRates.append(0)
+        recentHeld.append(0)
+        pacer = mode == .quota ? DirtyQuotaPacer(vcpuCount: rings.count) : DirtyLimitPacer(vcpuCount: rings.count)
     }
 
     // MARK: DirtyTracker
@@ -121,7 +134,8 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     public func counters() -> DirtyCounters {
         lock.lock(); defer { lock.unlock() }
         return DirtyCounters(timeNanoseconds: lastSync, totalPages: totalPages, vcpuPages: vcpuPages,
-                             ringFullExits: ringFullExits, ringOverruns: ringOverruns, quotaExits: quota?.exits)
+                             ringFullExits: ringFullExits, ringOverruns: ringOverruns,
+                             quotaExits: mode == .quota ? rings.indices.map { pacer.state(vcpu: $0).exits } : nil)
     }
 
     public func collect() throws(KVMError) -> DirtyCollection {
@@ -179,23 +193,60 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         ring.needsResynchronisation = true
     }
 
-    public func holdDeadline(vcpu: Int) -> UInt64? {
-        guard mode == .quota else { return nil }
+    // MARK: Ceilings (dirty limit in ring mode, dirty quota in quota mode)
+
+    /// Sets (or with nil removes) a user's dirty-rate ceiling on a vCPU, in pages/s.
+    public func setUserLimit(pagesPerSecond: Double?, vcpu: Int) {
         lock.lock(); defer { lock.unlock() }
-        return quota?.holdDeadline(vcpu: vcpu, now: MonotonicClock.nanoseconds())
+        pacer.setUserLimit(pagesPerSecond, vcpu: vcpu, now: MonotonicClock.nanoseconds())
+        if pagesPerSecond == nil { holds.release(vcpu) }
+        updatePacedLocked()
     }
 
-    // MARK: Quota
-
-    /// Sets (or with nil removes) a vCPU's quota in pages per interval (quota mode only).
-    public func setQuota(pagesPerInterval: UInt64?, vcpu: Int) {
+    /// Sets (or with nil removes) the migration throttle's ceilings, one per vCPU, in pages/s.
+    /// `pooled`: dirty-quota's common pool of unused quota.
+    public func setThrottle(pagesPerSecond: [Double]?, pooled: Bool = false) {
         lock.lock(); defer { lock.unlock() }
-        quota?.setQuota(pagesPerInterval, vcpu: vcpu)
+        pacer.setThrottle(pagesPerSecond, pooled: pooled, now: MonotonicClock.nanoseconds())
+        if pagesPerSecond == nil {
+            for vcpu in rings.indices where pacer.state(vcpu: vcpu).effectiveLimit == nil { holds.release(vcpu) }
+        }
+        updatePacedLocked()
     }
 
+    private func updatePacedLocked() {
+        for vcpu in rings.indices { holds.setPaced(vcpu, pacer.isPaced(vcpu)) }
+    }
+
+    /// Called on a paced vCPU's own thread when its run slice ended: charges what it dirtied
+    /// (which may set its hold). The slice, not the harvester, is what bounds how far a paced
+    /// vCPU can overshoot its allowance.
+    public func vcpuSliceEnded(_ vcpu: Int) {
+        lock.lock(); defer { lock.unlock() }
+        harvestLocked(rings[vcpu], now: MonotonicClock.nanoseconds(), kickOnHold: false)
+    }
+
+    /// Each vCPU's ceilings and how often it was held.
+    public func pacerStates() -> [PacerVCPUState] {
+        lock.lock(); defer { lock.unlock() }
+        return rings.indices.map { pacer.state(vcpu: $0) }
+    }
+
+    /// Each vCPU's dirty pages/s over the last whole second the harvester saw.
+    public func recentPagesPerSecond() -> [Double] {
+        lock.lock(); defer { lock.unlock() }
+        return recentRates
+    }
+
+    /// Share of the last whole second each vCPU spent held by a throttle.
+    public func recentHeldFractions() -> [Double] {
+        lock.lock(); defer { lock.unlock() }
+        return recentHeld
+    }
+
+    /// Length of a dirty-quota interval (quota mode), in nanoseconds.
     public var quotaIntervalNanoseconds: UInt64 {
-        lock.lock(); defer { lock.unlock() }
-        return quota?.intervalNanoseconds ?? 0
+        (pacer as? DirtyQuotaPacer)?.intervalNanoseconds ?? 0
     }
 
     /// The first error the harvester thread hit, if any (it keeps running).
@@ -218,6 +269,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
             if needReset {
                 do { try resetLocked() } catch { if harvesterError == nil { harvesterError = error } }
             }
+            updateRecentRates(now: now)
             lock.unlock()
             MonotonicClock.sleep(nanoseconds: pollIntervalNanoseconds)
         }
@@ -236,7 +288,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     }
 
     @discardableResult
-    private func harvestLocked(_ ring: DirtyRing, now: UInt64) -> Int {
+    private func harvestLocked(_ ring: DirtyRing, now: UInt64, kickOnHold: Bool = true) -> Int {
         if ring.needsResynchronisation && !ring.resynchronise() { return 0 }
         var distinct = 0
         let count = ring.harvest { slot, offset in
@@ -259,10 +311,26 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
             recordLoss(DirtyLoss(vcpu: ring.vcpu, kind: .ringAtSoftLimit(entries: ring.harvestedSinceReset),
                                  timeNanoseconds: now))
         }
-        if let quota, quota.charge(vcpu: ring.vcpu, pages: distinct, now: now) {
-            kick?(ring.vcpu)
+        if let deadline = pacer.charge(vcpu: ring.vcpu, pages: distinct, now: now) {
+            holds.hold(ring.vcpu, until: deadline)
+            if kickOnHold { kick?(ring.vcpu) }
         }
         return count
+    }
+
+    private func updateRecentRates(now: UInt64) {
+        let elapsed = now - rateWindowStart
+        guard elapsed >= 1_000_000_000 else { return }
+        let held = holds.heldNanoseconds()
+        if rateWindowPages.count == vcpuPages.count {
+            for vcpu in vcpuPages.indices {
+                recentRates[vcpu] = Double(vcpuPages[vcpu] - rateWindowPages[vcpu]) / (Double(elapsed) / 1e9)
+                recentHeld[vcpu] = min(1, Double(held[vcpu] &- rateWindowHeld[vcpu]) / Double(elapsed))
+            }
+        }
+        rateWindowStart = now
+        rateWindowPages = vcpuPages
+        rateWindowHeld = held
     }
 
     @discardableResult

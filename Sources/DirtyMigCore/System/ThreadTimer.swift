@@ -1,0 +1,35 @@
+import CKVM
+import Glibc
+
+/// A one-shot POSIX timer that sends the kick signal to one thread (SIGEV_THREAD_ID): the way a
+/// paced vCPU bounds its own run slice. The signal interrupts KVM_RUN on that very thread, so the
+/// slice ends on time however busy the host's cores are, unlike a kick from another thread, which
+/// first has to be scheduled. Create, arm and delete it on the thread it signals.
+final class ThreadTimer {
+    private var timer: timer_t?
+
+    /// A timer that signals the calling thread; nil if the kernel refuses one.
+    init?(signal: Int32) {
+        var event = sigevent()
+        event.sigev_notify = 4   // SIGEV_THREAD_ID
+        event.sigev_signo = signal
+        event._sigev_un._tid = ckvm_gettid()
+        var created: timer_t? = nil
+        guard timer_create(CLOCK_MONOTONIC, &event, &created) == 0 else { return nil }
+        timer = created
+    }
+
+    /// Fires once, `nanoseconds` from now (re-arming replaces the previous expiry).
+    func arm(nanoseconds: UInt64) {
+        var spec = itimerspec()
+        spec.it_value = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+        timer_settime(timer, 0, &spec, nil)
+    }
+
+    func disarm() {
+        var spec = itimerspec()
+        timer_settime(timer, 0, &spec, nil)
+    }
+
+    deinit { timer_delete(timer) }
+}
