@@ -30,18 +30,13 @@ do {
         emit("dirtymig \(dirtymigVersion)")
         status = 0
     case .run(let arguments):
-        if let later = arguments.command.arrivesLater {
-            printError("dirtymig \(arguments.command.name): \(later).")
-            status = 1
-        } else {
-            switch arguments.command.name {
-            case "boot": status = try BootCommand.run(arguments)
-            case "dirtyrate": status = try DirtyRateCommand.run(arguments)
-            case "migrate": status = try MigrateCommand.run(arguments)
-            case "receive": status = try ReceiveCommand.run(arguments)
-            case "limit": status = try LimitCommand.run(arguments)
-            default: fatalError("no implementation for \(arguments.command.name)")
-            }
+        switch arguments.command.name {
+        case "boot": status = try BootCommand.run(arguments)
+        case "dirtyrate": status = try DirtyRateCommand.run(arguments)
+        case "migrate": status = try MigrateCommand.run(arguments)
+        case "receive": status = try ReceiveCommand.run(arguments)
+        case "limit": status = try LimitCommand.run(arguments)
+        default: fatalError("no implementation for \(arguments.command.name)")
         }
     }
 } catch let error as UsageError {

@@ -45,16 +45,16 @@ final class UsageErrorTests: XCTestCase {
         try expectUsageError(["boot", "--export-config", "x"], mentions: ["needs --export-image"])
     }
 
-    func testHelpVersionAndNotYetCommands() throws {
+    func testHelpAndVersion() throws {
         for arguments in [["--help"], ["help"], ["help", "boot"], ["boot", "--help"], ["dirtyrate", "-h"]] {
             let result = try CLI.run(arguments)
             XCTAssertEqual(result.status, 0, "\(arguments)")
             XCTAssertTrue(result.stdout.contains("Usage:"), "\(arguments)")
         }
         XCTAssertEqual(try CLI.run(["--version"]).stdout, "dirtymig 0.1.0\n")
-        let limit = try CLI.run(["limit"])
+        let limit = try CLI.run(["limit", "--vm", "/tmp/no-such-dirtymig-vm.sock"])
         XCTAssertEqual(limit.status, 1)
-        XCTAssertTrue(limit.stderr.contains("later release"), limit.stderr)
+        XCTAssertTrue(limit.stderr.contains("no VM"), limit.stderr)
     }
 
     func testMigrationUsageErrors() throws {
@@ -63,7 +63,13 @@ final class UsageErrorTests: XCTestCase {
         try expectUsageError(["migrate", "--to", "nowhere"], mentions: ["--to 'nowhere'", "HOST:PORT"])
         try expectUsageError(["migrate", "--vm", "x"], mentions: ["--vm needs --to"])
         try expectUsageError(["migrate", "--to", "127.0.0.1:1", "--memory", "1G"], mentions: ["--memory applies to the local migration"])
-        try expectUsageError(["migrate", "--throttle", "cpu"], mentions: ["--throttle cpu", "issue 4"])
+        try expectUsageError(["migrate", "--throttle", "fast"], mentions: ["--throttle", "dirty-limit"])
+        try expectUsageError(["migrate", "--throttle", "dirty-quota", "--track", "ring", "--memory", "128M"],
+                             mentions: ["--throttle dirty-quota needs a VM booted with --track quota", "--track ring"])
+        try expectUsageError(["migrate", "--throttle", "dirty-limit", "--track", "bitmap", "--memory", "128M"],
+                             mentions: ["--throttle dirty-limit needs a VM booted with --track ring"])
+        try expectUsageError(["limit", "--rate", "1M", "--show"], mentions: ["one of --rate, --cancel and --show"])
+        try expectUsageError(["limit", "--vcpu", "-1", "--show"], mentions: ["--vcpu"])
         try expectUsageError(["migrate", "--downtime", "soon"], mentions: ["--downtime"])
         try expectUsageError(["migrate", "--max-iterations", "0"], mentions: ["--max-iterations"])
     }

@@ -25,7 +25,6 @@ enum HelpText {
 
     static func help(for command: CommandSpec) -> String {
         var text = "Usage: \(command.synopsis)\n\n\(command.summary.prefix(1).uppercased() + command.summary.dropFirst()).\n"
-        if let later = command.arrivesLater { text += "Note: \(later).\n" }
         text += "\nOptions:\n"
         for option in command.options {
             let left = "--\(option.name)" + (option.value.map { " \($0)" } ?? "")

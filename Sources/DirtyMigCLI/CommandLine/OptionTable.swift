@@ -17,8 +17,6 @@ struct CommandSpec {
     let summary: String
     let synopsis: String
     let options: [OptionSpec]
-    /// Commands that parse fully but are not built yet.
-    var arrivesLater: String? = nil
 
     func option(_ name: String) -> OptionSpec? { options.first { $0.name == name } }
 }
@@ -26,7 +24,7 @@ struct CommandSpec {
 enum OptionTable {
     static let trackChoices = TrackingMode.allCases.map(\.rawValue)
     static let modeChoices = DirtyRateMode.allCases.map(\.rawValue)
-    static let throttleChoices = ["auto", "none", "cpu", "dirty-limit", "dirty-quota"]
+    static let throttleChoices = ThrottleMode.allCases.map(\.rawValue)
 
     static let vm = OptionSpec(name: "vm", value: "NAME|PATH", help: "the VM's name or control socket path (default: vm)", completion: .vm)
     static let json = OptionSpec(name: "json", value: nil, help: "print JSON (one object per line) instead of a table")
@@ -45,7 +43,7 @@ enum OptionTable {
                               OptionSpec(name: "export-image", value: "FILE", help: "write the guest image (and with --export-config its config block), print the QEMU options that run it, and exit", completion: .file),
                               OptionSpec(name: "export-config", value: "FILE", help: "with --export-image: where to write the config block", completion: .file)]),
         CommandSpec(name: "migrate", summary: "live-migrate a running VM to a receiver, or (with neither --vm nor --to) run a whole local migration",
-                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--throttle MODE]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--verify] [--json] [--stats FILE]   (a local migration)",
+                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--throttle MODE]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--throttle MODE] [--verify] [--json] [--stats FILE]   (a local migration)",
                     options: [vm, OptionSpec(name: "to", value: "HOST:PORT", help: "where a 'dirtymig receive' listens"),
                               OptionSpec(name: "bandwidth", value: "RATE", help: "cap on bytes sent per second (default unlimited)"),
                               OptionSpec(name: "downtime", value: "DURATION", help: "largest acceptable pause (default 300ms)"),
@@ -54,7 +52,7 @@ enum OptionTable {
                               OptionSpec(name: "verify", value: nil, help: "prove the destination equals the source at the pause"),
                               json,
                               OptionSpec(name: "stats", value: "FILE", help: "write one JSON line per pass", completion: .file),
-                              OptionSpec(name: "throttle", value: "MODE", help: "auto or none for now (cpu, dirty-limit, dirty-quota arrive with issue 4)", completion: .choices(throttleChoices)),
+                              OptionSpec(name: "throttle", value: "MODE", help: "slow a guest that dirties faster than the link: auto (by --track), none, cpu, dirty-limit (ring), dirty-quota (quota)", completion: .choices(throttleChoices)),
                               memory, vcpus, workload, track]),
         CommandSpec(name: "receive", summary: "accept an incoming migration, then run and serve the VM",
                     synopsis: "dirtymig receive --listen HOST:PORT [--control PATH] [--name NAME] [--once]",

@@ -14,6 +14,7 @@ enum MigrateCommand {
         var verify = false
         var json = false
         var stats: String?
+        var throttle = ThrottleMode.auto
     }
 
     static func options(_ arguments: ParsedArguments) throws(UsageError) -> Options {
@@ -40,9 +41,7 @@ enum MigrateCommand {
             guard timeout > 0 else { throw arguments.error("--timeout must be positive") }
             options.timeout = timeout
         }
-        if let throttle = try arguments.choice("throttle"), throttle != "none", throttle != "auto" {
-            throw arguments.error("--throttle \(throttle): throttling arrives with the next release (issue 4); this one migrates with --throttle none")
-        }
+        if let throttle = try arguments.choice("throttle") { options.throttle = ThrottleMode(rawValue: throttle)! }
         options.verify = arguments.has("verify")
         options.json = arguments.has("json")
         options.stats = arguments.string("stats")
@@ -73,7 +72,8 @@ enum MigrateCommand {
 
     static func arguments(_ options: Options, to: HostPort) -> JSONValue {
         var pairs: [(String, JSONValue)] = [("to", .string(to.description)), ("downtime_ms", .number(options.downtime * 1000)),
-                                            ("max_iterations", .number(options.maxIterations)), ("verify", .bool(options.verify))]
+                                            ("max_iterations", .number(options.maxIterations)), ("verify", .bool(options.verify)),
+                                            ("throttle", .string(options.throttle.rawValue))]
         if let bandwidth = options.bandwidth { pairs.append(("bandwidth", .number(bandwidth))) }
         if let timeout = options.timeout { pairs.append(("timeout_s", .number(timeout))) }
         return .object(pairs)
@@ -100,6 +100,9 @@ enum MigrateCommand {
         do { try configuration.validate(against: kvm) } catch {
             throw UsageError(message: error.description, command: "migrate")
         }
+        do { _ = try options.throttle.resolved(for: configuration.tracking) } catch {
+            throw UsageError(message: error.description, command: "migrate")
+        }
         let receiver: MigrationReceiver
         do { receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm) } catch {
             throw RuntimeFailure("cannot listen on loopback: \(error)")
@@ -120,6 +123,7 @@ enum MigrateCommand {
         migration.maxIterations = options.maxIterations
         migration.timeoutSeconds = options.timeout
         migration.verify = options.verify
+        migration.throttle = options.throttle
         let sender = MigrationSender(machine: source, options: migration)
         let progress = ProgressLine.start { { sender.progress.json } }
         let report = sender.run()
@@ -224,6 +228,21 @@ enum ReportTable {
             let during = vcpu["guest_pages_s_during"]?.doubleValue ?? 0
             row("vCPU \(id) guest pages/s", String(format: "%.0f before, %.0f during", before, during))
         }
+        let throttle = report["throttle"]
+        var throttleText = throttle?["kind"]?.stringValue ?? "-"
+        if let started = throttle?["started_s"]?.doubleValue {
+            throttleText += String(format: ", from %.1f s (after pass %d), tightened %d times", started,
+                                   Int(throttle?["started_after_pass"]?.doubleValue ?? 0), Int(throttle?["tightened"]?.doubleValue ?? 0))
+            if let final = throttle?["final"] {
+                if let cpu = final["cpu_percent"]?.doubleValue { throttleText += String(format: "; final %.0f %% CPU", cpu) }
+                if let ceilings = final["ceiling_mib_s"]?.arrayValue {
+                    throttleText += "; final ceilings " + ceilings.map { String(format: "%.1f", $0.doubleValue ?? 0) }.joined(separator: "/") + " MiB/s"
+                }
+            }
+        } else if throttle?["kind"]?.stringValue != "none" {
+            throttleText += ", not needed"
+        }
+        row("throttle", throttleText)
         if let after = report["destination_guest_pages_s"]?.arrayValue {
             row("after, at destination", after.enumerated().map { String(format: "vCPU %d %.0f", $0.offset, $0.element.doubleValue ?? 0) }
                 .joined(separator: ", ") + " guest pages/s")

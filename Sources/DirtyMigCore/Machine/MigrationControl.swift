@@ -16,6 +16,9 @@ public enum MigrationControl {
         let slot = Slot()
         server.register("migrate") { (arguments: JSONValue, context: ControlContext) throws(ControlError) in
             let options = try migrationOptions(arguments)
+            do throws(ThrottleModeError) { _ = try options.throttle.resolved(for: machine.configuration.tracking) } catch {
+                throw ControlError(.unsupported, error.description)
+            }
             let sender = MigrationSender(machine: machine, options: options)
             let busy = slot.current.withLock { current -> Bool in
                 if current != nil { return true }
@@ -42,9 +45,9 @@ public enum MigrationControl {
     }
 
     /// The `migrate` command's arguments: `to` (HOST:PORT, required), `bandwidth` (bytes/s),
-    /// `downtime_ms`, `max_iterations`, `timeout_s`, `verify`.
+    /// `downtime_ms`, `max_iterations`, `timeout_s`, `verify`, `throttle`.
     static func migrationOptions(_ arguments: JSONValue) throws(ControlError) -> MigrationOptions {
-        try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "verify"])
+        try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "verify", "throttle"])
         guard let to = try arguments.stringArgument("to") else {
             throw ControlError(.invalidArgument, "migrate needs 'to': the HOST:PORT a 'dirtymig receive' listens on")
         }
@@ -67,6 +70,12 @@ public enum MigrationControl {
         if let timeout = try arguments.doubleArgument("timeout_s") {
             guard timeout > 0 else { throw ControlError(.invalidArgument, "timeout_s must be positive") }
             options.timeoutSeconds = timeout
+        }
+        if let name = try arguments.stringArgument("throttle") {
+            guard let mode = ThrottleMode(rawValue: name) else {
+                throw ControlError(.invalidArgument, "throttle must be one of \(ThrottleMode.allCases.map(\.rawValue).joined(separator: ", ")), not '\(name)'")
+            }
+            options.throttle = mode
         }
         if let verify = arguments["verify"] {
             guard let flag = verify.boolValue else { throw ControlError(.invalidArgument, "verify must be true or false") }

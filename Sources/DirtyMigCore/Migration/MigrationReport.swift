@@ -8,6 +8,9 @@ public struct MigrationOptions: Sendable {
     public var maxIterations: Int = 30
     public var timeoutSeconds: Double?
     public var verify = false
+    /// How to slow a guest that dirties faster than the link carries (resolved against the
+    /// VM's tracking mode when the migration starts).
+    public var throttle: ThrottleMode = .auto
 
     public init(destination: HostPort) { self.destination = destination }
 }
@@ -25,6 +28,8 @@ public struct MigrationPass: Sendable {
     public var expectedDowntimeSeconds: Double
     /// The tracker lost dirty information during the pass (a ring overrun): everything was resent.
     public var trackingLost: Bool
+    /// The throttle as it stood at the end of the pass.
+    public var throttle: ThrottleLevel? = nil
 
     public var json: JSONValue {
         [
@@ -32,6 +37,7 @@ public struct MigrationPass: Sendable {
             "pages_sent": .number(pagesSent), "pages_dirtied": .number(pagesDirtied),
             "dirty_pages_s": .number(dirtyPagesPerSecond), "bandwidth_mib_s": .number(bandwidthBytesPerSecond / 1_048_576),
             "expected_downtime_ms": .number(expectedDowntimeSeconds * 1000), "tracking_lost": .bool(trackingLost),
+            "throttle": throttle?.json ?? .null,
         ]
     }
 }
@@ -77,6 +83,7 @@ public struct MigrationReport: Sendable {
     public var guestPagesPerSecondBefore: [Double] = []
     public var guestPagesPerSecondDuring: [Double] = []
     public var passes: [MigrationPass] = []
+    public var throttle = ThrottleReport()
 
     public init() {}
 
@@ -104,6 +111,7 @@ public struct MigrationReport: Sendable {
             "verify_ms": .number(verifySeconds * 1000),
             "track": track.map { .string($0.rawValue) } ?? .null, "ring_overruns": .number(ringOverruns),
             "vcpus": .array(vcpus),
+            "throttle": throttle.json,
             "passes": .array(passes.map(\.json)),
         ]
     }

@@ -35,6 +35,14 @@ public final class MigrationSender: Sendable {
         report.track = machine.configuration.tracking
         report.destination = options.destination.description
         report.verify = options.verify ? "failed" : "off"
+        let throttleMode: ThrottleMode
+        do { throttleMode = try options.throttle.resolved(for: machine.configuration.tracking) } catch {
+            report.error = error.description
+            report.throttle.mode = options.throttle
+            update { $0.phase = "failed" }
+            return report
+        }
+        let throttle = MigrationThrottle(mode: throttleMode, machine: machine)
         update { $0.phase = "measuring the guest" }
         let before = guestPace(over: 0.5)
         update { $0.phase = "setup" }
@@ -43,14 +51,18 @@ public final class MigrationSender: Sendable {
         let guestAtStart = machine.guestStats().vcpus.map(\.pages)
         var paused = false
         do {
-            try migrate(&report, started: started, paused: &paused, guestAtStart: guestAtStart, passLog: passLog)
+            try migrate(&report, started: started, paused: &paused, guestAtStart: guestAtStart, throttle: throttle,
+                        passLog: passLog)
             report.completed = true
             if options.verify { report.verify = "passed" }
         } catch {
             report.error = error.description
             if case .verifyFailed = error { report.verify = "failed" } else if options.verify { report.verify = "not reached" }
+            throttle.remove()   // before the guest runs again at full speed here
             if paused { machine.resume() }
         }
+        throttle.remove()
+        report.throttle = throttle.report
         if report.guestPagesPerSecondDuring.isEmpty {
             let seconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
             report.guestPagesPerSecondDuring = zip(machine.guestStats().vcpus.map(\.pages), guestAtStart).map {
@@ -72,7 +84,7 @@ public final class MigrationSender: Sendable {
     }
 
     private func migrate(_ report: inout MigrationReport, started: UInt64, paused: inout Bool, guestAtStart: [UInt64],
-                         passLog: (MigrationPass) -> Void) throws(MigrationError) {
+                         throttle: MigrationThrottle, passLog: (MigrationPass) -> Void) throws(MigrationError) {
         guard let tracker = machine.tracker else {
             throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
         }
@@ -143,6 +155,7 @@ public final class MigrationSender: Sendable {
             iteration += 1
             update { $0.phase = "pre-copy"; $0.iteration = iteration; $0.remainingPages = UInt64(pending.count) }
             let passStart = MonotonicClock.nanoseconds()
+            let vcpuDirtyAtStart = tracker.counters().vcpuPages
             let sent: PageSendTally
             do {
                 sent = try sender.send(pending, shouldStop: {
@@ -163,11 +176,20 @@ public final class MigrationSender: Sendable {
             if let cap = options.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
             let dirtyPages = UInt64(dirty.count)
             let expected = Double(dirtyPages) * 4096 / max(bandwidth, 1)
-            let pass = MigrationPass(
+            var pass = MigrationPass(
                 iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
                 bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,
                 dirtyPagesPerSecond: Double(dirtyPages) / seconds, bandwidthBytesPerSecond: bandwidth,
                 expectedDowntimeSeconds: expected, trackingLost: lost)
+            if expected > options.downtimeSeconds || lost {
+                let vcpuDirty = zip(tracker.counters().vcpuPages ?? [], vcpuDirtyAtStart ?? []).map {
+                    Double($0 &- $1) * 4096 / seconds
+                }
+                throttle.afterPass(iteration, sentBytes: sent.bytes, dirtyBytes: dirtyPages * 4096, seconds: seconds,
+                                   bandwidth: bandwidth, vcpuDirtyBytesPerSecond: vcpuDirty.isEmpty ? nil : vcpuDirty,
+                                   sinceStart: Double(MonotonicClock.nanoseconds() - started) / 1e9)
+            }
+            pass.throttle = throttle.level
             report.passes.append(pass)
             report.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
             passLog(pass)
