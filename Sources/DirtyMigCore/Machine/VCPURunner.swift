@@ -93,7 +93,10 @@ final class VCPURunner: @unchecked Sendable {
                     waitOutHold(until: deadline)
                     continue
                 }
+                // Slices only for a paced vCPU that was held lately, i.e. one that writes up to its
+                // ceiling: a vCPU under a ceiling it does not reach (a reader) runs undisturbed.
                 let paced = holds.isPaced(vcpu.id)
+                    && MonotonicClock.nanoseconds() &- lastHoldEnded < Self.slicingAfterHoldNanoseconds
                 if paced { armSliceTimer() }
                 let exit = try vcpu.runOnce()
                 exitPending = exit != .interrupted
@@ -109,7 +112,11 @@ final class VCPURunner: @unchecked Sendable {
     /// thread charges what it dirtied. An unpaced vCPU dirties ~90 pages in 200 µs here, which
     /// bounds how far one slice can overshoot its allowance (5 MiB/s is 1,280 pages a second).
     static let pacedSliceNanoseconds: UInt64 = 200_000
+    /// How long after its last hold a paced vCPU keeps running in slices.
+    static let slicingAfterHoldNanoseconds: UInt64 = 100_000_000
     private var sliceTimer: ThreadTimer?
+    /// When this vCPU last came out of a throttle hold (touched only by the runner's thread).
+    private var lastHoldEnded: UInt64 = 0
 
     private func armSliceTimer() {
         if sliceTimer == nil { sliceTimer = ThreadTimer(signal: KickSignal.number) }
@@ -128,7 +135,8 @@ final class VCPURunner: @unchecked Sendable {
             if !condition.wait(until: wallDeadline) { break }
         }
         condition.unlock()
-        holds.accountHeld(vcpu.id, nanoseconds: MonotonicClock.nanoseconds() - start)
+        lastHoldEnded = MonotonicClock.nanoseconds()
+        holds.accountHeld(vcpu.id, nanoseconds: lastHoldEnded - start)
     }
 
     private func waitWhileParked() throws {

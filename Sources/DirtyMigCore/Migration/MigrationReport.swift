@@ -11,6 +11,9 @@ public struct MigrationOptions: Sendable {
     /// How to slow a guest that dirties faster than the link carries (resolved against the
     /// VM's tracking mode when the migration starts).
     public var throttle: ThrottleMode = .auto
+    /// dirty-quota: let vCPUs draw on the quota others leave unused (off only to measure what
+    /// the pool is worth: the benchmark's equal split).
+    public var quotaPool = true
 
     public init(destination: HostPort) { self.destination = destination }
 }
@@ -77,6 +80,8 @@ public struct MigrationReport: Sendable {
     public var dirtyPagesPerSecond: Double = 0
     public var verify = "off"
     public var verifySeconds: Double = 0
+    /// What the pre-copy rule expected verification to add to the downtime.
+    public var verifyEstimateSeconds: Double = 0
     public var track: TrackingMode?
     public var ringOverruns: UInt64 = 0
     public var destination: String = ""
@@ -108,7 +113,7 @@ public struct MigrationReport: Sendable {
             "transferred_bytes": .number(transferredBytes), "zero_pages": .number(zeroPages),
             "normal_pages": .number(normalPages), "throughput_mib_s": .number(throughputMiBPerSecond),
             "dirty_pages_s": .number(dirtyPagesPerSecond), "verify": .string(verify),
-            "verify_ms": .number(verifySeconds * 1000),
+            "verify_ms": .number(verifySeconds * 1000), "verify_estimate_ms": .number(verifyEstimateSeconds * 1000),
             "track": track.map { .string($0.rawValue) } ?? .null, "ring_overruns": .number(ringOverruns),
             "vcpus": .array(vcpus),
             "throttle": throttle.json,

@@ -42,7 +42,7 @@ public final class MigrationSender: Sendable {
             update { $0.phase = "failed" }
             return report
         }
-        let throttle = MigrationThrottle(mode: throttleMode, machine: machine)
+        let throttle = MigrationThrottle(mode: throttleMode, machine: machine, pooled: options.quotaPool)
         update { $0.phase = "measuring the guest" }
         let before = guestPace(over: 0.5)
         update { $0.phase = "setup" }
@@ -150,6 +150,12 @@ public final class MigrationSender: Sendable {
         do { _ = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
         var pending = machine.memory.dataPages()
         var bandwidth = 0.0
+        // --verify hashes all guest memory on both sides while the VM is paused: part of the
+        // downtime, so part of the expected downtime the pre-copy rule compares, for at most half
+        // of --downtime (a bigger share would leave the rule no way to be met).
+        let verifyEstimate = options.verify
+            ? min(2 * MemoryDigest.estimateSeconds(machine.memory), options.downtimeSeconds / 2) : 0
+        report.verifyEstimateSeconds = verifyEstimate
         var iteration = 0
         while true {
             iteration += 1
@@ -175,7 +181,7 @@ public final class MigrationSender: Sendable {
             if sent.bytes >= 1 << 20 || bandwidth == 0 { bandwidth = Double(sent.bytes) / seconds }
             if let cap = options.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
             let dirtyPages = UInt64(dirty.count)
-            let expected = Double(dirtyPages) * 4096 / max(bandwidth, 1)
+            let expected = Double(dirtyPages) * 4096 / max(bandwidth, 1) + verifyEstimate
             var pass = MigrationPass(
                 iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
                 bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,

@@ -86,14 +86,15 @@ public struct ThrottleReport: Sendable {
 /// applies it to the machine, and removes it when the migration ends, whatever the outcome.
 ///
 /// The rules (also in the man page, THROTTLING):
-/// - A pass "runs hot" when the guest dirtied more than half the bytes the pass sent (QEMU's
+/// - A period (one or more passes that together last at least 1 s, as QEMU counts them) "runs
+///   hot" when the guest dirtied more than half the bytes sent in it (QEMU's
 ///   throttle-trigger-threshold of 50 %): at that pace pre-copy shrinks what is left by less than
-///   half per pass.
-/// - cpu (QEMU's auto-converge, to the letter): measured over periods of at least 1 s; every
-///   second hot period raises the throttle: 20 % first, then +10 %, at most 99 %.
-/// - dirty-limit and dirty-quota: start after the first hot pass, with a dirty budget of a quarter
+///   half per pass. Only passes that did not converge count.
+/// - cpu (QEMU's auto-converge, to the letter): every second hot period raises the throttle:
+///   20 % first, then +10 %, at most 99 %.
+/// - dirty-limit and dirty-quota: start after the first hot period, with a dirty budget of a quarter
 ///   of the measured bandwidth for the whole VM (each pass then leaves at most a quarter of what
-///   it sent); every later hot pass halves the budget, down to 1 MiB/s.
+///   it sent); every later hot period halves the budget, down to 1 MiB/s.
 ///   dirty-limit shares the budget max-min fairly over the vCPUs' measured dirty rates (a vCPU
 ///   that writes less than an equal share keeps what it writes; the rest goes to those that
 ///   write more), so a vCPU that does not write is never slowed. dirty-quota gives every vCPU an
@@ -118,8 +119,11 @@ final class MigrationThrottle {
     private var hotPeriods = 0
     private var removed = false
 
-    init(mode: ThrottleMode, machine: Machine) {
+    private let pooled: Bool
+
+    init(mode: ThrottleMode, machine: Machine, pooled: Bool = true) {
         self.mode = mode
+        self.pooled = pooled
         self.machine = machine
         report = ThrottleReport(mode: mode)
     }
@@ -128,14 +132,17 @@ final class MigrationThrottle {
     /// dirtied during it (ring and quota modes).
     func afterPass(_ pass: Int, sentBytes: UInt64, dirtyBytes: UInt64, seconds: Double, bandwidth: Double,
                    vcpuDirtyBytesPerSecond: [Double]?, sinceStart: Double) {
+        // Hot or not is judged over periods of at least 1 s (QEMU's rule): a short pass sends
+        // little, and the few pages the guest touches meanwhile would look like a high share.
+        periodSeconds += seconds
+        periodSentBytes += Double(sentBytes)
+        periodDirtyBytes += Double(dirtyBytes)
+        guard periodSeconds >= 1 else { return }
+        let hot = periodDirtyBytes > periodSentBytes * Self.hotShare
+        periodSeconds = 0; periodSentBytes = 0; periodDirtyBytes = 0
+        guard hot else { return }
         switch mode {
         case .cpu:
-            periodSeconds += seconds
-            periodSentBytes += Double(sentBytes)
-            periodDirtyBytes += Double(dirtyBytes)
-            guard periodSeconds >= 1 else { return }
-            defer { periodSeconds = 0; periodSentBytes = 0; periodDirtyBytes = 0 }
-            guard periodDirtyBytes > periodSentBytes * Self.hotShare else { return }
             hotPeriods += 1
             guard hotPeriods >= 2 else { return }
             hotPeriods = 0
@@ -143,7 +150,6 @@ final class MigrationThrottle {
             noteChange(pass: pass, sinceStart: sinceStart)
             machine.cpuThrottle.set(percent: cpuPercent)
         case .dirtyLimit, .dirtyQuota:
-            guard Double(dirtyBytes) > Double(sentBytes) * Self.hotShare else { return }
             let next = budget.map { max($0 / 2, Self.minimumBudget) } ?? max(bandwidth * Self.initialBudgetShare, Self.minimumBudget)
             if let budget, next >= budget { return }   // at the floor already
             budget = next
@@ -153,7 +159,7 @@ final class MigrationThrottle {
                 ? [Double](repeating: next / Double(count), count: count)
                 : Self.maxMinFair(next, demands: vcpuDirtyBytesPerSecond ?? [Double](repeating: next, count: count))
             ceilings = shares
-            machine.ringTracker?.setThrottle(pagesPerSecond: shares.map { $0 / 4096 }, pooled: mode == .dirtyQuota)
+            machine.ringTracker?.setThrottle(pagesPerSecond: shares.map { $0 / 4096 }, pooled: mode == .dirtyQuota && pooled)
         case .none, .auto:
             return
         }
