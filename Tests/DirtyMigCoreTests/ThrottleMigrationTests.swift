@@ -102,6 +102,8 @@ final class ThrottleMigrationTests: XCTestCase {
         Thread.sleep(forTimeInterval: 0.5)
         let end = try source.counterSnapshot()
         let writer = DirtyRateReport.between(start, end, mode: .ring).vcpus[0].dirtyPagesPerSecond ?? 0
+        let counters = try XCTUnwrap(source.tracker?.counters())
+        print("after: writer \(writer) pages/s; ring-full exits \(counters.ringFullExits ?? []), overruns \(counters.ringOverruns ?? []), holds until \(source.throttleStatus().map { ($0.heldFraction, $0.exits, $0.lastHoldSeconds) }), guest \(source.guestStats().vcpus.map { ($0.pages, $0.state) }), passes \(report.passes.map { ($0.pagesDirtied, $0.trackingLost) })")
         XCTAssertGreaterThan(writer * 4096, 200 * Double(MiB), "the writer is back at full speed (\(writer) pages/s)")
     }
 

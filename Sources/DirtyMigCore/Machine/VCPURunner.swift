@@ -97,7 +97,7 @@ final class VCPURunner: @unchecked Sendable {
                 // ceiling: a vCPU under a ceiling it does not reach (a reader) runs undisturbed.
                 let paced = holds.isPaced(vcpu.id)
                     && MonotonicClock.nanoseconds() &- lastHoldEnded < Self.slicingAfterHoldNanoseconds
-                if paced { armSliceTimer() }
+                if paced { armSliceTimer() } else if sliceTimer != nil { sliceTimer = nil }
                 let exit = try vcpu.runOnce()
                 exitPending = exit != .interrupted
                 try handle(exit)
@@ -118,9 +118,12 @@ final class VCPURunner: @unchecked Sendable {
     /// When this vCPU last came out of a throttle hold (touched only by the runner's thread).
     private var lastHoldEnded: UInt64 = 0
 
+    /// The timer repeats: a signal that lands just before KVM_RUN (the thread was preempted
+    /// between arming and entering) is lost, and the next one ends the slice instead. It is
+    /// disarmed while the vCPU is held.
     private func armSliceTimer() {
         if sliceTimer == nil { sliceTimer = ThreadTimer(signal: KickSignal.number) }
-        sliceTimer?.arm(nanoseconds: Self.pacedSliceNanoseconds)
+        sliceTimer?.arm(every: Self.pacedSliceNanoseconds)
     }
 
     /// A throttle's penalty (dirty limit, quota exit, auto-converge timeslice): stay out of the
@@ -128,6 +131,7 @@ final class VCPURunner: @unchecked Sendable {
     private func waitOutHold(until deadline: UInt64) {
         let start = MonotonicClock.nanoseconds()
         guard deadline > start else { return }
+        sliceTimer?.disarm()
         condition.lock()
         let wallDeadline = Date(timeIntervalSinceNow: Double(deadline - start) / 1e9)
         while !stopRequested.load(ordering: .acquiring) && !pauseRequested.load(ordering: .acquiring)

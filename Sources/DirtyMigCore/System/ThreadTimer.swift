@@ -1,7 +1,7 @@
 import CKVM
 import Glibc
 
-/// A one-shot POSIX timer that sends the kick signal to one thread (SIGEV_THREAD_ID): the way a
+/// A POSIX timer that sends the kick signal to one thread (SIGEV_THREAD_ID): the way a
 /// paced vCPU bounds its own run slice. The signal interrupts KVM_RUN on that very thread, so the
 /// slice ends on time however busy the host's cores are, unlike a kick from another thread, which
 /// first has to be scheduled. Create, arm and delete it on the thread it signals.
@@ -19,10 +19,11 @@ final class ThreadTimer {
         timer = created
     }
 
-    /// Fires once, `nanoseconds` from now (re-arming replaces the previous expiry).
-    func arm(nanoseconds: UInt64) {
-        var spec = itimerspec()
-        spec.it_value = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+    /// Fires `nanoseconds` from now and then every `nanoseconds` until disarmed (re-arming
+    /// replaces the previous schedule).
+    func arm(every nanoseconds: UInt64) {
+        let period = timespec(tv_sec: Int(nanoseconds / 1_000_000_000), tv_nsec: Int(nanoseconds % 1_000_000_000))
+        var spec = itimerspec(it_interval: period, it_value: period)
         timer_settime(timer, 0, &spec, nil)
     }
 
