@@ -9,9 +9,9 @@ import XCTest
 /// dirty limit and the dirty quota the reader keeps at least 80 % of its pace. The cpu case
 /// (QEMU's auto-converge, step by step to 99 %) takes about 100 s: it is the baseline.
 final class ThrottleMigrationTests: XCTestCase {
-    private func configuration(_ tracking: TrackingMode) -> MachineConfiguration {
+    private func configuration(_ tracking: TrackingMode, writerRate: UInt64 = 0) -> MachineConfiguration {
         MachineConfiguration(memorySize: 1 * GiB, vcpuCount: 2,
-                             workloads: [writer(512 * MiB, rate: 0, pattern: .random), reader(256 * MiB, offset: 512 * MiB)],
+                             workloads: [writer(512 * MiB, rate: writerRate, pattern: .random), reader(256 * MiB, offset: 512 * MiB)],
                              tracking: tracking)
     }
 
@@ -25,8 +25,8 @@ final class ThrottleMigrationTests: XCTestCase {
         return options
     }
 
-    private func boot(_ tracking: TrackingMode, kvm: KVMSystem) throws -> Machine {
-        let machine = try Machine(configuration(tracking), kvm: kvm)
+    private func boot(_ tracking: TrackingMode, kvm: KVMSystem, writerRate: UInt64 = 0) throws -> Machine {
+        let machine = try Machine(configuration(tracking, writerRate: writerRate), kvm: kvm)
         try machine.start()
         machine.waitForGuest()
         Thread.sleep(forTimeInterval: 1)   // the writer's first pass populates its working set
@@ -82,10 +82,12 @@ final class ThrottleMigrationTests: XCTestCase {
         XCTAssertGreaterThan(after[1], before[1], "the source's reader runs on")
     }
 
-    /// A migration that fails after its throttle started leaves no throttle behind.
+    /// A migration that fails after its throttle started leaves no throttle behind. The writer is
+    /// paced at 200 MiB/s here (still twice the link) so that its full speed afterwards is a
+    /// clear figure.
     func testTheThrottleIsRemovedWhenTheMigrationFails() throws {
         let kvm = try requireKVM()
-        let source = try boot(.ring, kvm: kvm)
+        let source = try boot(.ring, kvm: kvm, writerRate: 200 * MiB)
         defer { source.stop() }
         let arrival = try Arrival(kvm)
         var options = options(arrival, throttle: .dirtyLimit, timeout: 60)
@@ -104,7 +106,7 @@ final class ThrottleMigrationTests: XCTestCase {
         let writer = DirtyRateReport.between(start, end, mode: .ring).vcpus[0].dirtyPagesPerSecond ?? 0
         let counters = try XCTUnwrap(source.tracker?.counters())
         print("after: writer \(writer) pages/s; ring-full exits \(counters.ringFullExits ?? []), overruns \(counters.ringOverruns ?? []), holds until \(source.throttleStatus().map { ($0.heldFraction, $0.exits, $0.lastHoldSeconds) }), guest \(source.guestStats().vcpus.map { ($0.pages, $0.state) }), passes \(report.passes.map { ($0.pagesDirtied, $0.trackingLost) })")
-        XCTAssertGreaterThan(writer * 4096, 200 * Double(MiB), "the writer is back at full speed (\(writer) pages/s)")
+        XCTAssertGreaterThan(writer * 4096, 180 * Double(MiB), "the writer is back at its pace (\(writer) pages/s)")
     }
 
     /// Seed 000's skewed case: one hot writer and three light ones; the hot vCPU gets what the

@@ -151,46 +151,20 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         ringFullExits[vcpu] += 1
         let ring = rings[vcpu]
+        ring.searchFrontier = true   // nothing normal makes a vCPU exit here: look everywhere
         let harvested = harvestLocked(ring, now: MonotonicClock.nanoseconds())
-        let reset = try resetLocked()
-        if harvested == 0 && reset == 0 {
-            // Stuck: the kernel says the ring is full, we see nothing to harvest or reset.
-            try recoverLocked(ring)
+        let before = ring.resetIndex
+        try resetLocked()
+        if harvested == 0 && ring.resetIndex == before {
+            // Stuck: the kernel says the ring is full, and nothing in it is left to harvest or to
+            // give back: what it counts as used was lost. Give back a soft limit's worth; if it
+            // still counts a soft limit as used, the next ring-full exit gives back more.
+            _ = try resetLocked()   // no other ring may hold harvested entries while we probe
+            let vm = self.vm
+            _ = try ring.recoverStuck { () throws(KVMError) -> Int in try vm.resetDirtyRings() }
+            clearCounted()
             recordLoss(DirtyLoss(vcpu: vcpu, kind: .stuckRingRecovered, timeNanoseconds: MonotonicClock.nanoseconds()))
         }
-    }
-
-    /// Un-sticks a ring whose kernel indices no longer match its contents (after a wrap, the
-    /// entries between the kernel's reset and push indices were overwritten, then reset, and
-    /// read as empty, so KVM_RESET_DIRTY_RINGS stops at once and the ring stays "full").
-    ///
-    /// The kernel's push position is where we read next (we just harvested up to it). Its
-    /// reset position is somewhere between a ring and a soft limit before that. We mark spans
-    /// of growing length ending at the push position as harvested until a reset consumes them:
-    /// then exactly the kernel's used entries were reset, and the marks it did not reach are
-    /// cleared again (left in place, a later reset would walk past the push index, wrap the
-    /// kernel's u32 count and stick the vCPU for good). Marking the whole ring, which is what
-    /// un-sticks a ring on most occasions, is the fallback.
-    private func recoverLocked(_ ring: DirtyRing) throws(KVMError) {
-        _ = try vm.resetDirtyRings()          // nothing else may be pending while we probe
-        let end = ring.fetchIndex
-        var span = ring.softLimit
-        while span < ring.entries {
-            ring.markHarvested(endingAt: end, count: span)
-            let consumed = try vm.resetDirtyRings()
-            if consumed > 0 {
-                ring.clearMarks(endingAt: end &- UInt32(consumed), count: span - consumed)
-                ring.restart(at: end)
-                for other in rings { other.didReset() }
-                clearCounted()
-                return
-            }
-            span += 1
-        }
-        ring.clearMarks(endingAt: end, count: ring.entries - 1)
-        ring.markEverythingHarvested()
-        _ = try resetLocked()
-        ring.needsResynchronisation = true
     }
 
     // MARK: Ceilings (dirty limit in ring mode, dirty quota in quota mode)
@@ -258,6 +232,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     // MARK: Harvesting (all under `lock`)
 
     private func harvestLoop() {
+        ThreadPriority.preferRealtime()
         while running.load(ordering: .acquiring) {
             lock.lock()
             let now = MonotonicClock.nanoseconds()
@@ -289,9 +264,9 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
 
     @discardableResult
     private func harvestLocked(_ ring: DirtyRing, now: UInt64, kickOnHold: Bool = true) -> Int {
-        if ring.needsResynchronisation && !ring.resynchronise() { return 0 }
         var distinct = 0
-        let count = ring.harvest { slot, offset in
+        var lost = 0
+        let count = ring.harvest(lost: &lost) { slot, offset in
             let slotID = Int(slot & 0xFFFF)
             guard slotID < slotFirstPage.count, offset < UInt64(slotPageCount[slotID]) else { return }
             let page = slotFirstPage[slotID] + Int(offset)
@@ -301,13 +276,16 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
             pending.set(page)
             distinct += 1
         }
+        if lost > 0 {
+            recordLoss(DirtyLoss(vcpu: ring.vcpu, kind: .stuckRingRecovered, timeNanoseconds: now))
+        }
         guard count > 0 else { return 0 }
         vcpuPages[ring.vcpu] += UInt64(distinct)
         totalPages += UInt64(distinct)
         if ring.harvestedSinceReset >= ring.softLimit {
             // The kernel may already have wrapped this ring: what it overwrote is gone, and its
-            // push position may have moved away from ours.
-            ring.needsResynchronisation = true
+            // push position may no longer follow ours.
+            ring.searchFrontier = true
             recordLoss(DirtyLoss(vcpu: ring.vcpu, kind: .ringAtSoftLimit(entries: ring.harvestedSinceReset),
                                  timeNanoseconds: now))
         }
