@@ -11,7 +11,8 @@ struct DirtymigMigrationResult {
 
 func runDirtymigMigration(memory: UInt64, vcpus: Int, workloads: [VCPUWorkload], downtime: Double,
                           waitForFinishedPasses: Bool, warmupSeconds: Double, tracking: TrackingMode = .ring,
-                          verify: Bool = false) throws -> DirtymigMigrationResult {
+                          verify: Bool = false, requireSuccess: Bool = true,
+                          adjust: (inout MigrationOptions) -> Void = { _ in }) throws -> DirtymigMigrationResult {
     let kvm = try KVMSystem()
     let configuration = MachineConfiguration(memorySize: memory, vcpuCount: vcpus, workloads: workloads, tracking: tracking)
     let source = try Machine(configuration, kvm: kvm)
@@ -34,6 +35,7 @@ func runDirtymigMigration(memory: UInt64, vcpus: Int, workloads: [VCPUWorkload],
     var options = MigrationOptions(destination: HostPort(host: "127.0.0.1", port: receiver.port))
     options.downtimeSeconds = downtime
     options.verify = verify
+    adjust(&options)
     let report = MigrationSender(machine: source, options: options).run()
     if report.completed { source.stop() } else { receiver.stop() }
     receiving.join()
@@ -45,7 +47,7 @@ func runDirtymigMigration(memory: UInt64, vcpus: Int, workloads: [VCPUWorkload],
         after = zip(destination.guestStats().vcpus.map(\.pages), before).map { Double($0 &- $1) / 0.5 }
         destination.stop()
     }
-    guard report.completed else { throw BenchError("dirtymig migration failed: \(report.error ?? arrival.error ?? "?")") }
+    guard report.completed || !requireSuccess else { throw BenchError("dirtymig migration failed: \(report.error ?? arrival.error ?? "?")") }
     return DirtymigMigrationResult(report: report, destinationGuestPagesPerSecond: after)
 }
 
@@ -84,8 +86,10 @@ func runMigrationBenchmark(runs: Int, withQEMU: Bool) throws {
             ours.append(try runDirtymigMigration(memory: memory, vcpus: workloads.count, workloads: workloads, downtime: 0.3,
                                                  waitForFinishedPasses: wait, warmupSeconds: warmup).report)
             if qemu {
-                theirs.append(try runQEMUMigration(memory: memory, workloads: workloads, downtime: 0.3,
-                                                   waitForFinishedPasses: wait, warmupSeconds: warmup))
+                let result = try runQEMUMigration(memory: memory, workloads: workloads,
+                                                  waitForFinishedPasses: wait, warmupSeconds: warmup)
+                guard result.completed else { throw BenchError(result.error ?? "QEMU's migration failed") }
+                theirs.append(result)
             }
         }
         print("| \(label) | dirtymig | \(cell(ours.map { $0.totalSeconds * 1000 })) | \(cell(ours.map { $0.downtimeSeconds * 1000 })) | \(cell(ours.map { Double($0.iterations) }, "%.0f")) | \(cell(ours.map { Double($0.transferredBytes) / 1_048_576 })) | \(cell(ours.map(\.throughputMiBPerSecond), "%.0f")) |")

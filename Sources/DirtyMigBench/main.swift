@@ -16,6 +16,20 @@
 //       10, 100 and 400 MiB/s, vCPU 1 reading 256 MiB. For each tracking mode and rate: the rate
 //       configured, what the guest wrote (its own counter), what dirtymig measured, and the
 //       reading vCPU's measured rate. Medians of 1 s intervals after a 1 s warm-up.
+//
+//   dirtymig-bench throttle [--no-qemu] [--sweep]
+//       The convergence issue's comparison: 1 GiB, 2 vCPUs (an unpaced random writer over
+//       512 MiB, a reader over 256 MiB), --bandwidth 100M --downtime 300ms, migrated with
+//       --throttle none, cpu, dirty-limit and dirty-quota, and by QEMU 7.2 with no throttle,
+//       auto-converge and set-vcpu-dirty-limit set by hand: result, total time, downtime,
+//       passes, when the throttle started, each vCPU's guest pace during/before. Then a skewed
+//       4-vCPU workload with dirty-quota with and without the common pool, and with --sweep a
+//       table of dirty rate against bandwidth (total seconds per throttle).
+//
+//   dirtymig-bench limit [--no-qemu]
+//       `limit` accuracy: vCPU 0 writing unpaced, limited to 20 and 5 MiB/s, in ring and quota
+//       mode, next to QEMU's set-vcpu-dirty-limit on the same guest: 1 s samples for 8 s, when
+//       they settle within 10 %, the error after, whether the guest keeps running, the reader.
 import DirtyMigCore
 import Foundation
 
@@ -128,10 +142,14 @@ do {
                             memoryMiB: UInt64(option("--memory", default: 512)))
     case "accuracy":
         try runAccuracy(intervals: Int(option("--seconds", default: 3)))
+    case "throttle":
+        try runThrottleBenchmark(withQEMU: !arguments.contains("--no-qemu"), sweep: arguments.contains("--sweep"))
+    case "limit":
+        try runLimitAccuracy(withQEMU: !arguments.contains("--no-qemu"))
     case "migration":
         try runMigrationBenchmark(runs: Int(option("--runs", default: 3)), withQEMU: !arguments.contains("--no-qemu"))
     default:
-        FileHandle.standardError.write(Data("usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S] | migration [--runs N] [--no-qemu]\n".utf8))
+        FileHandle.standardError.write(Data("usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S] | migration [--runs N] [--no-qemu] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n".utf8))
         exit(2)
     }
 } catch {
