@@ -3,7 +3,8 @@ public struct MigrationOptions: Sendable {
     public var destination: HostPort
     /// Cap on bytes put on the wire per second; nil = unlimited.
     public var bandwidth: UInt64?
-    /// Stop pre-copy once the expected downtime (dirty bytes ÷ measured bandwidth) is below this.
+    /// Stop pre-copy once the expected downtime (dirty bytes ÷ measured bandwidth, plus verification)
+    /// is below 85 % of this.
     public var downtimeSeconds: Double = 0.3
     public var maxIterations: Int = 30
     public var timeoutSeconds: Double?

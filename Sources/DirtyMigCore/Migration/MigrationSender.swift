@@ -156,6 +156,9 @@ public final class MigrationSender: Sendable {
         let verifyEstimate = options.verify
             ? min(2 * MemoryDigest.estimateSeconds(machine.memory), options.downtimeSeconds / 2) : 0
         report.verifyEstimateSeconds = verifyEstimate
+        // Pre-copy stops when the expected downtime is at most 85 % of --downtime: the rest is
+        // kept for what the guest dirties between the last pass and the pause, and for the state.
+        let target = options.downtimeSeconds * 0.85
         var iteration = 0
         while true {
             iteration += 1
@@ -187,7 +190,7 @@ public final class MigrationSender: Sendable {
                 bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,
                 dirtyPagesPerSecond: Double(dirtyPages) / seconds, bandwidthBytesPerSecond: bandwidth,
                 expectedDowntimeSeconds: expected, trackingLost: lost)
-            if expected > options.downtimeSeconds || lost {
+            if expected > target || lost {
                 let vcpuDirty = zip(tracker.counters().vcpuPages ?? [], vcpuDirtyAtStart ?? []).map {
                     Double($0 &- $1) * 4096 / seconds
                 }
@@ -205,9 +208,9 @@ public final class MigrationSender: Sendable {
                 $0.expectedDowntimeSeconds = expected
             }
             pending = dirty
-            if expected <= options.downtimeSeconds && !lost { break }
+            if expected <= target && !lost { break }
             if iteration >= options.maxIterations {
-                throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", bandwidth / 1_048_576)) MiB/s of bandwidth (expected downtime \(Int(expected * 1000)) ms > \(Int(options.downtimeSeconds * 1000)) ms); the VM runs on here")
+                throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", bandwidth / 1_048_576)) MiB/s of bandwidth (expected downtime \(Int(expected * 1000)) ms > \(Int(target * 1000)) ms, 85 % of --downtime); the VM runs on here")
             }
             try checkTimeout()
             if cancelFlag.load(ordering: .relaxed) { throw .cancelled("the migration was cancelled; the VM runs on here") }
