@@ -6,10 +6,19 @@ enum CLI {
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent()
 
+    /// The `dirtymig` built with these tests: next to the test executable (Linux runs the
+    /// .xctest bundle as a program from the build's products directory), or else in the
+    /// package's release or debug products.
     static var binary: URL {
-        // The test bundle sits next to the products of the same build.
-        let products = Bundle.allBundles.map(\.bundleURL).first { $0.pathExtension == "xctest" }?.deletingLastPathComponent()
-        return (products ?? packageRoot.appendingPathComponent(".build/debug")).appendingPathComponent("dirtymig")
+        var candidates: [URL] = []
+        if let executable = Bundle.main.executableURL {
+            candidates.append(executable.resolvingSymlinksInPath().deletingLastPathComponent().appendingPathComponent("dirtymig"))
+        }
+        if let bundle = Bundle.allBundles.map(\.bundleURL).first(where: { $0.pathExtension == "xctest" }) {
+            candidates.append(bundle.deletingLastPathComponent().appendingPathComponent("dirtymig"))
+        }
+        candidates += ["release", "debug"].map { packageRoot.appendingPathComponent(".build/\($0)/dirtymig") }
+        return candidates.first { FileManager.default.isExecutableFile(atPath: $0.path) } ?? candidates.last!
     }
 
     struct Result { var status: Int32; var stdout: String; var stderr: String }

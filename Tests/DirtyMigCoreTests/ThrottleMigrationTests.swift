@@ -38,7 +38,7 @@ final class ThrottleMigrationTests: XCTestCase {
 
     private func describe(_ report: MigrationReport) -> String {
         let ratios = zip(report.guestPagesPerSecondDuring, report.guestPagesPerSecondBefore).map { String(format: "%.2f", $0 / max($1, 1)) }
-        return "\(report.throttle.mode.rawValue): \(report.completed ? "completed" : "failed (\(report.error ?? "?"))") in \(Int(report.totalSeconds * 1000)) ms, downtime \(Int(report.downtimeSeconds * 1000)) ms, \(report.iterations) passes, \(report.ringOverruns) ring overruns, throttle from \(report.throttle.startedSeconds.map { String(format: "%.1f s", $0) } ?? "-"), final \(report.throttle.final?.json.serialized() ?? "-"); during/before per vCPU \(ratios)"
+        return "\(report.throttle.mode.rawValue): \(report.completed ? "completed" : "failed (\(report.error ?? "?"))") in \(Int(report.totalSeconds * 1000)) ms, downtime \(Int(report.downtimeSeconds * 1000)) ms, \(report.iterations) passes, \(report.ringOverruns) ring overruns, throttle from \(report.throttle.startedSeconds.map { String(format: "%.1f s", $0) } ?? "-"), final \(report.throttle.final?.json.serialized() ?? "-"); during/before per vCPU \(ratios); verify \(Int(report.verifySeconds * 1000)) ms (estimated \(Int(report.verifyEstimateSeconds * 1000))); last passes \(report.passes.suffix(2).map { "\($0.bytesSent >> 10) KiB, expected \(Int($0.expectedDowntimeSeconds * 1000)) ms" })"
     }
 
     /// Migrates `source` to a new receiver (which is stopped again), verified; prints the report.
