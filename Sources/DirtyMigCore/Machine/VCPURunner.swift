@@ -98,6 +98,7 @@ final class VCPURunner: @unchecked Sendable {
                 let paced = holds.isPaced(vcpu.id)
                     && MonotonicClock.nanoseconds() &- lastHoldEnded < Self.slicingAfterHoldNanoseconds
                 if paced { armSliceTimer() } else if sliceTimer != nil { sliceTimer = nil }
+                epochAtEntry = tracker?.resetEpoch ?? 0
                 let exit = try vcpu.runOnce()
                 exitPending = exit != .interrupted
                 try handle(exit)
@@ -115,6 +116,8 @@ final class VCPURunner: @unchecked Sendable {
     /// How long after its last hold a paced vCPU keeps running in slices.
     static let slicingAfterHoldNanoseconds: UInt64 = 100_000_000
     private var sliceTimer: ThreadTimer?
+    /// The tracker's reset epoch when this vCPU last entered KVM_RUN (see vcpuExitedRingFull).
+    private var epochAtEntry: UInt64 = 0
     /// When this vCPU last came out of a throttle hold (touched only by the runner's thread).
     private var lastHoldEnded: UInt64 = 0
 
@@ -169,6 +172,7 @@ final class VCPURunner: @unchecked Sendable {
     private func completePendingExit() throws {
         var rounds = 0
         while exitPending {
+            epochAtEntry = tracker?.resetEpoch ?? 0
             guard let exit = try vcpu.completePendingExit() else { exitPending = false; break }
             // Completing it took userspace again (a string I/O instruction's next chunk).
             rounds += 1
@@ -183,7 +187,7 @@ final class VCPURunner: @unchecked Sendable {
         case .interrupted:
             return
         case .dirtyRingFull:
-            try tracker?.vcpuExitedRingFull(vcpu.id)
+            try tracker?.vcpuExitedRingFull(vcpu.id, resetEpochAtEntry: epochAtEntry)
         case .io(let port, let isOut, let size, let count, let dataOffset):
             handlePortIO(port: port, isOut: isOut, size: size, count: count, dataOffset: dataOffset)
         case .hlt:

@@ -113,5 +113,6 @@ public final class BitmapTracker: DirtyTracker, @unchecked Sendable {
         return DirtyCollection(pages: pages, losses: [])
     }
 
-    public func vcpuExitedRingFull(_ vcpu: Int) throws(KVMError) {}
+    public func vcpuExitedRingFull(_ vcpu: Int, resetEpochAtEntry: UInt64) throws(KVMError) {}
+    public var resetEpoch: UInt64 { 0 }
 }

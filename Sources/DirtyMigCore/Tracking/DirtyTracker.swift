@@ -31,8 +31,8 @@ public struct DirtyLoss: Sendable, Equatable, CustomStringConvertible {
     public enum Kind: Sendable, Equatable {
         /// A harvest found the ring at or past its soft limit: the kernel may have wrapped it.
         case ringAtSoftLimit(entries: Int)
-        /// A ring-full exit with nothing left to harvest: the ring wrapped and the vCPU was stuck;
-        /// recovered by marking every entry harvested and resetting.
+        /// A ring-full exit with nothing left to harvest: the kernel had overwritten entries and
+        /// the vCPU was stuck; recovered by giving those entries back (see DirtyRing).
         case stuckRingRecovered
     }
 
@@ -72,5 +72,8 @@ public protocol DirtyTracker: AnyObject, Sendable {
     /// Syncs, then hands over the pages dirtied since the previous call (or since start).
     func collect() throws(KVMError) -> DirtyCollection
     /// Called on the vCPU's own thread after KVM_EXIT_DIRTY_RING_FULL.
-    func vcpuExitedRingFull(_ vcpu: Int) throws(KVMError)
+    func vcpuExitedRingFull(_ vcpu: Int, resetEpochAtEntry: UInt64) throws(KVMError)
+    /// Changes whenever tracking gives entries back to the kernel (ring modes; 0 otherwise):
+    /// read before each KVM_RUN, passed to vcpuExitedRingFull.
+    var resetEpoch: UInt64 { get }
 }

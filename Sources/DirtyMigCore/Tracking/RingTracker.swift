@@ -51,8 +51,11 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     private var rateWindowHeld: [UInt64] = []
     private var recentHeld: [Double] = []
     private var harvesterError: KVMError?
+    /// Tests provoke overruns by stopping the harvester for a while (monotonic deadline).
+    private var harvestStalledUntil: UInt64 = 0
 
     private let running = Atomic<Bool>(false)
+    private let epoch = Atomic<UInt64>(0)
     private var harvester: OSThread?
     /// Kicks a vCPU out of KVM_RUN (set by the machine that owns the vCPU threads).
     public var kick: (@Sendable (Int) -> Void)?
@@ -147,25 +150,54 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         return collection
     }
 
-    public func vcpuExitedRingFull(_ vcpu: Int) throws(KVMError) {
+    /// Counts KVM_RESET_DIRTY_RINGS calls. A vCPU reads it before entering KVM_RUN: a ring-full
+    /// exit proves that the kernel counts a soft limit of entries as used only if no reset has
+    /// happened since (a reset lowers that count).
+    public var resetEpoch: UInt64 { epoch.load(ordering: .acquiring) }
+
+    /// On the vCPU's thread, out of KVM_RUN (its ring cannot change). Harvests the whole ring and
+    /// gives it back; if that frees nothing and nothing was reset since the vCPU entered the
+    /// guest, the vCPU is stuck (the kernel counts entries as used that it overwrote or whose
+    /// flags a racing reset cleared): DirtyRing.recoverStuck gives a quarter ring back.
+    public func vcpuExitedRingFull(_ vcpu: Int, resetEpochAtEntry: UInt64) throws(KVMError) {
         lock.lock(); defer { lock.unlock() }
         ringFullExits[vcpu] += 1
         let ring = rings[vcpu]
-        ring.searchFrontier = true   // nothing normal makes a vCPU exit here: look everywhere
-        let harvested = harvestLocked(ring, now: MonotonicClock.nanoseconds())
-        let before = ring.resetIndex
-        try resetLocked()
-        if harvested == 0 && ring.resetIndex == before {
-            // Stuck: the kernel says the ring is full, and nothing in it is left to harvest or to
-            // give back: what it counts as used was lost. Give back a soft limit's worth; if it
-            // still counts a soft limit as used, the next ring-full exit gives back more.
-            _ = try resetLocked()   // no other ring may hold harvested entries while we probe
-            let vm = self.vm
-            _ = try ring.recoverStuck { () throws(KVMError) -> Int in try vm.resetDirtyRings() }
-            clearCounted()
-            recordLoss(DirtyLoss(vcpu: vcpu, kind: .stuckRingRecovered, timeNanoseconds: MonotonicClock.nanoseconds()))
+        let now = MonotonicClock.nanoseconds()
+        let debug = RingTracker.debug
+        // A reset since the exit may have lowered what the kernel counts: then this exit proves
+        // nothing, and the vCPU simply runs again (and exits again if it is still full).
+        var provesFull = epoch.load(ordering: .acquiring) == resetEpochAtEntry && ring.markedSinceReset == 0
+        // Give back every other ring's harvested entries, so that the next reset is this ring's alone.
+        if rings.contains(where: { $0.markedSinceReset > 0 }) { try resetLocked() }
+        let empty = ring.emptyEntries()
+        var lost = false
+        let harvested = countHarvest(ring, now: now) { ring.harvestAll($0) }
+        ring.snapshotMarks()
+        let consumed = try resetLocked()
+        ring.locateReset(consumed: consumed)
+        if debug { FileHandle.standardError.write(Data("vCPU \(vcpu) ring full: empty \(empty), harvested \(harvested), consumed \(consumed), proves full \(provesFull)\n".utf8)) }
+        if empty == 0 {
+            // A ring without one empty entry: the kernel may have pushed over unharvested ones.
+            lost = true
+            recordLoss(DirtyLoss(vcpu: vcpu, kind: .ringAtSoftLimit(entries: entries), timeNanoseconds: now))
+        }
+        if harvested > 0 || consumed > 0 { provesFull = false }
+        guard provesFull else { return }
+        let vm = self.vm
+        let given = try ring.recoverStuck { () throws(KVMError) -> Int in
+            let count = try vm.resetDirtyRings()
+            epoch.add(1, ordering: .releasing)
+            return count
+        }
+        clearCounted()
+        if debug { FileHandle.standardError.write(Data("  stuck: recovery gave back \(given)\n".utf8)) }
+        if given > 0 && !lost {
+            recordLoss(DirtyLoss(vcpu: vcpu, kind: .stuckRingRecovered, timeNanoseconds: now))
         }
     }
+
+    static let debug = ProcessInfo.processInfo.environment["DIRTYMIG_RING_DEBUG"] != nil
 
     // MARK: Ceilings (dirty limit in ring mode, dirty quota in quota mode)
 
@@ -229,6 +261,21 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         return harvesterError
     }
 
+    /// Fault injection for tests: the next harvest of `vcpu`'s ring that finds entries drops
+    /// them (they never reach the migration bitmap) and reports the loss, as an overrun would.
+    /// Real overruns are rare and cannot be timed; this lets a test put one inside a migration.
+    func dropNextHarvest(vcpu: Int) {
+        lock.lock(); defer { lock.unlock() }
+        dropHarvestOf = vcpu
+    }
+    private var dropHarvestOf: Int?
+
+    /// Stops the harvester thread for `nanoseconds` (tests provoke overruns with it).
+    func stallHarvester(nanoseconds: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        harvestStalledUntil = MonotonicClock.nanoseconds() + nanoseconds
+    }
+
     // MARK: Harvesting (all under `lock`)
 
     private func harvestLoop() {
@@ -236,10 +283,15 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         while running.load(ordering: .acquiring) {
             lock.lock()
             let now = MonotonicClock.nanoseconds()
+            if now < harvestStalledUntil {
+                lock.unlock()
+                MonotonicClock.sleep(nanoseconds: pollIntervalNanoseconds)
+                continue
+            }
             var needReset = false
             for ring in rings {
                 harvestLocked(ring, now: now)
-                if ring.harvestedSinceReset >= entries / 4 { needReset = true }
+                if ring.markedSinceReset >= entries / 4 { needReset = true }
             }
             if needReset {
                 do { try resetLocked() } catch { if harvesterError == nil { harvesterError = error } }
@@ -256,7 +308,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         var harvestedSinceReset = false
         for ring in rings {
             harvestLocked(ring, now: now)
-            if ring.harvestedSinceReset > 0 { harvestedSinceReset = true }
+            if ring.markedSinceReset > 0 { harvestedSinceReset = true }
         }
         if harvestedSinceReset { try resetLocked() }
         lastSync = now
@@ -264,9 +316,25 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
 
     @discardableResult
     private func harvestLocked(_ ring: DirtyRing, now: UInt64, kickOnHold: Bool = true) -> Int {
+        let count = countHarvest(ring, now: now, kickOnHold: kickOnHold) { ring.harvest($0) }
+        if count > 0 && ring.markedSinceReset >= ring.softLimit {
+            // The vCPU reached its soft limit before we got here; the kernel's exit may come
+            // late, and then it pushes over entries we have not read.
+            ring.lostTrack = true
+            recordLoss(DirtyLoss(vcpu: ring.vcpu, kind: .ringAtSoftLimit(entries: ring.markedSinceReset),
+                                 timeNanoseconds: now))
+        }
+        return count
+    }
+
+    /// Runs one harvest of `ring` and charges its pages: to the migration bitmap, to the vCPU's
+    /// count (each page once per reset epoch) and to its pacer.
+    private func countHarvest(_ ring: DirtyRing, now: UInt64, kickOnHold: Bool = true,
+                              _ harvest: ((UInt32, UInt64) -> Void) -> Int) -> Int {
         var distinct = 0
-        var lost = 0
-        let count = ring.harvest(lost: &lost) { slot, offset in
+        let dropping = dropHarvestOf == ring.vcpu
+        let count = harvest { slot, offset in
+            if dropping { return }
             let slotID = Int(slot & 0xFFFF)
             guard slotID < slotFirstPage.count, offset < UInt64(slotPageCount[slotID]) else { return }
             let page = slotFirstPage[slotID] + Int(offset)
@@ -276,19 +344,13 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
             pending.set(page)
             distinct += 1
         }
-        if lost > 0 {
-            recordLoss(DirtyLoss(vcpu: ring.vcpu, kind: .stuckRingRecovered, timeNanoseconds: now))
-        }
         guard count > 0 else { return 0 }
+        if dropping {
+            dropHarvestOf = nil
+            recordLoss(DirtyLoss(vcpu: ring.vcpu, kind: .ringAtSoftLimit(entries: count), timeNanoseconds: now))
+        }
         vcpuPages[ring.vcpu] += UInt64(distinct)
         totalPages += UInt64(distinct)
-        if ring.harvestedSinceReset >= ring.softLimit {
-            // The kernel may already have wrapped this ring: what it overwrote is gone, and its
-            // push position may no longer follow ours.
-            ring.searchFrontier = true
-            recordLoss(DirtyLoss(vcpu: ring.vcpu, kind: .ringAtSoftLimit(entries: ring.harvestedSinceReset),
-                                 timeNanoseconds: now))
-        }
         if let deadline = pacer.charge(vcpu: ring.vcpu, pages: distinct, now: now) {
             holds.hold(ring.vcpu, until: deadline)
             if kickOnHold { kick?(ring.vcpu) }
@@ -314,6 +376,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     @discardableResult
     private func resetLocked() throws(KVMError) -> Int {
         let count = try vm.resetDirtyRings()
+        epoch.add(1, ordering: .releasing)
         for ring in rings { ring.didReset() }
         clearCounted()
         return count
