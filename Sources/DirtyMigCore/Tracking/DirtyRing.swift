@@ -42,6 +42,9 @@ final class DirtyRing {
     private var resetHint: UInt32 = 0
     /// Whole-ring scans to skip: a lost ring whose vCPU pushes nothing is scanned every tenth poll.
     private var scansToSkip = 0
+    /// How many entries the last full scan found empty (none: the kernel may have pushed over
+    /// entries not yet read).
+    private(set) var emptyAtLastScan = 0
     /// Flags seen by the last full scan, per slot (scratch, reused).
     private var scanned: [UInt32]
 
@@ -105,31 +108,27 @@ final class DirtyRing {
     /// run, the kernel pushes next right after it: fetchIndex follows it again.
     func harvestAll(_ page: (UInt32, UInt64) -> Void) -> Int {
         scansToSkip = 0
-        var count = 0
+        var count = 0, empty = 0
         for slot in 0..<UInt32(entries) {
             let state = flags(slot)
             scanned[Int(slot)] = state
-            if state == CKVM_DIRTY_GFN_F_DIRTY { take(slot, page); count += 1 }
+            if state == CKVM_DIRTY_GFN_F_DIRTY { take(slot, page); count += 1 } else if state == 0 { empty += 1 }
         }
+        emptyAtLastScan = empty
         guard count > 0 else { return 0 }
-        var runEnds: [UInt32] = []
+        // Where a published entry is followed by one that is not: one such place is the end of
+        // the kernel's pushes; several mean we cannot tell which.
+        var runEnd: UInt32?
+        var runEnds = 0
         for slot in 0..<UInt32(entries) where scanned[Int(slot)] == CKVM_DIRTY_GFN_F_DIRTY {
             let next = (slot &+ 1) & mask
-            if scanned[Int(next)] != CKVM_DIRTY_GFN_F_DIRTY { runEnds.append(next); if runEnds.count > 1 { break } }
+            if scanned[Int(next)] != CKVM_DIRTY_GFN_F_DIRTY { runEnd = next; runEnds += 1 }
         }
-        if runEnds.count == 1, scanned[Int(runEnds[0])] == 0 {
-            fetchIndex = runEnds[0]
+        if runEnds == 1, let runEnd, scanned[Int(runEnd)] == 0 {
+            fetchIndex = runEnd
             lostTrack = false
         }
         return count
-    }
-
-    /// How many entries of the ring are empty (a full ring has none: the kernel may have
-    /// overwritten entries).
-    func emptyEntries() -> Int {
-        var empty = 0
-        for slot in 0..<UInt32(entries) where flags(slot) == 0 { empty += 1 }
-        return empty
     }
 
     /// After a VM-wide KVM_RESET_DIRTY_RINGS.

@@ -170,9 +170,9 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         var provesFull = epoch.load(ordering: .acquiring) == resetEpochAtEntry && ring.markedSinceReset == 0
         // Give back every other ring's harvested entries, so that the next reset is this ring's alone.
         if rings.contains(where: { $0.markedSinceReset > 0 }) { try resetLocked() }
-        let empty = ring.emptyEntries()
         var lost = false
         let harvested = countHarvest(ring, now: now) { ring.harvestAll($0) }
+        let empty = ring.emptyAtLastScan
         ring.snapshotMarks()
         let consumed = try resetLocked()
         ring.locateReset(consumed: consumed)
@@ -184,12 +184,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         }
         if harvested > 0 || consumed > 0 { provesFull = false }
         guard provesFull else { return }
-        let vm = self.vm
-        let given = try ring.recoverStuck { () throws(KVMError) -> Int in
-            let count = try vm.resetDirtyRings()
-            epoch.add(1, ordering: .releasing)
-            return count
-        }
+        let given = try ring.recoverStuck { () throws(KVMError) -> Int in try resetKernel() }
         clearCounted()
         if debug { FileHandle.standardError.write(Data("  stuck: recovery gave back \(given)\n".utf8)) }
         if given > 0 && !lost {
@@ -375,10 +370,16 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
 
     @discardableResult
     private func resetLocked() throws(KVMError) -> Int {
-        let count = try vm.resetDirtyRings()
-        epoch.add(1, ordering: .releasing)
+        let count = try resetKernel()
         for ring in rings { ring.didReset() }
         clearCounted()
+        return count
+    }
+
+    /// KVM_RESET_DIRTY_RINGS, counted in the reset epoch (every reset must go through here).
+    private func resetKernel() throws(KVMError) -> Int {
+        let count = try vm.resetDirtyRings()
+        epoch.add(1, ordering: .releasing)
         return count
     }
 
