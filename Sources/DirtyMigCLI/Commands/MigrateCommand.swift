@@ -231,8 +231,8 @@ enum ReportTable {
         let throttle = report["throttle"]
         var throttleText = throttle?["kind"]?.stringValue ?? "-"
         if let started = throttle?["started_s"]?.doubleValue {
-            throttleText += String(format: ", from %.1f s (after pass %d), tightened %d times", started,
-                                   Int(throttle?["started_after_pass"]?.doubleValue ?? 0), Int(throttle?["tightened"]?.doubleValue ?? 0))
+            throttleText += String(format: ", from %.1f s (in pass %d), tightened %d times", started,
+                                   Int(throttle?["started_in_pass"]?.doubleValue ?? 0), Int(throttle?["tightened"]?.doubleValue ?? 0))
             if let final = throttle?["final"] {
                 if let cpu = final["cpu_percent"]?.doubleValue { throttleText += String(format: "; final %.0f %% CPU", cpu) }
                 if let ceilings = final["ceiling_mib_s"]?.arrayValue {

@@ -159,18 +159,37 @@ public final class MigrationSender: Sendable {
         // Pre-copy stops when the expected downtime is at most 85 % of --downtime: the rest is
         // kept for what the guest dirties between the last pass and the pause, and for the state.
         let target = options.downtimeSeconds * 0.85
+        // dirty-limit and dirty-quota judge the guest every second, within passes too, from the
+        // harvester's per-vCPU counts (see MigrationThrottle): what went out and what the guest
+        // dirtied since the last judgement.
+        var period = ThrottlePeriod(time: MonotonicClock.nanoseconds(), vcpuPages: tracker.counters().vcpuPages)
+        func judge(pass: Int) {
+            let now = MonotonicClock.nanoseconds()
+            let seconds = max(Double(now - period.time) / 1e9, 1e-6)
+            let vcpuPages = tracker.counters().vcpuPages
+            let vcpuDirty = zip(vcpuPages ?? [], period.vcpuPages ?? []).map { Double($0 &- $1) * 4096 }
+            var periodBandwidth = Double(period.sentBytes) / seconds
+            if let cap = options.bandwidth { periodBandwidth = min(periodBandwidth, Double(cap)) }
+            throttle.observe(pass: pass, sentBytes: period.sentBytes, dirtyBytes: UInt64(vcpuDirty.reduce(0, +)),
+                             seconds: seconds, bandwidth: periodBandwidth,
+                             vcpuDirtyBytesPerSecond: vcpuDirty.map { $0 / seconds },
+                             sinceStart: Double(now - started) / 1e9)
+            period = ThrottlePeriod(time: now, vcpuPages: vcpuPages)
+        }
         var iteration = 0
         while true {
             iteration += 1
             update { $0.phase = "pre-copy"; $0.iteration = iteration; $0.remainingPages = UInt64(pending.count) }
             let passStart = MonotonicClock.nanoseconds()
-            let vcpuDirtyAtStart = tracker.counters().vcpuPages
             let sent: PageSendTally
             do {
                 sent = try sender.send(pending, shouldStop: {
                     cancelFlag.load(ordering: .relaxed) || deadline.map { MonotonicClock.nanoseconds() > $0 } == true
                 }, onBatch: { bytes, pages in
                     update { $0.sentBytes += bytes; $0.remainingPages -= min($0.remainingPages, UInt64(pages)) }
+                    guard throttle.judgesWithinPasses else { return }
+                    period.sentBytes += bytes
+                    if MonotonicClock.nanoseconds() - period.time >= ThrottlePeriod.nanoseconds { judge(pass: iteration) }
                 })
             } catch {
                 if case .cancelled = error { try checkTimeout() }   // say which: timeout or cancel
@@ -191,12 +210,13 @@ public final class MigrationSender: Sendable {
                 dirtyPagesPerSecond: Double(dirtyPages) / seconds, bandwidthBytesPerSecond: bandwidth,
                 expectedDowntimeSeconds: expected, trackingLost: lost)
             if expected > target || lost {
-                let vcpuDirty = zip(tracker.counters().vcpuPages ?? [], vcpuDirtyAtStart ?? []).map {
-                    Double($0 &- $1) * 4096 / seconds
+                if throttle.judgesWithinPasses {
+                    judge(pass: iteration)   // the rest of the pass since the last judgement
+                } else {
+                    throttle.observe(pass: iteration, sentBytes: sent.bytes, dirtyBytes: dirtyPages * 4096, seconds: seconds,
+                                     bandwidth: bandwidth, vcpuDirtyBytesPerSecond: nil,
+                                     sinceStart: Double(MonotonicClock.nanoseconds() - started) / 1e9)
                 }
-                throttle.afterPass(iteration, sentBytes: sent.bytes, dirtyBytes: dirtyPages * 4096, seconds: seconds,
-                                   bandwidth: bandwidth, vcpuDirtyBytesPerSecond: vcpuDirty.isEmpty ? nil : vcpuDirty,
-                                   sinceStart: Double(MonotonicClock.nanoseconds() - started) / 1e9)
             }
             pass.throttle = throttle.level
             report.passes.append(pass)
@@ -266,4 +286,13 @@ public final class MigrationSender: Sendable {
         case .failed: throw .peerAborted(result.message)
         }
     }
+}
+
+/// dirty-limit and dirty-quota's judging period within a migration: since when, what was sent
+/// since, and the harvester's per-vCPU counts then.
+private struct ThrottlePeriod {
+    static let nanoseconds: UInt64 = 1_000_000_000
+    var time: UInt64
+    var vcpuPages: [UInt64]?
+    var sentBytes: UInt64 = 0
 }
