@@ -76,8 +76,9 @@ final class MigrationProtocolTests: XCTestCase {
         var generator = SystemRandomNumberGenerator()
         _ = try send((0..<4096).map { _ in UInt8.random(in: 0...255, using: &generator) }, to: port)
         // 2. Another protocol version: refused with a message naming both versions.
-        let refusal = try send(MigrationWire.frame(.hello, hello(version: 2).encode()), to: port)
-        XCTAssertTrue(String(decoding: refusal, as: UTF8.self).contains("version 2"), "the sender is told why")
+        let other = MigrationWire.version + 1
+        let refusal = try send(MigrationWire.frame(.hello, hello(version: other).encode()), to: port)
+        XCTAssertTrue(String(decoding: refusal, as: UTF8.self).contains("version \(other)"), "the sender is told why")
         // 3. A truncated stream: a good hello, then half a page batch, then the sender vanishes.
         var truncated = MigrationWire.frame(.hello, hello().encode())
         var batch = [UInt8]()
@@ -92,14 +93,19 @@ final class MigrationProtocolTests: XCTestCase {
         _ = try send(outside, to: port)
         // 5. A frame type that does not belong: state before hello.
         _ = try send(MigrationWire.frame(.state, [1, 2, 3]), to: port)
+        // 6. A pass plan whose bitmap does not fit the announced RAM (16384 pages = 256 words).
+        var plan = MigrationWire.frame(.hello, hello().encode())
+        plan += MigrationWire.frame(.passPlan, [1, 0, 0, 0] + [UInt8](repeating: 0xFF, count: 8 * 255))
+        _ = try send(plan, to: port)
 
         let deadline = Date().addingTimeInterval(10)
-        while outcomes.count < 5 && Date() < deadline { usleep(20_000) }
+        while outcomes.count < 6 && Date() < deadline { usleep(20_000) }
         let seen = outcomes.all
-        XCTAssertEqual(seen.count, 5, "\(seen)")
-        guard seen.count == 5 else { return }
+        XCTAssertEqual(seen.count, 6, "\(seen)")
+        guard seen.count == 6 else { return }
         XCTAssertTrue(seen[0].contains("not a dirtymig migration stream"), seen[0])
-        XCTAssertTrue(seen[1].contains("version 2") && seen[1].contains("version \(MigrationWire.version)"), seen[1])
+        XCTAssertTrue(seen[1].contains("version \(other)") && seen[1].contains("version \(MigrationWire.version)"), seen[1])
+        XCTAssertTrue(seen[5].contains("pass plan of 2044 bytes for 16384 pages"), seen[5])
         XCTAssertTrue(seen[2].contains("closed") || seen[2].contains("reset"), seen[2])
         XCTAssertTrue(seen[3].contains("outside RAM"), seen[3])
         XCTAssertTrue(seen[4].contains("state frame"), seen[4])

@@ -9,6 +9,7 @@ import Glibc
 ///     sender                               receiver
 ///     hello  ─────────────────────────────▶  checks version, layout, vCPUs, CPU, host
 ///            ◀─────────────────────────────  helloReply (accepted, or why not)
+///     passPlan               (which pages pass 1 will carry, so the receiver can allocate ahead)
 ///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied)
 ///            ◀─────────────────────────────  iterationAck (the pass is in guest memory)
 ///     …   (the source pauses its vCPUs)
@@ -21,7 +22,8 @@ import Glibc
 public enum MigrationWire {
     /// "DMIG" at the start of every hello: a stream that does not start with it is not ours.
     public static let magic: UInt32 = 0x4749_4D44
-    public static let version: UInt32 = 1
+    /// 2: the passPlan frame.
+    public static let version: UInt32 = 2
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -39,7 +41,7 @@ public enum MigrationWire {
 
 public enum MigrationFrameType: UInt32, Sendable {
     case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8,
-         iterationAck = 9
+         iterationAck = 9, passPlan = 10
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
@@ -49,6 +51,7 @@ public enum MigrationFrameType: UInt32, Sendable {
         case .pages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxBatchDataBytes
         case .iterationEnd: return 12
         case .iterationAck: return 4
+        case .passPlan: return 4 + 8 * Int(GuestLayout.maxAddressableBytes / GuestLayout.pageSize / 64)
         case .state: return MigrationWire.maxStateBytes
         case .complete: return 17
         case .result: return 16 + MigrationWire.maxStringBytes

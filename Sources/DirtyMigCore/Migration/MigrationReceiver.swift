@@ -57,6 +57,10 @@ public final class MigrationReceiver: Sendable {
 
     private func run(_ channel: MigrationChannel) throws(MigrationError) -> Machine {
         var phase = Phase.awaitingHello
+        defer {
+            // However it ends, no thread keeps allocating pages for this migration.
+            if case .receivingMemory(_, let pages) = phase { pages.passEnded() }
+        }
         while true {
             switch phase {
             case .awaitingHello:
@@ -80,11 +84,15 @@ public final class MigrationReceiver: Sendable {
                 case .pages:
                     try pages.receive(from: channel, payloadLength: length)
                     phase = .receivingMemory(machine, pages)
+                case .passPlan:
+                    try pages.receivePlan(from: channel, payloadLength: length)
+                    phase = .receivingMemory(machine, pages)
                 case .iterationEnd:
                     var reader = WireReader(try channel.receivePayload(length), what: "iteration end")
                     let (iteration, _, _) = try MigrationError.wrap { () throws(MigrationProtocolError) in
                         (try reader.u32(), try reader.u64(), try reader.finish())
                     }
+                    pages.passEnded()
                     // Everything of the pass is in guest memory now: say so, so the sender
                     // measures real bandwidth and never pauses with a backlog still in flight.
                     var ack = WireWriter()

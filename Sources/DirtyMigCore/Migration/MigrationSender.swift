@@ -149,6 +149,11 @@ public final class MigrationSender: Sendable {
         // in it) is irrelevant.
         do { _ = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
         var pending = machine.memory.dataPages()
+        // The plan of pass 1, so the receiver can allocate those pages ahead on a second thread.
+        var plan = WireWriter()
+        plan.u32(1)
+        for word in pending.words { plan.u64(word) }
+        do { try channel.send(.passPlan, plan.bytes) } catch { throw .connection(error) }
         var bandwidth = 0.0
         // --verify hashes all guest memory on both sides while the VM is paused: part of the
         // downtime, so part of the expected downtime the pre-copy rule compares, for at most half

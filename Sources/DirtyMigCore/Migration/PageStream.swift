@@ -118,11 +118,37 @@ struct PageReceiver {
     /// move, tens of microseconds a page on nested KVM: see `populateAfterResume`.
     private(set) var allocatedAtSource: DirtyPageBitmap
 
+    /// Allocates pass 1's pages ahead of this thread (see PagePrefaulter), while pass 1 lasts.
+    private var prefaulter: PagePrefaulter?
+
     init(memory: GuestMemory) {
         self.memory = memory
         hasData = DirtyPageBitmap(pageCount: memory.pageCount)
         allocatedAtSource = DirtyPageBitmap(pageCount: memory.pageCount)
     }
+
+    /// A passPlan frame: the pages the coming pass carries, a bitmap of all RAM. Only the first
+    /// plan starts a prefaulter (later passes rewrite pages that are allocated already).
+    mutating func receivePlan(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
+        let words = (memory.pageCount + 63) / 64
+        guard payloadLength == 4 + 8 * words else {
+            throw .protocolError(.malformed("a pass plan of \(payloadLength) bytes for \(memory.pageCount) pages of RAM"))
+        }
+        var reader = WireReader(try channel.receivePayload(payloadLength), what: "pass plan")
+        let planWords = try MigrationError.wrap { () throws(MigrationProtocolError) -> [UInt64] in
+            _ = try reader.u32()   // the pass
+            var planWords: [UInt64] = []
+            planWords.reserveCapacity(words)
+            for _ in 0..<words { planWords.append(try reader.u64()) }
+            return planWords
+        }
+        let plan = DirtyPageBitmap(pageCount: memory.pageCount, words: planWords)
+        guard prefaulter == nil, pagesReceived == 0 else { return }
+        prefaulter = PagePrefaulter(memory: memory, plan: plan)
+    }
+
+    /// The pass is complete (or the migration ends): the prefaulter has nothing left to win.
+    func passEnded() { prefaulter?.stop() }
 
     /// After the VM resumes here: allocate, on a background thread, the zero pages that were
     /// allocated at the source, so the guest does not pay a first-touch fault on each of them
@@ -182,6 +208,7 @@ struct PageReceiver {
                     throw .connection(error)
                 }
                 hasData.set(first..<end)
+                prefaulter?.received(upTo: end)
             case .zero:
                 for page in first..<end where hasData.contains(page) {
                     memset(memory.base + page * 4096, 0, 4096)

@@ -10,6 +10,14 @@ public struct DirtyPageBitmap: Sendable, Equatable {
         if allSet { trimTail() }
     }
 
+    /// A bitmap from its words (as they travel in a pass plan); bits past `pageCount` are dropped.
+    public init(pageCount: Int, words: [UInt64]) {
+        precondition(words.count == (pageCount + 63) / 64)
+        self.pageCount = pageCount
+        self.words = words
+        trimTail()
+    }
+
     @inline(__always)
     public mutating func set(_ page: Int) {
         words[page >> 6] |= 1 << UInt64(page & 63)
