@@ -40,5 +40,4 @@ final class PagePrefaulter: Sendable {
 
     /// How many pages the thread allocated ahead of the receiver.
     var pagesPopulated: Int { populatedPages.load(ordering: .relaxed) }
-
 }
