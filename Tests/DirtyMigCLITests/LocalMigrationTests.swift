@@ -21,6 +21,11 @@ final class LocalMigrationTests: XCTestCase {
                     "normal_pages", "throughput_mib_s", "dirty_pages_s", "ring_overruns"] {
             XCTAssertNotNil(report[key], "report field \(key)")
         }
+        // The destination hashed pages as they landed: only the source's hash is in the downtime.
+        let verifyPause = try XCTUnwrap(report["verify_pause_ms"]?.doubleValue)
+        XCTAssertGreaterThan(verifyPause, 0)
+        XCTAssertGreaterThan(report["verify_ms"]?.doubleValue ?? 0, verifyPause)
+        XCTAssertLessThan(verifyPause, report["downtime_ms"]?.doubleValue ?? 0)
         let vcpus = try XCTUnwrap(report["vcpus"]?.arrayValue)
         XCTAssertEqual(vcpus.count, 2)
         for vcpu in vcpus {

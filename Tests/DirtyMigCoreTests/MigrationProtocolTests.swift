@@ -31,6 +31,18 @@ final class MigrationProtocolTests: XCTestCase {
         var trailing = encoded
         trailing.append(0)
         XCTAssertThrowsError(try MigrationHello(decoding: trailing))
+
+        var verifying = original
+        verifying.verify = true
+        XCTAssertEqual(try MigrationHello(decoding: verifying.encode()), verifying)
+        // The flags word follows the CPUID words: a flag this version does not know is refused.
+        var unknownFlag = verifying.encode()
+        let flags = 8 + 8 + 4 + 4 + 4 + 8 + 12
+        XCTAssertEqual(unknownFlag[flags], 1)
+        unknownFlag[flags] = 3
+        XCTAssertThrowsError(try MigrationHello(decoding: unknownFlag)) {
+            XCTAssertTrue("\($0)".contains("flags"), "\($0)")
+        }
     }
 
     /// Starts a receiver on a loopback port; `attempts` collects each receiveOne outcome.
@@ -111,24 +123,53 @@ final class MigrationProtocolTests: XCTestCase {
         XCTAssertTrue(seen[4].contains("state frame"), seen[4])
     }
 
+    /// One page of data, then the state and a complete frame with `memoryDigest`; returns the
+    /// result frame's status byte and how the receiver's attempt ended.
+    private func completeWithDigest(_ memoryDigest: UInt64, announcingVerify: Bool, to receiver: MigrationReceiver,
+                                    outcomes: Outcomes) throws -> (status: UInt8?, outcome: String?) {
+        let seen = outcomes.count
+        let state: [UInt8] = [1, 2, 3]
+        var complete: [UInt8] = [1]
+        withUnsafeBytes(of: memoryDigest.littleEndian) { complete += $0 }
+        withUnsafeBytes(of: MemoryDigest.hash(state).littleEndian) { complete += $0 }
+        var pages: [UInt8] = [1, 0, 0, 0]
+        withUnsafeBytes(of: UInt64(100).littleEndian) { pages += $0 }
+        pages += [1, 0, 0, 0, 0, 0, 0, 0] + Self.dataPage
+        var hello = hello()
+        hello.verify = announcingVerify
+        let stream = MigrationWire.frame(.hello, hello.encode()) + MigrationWire.frame(.pages, pages)
+            + MigrationWire.frame(.iterationEnd, [UInt8](repeating: 0, count: 12))
+            + MigrationWire.frame(.state, state) + MigrationWire.frame(.complete, complete)
+        let reply = try send(stream, to: receiver.port)
+        let deadline = Date().addingTimeInterval(10)
+        while outcomes.count <= seen && Date() < deadline { usleep(20_000) }
+        // helloReply (8 + 9 bytes), iterationAck (8 + 4), then the result frame.
+        let result = 17 + 12
+        guard reply.count > result + 8, reply[result] == 7 else { return (nil, outcomes.all.dropFirst(seen).first) }
+        return (reply[result + 8], outcomes.all.dropFirst(seen).first)
+    }
+
+    private static let dataPage: [UInt8] = (0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+
+    /// The receiver compares the source's digest with its own, whether it hashed pages as they
+    /// landed (the hello announced --verify) or hashes all of its memory at the end: a wrong one
+    /// is refused and the VM dropped; the right one passes verification (this hand-made VM then
+    /// fails to restore its made-up state, which is a different failure).
     func testAMemoryDigestMismatchIsRefusedAndTheVMDropped() throws {
         let kvm = try requireKVM()
         let (receiver, outcomes) = try startReceiver(kvm)
         defer { receiver.stop() }
-        let state: [UInt8] = [1, 2, 3]
-        var complete: [UInt8] = [1]
-        withUnsafeBytes(of: UInt64(0xDEAD).littleEndian) { complete += $0 }
-        withUnsafeBytes(of: MemoryDigest.hash(state).littleEndian) { complete += $0 }
-        let stream = MigrationWire.frame(.hello, hello().encode())
-            + MigrationWire.frame(.iterationEnd, [UInt8](repeating: 0, count: 12))
-            + MigrationWire.frame(.state, state) + MigrationWire.frame(.complete, complete)
-        let reply = try send(stream, to: receiver.port)
-        // helloReply (8 + 9 bytes), iterationAck (8 + 4), then the result: status 1 = verification failed.
-        XCTAssertGreaterThan(reply.count, 17 + 12 + 8)
-        if reply.count > 17 + 12 + 8 { XCTAssertEqual(reply[17 + 12], 7, "a result frame"); XCTAssertEqual(reply[17 + 12 + 8], 1, "verification failed") }
-        let deadline = Date().addingTimeInterval(10)
-        while outcomes.count < 1 && Date() < deadline { usleep(20_000) }
-        XCTAssertTrue(outcomes.all.first?.contains("verification failed: memory digest differs") ?? false, "\(outcomes.all)")
+        let expected = try GuestMemory(size: 64 * MiB)
+        Self.dataPage.withUnsafeBytes { expected.hostPointer(ramOffset: 100 * 4096).copyMemory(from: $0.baseAddress!, byteCount: 4096) }
+        let right = MemoryDigest.compute(expected)
+        for announced in [false, true] {
+            let wrong = try completeWithDigest(right ^ 1, announcingVerify: announced, to: receiver, outcomes: outcomes)
+            XCTAssertEqual(wrong.status, 1, "verification failed (hello announced verify: \(announced))")
+            XCTAssertTrue(wrong.outcome?.contains("verification failed: memory digest differs") ?? false, "\(String(describing: wrong.outcome))")
+            let good = try completeWithDigest(right, announcingVerify: announced, to: receiver, outcomes: outcomes)
+            XCTAssertEqual(good.status, 2, "verification passed, then the made-up state failed (hello announced verify: \(announced))")
+            XCTAssertFalse(good.outcome?.contains("verification") ?? true, "\(String(describing: good.outcome))")
+        }
     }
 
     func testOversizedFramesAreRefusedBeforeAllocating() throws {

@@ -220,7 +220,7 @@ enum ReportTable {
         row("pages", "\(number("normal_pages", "%.0f")) normal, \(number("zero_pages", "%.0f")) zero")
         row("throughput", number("throughput_mib_s") + " MiB/s")
         row("dirty rate (last)", number("dirty_pages_s", "%.0f") + " pages/s")
-        row("verify", (report["verify"]?.stringValue ?? "-") + (report["verify"]?.stringValue == "off" ? "" : " (\(number("verify_ms")) ms)"))
+        row("verify", (report["verify"]?.stringValue ?? "-") + (report["verify"]?.stringValue == "off" ? "" : " (\(number("verify_ms")) ms, \(number("verify_pause_ms")) ms of it while paused)"))
         row("ring overruns", number("ring_overruns", "%.0f"))
         for vcpu in report["vcpus"]?.arrayValue ?? [] {
             let id = Int(vcpu["id"]?.doubleValue ?? 0)

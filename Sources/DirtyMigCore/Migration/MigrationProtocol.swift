@@ -22,8 +22,8 @@ import Glibc
 public enum MigrationWire {
     /// "DMIG" at the start of every hello: a stream that does not start with it is not ours.
     public static let magic: UInt32 = 0x4749_4D44
-    /// 2: the passPlan frame.
-    public static let version: UInt32 = 2
+    /// 2: the passPlan frame. 3: hello's flags (the destination hashes pages as they land).
+    public static let version: UInt32 = 3
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -93,6 +93,12 @@ public struct MigrationHello: Sendable, Equatable {
     public var requiredFeatures: CPUFeatureSet
     /// The guest's config block, which also gives each vCPU's workload.
     public var guestConfig: [UInt8]
+    /// The sender will ask for --verify: the destination hashes each page as it lands, so that
+    /// its half of the digest costs no downtime.
+    public var verify = false
+
+    /// Bit 0 of the flags word.
+    static let verifyFlag: UInt32 = 1
 
     public init(name: String, memorySize: UInt64, vcpuCount: Int, tracking: TrackingMode?, ringEntries: Int,
                 tscKHz: UInt64, requiredFeatures: CPUFeatureSet, guestConfig: [UInt8]) {
@@ -116,6 +122,7 @@ public struct MigrationHello: Sendable, Equatable {
         writer.u32(UInt32(ringEntries)); writer.u64(tscKHz)
         writer.u32(requiredFeatures.leaf1EDX); writer.u32(requiredFeatures.leaf1ECX)
         writer.u32(requiredFeatures.extendedEDX)
+        writer.u32(verify ? MigrationHello.verifyFlag : 0)
         writer.string(name)
         writer.blob(guestConfig)
         return writer.bytes
@@ -137,6 +144,9 @@ public struct MigrationHello: Sendable, Equatable {
         ringEntries = Int(try reader.u32())
         tscKHz = try reader.u64()
         requiredFeatures = CPUFeatureSet(leaf1EDX: try reader.u32(), leaf1ECX: try reader.u32(), extendedEDX: try reader.u32())
+        let flags = try reader.u32()
+        guard flags & ~MigrationHello.verifyFlag == 0 else { throw .malformed("hello flags 0x\(String(flags, radix: 16))") }
+        verify = flags & MigrationHello.verifyFlag != 0
         name = try reader.string()
         guestConfig = try reader.blob(max: 64 * (GuestLayout.maxVCPUs + 1))
         try reader.finish()

@@ -76,17 +76,15 @@ public final class MigrationReceiver: Sendable {
                 var reply = WireWriter()
                 reply.u8(1); reply.u32(MigrationWire.version); reply.string("")
                 do { try channel.send(.helloReply, reply.bytes) } catch { throw .connection(error) }
-                phase = .receivingMemory(machine, PageReceiver(memory: machine.memory))
+                phase = .receivingMemory(machine, PageReceiver(memory: machine.memory, verifying: hello.verify))
 
-            case .receivingMemory(let machine, var pages):
+            case .receivingMemory(let machine, let pages):
                 let (type, length) = try channel.receiveHeader()
                 switch type {
                 case .pages:
                     try pages.receive(from: channel, payloadLength: length)
-                    phase = .receivingMemory(machine, pages)
                 case .passPlan:
                     try pages.receivePlan(from: channel, payloadLength: length)
-                    phase = .receivingMemory(machine, pages)
                 case .iterationEnd:
                     var reader = WireReader(try channel.receivePayload(length), what: "iteration end")
                     let (iteration, _, _) = try MigrationError.wrap { () throws(MigrationProtocolError) in
@@ -118,9 +116,10 @@ public final class MigrationReceiver: Sendable {
                 var verifyNanoseconds: UInt64 = 0
                 if verify == 1 {
                     let start = MonotonicClock.nanoseconds()
-                    let ours = MemoryDigest.compute(machine.memory)
+                    // Kept as pages landed when the hello announced --verify; otherwise hashed now.
+                    let ours = pages.digest?.value ?? MemoryDigest.compute(machine.memory)
                     let oursState = MemoryDigest.hash(stateBytes)
-                    verifyNanoseconds = MonotonicClock.nanoseconds() - start
+                    verifyNanoseconds = MonotonicClock.nanoseconds() - start + (pages.digest?.nanoseconds ?? 0)
                     if ours != memoryDigest || oursState != stateDigest {
                         let what = ours != memoryDigest ? "memory digest" : "state digest"
                         let message = "\(what) differs (source 0x\(String(ours != memoryDigest ? memoryDigest : stateDigest, radix: 16)), destination 0x\(String(ours != memoryDigest ? ours : oursState, radix: 16)))"

@@ -80,7 +80,10 @@ public struct MigrationReport: Sendable {
     public var normalPages: UInt64 = 0
     public var dirtyPagesPerSecond: Double = 0
     public var verify = "off"
+    /// All hashing for --verify: the destination's as pages landed, and both sides' at the pause.
     public var verifySeconds: Double = 0
+    /// The part of it in the downtime: the source hashing all of RAM at the pause point.
+    public var verifyPauseSeconds: Double = 0
     /// What the pre-copy rule expected verification to add to the downtime.
     public var verifyEstimateSeconds: Double = 0
     public var track: TrackingMode?
@@ -114,7 +117,8 @@ public struct MigrationReport: Sendable {
             "transferred_bytes": .number(transferredBytes), "zero_pages": .number(zeroPages),
             "normal_pages": .number(normalPages), "throughput_mib_s": .number(throughputMiBPerSecond),
             "dirty_pages_s": .number(dirtyPagesPerSecond), "verify": .string(verify),
-            "verify_ms": .number(verifySeconds * 1000), "verify_estimate_ms": .number(verifyEstimateSeconds * 1000),
+            "verify_ms": .number(verifySeconds * 1000), "verify_pause_ms": .number(verifyPauseSeconds * 1000),
+            "verify_estimate_ms": .number(verifyEstimateSeconds * 1000),
             "track": track.map { .string($0.rawValue) } ?? .null, "ring_overruns": .number(ringOverruns),
             "vcpus": .array(vcpus),
             "throttle": throttle.json,

@@ -101,11 +101,12 @@ public final class MigrationSender: Sendable {
         defer { socket.shutdown() }
         socket.setTimeouts(send: 10, receive: 10)   // a destination that stalls is a failure, not a hang
         let channel = MigrationChannel(socket: socket)
-        let hello = MigrationHello(
+        var hello = MigrationHello(
             name: machine.configuration.name, memorySize: machine.configuration.memorySize,
             vcpuCount: machine.configuration.vcpuCount, tracking: machine.configuration.tracking,
             ringEntries: machine.configuration.ringEntries, tscKHz: machine.tscHz / 1000,
             requiredFeatures: .workloadGuest, guestConfig: machine.guestConfig.encode())
+        hello.verify = options.verify
         do { try channel.send(.hello, hello.encode()) } catch { throw .connection(error) }
         let (_, replyBytes) = try channel.receive([.helloReply])
         var replyReader = WireReader(replyBytes, what: "hello reply")
@@ -155,11 +156,12 @@ public final class MigrationSender: Sendable {
         for word in pending.words { plan.u64(word) }
         do { try channel.send(.passPlan, plan.bytes) } catch { throw .connection(error) }
         var bandwidth = 0.0
-        // --verify hashes all guest memory on both sides while the VM is paused: part of the
-        // downtime, so part of the expected downtime the pre-copy rule compares, for at most half
-        // of --downtime (a bigger share would leave the rule no way to be met).
+        // --verify hashes all guest memory here while the VM is paused (the destination hashed
+        // pages as they landed): part of the downtime, so part of the expected downtime the
+        // pre-copy rule compares, for at most half of --downtime (a bigger share would leave the
+        // rule no way to be met).
         let verifyEstimate = options.verify
-            ? min(2 * MemoryDigest.estimateSeconds(machine.memory), options.downtimeSeconds / 2) : 0
+            ? min(MemoryDigest.estimateSeconds(machine.memory), options.downtimeSeconds / 2) : 0
         report.verifyEstimateSeconds = verifyEstimate
         // Pre-copy stops when the expected downtime is at most 85 % of --downtime: the rest is
         // kept for what the guest dirties between the last pass and the pause, and for the state.
@@ -275,7 +277,8 @@ public final class MigrationSender: Sendable {
             let verifyStart = MonotonicClock.nanoseconds()
             complete.u64(MemoryDigest.compute(machine.memory))
             complete.u64(MemoryDigest.hash(stateBytes))
-            report.verifySeconds += Double(MonotonicClock.nanoseconds() - verifyStart) / 1e9
+            report.verifyPauseSeconds = Double(MonotonicClock.nanoseconds() - verifyStart) / 1e9
+            report.verifySeconds += report.verifyPauseSeconds
         } else {
             complete.u64(0); complete.u64(0)
         }

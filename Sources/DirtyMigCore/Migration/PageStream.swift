@@ -109,7 +109,9 @@ struct PageSender {
 
 /// Receives page batches straight into guest memory. Zero ranges cost nothing for pages that
 /// never received data (they are still holes, hence zero); pages that hold older data are zeroed.
-struct PageReceiver {
+/// A class: the receiver's state machine carries it from state to state, and a value there
+/// would copy its bitmaps and digest on every batch.
+final class PageReceiver {
     let memory: GuestMemory
     private(set) var hasData: DirtyPageBitmap
     private(set) var pagesReceived: UInt64 = 0
@@ -120,16 +122,23 @@ struct PageReceiver {
 
     /// Allocates pass 1's pages ahead of this thread (see PagePrefaulter), while pass 1 lasts.
     private var prefaulter: PagePrefaulter?
+    /// With --verify: this side's digest, kept as pages land.
+    private(set) var digest: LandedPagesDigest?
 
-    init(memory: GuestMemory) {
+    /// Pages received per socket read when hashing them as they land: 256 KiB, so that they are
+    /// still in cache when hashed.
+    static let hashedChunkPages = 64
+
+    init(memory: GuestMemory, verifying: Bool) {
         self.memory = memory
+        digest = verifying ? LandedPagesDigest(pageCount: memory.pageCount) : nil
         hasData = DirtyPageBitmap(pageCount: memory.pageCount)
         allocatedAtSource = DirtyPageBitmap(pageCount: memory.pageCount)
     }
 
     /// A passPlan frame: the pages the coming pass carries, a bitmap of all RAM. Only the first
     /// plan starts a prefaulter (later passes rewrite pages that are allocated already).
-    mutating func receivePlan(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
+    func receivePlan(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
         let words = (memory.pageCount + 63) / 64
         guard payloadLength == 4 + 8 * words else {
             throw .protocolError(.malformed("a pass plan of \(payloadLength) bytes for \(memory.pageCount) pages of RAM"))
@@ -172,7 +181,7 @@ struct PageReceiver {
 
     /// Reads one pages frame's payload (its header already read) into memory, validating the
     /// range table against RAM and the payload length before any page byte is read.
-    mutating func receive(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
+    func receive(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
         guard payloadLength >= 4 else { throw .protocolError(.malformed("a pages frame of \(payloadLength) bytes")) }
         var countReader = WireReader(try channel.receivePayload(4), what: "page batch")
         let count = Int(try MigrationError.wrap { () throws(MigrationProtocolError) in try countReader.u32() })
@@ -204,14 +213,27 @@ struct PageReceiver {
             let destination = memory.base + first * 4096
             switch range.kind {
             case .data:
-                do { try channel.socket.receive(into: destination, count: Int(range.count) * 4096) } catch {
-                    throw .connection(error)
+                if digest == nil {
+                    do { try channel.socket.receive(into: destination, count: Int(range.count) * 4096) } catch {
+                        throw .connection(error)
+                    }
+                } else {
+                    var chunk = first
+                    while chunk < end {
+                        let chunkEnd = min(end, chunk + Self.hashedChunkPages)
+                        do { try channel.socket.receive(into: memory.base + chunk * 4096, count: (chunkEnd - chunk) * 4096) } catch {
+                            throw .connection(error)
+                        }
+                        digest?.landed(chunk..<chunkEnd, in: memory)
+                        chunk = chunkEnd
+                    }
                 }
                 hasData.set(first..<end)
                 prefaulter?.received(upTo: end)
             case .zero:
                 for page in first..<end where hasData.contains(page) {
                     memset(memory.base + page * 4096, 0, 4096)
+                    digest?.zeroed(page)
                 }
                 allocatedAtSource.set(first..<end)
             }
