@@ -6,9 +6,10 @@ import XCTest
 /// another protocol version, ranges outside RAM. After each, the receiver takes the next
 /// migration.
 final class MigrationProtocolTests: XCTestCase {
-    private func hello(memory: UInt64 = 64 * MiB, version: UInt32 = MigrationWire.version) -> MigrationHello {
+    private func hello(memory: UInt64 = 64 * MiB, version: UInt32 = MigrationWire.version,
+                       tracking: TrackingMode = .bitmap) -> MigrationHello {
         let config = GuestConfig(tscHz: 1_000_000_000, memorySize: memory, vcpus: [VCPUWorkload(kind: .idle, seed: 0)])
-        var hello = MigrationHello(name: "t", memorySize: memory, vcpuCount: 1, tracking: .bitmap, ringEntries: 4096,
+        var hello = MigrationHello(name: "t", memorySize: memory, vcpuCount: 1, tracking: tracking, ringEntries: 4096,
                                    tscKHz: 1_000_000, requiredFeatures: .workloadGuest, guestConfig: config.encode())
         hello.version = version
         return hello
@@ -121,6 +122,37 @@ final class MigrationProtocolTests: XCTestCase {
         XCTAssertTrue(seen[2].contains("closed") || seen[2].contains("reset"), seen[2])
         XCTAssertTrue(seen[3].contains("outside RAM"), seen[3])
         XCTAssertTrue(seen[4].contains("state frame"), seen[4])
+    }
+
+    /// A migration that fails half-way leaves nothing behind, its memory included: three partial
+    /// 256 MiB VMs (ring-tracked) each get 32 MiB of pages before the sender vanishes, and the
+    /// process then holds no more shared memory than before.
+    func testAFailedMigrationLeavesNoMemoryBehind() throws {
+        let kvm = try requireKVM()
+        let (receiver, outcomes) = try startReceiver(kvm)
+        defer { receiver.stop() }
+        let before = try residentSharedMemory()
+        var batch: [UInt8] = [1, 0, 0, 0] + [0, 0, 0, 0, 0, 0, 0, 0] + [0, 0x20, 0, 0] + [0, 0, 0, 0]   // pages 0..<8192, data
+        batch += [UInt8](repeating: 0x5A, count: 8192 * 4096)
+        let stream = MigrationWire.frame(.hello, hello(memory: 256 * MiB, tracking: .ring).encode()) + MigrationWire.frame(.pages, batch)
+        for _ in 0..<3 { _ = try send(stream, to: receiver.port, readReply: false) }
+        let deadline = Date().addingTimeInterval(20)
+        while outcomes.count < 3 && Date() < deadline { usleep(20_000) }
+        XCTAssertEqual(outcomes.count, 3, "\(outcomes.all)")
+        XCTAssertTrue(outcomes.all.allSatisfy { $0.contains("closed") || $0.contains("reset") }, "\(outcomes.all)")
+        var after = try residentSharedMemory()
+        while after > before + 16 * MiB && Date() < deadline { usleep(20_000); after = try residentSharedMemory() }
+        XCTAssertLessThan(after, before + 16 * MiB, "the partial VMs' memory is gone (\(before >> 20) MiB before, \(after >> 20) MiB after)")
+    }
+
+    /// RssShmem of this process: guest RAM is a memfd.
+    private func residentSharedMemory() throws -> UInt64 {
+        let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
+        guard let line = status.split(separator: "\n").first(where: { $0.hasPrefix("RssShmem:") }),
+              let kib = UInt64(line.split(separator: " ").dropFirst().first ?? "") else {
+            throw XCTSkip("no RssShmem in /proc/self/status")
+        }
+        return kib * 1024
     }
 
     /// One page of data, then the state and a complete frame with `memoryDigest`; returns the

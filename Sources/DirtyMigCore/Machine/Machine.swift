@@ -106,7 +106,9 @@ public final class Machine: @unchecked Sendable {
         let runners = vcpus.map { VCPURunner(vcpu: $0, tracker: tracker, holds: holds, events: events) }
         self.runners = runners
         // Kicks capture the runners, not the machine: a strong capture of `self` would make
-        // machine -> tracker -> kick -> machine a cycle that keeps the VM's memory alive.
+        // machine -> tracker -> kick -> machine a cycle that keeps the VM's memory alive. The
+        // runners hold the tracker, so tracker -> kick -> runners -> tracker is one still:
+        // deinit breaks it.
         let kick: @Sendable (Int) -> Void = { vcpu in runners[vcpu].kick() }
         (tracker as? RingTracker)?.kick = kick
         cpuThrottle = CPUThrottle(holds: holds, vcpuCount: configuration.vcpuCount, kick: kick)
@@ -209,5 +211,10 @@ public final class Machine: @unchecked Sendable {
         startTime == 0 ? 0 : Double(MonotonicClock.nanoseconds() - startTime) / 1e9
     }
 
-    deinit { stop() }
+    deinit {
+        stop()
+        // Without this the ring tracker, and with it all of guest memory, outlived the machine:
+        // a receiver (or a benchmark) that went through many VMs kept every one's RAM.
+        (tracker as? RingTracker)?.kick = nil
+    }
 }
