@@ -103,7 +103,7 @@ final class QEMUGuest {
 }
 
 func runQEMUMigration(memory: UInt64, workloads: [VCPUWorkload], settings: QEMUMigrationSettings = QEMUMigrationSettings(),
-                      waitForFinishedPasses: Bool, warmupSeconds: Double) throws -> QEMUMigrationResult {
+                      waitForFinishedPasses: Bool, warmupSeconds: Double, warmBytes: UInt64 = 0) throws -> QEMUMigrationResult {
     let guest = try QEMUGuest(memory: memory, workloads: workloads, dirtyRingSize: settings.dirtyRingSize)
     let port: UInt16 = try {
         let probe = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
@@ -130,6 +130,7 @@ func runQEMUMigration(memory: UInt64, workloads: [VCPUWorkload], settings: QEMUM
     }
     try qmp.execute("migrate-set-parameters", ["max-bandwidth": .number(settings.bandwidth),
                                                "downtime-limit": .number(UInt64(settings.downtime * 1000))])
+    DestinationMemory.warm(warmBytes)
     try qmp.execute("migrate", ["uri": .string("tcp:127.0.0.1:\(port)")])
     var lastPages = startPages
     var lastTime = start

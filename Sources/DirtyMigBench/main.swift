@@ -6,10 +6,12 @@
 //       tracking, bitmap (synced 10 times a second, as a migration pass or dirtyrate would),
 //       ring (harvested every millisecond) and quota (ring + quota accounting, no quota set).
 //
-//   dirtymig-bench migration [--runs N] [--no-qemu]
+//   dirtymig-bench migration [--runs N] [--no-qemu] [--warm]
 //       The migration issue's three scenarios (4 GiB never written; 2 GiB with 1 GiB written
 //       once; 1 GiB rewriting 256 MiB at 200 MiB/s), dirtymig and, when installed, QEMU 7.2 on
 //       the same guest image and config block: total time, downtime, passes, bytes, throughput.
+//       With --warm, each scenario also runs with the destination's memory warmed just before
+//       (see DestinationMemory: this nested machine hands freed memory back to its host).
 //
 //   dirtymig-bench accuracy [--seconds S]
 //       The measurement check: 1 GiB, 2 vCPUs, vCPU 0 writing 512 MiB sequentially at
@@ -147,9 +149,10 @@ do {
     case "limit":
         try runLimitAccuracy(withQEMU: !arguments.contains("--no-qemu"))
     case "migration":
-        try runMigrationBenchmark(runs: Int(option("--runs", default: 3)), withQEMU: !arguments.contains("--no-qemu"))
+        try runMigrationBenchmark(runs: Int(option("--runs", default: 3)), withQEMU: !arguments.contains("--no-qemu"),
+                                  conditions: arguments.contains("--warm") ? DestinationMemory.allCases : [.asGiven])
     default:
-        FileHandle.standardError.write(Data("usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S] | migration [--runs N] [--no-qemu] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n".utf8))
+        FileHandle.standardError.write(Data("usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S] | migration [--runs N] [--no-qemu] [--warm] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n".utf8))
         exit(2)
     }
 } catch {
