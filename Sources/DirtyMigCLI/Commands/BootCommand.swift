@@ -79,7 +79,9 @@ enum BootCommand {
         }
         let server = ControlServer(path: options.control, vmName: options.name)
         let stop = StopSignals()   // before any other thread exists
-        do { try server.start() } catch { throw RuntimeFailure("\(error)") }
+        // The name is claimed now (a clash shows before the VM is built); clients are served
+        // once every command is registered (VMHost.serve).
+        do { try server.start(serving: false) } catch { throw RuntimeFailure("\(error)") }
         let machine: Machine
         do { machine = try Machine(configuration, kvm: kvm) } catch {
             server.stop()

@@ -7,14 +7,17 @@ import Foundation
 enum MigrateCommand {
     struct Options {
         var to: HostPort?
-        var bandwidth: UInt64?
-        var downtime = 0.3
-        var maxIterations = 30
-        var timeout: Double?
-        var verify = false
+        /// What the migration is asked to do: checked by the same rules the VM's `migrate`
+        /// command applies (the destination is filled in when it is known).
+        var migration = MigrationOptions(destination: HostPort(host: "127.0.0.1", port: 0))
         var json = false
         var stats: String?
-        var throttle = ThrottleMode.auto
+        var bandwidth: UInt64? { migration.bandwidth }
+        var downtime: Double { migration.downtimeSeconds }
+        var maxIterations: Int { migration.maxIterations }
+        var timeout: Double? { migration.timeoutSeconds }
+        var verify: Bool { migration.verify }
+        var throttle: ThrottleMode { migration.throttle }
     }
 
     static func options(_ arguments: ParsedArguments) throws(UsageError) -> Options {
@@ -25,24 +28,18 @@ enum MigrateCommand {
             }
             options.to = endpoint
         }
-        if let bandwidth = try arguments.rate("bandwidth") {
-            guard bandwidth >= 4096 else { throw arguments.error("--bandwidth must be at least 4K (a page per second)") }
-            options.bandwidth = bandwidth
+        let bandwidth = try arguments.rate("bandwidth").map(Double.init)
+        let downtime = try arguments.duration("downtime")
+        let iterations = try arguments.count("max-iterations").map(Double.init)
+        let timeout = try arguments.duration("timeout")
+        do throws(MigrationOptions.Invalid) {
+            try options.migration.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations,
+                                      timeoutSeconds: timeout)
+        } catch {
+            throw arguments.error(error.description)
         }
-        if let downtime = try arguments.duration("downtime") {
-            guard downtime >= 0.001 else { throw arguments.error("--downtime must be at least 1ms") }
-            options.downtime = downtime
-        }
-        if let iterations = try arguments.count("max-iterations") {
-            guard iterations >= 1 else { throw arguments.error("--max-iterations must be at least 1") }
-            options.maxIterations = iterations
-        }
-        if let timeout = try arguments.duration("timeout") {
-            guard timeout > 0 else { throw arguments.error("--timeout must be positive") }
-            options.timeout = timeout
-        }
-        if let throttle = try arguments.choice("throttle") { options.throttle = ThrottleMode(rawValue: throttle)! }
-        options.verify = arguments.has("verify")
+        if let throttle = try arguments.choice("throttle") { options.migration.throttle = ThrottleMode(rawValue: throttle)! }
+        options.migration.verify = arguments.has("verify")
         options.json = arguments.has("json")
         options.stats = arguments.string("stats")
         let embedded = options.to == nil && arguments.string("vm") == nil

@@ -25,17 +25,26 @@ enum ReceiveCommand {
         // The control socket is claimed now, so a name clash shows before any migration.
         let server = ControlServer(path: controlPath, vmName: name)
         let vmName = name
-        server.register("query-status") { (_: JSONValue) throws(ControlError) in
-            ["name": .string(vmName), "state": "listening", "listen": .string(endpoint.description)]
-        }
-        do { try server.start() } catch { throw RuntimeFailure("\(error)") }
+        do { try server.start(serving: false) } catch { throw RuntimeFailure("\(error)") }
         let receiver: MigrationReceiver
-        do { receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name) } catch {
+        do {
+            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name) { line in
+                printError("dirtymig receive: \(line)")
+            }
+        } catch {
             server.stop()
-            throw RuntimeFailure("dirtymig receive: \(error)")
+            throw RuntimeFailure("\(error)")
         }
+        // SIGINT/SIGTERM while listening ends the run; during an incoming migration it aborts it
+        // (the source is told and resumes; see MigrationReceiver's commit point).
         let stopping = StopFlagBox()
         stop.onSignal { stopping.raise(); receiver.stop() }
+        server.register("query-status") { (_: JSONValue) throws(ControlError) in
+            let peer = receiver.activePeer
+            return ["name": .string(vmName), "state": peer == nil ? "listening" : "receiving",
+                    "listen": .string(endpoint.description), "from": peer.map { .string($0) } ?? .null]
+        }
+        server.serve()
         let shown = HostPort(host: endpoint.host.isEmpty ? "*" : endpoint.host, port: receiver.port)
         emit("dirtymig: listening for a migration on \(shown); control socket \(controlPath)")
 
@@ -44,16 +53,16 @@ enum ReceiveCommand {
             do {
                 machine = try receiver.receiveOne()
             } catch {
+                // The receiver has logged what happened to the migration and its partial VM.
                 if stopping.isRaised {
                     server.stop()
+                    printError("dirtymig receive: stopped")
                     return 0
                 }
-                printError("dirtymig receive: the migration failed: \(error)")
                 if once {
                     server.stop()
                     return 1
                 }
-                printError("dirtymig receive: the partial VM was discarded; listening again")
                 continue
             }
             receiver.stop()   // one VM per process: it runs here now

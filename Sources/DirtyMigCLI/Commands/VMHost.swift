@@ -6,7 +6,6 @@ import Foundation
 enum VMHost {
     static func serve(_ machine: Machine, server: ControlServer, stop: StopSignals, ready: String) -> Int32 {
         let done = DispatchSemaphore(value: 0)
-        stop.onSignal { done.signal() }
         machine.events.onConsoleLine = { vcpu, line in printError("guest (vCPU \(vcpu)): \(line)") }
         machine.events.onFailure = { error in
             printError("dirtymig: the VM stopped: \(error)")
@@ -14,10 +13,21 @@ enum VMHost {
         }
         MachineControl.register(on: server, machine: machine) { done.signal() }
         LimitControl.register(on: server, machine: machine)
-        MigrationControl.register(on: server, machine: machine) {
+        let migrations = MigrationControl.register(on: server, machine: machine) {
             printError("dirtymig: the VM was migrated; it runs at the destination now")
             done.signal()
         }
+        // SIGINT/SIGTERM: a migration under way is cancelled first (the destination is told and
+        // discards its copy), then the VM stops as it does when idle. Stopping the control
+        // server waits for the `migrate` command's thread, which the cancel ends within a batch.
+        // A migration past its commit point ends as the destination says instead.
+        stop.onSignal {
+            if migrations.cancel(reason: "the source was asked to stop (SIGINT or SIGTERM): the migration was cancelled, the destination discarded its copy, and the VM stopped at the source") {
+                printError("dirtymig: stopping: cancelling the migration under way first")
+            }
+            done.signal()
+        }
+        server.serve()
         emit(ready)
         done.wait()
         server.stop()

@@ -25,6 +25,8 @@ public final class ControlServer: Sendable {
     private let stopFlag = StopFlag()
     /// Signalled once the first `stop()` has finished, for callers that arrive meanwhile.
     private let stopFinished = DispatchSemaphore(value: 0)
+    /// Signalled by `serve()`: the accept thread waits for it when started with serving: false.
+    private let servingGate = DispatchSemaphore(value: 0)
 
     private enum Phase { case idle, listening, stopping, stopped }
 
@@ -34,6 +36,8 @@ public final class ControlServer: Sendable {
         var listener: UnixSocket?
         var socketFile: FileIdentity?
         var acceptThread: OSThread?
+        /// Whether the accept thread may take clients yet (see `start(serving:)`).
+        var serving = false
         var clients: [Int: Client] = [:]
         var nextClientID = 1
     }
@@ -110,7 +114,12 @@ public final class ControlServer: Sendable {
     /// or has group/other permissions), replaces a stale socket (one nobody answers on), refuses a
     /// live one, binds with mode 0600, listens, and starts the accept thread. A second call while
     /// running does nothing.
-    public func start() throws(SetupError) {
+    ///
+    /// `serving: false` claims the name and listens, but accepts no client until `serve()`:
+    /// a VM's commands are registered only once the VM exists, and a script that connected
+    /// as soon as the socket appeared got "unknown command" for its first query. Clients that
+    /// connect meanwhile wait in the backlog and are greeted once every command is there.
+    public func start(serving: Bool = true) throws(SetupError) {
         try state.withLock { (state: inout State) throws(SetupError) in
             switch state.phase {
             case .listening: return
@@ -121,8 +130,23 @@ public final class ControlServer: Sendable {
             state.listener = listener
             state.socketFile = identity
             state.phase = .listening
-            state.acceptThread = OSThread(name: "ctl-accept") { [self] in acceptLoop(listener) }
+            state.serving = serving
+            if serving { servingGate.signal() }
+            state.acceptThread = OSThread(name: "ctl-accept") { [self] in
+                servingGate.wait()
+                acceptLoop(listener)
+            }
         }
+    }
+
+    /// Lets the accept thread take clients (after `start(serving: false)` and the commands'
+    /// registration). Idempotent.
+    public func serve() {
+        let open = state.withLock { state -> Bool in
+            defer { state.serving = true }
+            return !state.serving
+        }
+        if open { servingGate.signal() }
     }
 
     private static func bind(path: String, vmName: String) throws(SetupError) -> (UnixSocket, FileIdentity) {
@@ -326,6 +350,10 @@ public final class ControlServer: Sendable {
             case .listening:
                 state.phase = .stopping
                 stopFlag.raise()
+                if !state.serving {
+                    state.serving = true
+                    servingGate.signal()   // the accept thread then finds the listener shut down
+                }
                 // Under the lock: a client thread leaves the table before closing its descriptor.
                 state.listener?.shutdown(.both)
                 for client in state.clients.values { client.socket.shutdown(.read) }

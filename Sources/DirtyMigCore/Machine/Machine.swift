@@ -2,7 +2,7 @@ import Foundation
 
 /// A VM running the workload guest: KVM VM, guest RAM, vCPU threads and the dirty tracker,
 /// assembled in the order KVM requires and torn down in reverse.
-public final class Machine: @unchecked Sendable {
+public final class Machine: IncomingVM, @unchecked Sendable {
     // @unchecked: the components are immutable after init and thread-safe themselves; `state` is
     // guarded by `lock`.
     public let configuration: MachineConfiguration
@@ -44,6 +44,9 @@ public final class Machine: @unchecked Sendable {
         do {
             let kvm = try kvm ?? KVMSystem()
             try configuration.validate(against: kvm)
+            // Before any allocation: a VM that would not fit is refused with the figures, not
+            // OOM-killed later with no message (and another VM with it).
+            try configuration.checkMemoryAvailable()
             self.kvm = kvm
             vm = try kvm.createVM()
             memory = try GuestMemory(size: configuration.memorySize)

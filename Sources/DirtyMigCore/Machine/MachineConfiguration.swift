@@ -25,6 +25,32 @@ public struct MachineConfiguration: Sendable {
         self.harvestInterval = harvestInterval
     }
 
+    /// What the VM's process will hold in memory: every page its guest can touch (the system
+    /// area below the workload base, and the union of the working sets, which boot populates
+    /// and a migration fills) plus dirtymig's own.
+    public var residentBytes: UInt64 {
+        // Saturating: a configuration from the wire may hold any offsets.
+        let ranges = workloads.filter { $0.kind != .idle && $0.size > 0 }
+            .map { ($0.offset, $0.offset.addingReportingOverflow($0.size).overflow ? UInt64.max : $0.offset + $0.size) }
+            .sorted { $0.0 < $1.0 }
+        var covered: UInt64 = 0
+        var end: UInt64 = 0
+        for (start, stop) in ranges {
+            if stop <= end { continue }
+            covered += stop - max(start, end)
+            end = stop
+        }
+        let guestPages = min(memorySize, GuestLayout.workloadBase.addingReportingOverflow(covered).overflow
+                             ? UInt64.max : GuestLayout.workloadBase + covered)
+        return guestPages + MemoryBudget.processOverhead
+    }
+
+    /// Throws unless this host can give the VM its memory now (available memory and the
+    /// memory cgroup's limit, not total RAM).
+    public func checkMemoryAvailable() throws(MachineError) {
+        try MemoryBudget.check(needed: residentBytes, for: "VM '\(name)' (\(ByteSize.format(memorySize)) of RAM)")
+    }
+
     /// Refuses requests this host cannot satisfy, before anything is allocated.
     public func validate(against kvm: KVMSystem) throws(MachineError) {
         if memorySize < GuestLayout.minimumMemory || memorySize % (2 << 20) != 0 {
@@ -58,6 +84,8 @@ public struct MachineConfiguration: Sendable {
 public enum MachineError: Error, CustomStringConvertible {
     /// An impossible request (exit status 2).
     case invalidConfiguration(String)
+    /// The machine cannot give the memory now (see MemoryBudget).
+    case insufficientMemory(what: String, needed: UInt64, available: UInt64, source: String)
     case guestFailed(String)
     case kvm(KVMError)
     case system(SystemError)
@@ -66,6 +94,8 @@ public enum MachineError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case .invalidConfiguration(let text): return text
+        case .insufficientMemory(let what, let needed, let available, let source):
+            return "not enough memory for \(what): it needs \(ByteSize.format(needed)) (its working sets and dirtymig's own) and this host can give \(ByteSize.format(available)) now (\(source)); stop another VM, or use a smaller --memory or working set"
         case .guestFailed(let text): return text
         case .kvm(let error): return error.description
         case .system(let error): return error.description

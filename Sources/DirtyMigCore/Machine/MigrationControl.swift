@@ -6,13 +6,23 @@ import Synchronization
 /// `migrate` command; other clients are served meanwhile.
 public enum MigrationControl {
     /// At most one migration per VM at a time.
-    final class Slot: Sendable {
+    public final class Slot: Sendable {
         let current = Mutex<MigrationSender?>(nil)
+
+        /// Cancels the migration under way, if any, and says whether one could still be
+        /// cancelled (false: none, or it is past its commit point and ends as the destination says).
+        @discardableResult
+        public func cancel(reason: String) -> Bool {
+            guard let sender = current.withLock({ $0 }) else { return false }
+            return sender.cancel(reason: reason)
+        }
     }
 
     /// `onMigrated` runs after the reply of a migration that completed: the VM runs at the
-    /// destination now, so this process must stop its copy.
-    public static func register(on server: ControlServer, machine: Machine, onMigrated: @escaping @Sendable () -> Void) {
+    /// destination now, so this process must stop its copy. The returned slot lets the process
+    /// cancel a migration when it is asked to stop.
+    @discardableResult
+    public static func register(on server: ControlServer, machine: Machine, onMigrated: @escaping @Sendable () -> Void) -> Slot {
         let slot = Slot()
         server.register("migrate") { (arguments: JSONValue, context: ControlContext) throws(ControlError) in
             let options = try migrationOptions(arguments)
@@ -39,9 +49,9 @@ public enum MigrationControl {
         server.register("migrate-cancel") { (arguments: JSONValue) throws(ControlError) in
             try arguments.checkArguments(allowed: [])
             guard let sender = slot.current.withLock({ $0 }) else { return ["cancelled": false] }
-            sender.cancel()
-            return ["cancelled": true]
+            return ["cancelled": .bool(sender.cancel())]
         }
+        return slot
     }
 
     /// The `migrate` command's arguments: `to` (HOST:PORT, required), `bandwidth` (bytes/s),
@@ -55,21 +65,14 @@ public enum MigrationControl {
             throw ControlError(.invalidArgument, "'to' must be HOST:PORT with a port from 1 to 65535, not '\(to)'")
         }
         var options = MigrationOptions(destination: destination)
-        if let bandwidth = try arguments.doubleArgument("bandwidth") {
-            guard bandwidth >= 4096 else { throw ControlError(.invalidArgument, "bandwidth must be at least 4096 bytes/s") }
-            options.bandwidth = UInt64(bandwidth)
-        }
-        if let downtime = try arguments.doubleArgument("downtime_ms") {
-            guard downtime >= 1, downtime <= 600_000 else { throw ControlError(.invalidArgument, "downtime_ms must be 1 to 600000") }
-            options.downtimeSeconds = downtime / 1000
-        }
-        if let iterations = try arguments.doubleArgument("max_iterations") {
-            guard iterations >= 1, iterations <= 1_000_000 else { throw ControlError(.invalidArgument, "max_iterations must be at least 1") }
-            options.maxIterations = Int(iterations)
-        }
-        if let timeout = try arguments.doubleArgument("timeout_s") {
-            guard timeout > 0 else { throw ControlError(.invalidArgument, "timeout_s must be positive") }
-            options.timeoutSeconds = timeout
+        let bandwidth = try arguments.doubleArgument("bandwidth")
+        let downtime = try arguments.doubleArgument("downtime_ms").map { $0 / 1000 }
+        let iterations = try arguments.doubleArgument("max_iterations")
+        let timeout = try arguments.doubleArgument("timeout_s")
+        do throws(MigrationOptions.Invalid) {
+            try options.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations, timeoutSeconds: timeout)
+        } catch {
+            throw ControlError(.invalidArgument, error.description)
         }
         if let name = try arguments.stringArgument("throttle") {
             guard let mode = ThrottleMode(rawValue: name) else {

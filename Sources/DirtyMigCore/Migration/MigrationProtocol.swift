@@ -194,6 +194,98 @@ public struct PageRange: Sendable, Equatable {
     public var kind: Kind
 }
 
+/// The receiver's answer to a hello: it builds the VM and takes the migration, or why not.
+public struct MigrationHelloReply: Sendable, Equatable {
+    public var accepted: Bool
+    /// The receiver's protocol version.
+    public var version: UInt32 = MigrationWire.version
+    public var reason: String
+
+    public static let accept = MigrationHelloReply(accepted: true, reason: "")
+    public static func refuse(_ reason: String) -> MigrationHelloReply { MigrationHelloReply(accepted: false, reason: reason) }
+
+    public init(accepted: Bool, reason: String) {
+        self.accepted = accepted
+        self.reason = reason
+    }
+
+    func encode() -> [UInt8] {
+        var writer = WireWriter()
+        writer.u8(accepted ? 1 : 0); writer.u32(version); writer.string(reason)
+        return writer.bytes
+    }
+
+    init(decoding payload: [UInt8]) throws(MigrationProtocolError) {
+        var reader = WireReader(payload, what: "hello reply")
+        accepted = try reader.u8() == 1
+        version = try reader.u32()
+        reason = try reader.string()
+        try reader.finish()
+    }
+}
+
+/// The end of a pass (`iterationEnd`), and the receiver's acknowledgement of it (`iterationAck`):
+/// every page of the pass is in guest memory.
+public struct MigrationPassEnd: Sendable, Equatable {
+    public var pass: UInt32
+
+    func encode() -> [UInt8] {
+        var writer = WireWriter()
+        writer.u32(pass); writer.u64(0)   // reserved
+        return writer.bytes
+    }
+
+    init(pass: UInt32) { self.pass = pass }
+
+    init(decoding payload: [UInt8]) throws(MigrationProtocolError) {
+        var reader = WireReader(payload, what: "iteration end")
+        pass = try reader.u32()
+        _ = try reader.u64()
+        try reader.finish()
+    }
+
+    func encodeAck() -> [UInt8] {
+        var writer = WireWriter()
+        writer.u32(pass)
+        return writer.bytes
+    }
+
+    init(decodingAck payload: [UInt8]) throws(MigrationProtocolError) {
+        var reader = WireReader(payload, what: "iteration ack")
+        pass = try reader.u32()
+        try reader.finish()
+    }
+}
+
+/// The sender's last frame: its digests, when verifying.
+public struct MigrationCompletion: Sendable, Equatable {
+    public var verify: Bool
+    public var memoryDigest: UInt64
+    public var stateDigest: UInt64
+
+    func encode() -> [UInt8] {
+        var writer = WireWriter()
+        writer.u8(verify ? 1 : 0); writer.u64(memoryDigest); writer.u64(stateDigest)
+        return writer.bytes
+    }
+
+    init(verify: Bool, memoryDigest: UInt64, stateDigest: UInt64) {
+        self.verify = verify
+        self.memoryDigest = memoryDigest
+        self.stateDigest = stateDigest
+    }
+
+    init(decoding payload: [UInt8]) throws(MigrationProtocolError) {
+        var reader = WireReader(payload, what: "complete")
+        let flag = try reader.u8()
+        guard flag <= 1 else { throw .malformed("complete's verify flag is \(flag)") }
+        verify = flag == 1
+        memoryDigest = try reader.u64()
+        stateDigest = try reader.u64()
+        try reader.finish()
+    }
+}
+
 /// The receiver's answer at the end: the VM runs here now, or why not.
 public struct MigrationResult: Sendable, Equatable {
     public enum Status: UInt8, Sendable { case resumed = 0, verifyFailed = 1, failed = 2 }
@@ -226,9 +318,16 @@ public struct MigrationResult: Sendable, Equatable {
 
 /// One framed connection: typed frames in and out, with the per-type bounds enforced.
 final class MigrationChannel: Sendable {
-    let socket: TCPSocket
+    let transport: any MigrationTransport
+    /// How long one frame may take to arrive, from the moment its header is awaited (nil: only
+    /// the transport's idle timeout applies). A peer that trickles bytes cannot hold the
+    /// receiver longer than this per frame.
+    let frameSeconds: Double?
 
-    init(socket: TCPSocket) { self.socket = socket }
+    init(transport: any MigrationTransport, frameSeconds: Double? = nil) {
+        self.transport = transport
+        self.frameSeconds = frameSeconds
+    }
 
     func header(_ type: MigrationFrameType, payloadLength: Int) -> [UInt8] {
         var writer = WireWriter()
@@ -236,8 +335,8 @@ final class MigrationChannel: Sendable {
         return writer.bytes
     }
 
-    func send(_ type: MigrationFrameType, _ payload: [UInt8]) throws(SystemError) {
-        try socket.send(MigrationWire.frame(type, payload))
+    func send(_ type: MigrationFrameType, _ payload: [UInt8]) throws(MigrationError) {
+        do { try transport.send(MigrationWire.frame(type, payload)) } catch { throw .connection(error) }
     }
 
     func sendAbort(_ reason: String) {
@@ -246,10 +345,12 @@ final class MigrationChannel: Sendable {
         try? send(.abort, writer.bytes)
     }
 
-    /// Reads a frame header; the payload is left on the socket for the caller.
+    /// Reads a frame header; the payload is left on the transport for the caller, to be read
+    /// within the same frame deadline.
     func receiveHeader() throws(MigrationError) -> (MigrationFrameType, Int) {
+        if let frameSeconds { transport.setReceiveDeadline(MonotonicClock.nanoseconds() + UInt64(frameSeconds * 1e9)) }
         let bytes: [UInt8]
-        do { bytes = try socket.receive(count: MigrationWire.frameHeaderSize) } catch { throw .connection(error) }
+        do { bytes = try transport.receive(count: MigrationWire.frameHeaderSize) } catch { throw .connection(error) }
         var reader = WireReader(bytes, what: "frame header")
         let rawType = try MigrationError.wrap { () throws(MigrationProtocolError) in try reader.u32() }
         let length = Int(try MigrationError.wrap { () throws(MigrationProtocolError) in try reader.u32() })
@@ -264,7 +365,7 @@ final class MigrationChannel: Sendable {
     }
 
     func receivePayload(_ length: Int) throws(MigrationError) -> [UInt8] {
-        do { return try socket.receive(count: length) } catch { throw .connection(error) }
+        do { return try transport.receive(count: length) } catch { throw .connection(error) }
     }
 
     /// The next whole frame, which must be one of `expected` (an abort is turned into an error).
@@ -272,14 +373,23 @@ final class MigrationChannel: Sendable {
         let (type, length) = try receiveHeader()
         let payload = try receivePayload(length)
         if type == .abort && !expected.contains(.abort) {
-            var reader = WireReader(payload, what: "abort")
-            let reason = (try? reader.string()) ?? "no reason given"
-            throw .peerAborted(reason)
+            throw .peerAborted(MigrationChannel.abortReason(payload))
         }
         guard expected.contains(type) else {
             throw .protocolError(.unexpected("a \(type) frame where \(expected.map { "\($0)" }.sorted().joined(separator: " or ")) belongs"))
         }
         return (type, payload)
+    }
+
+    /// The next frame, which must be `type`, decoded.
+    func receive<Frame>(_ type: MigrationFrameType, _ decode: ([UInt8]) throws(MigrationProtocolError) -> Frame) throws(MigrationError) -> Frame {
+        let (_, payload) = try receive([type])
+        do { return try decode(payload) } catch { throw .protocolError(error) }
+    }
+
+    static func abortReason(_ payload: [UInt8]) -> String {
+        var reader = WireReader(payload, what: "abort")
+        return (try? reader.string()) ?? "no reason given"
     }
 }
 
@@ -294,6 +404,8 @@ public enum MigrationError: Error, CustomStringConvertible {
     case verifyFailed(String)
     case machine(String)
     case cancelled(String)
+    /// `MigrationReceiver.stop()` was called: no more migrations come from it.
+    case receiverStopped
 
     public var description: String {
         switch self {
@@ -311,6 +423,7 @@ public enum MigrationError: Error, CustomStringConvertible {
         case .verifyFailed(let why): return "verification failed: \(why)"
         case .machine(let why): return why
         case .cancelled(let why): return why
+        case .receiverStopped: return "the receiver was stopped"
         }
     }
 

@@ -1,24 +1,94 @@
+import CKVM
+import Dispatch
 import Foundation
 import Glibc
+import Synchronization
 
-/// The destination side: accepts one migration at a time and runs it as an explicit state
-/// machine. A migration that fails half-way (peer gone, bad data, verification failure) drops
-/// its partial VM; only a migration that completes yields a running Machine.
+/// What the receiver's state machine fills: guest memory first, then the saved CPU and device
+/// state, then it runs. `Machine` is the real one; the fuzz test uses a memory-only stand-in.
+public protocol IncomingVM: AnyObject, Sendable {
+    var memory: GuestMemory { get }
+    func restoreState(_ saved: MachineState) throws(MachineError)
+    func start() throws(MachineError)
+    func stop()
+}
+
+/// The destination side.
+///
+/// An accept thread takes every connection at once and gives each its own thread, so the
+/// listening socket keeps serving whatever one peer does:
+/// - a connection has `Limits.handshakeSeconds` to deliver its whole hello (a peer that sends
+///   nothing, or a byte every 25 s, is closed; at most `maxPendingHandshakes` may wait at once);
+/// - the first valid hello takes the receiver's one migration slot; a hello that arrives while a
+///   migration runs is refused at once with "busy: a migration from HOST is in progress";
+/// - once running, each frame must arrive within `frameSeconds`.
+///
+/// The VM exists in exactly one place: until the commit point the source owns it, and a
+/// migration that fails (peer gone, bad data, verification, `stop()`) drops its partial VM here
+/// and tells the source, which resumes. The commit point is taken under the same lock as
+/// `stop()`: a receiver asked to stop before it aborts the migration; after it, the VM runs here
+/// and the stop applies to it like to any running VM.
 public final class MigrationReceiver: Sendable {
+    public struct Limits: Sendable {
+        /// From accept to a complete hello.
+        public var handshakeSeconds = 5.0
+        /// Connections waiting for their hello at once; more are closed at once, with a log line.
+        public var maxPendingHandshakes = 16
+        /// One frame, header to last byte, once the migration runs (the sender sends at least a
+        /// quarter-second batch at a time, see PageSender.batchLimit).
+        public var frameSeconds = 60.0
+        public init() {}
+    }
+
     public let listener: TCPSocket
     public let kvm: KVMSystem
     /// The name the received VM gets (its control socket); nil keeps the sender's name.
     public let name: String?
+    public let limits: Limits
+    /// This host's TSC frequency (kHz), which a guest must find here too.
+    public let hostTSCKHz: UInt64?
+    /// One line per event a person watching the receiver needs (a refused peer, a failed or
+    /// aborted migration and whether a partial VM was dropped): stderr in `dirtymig receive`.
+    private let log: @Sendable (String) -> Void
+    private let state = Mutex(State())
+    /// Signalled once per outcome queued and once by `stop()`.
+    private let arrivals = DispatchSemaphore(value: 0)
 
-    public init(listener: TCPSocket, kvm: KVMSystem, name: String? = nil) {
+    /// Why a migration in flight ends when the receiver is asked to stop.
+    public static let stoppingReason = "the destination is stopping: it aborted the incoming migration and discarded its copy; the VM runs on at the source"
+    /// Outcomes kept for `receiveOne` (failures beyond this are dropped oldest first).
+    static let maxQueuedOutcomes = 64
+
+    private struct State {
+        var stopping = false
+        var accepting = false
+        var nextID = 0
+        var handshakes: [Int: TCPSocket] = [:]
+        var active: Active?
+        var outcomes: [Result<Machine, MigrationError>] = []
+    }
+
+    private struct Active {
+        let id: Int
+        let peer: String
+        let socket: TCPSocket
+        var committed = false
+    }
+
+    public init(listener: TCPSocket, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
+                log: @escaping @Sendable (String) -> Void = { _ in }) {
         self.listener = listener
         self.kvm = kvm
         self.name = name
+        self.limits = limits
+        self.log = log
+        hostTSCKHz = (try? HostTSC.frequency(kvm: kvm)).map { $0 / 1000 }
     }
 
     /// Listens on `endpoint`. A port in use is a clear error.
-    public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil) throws(MigrationError) -> MigrationReceiver {
-        do { return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name) } catch {
+    public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
+                              log: @escaping @Sendable (String) -> Void = { _ in }) throws(MigrationError) -> MigrationReceiver {
+        do { return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits, log: log) } catch {
             if error.errno == EADDRINUSE {
                 throw .connection(SystemError("listen on \(endpoint)", errno: EADDRINUSE))
             }
@@ -28,132 +98,194 @@ public final class MigrationReceiver: Sendable {
 
     public var port: UInt16 { listener.localPort }
 
-    /// Wakes a receiver blocked in accept (it then throws).
-    public func stop() { listener.shutdown() }
+    /// Whether a migration holds the slot now, and from where.
+    public var activePeer: String? { state.withLock { $0.active?.peer } }
 
-    /// The receiver's states. Each frame is legal in exactly one of them.
-    enum Phase {
-        case awaitingHello
-        case receivingMemory(Machine, PageReceiver)
-        case awaitingCompletion(Machine, PageReceiver, stateBytes: [UInt8])
+    /// Stops listening, closes every connection still in its handshake, and aborts the migration
+    /// in flight unless it has passed its commit point (its source is told and resumes). A
+    /// thread in `receiveOne` returns the outcomes already queued, then throws `.receiverStopped`.
+    public func stop() {
+        let first = state.withLock { state -> Bool in
+            let first = !state.stopping
+            state.stopping = true
+            for socket in state.handshakes.values { socket.shutdown() }
+            // Only the receiving half: the migration's thread sees the stream end and can still
+            // tell the source why before it closes.
+            if let active = state.active, !active.committed { active.socket.shutdownReceiving() }
+            return first
+        }
+        listener.shutdown()
+        if first { arrivals.signal() }
     }
 
-    /// Accepts the next connection and receives one migration. Returns the running VM, or
-    /// throws why this migration failed (its partial VM is gone; call again for the next one).
+    /// The outcome of the next migration that took the slot: the running VM, or why it failed
+    /// (its partial VM is gone; call again for the next one). Connections refused before they
+    /// took the slot (bad hellos are outcomes too; "busy" refusals are only logged).
     public func receiveOne() throws(MigrationError) -> Machine {
-        let socket: TCPSocket
-        do { socket = try listener.accept() } catch { throw .connection(error) }
-        defer { socket.shutdown() }
-        // A sender that goes quiet for this long is gone (it sends at least every pass).
-        socket.setTimeouts(send: 10, receive: 30)
-        let channel = MigrationChannel(socket: socket)
-        do {
-            return try run(channel)
-        } catch {
-            channel.sendAbort(error.description)
-            throw error
-        }
-    }
-
-    private func run(_ channel: MigrationChannel) throws(MigrationError) -> Machine {
-        var phase = Phase.awaitingHello
-        defer {
-            // However it ends, no thread keeps allocating pages for this migration.
-            if case .receivingMemory(_, let pages) = phase { pages.passEnded() }
-        }
+        startAccepting()
         while true {
-            switch phase {
-            case .awaitingHello:
-                let (_, payload) = try channel.receive([.hello])
-                let hello = try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationHello(decoding: payload) }
-                let machine: Machine
-                do { machine = try build(hello) } catch {
-                    var reply = WireWriter()
-                    reply.u8(0); reply.u32(MigrationWire.version); reply.string(error.description)
-                    try? channel.send(.helloReply, reply.bytes)
-                    throw error
-                }
-                var reply = WireWriter()
-                reply.u8(1); reply.u32(MigrationWire.version); reply.string("")
-                do { try channel.send(.helloReply, reply.bytes) } catch { throw .connection(error) }
-                phase = .receivingMemory(machine, PageReceiver(memory: machine.memory, verifying: hello.verify))
-
-            case .receivingMemory(let machine, let pages):
-                let (type, length) = try channel.receiveHeader()
-                switch type {
-                case .pages:
-                    try pages.receive(from: channel, payloadLength: length)
-                case .passPlan:
-                    try pages.receivePlan(from: channel, payloadLength: length)
-                case .iterationEnd:
-                    var reader = WireReader(try channel.receivePayload(length), what: "iteration end")
-                    let (iteration, _, _) = try MigrationError.wrap { () throws(MigrationProtocolError) in
-                        (try reader.u32(), try reader.u64(), try reader.finish())
-                    }
-                    pages.passEnded()
-                    // Everything of the pass is in guest memory now: say so, so the sender
-                    // measures real bandwidth and never pauses with a backlog still in flight.
-                    var ack = WireWriter()
-                    ack.u32(iteration)
-                    do { try channel.send(.iterationAck, ack.bytes) } catch { throw .connection(error) }
-                case .state:
-                    phase = .awaitingCompletion(machine, pages, stateBytes: try channel.receivePayload(length))
-                case .abort:
-                    var reader = WireReader(try channel.receivePayload(length), what: "abort")
-                    throw .peerAborted((try? reader.string()) ?? "no reason given")
-                default:
-                    throw .protocolError(.unexpected("a \(type) frame while receiving memory"))
-                }
-
-            case .awaitingCompletion(let machine, let pages, let stateBytes):
-                let (_, payload) = try channel.receive([.complete])
-                var reader = WireReader(payload, what: "complete")
-                let (verify, memoryDigest, stateDigest) = try MigrationError.wrap { () throws(MigrationProtocolError) in
-                    let fields = (try reader.u8(), try reader.u64(), try reader.u64())
-                    try reader.finish()
-                    return fields
-                }
-                var verifyNanoseconds: UInt64 = 0
-                if verify == 1 {
-                    let start = MonotonicClock.nanoseconds()
-                    // Kept as pages landed when the hello announced --verify; otherwise hashed now.
-                    let ours = pages.digest?.value ?? MemoryDigest.compute(machine.memory)
-                    let oursState = MemoryDigest.hash(stateBytes)
-                    verifyNanoseconds = MonotonicClock.nanoseconds() - start + (pages.digest?.nanoseconds ?? 0)
-                    if ours != memoryDigest || oursState != stateDigest {
-                        let what = ours != memoryDigest ? "memory digest" : "state digest"
-                        let message = "\(what) differs (source 0x\(String(ours != memoryDigest ? memoryDigest : stateDigest, radix: 16)), destination 0x\(String(ours != memoryDigest ? ours : oursState, radix: 16)))"
-                        try? channel.send(.result, MigrationResult(status: .verifyFailed, verifyNanoseconds: verifyNanoseconds,
-                                                                   message: message).encode())
-                        throw .verifyFailed(message)
-                    }
-                }
-                do {
-                    let state = try MachineState(decoding: stateBytes)
-                    try machine.restoreState(state)
-                    try machine.start()
-                } catch {
-                    let message = "cannot resume the VM here: \(error)"
-                    try? channel.send(.result, MigrationResult(status: .failed, message: message).encode())
-                    machine.stop()
-                    throw .machine(message)
-                }
-                do {
-                    try channel.send(.result, MigrationResult(status: .resumed, verifyNanoseconds: verifyNanoseconds).encode())
-                } catch {
-                    // The source never learns that we run the VM; it resumes its own copy. Two
-                    // copies must never run: drop ours.
-                    machine.stop()
-                    throw .connection(error)
-                }
-                pages.populateAfterResume()
-                return machine
+            arrivals.wait()
+            // Once stopped, the migration in flight (aborted, or past its commit point) is still
+            // to be heard from: its outcome comes before `.receiverStopped`.
+            let (outcome, stopped) = state.withLock { state -> (Result<Machine, MigrationError>?, Bool) in
+                state.outcomes.isEmpty ? (nil, state.stopping && state.active == nil) : (state.outcomes.removeFirst(), false)
+            }
+            if let outcome { return try outcome.get() }
+            if stopped {
+                arrivals.signal()   // for any other waiter
+                throw .receiverStopped
             }
         }
     }
 
-    /// Checks the sender's announcement against this host, then builds the empty VM.
+    /// Queues an outcome for `receiveOne`; `releasing` frees the slot in the same step, so a
+    /// sender that tries again at once is not told "busy" by the migration that just ended, and
+    /// a stopped receiver's last outcome is never missed.
+    private func deliver(_ outcome: Result<Machine, MigrationError>, releasing id: Int? = nil) {
+        state.withLock { state in
+            if let id, state.active?.id == id { state.active = nil }
+            state.outcomes.append(outcome)
+            if state.outcomes.count > Self.maxQueuedOutcomes,
+               let failure = state.outcomes.firstIndex(where: { if case .failure = $0 { return true }; return false }) {
+                state.outcomes.remove(at: failure)
+                return
+            }
+        }
+        arrivals.signal()
+    }
+
+    private func startAccepting() {
+        let start = state.withLock { state -> Bool in
+            defer { state.accepting = true }
+            return !state.accepting && !state.stopping
+        }
+        if start { _ = OSThread(name: "migration-accept") { [self] in acceptLoop() } }
+    }
+
+    private func acceptLoop() {
+        while true {
+            let socket: TCPSocket
+            do { socket = try listener.accept() } catch {
+                if state.withLock({ $0.stopping }) { return }
+                // Out of descriptors or memory: back off and keep serving.
+                MonotonicClock.sleep(nanoseconds: 50_000_000)
+                continue
+            }
+            let peer = socket.peerDescription
+            let id = state.withLock { state -> Int? in
+                guard !state.stopping, state.handshakes.count < limits.maxPendingHandshakes else { return nil }
+                state.nextID += 1
+                state.handshakes[state.nextID] = socket
+                return state.nextID
+            }
+            guard let id else {
+                if !state.withLock({ $0.stopping }) {
+                    log("refused a connection from \(peer): \(limits.maxPendingHandshakes) connections are already waiting to say hello")
+                }
+                socket.shutdown()
+                continue
+            }
+            _ = OSThread(name: "migration-in-\(id % 1000)") { [self] in serve(socket, id: id, peer: peer) }
+        }
+    }
+
+    private enum Claim { case claimed, busy(String), stopping }
+
+    /// One connection: its hello under the handshake deadline, then the slot, then the migration.
+    private func serve(_ socket: TCPSocket, id: Int, peer: String) {
+        defer {
+            socket.shutdown()
+            state.withLock { state in
+                state.handshakes[id] = nil
+                if state.active?.id == id { state.active = nil }
+            }
+        }
+        socket.setTimeouts(send: 10, receive: 30)
+        let handshake = MigrationChannel(transport: socket)
+        socket.setReceiveDeadline(MonotonicClock.nanoseconds() + UInt64(limits.handshakeSeconds * 1e9))
+        let hello: MigrationHello
+        do { hello = try Self.readHello(handshake) } catch {
+            var error = error
+            if case .connection(let system) = error, system.errno == ETIMEDOUT {
+                error = .timedOut("no complete hello within \(limits.handshakeSeconds) s of connecting")
+            }
+            // A dirtymig of another version learns why; anything else gets a few bytes it ignores.
+            try? handshake.send(.helloReply, MigrationHelloReply.refuse(error.description).encode())
+            log("refused a connection from \(peer): \(error)")
+            deliver(.failure(error))
+            return
+        }
+        socket.setReceiveDeadline(nil)
+
+        let claim = state.withLock { state -> Claim in
+            if state.stopping { return .stopping }
+            if let active = state.active { return .busy(active.peer) }
+            state.handshakes[id] = nil
+            state.active = Active(id: id, peer: peer, socket: socket)
+            return .claimed
+        }
+        switch claim {
+        case .busy(let other):
+            let reason = "busy: a migration from \(other) is in progress; try again when it has finished"
+            try? handshake.send(.helloReply, MigrationHelloReply.refuse(reason).encode())
+            log("refused a migration from \(peer): \(reason)")
+            return
+        case .stopping:
+            try? handshake.send(.helloReply, MigrationHelloReply.refuse("the destination is stopping").encode())
+            return
+        case .claimed:
+            break
+        }
+
+        let channel = MigrationChannel(transport: socket, frameSeconds: limits.frameSeconds)
+        var built = false
+        let outcome: Result<Machine, MigrationError>
+        do {
+            outcome = .success(try IncomingMigration.run(channel, hello: hello, built: &built,
+                                                         build: { () throws(MigrationError) in try build(hello) },
+                                                         commit: { commit(id) }))
+        } catch {
+            var error = error
+            if state.withLock({ $0.stopping }), !isCommitted(id) { error = .cancelled(Self.stoppingReason) }
+            channel.sendAbort(error.description)
+            log("the migration from \(peer) failed: \(error); \(built ? "its partial VM was discarded" : "nothing had been allocated for it")")
+            outcome = .failure(error)
+        }
+        deliver(outcome, releasing: id)
+    }
+
+    /// The commit point: false if the receiver is stopping (the migration must be aborted).
+    private func commit(_ id: Int) -> Bool {
+        state.withLock { state in
+            guard !state.stopping, state.active?.id == id else { return false }
+            state.active?.committed = true
+            return true
+        }
+    }
+
+    private func isCommitted(_ id: Int) -> Bool {
+        state.withLock { $0.active?.id == id && $0.active?.committed == true }
+    }
+
+    static func readHello(_ channel: MigrationChannel) throws(MigrationError) -> MigrationHello {
+        let (_, payload) = try channel.receive([.hello])
+        return try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationHello(decoding: payload) }
+    }
+
+    /// Builds the empty VM the hello announces, after checking it against this host.
     private func build(_ hello: MigrationHello) throws(MigrationError) -> Machine {
+        let configuration = try Self.configuration(for: hello, kvm: kvm, name: name, hostTSCKHz: hostTSCKHz)
+        do { return try Machine(configuration, kvm: kvm, boot: .incoming) } catch {
+            if case .insufficientMemory = error { throw .refused(error.description) }
+            throw .refused("cannot build the VM here: \(error)")
+        }
+    }
+
+    /// Checks a sender's announcement against this host, before anything is allocated: the
+    /// config block agrees with it and keeps the working sets inside RAM, the CPU has what the
+    /// guest uses, the TSC ticks at the guest's rate, and the memory is there.
+    public static func configuration(for hello: MigrationHello, kvm: KVMSystem, name: String?,
+                                     hostTSCKHz: UInt64?) throws(MigrationError) -> MachineConfiguration {
         let config: GuestConfig
         do { config = try GuestConfig(decoding: hello.guestConfig) } catch {
             throw .protocolError(.malformed("guest config block: \(error)"))
@@ -161,16 +293,160 @@ public final class MigrationReceiver: Sendable {
         guard config.memorySize == hello.memorySize, config.vcpus.count == hello.vcpuCount else {
             throw .refused("the guest config block (\(config.vcpus.count) vCPUs, \(config.memorySize) bytes) disagrees with the announced VM (\(hello.vcpuCount) vCPUs, \(hello.memorySize) bytes)")
         }
+        let workloadArea = hello.memorySize > GuestLayout.workloadBase ? hello.memorySize - GuestLayout.workloadBase : 0
+        for (index, workload) in config.vcpus.enumerated() where workload.kind != .idle {
+            guard workload.size <= workloadArea, workload.offset <= workloadArea - workload.size else {
+                throw .refused("vCPU \(index)'s working set (\(workload.size) bytes at offset \(workload.offset)) lies outside the VM's \(hello.memorySize) bytes of RAM")
+            }
+        }
         let missing = hello.requiredFeatures.missing(in: kvm.cpuFeatures)
         guard missing.isEmpty else {
             throw .refused("this host's CPU lacks what the guest uses: \(missing.joined(separator: ", "))")
         }
+        try checkTSC(hello.tscKHz, hostKHz: hostTSCKHz, canScale: kvm.checkExtension(CKVM_CAP_TSC_CONTROL) > 0)
         let configuration = MachineConfiguration(
             name: name ?? hello.name, memorySize: hello.memorySize, vcpuCount: hello.vcpuCount,
             workloads: config.vcpus, tracking: hello.tracking, ringEntries: hello.ringEntries)
-        do { try configuration.validate(against: kvm) } catch { throw .refused("\(error)") }
-        do { return try Machine(configuration, kvm: kvm, boot: .incoming) } catch {
-            throw .refused("cannot build the VM here: \(error)")
+        do {
+            try configuration.validate(against: kvm)
+            try configuration.checkMemoryAvailable()
+        } catch {
+            throw .refused("\(error)")
+        }
+        return configuration
+    }
+
+    /// x86 TSCs tick at 100 MHz to 20 GHz: anything else in a hello is not a real host's. The
+    /// guest paces its workloads (and keeps its time) by the TSC, and a VM restored under KVM
+    /// keeps ticking at the destination's rate unless KVM_SET_TSC_KHZ can scale it, which needs
+    /// KVM_CAP_TSC_CONTROL. Without it, frequencies more than 250 ppm apart (Firecracker's
+    /// tolerance) are refused before anything is sent, rather than after a whole transfer.
+    static func checkTSC(_ sourceKHz: UInt64, hostKHz: UInt64?, canScale: Bool) throws(MigrationError) {
+        guard (100_000...20_000_000).contains(sourceKHz) else {
+            throw .protocolError(.malformed("a TSC frequency of \(sourceKHz) kHz, which no x86 host has (100 MHz to 20 GHz)"))
+        }
+        guard let hostKHz, !canScale else { return }
+        let difference = hostKHz > sourceKHz ? hostKHz - sourceKHz : sourceKHz - hostKHz
+        guard difference * 4000 > sourceKHz else { return }
+        let percent = (Double(hostKHz) / Double(sourceKHz) - 1) * 100
+        throw .refused("the source's TSC ticks at \(sourceKHz) kHz and this host's at \(hostKHz) kHz, and this kernel cannot make a guest's TSC tick at another rate (no KVM_CAP_TSC_CONTROL): the guest's clock and pacing would run \(String(format: "%+.2f", percent)) % off here. Migrate between hosts whose TSCs tick at the same rate (within 250 ppm)")
+    }
+
+    /// One whole migration over `transport`, hello first, with no sockets and no slot: what the
+    /// fuzz test drives. `build` makes the VM for an accepted hello.
+    public static func receive<VM: IncomingVM>(over transport: any MigrationTransport,
+                                               build: (MigrationHello) throws(MigrationError) -> VM) throws(MigrationError) -> VM {
+        let channel = MigrationChannel(transport: transport)
+        let hello = try readHello(channel)
+        var built = false
+        do {
+            return try IncomingMigration.run(channel, hello: hello, built: &built,
+                                             build: { () throws(MigrationError) in try build(hello) }, commit: { true })
+        } catch {
+            channel.sendAbort(error.description)
+            throw error
+        }
+    }
+}
+
+/// One incoming migration on one connection, after its hello: an explicit state machine in
+/// which each frame is legal in exactly one state.
+enum IncomingMigration {
+    enum Phase<VM: IncomingVM> {
+        case receivingMemory(VM, PageReceiver)
+        case awaitingCompletion(VM, PageReceiver, stateBytes: [UInt8])
+    }
+
+    /// Builds the VM, answers the hello, fills memory pass by pass, restores the state, takes
+    /// the commit point (`commit` false: abort) and resumes the VM. `built` says whether a VM
+    /// was allocated (so a failure's message can say whether one was dropped).
+    static func run<VM: IncomingVM>(_ channel: MigrationChannel, hello: MigrationHello, built: inout Bool,
+                                    build: () throws(MigrationError) -> VM,
+                                    commit: () -> Bool) throws(MigrationError) -> VM {
+        let vm: VM
+        do { vm = try build() } catch {
+            try? channel.send(.helloReply, MigrationHelloReply.refuse(error.description).encode())
+            throw error
+        }
+        built = true
+        try channel.send(.helloReply, MigrationHelloReply.accept.encode())
+        var phase = Phase.receivingMemory(vm, PageReceiver(memory: vm.memory, verifying: hello.verify))
+        defer {
+            // However it ends, no thread keeps allocating pages for this migration.
+            if case .receivingMemory(_, let pages) = phase { pages.passEnded() }
+        }
+        while true {
+            switch phase {
+            case .receivingMemory(let vm, let pages):
+                let (type, length) = try channel.receiveHeader()
+                switch type {
+                case .pages:
+                    try pages.receive(from: channel, payloadLength: length)
+                case .passPlan:
+                    try pages.receivePlan(from: channel, payloadLength: length)
+                case .iterationEnd:
+                    let payload = try channel.receivePayload(length)
+                    let end = try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationPassEnd(decoding: payload) }
+                    pages.passEnded()
+                    // Everything of the pass is in guest memory now: say so, so the sender
+                    // measures real bandwidth and never pauses with a backlog still in flight.
+                    try channel.send(.iterationAck, end.encodeAck())
+                case .state:
+                    pages.passEnded()
+                    phase = .awaitingCompletion(vm, pages, stateBytes: try channel.receivePayload(length))
+                case .abort:
+                    throw .peerAborted(MigrationChannel.abortReason(try channel.receivePayload(length)))
+                default:
+                    throw .protocolError(.unexpected("a \(type) frame while receiving memory"))
+                }
+
+            case .awaitingCompletion(let vm, let pages, let stateBytes):
+                let completion = try channel.receive(.complete, MigrationCompletion.init(decoding:))
+                var verifyNanoseconds: UInt64 = 0
+                if completion.verify {
+                    let start = MonotonicClock.nanoseconds()
+                    // Kept as pages landed when the hello announced --verify; otherwise hashed now.
+                    let ours = pages.digest?.value ?? MemoryDigest.compute(vm.memory)
+                    let oursState = MemoryDigest.hash(stateBytes)
+                    verifyNanoseconds = MonotonicClock.nanoseconds() - start + (pages.digest?.nanoseconds ?? 0)
+                    if ours != completion.memoryDigest || oursState != completion.stateDigest {
+                        let memoryDiffers = ours != completion.memoryDigest
+                        let message = "\(memoryDiffers ? "memory digest" : "state digest") differs (source 0x\(String(memoryDiffers ? completion.memoryDigest : completion.stateDigest, radix: 16)), destination 0x\(String(memoryDiffers ? ours : oursState, radix: 16)))"
+                        try? channel.send(.result, MigrationResult(status: .verifyFailed, verifyNanoseconds: verifyNanoseconds,
+                                                                   message: message).encode())
+                        throw .verifyFailed(message)
+                    }
+                }
+                do {
+                    try vm.restoreState(try MachineState(decoding: stateBytes))
+                } catch {
+                    let message = "cannot resume the VM here: \(error)"
+                    try? channel.send(.result, MigrationResult(status: .failed, message: message).encode())
+                    throw .machine(message)
+                }
+                // The commit point, under the receiver's lock: a stop requested before it aborts
+                // the migration (the source resumes); after it, the VM is this host's.
+                guard commit() else {
+                    try? channel.send(.result, MigrationResult(status: .failed, message: MigrationReceiver.stoppingReason).encode())
+                    throw .cancelled(MigrationReceiver.stoppingReason)
+                }
+                do { try vm.start() } catch {
+                    let message = "cannot resume the VM here: \(error)"
+                    try? channel.send(.result, MigrationResult(status: .failed, message: message).encode())
+                    vm.stop()
+                    throw .machine(message)
+                }
+                do {
+                    try channel.send(.result, MigrationResult(status: .resumed, verifyNanoseconds: verifyNanoseconds).encode())
+                } catch {
+                    // The source never learns that we run the VM; it resumes its own copy. Two
+                    // copies must never run: drop ours.
+                    vm.stop()
+                    throw error
+                }
+                pages.populateAfterResume()
+                return vm
+            }
         }
     }
 }

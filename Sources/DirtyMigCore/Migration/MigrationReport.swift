@@ -17,6 +17,51 @@ public struct MigrationOptions: Sendable {
     public var quotaPool = true
 
     public init(destination: HostPort) { self.destination = destination }
+
+    // The ranges every number must be in, wherever it comes from (the command line or the
+    // control socket): one place decides, so both refuse the same values with the same words.
+    // Out of range, a value used to trap converting to an integer and take the VM down with it.
+    public static let bandwidthRange: ClosedRange<Double> = 4096...Double(1 << 40)
+    public static let downtimeRange: ClosedRange<Double> = 0.001...600
+    public static let maxIterationsRange: ClosedRange<Double> = 1...1_000_000
+    public static let timeoutRange: ClosedRange<Double> = 0.001...(30 * 86_400)
+
+    /// Why a value is out of range, in words that name the option both ways it can be given.
+    public enum Invalid: Error, Equatable, CustomStringConvertible {
+        case bandwidth, downtime, maxIterations, timeout
+
+        public var description: String {
+            switch self {
+            case .bandwidth: return "bandwidth must be from 4096 bytes/s (--bandwidth 4K) to 1 TiB/s"
+            case .downtime: return "downtime must be from 1 ms to 600 s (--downtime 1ms to 10m, downtime_ms 1 to 600000)"
+            case .maxIterations: return "max_iterations must be a whole number from 1 to 1000000"
+            case .timeout: return "timeout must be from 1 ms to 30 days (--timeout 1ms to 43200m, timeout_s up to 2592000)"
+            }
+        }
+    }
+
+    /// Checks and sets each value given (nil: leave as it is). NaN and infinities are out of range.
+    public mutating func set(bandwidth: Double? = nil, downtimeSeconds: Double? = nil, maxIterations: Double? = nil,
+                             timeoutSeconds: Double? = nil) throws(Invalid) {
+        if let bandwidth {
+            guard Self.bandwidthRange.contains(bandwidth), bandwidth == bandwidth.rounded(.down) else { throw .bandwidth }
+            self.bandwidth = UInt64(bandwidth)
+        }
+        if let downtimeSeconds {
+            guard Self.downtimeRange.contains(downtimeSeconds) else { throw .downtime }
+            self.downtimeSeconds = downtimeSeconds
+        }
+        if let maxIterations {
+            guard Self.maxIterationsRange.contains(maxIterations), maxIterations == maxIterations.rounded(.down) else {
+                throw .maxIterations
+            }
+            self.maxIterations = Int(maxIterations)
+        }
+        if let timeoutSeconds {
+            guard Self.timeoutRange.contains(timeoutSeconds) else { throw .timeout }
+            self.timeoutSeconds = timeoutSeconds
+        }
+    }
 }
 
 /// One pre-copy pass, as `--stats` writes it.

@@ -15,6 +15,19 @@ public final class MigrationSender: Sendable {
     public let options: MigrationOptions
     private let live = Mutex(MigrationProgress())
     private let cancelFlag = Atomic<Bool>(false)
+    private let link = Mutex(Link())
+
+    /// The connection as `cancel` sees it from another thread.
+    private struct Link {
+        var socket: TCPSocket?
+        /// Set when the `complete` frame goes out: from then on the destination may resume the
+        /// VM at any moment, so a cancel can no longer take the migration back.
+        var committed = false
+        var cancelReason: String?
+    }
+
+    /// What a cancel says when no reason is given.
+    public static let cancelledReason = "the migration was cancelled; the VM runs on here"
 
     public init(machine: Machine, options: MigrationOptions) {
         self.machine = machine
@@ -23,8 +36,29 @@ public final class MigrationSender: Sendable {
 
     public var progress: MigrationProgress { live.withLock { $0 } }
 
-    /// Ends the migration at the next batch (the source VM keeps running).
-    public func cancel() { cancelFlag.store(true, ordering: .relaxed) }
+    /// Ends the migration at the next batch (the source VM keeps running, the destination is
+    /// told why and discards its copy). A send blocked on a destination that stopped reading
+    /// would hold the cancel up to the send timeout, so after `grace` seconds the connection is
+    /// cut. After the commit point (everything sent, the destination deciding) a cancel changes
+    /// nothing: the migration completes or fails as the destination says. Returns whether the
+    /// cancel can still take effect.
+    @discardableResult
+    public func cancel(reason: String = MigrationSender.cancelledReason, grace: Double = 2) -> Bool {
+        let effective = link.withLock { link -> Bool in
+            if link.cancelReason == nil { link.cancelReason = reason }
+            return !link.committed
+        }
+        cancelFlag.store(true, ordering: .relaxed)
+        guard effective else { return false }
+        DispatchQueue.global().asyncAfter(deadline: .now() + grace) { [self] in
+            link.withLock { link in
+                if !link.committed { link.socket?.shutdown() }
+            }
+        }
+        return true
+    }
+
+    private var cancelReason: String { link.withLock { $0.cancelReason } ?? MigrationSender.cancelledReason }
 
     private func update(_ body: (inout MigrationProgress) -> Void) { live.withLock { body(&$0) } }
 
@@ -88,34 +122,52 @@ public final class MigrationSender: Sendable {
         guard let tracker = machine.tracker else {
             throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
         }
-        let deadline = options.timeoutSeconds.map { started + UInt64($0 * 1e9) }
+        // Setup: connect. Everything after it runs in `transfer`, so that any failure before the
+        // commit point tells the destination why, and it discards its copy at once.
+        let socket: TCPSocket
+        do { socket = try TCPSocket.connect(options.destination) } catch { throw .connection(error) }
+        link.withLock { $0.socket = socket }
+        defer {
+            link.withLock { $0.socket = nil }
+            socket.shutdown()
+        }
+        socket.setTimeouts(send: 10, receive: 10)   // a destination that stalls is a failure, not a hang
+        let channel = MigrationChannel(transport: socket)
+        do {
+            try transfer(channel, socket: socket, tracker: tracker, report: &report, started: started, paused: &paused,
+                         guestAtStart: guestAtStart, throttle: throttle, passLog: passLog)
+        } catch {
+            if !link.withLock({ $0.committed }) {
+                socket.setTimeouts(send: 1, receive: 1)   // a destination that stopped reading does not get to hold us
+                channel.sendAbort(error.description)
+            }
+            throw error
+        }
+    }
+
+    /// The handshake, the pre-copy passes, and stop-and-copy, over a connected channel.
+    private func transfer(_ channel: MigrationChannel, socket: TCPSocket, tracker: DirtyTracker,
+                          report: inout MigrationReport, started: UInt64, paused: inout Bool, guestAtStart: [UInt64],
+                          throttle: MigrationThrottle, passLog: (MigrationPass) -> Void) throws(MigrationError) {
+        // Validated to at most 30 days (MigrationOptions.timeoutRange); min() keeps the
+        // conversion safe for a caller that set the field directly.
+        let deadline = options.timeoutSeconds.map { started + UInt64(min(max($0, 0), 1e8) * 1e9) }
         func checkTimeout() throws(MigrationError) {
             if let deadline, MonotonicClock.nanoseconds() > deadline {
                 throw .timedOut("the migration did not finish within --timeout \(options.timeoutSeconds!) s; the VM runs on here")
             }
         }
 
-        // Setup: connect, handshake.
-        let socket: TCPSocket
-        do { socket = try TCPSocket.connect(options.destination) } catch { throw .connection(error) }
-        defer { socket.shutdown() }
-        socket.setTimeouts(send: 10, receive: 10)   // a destination that stalls is a failure, not a hang
-        let channel = MigrationChannel(socket: socket)
+        // Handshake.
         var hello = MigrationHello(
             name: machine.configuration.name, memorySize: machine.configuration.memorySize,
             vcpuCount: machine.configuration.vcpuCount, tracking: machine.configuration.tracking,
             ringEntries: machine.configuration.ringEntries, tscKHz: machine.tscHz / 1000,
             requiredFeatures: .workloadGuest, guestConfig: machine.guestConfig.encode())
         hello.verify = options.verify
-        do { try channel.send(.hello, hello.encode()) } catch { throw .connection(error) }
-        let (_, replyBytes) = try channel.receive([.helloReply])
-        var replyReader = WireReader(replyBytes, what: "hello reply")
-        let (accepted, reason) = try MigrationError.wrap { () throws(MigrationProtocolError) in
-            let accepted = try replyReader.u8()
-            _ = try replyReader.u32()   // the receiver's version
-            return (accepted, try replyReader.string())
-        }
-        guard accepted == 1 else { throw .refused(reason) }
+        try channel.send(.hello, hello.encode())
+        let reply = try channel.receive(.helloReply, MigrationHelloReply.init(decoding:))
+        guard reply.accepted else { throw .refused(reply.reason) }
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
 
         let sender = PageSender(channel: channel, memory: machine.memory,
@@ -128,12 +180,8 @@ public final class MigrationSender: Sendable {
         /// Ends a pass; waits for the receiver to have it all (socket buffers hold megabytes,
         /// which a receiver faulting in fresh pages may need tens of milliseconds to drain).
         func endPass(_ iteration: Int) throws(MigrationError) {
-            var writer = WireWriter()
-            writer.u32(UInt32(iteration)); writer.u64(0)
-            do { try channel.send(.iterationEnd, writer.bytes) } catch { throw .connection(error) }
-            let (_, ack) = try channel.receive([.iterationAck])
-            var reader = WireReader(ack, what: "iteration ack")
-            let acknowledged = try MigrationError.wrap { () throws(MigrationProtocolError) in try reader.u32() }
+            try channel.send(.iterationEnd, MigrationPassEnd(pass: UInt32(iteration)).encode())
+            let acknowledged = try channel.receive(.iterationAck, MigrationPassEnd.init(decodingAck:)).pass
             guard acknowledged == UInt32(iteration) else {
                 throw .protocolError(.unexpected("an acknowledgement of pass \(acknowledged) after pass \(iteration)"))
             }
@@ -154,7 +202,7 @@ public final class MigrationSender: Sendable {
         var plan = WireWriter()
         plan.u32(1)
         for word in pending.words { plan.u64(word) }
-        do { try channel.send(.passPlan, plan.bytes) } catch { throw .connection(error) }
+        try channel.send(.passPlan, plan.bytes)
         var bandwidth = 0.0
         // --verify hashes all guest memory here while the VM is paused (the destination hashed
         // pages as they landed): part of the downtime, so part of the expected downtime the
@@ -199,7 +247,10 @@ public final class MigrationSender: Sendable {
                     if MonotonicClock.nanoseconds() - period.time >= ThrottlePeriod.nanoseconds { judge(pass: iteration) }
                 })
             } catch {
-                if case .cancelled = error { try checkTimeout() }   // say which: timeout or cancel
+                if case .cancelled = error {   // say which: timeout or cancel, and why
+                    try checkTimeout()
+                    throw .cancelled(cancelReason)
+                }
                 throw error
             }
             tally(sent)
@@ -240,7 +291,7 @@ public final class MigrationSender: Sendable {
                 throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", bandwidth / 1_048_576)) MiB/s of bandwidth (expected downtime \(Int(expected * 1000)) ms > \(Int(target * 1000)) ms, 85 % of --downtime); the VM runs on here")
             }
             try checkTimeout()
-            if cancelFlag.load(ordering: .relaxed) { throw .cancelled("the migration was cancelled; the VM runs on here") }
+            if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }
         }
 
         // Stop and copy: pause, last dirty pages, state, digests; the destination resumes.
@@ -256,7 +307,7 @@ public final class MigrationSender: Sendable {
         let (last, lastLost) = try collect()
         pending.formUnion(last)
         update { $0.remainingPages = UInt64(pending.count) }
-        let finalSent = try sender.send(pending)
+        let finalSent = try sender.send(pending, shouldStop: { cancelFlag.load(ordering: .relaxed) })
         tally(finalSent)
         iteration += 1
         try endPass(iteration)
@@ -269,23 +320,27 @@ public final class MigrationSender: Sendable {
         report.iterations = iteration
         let stateBytes: [UInt8]
         do { stateBytes = try machine.saveState().encode() } catch { throw .machine("cannot save the vCPU state: \(error)") }
-        do { try channel.send(.state, stateBytes) } catch { throw .connection(error) }
+        try channel.send(.state, stateBytes)
         report.transferredBytes += UInt64(stateBytes.count)
-        var complete = WireWriter()
-        complete.u8(options.verify ? 1 : 0)
+        var complete = MigrationCompletion(verify: options.verify, memoryDigest: 0, stateDigest: 0)
         if options.verify {
             let verifyStart = MonotonicClock.nanoseconds()
-            complete.u64(MemoryDigest.compute(machine.memory))
-            complete.u64(MemoryDigest.hash(stateBytes))
+            complete.memoryDigest = MemoryDigest.compute(machine.memory)
+            complete.stateDigest = MemoryDigest.hash(stateBytes)
             report.verifyPauseSeconds = Double(MonotonicClock.nanoseconds() - verifyStart) / 1e9
             report.verifySeconds += report.verifyPauseSeconds
-        } else {
-            complete.u64(0); complete.u64(0)
         }
-        do { try channel.send(.complete, complete.bytes) } catch { throw .connection(error) }
+        // The commit point: once `complete` is out, the destination may resume the VM at any
+        // moment, so a cancel (or SIGTERM) can no longer take it back; before it, one still can.
+        let lateCancel = link.withLock { link -> String? in
+            if let reason = link.cancelReason { return reason }
+            link.committed = true
+            return nil
+        }
+        if let lateCancel { throw .cancelled(lateCancel) }
+        try channel.send(.complete, complete.encode())
         socket.setTimeouts(send: 10, receive: 60)   // the destination verifies and restores first
-        let (_, resultBytes) = try channel.receive([.result])
-        let result = try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationResult(decoding: resultBytes) }
+        let result = try channel.receive(.result, MigrationResult.init(decoding:))
         report.downtimeSeconds = Double(MonotonicClock.nanoseconds() - pauseStart) / 1e9
         report.verifySeconds += Double(result.verifyNanoseconds) / 1e9
         switch result.status {

@@ -9,12 +9,17 @@ final class BandwidthLimiter {
 
     init(bytesPerSecond: UInt64?) { self.bytesPerSecond = bytesPerSecond }
 
-    func willSend(_ bytes: Int) {
+    /// Sleeps until `bytes` more fit the rate, in slices of at most 50 ms so that a cancel
+    /// (`shouldStop`) is noticed within one slice, not after a whole batch's wait.
+    func willSend(_ bytes: Int, shouldStop: () -> Bool = { false }) {
         sent += UInt64(bytes)
         guard let rate = bytesPerSecond, rate > 0 else { return }
         let due = start + UInt64(Double(sent) / Double(rate) * 1e9)
-        let now = MonotonicClock.nanoseconds()
-        if due > now { MonotonicClock.sleep(nanoseconds: due - now) }
+        while !shouldStop() {
+            let now = MonotonicClock.nanoseconds()
+            guard due > now else { return }
+            MonotonicClock.sleep(nanoseconds: min(due - now, 50_000_000))
+        }
     }
 }
 
@@ -35,6 +40,13 @@ struct PageSender {
     let limiter: BandwidthLimiter
     /// Data per batch: big enough that headers are noise, small enough to pace smoothly.
     static let batchDataBytes = 2 << 20
+
+    /// Under a low --bandwidth, a quarter second's worth (at least 64 KiB): a 2 MiB batch at
+    /// 4 KiB/s would leave the receiver without a frame for 512 s, far past its idle timeout.
+    var batchLimit: Int {
+        guard let rate = limiter.bytesPerSecond else { return PageSender.batchDataBytes }
+        return Int(min(UInt64(PageSender.batchDataBytes), max(64 << 10, rate / 4)))
+    }
 
     @inline(__always)
     static func isZero(_ page: UnsafeRawPointer) -> Bool {
@@ -64,7 +76,8 @@ struct PageSender {
                 table.u64(range.firstPage); table.u32(range.count); table.u32(range.kind.rawValue)
             }
             let header = channel.header(.pages, payloadLength: table.bytes.count + dataBytes)
-            limiter.willSend(header.count + table.bytes.count + dataBytes)
+            limiter.willSend(header.count + table.bytes.count + dataBytes, shouldStop: shouldStop)
+            if shouldStop() { throw .cancelled(MigrationSender.cancelledReason) }
             let base = UnsafeRawPointer(memory.base)
             let result = header.withUnsafeBytes { headerBuffer in
                 table.bytes.withUnsafeBytes { tableBuffer in
@@ -73,7 +86,7 @@ struct PageSender {
                         buffers.append(UnsafeRawBufferPointer(start: base + Int(range.firstPage) * 4096,
                                                               count: Int(range.count) * 4096))
                     }
-                    return Result { () throws(SystemError) in try channel.socket.send(buffers) }
+                    return Result { () throws(SystemError) in try channel.transport.send(buffers) }
                 }
             }
             do { try result.get() } catch { throw .connection(error) }
@@ -83,10 +96,11 @@ struct PageSender {
             dataBytes = 0
         }
 
+        let batchLimit = self.batchLimit
         for run in pages.runs() {
             var page = run.lowerBound
             while page < run.upperBound {
-                if shouldStop() { throw .cancelled("the migration was cancelled; the VM runs on here") }
+                if shouldStop() { throw .cancelled(MigrationSender.cancelledReason) }
                 let zero = PageSender.isZero(UnsafeRawPointer(memory.base) + page * 4096)
                 let kind: PageRange.Kind = zero ? .zero : .data
                 if zero { tally.zeroPages += 1 } else { tally.normalPages += 1; dataBytes += 4096 }
@@ -96,7 +110,7 @@ struct PageSender {
                     ranges.append(PageRange(firstPage: UInt64(page), count: 1, kind: kind))
                 }
                 page += 1
-                if dataBytes >= PageSender.batchDataBytes || ranges.count >= MigrationWire.maxRangesPerBatch {
+                if dataBytes >= batchLimit || ranges.count >= MigrationWire.maxRangesPerBatch {
                     try flush()
                 }
             }
@@ -199,8 +213,10 @@ final class PageReceiver {
             guard let kind = PageRange.Kind(rawValue: rawKind) else {
                 throw .protocolError(.malformed("page range kind \(rawKind)"))
             }
+            // Both values come from the wire: compare without adding them (a first page of
+            // 2^64-1 made `first + count` trap here and took the receiver down).
             guard pages > 0, first < pageCount, UInt64(pages) <= pageCount - first else {
-                throw .protocolError(.malformed("pages \(first)..<\(first + UInt64(pages)) outside RAM (\(pageCount) pages)"))
+                throw .protocolError(.malformed("\(pages) pages from page \(first) lie outside RAM (\(pageCount) pages)"))
             }
             if kind == .data { dataBytes += Int(pages) * 4096 }
             ranges.append(PageRange(firstPage: first, count: pages, kind: kind))
@@ -214,14 +230,14 @@ final class PageReceiver {
             switch range.kind {
             case .data:
                 if digest == nil {
-                    do { try channel.socket.receive(into: destination, count: Int(range.count) * 4096) } catch {
+                    do { try channel.transport.receive(into: destination, count: Int(range.count) * 4096) } catch {
                         throw .connection(error)
                     }
                 } else {
                     var chunk = first
                     while chunk < end {
                         let chunkEnd = min(end, chunk + Self.hashedChunkPages)
-                        do { try channel.socket.receive(into: memory.base + chunk * 4096, count: (chunkEnd - chunk) * 4096) } catch {
+                        do { try channel.transport.receive(into: memory.base + chunk * 4096, count: (chunkEnd - chunk) * 4096) } catch {
                             throw .connection(error)
                         }
                         digest?.landed(chunk..<chunkEnd, in: memory)

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// `HOST:PORT` as users write it: `127.0.0.1:4444`, `localhost:4444`, `[::1]:4444`, `:4444`
 /// (all addresses, for listening). Port 0 means "any free port" when listening.
@@ -26,8 +27,12 @@ public struct HostPort: Sendable, Equatable, CustomStringConvertible {
 /// A TCP stream, wrapped once: connect/listen/accept/send/receive, EINTR retried, MSG_NOSIGNAL
 /// (a peer that vanished is EPIPE/ECONNRESET, never SIGPIPE), partial transfers looped.
 /// `shutdown()` may be called from any thread to wake one blocked in accept/send/receive.
-public final class TCPSocket: Sendable {
+public final class TCPSocket: MigrationTransport {
     public let fd: FileDescriptor
+    /// The receive timeout `setTimeouts` set (ns, 0 = none), and a deadline for every receive
+    /// until it is cleared (monotonic ns, 0 = none): see `setReceiveDeadline`.
+    private let idleReceiveNanoseconds = Atomic<UInt64>(0)
+    private let receiveDeadline = Atomic<UInt64>(0)
 
     init(fd: FileDescriptor) { self.fd = fd }
 
@@ -67,7 +72,9 @@ public final class TCPSocket: Sendable {
     }
 
     /// Binds and listens. EADDRINUSE: something else has the port.
-    public static func listen(_ endpoint: HostPort, backlog: Int32 = 4) throws(SystemError) -> TCPSocket {
+    /// The backlog is the kernel's maximum: the receiver accepts at once and refuses what it
+    /// cannot serve with a reason; a small backlog made a burst of connections time out instead.
+    public static func listen(_ endpoint: HostPort, backlog: Int32 = SOMAXCONN) throws(SystemError) -> TCPSocket {
         var lastError = SystemError("listen \(endpoint)", errno: EADDRNOTAVAIL)
         for (family, address) in try resolve(endpoint, passive: true) {
             let socket = TCPSocket(fd: try makeSocket(family: family))
@@ -130,12 +137,59 @@ public final class TCPSocket: Sendable {
         setOption(SOL_SOCKET, SO_RCVBUF, 4 << 20)
     }
 
-    /// SO_SNDTIMEO / SO_RCVTIMEO; 0 = block for ever. A timed-out call fails with EAGAIN.
+    /// SO_SNDTIMEO / SO_RCVTIMEO; 0 = block for ever. A timed-out call fails with ETIMEDOUT.
     public func setTimeouts(send: Double, receive: Double) {
-        for (name, seconds) in [(SO_SNDTIMEO, send), (SO_RCVTIMEO, receive)] {
-            var value = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
-            _ = setsockopt(fd.rawValue, SOL_SOCKET, name, &value, socklen_t(MemoryLayout<timeval>.size))
+        setTimeout(SO_SNDTIMEO, seconds: send)
+        setTimeout(SO_RCVTIMEO, seconds: receive)
+        idleReceiveNanoseconds.store(UInt64(max(0, min(receive, 86_400)) * 1e9), ordering: .relaxed)
+    }
+
+    private func setTimeout(_ name: Int32, seconds: Double) {
+        let seconds = max(0, min(seconds, 86_400))
+        var value = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
+        _ = setsockopt(fd.rawValue, SOL_SOCKET, name, &value, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Every receive from now on must complete by `deadline` (monotonic ns; nil clears it), however
+    /// the bytes trickle in: a per-read timeout alone let a peer sending a byte every 25 s hold a
+    /// receiver for as long as it liked.
+    public func setReceiveDeadline(_ deadline: UInt64?) {
+        receiveDeadline.store(deadline ?? 0, ordering: .relaxed)
+        if deadline == nil {
+            setTimeout(SO_RCVTIMEO, seconds: Double(idleReceiveNanoseconds.load(ordering: .relaxed)) / 1e9)
         }
+    }
+
+    /// Before a read under a deadline: the socket's timeout is what is left of it (or the idle
+    /// timeout, if that is shorter). Throws once the deadline has passed.
+    private func armDeadline() throws(SystemError) {
+        let deadline = receiveDeadline.load(ordering: .relaxed)
+        guard deadline != 0 else { return }
+        let now = MonotonicClock.nanoseconds()
+        guard now < deadline else { throw SystemError("receive (the peer did not send in time)", errno: ETIMEDOUT) }
+        var nanoseconds = deadline - now
+        let idle = idleReceiveNanoseconds.load(ordering: .relaxed)
+        if idle != 0 { nanoseconds = min(nanoseconds, idle) }
+        setTimeout(SO_RCVTIMEO, seconds: max(Double(nanoseconds) / 1e9, 0.001))
+    }
+
+    /// "HOST:PORT" of the peer, for messages ("?" if the socket has none).
+    public var peerDescription: String {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let ok = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd.rawValue, $0, &length) }
+        } == 0
+        guard ok else { return "?" }
+        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        var service = [CChar](repeating: 0, count: Int(NI_MAXSERV))
+        let status = withUnsafePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                getnameinfo($0, length, &host, socklen_t(host.count), &service, socklen_t(service.count), NI_NUMERICHOST | NI_NUMERICSERV)
+            }
+        }
+        guard status == 0 else { return "?" }
+        return HostPort(host: String(cString: host), port: UInt16(String(cString: service)) ?? 0).description
     }
 
     /// Sends every byte of every buffer (writev; partial writes continue where they stopped).
@@ -170,33 +224,29 @@ public final class TCPSocket: Sendable {
         }
     }
 
-    public func send(_ bytes: [UInt8]) throws(SystemError) {
-        let result = bytes.withUnsafeBytes { buffer in Result { () throws(SystemError) in try send([buffer]) } }
-        try result.get()
-    }
-
     /// Receives exactly `count` bytes into `destination`. A peer that closes first is ECONNRESET.
     public func receive(into destination: UnsafeMutableRawPointer, count: Int) throws(SystemError) {
         var done = 0
         while done < count {
+            try armDeadline()
             let got = Glibc.recv(fd.rawValue, destination + done, count - done, 0)
             if got > 0 { done += got; continue }
             if got == 0 { throw SystemError("receive (the peer closed the connection)", errno: ECONNRESET) }
             if errno == EINTR { continue }
-            throw SystemError("receive", errno: errno == EAGAIN ? ETIMEDOUT : errno)
+            if errno == EAGAIN {
+                // SO_RCVTIMEO fired: the idle timeout, or what was left of the deadline.
+                let deadline = receiveDeadline.load(ordering: .relaxed)
+                let late = deadline != 0 && MonotonicClock.nanoseconds() >= deadline
+                throw SystemError(late ? "receive (the peer did not send in time)" : "receive", errno: ETIMEDOUT)
+            }
+            throw SystemError("receive", errno: errno)
         }
-    }
-
-    public func receive(count: Int) throws(SystemError) -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
-        guard count > 0 else { return bytes }
-        let result = bytes.withUnsafeMutableBytes { buffer in
-            Result { () throws(SystemError) in try receive(into: buffer.baseAddress!, count: count) }
-        }
-        try result.get()
-        return bytes
     }
 
     /// Wakes any thread blocked on this socket; the descriptor stays open until released.
     public func shutdown() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR)) }
+
+    /// Ends only the receiving half: a thread blocked reading sees the end of the stream, and can
+    /// still send why it stops (an abort frame) before it closes.
+    public func shutdownReceiving() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RD)) }
 }

@@ -53,7 +53,9 @@ public final class UnixSocket: Sendable {
     }
 
     /// Binds a new socket file at `path`, sets its mode, and listens. The file must not exist.
-    public static func listen(path: String, mode: mode_t = 0o600, backlog: Int32 = 16) throws(SystemError) -> UnixSocket {
+    /// The backlog is the kernel's maximum (SOMAXCONN): with 16, a burst of 200 non-blocking
+    /// clients connecting at once saw EAGAIN.
+    public static func listen(path: String, mode: mode_t = 0o600, backlog: Int32 = SOMAXCONN) throws(SystemError) -> UnixSocket {
         var address = try address(path)
         let fd = try makeSocket()
         if withAddress(&address, { Glibc.bind(fd.rawValue, $0, $1) }) != 0 { throw SystemError("bind \(path)") }

@@ -1,0 +1,278 @@
+@testable import DirtyMigCore
+import Foundation
+import XCTest
+
+/// Thousands of hostile inputs against what reads from outside: the receiver's state machine
+/// (driven in process over a `MemoryTransport`, no sockets) and the control protocol's parser
+/// and the `migrate` command's argument checks. Every input must end in a refusal with a reason
+/// (or, for the rare valid one, a result), never a trap, and memory must stay bounded.
+///
+/// Seeded: the seed is printed, and `DIRTYMIG_FUZZ_SEED=N` replays a run.
+final class FuzzTests: XCTestCase {
+    /// SplitMix64: small, fast and the same everywhere, so a seed reproduces a run.
+    struct Generator: RandomNumberGenerator {
+        var state: UInt64
+        mutating func next() -> UInt64 {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+
+    private var seed: UInt64 = 0
+    private var random = Generator(state: 0)
+
+    override func setUp() {
+        seed = ProcessInfo.processInfo.environment["DIRTYMIG_FUZZ_SEED"].flatMap { UInt64($0) }
+            ?? UInt64(MonotonicClock.nanoseconds() & 0xFFFF_FFFF)
+        random = Generator(state: seed)
+        print("FuzzTests: seed \(seed) (replay with DIRTYMIG_FUZZ_SEED=\(seed))")
+    }
+
+    // MARK: Values
+
+    /// Boundary values for an integer field of `bits` bits: 0, 1, max, max-1, and around
+    /// powers of two; otherwise a random value.
+    private func boundary(bits: Int) -> UInt64 {
+        let max: UInt64 = bits == 64 ? .max : (1 << UInt64(bits)) - 1
+        switch Int.random(in: 0..<8, using: &random) {
+        case 0: return 0
+        case 1: return 1
+        case 2: return max
+        case 3: return max - 1
+        case 4: return (UInt64(1) << UInt64.random(in: 0..<UInt64(bits), using: &random)) & max
+        case 5: return ((UInt64(1) << UInt64.random(in: 0..<UInt64(bits), using: &random)) &- 1) & max
+        default: return random.next() & max
+        }
+    }
+
+    private func bytes(_ count: Int) -> [UInt8] {
+        (0..<count).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+    }
+
+    private static func u32(_ value: UInt64) -> [UInt8] { withUnsafeBytes(of: UInt32(truncatingIfNeeded: value).littleEndian, Array.init) }
+    private static func u64(_ value: UInt64) -> [UInt8] { withUnsafeBytes(of: value.littleEndian, Array.init) }
+
+    private static let memory: UInt64 = 64 << 20
+    private static let pageCount = memory / 4096
+
+    private static func validHello(verify: Bool = false) -> MigrationHello {
+        let config = GuestConfig(tscHz: 2_000_000_000, memorySize: memory, vcpus: [VCPUWorkload(kind: .idle, seed: 0)])
+        var hello = MigrationHello(name: "fuzz", memorySize: memory, vcpuCount: 1, tracking: .bitmap, ringEntries: 4096,
+                                   tscKHz: 2_000_000, requiredFeatures: .workloadGuest, guestConfig: config.encode())
+        hello.verify = verify
+        return hello
+    }
+
+    /// A hello with each field at a boundary value now and then.
+    private func mutatedHello() -> [UInt8] {
+        var fields: [[UInt8]] = [
+            Self.u32(UInt64(MigrationWire.magic)), Self.u32(UInt64(MigrationWire.version)),
+            Self.u64(Self.memory), Self.u32(1), Self.u32(1), Self.u32(4096), Self.u64(2_000_000),
+            Self.u32(UInt64(CPUFeatureSet.workloadGuest.leaf1EDX)), Self.u32(0), Self.u32(UInt64(CPUFeatureSet.workloadGuest.extendedEDX)),
+            Self.u32(0),
+        ]
+        let widths = [32, 32, 64, 32, 32, 32, 64, 32, 32, 32, 32]
+        for index in fields.indices where Int.random(in: 0..<4, using: &random) == 0 {
+            let value = boundary(bits: widths[index])
+            fields[index] = widths[index] == 64 ? Self.u64(value) : Self.u32(value)
+        }
+        let name = Array("fuzz".utf8)
+        var config = Self.validHello().guestConfig
+        if Int.random(in: 0..<3, using: &random) == 0 {
+            // A config block with a random field overwritten (vCPU count, sizes, offsets, kinds).
+            let offset = Int.random(in: 0..<config.count - 8, using: &random)
+            config.replaceSubrange(offset..<offset + 8, with: Self.u64(boundary(bits: 64)))
+        }
+        var payload = fields.flatMap { $0 } + Self.u32(UInt64(name.count)) + name
+        let configLength = Int.random(in: 0..<6, using: &random) == 0 ? boundary(bits: 32) : UInt64(config.count)
+        payload += Self.u32(configLength) + config
+        return payload
+    }
+
+    /// A frame of a random type (sometimes an unknown one) with a plausible or random payload.
+    private func randomFrame() -> [UInt8] {
+        let types: [MigrationFrameType] = [.hello, .helloReply, .pages, .iterationEnd, .state, .complete, .result, .abort,
+                                           .iterationAck, .passPlan]
+        let type = types.randomElement(using: &random)!
+        var payload: [UInt8]
+        switch type {
+        case .pages:
+            let ranges = Int.random(in: 0..<5, using: &random) == 0 ? Int(boundary(bits: 32)) : Int.random(in: 0...4, using: &random)
+            payload = Self.u32(UInt64(ranges))
+            var data = 0
+            for _ in 0..<min(ranges, 8) {
+                let first = Int.random(in: 0..<2, using: &random) == 0 ? boundary(bits: 64) : UInt64.random(in: 0..<Self.pageCount, using: &random)
+                let count = Int.random(in: 0..<2, using: &random) == 0 ? boundary(bits: 32) : UInt64.random(in: 1...4, using: &random)
+                let kind = Int.random(in: 0..<4, using: &random) == 0 ? boundary(bits: 32) : UInt64.random(in: 0...1, using: &random)
+                payload += Self.u64(first) + Self.u32(count) + Self.u32(kind)
+                if kind == 0 { data += Int(min(count, 4)) * 4096 }
+            }
+            payload += bytes(Int.random(in: 0..<2, using: &random) == 0 ? data : Int.random(in: 0..<9000, using: &random))
+        case .passPlan:
+            let words = Int.random(in: 0..<2, using: &random) == 0 ? Int(Self.pageCount / 64) : Int.random(in: 0..<300, using: &random)
+            payload = Self.u32(boundary(bits: 32)) + (0..<words).flatMap { _ in Self.u64(boundary(bits: 64)) }
+        case .iterationEnd:
+            payload = Self.u32(boundary(bits: 32)) + Self.u64(boundary(bits: 64))
+            if Int.random(in: 0..<4, using: &random) == 0 { payload = bytes(Int.random(in: 0..<20, using: &random)) }
+        case .complete:
+            payload = [UInt8(truncatingIfNeeded: boundary(bits: 8))] + Self.u64(boundary(bits: 64)) + Self.u64(boundary(bits: 64))
+        case .state:
+            payload = bytes(Int.random(in: 0..<4096, using: &random))
+        case .hello:
+            payload = mutatedHello()
+        default:
+            payload = bytes(Int.random(in: 0..<64, using: &random))
+        }
+        var header = Self.u32(Int.random(in: 0..<20, using: &random) == 0 ? boundary(bits: 32) : UInt64(type.rawValue))
+        header += Self.u32(Int.random(in: 0..<20, using: &random) == 0 ? boundary(bits: 32) : UInt64(payload.count))
+        return header + payload
+    }
+
+    // MARK: The receiver
+
+    /// A VM with memory and nothing else: what the state machine fills, without KVM.
+    final class MemoryOnlyVM: IncomingVM {
+        let memory: GuestMemory
+        init(memory: GuestMemory) { self.memory = memory }
+        func restoreState(_ saved: MachineState) throws(MachineError) {}
+        func start() throws(MachineError) {}
+        func stop() {}
+    }
+
+    private func residentBytes() -> UInt64 {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+              let kib = UInt64(line.split(separator: " ").dropFirst().first ?? "") else { return 0 }
+        return kib * 1024
+    }
+
+    func testTheReceiverRefusesHostileStreamsWithAReason() throws {
+        let kvm = try? KVMSystem()
+        if kvm == nil { print("FuzzTests: no /dev/kvm: the hello's host checks are skipped, the rest runs") }
+        let hostTSC = kvm.flatMap { try? HostTSC.frequency(kvm: $0) }.map { $0 / 1000 }
+        let build = { (hello: MigrationHello) throws(MigrationError) -> MemoryOnlyVM in
+            if let kvm {
+                // The real checks, on a host whose TSC ticks like the sender's (else every hello
+                // would stop at the TSC check and the frames after it would never be read).
+                _ = try MigrationReceiver.configuration(for: hello, kvm: kvm, name: nil, hostTSCKHz: hostTSC.map { _ in hello.tscKHz })
+            }
+            guard hello.memorySize <= 256 << 20, hello.memorySize >= 1 << 20, hello.memorySize % 4096 == 0 else {
+                throw .refused("the fuzz host builds VMs of 1 to 256 MiB")
+            }
+            do { return MemoryOnlyVM(memory: try GuestMemory(size: hello.memorySize)) } catch { throw .machine("\(error)") }
+        }
+        let before = residentBytes()
+        var outcomes: [String: Int] = [:]
+        let inputs = 12_000
+        for index in 0..<inputs {
+            let stream: [UInt8]
+            switch index % 4 {
+            case 0:   // random bytes
+                stream = bytes(Int.random(in: 0..<256, using: &random))
+            case 1:   // a valid header with a random payload, then random frames
+                stream = MigrationWire.frame(.hello, mutatedHello()) + (0..<Int.random(in: 0...3, using: &random)).flatMap { _ in randomFrame() }
+            default:  // a valid hello, then random frames
+                stream = MigrationWire.frame(.hello, Self.validHello(verify: index % 8 == 2).encode())
+                    + (0..<Int.random(in: 1...6, using: &random)).flatMap { _ in randomFrame() }
+            }
+            let transport = MemoryTransport(input: stream)
+            do {
+                let vm = try MigrationReceiver.receive(over: transport, build: build)
+                vm.stop()
+                outcomes["completed", default: 0] += 1
+            } catch {
+                let reason = error.description
+                XCTAssertFalse(reason.isEmpty, "input \(index) (seed \(seed)) was refused without a reason")
+                // The reason without its figures: one bucket per kind of refusal.
+                outcomes[String(reason.filter { !$0.isNumber }.prefix(60)), default: 0] += 1
+            }
+        }
+        let after = residentBytes()
+        print("FuzzTests: \(inputs) receiver inputs; outcomes by reason: \(outcomes.sorted { $0.value > $1.value }.prefix(40).map { "\($0.key)…: \($0.value)" }.joined(separator: "; "))")
+        print("FuzzTests: resident memory \(before >> 20) MiB before, \(after >> 20) MiB after")
+        XCTAssertLessThan(after, before + (128 << 20), "memory grew by \((after - min(after, before)) >> 20) MiB over \(inputs) inputs (seed \(seed))")
+        XCTAssertGreaterThan(outcomes.count, 20, "the inputs reach many different refusals")
+    }
+
+    /// The one the hardening issue found: a page range at the top of the address space.
+    func testAPageRangeAtTheTopOfTheAddressSpaceIsRefused() throws {
+        let build = { (hello: MigrationHello) throws(MigrationError) -> MemoryOnlyVM in
+            do { return MemoryOnlyVM(memory: try GuestMemory(size: hello.memorySize)) } catch { throw .machine("\(error)") }
+        }
+        for first in [UInt64.max, UInt64.max - 1, Self.pageCount, Self.pageCount - 1] {
+            let batch = Self.u32(1) + Self.u64(first) + Self.u32(first == Self.pageCount - 1 ? 2 : 1) + Self.u32(1)
+            let transport = MemoryTransport(input: MigrationWire.frame(.hello, Self.validHello().encode()) + MigrationWire.frame(.pages, batch))
+            XCTAssertThrowsError(try MigrationReceiver.receive(over: transport, build: build)) {
+                XCTAssertTrue("\($0)".contains("outside RAM"), "\($0)")
+            }
+        }
+    }
+
+    // MARK: The control protocol
+
+    private func randomJSONNumber() -> String {
+        ["0", "1", "-1", "1.5", "2e10", "1e30", "1e308", "1e400", "-1e400", "18446744073709551615", "18446744073709551616",
+         "9223372036854775807", "-9223372036854775808", "0.0001", "4096", "4095.5", "600000", "600001", "1e-400",
+         String(boundary(bits: 64)), "\(Double(bitPattern: random.next()))"].randomElement(using: &random)!
+    }
+
+    private func randomJSONValue(depth: Int = 0) -> String {
+        switch Int.random(in: 0..<(depth > 3 ? 4 : 7), using: &random) {
+        case 0: return randomJSONNumber()
+        case 1: return ["true", "false", "null"].randomElement(using: &random)!
+        case 2: return "\"" + ["127.0.0.1:1", ":4444", "x", "", "cpu", "none", "\\u0000", "\\ud800", "[::1]:99999"].randomElement(using: &random)! + "\""
+        case 3: return String(decoding: bytes(Int.random(in: 0..<8, using: &random)), as: UTF8.self)
+        case 4: return "[" + (0..<Int.random(in: 0...3, using: &random)).map { _ in randomJSONValue(depth: depth + 1) }.joined(separator: ",") + "]"
+        default:
+            let keys = ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "verify", "throttle", "x"]
+            return "{" + (0..<Int.random(in: 0...4, using: &random)).map { _ in
+                "\"\(keys.randomElement(using: &random)!)\":\(randomJSONValue(depth: depth + 1))"
+            }.joined(separator: ",") + "}"
+        }
+    }
+
+    func testTheControlParserAndMigrateArgumentsRefuseWithAReason() {
+        var accepted = 0, refused = 0
+        for index in 0..<20_000 {
+            let line: [UInt8]
+            if index % 5 == 0 {
+                line = bytes(Int.random(in: 0..<64, using: &random))
+            } else {
+                line = Array(("{\"execute\":\"migrate\",\"arguments\":{\"to\":\"127.0.0.1:1\"," + [
+                    "\"bandwidth\":\(randomJSONNumber())", "\"timeout_s\":\(randomJSONNumber())",
+                    "\"downtime_ms\":\(randomJSONNumber())", "\"max_iterations\":\(randomJSONNumber())",
+                    "\"verify\":\(randomJSONValue())", "\"throttle\":\(randomJSONValue())",
+                ].shuffled(using: &random).prefix(Int.random(in: 1...4, using: &random)).joined(separator: ",") + "}}").utf8)
+            }
+            let request: ControlRequest
+            do { request = try ControlRequest.decode(line) } catch {
+                XCTAssertFalse(error.error.desc.isEmpty)
+                refused += 1
+                continue
+            }
+            do {
+                let options = try MigrationControl.migrationOptions(request.arguments)
+                // Whatever is accepted converts without trapping and is inside the documented ranges.
+                if let bandwidth = options.bandwidth { XCTAssertTrue(MigrationOptions.bandwidthRange.contains(Double(bandwidth))) }
+                if let timeout = options.timeoutSeconds { XCTAssertTrue(MigrationOptions.timeoutRange.contains(timeout)) }
+                XCTAssertTrue(MigrationOptions.downtimeRange.contains(options.downtimeSeconds))
+                accepted += 1
+            } catch {
+                XCTAssertFalse(error.desc.isEmpty, "seed \(seed)")
+                refused += 1
+            }
+        }
+        print("FuzzTests: 20000 control lines: \(accepted) accepted, \(refused) refused with a reason")
+        // The issue's cases, exactly.
+        for arguments in ["{\"to\":\"127.0.0.1:1\",\"timeout_s\":2e10}", "{\"to\":\"127.0.0.1:1\",\"timeout_s\":1e30}",
+                          "{\"to\":\"127.0.0.1:1\",\"bandwidth\":1e30}", "{\"to\":\"127.0.0.1:1\",\"max_iterations\":1.5}"] {
+            let value = try! JSONValue.parse(arguments)
+            XCTAssertThrowsError(try MigrationControl.migrationOptions(value), arguments) {
+                XCTAssertEqual(($0 as? ControlError)?.errorClass, .invalidArgument, "\($0)")
+            }
+        }
+    }
+}
