@@ -106,11 +106,12 @@ final class ReceiverHardeningTests: XCTestCase {
         XCTAssertEqual(type, MigrationFrameType.helloReply.rawValue)
         XCTAssertEqual(reply.first, 0)
         XCTAssertTrue(text(reply).contains("busy: a migration from 127.0.0.1:"), text(reply))
+        wait { log.all.contains { $0.contains("busy") } }
         XCTAssertTrue(log.all.contains { $0.contains("busy") }, "\(log.all)")
 
         // The first goes away: its partial VM is dropped, and the next sender is served.
         first.shutdown()
-        wait { outcomes.count >= 1 }
+        wait { outcomes.count >= 1 && log.all.contains { $0.contains("its partial VM was discarded") } }
         XCTAssertTrue(log.all.contains { $0.contains("its partial VM was discarded") }, "\(log.all)")
         let third = try connect(receiver)
         try third.send(MigrationWire.frame(.hello, hello(kvm: kvm).encode()))

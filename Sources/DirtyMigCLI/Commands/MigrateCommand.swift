@@ -28,9 +28,9 @@ enum MigrateCommand {
             }
             options.to = endpoint
         }
-        let bandwidth = try arguments.rate("bandwidth").map(Double.init)
+        let bandwidth = try arguments.rate("bandwidth").map { Double($0) }   // not map(Double.init): that picks init(bitPattern:)
         let downtime = try arguments.duration("downtime")
-        let iterations = try arguments.count("max-iterations").map(Double.init)
+        let iterations = try arguments.count("max-iterations").map { Double($0) }
         let timeout = try arguments.duration("timeout")
         do throws(MigrationOptions.Invalid) {
             try options.migration.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations,

@@ -427,6 +427,13 @@ public enum MigrationError: Error, CustomStringConvertible {
         }
     }
 
+    /// What a refusal sent to the peer says: the reason itself for `.refused` (the peer adds
+    /// "the destination refused the migration" on its side), the description otherwise.
+    var reasonForPeer: String {
+        if case .refused(let why) = self { return why }
+        return description
+    }
+
     static func wrap<T>(_ body: () throws(MigrationProtocolError) -> T) throws(MigrationError) -> T {
         do { return try body() } catch { throw .protocolError(error) }
     }

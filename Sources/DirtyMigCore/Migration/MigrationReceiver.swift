@@ -210,7 +210,7 @@ public final class MigrationReceiver: Sendable {
                 error = .timedOut("no complete hello within \(limits.handshakeSeconds) s of connecting")
             }
             // A dirtymig of another version learns why; anything else gets a few bytes it ignores.
-            try? handshake.send(.helloReply, MigrationHelloReply.refuse(error.description).encode())
+            try? handshake.send(.helloReply, MigrationHelloReply.refuse(error.reasonForPeer).encode())
             log("refused a connection from \(peer): \(error)")
             deliver(.failure(error))
             return
@@ -365,7 +365,7 @@ enum IncomingMigration {
                                     commit: () -> Bool) throws(MigrationError) -> VM {
         let vm: VM
         do { vm = try build() } catch {
-            try? channel.send(.helloReply, MigrationHelloReply.refuse(error.description).encode())
+            try? channel.send(.helloReply, MigrationHelloReply.refuse(error.reasonForPeer).encode())
             throw error
         }
         built = true

@@ -137,12 +137,27 @@ public final class MigrationSender: Sendable {
             try transfer(channel, socket: socket, tracker: tracker, report: &report, started: started, paused: &paused,
                          guestAtStart: guestAtStart, throttle: throttle, passLog: passLog)
         } catch {
-            if !link.withLock({ $0.committed }) {
-                socket.setTimeouts(send: 1, receive: 1)   // a destination that stopped reading does not get to hold us
-                channel.sendAbort(error.description)
-            }
+            guard !link.withLock({ $0.committed }) else { throw error }
+            socket.setTimeouts(send: 1, receive: 0.5)   // a destination that stopped reading does not get to hold us
+            // A destination that gave up first said why before it closed: that beats "connection reset".
+            if case .connection = error, let reason = Self.pendingAbort(channel) { throw .peerAborted(reason) }
+            channel.sendAbort(error.description)
             throw error
         }
+    }
+
+    /// The reason in an abort frame the destination sent before the connection failed, if one
+    /// is still to be read (acknowledgements may come before it).
+    private static func pendingAbort(_ channel: MigrationChannel) -> String? {
+        for _ in 0..<4 {
+            do throws(MigrationError) {
+                _ = try channel.receive([.iterationAck, .helloReply, .result])
+            } catch {
+                if case .peerAborted(let reason) = error { return reason }
+                return nil
+            }
+        }
+        return nil
     }
 
     /// The handshake, the pre-copy passes, and stop-and-copy, over a connected channel.

@@ -1,0 +1,311 @@
+import DirtyMigCore
+import Foundation
+import XCTest
+
+/// The hardening issue's defects, through the command line with real processes: numbers out of
+/// range, SIGTERM to either side of a migration, a second sender, the control socket's first
+/// moments and bursts, and a VM that does not fit in the memory it is given. Each test keeps its
+/// control sockets in a private temporary directory.
+final class HardeningTests: XCTestCase {
+    private var directory = ""
+    private var processes: [Process] = []
+
+    override func setUpWithError() throws {
+        try requireKVMDevice()
+        var template = Array("/tmp/dmh-XXXXXX".utf8CString)
+        guard mkdtemp(&template) != nil else { throw XCTSkip("cannot create a temporary directory under /tmp") }
+        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    override func tearDown() {
+        for process in processes where process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        for process in processes { process.waitUntilExit() }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    private func socket(_ name: String) -> String { directory + "/" + name + ".sock" }
+
+    private func freePort() throws -> UInt16 {
+        try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0)).localPort
+    }
+
+    /// Starts a command; its stderr is collected in the returned buffer (and stdout's first line
+    /// is read by the caller).
+    private func start(_ arguments: [String], prefix: [String] = []) throws -> (Process, FileHandle, Pipe) {
+        let process = Process()
+        if prefix.isEmpty {
+            process.executableURL = CLI.binary
+            process.arguments = arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: "/bin/sh")
+            process.arguments = ["-c", prefix.joined(separator: " ") + " \"$0\" \"$@\"", CLI.binary.path] + arguments
+        }
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        processes.append(process)
+        return (process, out.fileHandleForReading, err)
+    }
+
+    /// A VM whose writer dirties 64 MiB at 20 MiB/s while a reader reads.
+    private func boot(_ name: String, memory: String = "256M", writer: String = "0:write,ws=64M,pattern=random,rate=20M") throws -> (Process, Pipe) {
+        let (process, output, errors) = try start(["boot", "--memory", memory, "--vcpus", "2", "--track", "ring",
+                                                   "--control", socket(name), "--workload", writer, "--workload", "1:read,ws=16M"])
+        let ready = try XCTUnwrap(CLI.readLine(output), "boot printed nothing: \(stderrText(errors))")
+        XCTAssertTrue(ready.contains("running"), ready)
+        return (process, errors)
+    }
+
+    private func receive(_ name: String, port: UInt16, prefix: [String] = []) throws -> (Process, Pipe) {
+        let (process, output, errors) = try start(["receive", "--listen", "127.0.0.1:\(port)", "--control", socket(name)], prefix: prefix)
+        let ready = try XCTUnwrap(CLI.readLine(output), "receive printed nothing: \(stderrText(errors))")
+        XCTAssertTrue(ready.contains("listening"), ready)
+        return (process, errors)
+    }
+
+    /// What a process wrote to stderr so far (non-blocking).
+    private func stderrText(_ pipe: Pipe) -> String {
+        let handle = pipe.fileHandleForReading
+        let flags = fcntl(handle.fileDescriptor, F_GETFL)
+        _ = fcntl(handle.fileDescriptor, F_SETFL, flags | O_NONBLOCK)
+        var data = Data()
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = read(handle.fileDescriptor, &buffer, buffer.count)
+            if count <= 0 { break }
+            data.append(contentsOf: buffer[0..<count])
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    private func guestPages(_ name: String) throws -> [Double] {
+        let client = try ControlClient(path: socket(name))
+        defer { client.close() }
+        return (try client.call("query-status")["vcpu_stats"]?.arrayValue ?? []).map { $0["pages"]?.doubleValue ?? 0 }
+    }
+
+    private func assertRuns(_ name: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let before = try guestPages(name)
+        Thread.sleep(forTimeInterval: 0.5)
+        let after = try guestPages(name)
+        XCTAssertEqual(before.count, 2, file: file, line: line)
+        for index in before.indices {
+            XCTAssertGreaterThan(after[index], before[index], "\(name) vCPU \(index) keeps running", file: file, line: line)
+        }
+    }
+
+    /// Starts `dirtymig migrate --vm NAME ...` in the background, its JSON report on stdout.
+    private func migrate(_ name: String, to port: UInt16, _ extra: [String]) throws -> (Process, FileHandle) {
+        let (process, output, _) = try start(["migrate", "--vm", socket(name), "--to", "127.0.0.1:\(port)", "--json"] + extra)
+        return (process, output)
+    }
+
+    private func waitForExit(_ process: Process, seconds: Double) -> Double? {
+        let start = Date()
+        while process.isRunning && Date().timeIntervalSince(start) < seconds { usleep(10_000) }
+        return process.isRunning ? nil : Date().timeIntervalSince(start)
+    }
+
+    // MARK: Defect 2: numbers
+
+    func testNumbersOutOfRangeAreRefusedAndTheVMRunsOn() throws {
+        let (vm, _) = try boot("num")
+        let client = try ControlClient(path: socket("num"))
+        defer { client.close() }
+        for (key, value) in [("timeout_s", 2e10), ("timeout_s", 1e30), ("bandwidth", 1e30), ("max_iterations", 1.5),
+                             ("downtime_ms", 0.5), ("bandwidth", 4095)] {
+            XCTAssertThrowsError(try client.call("migrate", arguments: .object([("to", .string("127.0.0.1:1")), (key, .double(value))]))) {
+                let error = ($0 as? ControlClient.ClientError)?.controlError
+                XCTAssertEqual(error?.errorClass, .invalidArgument, "\(key) \(value): \($0)")
+            }
+        }
+        let cli = try CLI.run(["migrate", "--vm", socket("num"), "--to", "127.0.0.1:1", "--timeout", "99999999999s"])
+        XCTAssertEqual(cli.status, 2, cli.stderr)
+        XCTAssertTrue(cli.stderr.contains("timeout must be from 1 ms to 30 days"), cli.stderr)
+        XCTAssertTrue(vm.isRunning)
+        try assertRuns("num")
+    }
+
+    // MARK: Defect 3: SIGTERM to the receiver
+
+    func testSIGTERMToTheReceiverDuringAMigrationAbortsItAndTheSourceRunsOn() throws {
+        let (source, _) = try boot("rsrc")
+        let port = try freePort()
+        let (receiver, receiverErrors) = try receive("rdst", port: port)
+        let (migration, report) = try migrate("rsrc", to: port, ["--bandwidth", "20M", "--verify"])
+        Thread.sleep(forTimeInterval: 1.5)
+        kill(receiver.processIdentifier, SIGTERM)
+        let receiverExit = waitForExit(receiver, seconds: 5)
+        XCTAssertNotNil(receiverExit, "the receiver exits within 5 s of SIGTERM")
+        XCTAssertEqual(receiver.terminationStatus, 0)
+        XCTAssertNotNil(waitForExit(migration, seconds: 10), "migrate ends")
+        XCTAssertEqual(migration.terminationStatus, 1, "the migration did not complete")
+        let json = try JSONValue.parse(String(decoding: report.readDataToEndOfFile(), as: UTF8.self))
+        XCTAssertEqual(json["status"], "failed")
+        let error = json["error"]?.stringValue ?? ""
+        print("receiver stopped mid-migration: migrate reported: \(error)")
+        XCTAssertTrue(error.contains("the destination is stopping"), error)
+        let log = stderrText(receiverErrors)
+        XCTAssertTrue(log.contains("its partial VM was discarded"), log)
+        XCTAssertTrue(source.isRunning, "the source runs on")
+        try assertRuns("rsrc")
+    }
+
+    // MARK: Defect 4: SIGTERM to the source
+
+    func testSIGTERMToTheSourceDuringAMigrationCancelsItAndStopsTheVM() throws {
+        let (source, _) = try boot("ssrc", writer: "0:write,ws=128M,pattern=random,rate=50M")
+        let port = try freePort()
+        let (receiver, receiverErrors) = try receive("sdst", port: port)
+        let (migration, report) = try migrate("ssrc", to: port, ["--bandwidth", "20M", "--throttle", "none"])
+        Thread.sleep(forTimeInterval: 1.5)
+        kill(source.processIdentifier, SIGTERM)
+        let exited = waitForExit(source, seconds: 5)
+        XCTAssertNotNil(exited, "the source exits within 5 s of SIGTERM")
+        print("source stopped \(String(format: "%.2f", exited ?? -1)) s after SIGTERM")
+        XCTAssertEqual(source.terminationStatus, 0)
+        XCTAssertNotNil(waitForExit(migration, seconds: 5))
+        XCTAssertEqual(migration.terminationStatus, 1)
+        let json = try JSONValue.parse(String(decoding: report.readDataToEndOfFile(), as: UTF8.self))
+        XCTAssertEqual(json["status"], "failed")
+        XCTAssertTrue(json["error"]?.stringValue?.contains("the source was asked to stop") ?? false, "\(json["error"] ?? .null)")
+        // The destination discarded its copy and listens on.
+        Thread.sleep(forTimeInterval: 0.3)
+        let log = stderrText(receiverErrors)
+        XCTAssertTrue(log.contains("the source was asked to stop") && log.contains("its partial VM was discarded"), log)
+        XCTAssertTrue(receiver.isRunning)
+        let status = try ControlClient(path: socket("sdst")).call("query-status")
+        XCTAssertEqual(status["state"], "listening")
+    }
+
+    // MARK: Defect 5: a second sender
+
+    func testASecondSenderIsToldTheReceiverIsBusy() throws {
+        _ = try boot("bsa")
+        _ = try boot("bsb")
+        let port = try freePort()
+        _ = try receive("bdst", port: port)
+        let (first, _) = try migrate("bsa", to: port, ["--bandwidth", "20M"])
+        Thread.sleep(forTimeInterval: 1.0)
+        let started = Date()
+        let second = try CLI.run(["migrate", "--vm", socket("bsb"), "--to", "127.0.0.1:\(port)", "--json"])
+        XCTAssertLessThan(Date().timeIntervalSince(started), 3, "refused at once")
+        XCTAssertEqual(second.status, 1)
+        let json = try JSONValue.parse(second.stdout)
+        XCTAssertTrue(json["error"]?.stringValue?.contains("busy: a migration from 127.0.0.1:") ?? false, second.stdout)
+        try assertRuns("bsb")
+        kill(first.processIdentifier, SIGINT)
+    }
+
+    // MARK: Defects 7 and 8: the control socket
+
+    func testTheControlSocketServesEveryCommandFromItsFirstConnection() throws {
+        for round in 0..<4 {
+            let name = "early\(round)"
+            let path = socket(name)
+            let arguments = round % 2 == 0
+                ? ["boot", "--memory", "64M", "--vcpus", "1", "--control", path]
+                : ["receive", "--listen", "127.0.0.1:\(try freePort())", "--control", path]
+            let (process, _, _) = try start(arguments)
+            let deadline = Date().addingTimeInterval(20)
+            var client: ControlClient?
+            while client == nil && Date() < deadline {
+                client = try? ControlClient(path: path)
+                if client == nil { usleep(1000) }
+            }
+            let connected = try XCTUnwrap(client, "the socket never accepted")
+            let status = try connected.call("query-status")
+            XCTAssertEqual(status["state"], round % 2 == 0 ? "running" : "listening", "round \(round)")
+            connected.close()
+            kill(process.processIdentifier, SIGTERM)
+            process.waitUntilExit()
+        }
+    }
+
+    func testTwoHundredClientsConnectingAtOnceAreAllTakenIn() throws {
+        _ = try boot("burst", memory: "64M", writer: "0:idle")
+        var refused = 0
+        var descriptors: [Int32] = []
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let path = Array(socket("burst").utf8)
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: path); $0[path.count] = 0 }
+        for _ in 0..<200 {
+            let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+            let result = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            if result != 0 && errno == EAGAIN { refused += 1 }
+            descriptors.append(fd)
+        }
+        descriptors.forEach { close($0) }
+        XCTAssertEqual(refused, 0, "\(refused) of 200 non-blocking connects failed with EAGAIN")
+        try assertRunsOne("burst")
+    }
+
+    private func assertRunsOne(_ name: String) throws {
+        let client = try ControlClient(path: socket(name))
+        defer { client.close() }
+        XCTAssertEqual(try client.call("query-status")["state"], "running")
+    }
+
+    // MARK: Defect 6: memory
+
+    /// A memory cgroup of 320 MiB for the commands started with its prefix; nil (with the
+    /// reason printed) where this machine gives no writable memory controller.
+    private func memoryCgroup() throws -> (prefix: [String], cleanup: () -> Void) {
+        let membership = (try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8)) ?? ""
+        var base: String?, limitFile = "", procsFile = "cgroup.procs"
+        if let line = membership.split(separator: "\n").first(where: { $0.split(separator: ":", omittingEmptySubsequences: false).dropFirst().first?.split(separator: ",").contains("memory") == true }) {
+            let path = String(line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)[2])
+            base = "/sys/fs/cgroup/memory" + (path == "/" ? "" : path)
+            limitFile = "memory.limit_in_bytes"
+        } else if let line = membership.split(separator: "\n").first(where: { $0.hasPrefix("0::") }),
+                  (try? String(contentsOfFile: "/sys/fs/cgroup/cgroup.controllers", encoding: .utf8))?.contains("memory") == true {
+            base = "/sys/fs/cgroup" + String(line.dropFirst(3))
+            limitFile = "memory.max"
+            procsFile = "cgroup.procs"
+        }
+        let group = (base ?? "") + "/dirtymig-test-\(getpid())-\(Int.random(in: 0..<1_000_000))"
+        guard let base, access(base, W_OK) == 0, mkdir(group, 0o755) == 0,
+              (try? "\(320 << 20)".write(toFile: group + "/" + limitFile, atomically: false, encoding: .utf8)) != nil else {
+            let reason = "skipped: needs a writable memory cgroup (v1 memory controller or v2 with memory enabled)"
+            FileHandle.standardError.write(Data((reason + "\n").utf8))
+            throw XCTSkip(reason)
+        }
+        return (["echo $$ >", group + "/" + procsFile, "&& exec"], { rmdir(group) })
+    }
+
+    func testAVMThatDoesNotFitIsRefusedWithTheFiguresAndTheRefusalReachesTheSender() throws {
+        let cgroup = try memoryCgroup()
+        defer {
+            for process in processes where process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            for process in processes { process.waitUntilExit() }
+            cgroup.cleanup()
+        }
+        // boot: 400 MiB of working set in a 320 MiB cgroup.
+        let (refused, _, bootErrors) = try start(["boot", "--memory", "512M", "--vcpus", "1", "--control", socket("big"),
+                                                  "--workload", "0:write,ws=400M,rate=10M"], prefix: cgroup.prefix)
+        XCTAssertNotNil(waitForExit(refused, seconds: 20))
+        XCTAssertEqual(refused.terminationReason, .exit, "refused, not killed")
+        XCTAssertEqual(refused.terminationStatus, 1)
+        let message = stderrText(bootErrors)
+        print("boot in a 320 MiB cgroup: \(message)")
+        XCTAssertTrue(message.contains("not enough memory") && message.contains("the memory cgroup's limit"), message)
+
+        // receive in the cgroup, the same VM migrated to it from outside.
+        let (source, _) = try boot("bigsrc", memory: "512M", writer: "0:write,ws=400M,rate=10M")
+        let port = try freePort()
+        let (receiver, _) = try receive("bigdst", port: port, prefix: cgroup.prefix)
+        let result = try CLI.run(["migrate", "--vm", socket("bigsrc"), "--to", "127.0.0.1:\(port)", "--json"])
+        XCTAssertEqual(result.status, 1)
+        let json = try JSONValue.parse(result.stdout)
+        let error = json["error"]?.stringValue ?? ""
+        print("migration into a 320 MiB cgroup: \(error)")
+        XCTAssertTrue(error.contains("refused") && error.contains("not enough memory"), error)
+        XCTAssertTrue(receiver.isRunning, "the receiver listens on")
+        XCTAssertTrue(source.isRunning)
+        try assertRuns("bigsrc")
+    }
+}
