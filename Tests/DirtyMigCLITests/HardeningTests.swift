@@ -179,6 +179,35 @@ final class HardeningTests: XCTestCase {
         XCTAssertEqual(status["state"], "listening")
     }
 
+    // MARK: Signals to the `migrate` command itself
+
+    func testCtrlCOnMigrateCancelsTheMigrationAndKillDoesNot() throws {
+        let (source, _) = try boot("csrc")
+        let port = try freePort()
+        let (_, receiverErrors) = try receive("cdst", port: port)
+        let (migration, report) = try migrate("csrc", to: port, ["--bandwidth", "20M"])
+        Thread.sleep(forTimeInterval: 1.5)
+        kill(migration.processIdentifier, SIGINT)
+        XCTAssertNotNil(waitForExit(migration, seconds: 5))
+        XCTAssertEqual(migration.terminationStatus, 130)
+        let json = try JSONValue.parse(String(decoding: report.readDataToEndOfFile(), as: UTF8.self))
+        XCTAssertEqual(json["status"], "failed")
+        XCTAssertTrue(json["error"]?.stringValue?.contains("cancelled (SIGINT to 'dirtymig migrate')") ?? false, "\(json["error"] ?? .null)")
+        XCTAssertTrue(source.isRunning)
+        try assertRuns("csrc")
+        Thread.sleep(forTimeInterval: 0.3)
+        XCTAssertTrue(stderrText(receiverErrors).contains("its partial VM was discarded"))
+
+        // SIGKILL leaves no one to ask for a cancel: the migration, which runs in the VM's
+        // process, goes on and completes.
+        let (killed, _) = try migrate("csrc", to: port, ["--bandwidth", "40M"])
+        Thread.sleep(forTimeInterval: 1.0)
+        kill(killed.processIdentifier, SIGKILL)
+        XCTAssertNotNil(waitForExit(source, seconds: 30), "the migration completed and the source stopped")
+        XCTAssertEqual(source.terminationStatus, 0)
+        try assertRuns("cdst")
+    }
+
     // MARK: Defect 5: a second sender
 
     func testASecondSenderIsToldTheReceiverIsBusy() throws {

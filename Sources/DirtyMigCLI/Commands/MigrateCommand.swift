@@ -56,15 +56,24 @@ enum MigrateCommand {
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
         let options = try options(arguments)
+        // Ctrl-C (SIGINT), SIGTERM or SIGHUP cancel the migration: the source runs on, the
+        // destination discards its copy, the report says so and the exit status is 130.
+        let stop = StopSignals()   // before any other thread exists
+        let interrupted = StopFlagBox()
         let report: JSONValue
         if let to = options.to {
-            report = try migrateRunningVM(vm: arguments.string("vm"), to: to, options: options)
+            report = try migrateRunningVM(vm: arguments.string("vm"), to: to, options: options, stop: stop, interrupted: interrupted)
         } else {
-            report = try migrateLocally(BootCommand.options(arguments), options: options)
+            report = try migrateLocally(BootCommand.options(arguments), options: options, stop: stop, interrupted: interrupted)
         }
         if let stats = options.stats { try writeStats(report, to: stats) }
         emit(options.json ? report.serialized() : ReportTable.render(report))
-        return report["status"]?.stringValue == "completed" ? 0 : 1
+        if report["status"]?.stringValue == "completed" { return 0 }
+        return interrupted.isRaised ? 130 : 1
+    }
+
+    static func cancelReason(_ stop: StopSignals) -> String {
+        "the migration was cancelled (\(stop.name) to 'dirtymig migrate'); the VM runs on at the source"
     }
 
     static func arguments(_ options: Options, to: HostPort) -> JSONValue {
@@ -77,10 +86,21 @@ enum MigrateCommand {
     }
 
     /// The VM migrates itself; we watch through a second connection.
-    static func migrateRunningVM(vm: String?, to: HostPort, options: Options) throws -> JSONValue {
+    static func migrateRunningVM(vm: String?, to: HostPort, options: Options, stop: StopSignals,
+                                 interrupted: StopFlagBox) throws -> JSONValue {
         let path = try ControlSocketPath.resolve(vm: vm)
         let client = try ControlClient(path: path)
         defer { client.close() }
+        // The migration runs in the VM's process; a second connection asks it to cancel.
+        stop.onSignal {
+            interrupted.raise()
+            let cancelled = (try? ControlClient(path: path).call("migrate-cancel", arguments: ["reason": .string(cancelReason(stop))], timeout: 5))
+            if cancelled?["cancelled"]?.boolValue == false {
+                printError("dirtymig migrate: \(stop.name): too late to cancel, the destination is already taking the VM over")
+            } else {
+                printError("dirtymig migrate: \(stop.name): cancelling the migration; the VM runs on at the source")
+            }
+        }
         let progress = ProgressLine.start { (try? ControlClient(path: path)).map { watcher in
             { try? watcher.call("query-migrate", timeout: 2) }
         } }
@@ -89,7 +109,8 @@ enum MigrateCommand {
     }
 
     /// Boots a VM here, receives it here on a loopback port, migrates, reports.
-    static func migrateLocally(_ boot: BootCommand.Options, options: Options) throws -> JSONValue {
+    static func migrateLocally(_ boot: BootCommand.Options, options: Options, stop: StopSignals,
+                               interrupted: StopFlagBox) throws -> JSONValue {
         let kvm: KVMSystem
         do { kvm = try KVMSystem() } catch { throw RuntimeFailure("\(error)") }
         let configuration = MachineConfiguration(name: boot.name, memorySize: boot.memory, vcpuCount: boot.vcpus,
@@ -122,6 +143,11 @@ enum MigrateCommand {
         migration.verify = options.verify
         migration.throttle = options.throttle
         let sender = MigrationSender(machine: source, options: migration)
+        stop.onSignal {
+            interrupted.raise()
+            printError("dirtymig migrate: \(stop.name): cancelling the migration")
+            sender.cancel(reason: cancelReason(stop))
+        }
         let progress = ProgressLine.start { { sender.progress.json } }
         let report = sender.run()
         progress?.finish()

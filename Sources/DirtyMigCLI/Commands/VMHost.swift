@@ -22,7 +22,7 @@ enum VMHost {
         // server waits for the `migrate` command's thread, which the cancel ends within a batch.
         // A migration past its commit point ends as the destination says instead.
         stop.onSignal {
-            if migrations.cancel(reason: "the source was asked to stop (SIGINT or SIGTERM): the migration was cancelled, the destination discarded its copy, and the VM stopped at the source") {
+            if migrations.cancel(reason: "the source was asked to stop (\(stop.name)): the migration was cancelled, the destination discarded its copy, and the VM stopped at the source") {
                 printError("dirtymig: stopping: cancelling the migration under way first")
             }
             done.signal()
@@ -36,7 +36,8 @@ enum VMHost {
     }
 }
 
-/// SIGINT and SIGTERM end the run cleanly instead of killing the process. Both are blocked in
+/// SIGINT, SIGTERM and SIGHUP end the run cleanly instead of killing the process (SIGHUP: the
+/// terminal went away, which used to kill a VM without removing its socket). All are blocked in
 /// every thread (this must run before any thread is created, so all inherit the mask) and taken
 /// by one thread with sigwait: a signal source that lets the kernel pick a thread can lose the
 /// signal to a vCPU thread. A signal that arrives before a handler is set is kept for it.
@@ -45,12 +46,25 @@ final class StopSignals: @unchecked Sendable {
     private let lock = NSLock()
     private var handler: (@Sendable () -> Void)?
     private var received = false
+    private var signalNumber: Int32 = 0
+
+    /// The signal that came, by name ("SIGINT"), once one has.
+    var name: String {
+        lock.lock(); defer { lock.unlock() }
+        switch signalNumber {
+        case SIGINT: return "SIGINT"
+        case SIGTERM: return "SIGTERM"
+        case SIGHUP: return "SIGHUP"
+        default: return "a signal"
+        }
+    }
 
     init() {
         var set = sigset_t()
         sigemptyset(&set)
         sigaddset(&set, SIGINT)
         sigaddset(&set, SIGTERM)
+        sigaddset(&set, SIGHUP)
         pthread_sigmask(SIG_BLOCK, &set, nil)
         let waitSet = set
         _ = OSThread(name: "stop-signals") { [self] in
@@ -60,6 +74,7 @@ final class StopSignals: @unchecked Sendable {
                 guard sigwait(&mask, &number) == 0 else { continue }
                 lock.lock()
                 received = true
+                signalNumber = number
                 let action = handler
                 lock.unlock()
                 action?()
@@ -67,7 +82,7 @@ final class StopSignals: @unchecked Sendable {
         }
     }
 
-    /// What to do on SIGINT/SIGTERM (replaces the previous action; runs at once if one came).
+    /// What to do on SIGINT/SIGTERM/SIGHUP (replaces the previous action; runs at once if one came).
     func onSignal(_ action: @escaping @Sendable () -> Void) {
         lock.lock()
         handler = action

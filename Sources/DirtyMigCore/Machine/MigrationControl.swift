@@ -47,9 +47,10 @@ public enum MigrationControl {
             return sender.progress.json
         }
         server.register("migrate-cancel") { (arguments: JSONValue) throws(ControlError) in
-            try arguments.checkArguments(allowed: [])
+            try arguments.checkArguments(allowed: ["reason"])
+            let reason = try arguments.stringArgument("reason").map { String($0.prefix(1024)) } ?? MigrationSender.cancelledReason
             guard let sender = slot.current.withLock({ $0 }) else { return ["cancelled": false] }
-            return ["cancelled": .bool(sender.cancel())]
+            return ["cancelled": .bool(sender.cancel(reason: reason))]
         }
         return slot
     }
