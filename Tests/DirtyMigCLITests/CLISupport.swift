@@ -1,3 +1,4 @@
+import DirtyMigCore
 import Foundation
 import XCTest
 
@@ -62,6 +63,22 @@ enum CLI {
             data.append(byte)
         }
         return nil
+    }
+}
+
+/// Checks, through its control socket, that a VM's `vcpus` vCPUs all make progress over 0.5 s.
+func assertGuestRuns(socket path: String, vcpus: Int, file: StaticString = #filePath, line: UInt = #line) throws {
+    func pages() throws -> [Double] {
+        let client = try ControlClient(path: path)
+        defer { client.close() }
+        return (try client.call("query-status")["vcpu_stats"]?.arrayValue ?? []).map { $0["pages"]?.doubleValue ?? 0 }
+    }
+    let before = try pages()
+    Thread.sleep(forTimeInterval: 0.5)
+    let after = try pages()
+    XCTAssertEqual(before.count, vcpus, file: file, line: line)
+    for index in before.indices where index < after.count {
+        XCTAssertGreaterThan(after[index], before[index], "\(path) vCPU \(index) keeps running", file: file, line: line)
     }
 }
 

@@ -29,21 +29,8 @@ final class MigrationFailureTests: XCTestCase {
         return (receive, output)
     }
 
-    private func guestPages(_ vm: String) throws -> [Double] {
-        let client = try ControlClient(path: ControlSocketPath.path(forName: vm))
-        defer { client.close() }
-        let status = try client.call("query-status")
-        return (status["vcpu_stats"]?.arrayValue ?? []).map { $0["pages"]?.doubleValue ?? 0 }
-    }
-
     private func assertRuns(_ vm: String, file: StaticString = #filePath, line: UInt = #line) throws {
-        let before = try guestPages(vm)
-        Thread.sleep(forTimeInterval: 0.5)
-        let after = try guestPages(vm)
-        XCTAssertEqual(before.count, 2, file: file, line: line)
-        for index in before.indices {
-            XCTAssertGreaterThan(after[index], before[index], "\(vm) vCPU \(index) keeps running", file: file, line: line)
-        }
+        try assertGuestRuns(socket: ControlSocketPath.path(forName: vm), vcpus: 2, file: file, line: line)
     }
 
     func testReceiverKilledMidTransferThenASecondMigrationSucceeds() throws {

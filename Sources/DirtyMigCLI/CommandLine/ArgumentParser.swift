@@ -59,9 +59,11 @@ struct ParsedArguments {
             case "N": _ = try count(option.name)
             case "HOST:PORT":
                 let value = string(option.name) ?? ""
+                // An empty host (":4444") means every address; only --listen accepts it, and
+                // `migrate` checks --to for a host itself.
                 guard let colon = value.lastIndex(of: ":"), let port = Int(value[value.index(after: colon)...]),
-                      (1...65535).contains(port), colon != value.startIndex else {
-                    throw error("--\(option.name) '\(value)': expected HOST:PORT, e.g. 127.0.0.1:4444")
+                      (1...65535).contains(port), colon != value.startIndex || option.name == "listen" else {
+                    throw error("--\(option.name) '\(value)': expected HOST:PORT, e.g. 127.0.0.1:4444\(option.name == "listen" ? " or :4444" : "")")
                 }
             default: _ = try choice(option.name)
             }

@@ -205,6 +205,7 @@ public final class MigrationReceiver: Sendable {
         socket.setReceiveDeadline(MonotonicClock.nanoseconds() + UInt64(limits.handshakeSeconds * 1e9))
         let hello: MigrationHello
         do { hello = try Self.readHello(handshake) } catch {
+            if state.withLock({ $0.stopping }) { return }   // cut short by stop(): nothing to report
             var error = error
             if case .connection(let system) = error, system.errno == ETIMEDOUT {
                 error = .timedOut("no complete hello within \(limits.handshakeSeconds) s of connecting")

@@ -33,6 +33,8 @@ public final class TCPSocket: MigrationTransport {
     /// until it is cleared (monotonic ns, 0 = none): see `setReceiveDeadline`.
     private let idleReceiveNanoseconds = Atomic<UInt64>(0)
     private let receiveDeadline = Atomic<UInt64>(0)
+    /// What SO_RCVTIMEO holds now (ns), so a read under a distant deadline costs no syscall.
+    private let currentReceiveTimeout = Atomic<UInt64>(0)
 
     init(fd: FileDescriptor) { self.fd = fd }
 
@@ -142,10 +144,12 @@ public final class TCPSocket: MigrationTransport {
         setTimeout(SO_SNDTIMEO, seconds: send)
         setTimeout(SO_RCVTIMEO, seconds: receive)
         idleReceiveNanoseconds.store(UInt64(max(0, min(receive, 86_400)) * 1e9), ordering: .relaxed)
+        currentReceiveTimeout.store(idleReceiveNanoseconds.load(ordering: .relaxed), ordering: .relaxed)
     }
 
     private func setTimeout(_ name: Int32, seconds: Double) {
         let seconds = max(0, min(seconds, 86_400))
+        if name == SO_RCVTIMEO { currentReceiveTimeout.store(UInt64(seconds * 1e9), ordering: .relaxed) }
         var value = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
         _ = setsockopt(fd.rawValue, SOL_SOCKET, name, &value, socklen_t(MemoryLayout<timeval>.size))
     }
@@ -170,7 +174,11 @@ public final class TCPSocket: MigrationTransport {
         var nanoseconds = deadline - now
         let idle = idleReceiveNanoseconds.load(ordering: .relaxed)
         if idle != 0 { nanoseconds = min(nanoseconds, idle) }
+        // Far from the deadline the idle timeout is what applies, and it is set already: the
+        // page stream reads under a 60 s frame deadline and should not pay a syscall per read.
+        if nanoseconds == idle && currentReceiveTimeout.load(ordering: .relaxed) == idle { return }
         setTimeout(SO_RCVTIMEO, seconds: max(Double(nanoseconds) / 1e9, 0.001))
+        currentReceiveTimeout.store(nanoseconds, ordering: .relaxed)
     }
 
     /// "HOST:PORT" of the peer, for messages ("?" if the socket has none).
