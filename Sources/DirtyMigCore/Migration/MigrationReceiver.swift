@@ -284,7 +284,8 @@ public final class MigrationReceiver: Sendable {
 
     /// Checks a sender's announcement against this host, before anything is allocated: the
     /// config block agrees with it and keeps the working sets inside RAM, the CPU has what the
-    /// guest uses, the TSC ticks at the guest's rate, and the memory is there.
+    /// guest uses, and the TSC ticks at the guest's rate. (Whether the memory is there is
+    /// checked when the VM is built, right before it is allocated.)
     public static func configuration(for hello: MigrationHello, kvm: KVMSystem, name: String?,
                                      hostTSCKHz: UInt64?) throws(MigrationError) -> MachineConfiguration {
         let config: GuestConfig
@@ -308,12 +309,8 @@ public final class MigrationReceiver: Sendable {
         let configuration = MachineConfiguration(
             name: name ?? hello.name, memorySize: hello.memorySize, vcpuCount: hello.vcpuCount,
             workloads: config.vcpus, tracking: hello.tracking, ringEntries: hello.ringEntries)
-        do {
-            try configuration.validate(against: kvm)
-            try configuration.checkMemoryAvailable()
-        } catch {
-            throw .refused("\(error)")
-        }
+        // The memory check comes with the build (Machine.init), right before the allocation.
+        do { try configuration.validate(against: kvm) } catch { throw .refused("\(error)") }
         return configuration
     }
 
