@@ -9,8 +9,10 @@ import Foundation
 /// 2. what the current pass still has to send, MiB;
 /// 3. the expected downtime, ms, with the `--downtime` limit as a dashed line;
 /// 4. the throttle, percent.
-/// Pass starts are thin dashed vertical lines labelled "pass N" above the panels, and the pause
-/// (the downtime) is a grey band across all panels, labelled with its length.
+/// Pass starts are thin dashed vertical lines labelled "pass N" above the panels (as many as
+/// fit without overlapping), and the pause (the downtime) is a grey band across all panels,
+/// labelled with its length under the time axis. Each panel's unit and legend sit in a header
+/// line above it, so no legend covers data.
 ///
 /// The report is read defensively: any field may be missing, null or of the wrong type, and the
 /// picture then shows what is there ("no samples" where a panel has nothing).
@@ -127,7 +129,9 @@ extension MigrationPlot {
                      bandwidth: number(pass["bandwidth_mib_s"]),
                      dirtyMiB: finite(number(pass["dirty_pages_s"]).map { $0 * pageBytes / bytesPerMiB }),
                      expectedMs: number(pass["expected_downtime_ms"]),
-                     throttle: number(pass["throttle"]?["cpu_percent"]))
+                     // null is "no throttle yet" (0 %); an object without cpu_percent (dirty-limit,
+                     // dirty-quota) has no percentage to draw.
+                     throttle: pass["throttle"]?.isNull == true ? 0 : number(pass["throttle"]?["cpu_percent"]))
             }
 
             // Where each pass starts: the first after setup, each later one where the one before
@@ -285,7 +289,9 @@ extension MigrationPlot {
             guard value.isFinite else { return "?" }
             let magnitude = abs(value)
             let text: String
-            if magnitude >= 100 || magnitude == 0 {
+            if magnitude >= 1e9 {
+                return String(format: "%.3g", value)
+            } else if magnitude >= 100 || magnitude == 0 {
                 text = String(format: "%.0f", value)
             } else if magnitude >= 10 {
                 text = String(format: "%.1f", value)
@@ -307,6 +313,8 @@ extension MigrationPlot {
         /// A tick label: as many decimals as the step needs (step 0.05 → "0.15"), thousands as k
         /// once the numbers get long (step 5000 → "15k").
         static func tick(_ value: Double, step: Double) -> String {
+            // Absurd values (a damaged report) in exponent form rather than 300 digits.
+            if abs(value) >= 1e9 || (step < 1e-6 && value != 0) { return String(format: "%.3g", value) }
             func decimals(_ step: Double) -> Int { step >= 1 ? 0 : min(6, Int((-log10(step)).rounded(.up))) }
             if abs(value) >= 10_000 && step >= 1000 {
                 return trimmed(String(format: "%.\(decimals(step / 1000))f", value / 1000)) + "k"
@@ -391,7 +399,9 @@ extension MigrationPlot {
                     let base = low * pow(10, Double(decade))
                     for factor in factors where base * factor <= high * 1.0001 {
                         let value = base * factor
-                        ticks.append((value: value, label: value >= 10_000 ? Format.compact(value / 1000) + "k" : Format.compact(value)))
+                        let label = value >= 1e6 || value < 1e-3 ? String(format: "%g", value)
+                            : value >= 10_000 ? Format.compact(value / 1000) + "k" : Format.compact(value)
+                        ticks.append((value: value, label: label))
                     }
                 }
                 return ticks
