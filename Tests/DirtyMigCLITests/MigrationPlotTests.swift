@@ -7,7 +7,8 @@ import FoundationXML
 import XCTest
 
 /// The SVG plot of a migration report: synthetic reports, no VM. Set MIGRATION_PLOT_DIR to a
-/// directory to have the two synthetic pictures written there (plot-short.svg, plot-long.svg).
+/// directory to have the pictures written there to look at (plot-short.svg, plot-long.svg, and
+/// the odd cases: plot-failed.svg, plot-passes.svg, plot-nulls-N.svg); rsvg-convert makes PNGs.
 final class MigrationPlotTests: XCTestCase {
     // MARK: - Synthetic reports
 
