@@ -400,6 +400,7 @@ enum IncomingMigration {
 
             case .awaitingCompletion(let vm, let pages, let stateBytes):
                 let completion = try channel.receive(.complete, MigrationCompletion.init(decoding:))
+                let completed = MonotonicClock.nanoseconds()
                 var verifyNanoseconds: UInt64 = 0
                 if completion.verify {
                     let start = MonotonicClock.nanoseconds()
@@ -435,7 +436,8 @@ enum IncomingMigration {
                     throw .machine(message)
                 }
                 do {
-                    try channel.send(.result, MigrationResult(status: .resumed, verifyNanoseconds: verifyNanoseconds).encode())
+                    try channel.send(.result, MigrationResult(status: .resumed, verifyNanoseconds: verifyNanoseconds,
+                                                              resumeNanoseconds: MonotonicClock.nanoseconds() - completed).encode())
                 } catch {
                     // The source never learns that we run the VM; it resumes its own copy. Two
                     // copies must never run: drop ours.
