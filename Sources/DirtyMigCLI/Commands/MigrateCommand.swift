@@ -12,6 +12,7 @@ enum MigrateCommand {
         var migration = MigrationOptions(destination: HostPort(host: "127.0.0.1", port: 0))
         var json = false
         var stats: String?
+        var plot: String?
         var bandwidth: UInt64? { migration.bandwidth }
         var downtime: Double { migration.downtimeSeconds }
         var maxIterations: Int { migration.maxIterations }
@@ -42,6 +43,7 @@ enum MigrateCommand {
         options.migration.verify = arguments.has("verify")
         options.json = arguments.has("json")
         options.stats = arguments.string("stats")
+        options.plot = arguments.string("plot")
         let embedded = options.to == nil && arguments.string("vm") == nil
         if options.to == nil && !embedded {
             throw arguments.error("--vm needs --to HOST:PORT (where 'dirtymig receive' listens)")
@@ -67,6 +69,7 @@ enum MigrateCommand {
             report = try migrateLocally(BootCommand.options(arguments), options: options, stop: stop, interrupted: interrupted)
         }
         if let stats = options.stats { try writeStats(report, to: stats) }
+        if let plot = options.plot { try PlotCommand.write(MigrationPlot.svg(report: report), to: plot) }
         emit(options.json ? report.serialized() : ReportTable.render(report))
         if let over = report["downtime_exceeded_ms"]?.doubleValue {
             printError(String(format: "dirtymig migrate: warning: the downtime was %.1f ms, %.1f ms over --downtime %@ (downtime_parts says where it went)",

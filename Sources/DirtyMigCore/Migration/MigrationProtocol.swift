@@ -402,6 +402,8 @@ final class MigrationChannel: Sendable {
 /// Why a migration failed, in words that say what to do.
 public enum MigrationError: Error, CustomStringConvertible {
     case connection(SystemError)
+    /// The receiver could not listen where it was asked to.
+    case listen(SystemError)
     case protocolError(MigrationProtocolError)
     case refused(String)
     case peerAborted(String)
@@ -416,10 +418,22 @@ public enum MigrationError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case .connection(let error):
+            if let host = TCPSocket.unresolvedHost(error) {
+                return "the destination's name '\(host)' does not resolve (\(TCPSocket.resolverReason(error))); check --to"
+            }
             switch error.errno {
             case ECONNREFUSED: return "nothing listens at the destination (\(error.operation)); start 'dirtymig receive --listen HOST:PORT' there first"
-            case EADDRINUSE: return "\(error.operation): the port is in use; choose another with --listen HOST:PORT"
             default: return "connection failed: \(error)"
+            }
+        case .listen(let error):
+            if let host = TCPSocket.unresolvedHost(error) {
+                return "cannot listen on '\(host)': the name does not resolve (\(TCPSocket.resolverReason(error))); use one of this host's names or addresses, or :PORT for all"
+            }
+            switch error.errno {
+            case EADDRINUSE: return "\(error.operation): the port is in use; choose another with --listen HOST:PORT"
+            case EADDRNOTAVAIL: return "\(error.operation): that address is not one of this host's; use one of its addresses, or :PORT for all"
+            case EACCES: return "\(error.operation): ports below 1024 need privileges; choose a port from 1024 up"
+            default: return "cannot listen: \(error)"
             }
         case .protocolError(let error): return error.description
         case .refused(let why): return "the destination refused the migration: \(why)"

@@ -89,10 +89,10 @@ public final class MigrationReceiver: Sendable {
     public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
                               log: @escaping @Sendable (String) -> Void = { _ in }) throws(MigrationError) -> MigrationReceiver {
         do { return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits, log: log) } catch {
-            if error.errno == EADDRINUSE {
-                throw .connection(SystemError("listen on \(endpoint)", errno: EADDRINUSE))
+            if error.errno == EADDRINUSE || error.errno == EADDRNOTAVAIL || error.errno == EACCES {
+                throw .listen(SystemError("listen on \(endpoint)", errno: error.errno))
             }
-            throw .connection(error)
+            throw .listen(error)
         }
     }
 

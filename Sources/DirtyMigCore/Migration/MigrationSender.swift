@@ -113,6 +113,8 @@ public final class MigrationSender: Sendable {
             if options.verify { report.verify = "passed" }
         } catch {
             report.error = error.description
+            // What was sent before the failure, the pass in flight included.
+            report.transferredBytes = max(report.transferredBytes, progress.sentBytes)
             if case .verifyFailed = error { report.verify = "failed" } else if options.verify { report.verify = "not reached" }
             throttle.remove()   // before the guest runs again at full speed here
             if paused { machine.resume() }
@@ -134,7 +136,7 @@ public final class MigrationSender: Sendable {
         }
         report.timeline = timeline.finish(final: MigrationSample(
             seconds: report.totalSeconds, phase: end.phase, pass: end.iteration, sentBytes: end.sentBytes,
-            remainingBytes: end.remainingPages * 4096, throughputMiBPerSecond: report.throughputMiBPerSecond,
+            remainingBytes: end.remainingPages * 4096, throughputMiBPerSecond: 0,
             dirtyPagesPerSecond: nil, expectedDowntimeSeconds: nil, throttlePercent: 0, paused: false))
         return report
     }

@@ -54,6 +54,7 @@ final class MigrationTimeline: Sendable {
     func finish(final: MigrationSample) -> [MigrationSample] {
         running.store(false, ordering: .relaxed)
         finished.wait()
-        return samples.withLock { $0 } + [final]
+        // A sample the thread took after the end (while the report was being finished) is dropped.
+        return samples.withLock { $0 }.filter { $0.seconds < final.seconds } + [final]
     }
 }
