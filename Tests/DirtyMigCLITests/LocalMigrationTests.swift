@@ -11,7 +11,8 @@ final class LocalMigrationTests: XCTestCase {
         defer { unlink(stats) }
         let result = try CLI.run(["migrate", "--memory", "256M", "--vcpus", "2", "--track", "quota",
                                   "--workload", "0:write,ws=32M,rate=20M", "--workload", "1:read,ws=32M",
-                                  "--verify", "--json", "--stats", stats])
+                                  // Capped so that pass 1 lasts long enough for timeline samples.
+                                  "--bandwidth", "64M", "--verify", "--json", "--stats", stats])
         XCTAssertEqual(result.status, 0, result.stdout + result.stderr)
         let report = try JSONValue.parse(result.stdout)
         XCTAssertEqual(report["status"], "completed")
