@@ -13,6 +13,10 @@
 //       With --warm, each scenario also runs with the destination's memory warmed just before
 //       (see DestinationMemory: this nested machine hands freed memory back to its host).
 //
+//   dirtymig-bench tracking-shapes [--seconds S] [--runs N]
+//       What each tracking mode (bitmap collected every second, ring of 1024 and 4096 entries,
+//       quota) costs the guest for a few workload shapes: guest pages touched per second.
+//
 //   dirtymig-bench accuracy [--seconds S]
 //       The measurement check: 1 GiB, 2 vCPUs, vCPU 0 writing 512 MiB sequentially at
 //       10, 100 and 400 MiB/s, vCPU 1 reading 256 MiB. For each tracking mode and rate: the rate
@@ -142,6 +146,8 @@ do {
     case "tracking":
         try runTrackingCost(seconds: option("--seconds", default: 3), runs: Int(option("--runs", default: 3)),
                             memoryMiB: UInt64(option("--memory", default: 512)))
+    case "tracking-shapes":
+        try runTrackingShapes(seconds: option("--seconds", default: 3), runs: Int(option("--runs", default: 3)))
     case "accuracy":
         try runAccuracy(intervals: Int(option("--seconds", default: 3)))
     case "throttle":
@@ -152,7 +158,7 @@ do {
         try runMigrationBenchmark(runs: Int(option("--runs", default: 3)), withQEMU: !arguments.contains("--no-qemu"),
                                   conditions: arguments.contains("--warm") ? DestinationMemory.allCases : [.asGiven])
     default:
-        FileHandle.standardError.write(Data("usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S] | migration [--runs N] [--no-qemu] [--warm] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n".utf8))
+        FileHandle.standardError.write(Data("usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--no-qemu] [--warm] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n".utf8))
         exit(2)
     }
 } catch {
