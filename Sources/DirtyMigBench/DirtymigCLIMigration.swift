@@ -14,6 +14,9 @@ import Foundation
 func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
                              conditions: MigrationRunConditions) throws -> MigrationMeasurement {
     let scratch = try ScratchDirectory("dirtymig-bench")
+    // Kept until the processes below are stopped (this defer runs last): Swift may otherwise
+    // release it after its last use and remove the sockets under running programs.
+    defer { withExtendedLifetime(scratch) {} }
     let source = scratch.file("src.sock"), destination = scratch.file("dst.sock")
     let workloads = try scenario.resolvedWorkloads()
 
@@ -32,6 +35,7 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
 
     if conditions.warm { WarmMemory.touchAndFree(scenario.warmBytes) }
     let started = MonotonicClock.seconds()
+    let others = OthersCPUShare(children: [boot.pid, receive.pid])
     let migrate = try ChildProcess(dirtymig, ["migrate", "--vm", source, "--to", "127.0.0.1:\(port)",
                                               "--downtime", "\(scenario.downtimeMs)ms", "--json"],
                                    stdout: .file(scratch.file("migrate.json")), stderrPath: scratch.file("migrate.log"))
@@ -40,6 +44,7 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
         throw BenchError("dirtymig migrate did not finish within \(Int(conditions.migrationTimeoutSeconds)) s")
     }
     let wallMs = (MonotonicClock.seconds() - started) * 1000
+    let othersShare = others.othersShare(children: [boot.pid, receive.pid])
     let output = (try? String(contentsOfFile: scratch.file("migrate.json"), encoding: .utf8)) ?? ""
     guard let report = try? JSONValue.parse(output.trimmingCharacters(in: .whitespacesAndNewlines)),
           report["status"]?.stringValue == "completed" else {
@@ -57,7 +62,8 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
     return MigrationMeasurement(totalMs: number("total_ms"), downtimeMs: number("downtime_ms"),
                                 passes: Int(number("iterations")), sentBytes: UInt64(number("transferred_bytes")),
                                 detail: String(format: "migrate process %.0f ms from spawn to exit (0.5 s of it reading the guest's pace), setup %.1f ms",
-                                               wallMs, number("setup_ms")))
+                                               wallMs, number("setup_ms")),
+                                othersCPUShare: othersShare)
 }
 
 /// Polls the VM's `query-status` until the scenario's guest is ready (the same rule QEMU's guest

@@ -15,7 +15,8 @@ func runDirtymigMigration(memory: UInt64, vcpus: Int, workloads: [VCPUWorkload],
                           waitForFinishedPasses: Bool, warmupSeconds: Double, tracking: TrackingMode = .ring,
                           verify: Bool = false, requireSuccess: Bool = true, warmBytes: UInt64 = 0,
                           adjust: (inout MigrationOptions) -> Void = { _ in },
-                          readyWhen: ((GuestStats) -> Bool)? = nil, readyPollSeconds: Double = 0.01) throws -> DirtymigMigrationResult {
+                          readyWhen: ((GuestStats) -> Bool)? = nil, readyPollSeconds: Double = 0.01,
+                          measuringOthers: ((Double) -> Void)? = nil) throws -> DirtymigMigrationResult {
     let kvm = try KVMSystem()
     let configuration = MachineConfiguration(memorySize: memory, vcpuCount: vcpus, workloads: workloads, tracking: tracking)
     let source = try Machine(configuration, kvm: kvm)
@@ -43,7 +44,9 @@ func runDirtymigMigration(memory: UInt64, vcpus: Int, workloads: [VCPUWorkload],
     options.verify = verify
     adjust(&options)
     WarmMemory.touchAndFree(warmBytes)
+    let others = OthersCPUShare(children: [])
     let report = MigrationSender(machine: source, options: options).run()
+    measuringOthers?(others.othersShare(children: []))
     if report.completed { source.stop() } else { receiver.stop() }
     receiving.join()
     receiver.stop()
@@ -74,13 +77,16 @@ struct BenchError: Error, CustomStringConvertible {
 /// readiness rule, settle time and warming as the CLI and QEMU runs.
 func runDirtymigInProcessMigration(_ scenario: MigrationScenario, conditions: MigrationRunConditions) throws -> MigrationMeasurement {
     let workloads = try scenario.resolvedWorkloads()
+    var othersShare = 0.0
     let report = try runDirtymigMigration(memory: scenario.memory, vcpus: scenario.vcpus, workloads: workloads,
                                           downtime: Double(scenario.downtimeMs) / 1000, waitForFinishedPasses: false,
                                           warmupSeconds: conditions.settleSeconds,
                                           warmBytes: conditions.warm ? scenario.warmBytes : 0,
                                           readyWhen: { scenario.isReady(GuestProgress($0), workloads: workloads) },
-                                          readyPollSeconds: conditions.readyPollSeconds).report
+                                          readyPollSeconds: conditions.readyPollSeconds,
+                                          measuringOthers: { othersShare = $0 }).report
     return MigrationMeasurement(totalMs: report.totalSeconds * 1000, downtimeMs: report.downtimeSeconds * 1000,
                                 passes: report.iterations, sentBytes: report.transferredBytes,
-                                detail: String(format: "setup %.1f ms", report.setupSeconds * 1000))
+                                detail: String(format: "setup %.1f ms", report.setupSeconds * 1000),
+                                othersCPUShare: othersShare)
 }

@@ -11,6 +11,8 @@ struct MigrationBenchmarkOptions {
     var withQEMU = true
     /// Add the in-process row (sender and receiver in the benchmark's process).
     var inProcess = false
+    /// Run only this migrator (for investigating one side; not a comparison).
+    var only: Migrator?
     var conditions = MigrationRunConditions()
 }
 
@@ -51,11 +53,18 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     var migrators: [Migrator] = [.dirtymig]
     if qemu { migrators.append(.qemu) }
     if options.inProcess { migrators.append(.dirtymigInProcess) }
+    if let only = options.only {
+        guard only != .qemu || qemuExecutable() != nil else { throw BenchError("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)") }
+        migrators = [only]
+    }
     // Each round runs every migrator once, the order reversed every other round (A B, B A, A B,
     // ...): a migrator is as often first as second, so what one run leaves behind (it should be
     // nothing, after the idle time) falls on both alike.
     let order = migrators.map(\.shortLabel).joined(separator: ", ") + ", then reversed, alternating"
     let conditions = options.conditions
+    // Other users of this shared machine: the most of its CPUs they took during any idle time or
+    // migration, stated under the table (a quiet machine shows a few per cent at most).
+    var othersBusiest = 0.0
 
     emitLine("Live migration over loopback, --downtime 300ms, no bandwidth cap; median (min-max) of \(options.runs) run\(options.runs == 1 ? "" : "s")")
     emitLine("")
@@ -63,11 +72,12 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     emitLine("|---|---|---|---|---|---|---|")
     for scenario in options.scenarios {
         // Exported once per scenario, before any run's idle time (it opens /dev/kvm briefly).
-        let qemuGuest = qemu ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: conditions.qemuPrealloc) : nil
+        let qemuGuest = migrators.contains(.qemu) ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: conditions.qemuPrealloc) : nil
         var results: [Migrator: [MigrationMeasurement]] = [:]
         for round in 0..<options.runs {
             for migrator in round % 2 == 0 ? migrators : migrators.reversed() {
                 let busy = try QuietMachine.idle(conditions.idleSeconds)
+                othersBusiest = max(othersBusiest, busy)
                 let measurement: MigrationMeasurement
                 switch migrator {
                 case .dirtymig: measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions)
@@ -75,9 +85,10 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
                 case .dirtymigInProcess: measurement = try runDirtymigInProcessMigration(scenario, conditions: conditions)
                 }
                 results[migrator, default: []].append(measurement)
-                log(String(format: "%@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.0f MiB/s; %@; machine %.0f %% busy during the idle time",
+                othersBusiest = max(othersBusiest, measurement.othersCPUShare)
+                log(String(format: "%@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.0f MiB/s; %@; others used %.0f %% of the CPUs during the migration, the machine was %.0f %% busy during the idle time before",
                            scenario.key, round + 1, options.runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs,
-                           measurement.passes, measurement.mibSent, measurement.mibPerSecond, measurement.detail, busy * 100))
+                           measurement.passes, measurement.mibSent, measurement.mibPerSecond, measurement.detail, measurement.othersCPUShare * 100, busy * 100))
             }
         }
         for (index, migrator) in migrators.enumerated() {
@@ -86,7 +97,7 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
         }
         }
     emitLine("")
-    emitLine(conditions.describe(runs: options.runs, order: order))
+    emitLine(conditions.describe(runs: options.runs, order: order, othersBusiest: othersBusiest))
     if options.withQEMU && !qemu { emitLine("(QEMU rows skipped: qemu-system-x86_64 is not installed; apt-get install qemu-system-x86)") }
 }
 

@@ -12,6 +12,9 @@ struct MigrationMeasurement {
     var sentBytes: UInt64
     /// One line of extra detail for the per-run log on standard error.
     var detail: String = ""
+    /// Others' share of the machine's CPUs during the migration (OthersCPUShare): near 0 on a
+    /// quiet machine.
+    var othersCPUShare: Double = 0
 
     /// MiB sent over the total time, computed here the same way for every migrator (QEMU's own
     /// `mbps` leaves its setup time out, dirtymig's throughput_mib_s does not).
@@ -45,7 +48,7 @@ struct MigrationRunConditions {
     var migrationTimeoutSeconds = 300.0
 
     /// The one line printed under the table.
-    func describe(runs: Int, order: String) -> String {
+    func describe(runs: Int, order: String, othersBusiest: Double) -> String {
         var parts = ["\(runs) run\(runs == 1 ? "" : "s") per cell", "order \(order)",
                      "\(format(idleSeconds)) s idle before every run (no VM, child process or benchmark thread running)",
                      warm ? "destination memory warmed (the scenario's data size touched and freed just before each migration, both migrators)"
@@ -53,7 +56,8 @@ struct MigrationRunConditions {
                      "migration starts \(format(settleSeconds)) s after the guest is ready + \(format(paceWindowSeconds)) s pace window",
                      qmpPollSeconds.map { "QEMU polled with query-migrate every \(Int($0 * 1000)) ms" } ?? "QEMU not polled (MIGRATION event)",
                      qemuPrealloc ? "QEMU with -mem-prealloc" : "QEMU without -mem-prealloc (RAM faulted on first touch, as dirtymig's receiver)",
-                     "MiB/s = MiB sent / total time"]
+                     "MiB/s = MiB sent / total time",
+                     String(format: "other programs used at most %.0f %% of the CPUs during an idle time or a migration", othersBusiest * 100)]
         if runs < 5 { parts.append("fewer than 5 runs: a smoke test, not a measurement") }
         return "Conditions: " + parts.joined(separator: "; ") + "."
     }

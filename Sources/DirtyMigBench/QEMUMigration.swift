@@ -123,6 +123,9 @@ final class QEMUGuest {
         }
     }
 
+    /// The QEMU processes running now.
+    var pids: [pid_t] { processes.map(\.pid) }
+
     func stats(_ qmp: QMPClient) throws -> GuestStats {
         try qmp.execute("pmemsave", ["val": .number(statsDump.address), "size": .number(statsDump.size),
                                      "filename": .string(statsDump.path)])

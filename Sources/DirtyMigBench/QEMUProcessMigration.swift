@@ -37,9 +37,11 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
     _ = try guest.stats(source)
     Thread.sleep(forTimeInterval: conditions.paceWindowSeconds)
     _ = try guest.stats(source)
+    let others = OthersCPUShare(children: guest.pids)
     try source.execute("migrate", ["uri": .string("tcp:127.0.0.1:\(port)")])
-    guard let final = try awaitQEMUMigration(source, pollSeconds: conditions.qmpPollSeconds,
-                                             timeout: conditions.migrationTimeoutSeconds) else {
+    let ended = try awaitQEMUMigration(source, pollSeconds: conditions.qmpPollSeconds, timeout: conditions.migrationTimeoutSeconds)
+    let othersShare = others.othersShare(children: guest.pids)
+    guard let final = ended else {
         _ = try? source.execute("migrate_cancel")
         throw BenchError("QEMU's migration did not finish within \(Int(conditions.migrationTimeoutSeconds)) s")
     }
@@ -58,5 +60,6 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
     guard running == "running" else { throw BenchError("QEMU's destination is '\(running ?? "?")' after the migration, not running") }
     return MigrationMeasurement(totalMs: result.totalMs, downtimeMs: result.downtimeMs, passes: result.passes,
                                 sentBytes: result.transferredBytes,
-                                detail: String(format: "setup %.1f ms, QEMU's own mbps %.0f MiB/s", result.setupMs, result.throughputMiBs))
+                                detail: String(format: "setup %.1f ms, QEMU's own mbps %.0f MiB/s", result.setupMs, result.throughputMiBs),
+                                othersCPUShare: othersShare)
 }

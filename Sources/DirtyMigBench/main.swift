@@ -7,7 +7,8 @@
 //       ring (harvested every millisecond) and quota (ring + quota accounting, no quota set).
 //
 //   dirtymig-bench migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting]
-//                            [--no-qemu] [--in-process] [--qmp-poll MS] [--qemu-prealloc]
+//                            [--no-qemu] [--in-process] [--only dirtymig|qemu|in-process]
+//                            [--qmp-poll MS] [--qemu-prealloc]
 //       dirtymig's live migration next to QEMU 7.2's on the same guest, each run the way users
 //       run it, under the same conditions. Scenarios: 4 GiB never written (idle); 2 GiB with 1 GiB
 //       written once, then idle (written); 1 GiB with one vCPU rewriting 256 MiB at 200 MiB/s
@@ -40,6 +41,7 @@
 //       --in-process adds a row "dirtymig in-process (not how users run it)": sender and
 //       receiver in the benchmark's own process (as `dirtymig migrate` with neither --vm nor
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
+//       --only runs one migrator alone (to investigate one side; its table compares nothing).
 //
 //   dirtymig-bench accuracy [--seconds S]
 //       The measurement check: 1 GiB, 2 vCPUs, vCPU 0 writing 512 MiB sequentially at
@@ -160,7 +162,7 @@ func runAccuracy(intervals: Int) throws {
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--qmp-poll MS] [--qemu-prealloc] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
 
 func usageError(_ message: String) -> Never {
     FileHandle.standardError.write(Data("dirtymig-bench: \(message)\n\(usage)".utf8))
@@ -198,6 +200,12 @@ func migrationOptions() -> MigrationBenchmarkOptions {
     }
     options.withQEMU = !arguments.contains("--no-qemu")
     options.inProcess = arguments.contains("--in-process")
+    if let only = stringOption("--only") {
+        guard let migrator = Migrator.allCases.first(where: { $0.shortLabel.lowercased() == only.lowercased() }) else {
+            usageError("--only \(only): expected dirtymig, qemu or in-process")
+        }
+        options.only = migrator
+    }
     options.conditions.idleSeconds = option("--idle", default: 5)
     options.conditions.warm = arguments.contains("--warm")
     options.conditions.qemuPrealloc = arguments.contains("--qemu-prealloc")
