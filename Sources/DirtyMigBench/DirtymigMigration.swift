@@ -2,7 +2,9 @@ import DirtyMigCore
 import Foundation
 
 /// One dirtymig migration of a scenario over loopback, sender and receiver in this process
-/// (as `dirtymig migrate` with neither --vm nor --to runs it).
+/// (as `dirtymig migrate` with neither --vm nor --to runs it). Not how users run migrations
+/// between hosts (that is three processes: DirtymigCLIMigration); the throttle benchmark uses it,
+/// and `migration --in-process` shows it next to the CLI's figures.
 struct DirtymigMigrationResult {
     var report: MigrationReport
     /// The destination's guest pages/s over 0.5 s after it resumed (it must be running).
@@ -12,7 +14,9 @@ struct DirtymigMigrationResult {
 func runDirtymigMigration(memory: UInt64, vcpus: Int, workloads: [VCPUWorkload], downtime: Double,
                           waitForFinishedPasses: Bool, warmupSeconds: Double, tracking: TrackingMode = .ring,
                           verify: Bool = false, requireSuccess: Bool = true, warmBytes: UInt64 = 0,
-                          adjust: (inout MigrationOptions) -> Void = { _ in }) throws -> DirtymigMigrationResult {
+                          adjust: (inout MigrationOptions) -> Void = { _ in },
+                          readyWhen: ((GuestStats) -> Bool)? = nil, readyPollSeconds: Double = 0.01,
+                          measuringOthers: ((Double) -> Void)? = nil) throws -> DirtymigMigrationResult {
     let kvm = try KVMSystem()
     let configuration = MachineConfiguration(memorySize: memory, vcpuCount: vcpus, workloads: workloads, tracking: tracking)
     let source = try Machine(configuration, kvm: kvm)
@@ -25,6 +29,9 @@ func runDirtymigMigration(memory: UInt64, vcpus: Int, workloads: [VCPUWorkload],
     }
     let deadline = Date().addingTimeInterval(120)
     while source.guestStats().bootedVCPUs < vcpus && Date() < deadline { usleep(5_000) }
+    if let readyWhen {
+        while Date() < deadline && !readyWhen(source.guestStats()) { Thread.sleep(forTimeInterval: readyPollSeconds) }
+    }
     if waitForFinishedPasses {
         while Date() < deadline && source.guestStats().vcpus.enumerated().contains(where: { index, vcpu in
             workloads[index].kind != .idle && vcpu.state != .finished
@@ -36,8 +43,10 @@ func runDirtymigMigration(memory: UInt64, vcpus: Int, workloads: [VCPUWorkload],
     options.downtimeSeconds = downtime
     options.verify = verify
     adjust(&options)
-    DestinationMemory.warm(warmBytes)
+    WarmMemory.touchAndFree(warmBytes)
+    let others = OthersCPUShare(children: [])
     let report = MigrationSender(machine: source, options: options).run()
+    measuringOthers?(others.othersShare(children: []))
     if report.completed { source.stop() } else { receiver.stop() }
     receiving.join()
     receiver.stop()
@@ -64,45 +73,20 @@ struct BenchError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// `dirtymig-bench migration`: the migration issue's three scenarios, dirtymig next to QEMU 7.2
-/// on the same guest image and config block (when qemu-system-x86_64 is installed).
-func runMigrationBenchmark(runs: Int, withQEMU: Bool, conditions: [DestinationMemory] = [.asGiven]) throws {
-    // Scenario, RAM, workloads, wait for the writer to finish, warm-up s, bytes the guest wrote.
-    let scenarios: [(String, UInt64, [VCPUWorkload], Bool, Double, UInt64)] = [
-        ("4 GiB, guest wrote nothing", 4 << 30, [VCPUWorkload(kind: .idle, seed: 0)], false, 0.2, 0),
-        ("2 GiB, 1 GiB written once, idle", 2 << 30, [VCPUWorkload(kind: .write, offset: 0, size: 1 << 30, passes: 1, seed: 1)], true, 0.2, 1 << 30),
-        ("1 GiB, rewriting 256 MiB at 200 MiB/s", 1 << 30, [VCPUWorkload(kind: .write, offset: 0, size: 256 << 20, rateBytesPerSecond: 200 << 20, seed: 1)], false, 1.0, 256 << 20),
-    ]
-    let qemu = withQEMU && qemuExecutable() != nil
-    print("Live migration over loopback, --downtime 300ms, no bandwidth cap; median (min-max) of \(runs) runs")
-    print("")
-    print("| scenario | migrator | total ms | downtime ms | passes | MiB sent | MiB/s |")
-    print("|---|---|---|---|---|---|---|")
-    func cell(_ values: [Double], _ format: String = "%.1f") -> String {
-        "\(String(format: format, median(values))) (\(String(format: format, values.min() ?? 0))-\(String(format: format, values.max() ?? 0)))"
-    }
-    for (label, memory, workloads, wait, warmup, written) in scenarios {
-        for condition in conditions {
-            // The image, page tables and stacks hold data too: warm a little more than the guest wrote.
-            let warm = condition == .warmed && written > 0 ? written + (64 << 20) : 0
-            var ours: [MigrationReport] = []
-            var theirs: [QEMUMigrationResult] = []
-            for _ in 0..<runs {
-                ours.append(try runDirtymigMigration(memory: memory, vcpus: workloads.count, workloads: workloads, downtime: 0.3,
-                                                     waitForFinishedPasses: wait, warmupSeconds: warmup, warmBytes: warm).report)
-                if qemu {
-                    let result = try runQEMUMigration(memory: memory, workloads: workloads,
-                                                      waitForFinishedPasses: wait, warmupSeconds: warmup, warmBytes: warm)
-                    guard result.completed else { throw BenchError(result.error ?? "QEMU's migration failed") }
-                    theirs.append(result)
-                }
-            }
-            let name = conditions.count > 1 ? "\(label), memory \(condition.rawValue)" : label
-            print("| \(name) | dirtymig | \(cell(ours.map { $0.totalSeconds * 1000 })) | \(cell(ours.map { $0.downtimeSeconds * 1000 })) | \(cell(ours.map { Double($0.iterations) }, "%.0f")) | \(cell(ours.map { Double($0.transferredBytes) / 1_048_576 })) | \(cell(ours.map(\.throughputMiBPerSecond), "%.0f")) |")
-            if qemu {
-                print("| | QEMU 7.2 | \(cell(theirs.map(\.totalMs))) | \(cell(theirs.map(\.downtimeMs))) | \(cell(theirs.map { Double($0.passes) }, "%.0f")) | \(cell(theirs.map { Double($0.transferredBytes) / 1_048_576 })) | \(cell(theirs.map(\.throughputMiBs), "%.0f")) |")
-            }
-        }
-    }
-    if withQEMU && !qemu { print("\n(QEMU rows skipped: qemu-system-x86_64 is not installed)") }
+/// `migration --in-process`: the scenario migrated by runDirtymigMigration, held to the same
+/// readiness rule, settle time and warming as the CLI and QEMU runs.
+func runDirtymigInProcessMigration(_ scenario: MigrationScenario, conditions: MigrationRunConditions) throws -> MigrationMeasurement {
+    let workloads = try scenario.resolvedWorkloads()
+    var othersShare = 0.0
+    let report = try runDirtymigMigration(memory: scenario.memory, vcpus: scenario.vcpus, workloads: workloads,
+                                          downtime: Double(scenario.downtimeMs) / 1000, waitForFinishedPasses: false,
+                                          warmupSeconds: conditions.settleSeconds,
+                                          warmBytes: conditions.warm ? scenario.warmBytes : 0,
+                                          readyWhen: { scenario.isReady(GuestProgress($0), workloads: workloads) },
+                                          readyPollSeconds: conditions.readyPollSeconds,
+                                          measuringOthers: { othersShare = $0 }).report
+    return MigrationMeasurement(totalMs: report.totalSeconds * 1000, downtimeMs: report.downtimeSeconds * 1000,
+                                passes: report.iterations, sentBytes: report.transferredBytes,
+                                detail: String(format: "setup %.1f ms", report.setupSeconds * 1000),
+                                othersCPUShare: othersShare)
 }

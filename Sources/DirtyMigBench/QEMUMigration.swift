@@ -4,10 +4,11 @@ import Foundation
 /// QEMU 7.2 migrating the same guest image and config block over loopback, driven through QMP:
 /// the peer dirtymig's migration benchmarks compare against.
 ///
-/// Neither side uses -mem-prealloc: QEMU would then allocate all guest RAM before the clock
-/// starts (a free ride on the destination's page faults, the very cost scenario 2 measures) and
-/// fill the source's "never written" RAM with real zero pages. So, as in the machine notes'
-/// reference figures, QEMU's RAM is allocated when first touched, on both sides.
+/// Neither side uses -mem-prealloc unless asked (`--qemu-prealloc`): QEMU would then allocate all
+/// guest RAM before the clock starts (a free ride on the destination's page faults, the very cost
+/// the written scenario measures, which dirtymig's receiver pays inside its clock) and fill the
+/// source's "never written" RAM with real zero pages. So, as in the machine notes' reference
+/// figures, QEMU's RAM is allocated when first touched, on both sides.
 struct QEMUMigrationResult {
     var completed = false
     var error: String?
@@ -20,6 +21,18 @@ struct QEMUMigrationResult {
     /// The guest's own pages/s per vCPU over 1 s before `migrate`, and from `migrate` to the end.
     var guestPagesPerSecondBefore: [Double] = []
     var guestPagesPerSecondDuring: [Double] = []
+
+    /// Fills the figures from a `query-migrate` reply whose status is "completed".
+    mutating func take(_ status: JSONValue) {
+        let ram = status["ram"]
+        completed = true
+        totalMs = status["total-time"]?.doubleValue ?? 0
+        downtimeMs = status["downtime"]?.doubleValue ?? 0
+        setupMs = status["setup-time"]?.doubleValue ?? 0
+        passes = Int(ram?["dirty-sync-count"]?.doubleValue ?? 0)
+        transferredBytes = UInt64(ram?["transferred"]?.doubleValue ?? 0)
+        throughputMiBs = (ram?["mbps"]?.doubleValue ?? 0) * 1e6 / 8 / 1_048_576
+    }
 }
 
 /// How QEMU is asked to migrate.
@@ -47,42 +60,76 @@ func qemuExecutable() -> String? {
 /// The exported guest run by QEMU processes in a scratch directory: launches them with the
 /// guest's options, reads the guest's counters through QMP `pmemsave`.
 final class QEMUGuest {
-    let directory: String
-    let export: QEMUExport
+    let scratch: ScratchDirectory
     let workloads: [VCPUWorkload]
-    private var arguments: [String]
-    private var processes: [Process] = []
+    let executable: String
+    private(set) var arguments: [String]
+    private let statsDump: (address: UInt64, size: Int, path: String)
+    private var processes: [ChildProcess] = []
 
+    /// Writes the image and config block itself (the throttle and limit benchmarks).
     init(memory: UInt64, workloads: [VCPUWorkload], dirtyRingSize: Int? = nil) throws {
         guard let qemu = qemuExecutable() else { throw BenchError("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)") }
-        directory = NSTemporaryDirectory() + "dirtymig-qemu-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        mkdir(directory, 0o700)
+        scratch = try ScratchDirectory("dirtymig-qemu")
         self.workloads = workloads
-        export = QEMUExport(imagePath: directory + "/guest.bin", configPath: directory + "/guest.cfg", memorySize: memory,
-                            vcpuCount: workloads.count, preallocate: false, executable: qemu)
+        executable = qemu
+        let export = QEMUExport(imagePath: scratch.file("guest.bin"), configPath: scratch.file("guest.cfg"), memorySize: memory,
+                                vcpuCount: workloads.count, preallocate: false, executable: qemu)
         try export.writeFiles(config: GuestConfig(tscHz: try HostTSC.frequency(), memorySize: memory, vcpus: workloads))
         arguments = export.arguments
+        statsDump = export.statsDumpArguments(to: scratch.file("stats.bin"))
         if let ring = dirtyRingSize, let accel = arguments.firstIndex(of: "-accel") {
             arguments[accel + 1] = "kvm,dirty-ring-size=\(ring)"
         }
     }
 
-    /// Starts QEMU with the guest's options, QMP on `directory/NAME.sock`, and `extra`.
-    func launch(_ name: String, _ extra: [String] = []) throws -> QMPClient {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: export.executable)
-        process.arguments = arguments + ["-qmp", "unix:\(directory)/\(name).sock,server=on,wait=off"] + extra
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-        processes.append(process)
-        return try QMPClient(path: "\(directory)/\(name).sock")
+    /// As a user would: `dirtymig boot --export-image FILE --export-config FILE2` with the
+    /// scenario's boot options writes the image and config block and prints the QEMU command
+    /// line, which is what the processes run (without its -mem-prealloc unless `preallocate`).
+    init(exportedBy dirtymig: String, scenario: MigrationScenario, preallocate: Bool) throws {
+        guard let qemu = qemuExecutable() else { throw BenchError("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)") }
+        scratch = try ScratchDirectory("dirtymig-qemu")
+        workloads = try scenario.resolvedWorkloads()
+        executable = qemu
+        let exporter = try ChildProcess(dirtymig, ["boot", "--export-image", scratch.file("guest.bin"),
+                                                   "--export-config", scratch.file("guest.cfg")] + scenario.bootArguments,
+                                        stdout: .file(scratch.file("command.txt")), stderrPath: scratch.file("export.log"))
+        guard exporter.waitForExit(timeout: 60), exporter.exitStatus == 0 else {
+            throw BenchError("dirtymig boot --export-image failed: \(exporter.stderrTail)")
+        }
+        // One line, words joined by single spaces (the scratch paths have none).
+        let line = try String(contentsOfFile: scratch.file("command.txt"), encoding: .utf8)
+        var words = line.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: " ").map(String.init)
+        guard words.first.map({ $0.hasSuffix("qemu-system-x86_64") }) == true else {
+            throw BenchError("dirtymig boot --export-image printed no QEMU command line: \(line.prefix(200))")
+        }
+        words.removeFirst()
+        if !preallocate { words.removeAll { $0 == "-mem-prealloc" }}
+        arguments = words
+        statsDump = QEMUExport(imagePath: "", configPath: "", memorySize: scenario.memory, vcpuCount: scenario.vcpus)
+            .statsDumpArguments(to: scratch.file("stats.bin"))
     }
 
+    /// Starts QEMU with the guest's options, QMP on `scratch/NAME.sock`, and `extra`; returns
+    /// once QMP answers (with -mem-prealloc that is after all its RAM is allocated).
+    func launch(_ name: String, _ extra: [String] = []) throws -> QMPClient {
+        let socket = scratch.file("\(name).sock")
+        unlink(socket)
+        let process = try ChildProcess(executable, arguments + ["-qmp", "unix:\(socket),server=on,wait=off"] + extra,
+                                       stdout: .file(scratch.file("\(name).out")), stderrPath: scratch.file("\(name).log"))
+        processes.append(process)
+        do { return try QMPClient(path: socket, timeout: 120) } catch {
+            throw BenchError("QEMU (\(name)) gave no QMP socket: \(error); \(process.stderrTail)")
+        }
+    }
+
+    /// The QEMU processes running now.
+    var pids: [pid_t] { processes.map(\.pid) }
+
     func stats(_ qmp: QMPClient) throws -> GuestStats {
-        let (address, size, path) = export.statsDumpArguments(to: directory + "/stats.bin")
-        try qmp.execute("pmemsave", ["val": .number(address), "size": .number(size), "filename": .string(path)])
-        return GuestStats(bytes: [UInt8](try Data(contentsOf: URL(fileURLWithPath: path))), vcpuCount: workloads.count)
+        try qmp.execute("pmemsave", ["val": .number(statsDump.address), "size": .number(statsDump.size),
+                                     "filename": .string(statsDump.path)])
+        return GuestStats(bytes: [UInt8](try Data(contentsOf: URL(fileURLWithPath: statsDump.path))), vcpuCount: workloads.count)
     }
 
     /// Waits for SeaBIOS and the workload (and its passes, if asked), then `warmupSeconds`.
@@ -96,19 +143,52 @@ final class QEMUGuest {
         Thread.sleep(forTimeInterval: warmupSeconds)
     }
 
-    deinit {
-        for process in processes { process.terminate(); process.waitUntilExit() }
-        try? FileManager.default.removeItem(atPath: directory)
+    /// Ends every QEMU started so far (SIGTERM, which QEMU takes as a clean quit) and reaps it.
+    func stopAll() {
+        for process in processes { process.stop() }
+        processes.removeAll()
     }
+
+    deinit { stopAll() }
 }
 
+/// Waits for the migration QEMU runs behind `qmp` to end: by polling `query-migrate` every
+/// `pollSeconds` (calling `betweenPolls` after each poll that finds it still running), or, with
+/// `pollSeconds` nil, by waiting for its MIGRATION event (the `events` capability must be on)
+/// without sending QEMU anything. Returns the final `query-migrate` reply ("completed" with its
+/// times filled in, "failed" or "cancelled"), or nil after `timeout` seconds.
+func awaitQEMUMigration(_ qmp: QMPClient, pollSeconds: Double?, timeout: Double,
+                        betweenPolls: () -> Void = {}) throws -> JSONValue? {
+    let deadline = MonotonicClock.seconds() + timeout
+    if pollSeconds == nil {
+        let ended = try qmp.waitForEvent("MIGRATION", timeout: timeout) { event in
+            ["completed", "failed", "cancelled"].contains(event["data"]?["status"]?.stringValue ?? "")
+        }
+        guard ended != nil else { return nil }
+    }
+    while MonotonicClock.seconds() < deadline {
+        let status = try qmp.execute("query-migrate")
+        switch status["status"]?.stringValue {
+        case "completed":
+            // QEMU 7.2 reports "completed" before it fills in the times: wait for them.
+            guard (status["total-time"]?.doubleValue ?? 0) > 0 else { Thread.sleep(forTimeInterval: 0.01); continue }
+            return status
+        case "failed", "cancelled":
+            return status
+        default:
+            betweenPolls()
+            Thread.sleep(forTimeInterval: pollSeconds ?? 0.01)
+        }
+    }
+    return nil
+}
+
+/// The throttle benchmark's QEMU run: one process pair with the guest written by this process,
+/// polled every 0.2 s with the guest's counters read between polls (for "during").
 func runQEMUMigration(memory: UInt64, workloads: [VCPUWorkload], settings: QEMUMigrationSettings = QEMUMigrationSettings(),
-                      waitForFinishedPasses: Bool, warmupSeconds: Double, warmBytes: UInt64 = 0) throws -> QEMUMigrationResult {
+                      waitForFinishedPasses: Bool, warmupSeconds: Double) throws -> QEMUMigrationResult {
     let guest = try QEMUGuest(memory: memory, workloads: workloads, dirtyRingSize: settings.dirtyRingSize)
-    let port: UInt16 = try {
-        let probe = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
-        return probe.localPort
-    }()
+    let port = try freeLoopbackPort()
     _ = try guest.launch("dst", ["-incoming", "tcp:127.0.0.1:\(port)"])
     let qmp = try guest.launch("src")
     func stats() throws -> GuestStats { try guest.stats(qmp) }
@@ -130,38 +210,23 @@ func runQEMUMigration(memory: UInt64, workloads: [VCPUWorkload], settings: QEMUM
     }
     try qmp.execute("migrate-set-parameters", ["max-bandwidth": .number(settings.bandwidth),
                                                "downtime-limit": .number(UInt64(settings.downtime * 1000))])
-    DestinationMemory.warm(warmBytes)
     try qmp.execute("migrate", ["uri": .string("tcp:127.0.0.1:\(port)")])
     var lastPages = startPages
     var lastTime = start
-    while MonotonicClock.seconds() - start < settings.timeoutSeconds {
-        let status = try qmp.execute("query-migrate")
-        switch status["status"]?.stringValue {
-        case "completed":
-            // QEMU 7.2 reports "completed" before it fills in the times: wait for them.
-            guard (status["total-time"]?.doubleValue ?? 0) > 0 else { Thread.sleep(forTimeInterval: 0.01); continue }
-            let ram = status["ram"]
-            result.completed = true
-            result.totalMs = status["total-time"]?.doubleValue ?? 0
-            result.downtimeMs = status["downtime"]?.doubleValue ?? 0
-            result.setupMs = status["setup-time"]?.doubleValue ?? 0
-            result.passes = Int(ram?["dirty-sync-count"]?.doubleValue ?? 0)
-            result.transferredBytes = UInt64(ram?["transferred"]?.doubleValue ?? 0)
-            result.throughputMiBs = (ram?["mbps"]?.doubleValue ?? 0) * 1e6 / 8 / 1_048_576
-            result.guestPagesPerSecondDuring = zip(lastPages, startPages).map { Double($0 &- $1) / max(lastTime - start, 1e-3) }
-            return result
-        case "failed", "cancelled":
-            result.error = "QEMU's migration failed: \(status.serialized())"
-            return result
-        default:
-            // The source's guest counters while it still runs (the last read before the end
-            // gives "during").
-            if let pages = try? stats().vcpus.map(\.pages) { lastPages = pages; lastTime = MonotonicClock.seconds() }
-            Thread.sleep(forTimeInterval: 0.2)
-        }
+    // The source's guest counters while it still runs (the last read before the end gives "during").
+    let final = try awaitQEMUMigration(qmp, pollSeconds: 0.2, timeout: settings.timeoutSeconds) {
+        if let pages = try? stats().vcpus.map(\.pages) { lastPages = pages; lastTime = MonotonicClock.seconds() }
     }
-    _ = try? qmp.execute("migrate_cancel")
-    result.error = "did not finish within \(Int(settings.timeoutSeconds)) s"
     result.guestPagesPerSecondDuring = zip(lastPages, startPages).map { Double($0 &- $1) / max(lastTime - start, 1e-3) }
+    guard let final else {
+        _ = try? qmp.execute("migrate_cancel")
+        result.error = "did not finish within \(Int(settings.timeoutSeconds)) s"
+        return result
+    }
+    guard final["status"]?.stringValue == "completed" else {
+        result.error = "QEMU's migration failed: \(final.serialized())"
+        return result
+    }
+    result.take(final)
     return result
 }

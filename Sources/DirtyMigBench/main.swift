@@ -6,12 +6,42 @@
 //       tracking, bitmap (synced 10 times a second, as a migration pass or dirtyrate would),
 //       ring (harvested every millisecond) and quota (ring + quota accounting, no quota set).
 //
-//   dirtymig-bench migration [--runs N] [--no-qemu] [--warm]
-//       The migration issue's three scenarios (4 GiB never written; 2 GiB with 1 GiB written
-//       once; 1 GiB rewriting 256 MiB at 200 MiB/s), dirtymig and, when installed, QEMU 7.2 on
-//       the same guest image and config block: total time, downtime, passes, bytes, throughput.
-//       With --warm, each scenario also runs with the destination's memory warmed just before
-//       (see DestinationMemory: this nested machine hands freed memory back to its host).
+//   dirtymig-bench migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting]
+//                            [--no-qemu] [--in-process] [--only dirtymig|qemu|in-process]
+//                            [--qmp-poll MS] [--qemu-prealloc]
+//       dirtymig's live migration next to QEMU 7.2's on the same guest, each run the way users
+//       run it, under the same conditions. Scenarios: 4 GiB never written (idle); 2 GiB with 1 GiB
+//       written once, then idle (written); 1 GiB with one vCPU rewriting 256 MiB at 200 MiB/s
+//       (rewriting); each written once as `dirtymig boot` options. All: --downtime 300ms, no
+//       bandwidth cap, over loopback.
+//       dirtymig: three processes of the `dirtymig` binary next to this one, sockets in a
+//       private temporary directory: `boot ... --control DIR/src.sock` (until its "running"
+//       line), `receive --listen 127.0.0.1:PORT --control DIR/dst.sock` (until "listening"),
+//       then `migrate --vm DIR/src.sock --to 127.0.0.1:PORT --downtime 300ms --json`, whose JSON
+//       report gives the figures. QEMU: two qemu-system-x86_64 processes started with the
+//       command line `dirtymig boot --export-image FILE --export-config FILE2` prints for the
+//       same options (without its -mem-prealloc: QEMU would fault in the destination's RAM
+//       before its clock starts, which dirtymig's receiver does inside it; --qemu-prealloc
+//       keeps it), migrated through QMP with max-bandwidth 100 GiB/s and downtime-limit 300 ms;
+//       during the migration only `query-migrate` is sent, every MS ms (--qmp-poll, default
+//       100, at least 100; 0: never, QEMU's MIGRATION event ends the wait); figures are QEMU's.
+//       Every run, either migrator, goes the same way: the benchmark checks that it runs no
+//       thread but its main one and no child process; waits S idle seconds (--idle, default 5:
+//       memory freed more than ~2 s ago is back with the outer host, so each run starts on
+//       equally cold memory); starts the source; reads the guest's counters every 100 ms
+//       (query-status; QMP pmemsave) until it has booted and, in written and rewriting, its
+//       writer has done one whole pass; waits 0.2 s; starts the destination and waits until it
+//       listens; with --warm touches and frees the scenario's data size (WarmMemory); waits
+//       0.5 s reading the guest's pace (inside `dirtymig migrate`, mirrored for QEMU); migrates.
+//       Order: dirtymig, QEMU, QEMU, dirtymig, ... (reversed every other round). N runs per
+//       cell (--runs, default 5; fewer only with --quick, for smoke tests). The table gives the
+//       median (min-max) of total ms, downtime ms, passes, MiB sent and MiB/s (MiB sent / total
+//       time for both), then one line with the conditions; each run's figures, and how busy the
+//       machine was during its idle time, go to standard error.
+//       --in-process adds a row "dirtymig in-process (not how users run it)": sender and
+//       receiver in the benchmark's own process (as `dirtymig migrate` with neither --vm nor
+//       --to), same conditions, for comparison with the figures that benchmark used to print.
+//       --only runs one migrator alone (to investigate one side; its table compares nothing).
 //
 //   dirtymig-bench tracking-shapes [--seconds S] [--runs N]
 //       What each tracking mode (bitmap collected every second, ring of 1024 and 4096 entries,
@@ -136,11 +166,59 @@ func runAccuracy(intervals: Int) throws {
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
+
+func usageError(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("dirtymig-bench: \(message)\n\(usage)".utf8))
+    exit(2)
+}
+
 func option(_ name: String, default value: Double) -> Double {
-    guard let index = arguments.firstIndex(of: name), index + 1 < arguments.count,
-          let parsed = Double(arguments[index + 1]) else { return value }
+    guard let index = arguments.firstIndex(of: name) else { return value }
+    guard index + 1 < arguments.count, let parsed = Double(arguments[index + 1]), parsed.isFinite, parsed >= 0 else {
+        usageError("\(name) needs a non-negative number")
+    }
     return parsed
 }
+
+func stringOption(_ name: String) -> String? {
+    guard let index = arguments.firstIndex(of: name) else { return nil }
+    guard index + 1 < arguments.count else { usageError("\(name) needs a value") }
+    return arguments[index + 1]
+}
+
+/// `migration`'s options, checked: a measurement needs at least 5 runs per cell.
+func migrationOptions() -> MigrationBenchmarkOptions {
+    var options = MigrationBenchmarkOptions()
+    let quick = arguments.contains("--quick")
+    options.runs = Int(option("--runs", default: quick ? 1 : 5))
+    guard options.runs >= 1 else { usageError("--runs must be at least 1") }
+    guard options.runs >= 5 || quick else {
+        usageError("--runs \(options.runs): a measurement takes at least 5 runs per cell (add --quick for a smoke test)")
+    }
+    if let key = stringOption("--scenario") {
+        guard let scenario = MigrationScenario.all.first(where: { $0.key == key }) else {
+            usageError("--scenario \(key): expected \(MigrationScenario.all.map(\.key).joined(separator: ", "))")
+        }
+        options.scenarios = [scenario]
+    }
+    options.withQEMU = !arguments.contains("--no-qemu")
+    options.inProcess = arguments.contains("--in-process")
+    if let only = stringOption("--only") {
+        guard let migrator = Migrator.allCases.first(where: { $0.shortLabel.lowercased() == only.lowercased() }) else {
+            usageError("--only \(only): expected dirtymig, qemu or in-process")
+        }
+        options.only = migrator
+    }
+    options.conditions.idleSeconds = option("--idle", default: 5)
+    options.conditions.warm = arguments.contains("--warm")
+    options.conditions.qemuPrealloc = arguments.contains("--qemu-prealloc")
+    let poll = option("--qmp-poll", default: 100)
+    guard poll == 0 || poll >= 100 else { usageError("--qmp-poll \(poll): at least 100 ms, or 0 for no polling (QEMU's MIGRATION event)") }
+    options.conditions.qmpPollSeconds = poll == 0 ? nil : poll / 1000
+    return options
+}
+
 do {
     switch benchmark {
     case "tracking":
@@ -155,10 +233,9 @@ do {
     case "limit":
         try runLimitAccuracy(withQEMU: !arguments.contains("--no-qemu"))
     case "migration":
-        try runMigrationBenchmark(runs: Int(option("--runs", default: 3)), withQEMU: !arguments.contains("--no-qemu"),
-                                  conditions: arguments.contains("--warm") ? DestinationMemory.allCases : [.asGiven])
+        try runMigrationBenchmark(migrationOptions())
     default:
-        FileHandle.standardError.write(Data("usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--no-qemu] [--warm] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n".utf8))
+        FileHandle.standardError.write(Data(usage.utf8))
         exit(2)
     }
 } catch {

@@ -1,0 +1,95 @@
+import DirtyMigCore
+import Foundation
+
+/// One dirtymig migration run the way a user runs it: three processes of the `dirtymig` binary
+/// built with this benchmark, talking over a private directory's control sockets and loopback.
+///
+///     dirtymig boot --memory M --vcpus N --workload ... --control DIR/src.sock
+///     dirtymig receive --listen 127.0.0.1:PORT --control DIR/dst.sock
+///     dirtymig migrate --vm DIR/src.sock --to 127.0.0.1:PORT --downtime 300ms --json
+///
+/// The figures are `migrate`'s own JSON report. The benchmark's process only starts programs,
+/// reads their output and polls the source's counters (100 ms apart) until the guest is ready;
+/// during the migration it waits in waitpid.
+func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
+                             conditions: MigrationRunConditions) throws -> MigrationMeasurement {
+    let scratch = try ScratchDirectory("dirtymig-bench")
+    // Kept until the processes below are stopped (this defer runs last): Swift may otherwise
+    // release it after its last use and remove the sockets under running programs.
+    defer { withExtendedLifetime(scratch) {} }
+    let source = scratch.file("src.sock"), destination = scratch.file("dst.sock")
+    let workloads = try scenario.resolvedWorkloads()
+
+    let boot = try ChildProcess(dirtymig, ["boot"] + scenario.bootArguments + ["--control", source],
+                                stdout: .pipe, stderrPath: scratch.file("boot.log"))
+    defer { boot.stop() }
+    _ = try boot.expectLine(containing: "running", timeout: 60)
+    try waitUntilReady(scenario, workloads: workloads, socket: source, conditions: conditions)
+    Thread.sleep(forTimeInterval: conditions.settleSeconds)
+
+    let port = try freeLoopbackPort()
+    let receive = try ChildProcess(dirtymig, ["receive", "--listen", "127.0.0.1:\(port)", "--control", destination],
+                                   stdout: .pipe, stderrPath: scratch.file("receive.log"))
+    defer { receive.stop() }
+    _ = try receive.expectLine(containing: "listening", timeout: 60)
+
+    if conditions.warm { WarmMemory.touchAndFree(scenario.warmBytes) }
+    let started = MonotonicClock.seconds()
+    let others = OthersCPUShare(children: [boot.pid, receive.pid])
+    let migrate = try ChildProcess(dirtymig, ["migrate", "--vm", source, "--to", "127.0.0.1:\(port)",
+                                              "--downtime", "\(scenario.downtimeMs)ms", "--json"],
+                                   stdout: .file(scratch.file("migrate.json")), stderrPath: scratch.file("migrate.log"))
+    guard migrate.waitForExit(timeout: conditions.migrationTimeoutSeconds) else {
+        migrate.stop()
+        throw BenchError("dirtymig migrate did not finish within \(Int(conditions.migrationTimeoutSeconds)) s")
+    }
+    let wallMs = (MonotonicClock.seconds() - started) * 1000
+    let othersShare = others.othersShare(children: [boot.pid, receive.pid])
+    let output = (try? String(contentsOfFile: scratch.file("migrate.json"), encoding: .utf8)) ?? ""
+    guard let report = try? JSONValue.parse(output.trimmingCharacters(in: .whitespacesAndNewlines)),
+          report["status"]?.stringValue == "completed" else {
+        throw BenchError("dirtymig migrate \(migrate.exitDescription ?? "?"): \(output.prefix(500)) \(migrate.stderrTail)")
+    }
+
+    // The guest must run at the destination; then both ends are let go as a user would.
+    _ = try receive.expectLine(containing: "received and running", timeout: 30)
+    try checkRunning(socket: destination, vcpus: scenario.vcpus)
+    _ = try? ControlClient(path: destination).call("quit", timeout: 5)
+    if !boot.waitForExit(timeout: 30) { throw BenchError("dirtymig boot did not exit after its VM migrated: \(boot.stderrTail)") }
+    receive.waitForExit(timeout: 30)
+
+    func number(_ key: String) -> Double { report[key]?.doubleValue ?? 0 }
+    return MigrationMeasurement(totalMs: number("total_ms"), downtimeMs: number("downtime_ms"),
+                                passes: Int(number("iterations")), sentBytes: UInt64(number("transferred_bytes")),
+                                detail: String(format: "migrate process %.0f ms from spawn to exit (0.5 s of it reading the guest's pace), setup %.1f ms",
+                                               wallMs, number("setup_ms")),
+                                othersCPUShare: othersShare)
+}
+
+/// Polls the VM's `query-status` until the scenario's guest is ready (the same rule QEMU's guest
+/// is held to, read through pmemsave there).
+private func waitUntilReady(_ scenario: MigrationScenario, workloads: [VCPUWorkload], socket: String,
+                            conditions: MigrationRunConditions) throws {
+    let client = try ControlClient(path: socket, callTimeout: 10)
+    defer { client.close() }
+    let deadline = MonotonicClock.seconds() + 120
+    while true {
+        let status = try client.call("query-status")
+        if scenario.isReady(GuestProgress(status: status), workloads: workloads) { return }
+        guard MonotonicClock.seconds() < deadline else {
+            throw BenchError("the guest was not ready within 120 s: \(status.serialized().prefix(300))")
+        }
+        Thread.sleep(forTimeInterval: conditions.readyPollSeconds)
+    }
+}
+
+/// The VM behind `socket` is running (its counters need not move: an idle or finished vCPU
+/// halts).
+private func checkRunning(socket: String, vcpus: Int) throws {
+    let client = try ControlClient(path: socket, callTimeout: 10)
+    defer { client.close() }
+    let status = try client.call("query-status")
+    guard status["state"]?.stringValue == "running", GuestProgress(status: status).passes.count == vcpus else {
+        throw BenchError("the destination VM is not running: \(status.serialized().prefix(300))")
+    }
+}

@@ -1,0 +1,117 @@
+import DirtyMigCore
+import Foundation
+import Glibc
+
+/// `dirtymig-bench migration`: dirtymig next to QEMU 7.2, each run as users run it (dirtymig as
+/// three processes, QEMU as two driven through QMP), on the same guest, under the same
+/// conditions (MigrationRunConditions), in alternating order.
+struct MigrationBenchmarkOptions {
+    var runs = 5
+    var scenarios = MigrationScenario.all
+    var withQEMU = true
+    /// Add the in-process row (sender and receiver in the benchmark's process).
+    var inProcess = false
+    /// Run only this migrator (for investigating one side; not a comparison).
+    var only: Migrator?
+    var conditions = MigrationRunConditions()
+}
+
+/// Who migrates, and how it is started.
+enum Migrator: CaseIterable {
+    case dirtymig, qemu, dirtymigInProcess
+
+    var label: String {
+        switch self {
+        case .dirtymig: return "dirtymig"
+        case .qemu: return "QEMU 7.2"
+        case .dirtymigInProcess: return "dirtymig in-process (not how users run it)"
+        }
+    }
+
+    var shortLabel: String {
+        switch self {
+        case .dirtymig: return "dirtymig"
+        case .qemu: return "QEMU"
+        case .dirtymigInProcess: return "in-process"
+        }
+    }
+}
+
+/// The `dirtymig` binary built with this benchmark: next to it in the same build directory.
+func dirtymigBesideBenchmark() throws -> String {
+    let own = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    let candidate = ((own as NSString).deletingLastPathComponent as NSString).appendingPathComponent("dirtymig")
+    guard access(candidate, X_OK) == 0 else {
+        throw BenchError("no dirtymig binary next to this benchmark (\(candidate)): build both products (swift build -c release)")
+    }
+    return candidate
+}
+
+func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
+    let dirtymig = try dirtymigBesideBenchmark()
+    let qemu = options.withQEMU && qemuExecutable() != nil
+    var migrators: [Migrator] = [.dirtymig]
+    if qemu { migrators.append(.qemu) }
+    if options.inProcess { migrators.append(.dirtymigInProcess) }
+    if let only = options.only {
+        guard only != .qemu || qemuExecutable() != nil else { throw BenchError("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)") }
+        migrators = [only]
+    }
+    // Each round runs every migrator once, the order reversed every other round (A B, B A, A B,
+    // ...): a migrator is as often first as second, so what one run leaves behind (it should be
+    // nothing, after the idle time) falls on both alike.
+    let order = migrators.map(\.shortLabel).joined(separator: ", ") + ", then reversed, alternating"
+    let conditions = options.conditions
+    // Other users of this shared machine: the most of its CPUs they took during any idle time or
+    // migration, stated under the table (a quiet machine shows a few per cent at most).
+    var othersBusiest = 0.0
+
+    emitLine("Live migration over loopback, --downtime 300ms, no bandwidth cap; median (min-max) of \(options.runs) run\(options.runs == 1 ? "" : "s")")
+    emitLine("")
+    emitLine("| scenario | migrator | total ms | downtime ms | passes | MiB sent | MiB/s |")
+    emitLine("|---|---|---|---|---|---|---|")
+    for scenario in options.scenarios {
+        // Exported once per scenario, before any run's idle time (it opens /dev/kvm briefly).
+        let qemuGuest = migrators.contains(.qemu) ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: conditions.qemuPrealloc) : nil
+        var results: [Migrator: [MigrationMeasurement]] = [:]
+        for round in 0..<options.runs {
+            for migrator in round % 2 == 0 ? migrators : migrators.reversed() {
+                let busy = try QuietMachine.idle(conditions.idleSeconds)
+                othersBusiest = max(othersBusiest, busy)
+                let measurement: MigrationMeasurement
+                switch migrator {
+                case .dirtymig: measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions)
+                case .qemu: measurement = try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions)
+                case .dirtymigInProcess: measurement = try runDirtymigInProcessMigration(scenario, conditions: conditions)
+                }
+                results[migrator, default: []].append(measurement)
+                othersBusiest = max(othersBusiest, measurement.othersCPUShare)
+                log(String(format: "%@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.0f MiB/s; %@; others used %.0f %% of the CPUs during the migration, the machine was %.0f %% busy during the idle time before",
+                           scenario.key, round + 1, options.runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs,
+                           measurement.passes, measurement.mibSent, measurement.mibPerSecond, measurement.detail, measurement.othersCPUShare * 100, busy * 100))
+            }
+        }
+        for (index, migrator) in migrators.enumerated() {
+            let runs = results[migrator] ?? []
+            emitLine("| \(index == 0 ? scenario.label : "") | \(migrator.label) | \(cell(runs.map(\.totalMs))) | \(cell(runs.map(\.downtimeMs))) | \(cell(runs.map { Double($0.passes) }, "%.0f")) | \(cell(runs.map(\.mibSent))) | \(cell(runs.map(\.mibPerSecond), "%.0f")) |")
+        }
+        }
+    emitLine("")
+    emitLine(conditions.describe(runs: options.runs, order: order, othersBusiest: othersBusiest))
+    if options.withQEMU && !qemu { emitLine("(QEMU rows skipped: qemu-system-x86_64 is not installed; apt-get install qemu-system-x86)") }
+}
+
+/// "median (min-max)".
+private func cell(_ values: [Double], _ format: String = "%.1f") -> String {
+    "\(String(format: format, median(values))) (\(String(format: format, values.min() ?? 0))-\(String(format: format, values.max() ?? 0)))"
+}
+
+/// A line of the table, written at once (print's buffer would hold it until the end when standard
+/// output is a file, and a long series is watched as it goes).
+private func emitLine(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}
+
+private func log(_ line: String) {
+    FileHandle.standardError.write(Data((line + "\n").utf8))
+}

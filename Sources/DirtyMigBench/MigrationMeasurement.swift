@@ -1,0 +1,92 @@
+import DirtyMigCore
+import Foundation
+
+/// What one migration run yields, whoever migrated: the columns of the migration table.
+struct MigrationMeasurement {
+    /// The migrator's own total: dirtymig's total_ms, QEMU's total-time (both from the start of
+    /// the migration, connection setup included, to the destination running the guest).
+    var totalMs: Double
+    var downtimeMs: Double
+    /// dirtymig's iterations; QEMU's dirty-sync-count.
+    var passes: Int
+    var sentBytes: UInt64
+    /// One line of extra detail for the per-run log on standard error.
+    var detail: String = ""
+    /// Others' share of the machine's CPUs during the migration (OthersCPUShare): near 0 on a
+    /// quiet machine.
+    var othersCPUShare: Double = 0
+
+    /// MiB sent over the total time, computed here the same way for every migrator (QEMU's own
+    /// `mbps` leaves its setup time out, dirtymig's throughput_mib_s does not).
+    var mibPerSecond: Double { totalMs > 0 ? Double(sentBytes) / 1_048_576 / (totalMs / 1000) : 0 }
+    var mibSent: Double { Double(sentBytes) / 1_048_576 }
+}
+
+/// The conditions every run of every migrator gets, so that the only difference is the migrator.
+struct MigrationRunConditions {
+    /// Seconds with nothing of the benchmark running (no VM, no child process, no thread but the
+    /// main one) before each run starts: memory freed by the run before is handed back to the
+    /// outer host after about 2 s, so every run starts on equally cold memory.
+    var idleSeconds = 5.0
+    /// Touch and free the scenario's data size just before each migration starts (WarmMemory).
+    var warm = false
+    /// After the guest is ready, before the destination is started (both migrators).
+    var settleSeconds = 0.2
+    /// `dirtymig migrate` reads the guest's pace over 0.5 s before its clock starts; QEMU's run
+    /// waits as long in the same place (and reads the guest's pace the same way), so both
+    /// migrations start the same time after the warm-up (if any) and the destination's start.
+    var paceWindowSeconds = 0.5
+    /// How often the guest's counters are read while waiting for it to be ready.
+    var readyPollSeconds = 0.1
+    /// QEMU: seconds between `query-migrate` polls during the migration; nil: no polling at all,
+    /// wait for QEMU's MIGRATION event instead.
+    var qmpPollSeconds: Double? = 0.1
+    /// QEMU: keep `-mem-prealloc` from the exported command line (QEMU then faults in all guest
+    /// RAM of both processes before the clock starts).
+    var qemuPrealloc = false
+    /// Limit for one migration.
+    var migrationTimeoutSeconds = 300.0
+
+    /// The one line printed under the table.
+    func describe(runs: Int, order: String, othersBusiest: Double) -> String {
+        var parts = ["\(runs) run\(runs == 1 ? "" : "s") per cell", "order \(order)",
+                     "\(format(idleSeconds)) s idle before every run (no VM, child process or benchmark thread running)",
+                     warm ? "destination memory warmed (the scenario's data size touched and freed just before each migration, both migrators)"
+                          : "destination memory not warmed (cold: freed more than 2 s before)",
+                     "migration starts \(format(settleSeconds)) s after the guest is ready + \(format(paceWindowSeconds)) s pace window",
+                     qmpPollSeconds.map { "QEMU polled with query-migrate every \(Int($0 * 1000)) ms" } ?? "QEMU not polled (MIGRATION event)",
+                     qemuPrealloc ? "QEMU with -mem-prealloc" : "QEMU without -mem-prealloc (RAM faulted on first touch, as dirtymig's receiver)",
+                     "MiB/s = MiB sent / total time",
+                     String(format: "other programs used at most %.0f %% of the CPUs during an idle time or a migration", othersBusiest * 100)]
+        if runs < 5 { parts.append("fewer than 5 runs: a smoke test, not a measurement") }
+        return "Conditions: " + parts.joined(separator: "; ") + "."
+    }
+
+    private func format(_ seconds: Double) -> String {
+        seconds == seconds.rounded() ? "\(Int(seconds))" : String(format: "%.1f", seconds)
+    }
+}
+
+/// A private scratch directory (mkdtemp, mode 0700) for sockets, logs and exported images,
+/// removed when the value goes away.
+final class ScratchDirectory {
+    let path: String
+
+    init(_ prefix: String) throws {
+        var template = Array((NSTemporaryDirectory() + "\(prefix)-XXXXXX").utf8CString)
+        guard let made = mkdtemp(&template) else {
+            throw BenchError("mkdtemp: \(String(cString: strerror(errno)))")
+        }
+        path = String(cString: made)
+    }
+
+    func file(_ name: String) -> String { path + "/" + name }
+
+    deinit { try? FileManager.default.removeItem(atPath: path) }
+}
+
+/// A TCP port on loopback nobody listens on now (bound, read, released): the destination's
+/// `--listen` / `-incoming` port, chosen the same way for both migrators.
+func freeLoopbackPort() throws -> UInt16 {
+    try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0)).localPort
+}

@@ -1,0 +1,65 @@
+import DirtyMigCore
+import Foundation
+
+/// One QEMU 7.2 migration run the way a user runs it: two qemu-system-x86_64 processes started
+/// with the command line `dirtymig boot --export-image` printed for the scenario, driven
+/// through QMP, in the same order and at the same moments as dirtymig's three processes:
+///
+///     source started -> guest ready (counters polled every 100 ms) -> settle ->
+///     destination started and waiting -> [warm] -> 0.5 s reading the guest's pace -> migrate
+///
+/// (dirtymig's `migrate` spends the same 0.5 s reading the guest's pace before its clock starts.)
+/// max-bandwidth 100 GiB/s (QEMU's default is 32 MiB/s), downtime-limit as the scenario says.
+/// During the migration `query-migrate` alone is polled, every `qmpPollSeconds` (or not at all:
+/// the MIGRATION event ends the wait); the figures are QEMU's own.
+func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
+                             conditions: MigrationRunConditions) throws -> MigrationMeasurement {
+    defer { guest.stopAll() }
+    let source = try guest.launch("src")
+    let deadline = MonotonicClock.seconds() + 120
+    while !scenario.isReady(GuestProgress(try guest.stats(source)), workloads: guest.workloads) {
+        guard MonotonicClock.seconds() < deadline else { throw BenchError("QEMU's guest was not ready within 120 s") }
+        Thread.sleep(forTimeInterval: conditions.readyPollSeconds)
+    }
+    Thread.sleep(forTimeInterval: conditions.settleSeconds)
+
+    let port = try freeLoopbackPort()
+    let destination = try guest.launch("dst", ["-incoming", "tcp:127.0.0.1:\(port)"])
+    let waiting = try destination.execute("query-status")["status"]?.stringValue
+    guard waiting == "inmigrate" else { throw BenchError("QEMU's destination is '\(waiting ?? "?")', not waiting for a migration") }
+
+    try source.execute("migrate-set-parameters", ["max-bandwidth": .number(100 << 30),
+                                                  "downtime-limit": .number(scenario.downtimeMs)])
+    if conditions.qmpPollSeconds == nil {
+        try source.execute("migrate-set-capabilities", ["capabilities": .array([["capability": "events", "state": true]])])
+    }
+    if conditions.warm { WarmMemory.touchAndFree(scenario.warmBytes) }
+    _ = try guest.stats(source)
+    Thread.sleep(forTimeInterval: conditions.paceWindowSeconds)
+    _ = try guest.stats(source)
+    let others = OthersCPUShare(children: guest.pids)
+    try source.execute("migrate", ["uri": .string("tcp:127.0.0.1:\(port)")])
+    let ended = try awaitQEMUMigration(source, pollSeconds: conditions.qmpPollSeconds, timeout: conditions.migrationTimeoutSeconds)
+    let othersShare = others.othersShare(children: guest.pids)
+    guard let final = ended else {
+        _ = try? source.execute("migrate_cancel")
+        throw BenchError("QEMU's migration did not finish within \(Int(conditions.migrationTimeoutSeconds)) s")
+    }
+    guard final["status"]?.stringValue == "completed" else { throw BenchError("QEMU's migration failed: \(final.serialized())") }
+    var result = QEMUMigrationResult()
+    result.take(final)
+
+    // The source says "completed" once it has sent everything; the destination may still be
+    // loading the last of it for a moment.
+    var running = try destination.execute("query-status")["status"]?.stringValue
+    let runDeadline = MonotonicClock.seconds() + 10
+    while running != "running" && MonotonicClock.seconds() < runDeadline {
+        Thread.sleep(forTimeInterval: 0.05)
+        running = try destination.execute("query-status")["status"]?.stringValue
+    }
+    guard running == "running" else { throw BenchError("QEMU's destination is '\(running ?? "?")' after the migration, not running") }
+    return MigrationMeasurement(totalMs: result.totalMs, downtimeMs: result.downtimeMs, passes: result.passes,
+                                sentBytes: result.transferredBytes,
+                                detail: String(format: "setup %.1f ms, QEMU's own mbps %.0f MiB/s", result.setupMs, result.throughputMiBs),
+                                othersCPUShare: othersShare)
+}
