@@ -62,9 +62,9 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     // nothing, after the idle time) falls on both alike.
     let order = migrators.map(\.shortLabel).joined(separator: ", ") + ", then reversed, alternating"
     let conditions = options.conditions
-    // Other users of this shared machine: the most of its CPUs they took during any idle time or
-    // migration, stated under the table (a quiet machine shows a few per cent at most).
-    var othersBusiest = 0.0
+    // Other users of this shared machine: what they took during the idle times and migrations,
+    // stated under the table (a quiet machine shows a few per cent at most).
+    var others = OthersLoad()
 
     emitLine("Live migration over loopback, --downtime 300ms, no bandwidth cap; median (min-max) of \(options.runs) run\(options.runs == 1 ? "" : "s")")
     emitLine("")
@@ -77,7 +77,6 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
         for round in 0..<options.runs {
             for migrator in round % 2 == 0 ? migrators : migrators.reversed() {
                 let busy = try QuietMachine.idle(conditions.idleSeconds)
-                othersBusiest = max(othersBusiest, busy)
                 let measurement: MigrationMeasurement
                 switch migrator {
                 case .dirtymig: measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions)
@@ -85,7 +84,7 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
                 case .dirtymigInProcess: measurement = try runDirtymigInProcessMigration(scenario, conditions: conditions)
                 }
                 results[migrator, default: []].append(measurement)
-                othersBusiest = max(othersBusiest, measurement.othersCPUShare)
+                others.add(idle: busy, migration: measurement.othersCPUShare)
                 log(String(format: "%@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.0f MiB/s; %@; others used %.0f %% of the CPUs during the migration, the machine was %.0f %% busy during the idle time before",
                            scenario.key, round + 1, options.runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs,
                            measurement.passes, measurement.mibSent, measurement.mibPerSecond, measurement.detail, measurement.othersCPUShare * 100, busy * 100))
@@ -95,9 +94,10 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
             let runs = results[migrator] ?? []
             emitLine("| \(index == 0 ? scenario.label : "") | \(migrator.label) | \(cell(runs.map(\.totalMs))) | \(cell(runs.map(\.downtimeMs))) | \(cell(runs.map { Double($0.passes) }, "%.0f")) | \(cell(runs.map(\.mibSent))) | \(cell(runs.map(\.mibPerSecond), "%.0f")) |")
         }
-        }
+    }
     emitLine("")
-    emitLine(conditions.describe(runs: options.runs, order: order, othersBusiest: othersBusiest))
+    emitLine(conditions.describe(runs: options.runs, order: order, others: others))
+    if let warning = others.warning { emitLine(warning) }
     if options.withQEMU && !qemu { emitLine("(QEMU rows skipped: qemu-system-x86_64 is not installed; apt-get install qemu-system-x86)") }
 }
 

@@ -20,9 +20,11 @@
 //       then `migrate --vm DIR/src.sock --to 127.0.0.1:PORT --downtime 300ms --json`, whose JSON
 //       report gives the figures. QEMU: two qemu-system-x86_64 processes started with the
 //       command line `dirtymig boot --export-image FILE --export-config FILE2` prints for the
-//       same options (without its -mem-prealloc: QEMU would fault in the destination's RAM
-//       before its clock starts, which dirtymig's receiver does inside it; --qemu-prealloc
-//       keeps it), migrated through QMP with max-bandwidth 100 GiB/s and downtime-limit 300 ms;
+//       same options, but without its -mem-prealloc: with it QEMU faults in all guest RAM of
+//       both processes at start, before its clock, while dirtymig's receiver allocates inside
+//       its clock (written scenario, 30 Nov: QEMU 2.6-3.1 s without, 1.1-1.3 s with);
+//       --qemu-prealloc keeps it, as a user who runs the printed line unchanged has it. Migrated
+//       through QMP with max-bandwidth 100 GiB/s and downtime-limit 300 ms;
 //       during the migration only `query-migrate` is sent, every MS ms (--qmp-poll, default
 //       100, at least 100; 0: never, QEMU's MIGRATION event ends the wait); figures are QEMU's.
 //       Every run, either migrator, goes the same way: the benchmark checks that it runs no
@@ -36,8 +38,11 @@
 //       Order: dirtymig, QEMU, QEMU, dirtymig, ... (reversed every other round). N runs per
 //       cell (--runs, default 5; fewer only with --quick, for smoke tests). The table gives the
 //       median (min-max) of total ms, downtime ms, passes, MiB sent and MiB/s (MiB sent / total
-//       time for both), then one line with the conditions; each run's figures, and how busy the
-//       machine was during its idle time, go to standard error.
+//       time for both), then one line with the conditions. Each run's figures go to standard
+//       error with how much of the CPUs other programs took during its migration and its idle
+//       time (this machine is shared: a build that takes one core made QEMU's written-scenario
+//       migration about twice as slow); a warning follows the table when others took more than
+//       10 % during any migration.
 //       --in-process adds a row "dirtymig in-process (not how users run it)": sender and
 //       receiver in the benchmark's own process (as `dirtymig migrate` with neither --vm nor
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
