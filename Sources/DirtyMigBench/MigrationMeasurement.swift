@@ -41,9 +41,6 @@ struct MigrationRunConditions {
     /// QEMU: seconds between `query-migrate` polls during the migration; nil: no polling at all,
     /// wait for QEMU's MIGRATION event instead.
     var qmpPollSeconds: Double? = 0.1
-    /// QEMU: keep `-mem-prealloc` from the exported command line (QEMU then faults in all guest
-    /// RAM of both processes before the clock starts).
-    var qemuPrealloc = false
     /// Limit for one migration.
     var migrationTimeoutSeconds = 300.0
 
@@ -55,7 +52,7 @@ struct MigrationRunConditions {
                           : "destination memory not warmed (cold: freed more than 2 s before)",
                      "migration starts \(format(settleSeconds)) s after the guest is ready + \(format(paceWindowSeconds)) s pace window",
                      qmpPollSeconds.map { "QEMU polled with query-migrate every \(Int($0 * 1000)) ms" } ?? "QEMU not polled (MIGRATION event)",
-                     qemuPrealloc ? "QEMU with -mem-prealloc" : "QEMU without -mem-prealloc (RAM faulted on first touch, as dirtymig's receiver)",
+                     "QEMU with -mem-prealloc faults in all guest RAM of both processes at their start (before the clock), without it on first touch (inside the clock, as dirtymig's receiver)",
                      "MiB/s = MiB sent / total time",
                      String(format: "other programs used at most %.0f %% of the CPUs during a migration (%.0f %% during an idle time)",
                             others.busiestMigration * 100, others.busiestIdle * 100)]
