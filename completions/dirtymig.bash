@@ -9,19 +9,22 @@ _dirtymig() {
     local cur prev words cword
     cur="${COMP_WORDS[COMP_CWORD]}"
     prev="${COMP_WORDS[COMP_CWORD-1]}"
-    local commands="boot migrate receive dirtyrate limit help"
+    local commands="boot migrate receive dirtyrate limit list stop plot help"
     if [ "$COMP_CWORD" -eq 1 ]; then
         COMPREPLY=($(compgen -W "$commands --help --version" -- "$cur"))
         return
     fi
     local command="${COMP_WORDS[1]}" options=""
     case "$command" in
-        boot) options="--memory --vcpus --workload --track --ring-entries --control --name --export-image --export-config --help" ;;
-        migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --verify --json --stats --throttle --memory --vcpus --workload --track --help" ;;
-        receive) options="--listen --control --name --once --help" ;;
+        boot) options="--memory --vcpus --workload --track --ring-entries --control --name --detach --export-image --export-config --help" ;;
+        migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --verify --json --stats --plot --throttle --memory --vcpus --workload --track --help" ;;
+        receive) options="--listen --control --name --once --detach --help" ;;
         dirtyrate) options="--vm --mode --interval --count --json --help" ;;
         limit) options="--vm --vcpu --rate --cancel --show --json --help" ;;
-        help) COMPREPLY=($(compgen -W "boot migrate receive dirtyrate limit" -- "$cur")); return ;;
+        list) options="--json --help" ;;
+        stop) options="--vm --timeout --help" ;;
+        plot) options="--from --output --help" ;;
+        help) COMPREPLY=($(compgen -W "boot migrate receive dirtyrate limit list stop plot" -- "$cur")); return ;;
     esac
     case "$prev" in
         --track) COMPREPLY=($(compgen -W "bitmap ring quota" -- "$cur")); return ;;
@@ -30,8 +33,11 @@ _dirtymig() {
         --export-config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --vm) COMPREPLY=($(compgen -W "$(_dirtymig_vms)" -- "$cur")); return ;;
         --stats) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --plot) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --throttle) COMPREPLY=($(compgen -W "auto none cpu dirty-limit dirty-quota" -- "$cur")); return ;;
         --mode) COMPREPLY=($(compgen -W "ring bitmap sample" -- "$cur")); return ;;
+        --from) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     esac
     COMPREPLY=($(compgen -W "$options" -- "$cur"))
 }

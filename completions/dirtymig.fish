@@ -10,10 +10,13 @@ complete -c dirtymig -f
 complete -c dirtymig -n __fish_use_subcommand -l help -d "show help"
 complete -c dirtymig -n __fish_use_subcommand -l version -d "show the version"
 complete -c dirtymig -n __fish_use_subcommand -a boot -d "boot a VM running the workload guest"
-complete -c dirtymig -n __fish_use_subcommand -a migrate -d "live-migrate a VM (next release)"
-complete -c dirtymig -n __fish_use_subcommand -a receive -d "accept incoming migrations (next release)"
+complete -c dirtymig -n __fish_use_subcommand -a migrate -d "live-migrate a VM, or run a local migration"
+complete -c dirtymig -n __fish_use_subcommand -a receive -d "accept an incoming migration, then run the VM"
 complete -c dirtymig -n __fish_use_subcommand -a dirtyrate -d "measure a VM's dirty rate"
-complete -c dirtymig -n __fish_use_subcommand -a limit -d "per-vCPU dirty limits (next release)"
+complete -c dirtymig -n __fish_use_subcommand -a limit -d "per-vCPU dirty-rate limits"
+complete -c dirtymig -n __fish_use_subcommand -a list -d "list the running VMs and receivers"
+complete -c dirtymig -n __fish_use_subcommand -a stop -d "stop a running VM or receiver"
+complete -c dirtymig -n __fish_use_subcommand -a plot -d "draw a saved migration as SVG"
 complete -c dirtymig -n __fish_use_subcommand -a help -d "show help for a command"
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l memory -x
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l vcpus -x
@@ -22,6 +25,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l track -x -a 'bitma
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l ring-entries -x
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l control -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l name -x
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l detach
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l export-image -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l export-config -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vm -x -a '(__dirtymig_vms)'
@@ -33,6 +37,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l timeout -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l verify
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l json
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l stats -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l plot -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l throttle -x -a 'auto none cpu dirty-limit dirty-quota'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l memory -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vcpus -x
@@ -42,6 +47,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l listen -x
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l control -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l name -x
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l once
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l detach
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l vm -x -a '(__dirtymig_vms)'
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l mode -x -a 'ring bitmap sample'
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l interval -x
@@ -53,4 +59,9 @@ complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l rate -x
 complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l cancel
 complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l show
 complete -c dirtymig -n "__fish_seen_subcommand_from limit" -l json
-complete -c dirtymig -n "__fish_seen_subcommand_from help" -a "boot migrate receive dirtyrate limit"
+complete -c dirtymig -n "__fish_seen_subcommand_from list" -l json
+complete -c dirtymig -n "__fish_seen_subcommand_from stop" -l vm -x -a '(__dirtymig_vms)'
+complete -c dirtymig -n "__fish_seen_subcommand_from stop" -l timeout -x
+complete -c dirtymig -n "__fish_seen_subcommand_from plot" -l from -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from plot" -l output -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from help" -a "boot migrate receive dirtyrate limit list stop plot"

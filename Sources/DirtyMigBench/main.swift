@@ -50,6 +50,10 @@
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
 //       --only runs one migrator alone (to investigate one side; its table compares nothing).
 //
+//   dirtymig-bench tracking-shapes [--seconds S] [--runs N]
+//       What each tracking mode (bitmap collected every second, ring of 1024 and 4096 entries,
+//       quota) costs the guest for a few workload shapes: guest pages touched per second.
+//
 //   dirtymig-bench accuracy [--seconds S]
 //       The measurement check: 1 GiB, 2 vCPUs, vCPU 0 writing 512 MiB sequentially at
 //       10, 100 and 400 MiB/s, vCPU 1 reading 256 MiB. For each tracking mode and rate: the rate
@@ -169,7 +173,7 @@ func runAccuracy(intervals: Int) throws {
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc both|yes|no] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc both|yes|no] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
 
 func usageError(_ message: String) -> Never {
     FileHandle.standardError.write(Data("dirtymig-bench: \(message)\n\(usage)".utf8))
@@ -230,6 +234,8 @@ do {
     case "tracking":
         try runTrackingCost(seconds: option("--seconds", default: 3), runs: Int(option("--runs", default: 3)),
                             memoryMiB: UInt64(option("--memory", default: 512)))
+    case "tracking-shapes":
+        try runTrackingShapes(seconds: option("--seconds", default: 3), runs: Int(option("--runs", default: 3)))
     case "accuracy":
         try runAccuracy(intervals: Int(option("--seconds", default: 3)))
     case "throttle":

@@ -20,6 +20,7 @@ func printError(_ text: String) {
     FileHandle.standardError.write(Data((text.hasSuffix("\n") ? text : text + "\n").utf8))
 }
 
+Detach.leaveSessionIfDetached()
 let status: Int32
 do {
     switch try ArgumentParser.parse(Array(CommandLine.arguments.dropFirst())) {
@@ -36,11 +37,20 @@ do {
         case "migrate": status = try MigrateCommand.run(arguments)
         case "receive": status = try ReceiveCommand.run(arguments)
         case "limit": status = try LimitCommand.run(arguments)
+        case "list": status = try ListCommand.run(arguments)
+        case "stop": status = try StopCommand.run(arguments)
+        case "plot": status = try PlotCommand.run(arguments)
         default: fatalError("no implementation for \(arguments.command.name)")
         }
     }
 } catch let error as UsageError {
     printError(error.description)
+    status = UsageError.exitStatus
+} catch let error as ControlClient.ClientError where error.controlError?.errorClass == .invalidArgument {
+    // The VM refused an impossible request (a vCPU it does not have, a rate out of range): a
+    // usage error, exit 2, as the man page says.
+    let command = CommandLine.arguments.dropFirst().first.map { " " + $0 } ?? ""
+    printError("dirtymig\(command): \(error)")
     status = UsageError.exitStatus
 } catch {
     printError("dirtymig: \(error)")

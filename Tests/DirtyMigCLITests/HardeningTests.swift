@@ -186,6 +186,18 @@ final class HardeningTests: XCTestCase {
         Thread.sleep(forTimeInterval: 0.3)
         XCTAssertTrue(stderrText(receiverErrors).contains("its partial VM was discarded"))
 
+        // SIGHUP (the terminal went away) cancels too.
+        let (hungUp, hungUpReport) = try migrate("csrc", to: port, ["--bandwidth", "20M"])
+        Thread.sleep(forTimeInterval: 1.5)
+        kill(hungUp.processIdentifier, SIGHUP)
+        XCTAssertNotNil(waitForExit(hungUp, seconds: 5))
+        XCTAssertEqual(hungUp.terminationStatus, 130)
+        let hungUpJSON = try JSONValue.parse(String(decoding: hungUpReport.readDataToEndOfFile(), as: UTF8.self))
+        XCTAssertTrue(hungUpJSON["error"]?.stringValue?.contains("cancelled (SIGHUP") ?? false, "\(hungUpJSON["error"] ?? .null)")
+        XCTAssertGreaterThan(hungUpJSON["transferred_bytes"]?.doubleValue ?? 0, 0, "a failed report says what was sent")
+        XCTAssertGreaterThanOrEqual(hungUpJSON["iterations"]?.doubleValue ?? -1, 0)
+        try assertRuns("csrc")
+
         // SIGKILL leaves no one to ask for a cancel: the migration, which runs in the VM's
         // process, goes on and completes.
         let (killed, _) = try migrate("csrc", to: port, ["--bandwidth", "40M"])
@@ -194,6 +206,44 @@ final class HardeningTests: XCTestCase {
         XCTAssertNotNil(waitForExit(source, seconds: 30), "the migration completed and the source stopped")
         XCTAssertEqual(source.terminationStatus, 0)
         try assertRuns("cdst")
+    }
+
+    // MARK: Scripts: --detach, list, stop
+
+    func testDetachListAndStop() throws {
+        let vm = socket("bg")
+        let boot = try CLI.run(["boot", "--memory", "128M", "--control", vm, "--detach"])
+        XCTAssertEqual(boot.status, 0, boot.stderr)
+        XCTAssertTrue(boot.stdout.contains("running in the background") && boot.stdout.contains(vm), boot.stdout)
+        // Ready when the command returns: the first query works.
+        let status = try ControlClient(path: vm).call("query-status")
+        XCTAssertEqual(status["state"], "running")
+        let pid = try XCTUnwrap(status["pid"]?.doubleValue)
+        XCTAssertEqual(kill(pid_t(pid), 0), 0)
+
+        let port = try freePort()
+        let receiver = socket("bgrx")
+        let receive = try CLI.run(["receive", "--listen", "127.0.0.1:\(port)", "--control", receiver, "--detach"])
+        XCTAssertEqual(receive.status, 0, receive.stderr)
+        XCTAssertEqual(try ControlClient(path: receiver).call("query-status")["state"], "listening")
+
+        // A second boot with the same socket fails, and says why (from its log).
+        let clash = try CLI.run(["boot", "--memory", "128M", "--control", vm, "--detach"])
+        XCTAssertNotEqual(clash.status, 0)
+        XCTAssertTrue(clash.stderr.contains("already running"), clash.stderr)
+
+        for path in [vm, receiver] {
+            let stopped = try CLI.run(["stop", "--vm", path])
+            XCTAssertEqual(stopped.status, 0, stopped.stderr)
+            XCTAssertThrowsError(try ControlClient(path: path), "\(path) is gone")
+        }
+        // Ended: gone, or a zombie its new parent has not reaped yet.
+        var state: String?
+        if let stat = try? String(contentsOfFile: "/proc/\(Int(pid))/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") {
+            state = String(stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).prefix(1))
+        }
+        XCTAssertTrue(state == nil || state == "Z", "the detached VM's process ended (state \(state ?? "gone"))")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: directory + "/bg.log"))
     }
 
     // MARK: Defect 5: a second sender

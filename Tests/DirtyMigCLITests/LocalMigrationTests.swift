@@ -11,7 +11,8 @@ final class LocalMigrationTests: XCTestCase {
         defer { unlink(stats) }
         let result = try CLI.run(["migrate", "--memory", "256M", "--vcpus", "2", "--track", "quota",
                                   "--workload", "0:write,ws=32M,rate=20M", "--workload", "1:read,ws=32M",
-                                  "--verify", "--json", "--stats", stats])
+                                  // Capped so that pass 1 lasts long enough for timeline samples.
+                                  "--bandwidth", "64M", "--verify", "--json", "--stats", stats])
         XCTAssertEqual(result.status, 0, result.stdout + result.stderr)
         let report = try JSONValue.parse(result.stdout)
         XCTAssertEqual(report["status"], "completed")
@@ -34,6 +35,28 @@ final class LocalMigrationTests: XCTestCase {
         }
         let after = try XCTUnwrap(report["destination_guest_pages_s"]?.arrayValue)
         XCTAssertTrue(after.allSatisfy { ($0.doubleValue ?? 0) > 0 }, "the VM runs at the destination")
+        // Where the downtime went: the parts add up to it; within the limit, nothing exceeded.
+        let parts = try XCTUnwrap(report["downtime_parts"])
+        let sum = ["pause_ms", "last_pages_ms", "state_ms", "verify_ms", "destination_ms", "other_ms"]
+            .map { parts[$0]?.doubleValue ?? .nan }.reduce(0, +)
+        XCTAssertEqual(sum, report["downtime_ms"]?.doubleValue ?? 0, accuracy: 0.5, "\(parts)")
+        XCTAssertEqual(report["downtime_limit_ms"]?.doubleValue, 300)
+        if (report["downtime_ms"]?.doubleValue ?? 0) <= 300 { XCTAssertEqual(report["downtime_exceeded_ms"], .null) }
+        // The timeline: samples in time order, ending completed with nothing left.
+        let timeline = try XCTUnwrap(report["timeline"]?.arrayValue)
+        XCTAssertGreaterThan(timeline.count, 1)
+        let times = timeline.compactMap { $0["t_s"]?.doubleValue }
+        XCTAssertEqual(times, times.sorted())
+        XCTAssertEqual(timeline.last?["phase"], "completed")
+        XCTAssertEqual(timeline.last?["remaining_bytes"]?.doubleValue, 0)
+        XCTAssertTrue(timeline.contains { ($0["throughput_mib_s"]?.doubleValue ?? 0) > 0 && $0["pass"]?.doubleValue == 1 },
+                      "throughput shows during pass 1")
+        // The same run drawn from its stats file and from its report.
+        let svg = stats + ".svg"
+        defer { unlink(svg) }
+        let drawn = try CLI.run(["plot", "--from", stats, "--output", svg])
+        XCTAssertEqual(drawn.status, 0, drawn.stderr)
+        XCTAssertTrue(try String(contentsOfFile: svg, encoding: .utf8).hasPrefix("<svg") || (try String(contentsOfFile: svg, encoding: .utf8)).contains("<svg"))
         let lines = try String(contentsOfFile: stats, encoding: .utf8).split(separator: "\n")
         XCTAssertEqual(lines.count, Int(report["iterations"]?.doubleValue ?? -1), "one --stats line per pass")
         for line in lines {

@@ -5,6 +5,20 @@ import XCTest
 /// The failure cases through the command line, with real processes killed mid-transfer:
 /// `boot` (source), `receive` (destination), `migrate` (the user's command).
 final class MigrationFailureTests: XCTestCase {
+    /// Control sockets live here, not in the shared runtime directory: a test that SIGKILLs a
+    /// VM leaves its socket behind.
+    private var directory = ""
+
+    override func setUpWithError() throws {
+        var template = Array("/tmp/dmf-XXXXXX".utf8CString)
+        guard mkdtemp(&template) != nil else { throw XCTSkip("cannot create a temporary directory under /tmp") }
+        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: directory) }
+
+    private func socket(_ name: String) -> String { directory + "/" + name + ".sock" }
+
     private func freePort() throws -> UInt16 {
         let probe = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
         return probe.localPort
@@ -12,7 +26,7 @@ final class MigrationFailureTests: XCTestCase {
 
     /// A 256 MiB VM whose writer dirties 64 MiB at 20 MiB/s while a reader reads.
     private func bootSource(_ name: String) throws -> Process {
-        let (boot, output) = try CLI.start(["boot", "--memory", "256M", "--vcpus", "2", "--track", "ring", "--name", name,
+        let (boot, output) = try CLI.start(["boot", "--memory", "256M", "--vcpus", "2", "--track", "ring", "--control", socket(name),
                                             "--workload", "0:write,ws=64M,pattern=random,rate=20M",
                                             "--workload", "1:read,ws=64M"])
         let ready = try XCTUnwrap(CLI.readLine(output), "boot printed nothing")
@@ -21,7 +35,7 @@ final class MigrationFailureTests: XCTestCase {
     }
 
     private func startReceiver(_ name: String, port: UInt16, once: Bool = false) throws -> (Process, FileHandle) {
-        var arguments = ["receive", "--listen", "127.0.0.1:\(port)", "--name", name]
+        var arguments = ["receive", "--listen", "127.0.0.1:\(port)", "--control", socket(name)]
         if once { arguments.append("--once") }
         let (receive, output) = try CLI.start(arguments)
         let ready = try XCTUnwrap(CLI.readLine(output), "receive printed nothing")
@@ -30,7 +44,7 @@ final class MigrationFailureTests: XCTestCase {
     }
 
     private func assertRuns(_ vm: String, file: StaticString = #filePath, line: UInt = #line) throws {
-        try assertGuestRuns(socket: ControlSocketPath.path(forName: vm), vcpus: 2, file: file, line: line)
+        try assertGuestRuns(socket: socket(vm), vcpus: 2, file: file, line: line)
     }
 
     func testReceiverKilledMidTransferThenASecondMigrationSucceeds() throws {
@@ -45,7 +59,7 @@ final class MigrationFailureTests: XCTestCase {
         // 256 MiB at 20 MiB/s takes seconds: kill the receiver one second in.
         let migrate = Process()
         migrate.executableURL = CLI.binary
-        migrate.arguments = ["migrate", "--vm", source, "--to", "127.0.0.1:\(port)", "--bandwidth", "20M", "--verify", "--json"]
+        migrate.arguments = ["migrate", "--vm", socket(source), "--to", "127.0.0.1:\(port)", "--bandwidth", "20M", "--verify", "--json"]
         let out = Pipe()
         migrate.standardOutput = out
         try migrate.run()
@@ -66,7 +80,7 @@ final class MigrationFailureTests: XCTestCase {
         // The same VM to a new receiver, verified.
         let (receiver, _) = try startReceiver(destination, port: port)
         defer { if receiver.isRunning { receiver.terminate() } }
-        let second = try CLI.run(["migrate", "--vm", source, "--to", "127.0.0.1:\(port)", "--verify", "--json"])
+        let second = try CLI.run(["migrate", "--vm", socket(source), "--to", "127.0.0.1:\(port)", "--verify", "--json"])
         XCTAssertEqual(second.status, 0, second.stdout + second.stderr)
         let secondReport = try JSONValue.parse(second.stdout)
         XCTAssertEqual(secondReport["verify"], "passed")
@@ -86,7 +100,7 @@ final class MigrationFailureTests: XCTestCase {
         defer { if doomed.isRunning { doomed.terminate() } }
         let migrate = Process()
         migrate.executableURL = CLI.binary
-        migrate.arguments = ["migrate", "--vm", first, "--to", "127.0.0.1:\(port)", "--bandwidth", "20M"]
+        migrate.arguments = ["migrate", "--vm", socket(first), "--to", "127.0.0.1:\(port)", "--bandwidth", "20M"]
         migrate.standardOutput = Pipe()
         migrate.standardError = Pipe()
         try migrate.run()
@@ -98,7 +112,7 @@ final class MigrationFailureTests: XCTestCase {
         // The receiver dropped the partial VM and takes the next migration.
         let boot = try bootSource(second)
         defer { if boot.isRunning { boot.terminate() } }
-        let result = try CLI.run(["migrate", "--vm", second, "--to", "127.0.0.1:\(port)", "--verify", "--json"])
+        let result = try CLI.run(["migrate", "--vm", socket(second), "--to", "127.0.0.1:\(port)", "--verify", "--json"])
         XCTAssertEqual(result.status, 0, result.stdout + result.stderr)
         let received = try XCTUnwrap(CLI.readLine(receiverOutput, timeout: 10))
         XCTAssertTrue(received.contains("received and running"), received)
@@ -108,7 +122,7 @@ final class MigrationFailureTests: XCTestCase {
     func testPortInUseAndNothingListening() throws {
         try requireKVMDevice()
         let holder = try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0))
-        let busy = try CLI.run(["receive", "--listen", "127.0.0.1:\(holder.localPort)", "--name", "busy\(getpid())"])
+        let busy = try CLI.run(["receive", "--listen", "127.0.0.1:\(holder.localPort)", "--control", socket("busy")])
         XCTAssertEqual(busy.status, 1)
         XCTAssertTrue(busy.stderr.contains("port is in use"), busy.stderr)
 
@@ -116,7 +130,7 @@ final class MigrationFailureTests: XCTestCase {
         let boot = try bootSource(source)
         defer { if boot.isRunning { boot.terminate() } }
         let port = try freePort()
-        let result = try CLI.run(["migrate", "--vm", source, "--to", "127.0.0.1:\(port)"])
+        let result = try CLI.run(["migrate", "--vm", socket(source), "--to", "127.0.0.1:\(port)"])
         XCTAssertEqual(result.status, 1)
         XCTAssertTrue(result.stdout.contains("nothing listens"), result.stdout + result.stderr)
         try assertRuns(source)

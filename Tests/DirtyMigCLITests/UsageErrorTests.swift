@@ -1,3 +1,4 @@
+import Foundation
 import XCTest
 
 /// Every kind of bad input in the list: a clear message naming the problem, exit status 2.
@@ -43,6 +44,19 @@ final class UsageErrorTests: XCTestCase {
         try expectUsageError(["boot", "--memory", "256M", "--workload", "0:write,ws=512M"], mentions: ["outside the", "workload area"])
         try expectUsageError(["boot", "--vcpus", "2", "--workload", "3:read"], mentions: ["vCPU 3", "2 vCPUs"])
         try expectUsageError(["boot", "--export-config", "x"], mentions: ["needs --export-image"])
+    }
+
+    func testNamesPortsAndListenFailuresSayWhatIsWrong() throws {
+        try expectUsageError(["migrate", "--vm", "x", "--to", "host:70000"], mentions: ["port 70000 is above 65535"])
+        try expectUsageError(["receive", "--listen", "host:65536"], mentions: ["port 65536 is above 65535"])
+        let unresolved = try CLI.run(["receive", "--listen", "nosuchhost.invalid:4444", "--control", NSTemporaryDirectory() + "dm-rx-\(getpid())/r.sock"])
+        XCTAssertEqual(unresolved.status, 1)
+        XCTAssertTrue(unresolved.stderr.contains("'nosuchhost.invalid': the name does not resolve"), unresolved.stderr)
+        XCTAssertFalse(unresolved.stderr.contains("connection failed") || unresolved.stderr.contains("No route to host"), unresolved.stderr)
+        XCTAssertFalse(unresolved.stderr.contains("dirtymig: dirtymig"), unresolved.stderr)
+        let foreign = try CLI.run(["receive", "--listen", "192.0.2.1:4444", "--control", NSTemporaryDirectory() + "dm-rx-\(getpid())/r.sock"])
+        XCTAssertEqual(foreign.status, 1)
+        XCTAssertTrue(foreign.stderr.contains("not one of this host's"), foreign.stderr)
     }
 
     func testHelpAndVersion() throws {

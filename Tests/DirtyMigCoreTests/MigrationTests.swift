@@ -200,7 +200,8 @@ final class MigrationEndingTests: XCTestCase {
                     try? socket.send(MigrationWire.frame(.iterationAck, Array(payload.prefix(4))))
                 case .complete?:
                     let message = Array("memory digest differs".utf8)
-                    var result: [UInt8] = [1] + [UInt8](repeating: 0, count: 8)
+                    // status (1: verification failed), verification ns, resume ns, message.
+                    var result: [UInt8] = [1] + [UInt8](repeating: 0, count: 16)
                     result += [UInt8(message.count), 0, 0, 0] + message
                     try? socket.send(MigrationWire.frame(.result, result))
                     return

@@ -59,6 +59,9 @@ struct ParsedArguments {
             case "N": _ = try count(option.name)
             case "HOST:PORT":
                 let value = string(option.name) ?? ""
+                if let colon = value.lastIndex(of: ":"), let port = Int(value[value.index(after: colon)...]), port > 65535 {
+                    throw error("--\(option.name) '\(value)': port \(port) is above 65535")
+                }
                 // An empty host (":4444") means every address; only --listen accepts it, and
                 // `migrate` checks --to for a host itself.
                 guard let colon = value.lastIndex(of: ":"), let port = Int(value[value.index(after: colon)...]),

@@ -35,15 +35,17 @@ enum OptionTable {
     static let ringEntries = OptionSpec(name: "ring-entries", value: "N", help: "dirty ring size per vCPU, a power of two 256-65536 (default 4096)")
     static let control = OptionSpec(name: "control", value: "PATH", help: "control socket path (default: per-user runtime directory, NAME.sock)", completion: .file)
     static let name = OptionSpec(name: "name", value: "NAME", help: "the VM's name, used for its control socket (default vm)")
+    static let detach = OptionSpec(name: "detach", value: nil, help: "run in the background: return once the socket serves, printing where (log next to the socket)")
+    static let plot = OptionSpec(name: "plot", value: "FILE", help: "draw the migration over time as an SVG picture", completion: .file)
 
     static let commands: [CommandSpec] = [
         CommandSpec(name: "boot", summary: "boot a VM running the workload guest and serve its control socket",
-                    synopsis: "dirtymig boot [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track bitmap|ring|quota] [--ring-entries N] [--control PATH] [--name NAME] [--export-image FILE [--export-config FILE]]",
-                    options: [memory, vcpus, workload, track, ringEntries, control, name,
+                    synopsis: "dirtymig boot [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track bitmap|ring|quota] [--ring-entries N] [--control PATH] [--name NAME] [--detach] [--export-image FILE [--export-config FILE]]",
+                    options: [memory, vcpus, workload, track, ringEntries, control, name, detach,
                               OptionSpec(name: "export-image", value: "FILE", help: "write the guest image (and with --export-config its config block), print the QEMU options that run it, and exit", completion: .file),
                               OptionSpec(name: "export-config", value: "FILE", help: "with --export-image: where to write the config block", completion: .file)]),
         CommandSpec(name: "migrate", summary: "live-migrate a running VM to a receiver, or (with neither --vm nor --to) run a whole local migration",
-                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--throttle MODE]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--throttle MODE] [--verify] [--json] [--stats FILE]   (a local migration)",
+                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--plot FILE] [--throttle MODE]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--throttle MODE] [--verify] [--json] [--stats FILE] [--plot FILE]   (a local migration)",
                     options: [vm, OptionSpec(name: "to", value: "HOST:PORT", help: "where a 'dirtymig receive' listens"),
                               OptionSpec(name: "bandwidth", value: "RATE", help: "cap on bytes sent per second (default unlimited)"),
                               OptionSpec(name: "downtime", value: "DURATION", help: "largest acceptable pause (default 300ms)"),
@@ -52,12 +54,13 @@ enum OptionTable {
                               OptionSpec(name: "verify", value: nil, help: "prove the destination equals the source at the pause"),
                               json,
                               OptionSpec(name: "stats", value: "FILE", help: "write one JSON line per pass", completion: .file),
+                              plot,
                               OptionSpec(name: "throttle", value: "MODE", help: "slow a guest that dirties faster than the link: auto (by --track), none, cpu, dirty-limit (ring), dirty-quota (quota)", completion: .choices(throttleChoices)),
                               memory, vcpus, workload, track]),
         CommandSpec(name: "receive", summary: "accept an incoming migration, then run and serve the VM",
-                    synopsis: "dirtymig receive --listen HOST:PORT [--control PATH] [--name NAME] [--once]",
-                    options: [OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on"), control, name,
-                              OptionSpec(name: "once", value: nil, help: "exit after one migration (non-zero if it failed)")]),
+                    synopsis: "dirtymig receive --listen HOST:PORT [--control PATH] [--name NAME] [--once] [--detach]",
+                    options: [OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on (:PORT for all addresses)"), control, name,
+                              OptionSpec(name: "once", value: nil, help: "exit after one migration (non-zero if it failed)"), detach]),
         CommandSpec(name: "dirtyrate", summary: "measure a running VM's dirty rate, per vCPU where the tracking mode allows",
                     synopsis: "dirtymig dirtyrate [--vm NAME|PATH] [--mode ring|bitmap|sample] [--interval DURATION] [--count N] [--json]",
                     options: [vm, OptionSpec(name: "mode", value: "MODE", help: "ring (per vCPU), bitmap (VM-wide) or sample (page hashing, any VM); default: the best the VM has", completion: .choices(modeChoices)),
@@ -70,6 +73,16 @@ enum OptionTable {
                               OptionSpec(name: "rate", value: "RATE", help: "the dirty-rate ceiling (ring: dirty limit; quota: dirty-quota exits)"),
                               OptionSpec(name: "cancel", value: nil, help: "remove the limit"),
                               OptionSpec(name: "show", value: nil, help: "list limit, current rate and throttle state per vCPU (the default)"), json]),
+        CommandSpec(name: "list", summary: "list the VMs (and receivers) running for this user, with their state",
+                    synopsis: "dirtymig list [--json]",
+                    options: [json]),
+        CommandSpec(name: "stop", summary: "stop a running VM or receiver (as SIGTERM would: a migration under way is cancelled first)",
+                    synopsis: "dirtymig stop [--vm NAME|PATH] [--timeout DURATION]",
+                    options: [vm, OptionSpec(name: "timeout", value: "DURATION", help: "how long to wait for it to end (default 10s)")]),
+        CommandSpec(name: "plot", summary: "draw a migration from its saved report (migrate --json) or stats file (migrate --stats) as SVG",
+                    synopsis: "dirtymig plot --from FILE [--output FILE]",
+                    options: [OptionSpec(name: "from", value: "FILE", help: "a 'migrate --json' report, or a 'migrate --stats' file", completion: .file),
+                              OptionSpec(name: "output", value: "FILE", help: "where to write the SVG (default: FILE with .svg)", completion: .file)]),
     ]
 
     static func command(_ name: String) -> CommandSpec? { commands.first { $0.name == name } }

@@ -13,6 +13,7 @@ enum BootCommand {
         var name = ControlSocketPath.defaultName
         var exportImage: String?
         var exportConfig: String?
+        var detach = false
     }
 
     /// Everything that can be checked without touching KVM; failures are usage errors (exit 2).
@@ -57,6 +58,7 @@ enum BootCommand {
         } catch {
             throw arguments.error("--workload: \(error.message)")
         }
+        options.detach = arguments.has("detach")
         options.exportImage = arguments.string("export-image")
         options.exportConfig = arguments.string("export-config")
         if options.exportConfig != nil && options.exportImage == nil {
@@ -68,6 +70,7 @@ enum BootCommand {
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
         let options = try options(arguments)
         if let image = options.exportImage { return try export(options, image: image) }
+        if options.detach { return try Detach.run(controlPath: options.control, name: options.name, state: "running") }
 
         let kvm: KVMSystem
         do { kvm = try KVMSystem() } catch { throw RuntimeFailure("\(error)") }

@@ -12,6 +12,7 @@ enum MigrateCommand {
         var migration = MigrationOptions(destination: HostPort(host: "127.0.0.1", port: 0))
         var json = false
         var stats: String?
+        var plot: String?
         var bandwidth: UInt64? { migration.bandwidth }
         var downtime: Double { migration.downtimeSeconds }
         var maxIterations: Int { migration.maxIterations }
@@ -42,6 +43,7 @@ enum MigrateCommand {
         options.migration.verify = arguments.has("verify")
         options.json = arguments.has("json")
         options.stats = arguments.string("stats")
+        options.plot = arguments.string("plot")
         let embedded = options.to == nil && arguments.string("vm") == nil
         if options.to == nil && !embedded {
             throw arguments.error("--vm needs --to HOST:PORT (where 'dirtymig receive' listens)")
@@ -67,7 +69,12 @@ enum MigrateCommand {
             report = try migrateLocally(BootCommand.options(arguments), options: options, stop: stop, interrupted: interrupted)
         }
         if let stats = options.stats { try writeStats(report, to: stats) }
+        if let plot = options.plot { try PlotCommand.write(MigrationPlot.svg(report: report), to: plot) }
         emit(options.json ? report.serialized() : ReportTable.render(report))
+        if let over = report["downtime_exceeded_ms"]?.doubleValue {
+            printError(String(format: "dirtymig migrate: warning: the downtime was %.1f ms, %.1f ms over --downtime %@ (downtime_parts says where it went)",
+                              report["downtime_ms"]?.doubleValue ?? 0, over, HumanNumber.milliseconds(options.downtime * 1000)))
+        }
         if report["status"]?.stringValue == "completed" { return 0 }
         return interrupted.isRaised ? 130 : 1
     }
@@ -181,95 +188,4 @@ final class ReceivedMachine: @unchecked Sendable {
     private var result: Result<Machine, Error>?
     func set(_ value: Result<Machine, Error>) { lock.lock(); result = value; lock.unlock() }
     var machine: Machine? { lock.lock(); defer { lock.unlock() }; return try? result?.get() }
-}
-
-/// One progress line on a terminal, redrawn four times a second; nothing when stdout is not one.
-final class ProgressLine: @unchecked Sendable {
-    // @unchecked: `running` is guarded by `lock`.
-    private let lock = NSLock()
-    private var running = true
-    private var thread: OSThread?
-
-    static func start(_ makeSource: () -> (@Sendable () -> JSONValue?)?) -> ProgressLine? {
-        guard isatty(STDOUT_FILENO) == 1, let source = makeSource() else { return nil }
-        let line = ProgressLine()
-        line.thread = OSThread(name: "progress") { [line] in
-            while line.isRunning {
-                if let progress = source(), let text = render(progress) {
-                    FileHandle.standardOutput.write(Data(("\r\u{1B}[K" + text).utf8))
-                }
-                usleep(250_000)
-            }
-            FileHandle.standardOutput.write(Data("\r\u{1B}[K".utf8))
-        }
-        return line
-    }
-
-    private var isRunning: Bool { lock.lock(); defer { lock.unlock() }; return running }
-
-    func finish() {
-        lock.lock(); running = false; lock.unlock()
-        thread?.join()
-    }
-
-    static func render(_ progress: JSONValue) -> String? {
-        guard let phase = progress["phase"]?.stringValue, phase != "none" else { return nil }
-        let sent = (progress["sent_bytes"]?.doubleValue ?? 0) / 1_048_576
-        let remaining = (progress["remaining_pages"]?.doubleValue ?? 0) * 4096 / 1_048_576
-        return String(format: "%@  pass %d  sent %.0f MiB  remaining %.0f MiB  %.0f MiB/s  dirty %.0f pages/s  expected downtime %.0f ms",
-                      phase, Int(progress["iteration"]?.doubleValue ?? 0), sent, remaining,
-                      progress["throughput_mib_s"]?.doubleValue ?? 0, progress["dirty_pages_s"]?.doubleValue ?? 0,
-                      progress["expected_downtime_ms"]?.doubleValue ?? 0)
-    }
-}
-
-/// The report as a two-column table.
-enum ReportTable {
-    static func render(_ report: JSONValue) -> String {
-        var lines: [String] = []
-        func row(_ key: String, _ value: String) { lines.append(key.padding(toLength: 22, withPad: " ", startingAt: 0) + value) }
-        func number(_ key: String, _ format: String = "%.1f") -> String {
-            report[key]?.doubleValue.map { String(format: format, $0) } ?? "-"
-        }
-        row("status", report["status"]?.stringValue ?? "-")
-        if let error = report["error"]?.stringValue { row("error", error) }
-        row("destination", report["destination"]?.stringValue ?? "-")
-        row("track", report["track"]?.stringValue ?? "-")
-        row("total", number("total_ms") + " ms")
-        row("setup", number("setup_ms") + " ms")
-        row("downtime", number("downtime_ms") + " ms")
-        row("iterations", number("iterations", "%.0f"))
-        row("transferred", String(format: "%.1f MiB", (report["transferred_bytes"]?.doubleValue ?? 0) / 1_048_576))
-        row("pages", "\(number("normal_pages", "%.0f")) normal, \(number("zero_pages", "%.0f")) zero")
-        row("throughput", number("throughput_mib_s") + " MiB/s")
-        row("dirty rate (last)", number("dirty_pages_s", "%.0f") + " pages/s")
-        row("verify", (report["verify"]?.stringValue ?? "-") + (report["verify"]?.stringValue == "off" ? "" : " (\(number("verify_ms")) ms, \(number("verify_pause_ms")) ms of it while paused)"))
-        row("ring overruns", number("ring_overruns", "%.0f"))
-        for vcpu in report["vcpus"]?.arrayValue ?? [] {
-            let id = Int(vcpu["id"]?.doubleValue ?? 0)
-            let before = vcpu["guest_pages_s_before"]?.doubleValue ?? 0
-            let during = vcpu["guest_pages_s_during"]?.doubleValue ?? 0
-            row("vCPU \(id) guest pages/s", String(format: "%.0f before, %.0f during", before, during))
-        }
-        let throttle = report["throttle"]
-        var throttleText = throttle?["kind"]?.stringValue ?? "-"
-        if let started = throttle?["started_s"]?.doubleValue {
-            throttleText += String(format: ", from %.1f s (in pass %d), tightened %d times", started,
-                                   Int(throttle?["started_in_pass"]?.doubleValue ?? 0), Int(throttle?["tightened"]?.doubleValue ?? 0))
-            if let final = throttle?["final"] {
-                if let cpu = final["cpu_percent"]?.doubleValue { throttleText += String(format: "; final %.0f %% CPU", cpu) }
-                if let ceilings = final["ceiling_mib_s"]?.arrayValue {
-                    throttleText += "; final ceilings " + ceilings.map { String(format: "%.1f", $0.doubleValue ?? 0) }.joined(separator: "/") + " MiB/s"
-                }
-            }
-        } else if throttle?["kind"]?.stringValue != "none" {
-            throttleText += ", not needed"
-        }
-        row("throttle", throttleText)
-        if let after = report["destination_guest_pages_s"]?.arrayValue {
-            row("after, at destination", after.enumerated().map { String(format: "vCPU %d %.0f", $0.offset, $0.element.doubleValue ?? 0) }
-                .joined(separator: ", ") + " guest pages/s")
-        }
-        return lines.joined(separator: "\n")
-    }
 }

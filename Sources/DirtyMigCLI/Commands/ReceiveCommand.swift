@@ -18,6 +18,7 @@ enum ReceiveCommand {
         }
         let controlPath = arguments.string("control") ?? ControlSocketPath.path(forName: name)
         let once = arguments.has("once")
+        if arguments.has("detach") { return try Detach.run(controlPath: controlPath, name: name, state: "listening") }
 
         let kvm: KVMSystem
         do { kvm = try KVMSystem() } catch { throw RuntimeFailure("\(error)") }
@@ -37,15 +38,20 @@ enum ReceiveCommand {
         }
         // SIGINT/SIGTERM while listening ends the run; during an incoming migration it aborts it
         // (the source is told and resumes; see MigrationReceiver's commit point).
+        let shown = HostPort(host: endpoint.host.isEmpty ? "*" : endpoint.host, port: receiver.port)
         let stopping = StopFlagBox()
         stop.onSignal { stopping.raise(); receiver.stop() }
         server.register("query-status") { (_: JSONValue) throws(ControlError) in
             let peer = receiver.activePeer
-            return ["name": .string(vmName), "state": peer == nil ? "listening" : "receiving",
-                    "listen": .string(endpoint.description), "from": peer.map { .string($0) } ?? .null]
+            return ["name": .string(vmName), "state": peer == nil ? "listening" : "receiving", "pid": .number(Int(getpid())),
+                    "listen": .string(shown.description), "from": peer.map { .string($0) } ?? .null]
+        }
+        // `quit` (what `dirtymig stop` sends) does what SIGTERM does.
+        server.register("quit") { (_: JSONValue, context: ControlContext) throws(ControlError) in
+            context.afterReply { stopping.raise(); receiver.stop() }
+            return ["stopping": true]
         }
         server.serve()
-        let shown = HostPort(host: endpoint.host.isEmpty ? "*" : endpoint.host, port: receiver.port)
         emit("dirtymig: listening for a migration on \(shown); control socket \(controlPath)")
 
         while true {

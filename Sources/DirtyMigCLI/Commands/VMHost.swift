@@ -11,12 +11,16 @@ enum VMHost {
             printError("dirtymig: the VM stopped: \(error)")
             done.signal()
         }
-        MachineControl.register(on: server, machine: machine) { done.signal() }
-        LimitControl.register(on: server, machine: machine)
         let migrations = MigrationControl.register(on: server, machine: machine) {
             printError("dirtymig: the VM was migrated; it runs at the destination now")
             done.signal()
         }
+        // `quit` (what `dirtymig stop` sends) does what SIGTERM does.
+        MachineControl.register(on: server, machine: machine) {
+            migrations.cancel(reason: "the source was asked to quit: the migration was cancelled, the destination discarded its copy, and the VM stopped at the source")
+            done.signal()
+        }
+        LimitControl.register(on: server, machine: machine)
         // SIGINT/SIGTERM: a migration under way is cancelled first (the destination is told and
         // discards its copy), then the VM stops as it does when idle. Stopping the control
         // server waits for the `migrate` command's thread, which the cancel ends within a batch.

@@ -241,7 +241,7 @@ public final class ControlClient: Sendable {
         return MonotonicClock.nanoseconds() + UInt64(min(seconds, 1e9) * 1e9)
     }
 
-    static func format(_ seconds: Double) -> String {
+    public static func format(_ seconds: Double) -> String {
         seconds == seconds.rounded() ? String(Int(seconds)) : String((seconds * 1000).rounded() / 1000)
     }
 }

@@ -187,7 +187,7 @@ public final class ControlServer: Sendable {
     }
 
     /// The directory part of a path ("." for a bare file name).
-    static func directory(of path: String) -> String {
+    public static func directory(of path: String) -> String {
         guard let slash = path.utf8.lastIndex(of: UInt8(ascii: "/")) else { return "." }
         let directory = String(path[..<slash])
         return directory.isEmpty ? "/" : directory
@@ -199,7 +199,7 @@ public final class ControlServer: Sendable {
     /// socket is 0600 too, but a loose directory lets others replace it). The advice differs:
     /// the default directory is dirtymig's to fix; a directory the user named with --control is
     /// theirs, and "chmod 700 /tmp" or "remove /tmp" would be terrible advice.
-    static func preparePrivateDirectory(_ directory: String, isDefault: Bool) throws(SetupError) {
+    public static func preparePrivateDirectory(_ directory: String, isDefault: Bool) throws(SetupError) {
         var info = stat()
         // lstat: a symbolic link planted in /tmp must not steer the socket elsewhere.
         if lstat(directory, &info) != 0 {

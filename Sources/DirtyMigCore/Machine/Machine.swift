@@ -125,7 +125,11 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         if boot == .incoming && !restored { throw .state(.notRestored) }
         do { try tracker?.start() } catch { throw .kvm(error) }
         startTime = MonotonicClock.nanoseconds()
-        for runner in runners { runner.start() }
+        // Every thread is made first, held, and then all are let into the guest: a thread
+        // made while earlier vCPUs already ran had to wait for a core to say it had started
+        // (64 busy vCPUs on 2 cores: 6-7 s to start a received VM, all of it downtime).
+        for runner in runners { runner.start(held: true) }
+        for runner in runners { runner.resume() }
         state = .running
     }
 
@@ -134,7 +138,10 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     public func pause() {
         lock.lock(); defer { lock.unlock() }
         guard state == .running else { return }
-        for runner in runners { runner.pause() }
+        // Every vCPU is asked first, then each is waited for: asked and waited for one at a
+        // time, 64 busy vCPUs on 2 cores took 1.6 s to pause, each waiting its turn on a core.
+        for runner in runners { runner.requestPause() }
+        for runner in runners { runner.waitUntilPaused() }
         state = .paused
     }
 

@@ -42,6 +42,7 @@ public enum MachineControl {
         return [
             "name": .string(configuration.name),
             "state": .string(machine.events.firstFailure == nil ? "running" : "failed"),
+            "pid": .number(Int(getpid())),
             "error": failure,
             "memory_bytes": .number(configuration.memorySize),
             "vcpus": .number(configuration.vcpuCount),

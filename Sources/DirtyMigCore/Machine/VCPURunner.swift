@@ -34,8 +34,11 @@ final class VCPURunner: @unchecked Sendable {
         self.events = events
     }
 
-    func start() {
+    /// Starts the vCPU's thread. `held`: it waits, paused, for `resume()` before it first enters
+    /// the guest (see `Machine.start`).
+    func start(held: Bool = false) {
         KickSignal.install()
+        if held { pauseRequested.store(true, ordering: .releasing) }
         thread = OSThread(name: "vcpu-\(vcpu.id)") { [self] in runLoop() }
     }
 
@@ -55,10 +58,21 @@ final class VCPURunner: @unchecked Sendable {
     /// Returns once the vCPU is out of KVM_RUN with its last exit completed, so that its state
     /// can be read (or its thread has ended).
     func pause() {
+        requestPause()
+        waitUntilPaused()
+    }
+
+    /// Asks the vCPU out of the guest without waiting (see `Machine.pause`).
+    func requestPause() {
         pauseRequested.store(true, ordering: .releasing)
         kick()
         condition.lock()
         condition.broadcast()   // a vCPU waiting out a throttle hold stops waiting
+        condition.unlock()
+    }
+
+    func waitUntilPaused() {
+        condition.lock()
         while !paused && !finished && !parkedOut { condition.wait() }
         condition.unlock()
     }

@@ -110,6 +110,21 @@ extension GuestMemory {
         return pages
     }
 
+    /// Writes `count` bytes at RAM offset `offset` through the memory file (pwrite), not through
+    /// the mapping: the page cache takes them with no page fault in this process. A receiver
+    /// filling fresh memory is bound by faults on this machine (1 GiB of cold memfd: touching
+    /// every page through the mapping 1.1-1.2 s, pwrite 0.66-0.72 s, one thread each), and the
+    /// destination's mapping is not used until the VM runs, when KVM maps what the guest touches.
+    public func write(_ source: UnsafeRawPointer, count: Int, at offset: UInt64) throws(SystemError) {
+        var done = 0
+        while done < count {
+            let written = pwrite(fd.rawValue, source + done, count - done, off_t(offset) + off_t(done))
+            if written > 0 { done += written; continue }
+            if written < 0 && errno == EINTR { continue }
+            throw SystemError("pwrite \(count - done) bytes of guest memory at \(offset + UInt64(done))")
+        }
+    }
+
     /// Allocates the host pages behind a RAM range now (MADV_POPULATE_WRITE) rather than at the
     /// guest's first touch, which under nested/paravirtual KVM costs tens of microseconds a page
     /// and would make a workload's first pass slower than its configured rate.

@@ -33,6 +33,16 @@ struct LandedPagesDigest {
         nanoseconds += MonotonicClock.nanoseconds() - start
     }
 
+    /// Pages `pages` were just written with the bytes at `source` (still in cache).
+    mutating func landed(_ pages: Range<Int>, from source: UnsafeRawPointer) {
+        let start = MonotonicClock.nanoseconds()
+        for (index, page) in pages.enumerated() {
+            let hash = PageSampler.hashPage(source + index * 4096)
+            replace(page, with: MemoryDigest.contribution(page: page, hash: hash))
+        }
+        nanoseconds += MonotonicClock.nanoseconds() - start
+    }
+
     /// Page `page` is all zero now.
     mutating func zeroed(_ page: Int) {
         replace(page, with: MemoryDigest.contribution(page: page, hash: zeroHash))

@@ -23,7 +23,8 @@ public enum MigrationWire {
     /// "DMIG" at the start of every hello: a stream that does not start with it is not ours.
     public static let magic: UInt32 = 0x4749_4D44
     /// 2: the passPlan frame. 3: hello's flags (the destination hashes pages as they land).
-    public static let version: UInt32 = 3
+    /// 4: the result frame says how long the destination took to resume the VM.
+    public static let version: UInt32 = 4
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -54,7 +55,7 @@ public enum MigrationFrameType: UInt32, Sendable {
         case .passPlan: return 4 + 8 * Int(GuestLayout.maxAddressableBytes / GuestLayout.pageSize / 64)
         case .state: return MigrationWire.maxStateBytes
         case .complete: return 17
-        case .result: return 16 + MigrationWire.maxStringBytes
+        case .result: return 24 + MigrationWire.maxStringBytes
         }
     }
 }
@@ -292,17 +293,21 @@ public struct MigrationResult: Sendable, Equatable {
     public var status: Status
     /// What verification cost the receiver (hashing its memory), in nanoseconds.
     public var verifyNanoseconds: UInt64
+    /// What the destination spent, after the complete frame, to check, restore and start the VM
+    /// (the report's downtime_parts.destination_ms).
+    public var resumeNanoseconds: UInt64
     public var message: String
 
     func encode() -> [UInt8] {
         var writer = WireWriter()
-        writer.u8(status.rawValue); writer.u64(verifyNanoseconds); writer.string(message)
+        writer.u8(status.rawValue); writer.u64(verifyNanoseconds); writer.u64(resumeNanoseconds); writer.string(message)
         return writer.bytes
     }
 
-    init(status: Status, verifyNanoseconds: UInt64 = 0, message: String = "") {
+    init(status: Status, verifyNanoseconds: UInt64 = 0, resumeNanoseconds: UInt64 = 0, message: String = "") {
         self.status = status
         self.verifyNanoseconds = verifyNanoseconds
+        self.resumeNanoseconds = resumeNanoseconds
         self.message = message
     }
 
@@ -311,6 +316,7 @@ public struct MigrationResult: Sendable, Equatable {
         guard let status = Status(rawValue: try reader.u8()) else { throw .malformed("result status") }
         self.status = status
         verifyNanoseconds = try reader.u64()
+        resumeNanoseconds = try reader.u64()
         message = try reader.string()
         try reader.finish()
     }
@@ -396,6 +402,8 @@ final class MigrationChannel: Sendable {
 /// Why a migration failed, in words that say what to do.
 public enum MigrationError: Error, CustomStringConvertible {
     case connection(SystemError)
+    /// The receiver could not listen where it was asked to.
+    case listen(SystemError)
     case protocolError(MigrationProtocolError)
     case refused(String)
     case peerAborted(String)
@@ -410,10 +418,22 @@ public enum MigrationError: Error, CustomStringConvertible {
     public var description: String {
         switch self {
         case .connection(let error):
+            if let host = TCPSocket.unresolvedHost(error) {
+                return "the destination's name '\(host)' does not resolve (\(TCPSocket.resolverReason(error))); check --to"
+            }
             switch error.errno {
             case ECONNREFUSED: return "nothing listens at the destination (\(error.operation)); start 'dirtymig receive --listen HOST:PORT' there first"
-            case EADDRINUSE: return "\(error.operation): the port is in use; choose another with --listen HOST:PORT"
             default: return "connection failed: \(error)"
+            }
+        case .listen(let error):
+            if let host = TCPSocket.unresolvedHost(error) {
+                return "cannot listen on '\(host)': the name does not resolve (\(TCPSocket.resolverReason(error))); use one of this host's names or addresses, or :PORT for all"
+            }
+            switch error.errno {
+            case EADDRINUSE: return "\(error.operation): the port is in use; choose another with --listen HOST:PORT"
+            case EADDRNOTAVAIL: return "\(error.operation): that address is not one of this host's; use one of its addresses, or :PORT for all"
+            case EACCES: return "\(error.operation): ports below 1024 need privileges; choose a port from 1024 up"
+            default: return "cannot listen: \(error)"
             }
         case .protocolError(let error): return error.description
         case .refused(let why): return "the destination refused the migration: \(why)"

@@ -89,10 +89,10 @@ public final class MigrationReceiver: Sendable {
     public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
                               log: @escaping @Sendable (String) -> Void = { _ in }) throws(MigrationError) -> MigrationReceiver {
         do { return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits, log: log) } catch {
-            if error.errno == EADDRINUSE {
-                throw .connection(SystemError("listen on \(endpoint)", errno: EADDRINUSE))
+            if error.errno == EADDRINUSE || error.errno == EADDRNOTAVAIL || error.errno == EACCES {
+                throw .listen(SystemError("listen on \(endpoint)", errno: error.errno))
             }
-            throw .connection(error)
+            throw .listen(error)
         }
     }
 
@@ -400,6 +400,7 @@ enum IncomingMigration {
 
             case .awaitingCompletion(let vm, let pages, let stateBytes):
                 let completion = try channel.receive(.complete, MigrationCompletion.init(decoding:))
+                let completed = MonotonicClock.nanoseconds()
                 var verifyNanoseconds: UInt64 = 0
                 if completion.verify {
                     let start = MonotonicClock.nanoseconds()
@@ -435,7 +436,8 @@ enum IncomingMigration {
                     throw .machine(message)
                 }
                 do {
-                    try channel.send(.result, MigrationResult(status: .resumed, verifyNanoseconds: verifyNanoseconds).encode())
+                    try channel.send(.result, MigrationResult(status: .resumed, verifyNanoseconds: verifyNanoseconds,
+                                                              resumeNanoseconds: MonotonicClock.nanoseconds() - completed).encode())
                 } catch {
                     // The source never learns that we run the VM; it resumes its own copy. Two
                     // copies must never run: drop ours.

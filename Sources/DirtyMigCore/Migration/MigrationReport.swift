@@ -93,7 +93,8 @@ public struct MigrationPass: Sendable {
 
 /// Live progress, for the progress line.
 public struct MigrationProgress: Sendable {
-    public var phase: String = "setup"
+    /// starting, measuring the guest, connecting, pre-copy, stop-and-copy, completed, failed.
+    public var phase: String = "starting"
     public var iteration = 0
     public var sentBytes: UInt64 = 0
     public var remainingPages: UInt64 = 0
@@ -138,8 +139,19 @@ public struct MigrationReport: Sendable {
     public var guestPagesPerSecondDuring: [Double] = []
     public var passes: [MigrationPass] = []
     public var throttle = ThrottleReport()
+    /// `--downtime`: the limit the pre-copy rule aimed under.
+    public var downtimeLimitSeconds: Double = 0
+    /// Where the downtime went (nil until the VM was paused).
+    public var downtimeParts: DowntimeParts?
+    /// Samples about every 100 ms, for `--plot` and scripts.
+    public var timeline: [MigrationSample] = []
 
     public init() {}
+
+    /// How far the downtime went past `--downtime`, if it did.
+    public var downtimeExceededSeconds: Double? {
+        downtimeParts != nil && downtimeSeconds > downtimeLimitSeconds ? downtimeSeconds - downtimeLimitSeconds : nil
+    }
 
     public var throughputMiBPerSecond: Double {
         totalSeconds > 0 ? Double(transferredBytes) / 1_048_576 / totalSeconds : 0
@@ -167,7 +179,62 @@ public struct MigrationReport: Sendable {
             "track": track.map { .string($0.rawValue) } ?? .null, "ring_overruns": .number(ringOverruns),
             "vcpus": .array(vcpus),
             "throttle": throttle.json,
+            "downtime_limit_ms": .number(downtimeLimitSeconds * 1000),
+            "downtime_exceeded_ms": downtimeExceededSeconds.map { .number($0 * 1000) } ?? .null,
+            "downtime_parts": downtimeParts?.json ?? .null,
             "passes": .array(passes.map(\.json)),
+            "timeline": .array(timeline.map(\.json)),
+        ]
+    }
+}
+
+/// Where a migration's downtime went, from pausing the source's vCPUs to the destination's word
+/// that the VM runs there. The parts add up to the downtime.
+public struct DowntimeParts: Sendable, Equatable {
+    /// Taking every vCPU out of the guest (kick, wait for its exit to complete).
+    public var pauseSeconds: Double = 0
+    /// Collecting the last dirty pages, sending them, and the destination's acknowledgement.
+    public var lastPagesSeconds: Double = 0
+    /// Saving every vCPU's and the devices' state, and sending it.
+    public var stateSeconds: Double = 0
+    /// --verify: hashing all of RAM at the source.
+    public var verifySeconds: Double = 0
+    /// At the destination: comparing digests, restoring the state, starting the vCPUs.
+    public var destinationSeconds: Double = 0
+    /// The rest: the final round trip and scheduling.
+    public var otherSeconds: Double = 0
+
+    public init() {}
+
+    public var json: JSONValue {
+        [
+            "pause_ms": .number(pauseSeconds * 1000), "last_pages_ms": .number(lastPagesSeconds * 1000),
+            "state_ms": .number(stateSeconds * 1000), "verify_ms": .number(verifySeconds * 1000),
+            "destination_ms": .number(destinationSeconds * 1000), "other_ms": .number(otherSeconds * 1000),
+        ]
+    }
+}
+
+/// One point of a migration's timeline.
+public struct MigrationSample: Sendable, Equatable {
+    public var seconds: Double
+    public var phase: String
+    public var pass: Int
+    public var sentBytes: UInt64
+    public var remainingBytes: UInt64
+    public var throughputMiBPerSecond: Double
+    public var dirtyPagesPerSecond: Double?
+    public var expectedDowntimeSeconds: Double?
+    public var throttlePercent: Double
+    public var paused: Bool
+
+    public var json: JSONValue {
+        [
+            "t_s": .number(seconds), "phase": .string(phase), "pass": .number(pass), "sent_bytes": .number(sentBytes),
+            "remaining_bytes": .number(remainingBytes), "throughput_mib_s": .number(throughputMiBPerSecond),
+            "dirty_pages_s": dirtyPagesPerSecond.map { .number($0) } ?? .null,
+            "expected_downtime_ms": expectedDowntimeSeconds.map { .number($0 * 1000) } ?? .null,
+            "throttle_percent": .number(throttlePercent), "paused": .bool(paused),
         ]
     }
 }

@@ -26,6 +26,11 @@ public final class MigrationSender: Sendable {
         var cancelReason: String?
     }
 
+    /// What switching one vCPU over costs while paused: pausing and saving it here, restoring
+    /// and starting it at the destination. Measured with 64 idle vCPUs on this machine: pause
+    /// 12 ms, save 4, restore 5, start 9 (30 ms, about 0.5 ms a vCPU).
+    static let perVCPUSwitchSeconds = 0.0005
+
     /// What a cancel says when no reason is given.
     public static let cancelledReason = "the migration was cancelled; the VM runs on here"
 
@@ -60,7 +65,8 @@ public final class MigrationSender: Sendable {
 
     private var cancelReason: String { link.withLock { $0.cancelReason } ?? MigrationSender.cancelledReason }
 
-    private func update(_ body: (inout MigrationProgress) -> Void) { live.withLock { body(&$0) } }
+    @discardableResult
+    private func update<T>(_ body: (inout MigrationProgress) -> T) -> T { live.withLock { body(&$0) } }
 
     /// Runs the whole migration. On `completed`, the destination runs the VM and the caller
     /// should stop the source; otherwise the source VM is running, as before.
@@ -77,12 +83,28 @@ public final class MigrationSender: Sendable {
             return report
         }
         let throttle = MigrationThrottle(mode: throttleMode, machine: machine, pooled: options.quotaPool)
+        report.downtimeLimitSeconds = options.downtimeSeconds
         update { $0.phase = "measuring the guest" }
         let before = guestPace(over: 0.5)
-        update { $0.phase = "setup" }
+        update { $0.phase = "connecting" }
         report.guestPagesPerSecondBefore = before
         let started = MonotonicClock.nanoseconds()
         let guestAtStart = machine.guestStats().vcpus.map(\.pages)
+        let machine = self.machine
+        let timeline = MigrationTimeline(
+            started: started, read: { [self] in progress },
+            publish: { [self] throughput, dirty in
+                update { progress in
+                    progress.throughputBytesPerSecond = throughput
+                    if let dirty { progress.dirtyPagesPerSecond = dirty }
+                }
+            },
+            throttlePercent: {
+                let status = machine.throttleStatus()
+                let held = status.map(\.heldFraction).reduce(0, +) / Double(max(status.count, 1)) * 100
+                return max(Double(machine.cpuThrottle.percent), held)
+            },
+            dirtyPages: { machine.configuration.tracking?.usesDirtyRing == true ? machine.tracker?.counters().totalPages : nil })
         var paused = false
         do {
             try migrate(&report, started: started, paused: &paused, guestAtStart: guestAtStart, throttle: throttle,
@@ -91,6 +113,8 @@ public final class MigrationSender: Sendable {
             if options.verify { report.verify = "passed" }
         } catch {
             report.error = error.description
+            // What was sent before the failure, the pass in flight included.
+            report.transferredBytes = max(report.transferredBytes, progress.sentBytes)
             if case .verifyFailed = error { report.verify = "failed" } else if options.verify { report.verify = "not reached" }
             throttle.remove()   // before the guest runs again at full speed here
             if paused { machine.resume() }
@@ -104,7 +128,16 @@ public final class MigrationSender: Sendable {
             }
         }
         report.totalSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
-        update { $0.phase = report.completed ? "completed" : "failed" }
+        let end = update { progress -> MigrationProgress in
+            progress.phase = report.completed ? "completed" : "failed"
+            progress.sentBytes = max(progress.sentBytes, report.transferredBytes)
+            if report.completed { progress.remainingPages = 0 }
+            return progress
+        }
+        report.timeline = timeline.finish(final: MigrationSample(
+            seconds: report.totalSeconds, phase: end.phase, pass: end.iteration, sentBytes: end.sentBytes,
+            remainingBytes: end.remainingPages * 4096, throughputMiBPerSecond: 0,
+            dirtyPagesPerSecond: nil, expectedDowntimeSeconds: nil, throttlePercent: 0, paused: false))
         return report
     }
 
@@ -194,9 +227,14 @@ public final class MigrationSender: Sendable {
         }
         /// Ends a pass; waits for the receiver to have it all (socket buffers hold megabytes,
         /// which a receiver faulting in fresh pages may need tens of milliseconds to drain).
+        // The shortest wait for an acknowledgement seen so far: what the final one will cost at
+        // least (a round trip, and the destination draining what is in flight).
+        var acknowledgementSeconds = Double.infinity
         func endPass(_ iteration: Int) throws(MigrationError) {
+            let sentEnd = MonotonicClock.nanoseconds()
             try channel.send(.iterationEnd, MigrationPassEnd(pass: UInt32(iteration)).encode())
             let acknowledged = try channel.receive(.iterationAck, MigrationPassEnd.init(decodingAck:)).pass
+            acknowledgementSeconds = min(acknowledgementSeconds, Double(MonotonicClock.nanoseconds() - sentEnd) / 1e9)
             guard acknowledged == UInt32(iteration) else {
                 throw .protocolError(.unexpected("an acknowledgement of pass \(acknowledged) after pass \(iteration)"))
             }
@@ -276,7 +314,12 @@ public final class MigrationSender: Sendable {
             if sent.bytes >= 1 << 20 || bandwidth == 0 { bandwidth = Double(sent.bytes) / seconds }
             if let cap = options.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
             let dirtyPages = UInt64(dirty.count)
+            // Everything the pause will hold: the last pages, the source's hash, pausing and
+            // saving every vCPU here and restoring and starting it there, and two more round trips
+            // (the last pass's acknowledgement and the result).
             let expected = Double(dirtyPages) * 4096 / max(bandwidth, 1) + verifyEstimate
+                + Self.perVCPUSwitchSeconds * Double(machine.configuration.vcpuCount)
+                + 2 * (acknowledgementSeconds.isFinite ? acknowledgementSeconds : 0)
             var pass = MigrationPass(
                 iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
                 bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,
@@ -293,11 +336,12 @@ public final class MigrationSender: Sendable {
             }
             pass.throttle = throttle.level
             report.passes.append(pass)
+            report.iterations = iteration   // so a migration that fails later reports what it did
             report.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
             passLog(pass)
             update {
                 $0.sentBytes = report.transferredBytes; $0.remainingPages = dirtyPages
-                $0.throughputBytesPerSecond = bandwidth; $0.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
+                if machine.configuration.tracking?.usesDirtyRing != true { $0.dirtyPagesPerSecond = pass.dirtyPagesPerSecond }
                 $0.expectedDowntimeSeconds = expected
             }
             pending = dirty
@@ -315,8 +359,17 @@ public final class MigrationSender: Sendable {
         report.guestPagesPerSecondDuring = zip(machine.guestStats().vcpus.map(\.pages), guestAtStart).map {
             Double($0 &- $1) / max(Double(pauseStart - started) / 1e9, 1e-9)
         }
+        var parts = DowntimeParts()
+        var mark = pauseStart
+        func lap() -> Double {
+            let now = MonotonicClock.nanoseconds()
+            defer { mark = now }
+            return Double(now - mark) / 1e9
+        }
         machine.pause()
         paused = true
+        parts.pauseSeconds = lap()
+        report.downtimeParts = parts
         // What the last pass left dirty, plus what the guest wrote between that collection and
         // the pause.
         let (last, lastLost) = try collect()
@@ -326,6 +379,8 @@ public final class MigrationSender: Sendable {
         tally(finalSent)
         iteration += 1
         try endPass(iteration)
+        parts.lastPagesSeconds = lap()
+        report.downtimeParts = parts
         report.passes.append(MigrationPass(
             iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
             bytesSent: finalSent.bytes, pagesSent: finalSent.normalPages + finalSent.zeroPages, pagesDirtied: 0,
@@ -337,14 +392,16 @@ public final class MigrationSender: Sendable {
         do { stateBytes = try machine.saveState().encode() } catch { throw .machine("cannot save the vCPU state: \(error)") }
         try channel.send(.state, stateBytes)
         report.transferredBytes += UInt64(stateBytes.count)
+        parts.stateSeconds = lap()
         var complete = MigrationCompletion(verify: options.verify, memoryDigest: 0, stateDigest: 0)
         if options.verify {
-            let verifyStart = MonotonicClock.nanoseconds()
             complete.memoryDigest = MemoryDigest.compute(machine.memory)
             complete.stateDigest = MemoryDigest.hash(stateBytes)
-            report.verifyPauseSeconds = Double(MonotonicClock.nanoseconds() - verifyStart) / 1e9
+            parts.verifySeconds = lap()
+            report.verifyPauseSeconds = parts.verifySeconds
             report.verifySeconds += report.verifyPauseSeconds
         }
+        report.downtimeParts = parts
         // The commit point: once `complete` is out, the destination may resume the VM at any
         // moment, so a cancel (or SIGTERM) can no longer take it back; before it, one still can.
         let lateCancel = link.withLock { link -> String? in
@@ -358,6 +415,10 @@ public final class MigrationSender: Sendable {
         let result = try channel.receive(.result, MigrationResult.init(decoding:))
         report.downtimeSeconds = Double(MonotonicClock.nanoseconds() - pauseStart) / 1e9
         report.verifySeconds += Double(result.verifyNanoseconds) / 1e9
+        let untilResult = lap()
+        parts.destinationSeconds = min(Double(result.resumeNanoseconds) / 1e9, untilResult)
+        parts.otherSeconds = untilResult - parts.destinationSeconds
+        report.downtimeParts = parts
         switch result.status {
         case .resumed: return
         case .verifyFailed: throw .verifyFailed(result.message + "; the VM runs on here")

@@ -139,9 +139,13 @@ final class PageReceiver {
     /// With --verify: this side's digest, kept as pages land.
     private(set) var digest: LandedPagesDigest?
 
-    /// Pages received per socket read when hashing them as they land: 256 KiB, so that they are
-    /// still in cache when hashed.
-    static let hashedChunkPages = 64
+    /// Pages received per socket read: 256 KiB, so that they are still in cache when hashed and
+    /// written to the memory file.
+    static let chunkPages = 64
+    /// Where each chunk lands before it is written to guest memory (see GuestMemory.write).
+    private let chunk = UnsafeMutableRawPointer.allocate(byteCount: PageReceiver.chunkPages * 4096, alignment: 4096)
+
+    deinit { chunk.deallocate() }
 
     init(memory: GuestMemory, verifying: Bool) {
         self.memory = memory
@@ -226,26 +230,25 @@ final class PageReceiver {
         }
         for range in ranges {
             let first = Int(range.firstPage), end = first + Int(range.count)
-            let destination = memory.base + first * 4096
             switch range.kind {
             case .data:
-                if digest == nil {
-                    do { try channel.transport.receive(into: destination, count: Int(range.count) * 4096) } catch {
+                // Socket -> a cache-warm chunk -> the memory file: no page fault in this process
+                // (GuestMemory.write), and the digest hashes the chunk while it is in cache.
+                var page = first
+                while page < end {
+                    let chunkEnd = min(end, page + Self.chunkPages)
+                    let bytes = (chunkEnd - page) * 4096
+                    do {
+                        try channel.transport.receive(into: chunk, count: bytes)
+                        try memory.write(chunk, count: bytes, at: UInt64(page) * 4096)
+                    } catch {
                         throw .connection(error)
                     }
-                } else {
-                    var chunk = first
-                    while chunk < end {
-                        let chunkEnd = min(end, chunk + Self.hashedChunkPages)
-                        do { try channel.transport.receive(into: memory.base + chunk * 4096, count: (chunkEnd - chunk) * 4096) } catch {
-                            throw .connection(error)
-                        }
-                        digest?.landed(chunk..<chunkEnd, in: memory)
-                        chunk = chunkEnd
-                    }
+                    digest?.landed(page..<chunkEnd, from: chunk)
+                    page = chunkEnd
+                    prefaulter?.received(upTo: page)
                 }
                 hasData.set(first..<end)
-                prefaulter?.received(upTo: end)
             case .zero:
                 for page in first..<end where hasData.contains(page) {
                     memset(memory.base + page * 4096, 0, 4096)

@@ -48,7 +48,9 @@ public final class TCPSocket: MigrationTransport {
         let status = getaddrinfo(host, String(endpoint.port), &hints, &list)
         guard status == 0, let first = list else {
             let reason = status == 0 ? "no address" : String(cString: gai_strerror(status))
-            throw SystemError("resolve \(endpoint.host.isEmpty ? "*" : endpoint.host) (\(reason))", errno: EHOSTUNREACH)
+            // No errno fits a name that does not resolve: the operation carries the resolver's
+            // words, and `unresolvedHost` tells callers it was this.
+            throw SystemError("\(resolvePrefix)\(endpoint.host.isEmpty ? "*" : endpoint.host)\(resolveSeparator)\(reason)", errno: EHOSTUNREACH)
         }
         defer { freeaddrinfo(first) }
         var result: [(Int32, [UInt8])] = []
@@ -89,6 +91,21 @@ public final class TCPSocket: MigrationTransport {
             return socket
         }
         throw lastError
+    }
+
+    private static let resolvePrefix = "resolve "
+    private static let resolveSeparator = ": "
+
+    /// The host name of an error from name resolution (nil for any other error).
+    public static func unresolvedHost(_ error: SystemError) -> String? {
+        guard error.operation.hasPrefix(resolvePrefix), let range = error.operation.range(of: resolveSeparator) else { return nil }
+        return String(error.operation[error.operation.index(error.operation.startIndex, offsetBy: resolvePrefix.count)..<range.lowerBound])
+    }
+
+    /// The resolver's own words for such an error ("Name or service not known").
+    public static func resolverReason(_ error: SystemError) -> String {
+        guard let range = error.operation.range(of: resolveSeparator) else { return error.operation }
+        return String(error.operation[range.upperBound...])
     }
 
     /// The port actually bound (useful after listening on port 0).

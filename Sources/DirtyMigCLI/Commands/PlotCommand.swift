@@ -1,0 +1,38 @@
+import DirtyMigCore
+import Foundation
+
+/// `dirtymig plot`: draw a saved migration as SVG, from a `migrate --json` report (which has the
+/// timeline sampled every 100 ms) or a `migrate --stats` file (one line per pass: coarser).
+enum PlotCommand {
+    static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        guard let from = arguments.string("from") else { throw arguments.error("--from FILE is required (a 'migrate --json' report or a 'migrate --stats' file)") }
+        let output = arguments.string("output") ?? (from.hasSuffix(".json") ? String(from.dropLast(5)) : from) + ".svg"
+        guard let data = FileManager.default.contents(atPath: from) else {
+            throw RuntimeFailure("cannot read \(from)")
+        }
+        let report = try readReport(String(decoding: data, as: UTF8.self), path: from)
+        try write(MigrationPlot.svg(report: report), to: output)
+        printError("dirtymig: wrote \(output)")
+        return 0
+    }
+
+    /// A report object, or stats lines turned into a report with only its passes.
+    static func readReport(_ text: String, path: String) throws -> JSONValue {
+        if let report = try? JSONValue.parse(text), report["passes"] != nil || report["timeline"] != nil { return report }
+        var passes: [JSONValue] = []
+        for (number, line) in text.split(separator: "\n").enumerated() where !line.allSatisfy(\.isWhitespace) {
+            guard let pass = try? JSONValue.parse(String(line)), pass["iteration"] != nil else {
+                throw RuntimeFailure("\(path) line \(number + 1) is neither a 'migrate --json' report nor a 'migrate --stats' line")
+            }
+            passes.append(pass)
+        }
+        guard !passes.isEmpty else { throw RuntimeFailure("\(path) holds no migration report or stats lines") }
+        return ["passes": .array(passes), "iterations": .number(passes.count)]
+    }
+
+    static func write(_ svg: String, to path: String) throws {
+        do { try Data(svg.utf8).write(to: URL(fileURLWithPath: path)) } catch {
+            throw RuntimeFailure("cannot write \(path): \(error.localizedDescription)")
+        }
+    }
+}

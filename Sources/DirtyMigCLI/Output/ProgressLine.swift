@@ -1,0 +1,47 @@
+import DirtyMigCore
+import Foundation
+
+/// One progress line on a terminal, redrawn four times a second, on standard error (standard
+/// output carries the report, which scripts read); nothing when standard error is not a terminal.
+final class ProgressLine: @unchecked Sendable {
+    // @unchecked: `running` is guarded by `lock`.
+    private let lock = NSLock()
+    private var running = true
+    private var thread: OSThread?
+
+    static func start(_ makeSource: () -> (@Sendable () -> JSONValue?)?) -> ProgressLine? {
+        guard isatty(STDERR_FILENO) == 1, let source = makeSource() else { return nil }
+        let line = ProgressLine()
+        line.thread = OSThread(name: "progress") { [line] in
+            while line.isRunning {
+                if let progress = source(), let text = render(progress) {
+                    FileHandle.standardError.write(Data(("\r\u{1B}[K" + text).utf8))
+                }
+                usleep(250_000)
+            }
+            FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
+        }
+        return line
+    }
+
+    private var isRunning: Bool { lock.lock(); defer { lock.unlock() }; return running }
+
+    func finish() {
+        lock.lock(); running = false; lock.unlock()
+        thread?.join()
+    }
+
+    static func render(_ progress: JSONValue) -> String? {
+        guard let phase = progress["phase"]?.stringValue, phase != "none" else { return nil }
+        guard phase == "pre-copy" || phase == "stop-and-copy" else { return phase }
+        let sent = (progress["sent_bytes"]?.doubleValue ?? 0) / 1_048_576
+        let remaining = (progress["remaining_pages"]?.doubleValue ?? 0) * 4096 / 1_048_576
+        var text = String(format: "%@  pass %d  sent %.0f MiB  remaining %.0f MiB  %.0f MiB/s", phase,
+                          Int(progress["iteration"]?.doubleValue ?? 0), sent, remaining, progress["throughput_mib_s"]?.doubleValue ?? 0)
+        if let dirty = progress["dirty_pages_s"]?.doubleValue { text += "  dirty " + HumanNumber.rate(dirty, unit: "pages/s") }
+        if let expected = progress["expected_downtime_ms"]?.doubleValue, expected > 0 {
+            text += String(format: "  expected downtime %.0f ms", expected)
+        }
+        return text
+    }
+}

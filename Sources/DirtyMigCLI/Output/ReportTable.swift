@@ -1,0 +1,116 @@
+import DirtyMigCore
+import Foundation
+
+/// The migration report as a two-column table, for people (`--json` is for scripts).
+enum ReportTable {
+    static func render(_ report: JSONValue) -> String {
+        var lines: [String] = []
+        func row(_ key: String, _ value: String) { lines.append(key.padding(toLength: 22, withPad: " ", startingAt: 0) + value) }
+        func number(_ key: String, _ format: String = "%.1f") -> String {
+            report[key]?.doubleValue.map { String(format: format, $0) } ?? "-"
+        }
+        row("status", report["status"]?.stringValue ?? "-")
+        if let error = report["error"]?.stringValue { row("error", error) }
+        row("destination", report["destination"]?.stringValue ?? "-")
+        row("track", report["track"]?.stringValue ?? "-")
+        row("total", number("total_ms") + " ms")
+        row("setup", number("setup_ms") + " ms")
+        var downtime = number("downtime_ms") + " ms"
+        if let limit = report["downtime_limit_ms"]?.doubleValue, limit > 0 {
+            downtime += " (limit \(HumanNumber.milliseconds(limit)))"
+        }
+        if let over = report["downtime_exceeded_ms"]?.doubleValue {
+            downtime += String(format: ": EXCEEDED by %.1f ms", over)
+        }
+        row("downtime", downtime)
+        if let parts = report["downtime_parts"], !parts.isNull {
+            let names = [("pause_ms", "pause"), ("last_pages_ms", "last pages"), ("state_ms", "state"),
+                         ("verify_ms", "verify"), ("destination_ms", "destination"), ("other_ms", "other")]
+            row("  of which", names.compactMap { key, name in
+                parts[key]?.doubleValue.map { String(format: "%@ %.1f", name, $0) }
+            }.joined(separator: ", ") + " ms")
+        }
+        row("iterations", number("iterations", "%.0f"))
+        row("transferred", String(format: "%.1f MiB", (report["transferred_bytes"]?.doubleValue ?? 0) / 1_048_576))
+        row("pages", "\(HumanNumber.grouped(report["normal_pages"]?.doubleValue ?? 0)) normal, \(HumanNumber.grouped(report["zero_pages"]?.doubleValue ?? 0)) zero")
+        row("throughput", number("throughput_mib_s") + " MiB/s")
+        row("dirty rate (last)", HumanNumber.rate(report["dirty_pages_s"]?.doubleValue ?? 0, unit: "pages/s"))
+        row("verify", (report["verify"]?.stringValue ?? "-") + (report["verify"]?.stringValue == "off" ? "" : " (\(number("verify_ms")) ms, \(number("verify_pause_ms")) ms of it while paused)"))
+        row("ring overruns", number("ring_overruns", "%.0f"))
+        let vcpus = report["vcpus"]?.arrayValue ?? []
+        let before = vcpus.map { $0["guest_pages_s_before"]?.doubleValue ?? 0 }
+        let during = vcpus.map { $0["guest_pages_s_during"]?.doubleValue ?? 0 }
+        if vcpus.count <= 4 {
+            for (index, vcpu) in vcpus.enumerated() {
+                let id = Int(vcpu["id"]?.doubleValue ?? Double(index))
+                row("vCPU \(id) guest pages/s", "\(HumanNumber.rate(before[index])) before, \(HumanNumber.rate(during[index])) during")
+            }
+        } else {
+            // Many vCPUs: one line each for before and during, as min / median / max.
+            row("guest pages/s before", HumanNumber.spread(before) + " (min / median / max of \(vcpus.count) vCPUs)")
+            row("guest pages/s during", HumanNumber.spread(during))
+        }
+        let throttle = report["throttle"]
+        var throttleText = throttle?["kind"]?.stringValue ?? "-"
+        if let started = throttle?["started_s"]?.doubleValue {
+            throttleText += String(format: ", from %.1f s (in pass %d), tightened %d times", started,
+                                   Int(throttle?["started_in_pass"]?.doubleValue ?? 0), Int(throttle?["tightened"]?.doubleValue ?? 0))
+            if let final = throttle?["final"] {
+                if let cpu = final["cpu_percent"]?.doubleValue { throttleText += String(format: "; final %.0f %% CPU", cpu) }
+                if let ceilings = final["ceiling_mib_s"]?.arrayValue {
+                    let values = ceilings.map { $0.doubleValue ?? 0 }
+                    throttleText += values.count <= 4
+                        ? "; final ceilings " + values.map { String(format: "%.1f", $0) }.joined(separator: "/") + " MiB/s"
+                        : "; final ceilings " + HumanNumber.spread(values) + " MiB/s (min / median / max)"
+                }
+            }
+        } else if throttle?["kind"]?.stringValue != "none" {
+            throttleText += ", not needed"
+        }
+        row("throttle", throttleText)
+        if let after = report["destination_guest_pages_s"]?.arrayValue {
+            let values = after.map { $0.doubleValue ?? 0 }
+            row("after, at destination", values.count <= 4
+                ? values.enumerated().map { "vCPU \($0.offset) \(HumanNumber.rate($0.element))" }.joined(separator: ", ") + " guest pages/s"
+                : HumanNumber.spread(values) + " guest pages/s (min / median / max)")
+        }
+        return lines.joined(separator: "\n")
+    }
+}
+
+/// Numbers for people: digits grouped below a million, a unit prefix above.
+enum HumanNumber {
+    /// 25676 -> "25,676"; 181265311 -> "181.3 M".
+    static func rate(_ value: Double, unit: String = "") -> String {
+        let text: String
+        switch abs(value) {
+        case 1e9...: text = String(format: "%.1f G", value / 1e9)
+        case 1e6...: text = String(format: "%.1f M", value / 1e6)
+        default: text = grouped(value)
+        }
+        return unit.isEmpty ? text : (text.hasSuffix(" M") || text.hasSuffix(" G") ? text + " " + unit : text + " " + unit)
+    }
+
+    /// A whole number with thousands separated by commas.
+    static func grouped(_ value: Double) -> String {
+        guard value.isFinite else { return "-" }
+        let digits = String(Int64(value.rounded()).magnitude)
+        var out = ""
+        for (index, character) in digits.enumerated() {
+            if index > 0 && (digits.count - index) % 3 == 0 { out.append(",") }
+            out.append(character)
+        }
+        return (value < 0 ? "-" : "") + out
+    }
+
+    static func milliseconds(_ value: Double) -> String {
+        value >= 1000 && value.truncatingRemainder(dividingBy: 1000) == 0 ? "\(Int(value / 1000)) s" : "\(grouped(value)) ms"
+    }
+
+    /// "min / median / max" of a list, each as `rate`.
+    static func spread(_ values: [Double]) -> String {
+        guard !values.isEmpty else { return "-" }
+        let sorted = values.sorted()
+        return [sorted.first!, sorted[sorted.count / 2], sorted.last!].map { rate($0) }.joined(separator: " / ")
+    }
+}

@@ -1,0 +1,60 @@
+import Foundation
+import Synchronization
+
+/// Samples a migration's progress about every 100 ms on its own thread: the report's
+/// `timeline` (what `--plot` draws) and the live throughput `query-migrate` shows from the first
+/// batch on (a per-pass figure stayed 0 for all of pass 1).
+///
+/// Bounded: past `maxSamples` every other sample is dropped and the interval doubles, so a
+/// migration of a day keeps a few thousand points, not 864,000.
+final class MigrationTimeline: Sendable {
+    static let maxSamples = 4000
+    private let samples = Mutex<[MigrationSample]>([])
+    private let running = Atomic<Bool>(true)
+    private let finished = DispatchSemaphore(value: 0)
+
+    /// `read` gives the live progress; `throttlePercent` how hard the throttle holds the guest;
+    /// `dirtyPages` the tracker's cumulative count (nil where it only counts at collections).
+    init(started: UInt64, read: @escaping @Sendable () -> MigrationProgress,
+         publish: @escaping @Sendable (_ throughputBytesPerSecond: Double, _ dirtyPagesPerSecond: Double?) -> Void,
+         throttlePercent: @escaping @Sendable () -> Double, dirtyPages: @escaping @Sendable () -> UInt64?) {
+        _ = OSThread(name: "migration-timeline") { [self] in
+            var interval: UInt64 = 100_000_000
+            var last = (time: started, sent: UInt64(0), dirty: dirtyPages())
+            while running.load(ordering: .relaxed) {
+                MonotonicClock.sleep(nanoseconds: interval)
+                let now = MonotonicClock.nanoseconds()
+                let progress = read()
+                let dirty = dirtyPages()
+                let seconds = max(Double(now - last.time) / 1e9, 1e-6)
+                let throughput = Double(progress.sentBytes &- last.sent) / seconds
+                let dirtyRate = dirty.flatMap { now in last.dirty.map { Double(now &- $0) / seconds } }
+                publish(throughput, dirtyRate)
+                let sample = MigrationSample(
+                    seconds: Double(now - started) / 1e9, phase: progress.phase, pass: progress.iteration,
+                    sentBytes: progress.sentBytes, remainingBytes: progress.remainingPages * 4096,
+                    throughputMiBPerSecond: throughput / 1_048_576,
+                    dirtyPagesPerSecond: dirtyRate,
+                    expectedDowntimeSeconds: progress.expectedDowntimeSeconds > 0 ? progress.expectedDowntimeSeconds : nil,
+                    throttlePercent: throttlePercent(), paused: progress.phase == "stop-and-copy")
+                samples.withLock { samples in
+                    samples.append(sample)
+                    if samples.count > Self.maxSamples {
+                        samples = samples.enumerated().filter { $0.offset % 2 == 0 }.map(\.element)
+                        interval *= 2
+                    }
+                }
+                last = (now, progress.sentBytes, dirty)
+            }
+            finished.signal()
+        }
+    }
+
+    /// Stops sampling and returns the samples, with `final` (the state at the end) last.
+    func finish(final: MigrationSample) -> [MigrationSample] {
+        running.store(false, ordering: .relaxed)
+        finished.wait()
+        // A sample the thread took after the end (while the report was being finished) is dropped.
+        return samples.withLock { $0 }.filter { $0.seconds < final.seconds } + [final]
+    }
+}

@@ -1,0 +1,273 @@
+@testable import DirtyMigCLI
+import DirtyMigCore
+import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
+import XCTest
+
+/// The SVG plot of a migration report: synthetic reports, no VM. Set MIGRATION_PLOT_DIR to a
+/// directory to have the pictures written there to look at (plot-short.svg, plot-long.svg, and
+/// the odd cases: plot-failed.svg, plot-passes.svg, plot-nulls-N.svg); rsvg-convert makes PNGs.
+final class MigrationPlotTests: XCTestCase {
+    // MARK: - Synthetic reports
+
+    private static let mib = 1_048_576.0
+
+    /// An idle 512 MiB guest: setup, one pre-copy pass, a 12 ms stop-and-copy; 0.4 s, 6 samples.
+    static func shortReport() -> JSONValue {
+        let times: [Double] = [0, 0.08, 0.16, 0.24, 0.32, 0.4]
+        let passEnds = [0.388, 0.4]
+        let timeline: [JSONValue] = times.enumerated().map { index, t in
+            let setup = t < 0.05
+            let done = index == times.count - 1
+            let remaining = setup || done ? JSONValue.null : .number(512 * mib * (passEnds[0] - t) / (passEnds[0] - 0.05))
+            return [
+                "t_s": .number(t), "phase": .string(setup ? "setup" : done ? "completed" : "pre-copy"),
+                "pass": .number(setup ? 0 : done ? 2 : 1), "sent_bytes": .number(setup ? 0 : (t - 0.05) * 1500 * mib),
+                "remaining_bytes": remaining,
+                "throughput_mib_s": .number(setup ? 0 : done ? 1320 : 1500 - 40 * Double(index)),
+                "dirty_pages_s": setup ? .null : .number(180 + 20 * Double(index)),
+                "expected_downtime_ms": index < 2 || done ? .null : .number(2.1 + 0.4 * Double(index)),
+                "throttle_percent": 0, "paused": false,
+            ]
+        }
+        let passes: [JSONValue] = [
+            ["iteration": 1, "time_s": .number(passEnds[0]), "bytes_sent": .number(512 * mib), "pages_sent": 131_072,
+             "pages_dirtied": 70, "dirty_pages_s": 207.1, "bandwidth_mib_s": 1514.8, "expected_downtime_ms": 3.4,
+             "tracking_lost": false, "throttle": nil],
+            ["iteration": 2, "time_s": .number(passEnds[1]), "bytes_sent": 286_720, "pages_sent": 70, "pages_dirtied": 0,
+             "dirty_pages_s": 0, "bandwidth_mib_s": 1210.0, "expected_downtime_ms": 0, "tracking_lost": false, "throttle": nil],
+        ]
+        return [
+            "status": "completed", "error": nil, "destination": "127.0.0.1:4444",
+            "total_ms": 400.0, "setup_ms": 50.0, "downtime_ms": 12.0, "iterations": 2,
+            "transferred_bytes": .number(512 * mib + 286_720), "throughput_mib_s": 1280.7,
+            "track": "ring", "downtime_limit_ms": 300.0,
+            "throttle": ["kind": "dirty-limit", "started_s": nil, "started_in_pass": nil, "tightened": 0, "final": nil],
+            "passes": .array(passes), "timeline": .array(timeline),
+        ]
+    }
+
+    /// A 2 GiB guest that dirties 620 MiB/s over a 400 MiB/s link: 12 passes over 20 s, 200
+    /// samples; the cpu throttle starts after pass 2 and rises to 80 %, after which the dirty
+    /// rate falls below the throughput and the passes shrink; a 120 ms pause at the end.
+    static func longReport() -> JSONValue {
+        let setup = 0.15
+        let passEnds = [5.2, 9.0, 11.8, 13.9, 15.5, 16.8, 17.8, 18.6, 19.2, 19.6, 19.88, 20.0]
+        let passStarts = [setup] + passEnds.dropLast()
+        // The throttle during each pass: decided at the end of the one before.
+        let throttles: [Double] = [0, 0, 20, 30, 40, 50, 60, 70, 80, 80, 80, 80]
+        let bandwidth = 400.0, guestRate = 620.0, workingSet = 1536.0
+        func passIndex(_ t: Double) -> Int? { t < setup ? nil : passEnds.firstIndex { t <= $0 + 1e-9 } }
+        func wobble(_ t: Double) -> Double { sin(t * 3.1) * 0.05 + sin(t * 17.3) * 0.03 }
+
+        var timeline: [JSONValue] = []
+        var sent = 0.0
+        for index in 1...200 {
+            let t = Double(index) / 10
+            let done = index == 200
+            guard let k = passIndex(t), !done else {
+                let isSetup = t < setup
+                timeline.append([
+                    "t_s": .number(t), "phase": .string(isSetup ? "setup" : "completed"), "pass": .number(isSetup ? 0 : 12),
+                    "sent_bytes": .number(sent * mib), "remaining_bytes": isSetup ? nil : 0,
+                    "throughput_mib_s": .number(isSetup ? 0 : bandwidth), "dirty_pages_s": nil,
+                    "expected_downtime_ms": nil, "throttle_percent": 0, "paused": false,
+                ])
+                continue
+            }
+            let paused = k == passEnds.count - 1
+            let throughput = bandwidth * (1 + wobble(t))
+            sent += throughput * 0.1
+            let dirty = paused ? 0 : guestRate * (1 - throttles[k] / 100) * (1 + wobble(t * 1.7))
+            let length = passEnds[k] - passStarts[k]
+            let remaining = bandwidth * length * (passEnds[k] - t) / length
+            let dirtied = min(dirty * (t - passStarts[k]), workingSet)
+            let expected: JSONValue = k == 0 && t < 0.7 ? .null : .number(dirtied / bandwidth * 1000)
+            timeline.append([
+                "t_s": .number(t), "phase": .string(paused ? "stop-and-copy" : "pre-copy"), "pass": .number(k + 1),
+                "sent_bytes": .number(sent * mib), "remaining_bytes": .number(max(0, remaining) * mib),
+                "throughput_mib_s": .number(throughput), "dirty_pages_s": .number(dirty * mib / 4096),
+                "expected_downtime_ms": paused ? .number(0) : expected, "throttle_percent": .number(throttles[k]),
+                "paused": .bool(paused),
+            ])
+        }
+        let passes: [JSONValue] = passEnds.indices.map { k in
+            let length = passEnds[k] - passStarts[k]
+            let last = k == passEnds.count - 1
+            let dirty = last ? 0 : guestRate * (1 - throttles[k] / 100)
+            let dirtied = min(dirty * length, workingSet)
+            return [
+                "iteration": .number(k + 1), "time_s": .number(passEnds[k]), "bytes_sent": .number(bandwidth * length * mib),
+                "pages_sent": .number(bandwidth * length * 256), "pages_dirtied": .number(dirtied * 256),
+                "dirty_pages_s": .number(dirty * 256), "bandwidth_mib_s": .number(bandwidth),
+                "expected_downtime_ms": .number(last ? 0 : dirtied / bandwidth * 1000), "tracking_lost": false,
+                "throttle": throttles[k] > 0 ? ["kind": "cpu", "active": true, "cpu_percent": .number(throttles[k])] : nil,
+            ]
+        }
+        return [
+            "status": "completed", "error": nil, "destination": "10.0.0.2:4444",
+            "total_ms": 20000.0, "setup_ms": .number(setup * 1000), "downtime_ms": 120.0, "iterations": 12,
+            "transferred_bytes": .number(sent * mib), "throughput_mib_s": .number(sent / 20),
+            "track": "bitmap", "downtime_limit_ms": 300.0,
+            "throttle": ["kind": "cpu", "started_s": 9.0, "started_in_pass": 2, "tightened": 6,
+                         "final": ["kind": "cpu", "active": true, "cpu_percent": 80]],
+            "passes": .array(passes), "timeline": .array(timeline),
+        ]
+    }
+
+    // MARK: - Reading the SVG back
+
+    /// What an XML parse of the SVG found.
+    private final class Parsed: NSObject, XMLParserDelegate {
+        var elements: [String: Int] = [:]
+        var classes: [String: Int] = [:]
+        var texts: [String] = []
+        private var text: String?
+
+        func parser(_ parser: XMLParser, didStartElement name: String, namespaceURI: String?, qualifiedName: String?,
+                    attributes: [String: String]) {
+            elements[name, default: 0] += 1
+            if let name = attributes["class"] { classes[name, default: 0] += 1 }
+            if name == "text" { text = "" }
+        }
+
+        func parser(_ parser: XMLParser, foundCharacters string: String) { text? += string }
+
+        func parser(_ parser: XMLParser, didEndElement name: String, namespaceURI: String?, qualifiedName: String?) {
+            if name == "text", let text { texts.append(text); self.text = nil }
+        }
+
+        func contains(_ fragment: String) -> Bool { texts.contains { $0.contains(fragment) } }
+    }
+
+    private func parse(_ svg: String, file: StaticString = #filePath, line: UInt = #line) throws -> Parsed {
+        let parser = XMLParser(data: Data(svg.utf8))
+        let parsed = Parsed()
+        parser.delegate = parsed
+        let ok = parser.parse()
+        XCTAssertTrue(ok, "not well-formed XML: \(String(describing: parser.parserError))", file: file, line: line)
+        XCTAssertEqual(parsed.elements["svg"], 1, file: file, line: line)
+        // Only the elements the renderer is meant to use.
+        XCTAssertEqual(Set(parsed.elements.keys).subtracting(["svg", "g", "path", "polyline", "rect", "line", "text"]), [],
+                       file: file, line: line)
+        return parsed
+    }
+
+    private func write(_ svg: String, name: String) throws {
+        guard let directory = ProcessInfo.processInfo.environment["MIGRATION_PLOT_DIR"], !directory.isEmpty else { return }
+        try Data(svg.utf8).write(to: URL(fileURLWithPath: directory).appendingPathComponent(name))
+    }
+
+    // MARK: - Tests
+
+    func testShortIdleMigration() throws {
+        let svg = MigrationPlot.svg(report: Self.shortReport())
+        try write(svg, name: "plot-short.svg")
+        let parsed = try parse(svg)
+        XCTAssertTrue(parsed.texts.first?.hasPrefix("completed · total 400 ms · downtime 12 ms · 2 passes") == true,
+                      parsed.texts.first ?? "no text")
+        for entry in ["throughput", "guest dirty rate", "remaining to send", "expected downtime", "downtime limit 300 ms",
+                      "throttle (dirty-limit)", "vCPUs paused", "pass start", "seconds since the migration started"] {
+            XCTAssertTrue(parsed.contains(entry), "no '\(entry)' in the picture")
+        }
+        XCTAssertEqual(parsed.classes["pass-line"], 2)
+        XCTAssertEqual(parsed.classes["pause"], 1)
+        XCTAssertTrue(parsed.contains("paused 12 ms"))
+        XCTAssertTrue(parsed.contains("pass 1"))
+        XCTAssertEqual(parsed.classes["downtime-limit"], 1)
+        XCTAssertFalse(parsed.contains("no samples"))
+    }
+
+    func testLongThrottledMigration() throws {
+        let report = Self.longReport()
+        XCTAssertEqual(report["timeline"]?.arrayValue?.count, 200)
+        let svg = MigrationPlot.svg(report: report)
+        try write(svg, name: "plot-long.svg")
+        let parsed = try parse(svg)
+        let title = try XCTUnwrap(parsed.texts.first)
+        for part in ["completed", "total 20 s", "downtime 120 ms", "12 passes", "MiB sent", "track bitmap", "throttle cpu"] {
+            XCTAssertTrue(title.contains(part), "title '\(title)' lacks '\(part)'")
+        }
+        for entry in ["throughput", "guest dirty rate", "remaining to send", "expected downtime", "downtime limit 300 ms",
+                      "throttle (cpu)", "vCPUs paused", "pass start"] {
+            XCTAssertTrue(parsed.contains(entry), "no '\(entry)' in the picture")
+        }
+        XCTAssertEqual(parsed.classes["pass-line"], 12)
+        XCTAssertEqual(parsed.classes["pause"], 1)
+        XCTAssertTrue(parsed.contains("paused 120 ms"))
+        XCTAssertTrue(parsed.contains("ms (log)"), "expected downtime from ~90 ms to ~3.8 s wants a log axis")
+        XCTAssertTrue(parsed.contains("throttle from 9 s (pass 2), tightened 6×, 80 % at the pause"))
+    }
+
+    func testFailedMigrationWithoutTimeline() throws {
+        let report: JSONValue = [
+            "status": "failed", "error": "cannot connect to 10.0.0.9:4444 <refused> & \"gone\"", "destination": "10.0.0.9:4444",
+            "total_ms": 3.2, "setup_ms": 0, "downtime_ms": 0, "iterations": 0, "transferred_bytes": 0,
+            "throughput_mib_s": 0, "track": "quota", "throttle": ["kind": "dirty-quota"], "passes": [],
+        ]
+        let svg = MigrationPlot.svg(report: report)
+        try write(svg, name: "plot-failed.svg")
+        let parsed = try parse(svg)
+        XCTAssertTrue(parsed.texts.first?.hasPrefix("failed · total 3.2 ms") == true)
+        XCTAssertTrue(parsed.contains("error: cannot connect to 10.0.0.9:4444 <refused> & \"gone\""))
+        XCTAssertTrue(svg.contains("&lt;refused&gt; &amp; &quot;gone&quot;"))
+        XCTAssertTrue(parsed.contains("no samples"))
+        XCTAssertNil(parsed.classes["pass-line"])
+        XCTAssertNil(parsed.classes["pause"])
+    }
+
+    func testPassesWithoutTimeline() throws {
+        var report = Self.longReport()
+        report["timeline"] = nil
+        let svg = MigrationPlot.svg(report: report)
+        try write(svg, name: "plot-passes.svg")
+        let parsed = try parse(svg)
+        XCTAssertTrue(parsed.contains("no timeline: drawn from the 12 passes"))
+        XCTAssertEqual(parsed.classes["pass-line"], 12)
+        XCTAssertEqual(parsed.classes["pause"], 1)
+        XCTAssertFalse(parsed.contains("no samples"))
+    }
+
+    func testNullsEverywhere() throws {
+        let keys = ["status", "error", "total_ms", "setup_ms", "downtime_ms", "iterations", "transferred_bytes",
+                    "throughput_mib_s", "track", "destination", "throttle", "passes", "timeline", "downtime_limit_ms"]
+        let allNull = JSONValue.object(keys.map { ($0, JSONValue.null) })
+        let sampleKeys = ["t_s", "phase", "pass", "sent_bytes", "remaining_bytes", "throughput_mib_s", "dirty_pages_s",
+                          "expected_downtime_ms", "throttle_percent", "paused"]
+        let passKeys = ["iteration", "time_s", "bytes_sent", "pages_sent", "pages_dirtied", "dirty_pages_s", "bandwidth_mib_s",
+                        "expected_downtime_ms", "tracking_lost", "throttle"]
+        var nullInside = allNull
+        nullInside["throttle"] = ["kind": nil, "started_s": nil, "final": nil]
+        nullInside["timeline"] = [nil, .object(sampleKeys.map { ($0, .null) }), ["t_s": 1.5], ["t_s": 0.5, "paused": true]]
+        nullInside["passes"] = [nil, .object(passKeys.map { ($0, .null) }), ["time_s": 2]]
+        // Wrong types and extreme numbers.
+        let odd: JSONValue = [
+            "status": 7, "total_ms": "long", "downtime_ms": -5, "iterations": 1e300, "passes": "none",
+            "timeline": [["t_s": 1e300, "throughput_mib_s": -1, "remaining_bytes": 1e300, "expected_downtime_ms": 1e-300,
+                          "throttle_percent": 250, "paused": "yes"],
+                         ["t_s": -4, "dirty_pages_s": 1e308, "expected_downtime_ms": 0]],
+            "downtime_limit_ms": 1e-9,
+        ]
+        for (index, report) in ([allNull, nullInside, odd, .null, "report", [1, 2], [:]] as [JSONValue]).enumerated() {
+            let svg = MigrationPlot.svg(report: report)
+            try write(svg, name: "plot-nulls-\(index).svg")
+            let parsed = try parse(svg)
+            XCTAssertFalse(parsed.texts.isEmpty)
+        }
+        XCTAssertTrue(try parse(MigrationPlot.svg(report: .null)).contains("no samples"))
+    }
+
+    func testNiceStepsAndNumbers() {
+        typealias Format = MigrationPlot.Format
+        for (raw, nice) in zip([0.04, 0.3, 1, 1.2, 2.5, 7, 40, 3000], [0.05, 0.5, 1, 2, 5, 10, 50, 5000]) {
+            XCTAssertEqual(Format.niceStep(raw), nice, accuracy: nice * 1e-12)
+        }
+        XCTAssertEqual([850, 42.5, 1.25, 0.012, 0, 1200].map(Format.compact), ["850", "42.5", "1.25", "0.012", "0", "1200"])
+        XCTAssertEqual(Format.duration(milliseconds: 412), "412 ms")
+        XCTAssertEqual(Format.duration(milliseconds: 1234), "1.23 s")
+        XCTAssertEqual(Format.tick(0.15, step: 0.05), "0.15")
+        XCTAssertEqual(Format.tick(15000, step: 5000), "15k")
+    }
+}
