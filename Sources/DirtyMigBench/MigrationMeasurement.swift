@@ -41,29 +41,50 @@ struct MigrationRunConditions {
     /// QEMU: seconds between `query-migrate` polls during the migration; nil: no polling at all,
     /// wait for QEMU's MIGRATION event instead.
     var qmpPollSeconds: Double? = 0.1
-    /// QEMU: keep `-mem-prealloc` from the exported command line (QEMU then faults in all guest
-    /// RAM of both processes before the clock starts).
-    var qemuPrealloc = false
     /// Limit for one migration.
     var migrationTimeoutSeconds = 300.0
 
     /// The one line printed under the table.
-    func describe(runs: Int, order: String, othersBusiest: Double) -> String {
+    func describe(runs: Int, order: String, others: OthersLoad) -> String {
         var parts = ["\(runs) run\(runs == 1 ? "" : "s") per cell", "order \(order)",
                      "\(format(idleSeconds)) s idle before every run (no VM, child process or benchmark thread running)",
                      warm ? "destination memory warmed (the scenario's data size touched and freed just before each migration, both migrators)"
                           : "destination memory not warmed (cold: freed more than 2 s before)",
                      "migration starts \(format(settleSeconds)) s after the guest is ready + \(format(paceWindowSeconds)) s pace window",
                      qmpPollSeconds.map { "QEMU polled with query-migrate every \(Int($0 * 1000)) ms" } ?? "QEMU not polled (MIGRATION event)",
-                     qemuPrealloc ? "QEMU with -mem-prealloc" : "QEMU without -mem-prealloc (RAM faulted on first touch, as dirtymig's receiver)",
+                     "QEMU with -mem-prealloc faults in all guest RAM of both processes at their start (before the clock), without it on first touch (inside the clock, as dirtymig's receiver)",
                      "MiB/s = MiB sent / total time",
-                     String(format: "other programs used at most %.0f %% of the CPUs during an idle time or a migration", othersBusiest * 100)]
+                     String(format: "other programs used at most %.0f %% of the CPUs during a migration (%.0f %% during an idle time)",
+                            others.busiestMigration * 100, others.busiestIdle * 100)]
         if runs < 5 { parts.append("fewer than 5 runs: a smoke test, not a measurement") }
         return "Conditions: " + parts.joined(separator: "; ") + "."
     }
 
     private func format(_ seconds: Double) -> String {
         seconds == seconds.rounded() ? "\(Int(seconds))" : String(format: "%.1f", seconds)
+    }
+}
+
+/// What other users of this shared machine took while the benchmark ran.
+struct OthersLoad {
+    var busiestMigration = 0.0
+    var busiestIdle = 0.0
+    var disturbedMigrations = 0
+    var migrations = 0
+    /// A migration during which others used more than this share of the CPUs is disturbed.
+    static let disturbedAbove = 0.1
+
+    mutating func add(idle: Double, migration: Double) {
+        busiestIdle = max(busiestIdle, idle)
+        busiestMigration = max(busiestMigration, migration)
+        migrations += 1
+        if migration > OthersLoad.disturbedAbove { disturbedMigrations += 1 }
+    }
+
+    /// A warning line when any migration was disturbed.
+    var warning: String? {
+        guard disturbedMigrations > 0 else { return nil }
+        return "Warning: other programs used more than \(Int(OthersLoad.disturbedAbove * 100)) % of the CPUs during \(disturbedMigrations) of \(migrations) migrations (see the per-run lines on standard error): these figures are not a measurement of a quiet machine."
     }
 }
 

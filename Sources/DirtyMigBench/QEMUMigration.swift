@@ -4,11 +4,10 @@ import Foundation
 /// QEMU 7.2 migrating the same guest image and config block over loopback, driven through QMP:
 /// the peer dirtymig's migration benchmarks compare against.
 ///
-/// Neither side uses -mem-prealloc unless asked (`--qemu-prealloc`): QEMU would then allocate all
-/// guest RAM before the clock starts (a free ride on the destination's page faults, the very cost
-/// the written scenario measures, which dirtymig's receiver pays inside its clock) and fill the
-/// source's "never written" RAM with real zero pages. So, as in the machine notes' reference
-/// figures, QEMU's RAM is allocated when first touched, on both sides.
+/// The throttle and limit benchmarks run QEMU without -mem-prealloc: it would allocate all guest
+/// RAM before the clock starts (the destination's page faults, which dirtymig's receiver pays
+/// inside its clock) and fill the source's "never written" RAM with real zero pages. The
+/// migration benchmark runs QEMU both ways (see Migrator).
 struct QEMUMigrationResult {
     var completed = false
     var error: String?

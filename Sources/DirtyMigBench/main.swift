@@ -7,8 +7,8 @@
 //       ring (harvested every millisecond) and quota (ring + quota accounting, no quota set).
 //
 //   dirtymig-bench migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting]
-//                            [--no-qemu] [--in-process] [--only dirtymig|qemu|in-process]
-//                            [--qmp-poll MS] [--qemu-prealloc]
+//                            [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process]
+//                            [--qmp-poll MS] [--qemu-prealloc both|yes|no]
 //       dirtymig's live migration next to QEMU 7.2's on the same guest, each run the way users
 //       run it, under the same conditions. Scenarios: 4 GiB never written (idle); 2 GiB with 1 GiB
 //       written once, then idle (written); 1 GiB with one vCPU rewriting 256 MiB at 200 MiB/s
@@ -20,11 +20,14 @@
 //       then `migrate --vm DIR/src.sock --to 127.0.0.1:PORT --downtime 300ms --json`, whose JSON
 //       report gives the figures. QEMU: two qemu-system-x86_64 processes started with the
 //       command line `dirtymig boot --export-image FILE --export-config FILE2` prints for the
-//       same options (without its -mem-prealloc: QEMU would fault in the destination's RAM
-//       before its clock starts, which dirtymig's receiver does inside it; --qemu-prealloc
-//       keeps it), migrated through QMP with max-bandwidth 100 GiB/s and downtime-limit 300 ms;
-//       during the migration only `query-migrate` is sent, every MS ms (--qmp-poll, default
-//       100, at least 100; 0: never, QEMU's MIGRATION event ends the wait); figures are QEMU's.
+//       same options, each run twice per round: as printed, with -mem-prealloc (QEMU faults in
+//       all guest RAM of both processes at start, before its clock), and without it (pages are
+//       faulted in as they arrive, inside the clock, as dirtymig's receiver must). The choice
+//       moves QEMU's figure a lot (written scenario, 30 Nov: 1.1-1.3 s with, 2.6-3.1 s
+//       without), so the table shows both; --qemu-prealloc yes|no keeps one. Migrated through
+//       QMP with max-bandwidth 100 GiB/s and downtime-limit 300 ms; during the migration only
+//       `query-migrate` is sent, every MS ms (--qmp-poll, default 100, at least 100; 0: never,
+//       QEMU's MIGRATION event ends the wait); the figures are QEMU's own.
 //       Every run, either migrator, goes the same way: the benchmark checks that it runs no
 //       thread but its main one and no child process; waits S idle seconds (--idle, default 5:
 //       memory freed more than ~2 s ago is back with the outer host, so each run starts on
@@ -33,11 +36,15 @@
 //       writer has done one whole pass; waits 0.2 s; starts the destination and waits until it
 //       listens; with --warm touches and frees the scenario's data size (WarmMemory); waits
 //       0.5 s reading the guest's pace (inside `dirtymig migrate`, mirrored for QEMU); migrates.
-//       Order: dirtymig, QEMU, QEMU, dirtymig, ... (reversed every other round). N runs per
-//       cell (--runs, default 5; fewer only with --quick, for smoke tests). The table gives the
-//       median (min-max) of total ms, downtime ms, passes, MiB sent and MiB/s (MiB sent / total
-//       time for both), then one line with the conditions; each run's figures, and how busy the
-//       machine was during its idle time, go to standard error.
+//       Order: dirtymig, QEMU as printed, QEMU without prealloc, then the same reversed, and so
+//       on (each migrator as often early as late in a round). N runs per cell (--runs, default
+//       5; fewer only with --quick, for smoke tests). The table gives the median (min-max) of
+//       total ms, downtime ms, passes, MiB sent and MiB/s (MiB sent / total time for all), then
+//       one line with the conditions. Each run's figures go to standard
+//       error with how much of the CPUs other programs took during its migration and its idle
+//       time (this machine is shared: a build that takes one core made QEMU's written-scenario
+//       migration about twice as slow); a warning follows the table when others took more than
+//       10 % during any migration.
 //       --in-process adds a row "dirtymig in-process (not how users run it)": sender and
 //       receiver in the benchmark's own process (as `dirtymig migrate` with neither --vm nor
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
@@ -166,7 +173,7 @@ func runAccuracy(intervals: Int) throws {
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc both|yes|no] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
 
 func usageError(_ message: String) -> Never {
     FileHandle.standardError.write(Data("dirtymig-bench: \(message)\n\(usage)".utf8))
@@ -206,13 +213,16 @@ func migrationOptions() -> MigrationBenchmarkOptions {
     options.inProcess = arguments.contains("--in-process")
     if let only = stringOption("--only") {
         guard let migrator = Migrator.allCases.first(where: { $0.shortLabel.lowercased() == only.lowercased() }) else {
-            usageError("--only \(only): expected dirtymig, qemu or in-process")
+            usageError("--only \(only): expected \(Migrator.allCases.map(\.shortLabel).joined(separator: ", "))")
         }
         options.only = migrator
     }
     options.conditions.idleSeconds = option("--idle", default: 5)
     options.conditions.warm = arguments.contains("--warm")
-    options.conditions.qemuPrealloc = arguments.contains("--qemu-prealloc")
+    if let choice = stringOption("--qemu-prealloc") {
+        guard let parsed = QEMUPreallocChoice(rawValue: choice) else { usageError("--qemu-prealloc \(choice): expected both, yes or no") }
+        options.qemuPrealloc = parsed
+    }
     let poll = option("--qmp-poll", default: 100)
     guard poll == 0 || poll >= 100 else { usageError("--qmp-poll \(poll): at least 100 ms, or 0 for no polling (QEMU's MIGRATION event)") }
     options.conditions.qmpPollSeconds = poll == 0 ? nil : poll / 1000
