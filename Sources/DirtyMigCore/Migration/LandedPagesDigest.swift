@@ -25,12 +25,7 @@ struct LandedPagesDigest {
 
     /// Pages `pages` of `memory` were just written with what the source sent.
     mutating func landed(_ pages: Range<Int>, in memory: GuestMemory) {
-        let start = MonotonicClock.nanoseconds()
-        for page in pages {
-            let hash = PageSampler.hashPage(UnsafeRawPointer(memory.base + page * 4096))
-            replace(page, with: MemoryDigest.contribution(page: page, hash: hash))
-        }
-        nanoseconds += MonotonicClock.nanoseconds() - start
+        landed(pages, from: UnsafeRawPointer(memory.base + pages.lowerBound * 4096))
     }
 
     /// Pages `pages` were just written with the bytes at `source` (still in cache).
