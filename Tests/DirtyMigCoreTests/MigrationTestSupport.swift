@@ -9,8 +9,8 @@ final class Arrival: @unchecked Sendable {
     let receiver: MigrationReceiver
     private var thread: OSThread?
 
-    init(_ kvm: KVMSystem) throws {
-        receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm)
+    init(_ kvm: KVMSystem, guestOutput: (@Sendable (String) -> Void)? = nil) throws {
+        receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm, guestOutput: guestOutput)
         thread = OSThread(name: "test-receive") { [self] in
             let outcome: Result<Machine, MigrationError>
             do throws(MigrationError) { outcome = .success(try receiver.receiveOne()) } catch { outcome = .failure(error) }

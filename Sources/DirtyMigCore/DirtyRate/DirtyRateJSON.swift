@@ -5,7 +5,8 @@ extension DirtyRateReport {
         let vcpuList: [JSONValue] = vcpus.map { rate in
             ["id": .number(rate.id), "dirty_mib_s": .number(rate.dirtyMiBPerSecond.map(round3)),
              "dirty_pages_s": .number(rate.dirtyPagesPerSecond.map(round3)),
-             "guest_pages_s": .number(round3(rate.guestPagesPerSecond))]
+             "guest_pages_s": .number(round3(rate.guestPagesPerSecond)),
+             "guest_errors": .number(rate.guestErrors)]
         }
         return ["time": .number(round3(unixTime)), "mode": .string(mode.rawValue),
                 "interval_s": .number(round3(intervalSeconds)), "total_mib_s": .number(round3(totalMiBPerSecond)),
@@ -18,7 +19,8 @@ extension DirtyCounterSnapshot {
         ["time_ns": .number(timeNanoseconds), "unix_time": .number(unixTime),
          "total_dirty_pages": totalDirtyPages.map { .number($0) } ?? .null,
          "vcpu_dirty_pages": vcpuDirtyPages.map { .array($0.map { .number($0) }) } ?? .null,
-         "guest_pages": .array(guestPages.map { .number($0) })]
+         "guest_pages": .array(guestPages.map { .number($0) }),
+         "guest_errors": guestErrors.map { .array($0.map { .number($0) }) } ?? .null]
     }
 
     public init?(json: JSONValue) {
@@ -26,7 +28,8 @@ extension DirtyCounterSnapshot {
         self.init(timeNanoseconds: time, unixTime: json["unix_time"]?.doubleValue ?? 0,
                   totalDirtyPages: json["total_dirty_pages"]?.uint64Value,
                   vcpuDirtyPages: json["vcpu_dirty_pages"]?.arrayValue?.compactMap(\.uint64Value),
-                  guestPages: guest.compactMap(\.uint64Value))
+                  guestPages: guest.compactMap(\.uint64Value),
+                  guestErrors: json["guest_errors"]?.arrayValue?.compactMap(\.uint64Value))
     }
 }
 
@@ -40,6 +43,7 @@ extension DirtyRateReport {
         self.init(unixTime: json["time"]?.doubleValue ?? 0, mode: mode, intervalSeconds: json["interval_s"]?.doubleValue ?? 0,
                   totalPagesPerSecond: total * 256,
                   vcpus: vcpus.map { VCPURate(id: Int($0["id"]?.intValue ?? 0), dirtyPagesPerSecond: $0["dirty_pages_s"]?.doubleValue,
-                                              guestPagesPerSecond: $0["guest_pages_s"]?.doubleValue ?? 0) })
+                                              guestPagesPerSecond: $0["guest_pages_s"]?.doubleValue ?? 0,
+                                              guestErrors: $0["guest_errors"]?.uint64Value) })
     }
 }

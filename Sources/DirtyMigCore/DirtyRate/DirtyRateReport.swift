@@ -44,14 +44,18 @@ public struct DirtyCounterSnapshot: Sendable, Equatable {
     public var vcpuDirtyPages: [UInt64]?
     /// Pages each vCPU's guest loop has touched, from its stats record.
     public var guestPages: [UInt64]
+    /// Mismatches each vCPU's check workload has found (0 for other kinds); nil from a VM that
+    /// does not report them.
+    public var guestErrors: [UInt64]?
 
     public init(timeNanoseconds: UInt64, unixTime: Double, totalDirtyPages: UInt64?, vcpuDirtyPages: [UInt64]?,
-                guestPages: [UInt64]) {
+                guestPages: [UInt64], guestErrors: [UInt64]? = nil) {
         self.timeNanoseconds = timeNanoseconds
         self.unixTime = unixTime
         self.totalDirtyPages = totalDirtyPages
         self.vcpuDirtyPages = vcpuDirtyPages
         self.guestPages = guestPages
+        self.guestErrors = guestErrors
     }
 }
 
@@ -61,6 +65,8 @@ public struct DirtyRateReport: Sendable, Equatable {
         public var id: Int
         public var dirtyPagesPerSecond: Double?
         public var guestPagesPerSecond: Double
+        /// The guest's own mismatch count at the interval's end (cumulative; check workloads).
+        public var guestErrors: UInt64? = nil
         public var dirtyMiBPerSecond: Double? { dirtyPagesPerSecond.map { $0 * 4096 / 1_048_576 } }
     }
 
@@ -83,7 +89,8 @@ public struct DirtyRateReport: Sendable, Equatable {
                 dirty = rate(a[id], b[id])
             }
             vcpus.append(VCPURate(id: id, dirtyPagesPerSecond: dirty,
-                                  guestPagesPerSecond: rate(start.guestPages[id], end.guestPages[id])))
+                                  guestPagesPerSecond: rate(start.guestPages[id], end.guestPages[id]),
+                                  guestErrors: end.guestErrors.flatMap { id < $0.count ? $0[id] : nil }))
         }
         let total = rate(start.totalDirtyPages ?? 0, end.totalDirtyPages ?? 0)
         return DirtyRateReport(unixTime: end.unixTime, mode: mode, intervalSeconds: seconds,

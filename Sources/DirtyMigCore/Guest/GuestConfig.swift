@@ -44,7 +44,7 @@ public struct GuestConfig: Sendable, Equatable {
             u32(workload.kind.rawValue); u32(workload.pattern.rawValue); u32(workload.writePercent)
             u32(GuestConfig.hotFractionPPM(workload.hotFraction))
             u64(workload.offset); u64(workload.size); u64(workload.rateBytesPerSecond)
-            u64(workload.passes); u64(workload.seed); u64(0)
+            u64(workload.passes); u64(workload.seed); u64(workload.emitMicroseconds)
         }
         return out
     }
@@ -70,7 +70,8 @@ public struct GuestConfig: Sendable, Equatable {
             guard let pattern = AccessPattern(rawValue: u32(base + 4)) else { throw .badValue("access pattern") }
             vcpus.append(VCPUWorkload(kind: kind, pattern: pattern, hotFraction: Double(u32(base + 12)) / 1_000_000,
                                       writePercent: u32(base + 8), offset: u64(base + 16), size: u64(base + 24),
-                                      rateBytesPerSecond: u64(base + 32), passes: u64(base + 40), seed: u64(base + 48)))
+                                      rateBytesPerSecond: u64(base + 32), passes: u64(base + 40), seed: u64(base + 48),
+                                      emitMicroseconds: u64(base + 56)))
         }
         self.vcpus = vcpus
     }

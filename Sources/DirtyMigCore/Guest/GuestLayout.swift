@@ -8,6 +8,7 @@
 //   0x0010_0000  the kernel image (multiboot a.out-kludge, flat binary, loaded at 1 MiB)
 //   0x0020_0000  config block (64 KiB region)
 //   0x0021_0000  stats area: a 64-byte header, then 64 bytes per vCPU
+//   0x0021_2000  output records: 64 bytes per vCPU (check workloads with emit=)
 //   0x0030_0000  page tables (PML4, PDPT, one PD per GiB identity-mapped with 2 MiB pages)
 //   0x0040_0000  stacks, 16 KiB per vCPU
 //   0x0100_0000  workload area: working sets are offsets from here
@@ -21,6 +22,7 @@ public enum GuestLayout {
     public static let configAddress: UInt64 = 0x20_0000
     public static let configRegionSize: UInt64 = 0x1_0000
     public static let statsAddress: UInt64 = 0x21_0000
+    public static let outputAddress: UInt64 = 0x21_2000
     public static let pageTablesAddress: UInt64 = 0x30_0000
     public static let stacksAddress: UInt64 = 0x40_0000
     public static let stackSize: UInt64 = 0x4000
@@ -58,7 +60,8 @@ public enum GuestLayout {
     //  16 u64 working-set offset (bytes from the workload area, RAM offsets)
     //  24 u64 working-set size (bytes, multiple of 4096)
     //  32 u64 rate in bytes of touched pages per second (0 = unpaced)
-    //  40 u64 passes (0 = forever)       48 u64 random seed      56 u64 reserved
+    //  40 u64 passes (0 = forever)       48 u64 random seed
+    //  56 u64 check: output record interval in microseconds (0 = none; 1,000 to 10,000,000)
     public static let configMagic: UInt32 = 0x4643_4D44
     public static let configVersion: UInt32 = 1
     public static let configHeaderSize = 64
@@ -72,7 +75,7 @@ public enum GuestLayout {
     //  16 u32 state (GuestVCPUState)     20 u32 local APIC ID
     //  24 u64 pages written              32 u64 TSC when the workload started
     //  40 u64 TSC of the last publish: once finished, when the workload finished (passes reached)
-    //  48 u64 reserved                  56 u64 reserved
+    //  48 u64 check: mismatches found   56 u64 reserved
     // Counters are published every ~8 ms (and at the end), not per page: every store to the
     // stats page is a dirty page to the tracker, and a reading vCPU must not look like a writer.
     // The workload loop runs in ring 3 with IOPL 3 and keeps its state in registers: the only
@@ -85,6 +88,22 @@ public enum GuestLayout {
         statsAddress + UInt64(statsHeaderSize + statsRecordSize * vcpu)
     }
 
+    // Output records (check workloads): 64 bytes per vCPU at outputAddress + 64 * apicID, on a
+    // page of their own, so a vCPU that emits dirties neither the stats page nor a working set.
+    //   0 u64 sequence number: 1 for the first record, +1 for each one after
+    //   8 u64 pages touched when written   16 u64 mismatches found (as in the stats record)
+    //  24 u64 checksum: the wrapping sum of the first words read in the last complete pass
+    //  32 u64 complete passes (the checksum is the last one's; 0: none yet, checksum 0)
+    //  40 u64 TSC when written            48 u32 APIC ID   52 u32 reserved
+    //  56 u64 the guest's own (when the next record is due)
+    // The vCPU writes the record, then its APIC ID to outputPort (one OUT) and waits for the
+    // host, which reads the record during that exit. `passes` and the last checksum are kept up
+    // to date with or without emit= (they are the check loop's own state).
+    public static let outputRecordSize = 64
+    public static func outputRecordAddress(vcpu: Int) -> UInt64 {
+        outputAddress + UInt64(outputRecordSize * vcpu)
+    }
+
     /// I/O ports the guest writes to talk to the host. Under QEMU they are unassigned (ignored),
     /// except 0xE9, which `-debugcon` can show.
     public static let consolePort: UInt16 = 0xE9   // byte: console character
@@ -93,10 +112,15 @@ public enum GuestLayout {
     /// do anything again, so a VMM may stop running it. Where the hypervisor supports it the vCPU
     /// then halts in ring 0; under PVM (ring 3 cannot get back to ring 0 there) it spins on `pause`.
     public static let parkPort: UInt16 = 0x5D4
+    /// dword: the APIC ID of a check vCPU whose output record (outputRecordAddress) is new.
+    public static let outputPort: UInt16 = 0x5D8
 }
 
 public enum WorkloadKind: UInt32, Sendable, CaseIterable {
-    case idle = 0, write = 1, read = 2, mix = 3
+    /// `check` writes every page it touches (its stats count them as writes): each visit
+    /// verifies the page's first and last word against the previous pass's value, then writes
+    /// this pass's (CheckWorkload).
+    case idle = 0, write = 1, read = 2, mix = 3, check = 4
 }
 
 public enum AccessPattern: UInt32, Sendable {
@@ -116,6 +140,7 @@ public enum GuestError: UInt32, Sendable {
     case workingSetOutOfRange = 4
     case memoryTooLarge = 5
     case noLongMode = 6
+    case badWorkload = 7
 
     public var explanation: String {
         switch self {
@@ -126,6 +151,7 @@ public enum GuestError: UInt32, Sendable {
         case .workingSetOutOfRange: return "a working set lies outside guest RAM"
         case .memoryTooLarge: return "more RAM than the guest can map (64 GiB)"
         case .noLongMode: return "the CPU does not support long mode"
+        case .badWorkload: return "a vCPU's workload is not one the guest runs (check needs pattern seq or random)"
         }
     }
 }

@@ -20,7 +20,8 @@ public struct GuestStats: Sendable, Equatable {
             let base = GuestLayout.statsHeaderSize + GuestLayout.statsRecordSize * index
             return VCPUGuestStats(pages: u64(base), passes: u64(base + 8), writes: u64(base + 24),
                                   state: GuestVCPUState(rawValue: u32(base + 16)) ?? .notStarted,
-                                  apicID: u32(base + 20), tscStart: u64(base + 32), tscNow: u64(base + 40))
+                                  apicID: u32(base + 20), tscStart: u64(base + 32), tscNow: u64(base + 40),
+                                  errors: u64(base + 48))
         }
     }
 
@@ -47,9 +48,13 @@ public struct VCPUGuestStats: Sendable, Equatable {
     /// The guest TSC of the last publish; once finished, when the workload finished. With
     /// `pages` it gives the guest's own rate, free of the host's sampling jitter.
     public var tscNow: UInt64
+    /// For a check workload: pages whose first or last word was not what the guest wrote there
+    /// on its previous pass (0 before the first): memory lost, stale or torn under it. Counted
+    /// when found, not only at a publish.
+    public var errors: UInt64
 
     public init(pages: UInt64, passes: UInt64, writes: UInt64, state: GuestVCPUState, apicID: UInt32,
-                tscStart: UInt64, tscNow: UInt64) {
+                tscStart: UInt64, tscNow: UInt64, errors: UInt64 = 0) {
         self.pages = pages
         self.passes = passes
         self.writes = writes
@@ -57,5 +62,6 @@ public struct VCPUGuestStats: Sendable, Equatable {
         self.apicID = apicID
         self.tscStart = tscStart
         self.tscNow = tscNow
+        self.errors = errors
     }
 }

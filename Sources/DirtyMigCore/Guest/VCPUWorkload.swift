@@ -16,10 +16,14 @@ public struct VCPUWorkload: Sendable, Equatable {
     /// Passes over the working set after which the vCPU idles; 0 = forever.
     public var passes: UInt64
     public var seed: UInt64
+    /// For `.check`: write an output record (GuestLayout's output records) this often, in
+    /// microseconds; 0 = never.
+    public var emitMicroseconds: UInt64
 
     public init(kind: WorkloadKind, pattern: AccessPattern = .sequential, hotFraction: Double = 0.1,
                 writePercent: UInt32 = 50, offset: UInt64 = 0, size: UInt64 = 0,
-                rateBytesPerSecond: UInt64 = 0, passes: UInt64 = 0, seed: UInt64 = 0) {
+                rateBytesPerSecond: UInt64 = 0, passes: UInt64 = 0, seed: UInt64 = 0,
+                emitMicroseconds: UInt64 = 0) {
         self.kind = kind
         self.pattern = pattern
         self.hotFraction = hotFraction
@@ -29,6 +33,7 @@ public struct VCPUWorkload: Sendable, Equatable {
         self.rateBytesPerSecond = rateBytesPerSecond
         self.passes = passes
         self.seed = seed
+        self.emitMicroseconds = emitMicroseconds
     }
 
     public static let idle = VCPUWorkload(kind: .idle)

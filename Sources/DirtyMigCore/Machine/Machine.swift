@@ -12,6 +12,8 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     public let vcpus: [KVMVCPU]
     public let tracker: DirtyTracker?
     public let events = MachineEvents()
+    /// The guest's output stream (check workloads with emit=).
+    public let output = GuestOutput()
     /// The guest's TSC frequency, which paces its workloads.
     public let tscHz: UInt64
     public let guestConfig: GuestConfig
@@ -106,7 +108,11 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         let events = self.events
         let tracker = self.tracker
         let holds = self.holds
-        let runners = vcpus.map { VCPURunner(vcpu: $0, tracker: tracker, holds: holds, events: events) }
+        let output = self.output
+        let memory = self.memory
+        let runners = vcpus.map {
+            VCPURunner(vcpu: $0, tracker: tracker, holds: holds, events: events, output: output, memory: memory)
+        }
         self.runners = runners
         // Kicks capture the runners, not the machine: a strong capture of `self` would make
         // machine -> tracker -> kick -> machine a cycle that keeps the VM's memory alive. The

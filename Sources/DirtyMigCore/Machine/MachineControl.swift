@@ -31,6 +31,7 @@ public enum MachineControl {
                 ("id", .number(index)), ("state", .string(stateName(vcpu.state))),
                 ("workload", .string(describe(configuration.workloads[index]))),
                 ("pages", .number(vcpu.pages)), ("passes", .number(vcpu.passes)), ("writes", .number(vcpu.writes)),
+                ("guest_errors", .number(vcpu.errors)),
             ]
             if let dirty = counters?.vcpuPages { pairs.append(("dirty_pages", .number(dirty[index]))) }
             if let full = counters?.ringFullExits { pairs.append(("ring_full_exits", .number(full[index]))) }
@@ -62,9 +63,11 @@ public enum MachineControl {
     public static func counters(_ machine: Machine) throws(ControlError) -> DirtyCounterSnapshot {
         do { try machine.tracker?.sync() } catch { throw ControlError(.failed, "dirty log sync failed: \(error)") }
         let counters = machine.tracker?.counters()
+        let guest = machine.guestStats().vcpus
         return DirtyCounterSnapshot(timeNanoseconds: counters?.timeNanoseconds ?? MonotonicClock.nanoseconds(),
                                     unixTime: WallClock.unixSeconds(), totalDirtyPages: counters?.totalPages,
-                                    vcpuDirtyPages: counters?.vcpuPages, guestPages: machine.guestStats().vcpus.map(\.pages))
+                                    vcpuDirtyPages: counters?.vcpuPages, guestPages: guest.map(\.pages),
+                                    guestErrors: guest.map(\.errors))
     }
 
     static func dirtyRate(_ machine: Machine, _ arguments: JSONValue, context: ControlContext) throws(ControlError) -> JSONValue {
@@ -101,9 +104,11 @@ public enum MachineControl {
             let (end, guestAfter) = sampleWithGuestCounters(machine, sampler: sampler, pages: pages)
             let seconds = Double(end.timeNanoseconds - start.timeNanoseconds) / 1e9
             let total = PageSampler.dirtyPagesPerSecond(from: start, to: end, pageCount: machine.memory.pageCount)
+            let errors = machine.guestStats().vcpus.map(\.errors)
             let vcpus = guestBefore.indices.map {
                 DirtyRateReport.VCPURate(id: $0, dirtyPagesPerSecond: nil,
-                                         guestPagesPerSecond: (guestAfter[$0] - guestBefore[$0]) / seconds)
+                                         guestPagesPerSecond: (guestAfter[$0] - guestBefore[$0]) / seconds,
+                                         guestErrors: errors[$0])
             }
             return DirtyRateReport(unixTime: WallClock.unixSeconds(), mode: .sample, intervalSeconds: seconds,
                                    totalPagesPerSecond: total, vcpus: vcpus)
@@ -149,6 +154,7 @@ public enum MachineControl {
         if workload.rateBytesPerSecond > 0 { text += ",rate=\(ByteRate.format(workload.rateBytesPerSecond))" }
         if workload.kind == .mix { text += ",writes=\(workload.writePercent)" }
         if workload.passes > 0 { text += ",passes=\(workload.passes)" }
+        if workload.emitMicroseconds > 0 { text += ",emit=\(DurationValue.format(microseconds: workload.emitMicroseconds))" }
         return text.replacingOccurrences(of: " ", with: "")
     }
 }

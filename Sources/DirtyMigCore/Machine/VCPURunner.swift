@@ -11,6 +11,8 @@ final class VCPURunner: @unchecked Sendable {
     private let tracker: DirtyTracker?
     private let holds: VCPUHolds
     private let events: MachineEvents
+    private let output: GuestOutput
+    private let memory: GuestMemory
     private var thread: OSThread?
 
     private let stopRequested = Atomic<Bool>(false)
@@ -27,11 +29,14 @@ final class VCPURunner: @unchecked Sendable {
     private var exitPending = false
     private var consoleLine: [UInt8] = []
 
-    init(vcpu: KVMVCPU, tracker: DirtyTracker?, holds: VCPUHolds, events: MachineEvents) {
+    init(vcpu: KVMVCPU, tracker: DirtyTracker?, holds: VCPUHolds, events: MachineEvents, output: GuestOutput,
+         memory: GuestMemory) {
         self.vcpu = vcpu
         self.tracker = tracker
         self.holds = holds
         self.events = events
+        self.output = output
+        self.memory = memory
     }
 
     /// Starts the vCPU's thread. `held`: it waits, paused, for `resume()` before it first enters
@@ -230,6 +235,17 @@ final class VCPURunner: @unchecked Sendable {
         .vcpuFailed(vcpu: vcpu.id, reason: reason, registers: vcpu.registerDump())
     }
 
+    /// A check vCPU wrote its output record and announced it: read the record now, while the
+    /// vCPU waits in this exit (it cannot write the next one before the OUT completes), and
+    /// hand its line on. Only a vCPU's own record, named by its own id, is taken.
+    private func emitOutput(announced id: UInt32) {
+        guard id == UInt32(vcpu.id) else { output.refuse(vcpu: vcpu.id); return }
+        let record = UnsafeRawPointer(memory.hostPointer(ramOffset: GuestLayout.outputRecordAddress(vcpu: vcpu.id)))
+        let line = GuestOutputLine(record: record)
+        guard line.vcpu == vcpu.id else { output.refuse(vcpu: vcpu.id); return }
+        output.emit(vcpu: vcpu.id, line: line.text)
+    }
+
     private func handlePortIO(port: UInt16, isOut: Bool, size: UInt8, count: UInt32, dataOffset: UInt64) {
         guard isOut else { return }   // reads from unknown ports see whatever KVM left there
         let data = UnsafeRawPointer(vcpu.ioData(at: dataOffset))
@@ -249,6 +265,8 @@ final class VCPURunner: @unchecked Sendable {
         case GuestLayout.errorPort where size == 4:
             let code = data.loadUnaligned(as: UInt32.self)
             events.guestReportedError(vcpu.id, code)
+        case GuestLayout.outputPort where size == 4:
+            emitOutput(announced: data.loadUnaligned(as: UInt32.self))
         default:
             return
         }

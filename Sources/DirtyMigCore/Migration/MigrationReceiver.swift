@@ -47,6 +47,9 @@ public final class MigrationReceiver: Sendable {
     public let limits: Limits
     /// This host's TSC frequency (kHz), which a guest must find here too.
     public let hostTSCKHz: UInt64?
+    /// Where a received VM's guest output lines go (GuestOutput.setSink), set before it runs,
+    /// so the first lines it emits here are not dropped.
+    public let guestOutput: (@Sendable (String) -> Void)?
     /// One line per event a person watching the receiver needs (a refused peer, a failed or
     /// aborted migration and whether a partial VM was dropped): stderr in `dirtymig receive`.
     private let log: @Sendable (String) -> Void
@@ -76,19 +79,24 @@ public final class MigrationReceiver: Sendable {
     }
 
     public init(listener: TCPSocket, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
-                log: @escaping @Sendable (String) -> Void = { _ in }) {
+                log: @escaping @Sendable (String) -> Void = { _ in }, guestOutput: (@Sendable (String) -> Void)? = nil) {
         self.listener = listener
         self.kvm = kvm
         self.name = name
         self.limits = limits
+        self.guestOutput = guestOutput
         self.log = log
         hostTSCKHz = (try? HostTSC.frequency(kvm: kvm)).map { $0 / 1000 }
     }
 
     /// Listens on `endpoint`. A port in use is a clear error.
     public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
-                              log: @escaping @Sendable (String) -> Void = { _ in }) throws(MigrationError) -> MigrationReceiver {
-        do { return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits, log: log) } catch {
+                              log: @escaping @Sendable (String) -> Void = { _ in },
+                              guestOutput: (@Sendable (String) -> Void)? = nil) throws(MigrationError) -> MigrationReceiver {
+        do {
+            return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits,
+                                     log: log, guestOutput: guestOutput)
+        } catch {
             if error.errno == EADDRINUSE || error.errno == EADDRNOTAVAIL || error.errno == EACCES {
                 throw .listen(SystemError("listen on \(endpoint)", errno: error.errno))
             }
@@ -276,7 +284,11 @@ public final class MigrationReceiver: Sendable {
     /// Builds the empty VM the hello announces, after checking it against this host.
     private func build(_ hello: MigrationHello) throws(MigrationError) -> Machine {
         let configuration = try Self.configuration(for: hello, kvm: kvm, name: name, hostTSCKHz: hostTSCKHz)
-        do { return try Machine(configuration, kvm: kvm, boot: .incoming) } catch {
+        do {
+            let machine = try Machine(configuration, kvm: kvm, boot: .incoming)
+            machine.output.setSink(guestOutput)
+            return machine
+        } catch {
             if case .insufficientMemory = error { throw .refused(error.description) }
             throw .refused("cannot build the VM here: \(error)")
         }

@@ -80,6 +80,13 @@ public enum DurationValue {
         }
         return number * unit
     }
+
+    /// As `parse` reads it back: "10ms", "2s", "1.5ms".
+    public static func format(microseconds: UInt64) -> String {
+        if microseconds % 1_000_000 == 0 { return "\(microseconds / 1_000_000)s" }
+        if microseconds % 1000 == 0 { return "\(microseconds / 1000)ms" }
+        return "\(Double(microseconds) / 1000)ms"
+    }
 }
 
 /// A positive whole number (vCPU counts, ring entries, passes).

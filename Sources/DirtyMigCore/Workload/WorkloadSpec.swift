@@ -1,7 +1,8 @@
 /// One `--workload` option: `[VCPUS:]KIND[,key=value…]`.
 ///   VCPUS   N or N-M (absent: every vCPU)
-///   KIND    idle | write | read | mix
-///   keys    ws=SIZE, offset=SIZE, pattern=seq|random|hot:F, rate=RATE, writes=PCT (mix), passes=N
+///   KIND    idle | write | read | mix | check
+///   keys    ws=SIZE, offset=SIZE, pattern=seq|random|hot:F, rate=RATE, writes=PCT (mix), passes=N,
+///           emit=DURATION (check)
 public struct WorkloadSpec: Sendable, Equatable {
     public var vcpus: ClosedRange<Int>?
     public var kind: WorkloadKind
@@ -12,9 +13,14 @@ public struct WorkloadSpec: Sendable, Equatable {
     public var rate: UInt64 = 0
     public var writePercent: UInt32?
     public var passes: UInt64 = 0
+    /// check: an output line this often (0 = none).
+    public var emitMicroseconds: UInt64 = 0
 
-    public static let keys = ["ws", "offset", "pattern", "rate", "writes", "passes"]
-    public static let kinds = ["idle", "write", "read", "mix"]
+    public static let keys = ["ws", "offset", "pattern", "rate", "writes", "passes", "emit"]
+    /// In WorkloadKind's order.
+    public static let kinds = ["idle", "write", "read", "mix", "check"]
+    /// emit=: from 1 ms (an exit per line; more often would be most of what the vCPU does) to 10 s.
+    public static let emitRange: ClosedRange<UInt64> = 1_000...10_000_000
 
     public static func parse(_ text: String) throws(QuantityError) -> WorkloadSpec {
         var body = Substring(text)
@@ -54,6 +60,16 @@ public struct WorkloadSpec: Sendable, Equatable {
                     throw QuantityError("invalid workload '\(text)': writes=\(value) must be a percentage 0-100")
                 }
                 spec.writePercent = percent
+            case "emit":
+                guard spec.kind == .check else {
+                    throw QuantityError("invalid workload '\(text)': emit= only applies to check workloads (their output lines carry a checksum of the working set)")
+                }
+                let seconds = try DurationValue.parse(value)
+                let microseconds = (seconds * 1e6).rounded()
+                guard microseconds >= Double(emitRange.lowerBound), microseconds <= Double(emitRange.upperBound) else {
+                    throw QuantityError("invalid workload '\(text)': emit=\(value) must be between 1ms and 10s")
+                }
+                spec.emitMicroseconds = UInt64(microseconds)
             case "pattern":
                 switch value.lowercased() {
                 case "seq": spec.pattern = .sequential
@@ -70,6 +86,9 @@ public struct WorkloadSpec: Sendable, Equatable {
             default:
                 throw QuantityError("invalid workload '\(text)': unknown key '\(key)'\(suggestion(key, keys)); keys are \(keys.joined(separator: ", "))")
             }
+        }
+        if spec.kind == .check && spec.pattern == .hot {
+            throw QuantityError("invalid workload '\(text)': check needs pattern=seq or pattern=random: hot does not visit every page once per pass, so the check could not know what each page must hold")
         }
         return spec
     }
@@ -122,7 +141,8 @@ public enum WorkloadPlan {
             result.append(VCPUWorkload(kind: spec.kind, pattern: spec.pattern, hotFraction: spec.hotFraction,
                                        writePercent: spec.writePercent ?? 50, offset: offset, size: size,
                                        rateBytesPerSecond: spec.rate, passes: spec.passes,
-                                       seed: 0x9E37_79B9_7F4A_7C15 &* UInt64(vcpu + 1)))
+                                       seed: 0x9E37_79B9_7F4A_7C15 &* UInt64(vcpu + 1),
+                                       emitMicroseconds: spec.emitMicroseconds))
         }
         return result
     }

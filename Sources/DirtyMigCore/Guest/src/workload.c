@@ -23,7 +23,7 @@ struct config_header {
 
 struct vcpu_config {
     u32 kind, pattern, write_percent, hot_ppm;
-    u64 ws_offset, ws_size, rate, passes, seed, reserved;
+    u64 ws_offset, ws_size, rate, passes, seed, emit_us;
 };
 
 struct stats_header {
@@ -34,23 +34,41 @@ struct stats_header {
 struct vcpu_stats {
     u64 pages, passes;
     u32 state, apic_id;
-    u64 writes, tsc_start, tsc_now, reserved[2];
+    u64 writes, tsc_start, tsc_now, errors, reserved;
+};
+
+/* A check vCPU's output record: written just before it tells the host on OUTPUT_PORT. */
+struct output_record {
+    u64 sequence;                   /* 1 for the first record, then +1 per record */
+    u64 pages;                      /* pages touched when it was written */
+    u64 errors;                     /* mismatches found so far */
+    u64 checksum;                   /* wrapping sum of the first words read in the last complete pass */
+    u64 passes;                     /* complete passes (the checksum is the last one's; 0: none) */
+    u64 tsc;                        /* when it was written */
+    u32 apic_id, reserved32;
+    u64 next_tsc;                   /* the guest's own: when the next record is due */
+    /* `passes` and `next_tsc` are the check loop's own state too (it has no register left for
+     * them), so they are kept up to date with or without emit=. */
 };
 
 _Static_assert(sizeof(struct config_header) == CONFIG_HEADER_SIZE, "config header layout");
 _Static_assert(sizeof(struct vcpu_config) == CONFIG_ENTRY_SIZE, "config entry layout");
 _Static_assert(sizeof(struct stats_header) == 64, "stats header layout");
 _Static_assert(sizeof(struct vcpu_stats) == 64, "stats record layout");
+_Static_assert(sizeof(struct output_record) == 64, "output record layout");
 
 #define CONFIG ((volatile struct config_header *)CONFIG_ADDR)
 #define VCPU_CONFIG(i) ((volatile struct vcpu_config *)(u64)(CONFIG_ADDR + CONFIG_HEADER_SIZE + CONFIG_ENTRY_SIZE * (u64)(i)))
 #define STATS ((volatile struct stats_header *)STATS_ADDR)
 #define VCPU_STATS(i) ((volatile struct vcpu_stats *)(u64)(STATS_ADDR + 64 + 64 * (u64)(i)))
+#define OUTPUT_RECORD(i) ((volatile struct output_record *)(u64)(OUTPUT_ADDR + 64 * (u64)(i)))
 #define LAPIC(reg) (*(volatile u32 *)(u64)(LAPIC_BASE + (reg)))
 
 /* Everything a vCPU's ring-3 loop needs, computed once in ring 0; read-only afterwards. */
 struct plan {
     volatile struct vcpu_stats *stats;
+    volatile struct output_record *output;
+    u64 emit_ticks;                 /* check: write an output record this often (0 = never) */
     u64 base, low, hole;            /* RAM offset of page 0; RAM below 4 GiB; 4 GiB - low */
     u64 pages;                      /* working-set pages (n) */
     u64 limit;                      /* touches after which the vCPU finishes (0 = never) */
@@ -106,15 +124,36 @@ void publish(const volatile struct plan *p, u64 touched, u32 kind, u64 tsc) {
     volatile struct vcpu_stats *st = p->stats;
     st->pages = touched;
     /* The mix accumulator starts at 0, so after t touches exactly floor(t * pct / 100) wrote. */
-    st->writes = kind == KIND_WRITE ? touched : kind == KIND_MIX ? touched * p->write_percent / 100 : 0;
+    st->writes = kind == KIND_WRITE || kind == KIND_CHECK ? touched
+               : kind == KIND_MIX ? touched * p->write_percent / 100 : 0;
     st->passes = touched / p->pages;    /* every pattern's pass is n touches */
     st->tsc_now = tsc;
+}
+
+/* The check workload's mix, and the value of `page` in the pass whose key is
+ * `key` = seed + pass * CHECK_MUL (see layout.h). */
+static inline __attribute__((always_inline)) u64 check_mix(u64 x) {
+    x ^= x >> 32;
+    x *= CHECK_MUL;
+    x ^= x >> 29;
+    x *= CHECK_MUL;
+    x ^= x >> 32;
+    return x;
+}
+
+static inline __attribute__((always_inline)) u64 check_value(u64 page, u64 key) {
+    return check_mix((page * CHECK_MUL) ^ check_mix(key)) | 1;
 }
 
 static inline __attribute__((always_inline, noreturn))
 void workload_loop(const volatile struct plan *p, const u32 kind, const u32 pattern) {
     u64 touched = 0, cursor, accumulator = 0, remainder = 0;
     u64 now = rdtsc(), due = now, published = now;
+    /* check: the sum of the first words read in this pass. Its other state lives in its output
+     * record (the passes done, when the next record is due): kept in registers too, the paced
+     * loop ran out of them and spilled to the stack. */
+    u64 sum = 0;
+    if (kind == KIND_CHECK) p->output->next_tsc = now + p->emit_ticks;
     if (pattern == PATTERN_SEQ) cursor = 0;
     else if (pattern == PATTERN_RANDOM) cursor = p->seed & p->mask;
     else cursor = p->seed | 1;                      /* xorshift state, never 0 */
@@ -165,6 +204,27 @@ void workload_loop(const volatile struct plan *p, const u32 kind, const u32 patt
             *word = touched;
         } else if (kind == KIND_READ) {
             (void)*word;
+        } else if (kind == KIND_CHECK) {
+            /* Read the page's first and last words, compare them with what the last pass wrote
+             * (nothing, 0, before the first), then write this pass's value to both: a page lost,
+             * stale (an older pass's value) or torn (one end new, the other old) is a mismatch. */
+            volatile struct output_record *out = p->output;
+            u64 done = out->passes;         /* passes complete before this one */
+            u64 expected = done ? check_value(page, p->seed + done * CHECK_MUL) : 0;
+            u64 seen = word[0];
+            sum += seen;
+            if (seen != expected || word[511] != expected) p->stats->errors = p->stats->errors + 1;
+            u64 value = check_value(page, p->seed + (out->passes + 1) * CHECK_MUL);
+            word[0] = value;
+            word[511] = value;
+            /* Every pattern check allows visits each page once in every n consecutive touches
+             * (seq plainly; random because each period of its LCG yields exactly n accepted
+             * values), so a pass ends at every multiple of n touches. */
+            if (touched == (out->passes + 1) * p->pages) {
+                out->checksum = sum;
+                out->passes = out->passes + 1;
+                sum = 0;
+            }
         } else {
             accumulator += p->write_percent;
             if (accumulator >= 100) { accumulator -= 100; *word = touched; }
@@ -174,10 +234,25 @@ void workload_loop(const volatile struct plan *p, const u32 kind, const u32 patt
         /* Publish about every 8 ms: every store to the stats page dirties it, and a reading
          * vCPU must not look like a writer. Unpaced, look at the clock every 64 pages only. */
         if (p->paced || (touched & 63) == 0) {
-            u64 t = p->paced ? now : rdtsc();
+            /* (check reads the clock again: keeping `now` across its visit cost the paced random
+             * loop a register it did not have) */
+            u64 t = p->paced && kind != KIND_CHECK ? now : rdtsc();
             if (t - published >= p->publish_ticks) {
                 published = t;
                 publish(p, touched, kind, t);
+            }
+            /* check, emit=: the next output record, due every emit_ticks from the start. A vCPU
+             * more than an interval late (a paused VM) skips the records it missed instead of
+             * writing them in a burst. One OUT to OUTPUT_PORT hands the record to the host. */
+            volatile struct output_record *out = p->output;
+            if (kind == KIND_CHECK && p->emit_ticks && (i64)(t - out->next_tsc) >= 0) {
+                u64 next = out->next_tsc + p->emit_ticks;
+                out->next_tsc = (i64)(t - next) >= 0 ? t + p->emit_ticks : next;
+                out->sequence = out->sequence + 1;
+                out->pages = touched;
+                out->errors = p->stats->errors;
+                out->tsc = t;
+                __asm__ volatile("outl %0, %1" : : "a"((u32)p->apic_id), "Nd"((u16)OUTPUT_PORT) : "memory");
             }
         }
 
@@ -200,6 +275,10 @@ USER __attribute__((noreturn)) void user_main(const volatile struct plan *p) {
         if (pattern == PATTERN_SEQ) workload_loop(p, KIND_READ, PATTERN_SEQ);
         if (pattern == PATTERN_RANDOM) workload_loop(p, KIND_READ, PATTERN_RANDOM);
         workload_loop(p, KIND_READ, PATTERN_HOT);
+    } else if (kind == KIND_CHECK) {
+        /* Setup refused pattern hot: its touches do not visit every page once per pass. */
+        if (pattern == PATTERN_SEQ) workload_loop(p, KIND_CHECK, PATTERN_SEQ);
+        workload_loop(p, KIND_CHECK, PATTERN_RANDOM);
     } else {
         if (pattern == PATTERN_SEQ) workload_loop(p, KIND_MIX, PATTERN_SEQ);
         if (pattern == PATTERN_RANDOM) workload_loop(p, KIND_MIX, PATTERN_RANDOM);
@@ -279,6 +358,7 @@ static __attribute__((noreturn)) void run_workload(u32 id) {
     st->writes = 0;
     st->tsc_start = 0;
     st->tsc_now = 0;
+    st->errors = 0;
     st->apic_id = id;
     __atomic_fetch_add(&STATS->booted, 1, __ATOMIC_SEQ_CST);
     if (id >= CONFIG->nr_vcpus) { st->state = STATE_IDLE; halt_forever(); }
@@ -287,7 +367,8 @@ static __attribute__((noreturn)) void run_workload(u32 id) {
     u32 kind = cfg->kind, pattern = cfg->pattern;
     u64 n = cfg->ws_size >> 12;
     if (kind == KIND_IDLE || n == 0) { st->state = STATE_IDLE; halt_forever(); }
-    if (kind > KIND_MIX || pattern > PATTERN_HOT) fail(ERR_BAD_VERSION, st);
+    if (kind > KIND_CHECK || pattern > PATTERN_HOT) fail(ERR_BAD_VERSION, st);
+    if (kind == KIND_CHECK && pattern == PATTERN_HOT) fail(ERR_BAD_WORKLOAD, st);
 
     struct plan *p = &plans[id];
     u64 total = CONFIG->memory_size, low = CONFIG->low_memory_size;
@@ -295,6 +376,16 @@ static __attribute__((noreturn)) void run_workload(u32 id) {
     if (base < CONFIG->workload_base || base + (n << 12) < base || base + (n << 12) > total
         || n > (1ul << 40)) fail(ERR_WS_OUT_OF_RANGE, st);
     p->stats = st;
+    volatile struct output_record *out = OUTPUT_RECORD(id);
+    out->sequence = 0;
+    out->pages = 0;
+    out->errors = 0;
+    out->checksum = 0;
+    out->passes = 0;
+    out->tsc = 0;
+    out->next_tsc = 0;
+    out->apic_id = id;
+    p->output = out;
     p->base = base;
     p->low = low;
     p->hole = HIGH_MEMORY_BASE - low;
@@ -307,6 +398,9 @@ static __attribute__((noreturn)) void run_workload(u32 id) {
 
     u64 hz = tsc_hz(), rate = cfg->rate;
     p->publish_ticks = hz / 128;                    /* ~8 ms */
+    /* The host allows 1 ms to 10 s (hz * 10^7 fits in 64 bits for any TSC below 1.8 THz). */
+    u64 emit_us = kind == KIND_CHECK && cfg->emit_us <= 10000000 ? cfg->emit_us : 0;
+    p->emit_ticks = emit_us ? (hz * emit_us / 1000000 ? hz * emit_us / 1000000 : 1) : 0;
     p->max_debt = hz / 10;                          /* 100 ms */
     p->rate = rate;
     if (rate) {
