@@ -16,9 +16,9 @@ _dirtymig() {
     fi
     local command="${COMP_WORDS[1]}" options=""
     case "$command" in
-        boot) options="--memory --vcpus --workload --track --ring-entries --control --name --detach --export-image --export-config --help" ;;
+        boot) options="--memory --vcpus --workload --track --ring-entries --control --name --guest-output --detach --export-image --export-config --help" ;;
         migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --verify --json --stats --plot --throttle --memory --vcpus --workload --track --help" ;;
-        receive) options="--listen --control --name --once --detach --help" ;;
+        receive) options="--listen --control --name --guest-output --once --detach --help" ;;
         dirtyrate) options="--vm --mode --interval --count --json --help" ;;
         limit) options="--vm --vcpu --rate --cancel --show --json --help" ;;
         list) options="--json --help" ;;
@@ -29,6 +29,7 @@ _dirtymig() {
     case "$prev" in
         --track) COMPREPLY=($(compgen -W "bitmap ring quota" -- "$cur")); return ;;
         --control) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --guest-output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --export-image) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --export-config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --vm) COMPREPLY=($(compgen -W "$(_dirtymig_vms)" -- "$cur")); return ;;

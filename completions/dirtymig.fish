@@ -25,6 +25,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l track -x -a 'bitma
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l ring-entries -x
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l control -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l name -x
+complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l guest-output -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l detach
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l export-image -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l export-config -r -F
@@ -46,6 +47,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l track -x -a 'bi
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l listen -x
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l control -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l name -x
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l guest-output -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l once
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l detach
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l vm -x -a '(__dirtymig_vms)'

@@ -36,12 +36,13 @@ enum OptionTable {
     static let control = OptionSpec(name: "control", value: "PATH", help: "control socket path (default: per-user runtime directory, NAME.sock)", completion: .file)
     static let name = OptionSpec(name: "name", value: "NAME", help: "the VM's name, used for its control socket (default vm)")
     static let detach = OptionSpec(name: "detach", value: nil, help: "run in the background: return once the socket serves, printing where (log next to the socket)")
+    static let guestOutput = OptionSpec(name: "guest-output", value: "FILE", help: "append the guest's output lines (check workloads with emit=) to FILE; without it they are not shown", completion: .file)
     static let plot = OptionSpec(name: "plot", value: "FILE", help: "draw the migration over time as an SVG picture", completion: .file)
 
     static let commands: [CommandSpec] = [
         CommandSpec(name: "boot", summary: "boot a VM running the workload guest and serve its control socket",
-                    synopsis: "dirtymig boot [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track bitmap|ring|quota] [--ring-entries N] [--control PATH] [--name NAME] [--detach] [--export-image FILE [--export-config FILE]]",
-                    options: [memory, vcpus, workload, track, ringEntries, control, name, detach,
+                    synopsis: "dirtymig boot [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track bitmap|ring|quota] [--ring-entries N] [--control PATH] [--name NAME] [--guest-output FILE] [--detach] [--export-image FILE [--export-config FILE]]",
+                    options: [memory, vcpus, workload, track, ringEntries, control, name, guestOutput, detach,
                               OptionSpec(name: "export-image", value: "FILE", help: "write the guest image (and with --export-config its config block), print the QEMU options that run it, and exit", completion: .file),
                               OptionSpec(name: "export-config", value: "FILE", help: "with --export-image: where to write the config block", completion: .file)]),
         CommandSpec(name: "migrate", summary: "live-migrate a running VM to a receiver, or (with neither --vm nor --to) run a whole local migration",
@@ -58,8 +59,8 @@ enum OptionTable {
                               OptionSpec(name: "throttle", value: "MODE", help: "slow a guest that dirties faster than the link: auto (by --track), none, cpu, dirty-limit (ring), dirty-quota (quota)", completion: .choices(throttleChoices)),
                               memory, vcpus, workload, track]),
         CommandSpec(name: "receive", summary: "accept an incoming migration, then run and serve the VM",
-                    synopsis: "dirtymig receive --listen HOST:PORT [--control PATH] [--name NAME] [--once] [--detach]",
-                    options: [OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on (:PORT for all addresses)"), control, name,
+                    synopsis: "dirtymig receive --listen HOST:PORT [--control PATH] [--name NAME] [--guest-output FILE] [--once] [--detach]",
+                    options: [OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on (:PORT for all addresses)"), control, name, guestOutput,
                               OptionSpec(name: "once", value: nil, help: "exit after one migration (non-zero if it failed)"), detach]),
         CommandSpec(name: "dirtyrate", summary: "measure a running VM's dirty rate, per vCPU where the tracking mode allows",
                     synopsis: "dirtymig dirtyrate [--vm NAME|PATH] [--mode ring|bitmap|sample] [--interval DURATION] [--count N] [--json]",

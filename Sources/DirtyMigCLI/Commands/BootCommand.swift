@@ -70,6 +70,7 @@ enum BootCommand {
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
         let options = try options(arguments)
         if let image = options.exportImage { return try export(options, image: image) }
+        let guestOutput = try GuestOutputFile.requested(by: arguments)
         if options.detach { return try Detach.run(controlPath: options.control, name: options.name, state: "running") }
 
         let kvm: KVMSystem
@@ -90,6 +91,8 @@ enum BootCommand {
             server.stop()
             throw RuntimeFailure("cannot build the VM: \(error)")
         }
+        // Before the guest runs, so that its first line (seq=1) is not dropped.
+        machine.output.setSink(guestOutput?.sink)
         do { try machine.start() } catch {
             server.stop()
             throw RuntimeFailure("cannot start the VM: \(error)")

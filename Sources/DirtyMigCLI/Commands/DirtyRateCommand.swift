@@ -21,7 +21,11 @@ enum DirtyRateCommand {
             throw RuntimeFailure("--mode \(mode.rawValue) needs a VM booted with \(mode.requiredTracking); '\(client.vmName)' was booted with --track \(tracking?.rawValue ?? "none")")
         }
         let vcpuCount = Int(status["vcpus"]?.intValue ?? 0)
-        let table = RateTable(vcpus: vcpuCount, perVCPU: mode == .ring)
+        // Check workloads get a column with their mismatch count (it only ever grows).
+        let checking = Set((status["vcpu_stats"]?.arrayValue ?? []).enumerated().compactMap { index, vcpu in
+            vcpu["workload"]?.stringValue?.hasPrefix("check") == true ? index : nil
+        })
+        let table = RateTable(vcpus: vcpuCount, perVCPU: mode == .ring, checking: checking)
         if !json { emit(table.header) }
 
         var previous: DirtyCounterSnapshot? = nil
@@ -64,12 +68,15 @@ enum DirtyRateCommand {
 struct RateTable {
     let vcpus: Int
     let perVCPU: Bool
+    /// vCPUs that run a check workload: their guest_errors get a column.
+    var checking: Set<Int> = []
 
     var header: String {
         var text = pad("TIME", 9) + pad("TOTAL MiB/s", 12, right: true)
         for id in 0..<vcpus {
             if perVCPU { text += pad("v\(id) MiB/s", 11, right: true) }
             text += pad("v\(id) guest pg/s", 15, right: true)
+            if checking.contains(id) { text += pad("v\(id) errors", 11, right: true) }
         }
         return text
     }
@@ -82,6 +89,7 @@ struct RateTable {
         for rate in report.vcpus {
             if perVCPU { text += pad(rate.dirtyMiBPerSecond.map { String(format: "%.2f", $0) } ?? "-", 11, right: true) }
             text += pad(String(format: "%.0f", rate.guestPagesPerSecond), 15, right: true)
+            if checking.contains(rate.id) { text += pad(rate.guestErrors.map { String($0) } ?? "-", 11, right: true) }
         }
         return text
     }

@@ -18,6 +18,7 @@ enum ReceiveCommand {
         }
         let controlPath = arguments.string("control") ?? ControlSocketPath.path(forName: name)
         let once = arguments.has("once")
+        let guestOutput = try GuestOutputFile.requested(by: arguments)
         if arguments.has("detach") { return try Detach.run(controlPath: controlPath, name: name, state: "listening") }
 
         let kvm: KVMSystem
@@ -29,9 +30,9 @@ enum ReceiveCommand {
         do { try server.start(serving: false) } catch { throw RuntimeFailure("\(error)") }
         let receiver: MigrationReceiver
         do {
-            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name) { line in
-                printError("dirtymig receive: \(line)")
-            }
+            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name,
+                                                    log: { line in printError("dirtymig receive: \(line)") },
+                                                    guestOutput: guestOutput?.sink)
         } catch {
             server.stop()
             throw RuntimeFailure("\(error)")
