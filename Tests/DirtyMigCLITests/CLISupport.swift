@@ -82,6 +82,14 @@ func assertGuestRuns(socket path: String, vcpus: Int, file: StaticString = #file
     }
 }
 
+/// A new directory only this user can enter (mkdtemp makes it 0700), for control sockets and
+/// files a test leaves behind (a SIGKILLed VM leaves its socket).
+func privateTemporaryDirectory(_ prefix: String) throws -> String {
+    var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+    guard mkdtemp(&template) != nil else { throw XCTSkip("cannot create a temporary directory under /tmp") }
+    return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
 /// Tests that boot VMs through the command line call this first: where /dev/kvm is missing it
 /// skips the test and prints why.
 func requireKVMDevice() throws {

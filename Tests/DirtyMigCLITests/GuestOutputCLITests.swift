@@ -11,9 +11,7 @@ final class GuestOutputCLITests: XCTestCase {
     private var directory = ""
 
     override func setUpWithError() throws {
-        var template = Array("/tmp/dmo-XXXXXX".utf8CString)
-        guard mkdtemp(&template) != nil else { throw XCTSkip("cannot create a temporary directory under /tmp") }
-        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        directory = try privateTemporaryDirectory("dmo")
     }
 
     override func tearDown() { try? FileManager.default.removeItem(atPath: directory) }
@@ -46,6 +44,8 @@ final class GuestOutputCLITests: XCTestCase {
         let vcpus = try XCTUnwrap(status["vcpu_stats"]?.arrayValue)
         XCTAssertEqual(vcpus[0]["workload"]?.stringValue, "check,ws=16MiB,offset=0B,pattern=seq,emit=10ms")
         XCTAssertEqual(vcpus.map { $0["guest_errors"]?.intValue }, [0, 0])
+        XCTAssertGreaterThan(status["guest_output_lines"]?.intValue ?? 0, 0)
+        XCTAssertEqual(status["guest_output_dropped"]?.intValue, 0, "the file takes lines from the guest's first one")
         let json = try CLI.run(["dirtyrate", "--vm", source, "--json", "--count", "1", "--interval", "200ms"])
         XCTAssertEqual(json.status, 0, json.stderr)
         let rates = try XCTUnwrap(try JSONValue.parse(json.stdout)["vcpus"]?.arrayValue)

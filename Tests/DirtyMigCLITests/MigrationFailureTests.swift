@@ -10,9 +10,7 @@ final class MigrationFailureTests: XCTestCase {
     private var directory = ""
 
     override func setUpWithError() throws {
-        var template = Array("/tmp/dmf-XXXXXX".utf8CString)
-        guard mkdtemp(&template) != nil else { throw XCTSkip("cannot create a temporary directory under /tmp") }
-        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        directory = try privateTemporaryDirectory("dmf")
     }
 
     override func tearDown() { try? FileManager.default.removeItem(atPath: directory) }

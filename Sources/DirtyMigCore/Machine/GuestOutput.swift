@@ -35,7 +35,7 @@ public final class GuestOutput: Sendable {
 
     /// An announcement on the output port that was not the announcing vCPU's own record (a
     /// wrong vCPU id in the port's dword or in the record): ignored, and counted.
-    func refuse(vcpu: Int) {
+    func refuse() {
         state.withLock { $0.refused += 1 }
     }
 

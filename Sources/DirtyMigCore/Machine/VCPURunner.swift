@@ -239,10 +239,10 @@ final class VCPURunner: @unchecked Sendable {
     /// vCPU waits in this exit (it cannot write the next one before the OUT completes), and
     /// hand its line on. Only a vCPU's own record, named by its own id, is taken.
     private func emitOutput(announced id: UInt32) {
-        guard id == UInt32(vcpu.id) else { output.refuse(vcpu: vcpu.id); return }
+        guard id == UInt32(vcpu.id) else { output.refuse(); return }
         let record = UnsafeRawPointer(memory.hostPointer(ramOffset: GuestLayout.outputRecordAddress(vcpu: vcpu.id)))
         let line = GuestOutputLine(record: record)
-        guard line.vcpu == vcpu.id else { output.refuse(vcpu: vcpu.id); return }
+        guard line.vcpu == vcpu.id else { output.refuse(); return }
         output.emit(vcpu: vcpu.id, line: line.text)
     }
 

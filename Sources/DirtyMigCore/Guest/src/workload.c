@@ -4,8 +4,9 @@
  *
  * Two halves. Setup (ring 0): validate the config, map RAM, start the APs, turn each vCPU's
  * config entry into a `plan`. The workload loop (ring 3, section .text.user): reads only its
- * plan and writes only its working set and its stats record, and it keeps all its state in
- * registers, so the only page a reading vCPU dirties is the stats page (build.sh checks the
+ * plan and writes only its working set, its stats record and (check) its output record, and it
+ * keeps all its state in registers (check: some in its output record), so the only page a
+ * reading vCPU dirties is the stats page (build.sh checks the
  * compiled loop for stack accesses). Ring 3 because PVM-style KVM runs an unmodified guest's
  * ring-0 code in an instruction emulator and only ring 3 natively (see boot.S). */
 #include "layout.h"
@@ -377,13 +378,7 @@ static __attribute__((noreturn)) void run_workload(u32 id) {
         || n > (1ul << 40)) fail(ERR_WS_OUT_OF_RANGE, st);
     p->stats = st;
     volatile struct output_record *out = OUTPUT_RECORD(id);
-    out->sequence = 0;
-    out->pages = 0;
-    out->errors = 0;
-    out->checksum = 0;
-    out->passes = 0;
-    out->tsc = 0;
-    out->next_tsc = 0;
+    for (int i = 0; i < 8; i++) ((volatile u64 *)out)[i] = 0;     /* sequence 0: the first line is 1 */
     out->apic_id = id;
     p->output = out;
     p->base = base;
