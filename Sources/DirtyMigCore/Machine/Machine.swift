@@ -12,6 +12,10 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     public let vcpus: [KVMVCPU]
     public let tracker: DirtyTracker?
     public let events = MachineEvents()
+    /// What the guest sends out (its output port), held back under replication (output commit).
+    public let output = GuestOutput()
+    /// Whether a migration or a replication is copying this VM's memory elsewhere.
+    public let transferClaim = TransferClaim()
     /// The guest's TSC frequency, which paces its workloads.
     public let tscHz: UInt64
     public let guestConfig: GuestConfig
