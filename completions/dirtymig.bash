@@ -9,7 +9,7 @@ _dirtymig() {
     local cur prev words cword
     cur="${COMP_WORDS[COMP_CWORD]}"
     prev="${COMP_WORDS[COMP_CWORD-1]}"
-    local commands="boot migrate receive dirtyrate limit list stop plot help"
+    local commands="boot migrate receive dirtyrate limit list stop failover plot help"
     if [ "$COMP_CWORD" -eq 1 ]; then
         COMPREPLY=($(compgen -W "$commands --help --version" -- "$cur"))
         return
@@ -17,14 +17,15 @@ _dirtymig() {
     local command="${COMP_WORDS[1]}" options=""
     case "$command" in
         boot) options="--memory --vcpus --workload --track --ring-entries --control --name --guest-output --detach --export-image --export-config --help" ;;
-        migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --verify --json --stats --plot --throttle --memory --vcpus --workload --track --help" ;;
-        receive) options="--listen --control --name --guest-output --once --detach --help" ;;
+        migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --verify --json --stats --plot --throttle --memory --vcpus --workload --track --continuous --checkpoint-interval --checkpoint-pages --replication --stop-replication --help" ;;
+        receive) options="--listen --control --name --guest-output --once --detach --standby --failover --failover-after --help" ;;
         dirtyrate) options="--vm --mode --interval --count --json --help" ;;
         limit) options="--vm --vcpu --rate --cancel --show --json --help" ;;
         list) options="--json --help" ;;
         stop) options="--vm --timeout --help" ;;
+        failover) options="--vm --json --help" ;;
         plot) options="--from --output --help" ;;
-        help) COMPREPLY=($(compgen -W "boot migrate receive dirtyrate limit list stop plot" -- "$cur")); return ;;
+        help) COMPREPLY=($(compgen -W "boot migrate receive dirtyrate limit list stop failover plot" -- "$cur")); return ;;
     esac
     case "$prev" in
         --track) COMPREPLY=($(compgen -W "bitmap ring quota" -- "$cur")); return ;;
@@ -36,6 +37,7 @@ _dirtymig() {
         --stats) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --plot) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --throttle) COMPREPLY=($(compgen -W "auto none cpu dirty-limit dirty-quota" -- "$cur")); return ;;
+        --failover) COMPREPLY=($(compgen -W "auto manual" -- "$cur")); return ;;
         --mode) COMPREPLY=($(compgen -W "ring bitmap sample" -- "$cur")); return ;;
         --from) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --output) COMPREPLY=($(compgen -f -- "$cur")); return ;;

@@ -16,6 +16,7 @@ complete -c dirtymig -n __fish_use_subcommand -a dirtyrate -d "measure a VM's di
 complete -c dirtymig -n __fish_use_subcommand -a limit -d "per-vCPU dirty-rate limits"
 complete -c dirtymig -n __fish_use_subcommand -a list -d "list the running VMs and receivers"
 complete -c dirtymig -n __fish_use_subcommand -a stop -d "stop a running VM or receiver"
+complete -c dirtymig -n __fish_use_subcommand -a failover -d "make a standby resume the VM now"
 complete -c dirtymig -n __fish_use_subcommand -a plot -d "draw a saved migration as SVG"
 complete -c dirtymig -n __fish_use_subcommand -a help -d "show help for a command"
 complete -c dirtymig -n "__fish_seen_subcommand_from boot" -l memory -x
@@ -39,6 +40,11 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l verify
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l json
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l stats -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l plot -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l continuous
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l checkpoint-interval -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l checkpoint-pages -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l replication
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l stop-replication
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l throttle -x -a 'auto none cpu dirty-limit dirty-quota'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l memory -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vcpus -x
@@ -50,6 +56,11 @@ complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l name -x
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l guest-output -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l once
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l detach
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l standby
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l failover -x -a "auto manual"
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l failover-after -x
+complete -c dirtymig -n "__fish_seen_subcommand_from failover" -l vm -x -a "(__dirtymig_vms)"
+complete -c dirtymig -n "__fish_seen_subcommand_from failover" -l json
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l vm -x -a '(__dirtymig_vms)'
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l mode -x -a 'ring bitmap sample'
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l interval -x
@@ -66,4 +77,4 @@ complete -c dirtymig -n "__fish_seen_subcommand_from stop" -l vm -x -a '(__dirty
 complete -c dirtymig -n "__fish_seen_subcommand_from stop" -l timeout -x
 complete -c dirtymig -n "__fish_seen_subcommand_from plot" -l from -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from plot" -l output -r -F
-complete -c dirtymig -n "__fish_seen_subcommand_from help" -a "boot migrate receive dirtyrate limit list stop plot"
+complete -c dirtymig -n "__fish_seen_subcommand_from help" -a "boot migrate receive dirtyrate limit list stop failover plot"

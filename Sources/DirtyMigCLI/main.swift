@@ -40,6 +40,7 @@ do {
         case "list": status = try ListCommand.run(arguments)
         case "stop": status = try StopCommand.run(arguments)
         case "plot": status = try PlotCommand.run(arguments)
+        case "failover": status = try FailoverCommand.run(arguments)
         default: fatalError("no implementation for \(arguments.command.name)")
         }
     }

@@ -77,7 +77,7 @@ final class CheckWorkloadSpecTests: XCTestCase {
     func testOutputReleasesInOrderAndCountsDrops() {
         let output = GuestOutput()
         output.emit(vcpu: 0, line: "early")
-        XCTAssertEqual(output.counts.dropped, 1, "a line with no sink is dropped and counted")
+        XCTAssertEqual(output.droppedCount, 1, "a line with no sink is dropped and counted")
         let received = Outcomes()
         output.setSink { received.append($0) }
         let threads = (0..<4).map { vcpu in
@@ -86,8 +86,8 @@ final class CheckWorkloadSpecTests: XCTestCase {
         for thread in threads { thread.join() }
         output.setSink(nil)
         output.emit(vcpu: 0, line: "late")
-        XCTAssertEqual(output.counts.emitted, 2002)
-        XCTAssertEqual(output.counts.dropped, 2)
+        XCTAssertEqual(output.releasedCount, 2000)
+        XCTAssertEqual(output.droppedCount, 2)
         let lines = received.all
         XCTAssertEqual(lines.count, 2000)
         for vcpu in 0..<4 {

@@ -134,7 +134,7 @@ final class CheckWorkloadTests: XCTestCase {
             XCTAssertEqual(line.sum, expected, "seq \(line.sequence): the sum of pass \(passes) is what the host recomputes")
         }
         XCTAssertGreaterThan(checksums.keys.max() ?? 0, 1, "lines covered complete passes with a non-trivial checksum")
-        XCTAssertEqual(machine.output.counts.refused, 0)
+        XCTAssertEqual(machine.output.refusedCount, 0)
     }
 
     /// A migration moves a checking guest without corrupting it: on the destination it counts

@@ -44,6 +44,9 @@ enum MigrateCommand {
         options.json = arguments.has("json")
         options.stats = arguments.string("stats")
         options.plot = arguments.string("plot")
+        for option in ["checkpoint-interval", "checkpoint-pages"] where arguments.has(option) {
+            throw arguments.error("--\(option) applies to --continuous (replication), not to a migration")
+        }
         let embedded = options.to == nil && arguments.string("vm") == nil
         if options.to == nil && !embedded {
             throw arguments.error("--vm needs --to HOST:PORT (where 'dirtymig receive' listens)")
@@ -57,6 +60,7 @@ enum MigrateCommand {
     }
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        if MigrateReplication.applies(arguments) { return try MigrateReplication.run(arguments) }
         let options = try options(arguments)
         // Ctrl-C (SIGINT), SIGTERM or SIGHUP cancel the migration: the source runs on, the
         // destination discards its copy, the report says so and the exit status is 130.

@@ -18,6 +18,7 @@ enum ReceiveCommand {
         }
         let controlPath = arguments.string("control") ?? ControlSocketPath.path(forName: name)
         let once = arguments.has("once")
+        let standby = try standbyOptions(arguments)
         let guestOutput = try GuestOutputFile.requested(by: arguments)
         if arguments.has("detach") { return try Detach.run(controlPath: controlPath, name: name, state: "listening") }
 
@@ -30,7 +31,7 @@ enum ReceiveCommand {
         do { try server.start(serving: false) } catch { throw RuntimeFailure("\(error)") }
         let receiver: MigrationReceiver
         do {
-            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name,
+            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name, standby: standby,
                                                     log: { line in printError("dirtymig receive: \(line)") },
                                                     guestOutput: guestOutput?.sink)
         } catch {
@@ -44,8 +45,21 @@ enum ReceiveCommand {
         stop.onSignal { stopping.raise(); receiver.stop() }
         server.register("query-status") { (_: JSONValue) throws(ControlError) in
             let peer = receiver.activePeer
-            return ["name": .string(vmName), "state": peer == nil ? "listening" : "receiving", "pid": .number(Int(getpid())),
-                    "listen": .string(shown.description), "from": peer.map { .string($0) } ?? .null]
+            let session = receiver.standbySession
+            let state = session != nil ? "standby" : peer == nil ? "listening" : "receiving"
+            return ["name": .string(vmName), "state": .string(state), "pid": .number(Int(getpid())),
+                    "listen": .string(shown.description), "from": peer.map { .string($0) } ?? .null,
+                    "standby": session?.json ?? .null]
+        }
+        // An operator's (or a third party's) decision that the primary is gone.
+        server.register("failover") { (_: JSONValue) throws(ControlError) in
+            guard let session = receiver.standbySession else {
+                throw ControlError(.failed, standby == nil ? "this receiver is not a standby (receive --standby)" : "this standby follows no replication")
+            }
+            guard let epoch = session.requestFailover() else {
+                throw ControlError(.failed, "this standby holds no checkpoint yet (the initial copy is under way): there is nothing to resume")
+            }
+            return ["failover": true, "epoch": .number(epoch)]
         }
         // `quit` (what `dirtymig stop` sends) does what SIGTERM does.
         server.register("quit") { (_: JSONValue, context: ControlContext) throws(ControlError) in
@@ -53,7 +67,7 @@ enum ReceiveCommand {
             return ["stopping": true]
         }
         server.serve()
-        emit("dirtymig: listening for a migration on \(shown); control socket \(controlPath)")
+        emit("dirtymig: listening for \(standby == nil ? "a migration" : "a replication (standby, failover \(standby!.failover.rawValue))") on \(shown); control socket \(controlPath)")
 
         while true {
             let machine: Machine
@@ -77,6 +91,26 @@ enum ReceiveCommand {
             return VMHost.serve(machine, server: server, stop: stop,
                                 ready: "dirtymig: VM '\(name)' received and running (\(ByteSize.format(configuration.memorySize)), \(configuration.vcpuCount) vCPU\(configuration.vcpuCount == 1 ? "" : "s"), --track \(configuration.tracking?.rawValue ?? "none")); control socket \(controlPath)")
         }
+    }
+}
+
+extension ReceiveCommand {
+    static func standbyOptions(_ arguments: ParsedArguments) throws(UsageError) -> StandbyOptions? {
+        guard arguments.has("standby") else {
+            for option in ["failover", "failover-after"] where arguments.has(option) {
+                throw arguments.error("--\(option) applies to a standby (--standby)")
+            }
+            return nil
+        }
+        var options = StandbyOptions()
+        if let mode = try arguments.choice("failover") { options.failover = StandbyOptions.Failover(rawValue: mode)! }
+        if let after = try arguments.duration("failover-after") {
+            guard StandbyOptions.failoverAfterRange.contains(after) else {
+                throw arguments.error("--failover-after must be from 50ms to 60s")
+            }
+            options.failoverAfterSeconds = after
+        }
+        return options
     }
 }
 

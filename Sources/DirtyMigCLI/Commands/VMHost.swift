@@ -15,8 +15,11 @@ enum VMHost {
             printError("dirtymig: the VM was migrated; it runs at the destination now")
             done.signal()
         }
+        let replication = ReplicationControl.register(on: server, machine: machine)
         // `quit` (what `dirtymig stop` sends) does what SIGTERM does.
         MachineControl.register(on: server, machine: machine) {
+            // A VM stopped on purpose must not come back on its standby.
+            replication.stop(reason: "the primary was asked to quit: the VM stopped on purpose")
             migrations.cancel(reason: "the source was asked to quit: the migration was cancelled, the destination discarded its copy, and the VM stopped at the source")
             done.signal()
         }
@@ -26,6 +29,7 @@ enum VMHost {
         // server waits for the `migrate` command's thread, which the cancel ends within a batch.
         // A migration past its commit point ends as the destination says instead.
         stop.onSignal {
+            replication.stop(reason: "the primary was asked to stop (\(stop.name)): the VM stopped on purpose")
             if migrations.cancel(reason: "the source was asked to stop (\(stop.name)): the migration was cancelled, the destination discarded its copy, and the VM stopped at the source") {
                 printError("dirtymig: stopping: cancelling the migration under way first")
             }

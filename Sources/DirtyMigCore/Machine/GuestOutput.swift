@@ -1,35 +1,65 @@
 import Synchronization
 
-/// The guest's output stream: the lines check vCPUs emit (GuestOutputLine, one per OUT to
-/// GuestLayout.outputPort), released in order to a sink (`--guest-output FILE`).
+/// What the guest sends to the outside world (its output port), and when it may leave.
 ///
-/// Today every line is released as it is emitted. Output commit (continuous replication) will
-/// hold lines until the checkpoint that produced them is acknowledged, so that nobody outside
-/// sees output the standby could not reproduce; every release goes through `deliver`.
+/// Normally a line leaves (reaches the sink) as soon as the guest emits it. Under replication it
+/// is held (output commit, as in Remus): a line emitted during epoch N leaves only once the
+/// standby has acknowledged checkpoint N, the first state of the VM that includes having emitted
+/// it. If the primary dies, the standby resumes from the last acknowledged checkpoint, so
+/// nothing the outside saw is ever taken back, and what the primary held dies with it and is
+/// produced again by the standby's guest.
+///
+/// A vCPU emits a line from its own thread while it is out of KVM_RUN; `endEpoch` runs while
+/// every vCPU is paused, so each line falls on one side of an epoch boundary exactly.
 public final class GuestOutput: Sendable {
+    private struct Held {
+        var epoch: UInt64
+        var line: String
+        var emitted: UInt64
+    }
+
     private struct State {
         var sink: (@Sendable (String) -> Void)?
-        var emitted: UInt64 = 0
+        var holding = false
+        /// The epoch that lines emitted now belong to.
+        var epoch: UInt64 = 0
+        var held: [Held] = []
+        /// Lines emitted with no sink set (nobody was listening).
         var dropped: UInt64 = 0
+        var released: UInt64 = 0
+        /// Announcements on the output port that were not the announcing vCPU's own record.
         var refused: UInt64 = 0
+        /// Emit-to-release delays of held lines, in nanoseconds, since last taken.
+        var delays: [UInt64] = []
     }
+
+    /// Beyond this many held lines the oldest are dropped (and counted): a standby that stops
+    /// acknowledging is declared lost long before (see Replicator), so this only bounds memory.
+    static let maxHeld = 1 << 16
 
     private let state = Mutex(State())
 
     public init() {}
 
-    /// Where released lines go from now on (nil: nowhere; they are dropped and counted). The
-    /// sink is called with this object's lock held, in release order, so it must not call back
-    /// into it; it should be quick (one write(2) of one line).
+    /// Where released lines go, in order (nil: nowhere; they are counted as dropped).
     public func setSink(_ sink: (@Sendable (String) -> Void)?) {
         state.withLock { $0.sink = sink }
     }
 
-    /// A line from `vcpu`'s thread, while that vCPU waits in its exit on the output port.
+    /// Called on the vCPU's thread for each line the guest emits.
     public func emit(vcpu: Int, line: String) {
+        let now = MonotonicClock.nanoseconds()
+        // The sink runs under the lock: lines leave in the order they were emitted, also when a
+        // release of held lines races a vCPU emitting after `stopHolding`.
         state.withLock { state in
-            state.emitted += 1
-            deliver([line], in: &state)
+            if state.holding {
+                if state.held.count >= Self.maxHeld { state.held.removeFirst(); state.dropped += 1 }
+                state.held.append(Held(epoch: state.epoch, line: line, emitted: now))
+                return
+            }
+            guard let sink = state.sink else { state.dropped += 1; return }
+            state.released += 1
+            sink(line)
         }
     }
 
@@ -39,18 +69,60 @@ public final class GuestOutput: Sendable {
         state.withLock { $0.refused += 1 }
     }
 
-    /// Lines emitted so far; of them, dropped because no sink was set; and announcements refused.
-    public var counts: (emitted: UInt64, dropped: UInt64, refused: UInt64) {
-        state.withLock { ($0.emitted, $0.dropped, $0.refused) }
+    /// From now on lines are held until `release(through:)`. Returns the epoch they fall in.
+    @discardableResult
+    public func startHolding() -> UInt64 {
+        state.withLock { state in
+            state.holding = true
+            return state.epoch
+        }
     }
 
-    /// Releases lines to the sink, in order. Called under the lock: a line one vCPU emitted
-    /// never overtakes one another vCPU emitted before it.
-    private func deliver(_ lines: [String], in state: inout State) {
-        guard let sink = state.sink else {
-            state.dropped += UInt64(lines.count)
-            return
+    /// Closes the current epoch (call it with every vCPU paused, as the checkpoint is taken) and
+    /// returns its number: the lines emitted in it leave when its checkpoint is acknowledged.
+    public func endEpoch() -> UInt64 {
+        state.withLock { state in
+            defer { state.epoch += 1 }
+            return state.epoch
         }
-        for line in lines { sink(line) }
     }
+
+    /// The standby has checkpoint `epoch`: every line emitted up to its end may leave.
+    public func release(through epoch: UInt64) {
+        let now = MonotonicClock.nanoseconds()
+        state.withLock { state in
+            let count = state.held.prefix { $0.epoch <= epoch }.count
+            guard count > 0 else { return }
+            let leaving = state.held.prefix(count)
+            state.held.removeFirst(count)
+            state.delays.append(contentsOf: leaving.map { now - $0.emitted })
+            if state.delays.count > 1 << 16 { state.delays.removeFirst(state.delays.count - (1 << 16)) }
+            guard let sink = state.sink else { state.dropped += UInt64(count); return }
+            state.released += UInt64(count)
+            for held in leaving { sink(held.line) }
+        }
+    }
+
+    /// Replication ended (stopped, or the standby was lost): what is held leaves now, and later
+    /// lines leave at once. With no standby there is nobody to wait for.
+    public func stopHolding() {
+        let epoch = state.withLock { state -> UInt64 in
+            state.holding = false
+            return state.epoch
+        }
+        release(through: epoch)
+    }
+
+    /// Emit-to-release delays (ns) of held lines since the last call.
+    public func takeDelays() -> [UInt64] {
+        state.withLock { state in
+            defer { state.delays.removeAll() }
+            return state.delays
+        }
+    }
+
+    public var heldCount: Int { state.withLock { $0.held.count } }
+    public var releasedCount: UInt64 { state.withLock { $0.released } }
+    public var droppedCount: UInt64 { state.withLock { $0.dropped } }
+    public var refusedCount: UInt64 { state.withLock { $0.refused } }
 }

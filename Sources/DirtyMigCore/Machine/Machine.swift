@@ -12,8 +12,11 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     public let vcpus: [KVMVCPU]
     public let tracker: DirtyTracker?
     public let events = MachineEvents()
-    /// The guest's output stream (check workloads with emit=).
+    /// What the guest sends out (its output port: check workloads with emit=), held back under
+    /// replication (output commit).
     public let output = GuestOutput()
+    /// Whether a migration or a replication is copying this VM's memory elsewhere.
+    public let transferClaim = TransferClaim()
     /// The guest's TSC frequency, which paces its workloads.
     public let tscHz: UInt64
     public let guestConfig: GuestConfig

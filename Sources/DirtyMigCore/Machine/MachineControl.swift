@@ -26,7 +26,6 @@ public enum MachineControl {
         let configuration = machine.configuration
         let stats = machine.guestStats()
         let counters = machine.tracker?.counters()
-        let output = machine.output.counts
         let vcpus: [JSONValue] = stats.vcpus.enumerated().map { index, vcpu in
             var pairs: [(String, JSONValue)] = [
                 ("id", .number(index)), ("state", .string(stateName(vcpu.state))),
@@ -56,8 +55,8 @@ public enum MachineControl {
             "ring_overruns": .number(counters?.ringOverruns?.reduce(0, +) ?? 0),
             "ring_full_exits": .number(counters?.ringFullExits?.reduce(0, +) ?? 0),
             "quota_exits": .number(counters?.quotaExits?.reduce(0, +) ?? 0),
-            "guest_output_lines": .number(output.emitted),
-            "guest_output_dropped": .number(output.dropped),
+            "guest_output_lines": .number(machine.output.releasedCount),
+            "guest_output_dropped": .number(machine.output.droppedCount),
             "vcpu_stats": .array(vcpus),
         ]
     }

@@ -18,13 +18,23 @@ import Glibc
 ///     complete               (digests, when verifying)
 ///            ◀─────────────────────────────  result (resumed, or why not)
 ///
+/// Continuous replication (hello flag `replicate`, see ReplicationProtocol.swift) starts the
+/// same way, passes and all, and then, instead of `state` and `complete`, sends checkpoints:
+///
+///     checkpointPages …      (one epoch's dirty pages, copied while the vCPUs were paused)
+///     checkpointEnd          (the epoch's vCPU/device state and a digest of the whole epoch)
+///            ◀─────────────────────────────  checkpointAck (the standby's copy is this epoch now)
+///     heartbeat              (when no checkpoint went out for a while)
+///     replicationEnd         (the primary stops replicating: the standby discards its copy)
+///
 /// Either side may send `abort` with a reason instead of its next frame.
 public enum MigrationWire {
     /// "DMIG" at the start of every hello: a stream that does not start with it is not ours.
     public static let magic: UInt32 = 0x4749_4D44
     /// 2: the passPlan frame. 3: hello's flags (the destination hashes pages as they land).
     /// 4: the result frame says how long the destination took to resume the VM.
-    public static let version: UInt32 = 4
+    /// 5: replication (hello flag, checkpoint frames; the hello reply carries the heartbeat).
+    public static let version: UInt32 = 5
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -42,7 +52,8 @@ public enum MigrationWire {
 
 public enum MigrationFrameType: UInt32, Sendable {
     case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8,
-         iterationAck = 9, passPlan = 10
+         iterationAck = 9, passPlan = 10,
+         checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
@@ -56,6 +67,10 @@ public enum MigrationFrameType: UInt32, Sendable {
         case .state: return MigrationWire.maxStateBytes
         case .complete: return 17
         case .result: return 24 + MigrationWire.maxStringBytes
+        case .checkpointPages: return 12 + CheckpointWire.maxPagesPerFrame * (4 + 4096)
+        case .checkpointEnd: return 32 + MigrationWire.maxStateBytes
+        case .checkpointAck, .heartbeat: return 8
+        case .replicationEnd: return 4 + MigrationWire.maxStringBytes
         }
     }
 }
@@ -97,9 +112,13 @@ public struct MigrationHello: Sendable, Equatable {
     /// The sender will ask for --verify: the destination hashes each page as it lands, so that
     /// its half of the digest costs no downtime.
     public var verify = false
+    /// The sender starts continuous replication: the receiver must be a standby.
+    public var replicate = false
 
     /// Bit 0 of the flags word.
     static let verifyFlag: UInt32 = 1
+    /// Bit 1.
+    static let replicateFlag: UInt32 = 2
 
     public init(name: String, memorySize: UInt64, vcpuCount: Int, tracking: TrackingMode?, ringEntries: Int,
                 tscKHz: UInt64, requiredFeatures: CPUFeatureSet, guestConfig: [UInt8]) {
@@ -123,7 +142,7 @@ public struct MigrationHello: Sendable, Equatable {
         writer.u32(UInt32(ringEntries)); writer.u64(tscKHz)
         writer.u32(requiredFeatures.leaf1EDX); writer.u32(requiredFeatures.leaf1ECX)
         writer.u32(requiredFeatures.extendedEDX)
-        writer.u32(verify ? MigrationHello.verifyFlag : 0)
+        writer.u32((verify ? MigrationHello.verifyFlag : 0) | (replicate ? MigrationHello.replicateFlag : 0))
         writer.string(name)
         writer.blob(guestConfig)
         return writer.bytes
@@ -146,8 +165,11 @@ public struct MigrationHello: Sendable, Equatable {
         tscKHz = try reader.u64()
         requiredFeatures = CPUFeatureSet(leaf1EDX: try reader.u32(), leaf1ECX: try reader.u32(), extendedEDX: try reader.u32())
         let flags = try reader.u32()
-        guard flags & ~MigrationHello.verifyFlag == 0 else { throw .malformed("hello flags 0x\(String(flags, radix: 16))") }
+        guard flags & ~(MigrationHello.verifyFlag | MigrationHello.replicateFlag) == 0 else {
+            throw .malformed("hello flags 0x\(String(flags, radix: 16))")
+        }
         verify = flags & MigrationHello.verifyFlag != 0
+        replicate = flags & MigrationHello.replicateFlag != 0
         name = try reader.string()
         guestConfig = try reader.blob(max: 64 * (GuestLayout.maxVCPUs + 1))
         try reader.finish()
@@ -201,6 +223,9 @@ public struct MigrationHelloReply: Sendable, Equatable {
     /// The receiver's protocol version.
     public var version: UInt32 = MigrationWire.version
     public var reason: String
+    /// A standby's: how often the primary must send something (a checkpoint or a heartbeat),
+    /// in milliseconds; a fifth of its --failover-after. 0 for a migration.
+    public var heartbeatMilliseconds: UInt32 = 0
 
     public static let accept = MigrationHelloReply(accepted: true, reason: "")
     public static func refuse(_ reason: String) -> MigrationHelloReply { MigrationHelloReply(accepted: false, reason: reason) }
@@ -212,7 +237,7 @@ public struct MigrationHelloReply: Sendable, Equatable {
 
     func encode() -> [UInt8] {
         var writer = WireWriter()
-        writer.u8(accepted ? 1 : 0); writer.u32(version); writer.string(reason)
+        writer.u8(accepted ? 1 : 0); writer.u32(version); writer.string(reason); writer.u32(heartbeatMilliseconds)
         return writer.bytes
     }
 
@@ -221,6 +246,8 @@ public struct MigrationHelloReply: Sendable, Equatable {
         accepted = try reader.u8() == 1
         version = try reader.u32()
         reason = try reader.string()
+        // An older receiver's reply ends here: its refusal (a version mismatch) still reads.
+        heartbeatMilliseconds = reader.remaining >= 4 ? try reader.u32() : 0
         try reader.finish()
     }
 }

@@ -45,6 +45,8 @@ public final class MigrationReceiver: Sendable {
     /// The name the received VM gets (its control socket); nil keeps the sender's name.
     public let name: String?
     public let limits: Limits
+    /// A standby (`receive --standby`) takes replications, and only those; nil: migrations.
+    public let standby: StandbyOptions?
     /// This host's TSC frequency (kHz), which a guest must find here too.
     public let hostTSCKHz: UInt64?
     /// Where a received VM's guest output lines go (GuestOutput.setSink), set before it runs,
@@ -69,6 +71,8 @@ public final class MigrationReceiver: Sendable {
         var handshakes: [Int: TCPSocket] = [:]
         var active: Active?
         var outcomes: [Result<Machine, MigrationError>] = []
+        /// The replication this standby follows now.
+        var session: StandbySession?
     }
 
     private struct Active {
@@ -79,11 +83,13 @@ public final class MigrationReceiver: Sendable {
     }
 
     public init(listener: TCPSocket, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
-                log: @escaping @Sendable (String) -> Void = { _ in }, guestOutput: (@Sendable (String) -> Void)? = nil) {
+                standby: StandbyOptions? = nil, log: @escaping @Sendable (String) -> Void = { _ in },
+                guestOutput: (@Sendable (String) -> Void)? = nil) {
         self.listener = listener
         self.kvm = kvm
         self.name = name
         self.limits = limits
+        self.standby = standby
         self.guestOutput = guestOutput
         self.log = log
         hostTSCKHz = (try? HostTSC.frequency(kvm: kvm)).map { $0 / 1000 }
@@ -91,11 +97,12 @@ public final class MigrationReceiver: Sendable {
 
     /// Listens on `endpoint`. A port in use is a clear error.
     public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
+                              standby: StandbyOptions? = nil,
                               log: @escaping @Sendable (String) -> Void = { _ in },
                               guestOutput: (@Sendable (String) -> Void)? = nil) throws(MigrationError) -> MigrationReceiver {
         do {
             return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits,
-                                     log: log, guestOutput: guestOutput)
+                                     standby: standby, log: log, guestOutput: guestOutput)
         } catch {
             if error.errno == EADDRINUSE || error.errno == EADDRNOTAVAIL || error.errno == EACCES {
                 throw .listen(SystemError("listen on \(endpoint)", errno: error.errno))
@@ -109,6 +116,9 @@ public final class MigrationReceiver: Sendable {
     /// Whether a migration holds the slot now, and from where.
     public var activePeer: String? { state.withLock { $0.active?.peer } }
 
+    /// The replication this standby follows now, if any.
+    public var standbySession: StandbySession? { state.withLock { $0.session } }
+
     /// Stops listening, closes every connection still in its handshake, and aborts the migration
     /// in flight unless it has passed its commit point (its source is told and resumes). A
     /// thread in `receiveOne` returns the outcomes already queued, then throws `.receiverStopped`.
@@ -120,6 +130,7 @@ public final class MigrationReceiver: Sendable {
             // Only the receiving half: the migration's thread sees the stream end and can still
             // tell the source why before it closes.
             if let active = state.active, !active.committed { active.socket.shutdownReceiving() }
+            state.session?.wake()
             return first
         }
         listener.shutdown()
@@ -225,6 +236,12 @@ public final class MigrationReceiver: Sendable {
             return
         }
         socket.setReceiveDeadline(nil)
+        if let reason = Self.roleMismatch(hello, standby: standby) {
+            try? handshake.send(.helloReply, MigrationHelloReply.refuse(reason).encode())
+            log("refused a connection from \(peer): \(reason)")
+            deliver(.failure(.refused(reason)))
+            return
+        }
 
         let claim = state.withLock { state -> Claim in
             if state.stopping { return .stopping }
@@ -250,9 +267,20 @@ public final class MigrationReceiver: Sendable {
         var built = false
         let outcome: Result<Machine, MigrationError>
         do {
-            outcome = .success(try IncomingMigration.run(channel, hello: hello, built: &built,
-                                                         build: { () throws(MigrationError) in try build(hello) },
-                                                         commit: { commit(id) }))
+            if let standby {
+                let session = StandbySession(primary: peer, options: standby, cut: { socket.shutdownReceiving() })
+                state.withLock { $0.session = session }
+                defer { state.withLock { if $0.session === session { $0.session = nil } } }
+                log("replication from \(peer): taking the initial copy")
+                outcome = .success(try IncomingReplication.run(
+                    channel, hello: hello, built: &built, session: session,
+                    build: { () throws(MigrationError) in try build(hello) }, commit: { commit(id) },
+                    stopping: { state.withLock { $0.stopping } }, log: log))
+            } else {
+                outcome = .success(try IncomingMigration.run(channel, hello: hello, built: &built,
+                                                             build: { () throws(MigrationError) in try build(hello) },
+                                                             commit: { commit(id) }))
+            }
         } catch {
             var error = error
             if state.withLock({ $0.stopping }), !isCommitted(id) { error = .cancelled(Self.stoppingReason) }
@@ -274,6 +302,17 @@ public final class MigrationReceiver: Sendable {
 
     private func isCommitted(_ id: Int) -> Bool {
         state.withLock { $0.active?.id == id && $0.active?.committed == true }
+    }
+
+    /// A replication reaches only a standby, and a standby takes only replications.
+    static func roleMismatch(_ hello: MigrationHello, standby: StandbyOptions?) -> String? {
+        if hello.replicate && standby == nil {
+            return "this receiver is not a standby: start it with 'dirtymig receive --standby' to take a replication"
+        }
+        if !hello.replicate && standby != nil {
+            return "this receiver is a standby: it takes a replication ('dirtymig migrate --continuous'), not a migration"
+        }
+        return nil
     }
 
     static func readHello(_ channel: MigrationChannel) throws(MigrationError) -> MigrationHello {
@@ -367,6 +406,28 @@ enum IncomingMigration {
         case awaitingCompletion(VM, PageReceiver, stateBytes: [UInt8])
     }
 
+    /// A frame of the pre-copy passes (a migration's, or a replication's initial copy): pages
+    /// into guest memory, the plan of pass 1, or a pass's end, acknowledged. False: another type.
+    static func receivePassFrame(_ type: MigrationFrameType, length: Int, into pages: PageReceiver,
+                                 channel: MigrationChannel) throws(MigrationError) -> Bool {
+        switch type {
+        case .pages:
+            try pages.receive(from: channel, payloadLength: length)
+        case .passPlan:
+            try pages.receivePlan(from: channel, payloadLength: length)
+        case .iterationEnd:
+            let payload = try channel.receivePayload(length)
+            let end = try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationPassEnd(decoding: payload) }
+            pages.passEnded()
+            // Everything of the pass is in guest memory now: say so, so the sender measures
+            // real bandwidth and never pauses with a backlog still in flight.
+            try channel.send(.iterationAck, end.encodeAck())
+        default:
+            return false
+        }
+        return true
+    }
+
     /// Builds the VM, answers the hello, fills memory pass by pass, restores the state, takes
     /// the commit point (`commit` false: abort) and resumes the VM. `built` says whether a VM
     /// was allocated (so a failure's message can say whether one was dropped).
@@ -389,18 +450,8 @@ enum IncomingMigration {
             switch phase {
             case .receivingMemory(let vm, let pages):
                 let (type, length) = try channel.receiveHeader()
+                if try receivePassFrame(type, length: length, into: pages, channel: channel) { continue }
                 switch type {
-                case .pages:
-                    try pages.receive(from: channel, payloadLength: length)
-                case .passPlan:
-                    try pages.receivePlan(from: channel, payloadLength: length)
-                case .iterationEnd:
-                    let payload = try channel.receivePayload(length)
-                    let end = try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationPassEnd(decoding: payload) }
-                    pages.passEnded()
-                    // Everything of the pass is in guest memory now: say so, so the sender
-                    // measures real bandwidth and never pauses with a backlog still in flight.
-                    try channel.send(.iterationAck, end.encodeAck())
                 case .state:
                     pages.passEnded()
                     phase = .awaitingCompletion(vm, pages, stateBytes: try channel.receivePayload(length))

@@ -207,37 +207,18 @@ public final class MigrationSender: Sendable {
         }
 
         // Handshake.
-        var hello = MigrationHello(
-            name: machine.configuration.name, memorySize: machine.configuration.memorySize,
-            vcpuCount: machine.configuration.vcpuCount, tracking: machine.configuration.tracking,
-            ringEntries: machine.configuration.ringEntries, tscKHz: machine.tscHz / 1000,
-            requiredFeatures: .workloadGuest, guestConfig: machine.guestConfig.encode())
+        var hello = MigrationHello(announcing: machine)
         hello.verify = options.verify
         try channel.send(.hello, hello.encode())
         let reply = try channel.receive(.helloReply, MigrationHelloReply.init(decoding:))
         guard reply.accepted else { throw .refused(reply.reason) }
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
 
-        let sender = PageSender(channel: channel, memory: machine.memory,
-                                limiter: BandwidthLimiter(bytesPerSecond: options.bandwidth))
+        let sender = PassTransfer(channel: channel, memory: machine.memory, bandwidth: options.bandwidth)
         func tally(_ sent: PageSendTally) {
             report.transferredBytes += sent.bytes
             report.zeroPages += sent.zeroPages
             report.normalPages += sent.normalPages
-        }
-        /// Ends a pass; waits for the receiver to have it all (socket buffers hold megabytes,
-        /// which a receiver faulting in fresh pages may need tens of milliseconds to drain).
-        // The shortest wait for an acknowledgement seen so far: what the final one will cost at
-        // least (a round trip, and the destination draining what is in flight).
-        var acknowledgementSeconds = Double.infinity
-        func endPass(_ iteration: Int) throws(MigrationError) {
-            let sentEnd = MonotonicClock.nanoseconds()
-            try channel.send(.iterationEnd, MigrationPassEnd(pass: UInt32(iteration)).encode())
-            let acknowledged = try channel.receive(.iterationAck, MigrationPassEnd.init(decodingAck:)).pass
-            acknowledgementSeconds = min(acknowledgementSeconds, Double(MonotonicClock.nanoseconds() - sentEnd) / 1e9)
-            guard acknowledged == UInt32(iteration) else {
-                throw .protocolError(.unexpected("an acknowledgement of pass \(acknowledged) after pass \(iteration)"))
-            }
         }
         func collect() throws(MigrationError) -> (DirtyPageBitmap, Bool) {
             let collection: DirtyCollection
@@ -251,11 +232,7 @@ public final class MigrationSender: Sendable {
         // in it) is irrelevant.
         do { _ = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
         var pending = machine.memory.dataPages()
-        // The plan of pass 1, so the receiver can allocate those pages ahead on a second thread.
-        var plan = WireWriter()
-        plan.u32(1)
-        for word in pending.words { plan.u64(word) }
-        try channel.send(.passPlan, plan.bytes)
+        try sender.sendPlan(pending)
         var bandwidth = 0.0
         // --verify hashes all guest memory here while the VM is paused (the destination hashed
         // pages as they landed): part of the downtime, so part of the expected downtime the
@@ -307,7 +284,7 @@ public final class MigrationSender: Sendable {
                 throw error
             }
             tally(sent)
-            try endPass(iteration)
+            try sender.end(pass: iteration)
             let (dirty, lost) = try collect()
             let seconds = max(Double(MonotonicClock.nanoseconds() - passStart) / 1e9, 1e-6)
             // A tiny pass measures latency, not bandwidth: keep the last good figure then.
@@ -319,7 +296,7 @@ public final class MigrationSender: Sendable {
             // (the last pass's acknowledgement and the result).
             let expected = Double(dirtyPages) * 4096 / max(bandwidth, 1) + verifyEstimate
                 + Self.perVCPUSwitchSeconds * Double(machine.configuration.vcpuCount)
-                + 2 * (acknowledgementSeconds.isFinite ? acknowledgementSeconds : 0)
+                + 2 * (sender.shortestAcknowledgementSeconds.isFinite ? sender.shortestAcknowledgementSeconds : 0)
             var pass = MigrationPass(
                 iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
                 bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,
@@ -378,7 +355,7 @@ public final class MigrationSender: Sendable {
         let finalSent = try sender.send(pending, shouldStop: { cancelFlag.load(ordering: .relaxed) })
         tally(finalSent)
         iteration += 1
-        try endPass(iteration)
+        try sender.end(pass: iteration)
         parts.lastPagesSeconds = lap()
         report.downtimeParts = parts
         report.passes.append(MigrationPass(

@@ -113,6 +113,26 @@ public final class BitmapTracker: DirtyTracker, @unchecked Sendable {
         return DirtyCollection(pages: pages, losses: [])
     }
 
+    /// Built by scanning the whole bitmap (the cost seed 004 measures against the ring's list).
+    public func collectList() throws(KVMError) -> DirtyList {
+        lock.lock(); defer { lock.unlock() }
+        try syncLocked()
+        var pages: [UInt32] = []
+        for (index, word) in pending.words.enumerated() where word != 0 {
+            var bits = word
+            while bits != 0 {
+                pages.append(UInt32(index * 64 + bits.trailingZeroBitCount))
+                bits &= bits - 1
+            }
+        }
+        pending.removeAll()
+        return DirtyList(pages: pages, losses: [])
+    }
+
+    /// The bitmap learns of dirty pages only when synced: checkpoints end on the interval alone.
+    public var hasDirtyTrigger: Bool { false }
+    public func setDirtyTrigger(pages: Int?, _ fire: (@Sendable () -> Void)?) {}
+
     public func vcpuExitedRingFull(_ vcpu: Int, resetEpochAtEntry: UInt64) throws(KVMError) {}
     public var resetEpoch: UInt64 { 0 }
 }

@@ -58,6 +58,17 @@ public struct DirtyCollection: Sendable {
     public var isComplete: Bool { losses.isEmpty }
 }
 
+/// The same as a dense list of RAM page numbers, each page once, in no particular order: what a
+/// checkpoint needs. Its cost follows the pages dirtied, not the VM's size (seed 004: at
+/// hundreds of checkpoints a second, scanning a VM-sized bitmap for a few set bits is the
+/// bottleneck). The ring tracker keeps it as it harvests; the bitmap tracker has to build it
+/// by scanning its bitmap, which is the comparison the seed is about.
+public struct DirtyList: Sendable {
+    public var pages: [UInt32]
+    public var losses: [DirtyLoss]
+    public var isComplete: Bool { losses.isEmpty }
+}
+
 /// The one interface the rest of dirtymig uses, whatever the tracking mode.
 public protocol DirtyTracker: AnyObject, Sendable {
     var mode: TrackingMode { get }
@@ -71,6 +82,15 @@ public protocol DirtyTracker: AnyObject, Sendable {
     func counters() -> DirtyCounters
     /// Syncs, then hands over the pages dirtied since the previous call (or since start).
     func collect() throws(KVMError) -> DirtyCollection
+    /// Syncs, then hands over the pages dirtied since the previous collection (of either form)
+    /// as a dense list.
+    func collectList() throws(KVMError) -> DirtyList
+    /// Whether `setDirtyTrigger` works: the ring modes count pages as the harvester sees them;
+    /// the bitmap only knows at a sync.
+    var hasDirtyTrigger: Bool { get }
+    /// Calls `fire` once (from the harvester's thread) as soon as at least `pages` distinct pages
+    /// are waiting to be collected; it re-arms at every collection. nil removes it.
+    func setDirtyTrigger(pages: Int?, _ fire: (@Sendable () -> Void)?)
     /// Called on the vCPU's own thread after KVM_EXIT_DIRTY_RING_FULL.
     func vcpuExitedRingFull(_ vcpu: Int, resetEpochAtEntry: UInt64) throws(KVMError)
     /// Changes whenever tracking gives entries back to the kernel (ring modes; 0 otherwise):

@@ -28,6 +28,10 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
     private let lock = NSLock()
     private var rings: [DirtyRing] = []
     private var pending: DirtyPageBitmap
+    /// The same pages as `pending`, as a list in the order they were first seen (collectList).
+    private var pendingList: [UInt32] = []
+    private var dirtyTrigger: (pages: Int, fire: @Sendable () -> Void)?
+    private var triggerFired = false
     /// Pages already counted since the last KVM_RESET_DIRTY_RINGS, and the list to clear them.
     /// Dirty logging means "written since it was last re-protected": a page counts once per
     /// reset epoch. Some kernels (PVM here) push an entry for every trapped store, so raw entry
@@ -146,8 +150,31 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         try syncLocked()
         let collection = DirtyCollection(pages: pending, losses: losses)
         pending.removeAll()
+        pendingList.removeAll(keepingCapacity: true)
         losses.removeAll()
+        triggerFired = false
         return collection
+    }
+
+    /// Straight from the harvested entries: no RAM-sized bitmap is scanned or cleared, only the
+    /// bits of the pages listed.
+    public func collectList() throws(KVMError) -> DirtyList {
+        lock.lock(); defer { lock.unlock() }
+        try syncLocked()
+        let list = DirtyList(pages: pendingList, losses: losses)
+        for page in pendingList { pending.clear(Int(page)) }
+        pendingList.removeAll(keepingCapacity: true)
+        losses.removeAll()
+        triggerFired = false
+        return list
+    }
+
+    public var hasDirtyTrigger: Bool { true }
+
+    public func setDirtyTrigger(pages: Int?, _ fire: (@Sendable () -> Void)?) {
+        lock.lock(); defer { lock.unlock() }
+        if let pages, let fire { dirtyTrigger = (max(pages, 1), fire) } else { dirtyTrigger = nil }
+        triggerFired = false
     }
 
     /// Counts KVM_RESET_DIRTY_RINGS calls. A vCPU reads it before entering KVM_RUN: a ring-full
@@ -336,7 +363,10 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
             guard !countedSinceReset.contains(page) else { return }
             countedSinceReset.set(page)
             countedPages.append(page)
-            pending.set(page)
+            if !pending.contains(page) {
+                pending.set(page)
+                pendingList.append(UInt32(page))
+            }
             distinct += 1
         }
         guard count > 0 else { return 0 }
@@ -346,6 +376,10 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         }
         vcpuPages[ring.vcpu] += UInt64(distinct)
         totalPages += UInt64(distinct)
+        if let trigger = dirtyTrigger, !triggerFired, pendingList.count >= trigger.pages {
+            triggerFired = true
+            trigger.fire()
+        }
         if let deadline = pacer.charge(vcpu: ring.vcpu, pages: distinct, now: now) {
             holds.hold(ring.vcpu, until: deadline)
             if kickOnHold { kick?(ring.vcpu) }

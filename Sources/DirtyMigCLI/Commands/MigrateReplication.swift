@@ -1,0 +1,94 @@
+import DirtyMigCore
+import Foundation
+
+/// `dirtymig migrate --continuous | --replication | --stop-replication`: continuous replication
+/// of a running VM to a standby (`dirtymig receive --standby`). The replication runs inside the
+/// VM's process; these only start it, look at it and stop it.
+enum MigrateReplication {
+    /// Whether the arguments ask for replication rather than a migration.
+    static func applies(_ arguments: ParsedArguments) -> Bool {
+        arguments.has("continuous") || arguments.has("replication") || arguments.has("stop-replication")
+    }
+
+    /// Migration-only options make no sense with these.
+    static let migrationOnly = ["bandwidth", "downtime", "max-iterations", "timeout", "verify", "throttle", "plot",
+                                "memory", "vcpus", "workload", "track"]
+
+    static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        let actions = ["continuous", "replication", "stop-replication"].filter { arguments.has($0) }
+        guard actions.count == 1 else {
+            throw arguments.error("--\(actions[0]) and --\(actions[1]) cannot be combined: start, show or stop, one at a time")
+        }
+        for option in migrationOnly where arguments.has(option) {
+            throw arguments.error("--\(option) applies to a migration, not to --\(actions[0])")
+        }
+        if !arguments.has("continuous") {
+            for option in ["to", "checkpoint-interval", "checkpoint-pages", "stats"] where arguments.has(option) {
+                throw arguments.error("--\(option) applies to --continuous (starting a replication)")
+            }
+        }
+        let json = arguments.has("json")
+        let path = try ControlSocketPath.resolve(vm: arguments.string("vm"))
+        let client = try ControlClient(path: path)
+        defer { client.close() }
+        let figures: JSONValue
+        switch actions[0] {
+        case "continuous":
+            figures = try client.call("replicate", arguments: try replicateArguments(arguments), timeout: nil)
+        case "replication":
+            figures = try client.call("query-replication", timeout: 5)
+        default:
+            figures = try client.call("replicate-stop", timeout: 10)
+        }
+        emit(json ? figures.serialized() : ReplicationTable.render(figures))
+        if actions[0] == "continuous" {
+            guard figures["status"]?.stringValue == "protected" else {
+                printError("dirtymig migrate: the VM is not protected: \(figures["error"]?.stringValue ?? "replication did not start")")
+                return 1
+            }
+        }
+        return 0
+    }
+
+    /// `replicate`'s arguments, checked here by the same rules the VM applies.
+    static func replicateArguments(_ arguments: ParsedArguments) throws(UsageError) -> JSONValue {
+        guard let to = arguments.string("to") else {
+            throw arguments.error("--continuous needs --to HOST:PORT (where 'dirtymig receive --standby' listens)")
+        }
+        guard let standby = HostPort.parse(to), standby.port != 0, !standby.host.isEmpty else {
+            throw arguments.error("--to \(to): expected HOST:PORT, for example 10.0.0.2:4444")
+        }
+        var options = ReplicationOptions(standby: standby)
+        let interval = try arguments.duration("checkpoint-interval")
+        let pages = try arguments.count("checkpoint-pages").map { Double($0) }
+        do throws(ReplicationOptions.Invalid) {
+            try options.set(intervalSeconds: interval, checkpointPages: pages)
+        } catch {
+            throw arguments.error(error.description)
+        }
+        var pairs: [(String, JSONValue)] = [("to", .string(standby.description)),
+                                            ("checkpoint_interval_ms", .number(options.intervalSeconds * 1000))]
+        if let pages = options.checkpointPages { pairs.append(("checkpoint_pages", .number(pages))) }
+        if let stats = arguments.string("stats") {
+            // The VM's process writes it, and its working directory is not ours.
+            let absolute = stats.hasPrefix("/") ? stats : FileManager.default.currentDirectoryPath + "/" + stats
+            pairs.append(("stats", .string(absolute)))
+        }
+        return .object(pairs)
+    }
+}
+
+/// `dirtymig failover`: a standby in manual mode (or any standby, by an operator's decision)
+/// resumes the VM from its last committed checkpoint.
+enum FailoverCommand {
+    static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        let path = try ControlSocketPath.resolve(vm: arguments.string("vm"))
+        let client = try ControlClient(path: path)
+        defer { client.close() }
+        let reply = try client.call("failover", timeout: 10)
+        if arguments.has("json") { emit(reply.serialized()) } else {
+            emit("failover: the standby resumes the VM from checkpoint \(Int(reply["epoch"]?.doubleValue ?? 0))")
+        }
+        return 0
+    }
+}

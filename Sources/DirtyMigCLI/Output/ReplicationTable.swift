@@ -1,0 +1,34 @@
+import DirtyMigCore
+import Foundation
+
+/// A replication's figures as a two-column table, for people (`--json` is for scripts).
+enum ReplicationTable {
+    static func render(_ figures: JSONValue) -> String {
+        var lines: [String] = []
+        func row(_ key: String, _ value: String) { lines.append(key.padding(toLength: 24, withPad: " ", startingAt: 0) + value) }
+        func value(_ key: String, _ format: String = "%.1f") -> String {
+            figures[key]?.doubleValue.map { String(format: format, $0) } ?? "-"
+        }
+        func spread(_ key: String, _ parts: [String], _ format: String = "%.2f") -> String {
+            parts.map { part in "\(part) " + (figures[key]?[part]?.doubleValue.map { String(format: format, $0) } ?? "-") }
+                .joined(separator: ", ")
+        }
+        row("status", figures["status"]?.stringValue ?? "-")
+        guard figures["status"]?.stringValue != "none" else { return lines.joined(separator: "\n") + "  (this VM is not replicating)" }
+        if let error = figures["error"]?.stringValue { row("error", error) }
+        row("standby", figures["standby"]?.stringValue ?? "-")
+        row("track", figures["track"]?.stringValue ?? "-")
+        var trigger = value("checkpoint_interval_ms") + " ms"
+        if let pages = figures["checkpoint_pages"]?.doubleValue { trigger += ", or \(HumanNumber.grouped(pages)) dirty pages" }
+        row("checkpoint every", trigger)
+        row("initial copy", String(format: "%@ ms, %.1f MiB (setup %@ ms)", value("initial_copy_ms"),
+                                   (figures["initial_copy_bytes"]?.doubleValue ?? 0) / 1_048_576, value("setup_ms")))
+        row("checkpoints", "\(HumanNumber.grouped(figures["checkpoints"]?.doubleValue ?? 0)) acknowledged, \(value("checkpoints_per_s")) per s, lag \(value("lag_checkpoints", "%.0f"))")
+        row("pause per checkpoint", spread("pause_ms", ["median", "p99", "max"]) + " ms")
+        row("dirty pages/checkpoint ", spread("dirty_pages", ["median", "max"], "%.0f"))
+        row("bandwidth", String(format: "%.1f MiB/s", (figures["bytes_per_s"]?.doubleValue ?? 0) / 1_048_576))
+        row("output delay", spread("output_delay_ms", ["median", "p99"]) + " ms (\(value("output_lines_released", "%.0f")) lines released, \(value("output_lines_held", "%.0f")) held)")
+        row("ring overruns", "\(value("ring_overruns", "%.0f")) (\(value("resyncs", "%.0f")) resyncs)")
+        return lines.joined(separator: "\n")
+    }
+}

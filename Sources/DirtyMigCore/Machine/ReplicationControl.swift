@@ -1,0 +1,71 @@
+import Synchronization
+
+/// The control commands of continuous replication, served by the primary's process:
+/// `replicate` (connects, copies, and replies once the standby holds a first checkpoint),
+/// `query-replication` (its figures) and `replicate-stop` (the standby discards its copy).
+/// Replication then runs inside this process, on its own threads, until stopped or lost.
+public enum ReplicationControl {
+    public final class Slot: Sendable {
+        let current = Mutex<Replicator?>(nil)
+
+        /// Stops the replication under way, if any (the standby discards its copy). A VM asked
+        /// to stop ends its replication this way: its standby must not take over a VM that
+        /// was stopped on purpose.
+        @discardableResult
+        public func stop(reason: String) -> ReplicationFigures? {
+            guard let replicator = current.withLock({ $0 }), !replicator.isFinished else { return nil }
+            return replicator.stop(reason: reason)
+        }
+    }
+
+    @discardableResult
+    public static func register(on server: ControlServer, machine: Machine) -> Slot {
+        let slot = Slot()
+        server.register("replicate") { (arguments: JSONValue) throws(ControlError) in
+            let options = try replicationOptions(arguments, machine: machine)
+            if let other = machine.transferClaim.claim("replication to \(options.standby)") {
+                throw ControlError(.failed, "\(other) is under way; one at a time")
+            }
+            let replicator = Replicator(machine: machine, options: options)
+            slot.current.withLock { $0 = replicator }
+            return replicator.start().json
+        }
+        server.register("query-replication") { (arguments: JSONValue) throws(ControlError) in
+            try arguments.checkArguments(allowed: [])
+            guard let replicator = slot.current.withLock({ $0 }) else { return ["status": "none"] }
+            return replicator.figures.json
+        }
+        server.register("replicate-stop") { (arguments: JSONValue) throws(ControlError) in
+            try arguments.checkArguments(allowed: ["reason"])
+            let reason = try arguments.stringArgument("reason").map { String($0.prefix(1024)) } ?? "the primary stopped replicating"
+            guard let replicator = slot.current.withLock({ $0 }) else {
+                throw ControlError(.failed, "this VM is not replicating")
+            }
+            return replicator.stop(reason: reason).json
+        }
+        return slot
+    }
+
+    /// The `replicate` command's arguments: `to` (HOST:PORT, required), `checkpoint_interval_ms`,
+    /// `checkpoint_pages`, `stats` (a file path).
+    static func replicationOptions(_ arguments: JSONValue, machine: Machine) throws(ControlError) -> ReplicationOptions {
+        try arguments.checkArguments(allowed: ["to", "checkpoint_interval_ms", "checkpoint_pages", "stats"])
+        guard let to = try arguments.stringArgument("to") else {
+            throw ControlError(.invalidArgument, "replicate needs 'to': the HOST:PORT a 'dirtymig receive --standby' listens on")
+        }
+        guard let standby = HostPort.parse(to), standby.port != 0 else {
+            throw ControlError(.invalidArgument, "'to' must be HOST:PORT with a port from 1 to 65535, not '\(to)'")
+        }
+        var options = ReplicationOptions(standby: standby)
+        let interval = try arguments.doubleArgument("checkpoint_interval_ms").map { $0 / 1000 }
+        let pages = try arguments.doubleArgument("checkpoint_pages")
+        do throws(ReplicationOptions.Invalid) {
+            try options.set(intervalSeconds: interval, checkpointPages: pages)
+            if options.checkpointPages != nil, machine.tracker?.hasDirtyTrigger != true { throw .pagesNeedRing }
+        } catch {
+            throw ControlError(.invalidArgument, error.description)
+        }
+        options.statsPath = try arguments.stringArgument("stats")
+        return options
+    }
+}

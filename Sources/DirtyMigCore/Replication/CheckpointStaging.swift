@@ -1,0 +1,99 @@
+import Glibc
+
+/// The standby's staging area for one checkpoint: its pages arrive here, not in guest memory,
+/// and are applied only when the checkpoint's end has arrived with a matching page count and
+/// digest. A connection lost half-way leaves guest memory exactly at the previous checkpoint.
+final class CheckpointStaging {
+    let memory: GuestMemory
+    private var epoch: UInt64?
+    private var pages: [UInt32] = []
+    private var buffer: UnsafeMutableRawPointer?
+    private var capacityPages = 0
+    private var digest = CheckpointDigest()
+
+    init(memory: GuestMemory) { self.memory = memory }
+
+    deinit { buffer?.deallocate() }
+
+    /// One checkpointPages frame (its header already read): validated before any byte of page
+    /// data is read; the staging area never grows past the VM's own size.
+    func receivePages(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
+        guard payloadLength >= CheckpointPagesHeader.size else {
+            throw .protocolError(.malformed("a checkpoint pages frame of \(payloadLength) bytes"))
+        }
+        let headerBytes = try channel.receivePayload(CheckpointPagesHeader.size)
+        let header = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try CheckpointPagesHeader(decoding: headerBytes)
+        }
+        let count = Int(header.count)
+        guard count >= 1, count <= CheckpointWire.maxPagesPerFrame,
+              payloadLength == CheckpointPagesHeader.size + count * (4 + 4096) else {
+            throw .protocolError(.malformed("a checkpoint pages frame announcing \(count) pages in \(payloadLength) bytes"))
+        }
+        if let epoch, epoch != header.epoch {
+            throw .protocolError(.malformed("pages of checkpoint \(header.epoch) while checkpoint \(epoch) is unfinished"))
+        }
+        guard pages.count + count <= memory.pageCount else {
+            throw .protocolError(.malformed("a checkpoint of more pages than the VM has (\(memory.pageCount))"))
+        }
+        epoch = header.epoch
+        let numbers = try channel.receivePayload(count * 4)
+        let first = pages.count
+        for index in 0..<count {
+            let page = UInt32(numbers[index * 4]) | UInt32(numbers[index * 4 + 1]) << 8
+                | UInt32(numbers[index * 4 + 2]) << 16 | UInt32(numbers[index * 4 + 3]) << 24
+            guard Int(page) < memory.pageCount else {
+                throw .protocolError(.malformed("checkpoint page \(page) lies outside RAM (\(memory.pageCount) pages)"))
+            }
+            pages.append(page)
+        }
+        reserve(pages.count)
+        let target = buffer! + first * 4096
+        do { try channel.transport.receive(into: target, count: count * 4096) } catch { throw .connection(error) }
+        for index in first..<pages.count { digest.add(page: pages[index], bytes: buffer! + index * 4096) }
+    }
+
+    private func reserve(_ needed: Int) {
+        guard needed > capacityPages else { return }
+        let capacity = min(max(needed, capacityPages * 2, 256), memory.pageCount)
+        let grown = UnsafeMutableRawPointer.allocate(byteCount: capacity * 4096, alignment: 4096)
+        if let buffer {
+            memcpy(grown, buffer, capacityPages * 4096)
+            buffer.deallocate()
+        }
+        buffer = grown
+        capacityPages = capacity
+    }
+
+    /// The checkpoint's end: if it matches what was staged, the pages go into guest memory (the
+    /// VM does not run here) and the state is returned; otherwise the whole epoch is refused.
+    func apply(_ end: CheckpointEnd) throws(MigrationError) -> [UInt8] {
+        defer { reset() }
+        if let epoch, epoch != end.epoch {
+            throw .protocolError(.malformed("the end of checkpoint \(end.epoch) after pages of checkpoint \(epoch)"))
+        }
+        guard Int(end.pageCount) == pages.count else {
+            throw .protocolError(.malformed("checkpoint \(end.epoch) announces \(end.pageCount) pages and carried \(pages.count)"))
+        }
+        guard digest.finished(epoch: end.epoch, state: end.state) == end.digest else {
+            throw .protocolError(.malformed("checkpoint \(end.epoch)'s digest does not match its pages and state: it was refused whole"))
+        }
+        let base = memory.base
+        for (index, page) in pages.enumerated() {
+            memcpy(base + Int(page) * 4096, buffer! + index * 4096, 4096)
+        }
+        return end.state
+    }
+
+    /// Drops what is staged (a torn epoch).
+    func reset() {
+        epoch = nil
+        pages.removeAll(keepingCapacity: true)
+        digest = CheckpointDigest()
+        if capacityPages > StagedCheckpoint.keptCapacityPages {
+            buffer?.deallocate()
+            buffer = nil
+            capacityPages = 0
+        }
+    }
+}

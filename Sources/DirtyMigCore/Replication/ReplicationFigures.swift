@@ -1,0 +1,120 @@
+/// The last `capacity` values of a figure (pause per checkpoint, dirty pages per checkpoint,
+/// output delay), for medians and tails over a recent window rather than a whole run.
+struct RecentSamples {
+    let capacity: Int
+    private var values: [Double] = []
+    private var next = 0
+
+    init(capacity: Int = 4096) { self.capacity = capacity }
+
+    mutating func add(_ value: Double) {
+        if values.count < capacity { values.append(value) } else { values[next] = value }
+        next = (next + 1) % capacity
+    }
+
+    var isEmpty: Bool { values.isEmpty }
+    var maximum: Double { values.max() ?? 0 }
+
+    /// The nearest-rank percentile (0...100) of the window; 0 when empty.
+    func percentile(_ p: Double) -> Double {
+        guard !values.isEmpty else { return 0 }
+        let sorted = values.sorted()
+        let rank = Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1
+        return sorted[min(max(rank, 0), sorted.count - 1)]
+    }
+}
+
+/// Events with a time and a running total (acknowledged checkpoints, bytes sent), for rates
+/// over the last second.
+struct RateWindow {
+    private var points: [(time: UInt64, total: Double)] = []
+    private(set) var total: Double = 0
+
+    mutating func add(_ amount: Double, at time: UInt64) {
+        total += amount
+        points.append((time, total))
+        // Keep a little more than a second.
+        if let first = points.first, time - first.time > 2_000_000_000 {
+            points.removeFirst(points.prefix { time - $0.time > 1_100_000_000 }.count)
+        }
+    }
+
+    /// Per second over the last second (or what there is of it) up to `now`.
+    func perSecond(now: UInt64) -> Double {
+        guard let start = points.last(where: { now - $0.time >= 1_000_000_000 }) ?? points.first,
+              now > start.time else { return 0 }
+        let recent = points.last.map(\.total) ?? total
+        let seconds = Double(now - start.time) / 1e9
+        return seconds < 0.05 ? 0 : (recent - start.total) / seconds
+    }
+}
+
+/// Where a replication stands, and what it has cost so far.
+public struct ReplicationFigures: Sendable {
+    public enum Status: String, Sendable {
+        /// Connected, copying the VM for the first time: not protected yet.
+        case starting
+        /// The standby holds a recent checkpoint and takes over if this host dies.
+        case protected
+        /// The standby was lost (or never reached): the VM runs on here, unprotected.
+        case unprotected
+        /// Stopped on request; the standby discarded its copy.
+        case stopped
+    }
+
+    public var status: Status = .starting
+    public var standby: String
+    public var track: TrackingMode?
+    public var error: String?
+    public var intervalSeconds: Double
+    public var checkpointPages: Int?
+    public var setupSeconds = 0.0
+    public var initialSeconds = 0.0
+    public var initialBytes: UInt64 = 0
+    public var checkpointsSent: UInt64 = 0
+    public var checkpointsAcknowledged: UInt64 = 0
+    public var lastAcknowledgedEpoch: UInt64?
+    public var checkpointsPerSecond = 0.0
+    public var bytesPerSecond = 0.0
+    public var bytesSent: UInt64 = 0
+    public var pauseMedianMs = 0.0, pauseP99Ms = 0.0, pauseMaxMs = 0.0
+    public var dirtyPagesMedian = 0.0, dirtyPagesMax = 0.0
+    public var outputDelayMedianMs = 0.0, outputDelayP99Ms = 0.0
+    public var outputLinesReleased: UInt64 = 0
+    public var outputLinesHeld = 0
+    public var ringOverruns: UInt64 = 0
+    public var resyncs: UInt64 = 0
+    public var uptimeSeconds = 0.0
+
+    public var lagCheckpoints: UInt64 { checkpointsSent - min(checkpointsSent, checkpointsAcknowledged) }
+
+    public var json: JSONValue {
+        var pairs: [(String, JSONValue)] = [
+            ("status", .string(status.rawValue)),
+            ("standby", .string(standby)),
+            ("track", track.map { .string($0.rawValue) } ?? .null),
+            ("checkpoint_interval_ms", .number(intervalSeconds * 1000)),
+            ("checkpoint_pages", checkpointPages.map { .number($0) } ?? .null),
+            ("setup_ms", .number(setupSeconds * 1000)),
+            ("initial_copy_ms", .number(initialSeconds * 1000)),
+            ("initial_copy_bytes", .number(initialBytes)),
+            ("checkpoints", .number(checkpointsAcknowledged)),
+            ("checkpoints_sent", .number(checkpointsSent)),
+            ("last_epoch", lastAcknowledgedEpoch.map { .number($0) } ?? .null),
+            ("checkpoints_per_s", .number(checkpointsPerSecond)),
+            ("pause_ms", ["median": .number(pauseMedianMs), "p99": .number(pauseP99Ms), "max": .number(pauseMaxMs)]),
+            ("dirty_pages", ["median": .number(dirtyPagesMedian), "max": .number(dirtyPagesMax)]),
+            ("bytes_per_s", .number(bytesPerSecond)),
+            ("bytes_sent", .number(bytesSent)),
+            ("output_delay_ms", ["median": .number(outputDelayMedianMs), "p99": .number(outputDelayP99Ms)]),
+            ("output_lines_released", .number(outputLinesReleased)),
+            ("output_lines_held", .number(outputLinesHeld)),
+            ("lag_checkpoints", .number(lagCheckpoints)),
+            ("ring_overruns", .number(ringOverruns)),
+            ("resyncs", .number(resyncs)),
+            ("uptime_s", .number(uptimeSeconds)),
+        ]
+        pairs.append(("error", error.map { .string($0) } ?? .null))
+        return .object(pairs)
+    }
+}

@@ -1,0 +1,372 @@
+import Foundation
+import Synchronization
+
+/// The primary side of continuous replication, inside the VM's process (seed 004, Remus).
+///
+/// `start` connects to a standby, copies the VM to it as a migration's pre-copy does, and takes
+/// a first checkpoint; it returns once the standby has acknowledged it (the VM is protected).
+/// From then on two threads run until `stop` or until the standby is lost:
+/// - the epoch thread: when `--checkpoint-interval` has passed, or the guest has dirtied
+///   `--checkpoint-pages` pages (the ring's dirty trigger), it pauses the vCPUs, collects the
+///   epoch's dirty pages as a dense list, copies them and the vCPU/device state into the staging
+///   buffer, resumes the vCPUs and sends the buffer while the next epoch runs;
+/// - the acknowledgement thread: each checkpointAck releases the guest output held for that
+///   epoch (output commit). No acknowledgement for `lossSeconds` (or a closed connection)
+///   means the standby is lost: the VM runs on unprotected and its output flows again.
+public final class Replicator: Sendable {
+    public let machine: Machine
+    public let options: ReplicationOptions
+    private let state: Mutex<Shared>
+    /// Signalled by the dirty trigger and by stop().
+    private let wake = DispatchSemaphore(value: 0)
+    private let threadsDone = DispatchSemaphore(value: 0)
+
+    private struct Shared {
+        var figures: ReplicationFigures
+        var socket: TCPSocket?
+        var stopReason: String?
+        var lost = false
+        var started: UInt64 = MonotonicClock.nanoseconds()
+        var pauses = RecentSamples()
+        var dirtyPages = RecentSamples()
+        var outputDelays = RecentSamples()
+        var acknowledged = RateWindow()
+        var bytes = RateWindow()
+        /// When each checkpoint in flight was sent (epoch, time), oldest first.
+        var inFlight: [(epoch: UInt64, sent: UInt64)] = []
+    }
+
+    public init(machine: Machine, options: ReplicationOptions) {
+        self.machine = machine
+        self.options = options
+        state = Mutex(Shared(figures: ReplicationFigures(
+            standby: options.standby.description, track: machine.configuration.tracking,
+            intervalSeconds: options.intervalSeconds, checkpointPages: options.checkpointPages)))
+    }
+
+    /// The figures now (recent windows for medians and rates).
+    public var figures: ReplicationFigures {
+        let delays = machine.output.takeDelays()
+        let now = MonotonicClock.nanoseconds()
+        return state.withLock { shared in
+            for delay in delays { shared.outputDelays.add(Double(delay) / 1e6) }
+            var figures = shared.figures
+            figures.pauseMedianMs = shared.pauses.percentile(50)
+            figures.pauseP99Ms = shared.pauses.percentile(99)
+            figures.pauseMaxMs = shared.pauses.maximum
+            figures.dirtyPagesMedian = shared.dirtyPages.percentile(50)
+            figures.dirtyPagesMax = shared.dirtyPages.maximum
+            figures.outputDelayMedianMs = shared.outputDelays.percentile(50)
+            figures.outputDelayP99Ms = shared.outputDelays.percentile(99)
+            figures.checkpointsPerSecond = figures.status == .protected ? shared.acknowledged.perSecond(now: now) : 0
+            figures.bytesPerSecond = figures.status == .protected ? shared.bytes.perSecond(now: now) : 0
+            figures.outputLinesReleased = machine.output.releasedCount
+            figures.outputLinesHeld = machine.output.heldCount
+            figures.uptimeSeconds = Double(now - shared.started) / 1e9
+            return figures
+        }
+    }
+
+    public var isFinished: Bool {
+        state.withLock { $0.figures.status == .unprotected || $0.figures.status == .stopped }
+    }
+
+    // MARK: Start: connect, initial copy, first checkpoint
+
+    /// Runs until the standby holds a first checkpoint (status `protected`) or replication
+    /// failed to start (`unprotected`, with the reason in `error`). The caller must hold the
+    /// machine's transfer claim; it is released when replication ends.
+    @discardableResult
+    public func start() -> ReplicationFigures {
+        do {
+            let channel = try connect()
+            try initialCopy(channel)
+            _ = OSThread(name: "replication-acks") { [self] in acknowledgementLoop(channel) }
+            _ = OSThread(name: "replication-epochs") { [self] in epochLoop(channel) }
+        } catch {
+            lose(error.description, starting: true)
+            machine.transferClaim.release()
+        }
+        return figures
+    }
+
+    private func connect() throws(MigrationError) -> MigrationChannel {
+        guard machine.tracker != nil else {
+            throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
+        }
+        let started = MonotonicClock.nanoseconds()
+        let socket: TCPSocket
+        do { socket = try TCPSocket.connect(options.standby) } catch { throw .connection(error) }
+        let stopped = state.withLock { shared -> Bool in
+            shared.socket = socket
+            shared.started = started
+            return shared.stopReason != nil
+        }
+        if stopped { throw .cancelled(state.withLock { $0.stopReason } ?? "stopped") }
+        socket.setTimeouts(send: 10, receive: 10)
+        let channel = MigrationChannel(transport: socket)
+        var hello = MigrationHello(announcing: machine)
+        hello.replicate = true
+        try channel.send(.hello, hello.encode())
+        let reply = try channel.receive(.helloReply, MigrationHelloReply.init(decoding:))
+        guard reply.accepted else { throw .refused(reply.reason) }
+        heartbeatNanoseconds.store(UInt64(max(reply.heartbeatMilliseconds, 5)) * 1_000_000, ordering: .relaxed)
+        state.withLock { $0.figures.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9 }
+        return channel
+    }
+
+    /// How often the standby wants to hear from us (a fifth of its --failover-after).
+    private let heartbeatNanoseconds = Atomic<UInt64>(100_000_000)
+
+    /// Without an acknowledgement for this long (beyond an epoch) the standby is lost: twice
+    /// its --failover-after, so that a standby that took over has done so before this side
+    /// lets its held output go (and at least a second, for a busy machine's scheduling).
+    private var lossNanoseconds: UInt64 {
+        max(1_000_000_000, 10 * heartbeatNanoseconds.load(ordering: .relaxed)) + UInt64(options.intervalSeconds * 1e9)
+    }
+
+    /// The migration's pre-copy, live, until what is left is small; then the first checkpoint.
+    private func initialCopy(_ channel: MigrationChannel) throws(MigrationError) {
+        let tracker = machine.tracker!
+        let started = MonotonicClock.nanoseconds()
+        let transfer = PassTransfer(channel: channel, memory: machine.memory, bandwidth: nil)
+        do { _ = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
+        var pending = machine.memory.dataPages()
+        try transfer.sendPlan(pending)
+        var bytes: UInt64 = 0
+        for pass in 1...Self.maxInitialPasses {
+            bytes += try transfer.send(pending, shouldStop: { isStopping }).bytes
+            try transfer.end(pass: pass)
+            let collection: DirtyCollection
+            do { collection = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
+            let shrinking = collection.pages.count < pending.count / 2
+            pending = collection.isComplete ? collection.pages : machine.memory.dataPages()
+            if !collection.isComplete { state.withLock { $0.figures.ringOverruns += UInt64(collection.losses.count) } }
+            if pending.count <= Self.firstCheckpointPages || !shrinking { break }
+            if isStopping { throw .cancelled(stopReasonText) }
+        }
+        // The first checkpoint carries what the last pass left dirty as well.
+        let staged = StagedCheckpoint()
+        let (epoch, _) = try checkpoint(into: staged, carrying: pending, first: true)
+        bytes += try staged.send(over: channel)
+        state.withLock { $0.inFlight.append((epoch, MonotonicClock.nanoseconds())) }
+        let ack = try channel.receive(.checkpointAck) { payload throws(MigrationProtocolError) in
+            try EpochFrame(decoding: payload, what: "checkpoint ack")
+        }
+        guard ack.epoch == epoch else {
+            throw .protocolError(.unexpected("an acknowledgement of checkpoint \(ack.epoch) after checkpoint \(epoch)"))
+        }
+        state.withLock { shared in
+            shared.figures.initialSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
+            shared.figures.initialBytes = bytes
+            shared.figures.bytesSent = bytes
+            shared.figures.status = .protected
+        }
+        acknowledged(epoch)
+        if let pages = options.checkpointPages, tracker.hasDirtyTrigger {
+            let wake = self.wake
+            tracker.setDirtyTrigger(pages: pages) { wake.signal() }
+        }
+    }
+
+    /// Passes before the first checkpoint at most; fewer when the dirty set stops shrinking.
+    static let maxInitialPasses = 8
+    /// The first checkpoint is taken once a pass leaves at most this many pages dirty (16 MiB
+    /// copied while paused, once).
+    static let firstCheckpointPages = 4096
+
+    // MARK: Epochs
+
+    /// Pauses the vCPUs, collects the epoch's dirty pages as a dense list (plus `carrying`, the
+    /// first time), stages them and the state, closes the output epoch, resumes. Returns the
+    /// epoch and the pause in nanoseconds.
+    private func checkpoint(into staged: StagedCheckpoint, carrying: DirtyPageBitmap? = nil,
+                            first: Bool = false) throws(MigrationError) -> (UInt64, UInt64) {
+        let tracker = machine.tracker!
+        let pauseStart = MonotonicClock.nanoseconds()
+        machine.pause()
+        defer { machine.resume() }
+        let list: DirtyList
+        do { list = try tracker.collectList() } catch { throw .machine("dirty tracking failed: \(error)") }
+        while wake.wait(timeout: .now()) == .success {}   // a trigger that fired for this epoch
+        var pages = list.pages
+        let resync = !list.isComplete
+        if resync {
+            // Dirty information was lost: everything that holds data could have changed.
+            pages = Self.list(machine.memory.dataPages())
+        } else if var carried = carrying {
+            for page in pages { carried.set(Int(page)) }
+            pages = Self.list(carried)
+        }
+        staged.stage(pages: pages, from: machine.memory, resync: resync)
+        let saved: [UInt8]
+        do { saved = try machine.saveState().encode() } catch { throw .machine("cannot save the vCPU state: \(error)") }
+        staged.setState(saved)
+        if first { machine.output.startHolding() }
+        let epoch = machine.output.endEpoch()
+        staged.setEpoch(epoch)
+        machine.resume()
+        let pause = MonotonicClock.nanoseconds() - pauseStart
+        state.withLock { shared in
+            shared.pauses.add(Double(pause) / 1e6)
+            shared.dirtyPages.add(Double(pages.count))
+            if resync {
+                shared.figures.ringOverruns += UInt64(list.losses.count)
+                shared.figures.resyncs += 1
+            }
+        }
+        return (epoch, pause)
+    }
+
+    static func list(_ bitmap: DirtyPageBitmap) -> [UInt32] {
+        var pages: [UInt32] = []
+        for (index, word) in bitmap.words.enumerated() where word != 0 {
+            var bits = word
+            while bits != 0 {
+                pages.append(UInt32(index * 64 + bits.trailingZeroBitCount))
+                bits &= bits - 1
+            }
+        }
+        return pages
+    }
+
+    private func epochLoop(_ channel: MigrationChannel) {
+        let staged = StagedCheckpoint()
+        let interval = UInt64(options.intervalSeconds * 1e9)
+        var epochStart = MonotonicClock.nanoseconds()
+        var lastSend = epochStart
+        var lastStats = epochStart
+        defer {
+            machine.tracker?.setDirtyTrigger(pages: nil, nil)
+            machine.transferClaim.release()
+            threadsDone.signal()
+        }
+        do {
+            while true {
+                // Wait for the epoch's end: its interval, the dirty trigger, or a stop. Say we are
+                // alive meanwhile when the interval is long.
+                while !isStopping {
+                    let now = MonotonicClock.nanoseconds()
+                    if now - lastStats >= 1_000_000_000 { writeStats(); lastStats = now }
+                    let end = epochStart + interval
+                    if now >= end { break }
+                    let heartbeat = heartbeatNanoseconds.load(ordering: .relaxed)
+                    if now - lastSend >= heartbeat {
+                        try channel.send(.heartbeat, EpochFrame(epoch: 0).encode())
+                        lastSend = now
+                    }
+                    let until = min(end, lastSend + heartbeat, lastStats + 1_000_000_000)
+                    if wake.wait(timeout: .now() + .nanoseconds(Int(until > now ? until - now : 0))) == .success { break }
+                }
+                if isStopping {
+                    guard !isLost else { return }
+                    var writer = WireWriter()
+                    writer.string(stopReasonText)
+                    try? channel.send(.replicationEnd, writer.bytes)
+                    finish(.stopped)
+                    return
+                }
+                epochStart = MonotonicClock.nanoseconds()
+                let (epoch, _) = try checkpoint(into: staged)
+                state.withLock { $0.inFlight.append((epoch, MonotonicClock.nanoseconds())) }
+                let bytes = try staged.send(over: channel)
+                lastSend = MonotonicClock.nanoseconds()
+                state.withLock { shared in
+                    shared.figures.checkpointsSent += 1
+                    shared.figures.bytesSent += bytes
+                    shared.bytes.add(Double(bytes), at: lastSend)
+                }
+            }
+        } catch {
+            lose("the standby is lost: \(error)")
+        }
+    }
+
+    // MARK: Acknowledgements
+
+    private func acknowledgementLoop(_ channel: MigrationChannel) {
+        do {
+            while true {
+                channel.transport.setReceiveDeadline(MonotonicClock.nanoseconds() + lossNanoseconds)
+                let ack = try channel.receive(.checkpointAck) { payload throws(MigrationProtocolError) in
+                    try EpochFrame(decoding: payload, what: "checkpoint ack")
+                }
+                acknowledged(ack.epoch)
+            }
+        } catch {
+            if isStopping && !isLost { return }
+            if case .connection(let system) = error, system.errno == ETIMEDOUT {
+                lose("the standby is lost: no checkpoint acknowledged for \(lossNanoseconds / 1_000_000) ms")
+            } else {
+                lose("the standby is lost: \(error)")
+            }
+        }
+    }
+
+    /// Checkpoint `epoch` is the standby's copy now: the output held for it may leave.
+    private func acknowledged(_ epoch: UInt64) {
+        let now = MonotonicClock.nanoseconds()
+        state.withLock { shared in
+            shared.inFlight.removeAll { $0.epoch <= epoch }
+            shared.figures.checkpointsAcknowledged += 1
+            shared.figures.lastAcknowledgedEpoch = epoch
+            shared.acknowledged.add(1, at: now)
+        }
+        machine.output.release(through: epoch)
+    }
+
+    // MARK: Ending
+
+    private var isStopping: Bool { state.withLock { $0.stopReason != nil || $0.lost } }
+    private var isLost: Bool { state.withLock { $0.lost } }
+    private var stopReasonText: String { state.withLock { $0.stopReason } ?? "replication was stopped" }
+
+    /// The standby is gone (or never came): the VM runs on here, unprotected; its output flows.
+    private func lose(_ reason: String, starting: Bool = false) {
+        let socket = state.withLock { shared -> TCPSocket? in
+            guard !shared.lost, shared.figures.status != .stopped else { return nil }
+            shared.lost = true
+            shared.figures.status = .unprotected
+            shared.figures.error = reason
+            return shared.socket
+        }
+        socket?.shutdown()
+        machine.tracker?.setDirtyTrigger(pages: nil, nil)
+        machine.output.stopHolding()
+        wake.signal()
+    }
+
+    private func finish(_ status: ReplicationFigures.Status) {
+        let socket = state.withLock { shared -> TCPSocket? in
+            shared.figures.status = status
+            return shared.socket
+        }
+        socket?.shutdown()
+        machine.output.stopHolding()
+    }
+
+    /// Ends replication: the standby is told and discards its copy; the VM runs on here.
+    /// Returns the final figures once the epoch thread has ended.
+    @discardableResult
+    public func stop(reason: String = "the primary stopped replicating") -> ReplicationFigures {
+        let running = state.withLock { shared -> Bool in
+            if shared.stopReason == nil { shared.stopReason = reason }
+            return shared.figures.status == .protected
+        }
+        wake.signal()
+        if running { _ = threadsDone.wait(timeout: .now() + 5); threadsDone.signal() }
+        state.withLock { if $0.figures.status == .protected || $0.figures.status == .starting { $0.figures.status = .stopped } }
+        return figures
+    }
+
+    // MARK: Stats file
+
+    private func writeStats() {
+        guard let path = options.statsPath else { return }
+        let line = figures.json.serialized() + "\n"
+        let fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { return }
+        _ = line.utf8CString.withUnsafeBufferPointer { write(fd, $0.baseAddress, $0.count - 1) }
+        close(fd)
+    }
+}

@@ -1,0 +1,75 @@
+import Glibc
+
+/// One epoch of the primary, copied out of guest memory while the vCPUs were paused: its dirty
+/// pages (a dense list and their bytes, page after page) and its vCPU and device state. It is
+/// sent after the vCPUs run again, so the pause costs a memory copy of the dirty pages, not a
+/// network transfer. One buffer, reused from epoch to epoch (grown when an epoch needs more).
+final class StagedCheckpoint {
+    private(set) var epoch: UInt64 = 0
+    private(set) var pages: [UInt32] = []
+    private(set) var state: [UInt8] = []
+    private(set) var resync = false
+    private var buffer: UnsafeMutableRawPointer?
+    private var capacityPages = 0
+
+    /// Beyond this the buffer is given back after the epoch that needed it (a resync after a
+    /// ring overrun copies every page that holds data).
+    static let keptCapacityPages = 16384
+
+    deinit { buffer?.deallocate() }
+
+    var dataBytes: Int { pages.count * 4096 }
+
+    /// Copies `pages` from guest memory (the vCPUs are paused).
+    func stage(pages: [UInt32], from memory: GuestMemory, resync: Bool) {
+        if pages.count > capacityPages || (capacityPages > Self.keptCapacityPages && pages.count <= Self.keptCapacityPages) {
+            buffer?.deallocate()
+            capacityPages = max(pages.count, 256)
+            buffer = UnsafeMutableRawPointer.allocate(byteCount: capacityPages * 4096, alignment: 4096)
+        }
+        self.pages = pages
+        self.resync = resync
+        let base = UnsafeRawPointer(memory.base)
+        let target = buffer!
+        for (index, page) in pages.enumerated() {
+            memcpy(target + index * 4096, base + Int(page) * 4096, 4096)
+        }
+    }
+
+    func setState(_ bytes: [UInt8]) { state = bytes }
+    func setEpoch(_ value: UInt64) { epoch = value }
+
+    /// Puts the checkpoint on the wire: checkpointPages frames of up to 512 pages straight from
+    /// the buffer (one sendmsg each), then checkpointEnd with the digest. Returns the bytes sent.
+    func send(over channel: MigrationChannel) throws(MigrationError) -> UInt64 {
+        var digest = CheckpointDigest()
+        var sent: UInt64 = 0
+        var first = 0
+        let data = UnsafeRawPointer(buffer)
+        while first < pages.count {
+            let count = min(CheckpointWire.maxPagesPerFrame, pages.count - first)
+            let header = CheckpointPagesHeader(epoch: epoch, count: UInt32(count)).encode()
+            let payload = header.count + count * 4 + count * 4096
+            let frame = channel.header(.checkpointPages, payloadLength: payload)
+            for index in first..<first + count { digest.add(page: pages[index], bytes: data! + index * 4096) }
+            let result = frame.withUnsafeBytes { frameBytes in
+                header.withUnsafeBytes { headerBytes in
+                    pages.withUnsafeBytes { numbers in
+                        // Page numbers travel little-endian, which is how x86 holds them.
+                        let list = UnsafeRawBufferPointer(rebasing: numbers[(first * 4)..<((first + count) * 4)])
+                        let bytes = UnsafeRawBufferPointer(start: data! + first * 4096, count: count * 4096)
+                        return Result { () throws(SystemError) in try channel.transport.send([frameBytes, headerBytes, list, bytes]) }
+                    }
+                }
+            }
+            do { try result.get() } catch { throw .connection(error) }
+            sent += UInt64(frame.count + payload)
+            first += count
+        }
+        let end = CheckpointEnd(epoch: epoch, pageCount: UInt32(pages.count), resync: resync,
+                                digest: digest.finished(epoch: epoch, state: state), state: state)
+        let encoded = end.encode()
+        try channel.send(.checkpointEnd, encoded)
+        return sent + UInt64(MigrationWire.frameHeaderSize + encoded.count)
+    }
+}
