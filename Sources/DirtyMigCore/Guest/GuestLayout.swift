@@ -79,8 +79,9 @@ public enum GuestLayout {
     // Counters are published every ~8 ms (and at the end), not per page: every store to the
     // stats page is a dirty page to the tracker, and a reading vCPU must not look like a writer.
     // The workload loop runs in ring 3 with IOPL 3 and keeps its state in registers: the only
-    // pages it writes are its working set, the stats page and (check) its output record. Ring 3 because some KVMs (PVM,
-    // without VT-x/SVM) emulate an unmodified guest's ring 0 instruction by instruction.
+    // pages it writes are its working set, the stats page and (check) its output record. Ring 3
+    // because some KVMs (PVM, without VT-x/SVM) emulate an unmodified guest's ring 0 instruction
+    // by instruction.
     public static let statsMagic: UInt32 = 0x5453_4D44
     public static let statsHeaderSize = 64
     public static let statsRecordSize = 64

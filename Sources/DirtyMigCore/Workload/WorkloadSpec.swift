@@ -19,7 +19,8 @@ public struct WorkloadSpec: Sendable, Equatable {
     public static let keys = ["ws", "offset", "pattern", "rate", "writes", "passes", "emit"]
     /// In WorkloadKind's order.
     public static let kinds = ["idle", "write", "read", "mix", "check"]
-    /// emit=: from 1 ms (an exit per line; more often would be most of what the vCPU does) to 10 s.
+    /// emit=: 1 ms to 10 s. Every line costs an exit to the host and a write(2) to the output
+    /// file, so not more often than once a millisecond.
     public static let emitRange: ClosedRange<UInt64> = 1_000...10_000_000
 
     public static func parse(_ text: String) throws(QuantityError) -> WorkloadSpec {
