@@ -67,6 +67,17 @@ public final class Replicator: Sendable {
         }
     }
 
+    /// Starts the recent windows (pauses, dirty pages, output delays) afresh: a benchmark's
+    /// warm-up and the first checkpoint (which carries the initial copy's last pages) leave them.
+    public func resetWindows() {
+        _ = machine.output.takeDelays()
+        state.withLock { shared in
+            shared.pauses = RecentSamples()
+            shared.dirtyPages = RecentSamples()
+            shared.outputDelays = RecentSamples()
+        }
+    }
+
     public var isFinished: Bool {
         state.withLock { $0.figures.status == .unprotected || $0.figures.status == .stopped }
     }
