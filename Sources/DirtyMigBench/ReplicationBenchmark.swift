@@ -13,7 +13,7 @@ func runReplicationBenchmark(seconds: Double, failoverRuns: Int) throws {
     //    writer over 256 MiB dirties rate x interval per epoch: 16 MiB/s x 25 ms = 100 pages,
     //    160 MiB/s x 25 ms = 1,024, 160 MiB/s x 250 ms = 10,240.
     print("Pause per checkpoint (vCPUs paused: collect the dirty list, copy the pages, save the state)")
-    print("dirty set   VM     track    pause median   p99      dirty pages median   checkpoints")
+    let pauseTable = TextTable(["dirty set", "VM", "track", "pause median", "p99", "of which copy", "dirty pages median", "checkpoints/s", "resyncs"])
     let sets: [(label: String, rate: UInt64, interval: Double)] = [
         ("100", 16 << 20, 0.025), ("1,000", 160 << 20, 0.025), ("10,000", 160 << 20, 0.25),
     ]
@@ -23,37 +23,38 @@ func runReplicationBenchmark(seconds: Double, failoverRuns: Int) throws {
                 let workloads = [VCPUWorkload(kind: .write, size: 256 << 20, rateBytesPerSecond: set.rate, seed: 1), .idle]
                 let figures = try measureReplication(dirtymig: dirtymig, kvm: kvm, memory: memory, track: track,
                                                      workloads: workloads, interval: set.interval, seconds: max(seconds, set.interval * 24))
-                print(String(format: "%-10@  %-5@  %-7@  %8.3f ms   %7.3f ms   %10.0f           %6d",
-                             set.label, "\(memory >> 30) GiB", track.rawValue, figures.pauseMedianMs, figures.pauseP99Ms,
-                             figures.dirtyPagesMedian, Int(figures.checkpointsAcknowledged)))
+                pauseTable.row([set.label, "\(memory >> 30) GiB", track.rawValue, ms(figures.pauseMedianMs), ms(figures.pauseP99Ms),
+                                ms(figures.pausePartsMedianMs.first { $0.0 == "copy" }?.1 ?? 0),
+                                String(format: "%.0f", figures.dirtyPagesMedian), String(format: "%.1f", figures.checkpointsPerSecond),
+                                "\(figures.resyncs)"])
             }
         }
     }
 
     // 2. The highest sustained checkpoint rate: epochs of 0.1 ms (the shortest allowed).
     print("\nHighest sustained checkpoint rate (--checkpoint-interval 0.1ms, 1 GiB, 2 vCPUs)")
-    print("guest                     track    checkpoints/s   pause median   dirty pages median")
+    let rateTable = TextTable(["guest", "track", "checkpoints/s", "pause median", "p99", "dirty pages median"])
     for (label, workloads) in [("idle", [VCPUWorkload.idle, .idle]),
                                ("25 MiB/s writer", [VCPUWorkload(kind: .write, size: 64 << 20, rateBytesPerSecond: 25 << 20, seed: 1), .idle])] {
         for track in [TrackingMode.ring, .bitmap] {
             let figures = try measureReplication(dirtymig: dirtymig, kvm: kvm, memory: 1 << 30, track: track,
                                                  workloads: workloads, interval: 0.0001, seconds: seconds)
-            print(String(format: "%-24@  %-7@  %10.0f      %8.3f ms   %8.0f", label, track.rawValue,
-                         figures.checkpointsPerSecond, figures.pauseMedianMs, figures.dirtyPagesMedian))
+            rateTable.row([label, track.rawValue, String(format: "%.0f", figures.checkpointsPerSecond), ms(figures.pauseMedianMs),
+                           ms(figures.pauseP99Ms), String(format: "%.0f", figures.dirtyPagesMedian)])
         }
     }
 
     // 3. The guest's pace under replication at 40 checkpoints a second.
     print("\nGuest pace during replication / before (25 ms epochs, 1 GiB; vCPU 0 writes 256 MiB at 50 MiB/s, vCPU 1 reads 256 MiB)")
-    print("track    writer during/before   reader during/before   pause median   checkpoints/s")
+    let paceTable = TextTable(["track", "writer during/before", "reader during/before", "pause median", "checkpoints/s"])
     for track in [TrackingMode.ring, .bitmap] {
         let workloads = [VCPUWorkload(kind: .write, size: 256 << 20, rateBytesPerSecond: 50 << 20, seed: 1),
                          VCPUWorkload(kind: .read, offset: 256 << 20, size: 256 << 20, seed: 2)]
         var pace: [Double] = []
         let figures = try measureReplication(dirtymig: dirtymig, kvm: kvm, memory: 1 << 30, track: track,
                                              workloads: workloads, interval: 0.025, seconds: seconds, pace: &pace)
-        print(String(format: "%-7@  %10.3f             %10.3f             %8.3f ms   %8.1f", track.rawValue,
-                     pace[0], pace[1], figures.pauseMedianMs, figures.checkpointsPerSecond))
+        paceTable.row([track.rawValue, String(format: "%.3f", pace[0]), String(format: "%.3f", pace[1]), ms(figures.pauseMedianMs),
+                       String(format: "%.1f", figures.checkpointsPerSecond)])
     }
 
     // 4. Failover: SIGKILL to the primary's process, to the guest running on the standby.
@@ -151,4 +152,20 @@ private func measureFailover(dirtymig: String) throws -> Double {
         usleep(2_000)
     }
     throw BenchError("the standby did not take over within 10 s: \(standby.stderrTail)")
+}
+
+private func ms(_ value: Double) -> String { String(format: "%.3f ms", value) }
+
+/// Rows printed as they come, each column as wide as its heading (or 12).
+final class TextTable {
+    private let widths: [Int]
+
+    init(_ headings: [String]) {
+        widths = headings.map { max($0.count, 12) + 2 }
+        print(zip(headings, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined())
+    }
+
+    func row(_ cells: [String]) {
+        print(zip(cells, widths).map { $0.padding(toLength: $1, withPad: " ", startingAt: 0) }.joined())
+    }
 }
