@@ -25,6 +25,10 @@ enum ReplicationTable {
                                    (figures["initial_copy_bytes"]?.doubleValue ?? 0) / 1_048_576, value("setup_ms")))
         row("checkpoints", "\(HumanNumber.grouped(figures["checkpoints"]?.doubleValue ?? 0)) acknowledged, \(value("checkpoints_per_s")) per s, lag \(value("lag_checkpoints", "%.0f"))")
         row("pause per checkpoint", spread("pause_ms", ["median", "p99", "max"]) + " ms")
+        if let parts = figures["pause_parts_ms"]?.objectValue, !parts.isEmpty {
+            row("  median parts", parts.map { String(format: "%@ %.3f", $0.0.replacingOccurrences(of: "_", with: " "), $0.1.doubleValue ?? 0) }
+                .joined(separator: ", ") + " ms")
+        }
         row("dirty pages/checkpoint ", spread("dirty_pages", ["median", "max"], "%.0f"))
         row("bandwidth", String(format: "%.1f MiB/s", (figures["bytes_per_s"]?.doubleValue ?? 0) / 1_048_576))
         row("output delay", spread("output_delay_ms", ["median", "p99"]) + " ms (\(value("output_lines_released", "%.0f")) lines released, \(value("output_lines_held", "%.0f")) held)")

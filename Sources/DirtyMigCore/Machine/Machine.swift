@@ -41,6 +41,8 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     private let lock = NSLock()
     private var state = State.created
     private var restored = false
+    /// The MSRs a saved state carries (guarded by `lock`).
+    private var msrIndices: [UInt32]?
     public private(set) var startTime: UInt64 = 0
 
     public init(_ configuration: MachineConfiguration, kvm: KVMSystem? = nil, boot: Boot = .fresh) throws(MachineError) {
@@ -177,7 +179,9 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         guard state == .paused else { throw .state(.notPaused) }
         if let failure = events.firstFailure { throw .state(.vmFailed("\(failure)")) }
         do {
-            let msrIndices = try kvm.migratableMSRIndices()
+            // Fetched once: a replication saves the state hundreds of times a second.
+            if msrIndices == nil { msrIndices = try kvm.migratableMSRIndices() }
+            let msrIndices = self.msrIndices!
             var states: [VCPUState] = []
             for runner in runners {
                 var vcpuState = try runner.vcpu.saveState(msrIndices: msrIndices)

@@ -78,6 +78,8 @@ public struct ReplicationFigures: Sendable {
     public var bytesPerSecond = 0.0
     public var bytesSent: UInt64 = 0
     public var pauseMedianMs = 0.0, pauseP99Ms = 0.0, pauseMaxMs = 0.0
+    /// Where the median pause goes: each part's median (stop_vcpus, collect, copy, state, resume).
+    public var pausePartsMedianMs: [(String, Double)] = []
     public var dirtyPagesMedian = 0.0, dirtyPagesMax = 0.0
     public var outputDelayMedianMs = 0.0, outputDelayP99Ms = 0.0
     public var outputLinesReleased: UInt64 = 0
@@ -103,6 +105,7 @@ public struct ReplicationFigures: Sendable {
             ("last_epoch", lastAcknowledgedEpoch.map { .number($0) } ?? .null),
             ("checkpoints_per_s", .number(checkpointsPerSecond)),
             ("pause_ms", ["median": .number(pauseMedianMs), "p99": .number(pauseP99Ms), "max": .number(pauseMaxMs)]),
+            ("pause_parts_ms", .object(pausePartsMedianMs.map { ($0.0, .number($0.1)) })),
             ("dirty_pages", ["median": .number(dirtyPagesMedian), "max": .number(dirtyPagesMax)]),
             ("bytes_per_s", .number(bytesPerSecond)),
             ("bytes_sent", .number(bytesSent)),
@@ -116,5 +119,20 @@ public struct ReplicationFigures: Sendable {
         ]
         pairs.append(("error", error.map { .string($0) } ?? .null))
         return .object(pairs)
+    }
+}
+
+/// The steps of a checkpoint's pause, in order.
+enum PausePart: Int, CaseIterable {
+    case stopVCPUs, collect, copy, state, resume
+
+    var name: String {
+        switch self {
+        case .stopVCPUs: return "stop_vcpus"
+        case .collect: return "collect"
+        case .copy: return "copy"
+        case .state: return "state"
+        case .resume: return "resume"
+        }
     }
 }

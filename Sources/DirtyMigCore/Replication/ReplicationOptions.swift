@@ -10,7 +10,7 @@ public struct ReplicationOptions: Sendable {
 
     public init(standby: HostPort) { self.standby = standby }
 
-    public static let intervalRange: ClosedRange<Double> = 0.001...60
+    public static let intervalRange: ClosedRange<Double> = 0.0001...60
     public static let checkpointPagesRange: ClosedRange<Double> = 1...Double(1 << 24)
 
     public enum Invalid: Error, Equatable, CustomStringConvertible {
@@ -18,7 +18,7 @@ public struct ReplicationOptions: Sendable {
 
         public var description: String {
             switch self {
-            case .interval: return "checkpoint interval must be from 1 ms to 60 s (--checkpoint-interval / checkpoint_interval_ms)"
+            case .interval: return "checkpoint interval must be from 100 µs (0.1ms) to 60 s (--checkpoint-interval / checkpoint_interval_ms)"
             case .checkpointPages: return "checkpoint pages must be a whole number from 1 to 16777216 (--checkpoint-pages / checkpoint_pages)"
             case .pagesNeedRing: return "--checkpoint-pages needs a VM booted with --track ring or quota: the bitmap learns of dirty pages only when it is read, so with --track bitmap checkpoints end on --checkpoint-interval alone"
             }

@@ -30,6 +30,7 @@ public final class Replicator: Sendable {
         var pauses = RecentSamples()
         var dirtyPages = RecentSamples()
         var outputDelays = RecentSamples()
+        var pauseParts = PausePart.allCases.map { _ in RecentSamples() }
         var acknowledged = RateWindow()
         var bytes = RateWindow()
         /// When each checkpoint in flight was sent (epoch, time), oldest first.
@@ -54,6 +55,7 @@ public final class Replicator: Sendable {
             figures.pauseMedianMs = shared.pauses.percentile(50)
             figures.pauseP99Ms = shared.pauses.percentile(99)
             figures.pauseMaxMs = shared.pauses.maximum
+            figures.pausePartsMedianMs = PausePart.allCases.map { ($0.name, shared.pauseParts[$0.rawValue].percentile(50)) }
             figures.dirtyPagesMedian = shared.dirtyPages.percentile(50)
             figures.dirtyPagesMax = shared.dirtyPages.maximum
             figures.outputDelayMedianMs = shared.outputDelays.percentile(50)
@@ -64,6 +66,18 @@ public final class Replicator: Sendable {
             figures.outputLinesHeld = machine.output.heldCount
             figures.uptimeSeconds = Double(now - shared.started) / 1e9
             return figures
+        }
+    }
+
+    /// Starts the recent windows (pauses, dirty pages, output delays) afresh: a benchmark's
+    /// warm-up and the first checkpoint (which carries the initial copy's last pages) leave them.
+    public func resetWindows() {
+        _ = machine.output.takeDelays()
+        state.withLock { shared in
+            shared.pauses = RecentSamples()
+            shared.dirtyPages = RecentSamples()
+            shared.outputDelays = RecentSamples()
+            shared.pauseParts = PausePart.allCases.map { _ in RecentSamples() }
         }
     }
 
@@ -146,7 +160,7 @@ public final class Replicator: Sendable {
             if isStopping { throw .cancelled(stopReasonText) }
         }
         // The first checkpoint carries what the last pass left dirty as well.
-        let staged = StagedCheckpoint()
+        let staged = StagedCheckpoint(preparedPages: pending.count + 1024)
         let (epoch, _) = try checkpoint(into: staged, carrying: pending, first: true)
         bytes += try staged.send(over: channel)
         state.withLock { $0.inFlight.append((epoch, MonotonicClock.nanoseconds())) }
@@ -169,6 +183,9 @@ public final class Replicator: Sendable {
         }
     }
 
+    /// Pages the staging buffer holds from the start (16 MiB): epochs up to this size never
+    /// allocate while the vCPUs are paused.
+    static let preparedPages = 4096
     /// Passes before the first checkpoint at most; fewer when the dirty set stops shrinking.
     static let maxInitialPasses = 8
     /// The first checkpoint is taken once a pass leaves at most this many pages dirty (16 MiB
@@ -184,8 +201,16 @@ public final class Replicator: Sendable {
                             first: Bool = false) throws(MigrationError) -> (UInt64, UInt64) {
         let tracker = machine.tracker!
         let pauseStart = MonotonicClock.nanoseconds()
+        var mark = pauseStart
+        var parts = [Double](repeating: 0, count: PausePart.allCases.count)
+        func lap(_ part: PausePart) {
+            let now = MonotonicClock.nanoseconds()
+            parts[part.rawValue] = Double(now - mark) / 1e6
+            mark = now
+        }
         machine.pause()
         defer { machine.resume() }
+        lap(.stopVCPUs)
         let list: DirtyList
         do { list = try tracker.collectList() } catch { throw .machine("dirty tracking failed: \(error)") }
         while wake.wait(timeout: .now()) == .success {}   // a trigger that fired for this epoch
@@ -198,17 +223,24 @@ public final class Replicator: Sendable {
             for page in pages { carried.set(Int(page)) }
             pages = Self.list(carried)
         }
+        lap(.collect)
         staged.stage(pages: pages, from: machine.memory, resync: resync)
+        lap(.copy)
         let saved: [UInt8]
         do { saved = try machine.saveState().encode() } catch { throw .machine("cannot save the vCPU state: \(error)") }
         staged.setState(saved)
         if first { machine.output.startHolding() }
         let epoch = machine.output.endEpoch()
         staged.setEpoch(epoch)
-        machine.resume()
+        lap(.state)
+        // The pause ends here, as the vCPUs are let back in; `resume` is what letting them in
+        // costs this thread (on two cores, mostly waiting while the woken vCPU threads run).
         let pause = MonotonicClock.nanoseconds() - pauseStart
+        machine.resume()
+        lap(.resume)
         state.withLock { shared in
             shared.pauses.add(Double(pause) / 1e6)
+            for part in PausePart.allCases { shared.pauseParts[part.rawValue].add(parts[part.rawValue]) }
             shared.dirtyPages.add(Double(pages.count))
             if resync {
                 shared.figures.ringOverruns += UInt64(list.losses.count)
@@ -231,7 +263,7 @@ public final class Replicator: Sendable {
     }
 
     private func epochLoop(_ channel: MigrationChannel) {
-        let staged = StagedCheckpoint()
+        let staged = StagedCheckpoint(preparedPages: Self.preparedPages)
         let interval = UInt64(options.intervalSeconds * 1e9)
         var epochStart = MonotonicClock.nanoseconds()
         var lastSend = epochStart
