@@ -245,8 +245,8 @@ void workload_loop(const volatile struct plan *p, const u32 kind, const u32 patt
             /* check, emit=: the next output record, due every emit_ticks from the start. A vCPU
              * more than an interval late (a paused VM) skips the records it missed instead of
              * writing them in a burst. One OUT to OUTPUT_PORT hands the record to the host. */
-            volatile struct output_record *out = p->output;
-            if (kind == KIND_CHECK && p->emit_ticks && (i64)(t - out->next_tsc) >= 0) {
+            if (kind == KIND_CHECK && p->emit_ticks && (i64)(t - p->output->next_tsc) >= 0) {
+                volatile struct output_record *out = p->output;
                 u64 next = out->next_tsc + p->emit_ticks;
                 out->next_tsc = (i64)(t - next) >= 0 ? t + p->emit_ticks : next;
                 out->sequence = out->sequence + 1;
