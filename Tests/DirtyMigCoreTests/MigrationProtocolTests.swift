@@ -44,7 +44,7 @@ final class MigrationProtocolTests: XCTestCase {
         var unknownFlag = verifying.encode()
         let flags = 8 + 8 + 4 + 4 + 4 + 8 + 12
         XCTAssertEqual(unknownFlag[flags], 1)
-        unknownFlag[flags] = 3
+        unknownFlag[flags] = 5   // bit 0 (verify) and bit 2, which no version has
         XCTAssertThrowsError(try MigrationHello(decoding: unknownFlag)) {
             XCTAssertTrue("\($0)".contains("flags"), "\($0)")
         }
@@ -192,8 +192,8 @@ final class MigrationProtocolTests: XCTestCase {
         let reply = try send(stream, to: receiver.port)
         let deadline = Date().addingTimeInterval(10)
         while outcomes.count <= seen && Date() < deadline { usleep(20_000) }
-        // helloReply (8 + 9 bytes), iterationAck (8 + 4), then the result frame.
-        let result = 17 + 12
+        // helloReply (8 + 13 bytes), iterationAck (8 + 4), then the result frame.
+        let result = 21 + 12
         guard reply.count > result + 8, reply[result] == 7 else { return (nil, outcomes.all.dropFirst(seen).first) }
         return (reply[result + 8], outcomes.all.dropFirst(seen).first)
     }

@@ -55,8 +55,10 @@ final class CheckpointStaging {
 
     private func reserve(_ needed: Int) {
         guard needed > capacityPages else { return }
-        let capacity = min(max(needed, capacityPages * 2, 256), memory.pageCount)
+        let capacity = min(max(needed, capacityPages * 2, 4096), memory.pageCount)
         let grown = UnsafeMutableRawPointer.allocate(byteCount: capacity * 4096, alignment: 4096)
+        // Faulted in now, once: the pages of every later checkpoint land in warm memory.
+        memset(grown + capacityPages * 4096, 0, (capacity - capacityPages) * 4096)
         if let buffer {
             memcpy(grown, buffer, capacityPages * 4096)
             buffer.deallocate()

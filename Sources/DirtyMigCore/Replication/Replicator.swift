@@ -218,10 +218,10 @@ public final class Replicator: Sendable {
         let resync = !list.isComplete
         if resync {
             // Dirty information was lost: everything that holds data could have changed.
-            pages = Self.list(machine.memory.dataPages())
+            pages = machine.memory.dataPages().pageList()
         } else if var carried = carrying {
             for page in pages { carried.set(Int(page)) }
-            pages = Self.list(carried)
+            pages = carried.pageList()
         }
         lap(.collect)
         staged.stage(pages: pages, from: machine.memory, resync: resync)
@@ -248,18 +248,6 @@ public final class Replicator: Sendable {
             }
         }
         return (epoch, pause)
-    }
-
-    static func list(_ bitmap: DirtyPageBitmap) -> [UInt32] {
-        var pages: [UInt32] = []
-        for (index, word) in bitmap.words.enumerated() where word != 0 {
-            var bits = word
-            while bits != 0 {
-                pages.append(UInt32(index * 64 + bits.trailingZeroBitCount))
-                bits &= bits - 1
-            }
-        }
-        return pages
     }
 
     private func epochLoop(_ channel: MigrationChannel) {

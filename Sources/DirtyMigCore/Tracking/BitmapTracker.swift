@@ -117,14 +117,7 @@ public final class BitmapTracker: DirtyTracker, @unchecked Sendable {
     public func collectList() throws(KVMError) -> DirtyList {
         lock.lock(); defer { lock.unlock() }
         try syncLocked()
-        var pages: [UInt32] = []
-        for (index, word) in pending.words.enumerated() where word != 0 {
-            var bits = word
-            while bits != 0 {
-                pages.append(UInt32(index * 64 + bits.trailingZeroBitCount))
-                bits &= bits - 1
-            }
-        }
+        let pages = pending.pageList()
         pending.removeAll()
         return DirtyList(pages: pages, losses: [])
     }

@@ -71,6 +71,19 @@ public struct DirtyPageBitmap: Sendable, Equatable {
     public var count: Int { words.reduce(0) { $0 + $1.nonzeroBitCount } }
     public var isEmpty: Bool { words.allSatisfy { $0 == 0 } }
 
+    /// The set pages as a dense list of page numbers, in order (one scan of every word).
+    public func pageList() -> [UInt32] {
+        var pages: [UInt32] = []
+        for (index, word) in words.enumerated() where word != 0 {
+            var bits = word
+            while bits != 0 {
+                pages.append(UInt32(index * 64 + bits.trailingZeroBitCount))
+                bits &= bits - 1
+            }
+        }
+        return pages
+    }
+
     /// Runs of consecutive dirty pages, as page ranges, in order.
     public func runs() -> [Range<Int>] {
         var result: [Range<Int>] = []
