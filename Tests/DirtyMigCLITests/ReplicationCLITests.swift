@@ -1,0 +1,203 @@
+import DirtyMigCore
+import Foundation
+import XCTest
+
+/// Replication's faults from the command line, as two hosts would run it (processes on
+/// loopback): the primary killed mid-epoch, the standby killed, a link that goes silent with a
+/// manual standby, and strangers on the standby's port. The guest checks its own memory (a
+/// `check` workload, `guest_errors`) and emits numbered lines (`emit=`), so a lost or torn
+/// checkpoint, or output lost or repeated across a failover, shows in what the guest itself says.
+final class ReplicationCLITests: ProcessTestCase {
+    override class var directoryPrefix: String { "dmr" }
+
+    /// A primary whose vCPU 0 checks 32 MiB at 20 MiB/s and emits a line every 10 ms; vCPU 1 reads.
+    private func bootPrimary(output: String) throws -> Process {
+        let (process, out, errors) = try start(["boot", "--memory", "256M", "--vcpus", "2", "--track", "ring",
+                                                "--control", socket("primary"), "--guest-output", output,
+                                                "--workload", "0:check,ws=32M,rate=20M,emit=10ms", "--workload", "1:read,ws=16M"])
+        let ready = try XCTUnwrap(CLI.readLine(out), "boot printed nothing: \(stderrText(errors))")
+        XCTAssertTrue(ready.contains("running"), ready)
+        return process
+    }
+
+    private func startStandby(_ name: String, port: UInt16, extra: [String] = [], output: String? = nil) throws -> (Process, Pipe) {
+        var arguments = ["receive", "--listen", "127.0.0.1:\(port)", "--standby", "--control", socket(name)] + extra
+        if let output { arguments += ["--guest-output", output] }
+        let (process, out, errors) = try start(arguments)
+        let ready = try XCTUnwrap(CLI.readLine(out), "receive printed nothing: \(stderrText(errors))")
+        XCTAssertTrue(ready.contains("listening for a replication"), ready)
+        return (process, errors)
+    }
+
+    private func replicate(to port: UInt16) throws -> JSONValue {
+        let result = try CLI.run(["migrate", "--vm", socket("primary"), "--continuous", "--to", "127.0.0.1:\(port)", "--json"])
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let report = try JSONValue.parse(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+        XCTAssertEqual(report["status"]?.stringValue, "protected", result.stdout)
+        return report
+    }
+
+    private func status(_ name: String) -> JSONValue? {
+        guard let client = try? ControlClient(path: socket(name), callTimeout: 2) else { return nil }
+        defer { client.close() }
+        return try? client.call("query-status")
+    }
+
+    private func replication() throws -> JSONValue {
+        let result = try CLI.run(["migrate", "--vm", socket("primary"), "--replication", "--json"])
+        XCTAssertEqual(result.status, 0, result.stderr)
+        return try JSONValue.parse(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    /// Polls until `condition` holds (or fails the test after `timeout` seconds).
+    private func waitFor(_ what: String, timeout: Double, file: StaticString = #filePath, line: UInt = #line,
+                         _ condition: () throws -> Bool) rethrows {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if try condition() { return }
+            usleep(5_000)
+        }
+        XCTFail("\(what) within \(timeout) s", file: file, line: line)
+    }
+
+    /// vCPU 0 of the VM behind `name` completes more passes, and counts no error in any.
+    private func assertCheckingWithoutErrors(_ name: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        func check() -> (passes: Double, errors: Double)? {
+            guard let vcpu = status(name)?["vcpu_stats"]?[0] else { return nil }
+            return (vcpu["passes"]?.doubleValue ?? 0, vcpu["guest_errors"]?.doubleValue ?? -1)
+        }
+        let before = try XCTUnwrap(check(), "no status from \(name)", file: file, line: line)
+        // 32 MiB at 20 MiB/s: a pass every 1.6 s.
+        waitFor("\(name): another pass of the check workload", timeout: 10, file: file, line: line) {
+            (check()?.passes ?? 0) >= before.passes + 1
+        }
+        XCTAssertEqual(check()?.errors, 0, "\(name): the guest found memory it did not write", file: file, line: line)
+    }
+
+    private func outputLines(_ path: String) throws -> [GuestOutputLine] {
+        let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
+        XCTAssertTrue(text.isEmpty || text.hasSuffix("\n"), "\(path) ends in a torn line")
+        return try text.split(separator: "\n").map { try XCTUnwrap(GuestOutputLine(parsing: String($0)), "not a guest line: \($0)") }
+    }
+
+    func testKillingThePrimaryMidEpochLetsTheStandbyTakeOverAndNothingReleasedIsLostOrRepeated() throws {
+        let port = try freePort()
+        let primaryOutput = directory + "/primary.out", standbyOutput = directory + "/standby.out"
+        let (standby, standbyErrors) = try startStandby("standby", port: port, output: standbyOutput)
+        let primary = try bootPrimary(output: primaryOutput)
+        let report = try replicate(to: port)
+        XCTAssertGreaterThan(report["initial_copy_bytes"]?.doubleValue ?? 0, Double(32 << 20) * 0.9)
+        Thread.sleep(forTimeInterval: 1.0)
+        let figures = try replication()
+        XCTAssertGreaterThan(figures["checkpoints"]?.doubleValue ?? 0, 10)
+        XCTAssertEqual(figures["lag_checkpoints"]?.doubleValue ?? 99, 0, accuracy: 3)
+        XCTAssertEqual(status("standby")?["standby"]?["phase"]?.stringValue, "protecting")
+
+        kill(primary.processIdentifier, SIGKILL)
+        let killed = Date()
+        primary.waitUntilExit()
+        waitFor("the standby runs the VM", timeout: 5) { status("standby")?["vcpu_stats"] != nil }
+        print("failover: the standby serves the VM \(Int(Date().timeIntervalSince(killed) * 1000)) ms after SIGKILL to the primary (--failover-after 500 ms)")
+        XCTAssertTrue(standby.isRunning, stderrText(standbyErrors))
+        try assertGuestRuns(socket: socket("standby"), vcpus: 2)
+        try assertCheckingWithoutErrors("standby")
+
+        // What the outside saw: the primary's released lines, then the standby's, one stream.
+        let before = try outputLines(primaryOutput), after = try outputLines(standbyOutput)
+        XCTAssertGreaterThan(before.count, 50, "the primary released its output as checkpoints were acknowledged")
+        XCTAssertGreaterThan(after.count, 10, "the standby's guest goes on emitting")
+        let sequence = (before + after).map(\.sequence)
+        XCTAssertEqual(sequence, Array(1...UInt64(sequence.count)),
+                       "the standby continues right after the primary's last released line (primary ended at \(before.last?.sequence ?? 0), standby began at \(after.first?.sequence ?? 0))")
+        XCTAssertEqual(after.map(\.errors).max() ?? 1, 0)
+    }
+
+    func testKillingTheStandbyLeavesThePrimaryRunningAndANewStandbyProtectsItAgain() throws {
+        let first = try freePort()
+        let (standby, _) = try startStandby("standby", port: first)
+        let primary = try bootPrimary(output: directory + "/primary.out")
+        _ = try replicate(to: first)
+        Thread.sleep(forTimeInterval: 0.5)
+        let pid = status("primary")?["pid"]?.doubleValue
+        kill(standby.processIdentifier, SIGKILL)
+        standby.waitUntilExit()
+        try waitFor("the primary reports unprotected", timeout: 10) {
+            try replication()["status"]?.stringValue == "unprotected"
+        }
+        let lost = try replication()
+        XCTAssertNotNil(lost["error"]?.stringValue)
+        print("standby killed: \(lost["error"]?.stringValue ?? "?"); pause max \(lost["pause_ms"]?["max"]?.doubleValue ?? 0) ms")
+        XCTAssertTrue(primary.isRunning)
+        try assertGuestRuns(socket: socket("primary"), vcpus: 2)
+
+        // Without stopping the VM: a new standby, a new replication.
+        let second = try freePort()
+        _ = try startStandby("standby2", port: second)
+        _ = try replicate(to: second)
+        XCTAssertEqual(status("primary")?["pid"]?.doubleValue, pid, "the same VM process throughout")
+        Thread.sleep(forTimeInterval: 0.5)
+        XCTAssertEqual(try replication()["status"]?.stringValue, "protected")
+        try assertCheckingWithoutErrors("primary")
+    }
+
+    func testASilentLinkLeavesAManualStandbyWaitingUntilFailover() throws {
+        let port = try freePort()
+        _ = try startStandby("standby", port: port, extra: ["--failover", "manual", "--failover-after", "200ms"])
+        let relay = try FaultRelay(to: port)
+        defer { relay.cut() }
+        let primary = try bootPrimary(output: directory + "/primary.out")
+        _ = try replicate(to: relay.port)
+        Thread.sleep(forTimeInterval: 0.5)
+        relay.stall()
+        try waitFor("the primary reports unprotected", timeout: 10) {
+            try replication()["status"]?.stringValue == "unprotected"
+        }
+        XCTAssertTrue(primary.isRunning)
+        try assertGuestRuns(socket: socket("primary"), vcpus: 2)
+        // The standby keeps its checkpoint and does not run the VM: the primary lives.
+        let waiting = try XCTUnwrap(status("standby"))
+        XCTAssertEqual(waiting["standby"]?["phase"]?.stringValue, "primary lost, awaiting failover", waiting.serialized())
+        XCTAssertNil(waiting["vcpu_stats"])
+
+        let failover = try CLI.run(["failover", "--vm", socket("standby")])
+        XCTAssertEqual(failover.status, 0, failover.stderr)
+        XCTAssertTrue(failover.stdout.contains("resumes the VM from checkpoint"), failover.stdout)
+        waitFor("the standby runs the VM after 'dirtymig failover'", timeout: 5) { status("standby")?["vcpu_stats"] != nil }
+        try assertCheckingWithoutErrors("standby")
+    }
+
+    func testStrangersOnTheStandbysPortAreRefusedAndItKeepsItsCopy() throws {
+        let port = try freePort()
+        _ = try startStandby("standby", port: port)
+        let primary = try bootPrimary(output: directory + "/primary.out")
+        _ = try replicate(to: port)
+
+        // Garbage, a migration protocol of another version, and a plain migration.
+        func exchange(_ bytes: [UInt8]) throws -> String {
+            let stranger = try TCPSocket.connect(HostPort(host: "127.0.0.1", port: port))
+            defer { stranger.shutdown() }
+            stranger.setTimeouts(send: 5, receive: 5)
+            try stranger.send(bytes)
+            let header = try stranger.receive(count: 8)
+            let length = Int(header[4]) | Int(header[5]) << 8 | Int(header[6]) << 16 | Int(header[7]) << 24
+            return String(decoding: try stranger.receive(count: length), as: UTF8.self)
+        }
+        var oldHello = [UInt8]()
+        for word: UInt32 in [MigrationFrameType.hello.rawValue, 8, MigrationWire.magic, 4] {
+            withUnsafeBytes(of: word.littleEndian) { oldHello += $0 }
+        }
+        XCTAssertTrue(try exchange(Array("GET / HTTP/1.1\r\n\r\n".utf8)).contains("not a dirtymig migration stream"))
+        XCTAssertTrue(try exchange(oldHello).contains("version 4"))
+        let migrate = try CLI.run(["migrate", "--vm", socket("primary"), "--to", "127.0.0.1:\(port)"])
+        XCTAssertNotEqual(migrate.status, 0)
+        XCTAssertTrue(migrate.stderr.contains("under way") || migrate.stdout.contains("busy"), migrate.stdout + migrate.stderr)
+
+        let checkpoints = try XCTUnwrap(status("standby")?["standby"]?["checkpoints"]?.doubleValue)
+        Thread.sleep(forTimeInterval: 0.5)
+        XCTAssertGreaterThan(status("standby")?["standby"]?["checkpoints"]?.doubleValue ?? 0, checkpoints + 5,
+                             "the replication goes on")
+        kill(primary.processIdentifier, SIGKILL)
+        waitFor("the standby runs the VM", timeout: 5) { status("standby")?["vcpu_stats"] != nil }
+        try assertCheckingWithoutErrors("standby")
+    }
+}
