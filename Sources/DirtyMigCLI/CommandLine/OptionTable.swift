@@ -36,6 +36,11 @@ enum OptionTable {
     static let control = OptionSpec(name: "control", value: "PATH", help: "control socket path (default: per-user runtime directory, NAME.sock)", completion: .file)
     static let name = OptionSpec(name: "name", value: "NAME", help: "the VM's name, used for its control socket (default vm)")
     static let detach = OptionSpec(name: "detach", value: nil, help: "run in the background: return once the socket serves, printing where (log next to the socket)")
+    static let pskFile = OptionSpec(name: "psk-file", value: "FILE", help: "encrypt and authenticate with TLS 1.3 and this pre-shared key (the same file on both hosts, mode 0600)", completion: .file)
+    static let tlsDir = OptionSpec(name: "tls-dir", value: "DIR", help: "encrypt with TLS 1.3 and mutual certificates: DIR holds ca.pem, cert.pem, key.pem", completion: .file)
+    static let tlsPeer = OptionSpec(name: "tls-peer", value: "NAME", help: "the name the peer's certificate must carry (migrate: default the host in --to)")
+    static let insecure = OptionSpec(name: "insecure", value: nil, help: "allow plaintext, unauthenticated migration to or from another host")
+    static let channel = [pskFile, tlsDir, tlsPeer, insecure]
     static let plot = OptionSpec(name: "plot", value: "FILE", help: "draw the migration over time as an SVG picture", completion: .file)
 
     static let commands: [CommandSpec] = [
@@ -45,7 +50,7 @@ enum OptionTable {
                               OptionSpec(name: "export-image", value: "FILE", help: "write the guest image (and with --export-config its config block), print the QEMU options that run it, and exit", completion: .file),
                               OptionSpec(name: "export-config", value: "FILE", help: "with --export-image: where to write the config block", completion: .file)]),
         CommandSpec(name: "migrate", summary: "live-migrate a running VM to a receiver, or (with neither --vm nor --to) run a whole local migration",
-                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--plot FILE] [--throttle MODE]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--throttle MODE] [--verify] [--json] [--stats FILE] [--plot FILE]   (a local migration)",
+                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--plot FILE] [--throttle MODE] [--psk-file FILE | --tls-dir DIR [--tls-peer NAME] | --insecure]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--throttle MODE] [--verify] [--json] [--stats FILE] [--plot FILE] [--psk-file FILE | --tls-dir DIR [--tls-peer NAME]]   (a local migration)",
                     options: [vm, OptionSpec(name: "to", value: "HOST:PORT", help: "where a 'dirtymig receive' listens"),
                               OptionSpec(name: "bandwidth", value: "RATE", help: "cap on bytes sent per second (default unlimited)"),
                               OptionSpec(name: "downtime", value: "DURATION", help: "largest acceptable pause (default 300ms)"),
@@ -56,11 +61,11 @@ enum OptionTable {
                               OptionSpec(name: "stats", value: "FILE", help: "write one JSON line per pass", completion: .file),
                               plot,
                               OptionSpec(name: "throttle", value: "MODE", help: "slow a guest that dirties faster than the link: auto (by --track), none, cpu, dirty-limit (ring), dirty-quota (quota)", completion: .choices(throttleChoices)),
-                              memory, vcpus, workload, track]),
+                              memory, vcpus, workload, track] + channel),
         CommandSpec(name: "receive", summary: "accept an incoming migration, then run and serve the VM",
-                    synopsis: "dirtymig receive --listen HOST:PORT [--control PATH] [--name NAME] [--once] [--detach]",
+                    synopsis: "dirtymig receive --listen HOST:PORT [--psk-file FILE | --tls-dir DIR [--tls-peer NAME] | --insecure] [--control PATH] [--name NAME] [--once] [--detach]",
                     options: [OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on (:PORT for all addresses)"), control, name,
-                              OptionSpec(name: "once", value: nil, help: "exit after one migration (non-zero if it failed)"), detach]),
+                              OptionSpec(name: "once", value: nil, help: "exit after one migration (non-zero if it failed)"), detach] + channel),
         CommandSpec(name: "dirtyrate", summary: "measure a running VM's dirty rate, per vCPU where the tracking mode allows",
                     synopsis: "dirtymig dirtyrate [--vm NAME|PATH] [--mode ring|bitmap|sample] [--interval DURATION] [--count N] [--json]",
                     options: [vm, OptionSpec(name: "mode", value: "MODE", help: "ring (per vCPU), bitmap (VM-wide) or sample (page hashing, any VM); default: the best the VM has", completion: .choices(modeChoices)),

@@ -18,6 +18,8 @@ enum ReceiveCommand {
         }
         let controlPath = arguments.string("control") ?? ControlSocketPath.path(forName: name)
         let once = arguments.has("once")
+        let security = try ChannelOptions.security(arguments)
+        do { try security.checkListening(on: endpoint) } catch { throw arguments.error(error.description) }
         if arguments.has("detach") { return try Detach.run(controlPath: controlPath, name: name, state: "listening") }
 
         let kvm: KVMSystem
@@ -29,7 +31,7 @@ enum ReceiveCommand {
         do { try server.start(serving: false) } catch { throw RuntimeFailure("\(error)") }
         let receiver: MigrationReceiver
         do {
-            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name) { line in
+            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name, security: security) { line in
                 printError("dirtymig receive: \(line)")
             }
         } catch {
@@ -52,7 +54,7 @@ enum ReceiveCommand {
             return ["stopping": true]
         }
         server.serve()
-        emit("dirtymig: listening for a migration on \(shown); control socket \(controlPath)")
+        emit("dirtymig: listening for a migration on \(shown) (\(security.isEncrypted ? "TLS 1.3, \(security.optionsText)" : "plaintext")); control socket \(controlPath)")
 
         while true {
             let machine: Machine
