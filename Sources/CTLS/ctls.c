@@ -219,7 +219,9 @@ int ctls_kernel_receive(SSL *ssl) { return BIO_get_ktls_recv(SSL_get_rbio(ssl)) 
 unsigned long ctls_take_error(char *buffer, size_t length) {
     unsigned long code = ERR_get_error();
     if (length) buffer[0] = 0;
-    if (code && length) ERR_error_string_n(code, buffer, length);
+    const char *reason = code ? ERR_reason_error_string(code) : NULL;
+    if (reason && length) snprintf(buffer, length, "%s", reason);
+    else if (code && length) ERR_error_string_n(code, buffer, length);
     ERR_clear_error();
     return code;
 }
@@ -315,4 +317,46 @@ const char *ctls_protocol(SSL *ssl) { return SSL_get_version(ssl); }
 const char *ctls_cipher(SSL *ssl) {
     const SSL_CIPHER *cipher = SSL_get_current_cipher(ssl);
     return cipher ? SSL_CIPHER_standard_name(cipher) : "";
+}
+
+int ctls_warm_up(SSL_CTX *client_context, SSL_CTX *server_context) {
+    SSL *client = SSL_new(client_context), *server = SSL_new(server_context);
+    BIO *client_bio = NULL, *server_bio = NULL;
+    int done = 0;
+    struct ctls_connection client_state = {{0}, {0}}, server_state = {{0}, {0}};
+    if (!client || !server || !BIO_new_bio_pair(&client_bio, 1 << 16, &server_bio, 1 << 16)) goto out;
+    SSL_set_ex_data(client, connection_index, &client_state);
+    SSL_set_ex_data(server, connection_index, &server_state);
+    SSL_set_bio(client, client_bio, client_bio);
+    SSL_set_bio(server, server_bio, server_bio);
+    client_bio = server_bio = NULL;
+    SSL_set_connect_state(client);
+    SSL_set_accept_state(server);
+    int client_done = 0, server_done = 0;
+    for (int round = 0; round < 32 && !(client_done && server_done); round++) {
+        if (!client_done) {
+            int result = SSL_do_handshake(client);
+            if (result == 1) client_done = 1;
+            else if (SSL_get_error(client, result) != SSL_ERROR_WANT_READ) break;
+        }
+        if (!server_done) {
+            int result = SSL_do_handshake(server);
+            if (result == 1) server_done = 1;
+            else if (SSL_get_error(server, result) != SSL_ERROR_WANT_READ) break;
+        }
+    }
+    if (client_done && server_done) {
+        unsigned char byte = 0;
+        size_t count = 0;
+        done = SSL_write_ex(client, &byte, 1, &count) == 1 && SSL_read_ex(server, &byte, 1, &count) == 1;
+    }
+out:
+    if (client) SSL_set_ex_data(client, connection_index, NULL);
+    if (server) SSL_set_ex_data(server, connection_index, NULL);
+    SSL_free(client);
+    SSL_free(server);
+    BIO_free(client_bio);
+    BIO_free(server_bio);
+    ERR_clear_error();
+    return done;
 }

@@ -66,11 +66,23 @@ public struct ChannelSecurity: Sendable {
         if insecure && (pskFile != nil || tlsDirectory != nil) {
             throw .credentials("--insecure turns encryption off; it cannot go with --psk-file or --tls-dir")
         }
-        if let pskFile { return ChannelSecurity(credentials: .psk(try PreSharedKey.load(path: pskFile))) }
-        if let tlsDirectory {
-            return ChannelSecurity(credentials: .certificates(try CertificateFiles.load(directory: tlsDirectory)), peerName: peerName)
+        let security: ChannelSecurity
+        if let pskFile {
+            security = ChannelSecurity(credentials: .psk(try PreSharedKey.load(path: pskFile)))
+        } else if let tlsDirectory {
+            security = ChannelSecurity(credentials: .certificates(try CertificateFiles.load(directory: tlsDirectory)), peerName: peerName)
+        } else {
+            return ChannelSecurity(credentials: .none, insecure: insecure)
         }
-        return ChannelSecurity(credentials: .none, insecure: insecure)
+        // Both sides' OpenSSL contexts now: a bad certificate is reported before anything starts,
+        // and OpenSSL's first-use cost (about 5 ms here) is not paid inside a migration's clock.
+        // With a PSK the two contexts can also shake hands with each other in memory, which
+        // readies what the first real handshake would fetch (with certificates they cannot: each
+        // side's certificate is signed for its own name).
+        let client = try security.contexts.context(for: security, server: false)
+        let server = try security.contexts.context(for: security, server: true)
+        if case .psk = security.credentials { _ = ctls_warm_up(client.context, server.context) }
+        return security
     }
 
     /// Plaintext is for loopback: listening on another address without credentials needs
@@ -167,8 +179,6 @@ public struct CertificateFiles: Sendable {
             }
         }
         _ = try KeyFile.read(files.keyFile, what: "--tls-dir")
-        // The context is built now so that a bad file is reported before anything starts.
-        _ = try TLSContext(credentials: .certificates(files), server: false, kernelTLS: false)
         return files
     }
 }
