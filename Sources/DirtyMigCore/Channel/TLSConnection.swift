@@ -17,6 +17,12 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
     private let context: TLSContext
     private let io = Mutex<Void>(())
     let channel: ChannelDescription
+    private let server: Bool
+    private let security: ChannelSecurity
+    /// Whether any application data has arrived: an alert before it is the peer refusing the
+    /// handshake (in TLS 1.3 a client's handshake completes before the server has checked the
+    /// client's certificate), and is named like one.
+    private var receivedData = false
 
     /// Small buffers (frame headers, range tables, single pages) are gathered into one record
     /// rather than one record each.
@@ -30,6 +36,8 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
          security: ChannelSecurity) throws(ChannelError) {
         self.socket = socket
         self.context = context
+        self.server = server
+        self.security = security
         guard let ssl = ctls_new(context.context, socket.fd.rawValue, peerName) else {
             throw .handshake("OpenSSL could not start a connection: \(TLSContext.takeError())")
         }
@@ -96,7 +104,33 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
     private func write(_ bytes: UnsafeRawPointer, count: Int) throws(SystemError) {
         var savedErrno: Int32 = 0
         let code = ctls_write(ssl, bytes, count, &savedErrno)
-        guard code == SSL_ERROR_NONE else { throw failure(code, errno: savedErrno, operation: "send") }
+        guard code == SSL_ERROR_NONE else {
+            // A peer that hung up on us may have said why first, in an alert still to be read:
+            // "bad record mac" is a receiver that found the stream altered on the way.
+            if savedErrno == EPIPE || savedErrno == ECONNRESET, let alert = peerAlert() {
+                throw SystemError("send (\(alert))", errno: savedErrno)
+            }
+            throw failure(code, errno: savedErrno, operation: "send")
+        }
+    }
+
+    /// The alert the peer sent before closing, if one is waiting (the peer is gone: the read
+    /// cannot block).
+    private func peerAlert() -> String? {
+        ctls_clear_errors()
+        var byte: UInt8 = 0
+        var got = 0
+        var savedErrno: Int32 = 0
+        _ = ctls_read(ssl, &byte, 1, &got, &savedErrno)
+        var words = [CChar](repeating: 0, count: 256)
+        let error = ctls_take_error(&words, words.count)
+        let alert = ctls_received_alert(error)
+        guard alert >= 0 else { return nil }
+        let peer = server ? "the source" : "the destination"
+        if alert == SSL_AD_BAD_RECORD_MAC {
+            return "\(peer) found a TLS record altered, cut or reordered in transit (\(String(nulTerminated: words))): the connection is being tampered with or corrupted on the way"
+        }
+        return "\(peer) ended the encrypted channel: \(String(nulTerminated: words))"
     }
 
     func receive(into destination: UnsafeMutableRawPointer, count: Int) throws(SystemError) {
@@ -107,7 +141,7 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
                 var got = 0
                 var savedErrno: Int32 = 0
                 let code = ctls_read(ssl, destination + done, count - done, &got, &savedErrno)
-                if code == SSL_ERROR_NONE { done += got; continue }
+                if code == SSL_ERROR_NONE { done += got; receivedData = true; continue }
                 if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_SYSCALL) && savedErrno == EINTR { continue }
                 throw failure(code, errno: savedErrno, operation: "receive")
             }
@@ -137,7 +171,12 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
         if reason == SSL_R_DECRYPTION_FAILED_OR_BAD_RECORD_MAC {
             return SystemError("\(operation) (a TLS record failed its integrity check: the encrypted stream was altered, cut or reordered in transit)", errno: EBADMSG)
         }
-        if ctls_received_alert(error) >= 0 {
+        let alert = ctls_received_alert(error)
+        if alert >= 0 && !receivedData {
+            let peer = server ? "the source" : "the destination"
+            return SystemError("\(operation) (\(Self.alertMeaning(alert, String(nulTerminated: words), peer: peer, security: security)))", errno: EPROTO)
+        }
+        if alert >= 0 {
             return SystemError("\(operation) (the peer ended the encrypted channel: \(String(nulTerminated: words)))", errno: EPROTO)
         }
         return SystemError("\(operation) (TLS: \(String(nulTerminated: words)))", errno: EPROTO)
@@ -193,12 +232,20 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
             return "\(whose) is not trusted: \(String(cString: ctls_verify_string(result))); it must be signed by the CA in \(mine)/ca.pem"
         }
         let alert = ctls_received_alert(error)
-        if alert >= 0 {
+        if alert >= 0 { return alertMeaning(alert, text, peer: peer, security: security) }
+        if server, case .psk = security.credentials, reason == SSL_R_NO_SHARED_CIPHER || reason == SSL_R_NO_SUITABLE_SIGNATURE_ALGORITHM {
+            return "\(peer) offered no pre-shared key (does it use --tls-dir?): this receiver uses \(mine)"
+        }
+        return "the TLS handshake with \(peer) failed: \(text)"
+    }
+
+    /// What an alert from the peer during (or right after) the handshake means, for a person.
+    private static func alertMeaning(_ alert: Int32, _ text: String, peer: String, security: ChannelSecurity) -> String {
             switch security.credentials {
             case .psk:
                 return "\(peer) refused our pre-shared key (\(text)): it holds another key, or uses certificates; give both hosts the same --psk-file"
             case .certificates:
-                switch Int32(alert) {
+                switch alert {
                 case SSL_AD_UNKNOWN_CA:
                     return "\(peer) does not trust our certificate (\(text)): it was not signed by the CA in \(peer)'s ca.pem"
                 case SSL_AD_BAD_CERTIFICATE, SSL_AD_CERTIFICATE_UNKNOWN, SSL_AD_CERTIFICATE_EXPIRED, SSL_AD_CERTIFICATE_REVOKED:
@@ -209,10 +256,5 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
             case .none:
                 return "\(peer) refused the TLS handshake (\(text))"
             }
-        }
-        if server, case .psk = security.credentials, reason == SSL_R_NO_SHARED_CIPHER || reason == SSL_R_NO_SUITABLE_SIGNATURE_ALGORITHM {
-            return "\(peer) offered no pre-shared key (does it use --tls-dir?): this receiver uses \(mine)"
-        }
-        return "the TLS handshake with \(peer) failed: \(text)"
     }
 }

@@ -223,7 +223,7 @@ public final class MigrationReceiver: Sendable {
             if late {
                 error = .timedOut("no complete \(security.isEncrypted ? "TLS handshake" : "hello") within \(limits.handshakeSeconds) s of connecting")
             }
-            log("refused a connection from \(peer): \(error)")
+            log("refused a connection from \(peer): \(error) (nothing was allocated for it)")
             deliver(.failure(error))
             return
         }
