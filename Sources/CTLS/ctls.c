@@ -279,25 +279,17 @@ int ctls_handshake(SSL *ssl, int *saved_errno) {
 }
 
 int ctls_read(SSL *ssl, void *buffer, size_t length, size_t *got, int *saved_errno) {
-    ctls_sigpipe_state state;
-    ctls_sigpipe_begin(&state);
     ERR_clear_error();
     errno = 0;
     *got = 0;
-    int code = outcome(ssl, SSL_read_ex(ssl, buffer, length, got), saved_errno);
-    ctls_sigpipe_end(&state);
-    return code;
+    return outcome(ssl, SSL_read_ex(ssl, buffer, length, got), saved_errno);
 }
 
 int ctls_write(SSL *ssl, const void *buffer, size_t length, int *saved_errno) {
-    ctls_sigpipe_state state;
-    ctls_sigpipe_begin(&state);
     ERR_clear_error();
     errno = 0;
     size_t written = 0;
-    int code = outcome(ssl, SSL_write_ex(ssl, buffer, length, &written), saved_errno);
-    ctls_sigpipe_end(&state);
-    return code;
+    return outcome(ssl, SSL_write_ex(ssl, buffer, length, &written), saved_errno);
 }
 
 void ctls_close(SSL *ssl) {

@@ -268,6 +268,16 @@ final class SecureChannelTests: XCTestCase {
         }
         let all = try CLI.run(["receive", "--listen", ":\(port)", "--control", socket("dst")])
         XCTAssertTrue(all.stderr.contains("refusing to listen on all addresses"), all.stderr)
+        // A real non-loopback address of this machine, where it has one.
+        if let address = Self.nonLoopbackAddress() {
+            let real = try CLI.run(["receive", "--listen", "\(address):\(port)", "--control", socket("dst")])
+            XCTAssertEqual(real.status, 2, real.stderr)
+            XCTAssertTrue(real.stderr.contains("refusing to listen on \(address):\(port) without credentials"), real.stderr)
+            let to = try CLI.run(["migrate", "--vm", socket("src"), "--to", "\(address):\(port)"])
+            XCTAssertTrue(to.stderr.contains("refusing to migrate to \(address):\(port)"), to.stderr)
+        } else {
+            print("no non-loopback IPv4 address here (hostname -I): checked with 0.0.0.0 only")
+        }
         let migrate = try CLI.run(["migrate", "--vm", socket("src"), "--to", "0.0.0.0:\(port)"])
         XCTAssertEqual(migrate.status, 2, migrate.stderr)
         XCTAssertTrue(migrate.stderr.contains("refusing to migrate to 0.0.0.0:\(port) without credentials") && migrate.stderr.contains("--insecure"),
@@ -283,6 +293,20 @@ final class SecureChannelTests: XCTestCase {
         let (insecure, _) = try receive("dst", port: port, ["--insecure"])
         XCTAssertTrue(insecure.isRunning)
         print("plaintext across hosts: \(listen.stderr)")
+    }
+
+    /// The first IPv4 address `hostname -I` lists, if any.
+    private static func nonLoopbackAddress() -> String? {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/hostname")
+        process.arguments = ["-I"]
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = FileHandle.nullDevice
+        guard (try? process.run()) != nil else { return nil }
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        return text.split(separator: " ").map(String.init).first { $0.contains(".") && !$0.hasPrefix("127.") }
     }
 
     // MARK: Integrity in flight

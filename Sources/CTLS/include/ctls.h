@@ -70,9 +70,10 @@ typedef struct { sigset_t old; int blocked; } ctls_sigpipe_state;
 void ctls_sigpipe_begin(ctls_sigpipe_state *state);
 void ctls_sigpipe_end(ctls_sigpipe_state *state);
 
-/// Handshake, read, write and close on a blocking socket, with SIGPIPE kept away. Each returns
-/// OpenSSL's SSL_get_error code (SSL_ERROR_NONE = 0 on success) and the errno the failing
-/// system call left in `saved_errno`.
+/// Handshake, read, write and close on a blocking socket. Each returns OpenSSL's SSL_get_error
+/// code (SSL_ERROR_NONE = 0 on success) and the errno the failing system call left in
+/// `saved_errno`. The handshake and close keep SIGPIPE away themselves; reads and writes (which
+/// come in loops, a record at a time) must be called between ctls_sigpipe_begin and _end.
 int ctls_handshake(SSL *ssl, int *saved_errno);
 int ctls_read(SSL *ssl, void *buffer, size_t length, size_t *got, int *saved_errno);
 int ctls_write(SSL *ssl, const void *buffer, size_t length, int *saved_errno);

@@ -79,6 +79,9 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
 
     func send(_ buffers: [UnsafeRawBufferPointer]) throws(SystemError) {
         try io.withLock { _ throws(SystemError) in
+            var pipe = ctls_sigpipe_state()
+            ctls_sigpipe_begin(&pipe)
+            defer { ctls_sigpipe_end(&pipe) }
             var filled = 0
             for buffer in buffers where buffer.count > 0 {
                 if buffer.count < Self.directBytes && filled + buffer.count <= Self.stagingBytes {
@@ -135,6 +138,10 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
 
     func receive(into destination: UnsafeMutableRawPointer, count: Int) throws(SystemError) {
         try io.withLock { _ throws(SystemError) in
+            // OpenSSL may write while reading (an alert): SIGPIPE is kept away for the whole read.
+            var pipe = ctls_sigpipe_state()
+            ctls_sigpipe_begin(&pipe)
+            defer { ctls_sigpipe_end(&pipe) }
             var done = 0
             while done < count {
                 try socket.armDeadline()
