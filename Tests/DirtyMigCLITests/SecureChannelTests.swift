@@ -8,27 +8,10 @@ import XCTest
 /// on and the receiver still listening, a relay that alters or drops a record, key files others
 /// can read, and `--insecure` across hosts. Keys, certificates and sockets live in a private
 /// temporary directory.
-final class SecureChannelTests: XCTestCase {
-    private var directory = ""
-    private var processes: [Process] = []
-
-    override func setUpWithError() throws {
-        try requireKVMDevice()
-        var template = Array("/tmp/dmtls-XXXXXX".utf8CString)
-        guard mkdtemp(&template) != nil else { throw XCTSkip("cannot create a temporary directory under /tmp") }
-        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
-    override func tearDown() {
-        for process in processes where process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        for process in processes { process.waitUntilExit() }
-        try? FileManager.default.removeItem(atPath: directory)
-    }
+final class SecureChannelTests: ProcessTestCase {
+    override class var directoryPrefix: String { "dmtls" }
 
     private func path(_ name: String) -> String { directory + "/" + name }
-    private func socket(_ name: String) -> String { path(name + ".sock") }
-
-    private func freePort() throws -> UInt16 { try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0)).localPort }
 
     /// A key file as the README makes one: 32 random bytes in hex, mode 0600.
     private func makeKey(_ name: String, mode: Int = 0o600) throws -> String {
@@ -78,18 +61,6 @@ final class SecureChannelTests: XCTestCase {
         }
     }
 
-    private func start(_ arguments: [String]) throws -> (Process, FileHandle, Pipe) {
-        let process = Process()
-        process.executableURL = CLI.binary
-        process.arguments = arguments
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        processes.append(process)
-        return (process, out.fileHandleForReading, err)
-    }
-
     /// A 128 MiB VM whose writer dirties 32 MiB at 20 MiB/s while a reader reads.
     private func boot(_ name: String) throws -> Process {
         let (process, output, errors) = try start(["boot", "--memory", "128M", "--vcpus", "2", "--track", "ring", "--control", socket(name),
@@ -111,20 +82,6 @@ final class SecureChannelTests: XCTestCase {
         let result = try CLI.run(["migrate", "--vm", socket(name), "--to", "127.0.0.1:\(port)", "--json"] + extra)
         let report = try JSONValue.parse(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
         return (result.status, report)
-    }
-
-    private func stderrText(_ pipe: Pipe) -> String {
-        let handle = pipe.fileHandleForReading
-        let flags = fcntl(handle.fileDescriptor, F_GETFL)
-        _ = fcntl(handle.fileDescriptor, F_SETFL, flags | O_NONBLOCK)
-        var data = Data()
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let count = read(handle.fileDescriptor, &buffer, buffer.count)
-            if count <= 0 { break }
-            data.append(contentsOf: buffer[0..<count])
-        }
-        return String(decoding: data, as: UTF8.self)
     }
 
     /// The receiver's log, once it holds `text` (within 5 s).
