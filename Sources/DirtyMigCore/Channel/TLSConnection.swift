@@ -133,6 +133,7 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
         if alert == SSL_AD_BAD_RECORD_MAC {
             return "\(peer) found a TLS record altered, cut or reordered in transit (\(String(nulTerminated: words))): the connection is being tampered with or corrupted on the way"
         }
+        if !receivedData { return Self.alertMeaning(alert, String(nulTerminated: words), peer: peer, security: security) }
         return "\(peer) ended the encrypted channel: \(String(nulTerminated: words))"
     }
 
