@@ -72,6 +72,37 @@ final class SecureChannelHandshakeTests: XCTestCase {
         print("handshake deadline: silent and halfway clients closed after \(String(format: "%.2f", closedAfter)) s; log: \(log.all.prefix(3))")
     }
 
+    /// Key files: hex alone (identity from the key's hash), IDENTITY:HEX (QEMU's keys.psk
+    /// format), and what is refused, with words that say what to do.
+    func testKeyFilesAreReadOrRefusedWithAReason() throws {
+        func write(_ name: String, _ text: String, mode: Int = 0o600) -> String {
+            let file = directory + "/" + name
+            FileManager.default.createFile(atPath: file, contents: Data(text.utf8), attributes: [.posixPermissions: mode])
+            return file
+        }
+        let hex = String(repeating: "ab", count: 32)
+        let plain = try PreSharedKey.load(path: write("plain", "# a comment\n\(hex)\n"))
+        XCTAssertTrue(plain.identity.hasPrefix("dirtymig-") && plain.identity.count == 25, plain.identity)
+        XCTAssertEqual(try PreSharedKey.load(path: write("named", "host-a:\(hex)")).identity, "host-a")
+        let refusals: [(String, String, Int, String)] = [
+            ("short", "abcd", 0o600, "32 to 128 hex digits"), ("odd", String(hex.dropLast()), 0o600, "32 to 128 hex digits"),
+            ("nothex", String(repeating: "zz", count: 32), 0o600, "32 to 128 hex digits"),
+            ("two", "\(hex)\n\(hex)\n", 0o600, "expected one line"), ("empty", "", 0o600, "expected one line"),
+            ("group", hex, 0o640, "mode 0640"), ("spaces", "a b:\(hex)", 0o600, "printable characters without spaces"),
+        ]
+        for (name, text, mode, words) in refusals {
+            XCTAssertThrowsError(try PreSharedKey.load(path: write(name, text, mode: mode)), name) {
+                XCTAssertTrue("\($0)".contains(words), "\(name): \($0)")
+            }
+        }
+        XCTAssertThrowsError(try ChannelSecurity.load(pskFile: write("k", hex), tlsDirectory: directory, peerName: nil, insecure: false))
+        XCTAssertThrowsError(try ChannelSecurity.load(pskFile: nil, tlsDirectory: nil, peerName: "x", insecure: false))
+        XCTAssertThrowsError(try ChannelSecurity.load(pskFile: write("k2", hex), tlsDirectory: nil, peerName: nil, insecure: true))
+        XCTAssertThrowsError(try ChannelSecurity.load(pskFile: nil, tlsDirectory: directory + "/none", peerName: nil, insecure: false)) {
+            XCTAssertTrue("\($0)".contains("ca.pem"), "\($0)")
+        }
+    }
+
     private func wait(seconds: Double = 10, until condition: () -> Bool) {
         let deadline = Date().addingTimeInterval(seconds)
         while !condition() && Date() < deadline { usleep(20_000) }
