@@ -17,8 +17,8 @@ _dirtymig() {
     local command="${COMP_WORDS[1]}" options=""
     case "$command" in
         boot) options="--memory --vcpus --workload --track --ring-entries --control --name --guest-output --detach --export-image --export-config --help" ;;
-        migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --verify --json --stats --plot --throttle --memory --vcpus --workload --track --continuous --checkpoint-interval --checkpoint-pages --replication --stop-replication --help" ;;
-        receive) options="--listen --control --name --guest-output --once --detach --standby --failover --failover-after --help" ;;
+        migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --verify --json --stats --plot --throttle --memory --vcpus --workload --track --continuous --checkpoint-interval --checkpoint-pages --replication --stop-replication --psk-file --tls-dir --tls-peer --insecure --help" ;;
+        receive) options="--listen --control --name --guest-output --once --detach --standby --failover --failover-after --psk-file --tls-dir --tls-peer --insecure --help" ;;
         dirtyrate) options="--vm --mode --interval --count --json --help" ;;
         limit) options="--vm --vcpu --rate --cancel --show --json --help" ;;
         list) options="--json --help" ;;
@@ -41,6 +41,8 @@ _dirtymig() {
         --mode) COMPREPLY=($(compgen -W "ring bitmap sample" -- "$cur")); return ;;
         --from) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --psk-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --tls-dir) COMPREPLY=($(compgen -d -- "$cur")); return ;;
     esac
     COMPREPLY=($(compgen -W "$options" -- "$cur"))
 }

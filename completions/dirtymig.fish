@@ -50,12 +50,20 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l memory -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vcpus -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l workload -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l track -x -a 'bitmap ring quota'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l psk-file -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l tls-dir -x -a '(__fish_complete_directories)'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l tls-peer -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l insecure
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l listen -x
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l control -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l name -x
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l guest-output -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l once
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l detach
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l psk-file -r -F
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l tls-dir -x -a '(__fish_complete_directories)'
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l tls-peer -x
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l insecure
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l standby
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l failover -x -a "auto manual"
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l failover-after -x

@@ -11,8 +11,10 @@ import Foundation
 /// The figures are `migrate`'s own JSON report. The benchmark's process only starts programs,
 /// reads their output and polls the source's counters (100 ms apart) until the guest is ready;
 /// during the migration it waits in waitpid.
+///
+/// `credentials` (`--psk-file FILE`) go to both `receive` and `migrate`.
 func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
-                             conditions: MigrationRunConditions) throws -> MigrationMeasurement {
+                             conditions: MigrationRunConditions, credentials: [String] = []) throws -> MigrationMeasurement {
     let scratch = try ScratchDirectory("dirtymig-bench")
     // Kept until the processes below are stopped (this defer runs last): Swift may otherwise
     // release it after its last use and remove the sockets under running programs.
@@ -28,7 +30,7 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
     Thread.sleep(forTimeInterval: conditions.settleSeconds)
 
     let port = try freeLoopbackPort()
-    let receive = try ChildProcess(dirtymig, ["receive", "--listen", "127.0.0.1:\(port)", "--control", destination],
+    let receive = try ChildProcess(dirtymig, ["receive", "--listen", "127.0.0.1:\(port)", "--control", destination] + credentials,
                                    stdout: .pipe, stderrPath: scratch.file("receive.log"))
     defer { receive.stop() }
     _ = try receive.expectLine(containing: "listening", timeout: 60)
@@ -37,7 +39,7 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
     let started = MonotonicClock.seconds()
     let others = OthersCPUShare(children: [boot.pid, receive.pid])
     let migrate = try ChildProcess(dirtymig, ["migrate", "--vm", source, "--to", "127.0.0.1:\(port)",
-                                              "--downtime", "\(scenario.downtimeMs)ms", "--json"],
+                                              "--downtime", "\(scenario.downtimeMs)ms", "--json"] + credentials,
                                    stdout: .file(scratch.file("migrate.json")), stderrPath: scratch.file("migrate.log"))
     guard migrate.waitForExit(timeout: conditions.migrationTimeoutSeconds) else {
         migrate.stop()
@@ -61,8 +63,11 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
     func number(_ key: String) -> Double { report[key]?.doubleValue ?? 0 }
     return MigrationMeasurement(totalMs: number("total_ms"), downtimeMs: number("downtime_ms"),
                                 passes: Int(number("iterations")), sentBytes: UInt64(number("transferred_bytes")),
-                                detail: String(format: "migrate process %.0f ms from spawn to exit (0.5 s of it reading the guest's pace), setup %.1f ms",
-                                               wallMs, number("setup_ms")),
+                                detail: String(format: "migrate process %.0f ms from spawn to exit (0.5 s of it reading the guest's pace), setup %.1f ms%@",
+                                               wallMs, number("setup_ms"),
+                                               report["channel"]?["encrypted"]?.boolValue == true
+                                                   ? String(format: ", TLS handshake %.2f ms (%@)", report["channel"]?["handshake_ms"]?.doubleValue ?? 0,
+                                                            report["channel"]?["kernel_tls"]?.boolValue == true ? "kernel TLS" : "userspace TLS") : ""),
                                 othersCPUShare: othersShare)
 }
 

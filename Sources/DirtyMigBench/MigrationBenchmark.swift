@@ -14,6 +14,8 @@ struct MigrationBenchmarkOptions {
     /// Run only this migrator (for investigating one side; not a comparison).
     var only: Migrator?
     var qemuPrealloc = QEMUPreallocChoice.both
+    /// Add each migrator's encrypted run (dirtymig with --psk-file, QEMU with tls-creds-psk).
+    var encrypted = false
     var conditions = MigrationRunConditions()
 }
 
@@ -26,8 +28,13 @@ struct MigrationBenchmarkOptions {
 /// inside the clock, as dirtymig's receiver must (it learns the VM's size only when the source
 /// says hello). Users who run the printed line get the first; the second is the same work on
 /// both sides of the clock as dirtymig. The table shows both.
+///
+/// The encrypted migrators use TLS 1.3 with one pre-shared key (`BenchPSK`): dirtymig with
+/// `--psk-file` on `receive` and `migrate`, QEMU with a `tls-creds-psk` object on both sides and
+/// the migration parameter tls-creds (its destination started with `-incoming defer`, as QEMU's
+/// documentation says for TLS).
 enum Migrator: CaseIterable {
-    case dirtymig, qemuPrealloc, qemu, dirtymigInProcess
+    case dirtymig, qemuPrealloc, qemu, dirtymigInProcess, dirtymigPSK, qemuPreallocPSK, qemuPSK
 
     var label: String {
         switch self {
@@ -35,6 +42,19 @@ enum Migrator: CaseIterable {
         case .qemuPrealloc: return "QEMU 7.2, exported line as printed (-mem-prealloc)"
         case .qemu: return "QEMU 7.2, without -mem-prealloc"
         case .dirtymigInProcess: return "dirtymig in-process (not how users run it)"
+        case .dirtymigPSK: return "dirtymig, TLS 1.3 PSK (--psk-file)"
+        case .qemuPreallocPSK: return "QEMU 7.2, TLS PSK (tls-creds-psk), -mem-prealloc"
+        case .qemuPSK: return "QEMU 7.2, TLS PSK (tls-creds-psk), without -mem-prealloc"
+        }
+    }
+
+    /// The same migrator over TLS (nil: none).
+    var encrypted: Migrator? {
+        switch self {
+        case .dirtymig: return .dirtymigPSK
+        case .qemuPrealloc: return .qemuPreallocPSK
+        case .qemu: return .qemuPSK
+        default: return nil
         }
     }
 
@@ -45,10 +65,13 @@ enum Migrator: CaseIterable {
         case .qemuPrealloc: return "qemu-prealloc"
         case .qemu: return "qemu"
         case .dirtymigInProcess: return "in-process"
+        case .dirtymigPSK: return "dirtymig-psk"
+        case .qemuPreallocPSK: return "qemu-prealloc-psk"
+        case .qemuPSK: return "qemu-psk"
         }
     }
 
-    var isQEMU: Bool { self == .qemu || self == .qemuPrealloc }
+    var isQEMU: Bool { [.qemu, .qemuPrealloc, .qemuPSK, .qemuPreallocPSK].contains(self) }
 }
 
 /// Which QEMU rows to run (`--qemu-prealloc both|yes|no`).
@@ -72,6 +95,7 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     var migrators: [Migrator] = [.dirtymig]
     if qemu && options.qemuPrealloc != .no { migrators.append(.qemuPrealloc) }
     if qemu && options.qemuPrealloc != .yes { migrators.append(.qemu) }
+    if options.encrypted { migrators += migrators.compactMap(\.encrypted) }
     if options.inProcess { migrators.append(.dirtymigInProcess) }
     if let only = options.only {
         guard !only.isQEMU || qemuExecutable() != nil else { throw BenchError("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)") }
@@ -85,6 +109,7 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     // Other users of this shared machine: what they took during the idle times and migrations,
     // stated under the table (a quiet machine shows a few per cent at most).
     var others = OthersLoad()
+    let psk = try BenchPSK()
 
     emitLine("Live migration over loopback, --downtime 300ms, no bandwidth cap; median (min-max) of \(options.runs) run\(options.runs == 1 ? "" : "s")")
     emitLine("")
@@ -92,8 +117,10 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     emitLine("|---|---|---|---|---|---|---|")
     for scenario in options.scenarios {
         // Exported once per scenario, before any run's idle time (it opens /dev/kvm briefly).
-        let qemuGuest = migrators.contains(.qemu) ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: false) : nil
-        let qemuPreallocGuest = migrators.contains(.qemuPrealloc) ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: true) : nil
+        let qemuGuest = migrators.contains(.qemu) || migrators.contains(.qemuPSK)
+            ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: false) : nil
+        let qemuPreallocGuest = migrators.contains(.qemuPrealloc) || migrators.contains(.qemuPreallocPSK)
+            ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: true) : nil
         var results: [Migrator: [MigrationMeasurement]] = [:]
         for round in 0..<options.runs {
             for migrator in round % 2 == 0 ? migrators : migrators.reversed() {
@@ -104,6 +131,12 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
                 case .qemu: measurement = try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions)
                 case .qemuPrealloc: measurement = try runQEMUProcessMigration(scenario, guest: qemuPreallocGuest!, conditions: conditions)
                 case .dirtymigInProcess: measurement = try runDirtymigInProcessMigration(scenario, conditions: conditions)
+                case .dirtymigPSK:
+                    measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
+                                                              credentials: ["--psk-file", psk.file])
+                case .qemuPSK: measurement = try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions, psk: psk)
+                case .qemuPreallocPSK:
+                    measurement = try runQEMUProcessMigration(scenario, guest: qemuPreallocGuest!, conditions: conditions, psk: psk)
                 }
                 results[migrator, default: []].append(measurement)
                 others.add(idle: busy, migration: measurement.othersCPUShare)
@@ -121,6 +154,26 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     emitLine(conditions.describe(runs: options.runs, order: order, others: others))
     if let warning = others.warning { emitLine(warning) }
     if options.withQEMU && !qemu { emitLine("(QEMU rows skipped: qemu-system-x86_64 is not installed; apt-get install qemu-system-x86)") }
+}
+
+/// One pre-shared key for every encrypted run, in a private directory: `keys.psk` holds
+/// "dirtymig:HEX" (mode 0600), the format QEMU's tls-creds-psk reads from its `dir` and the one
+/// `dirtymig --psk-file` reads (the identity before the colon), so both use the same key.
+final class BenchPSK {
+    let scratch: ScratchDirectory
+    let identity = "dirtymig"
+    var directory: String { scratch.path }
+    var file: String { scratch.file("keys.psk") }
+
+    init() throws {
+        scratch = try ScratchDirectory("dirtymig-bench-psk")
+        var generator = SystemRandomNumberGenerator()
+        let bytes = (0..<32).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        let line = identity + ":" + bytes.map { String(format: "%02x", $0) }.joined() + "\n"
+        guard FileManager.default.createFile(atPath: file, contents: Data(line.utf8), attributes: [.posixPermissions: 0o600]) else {
+            throw BenchError("cannot write \(file)")
+        }
+    }
 }
 
 /// "median (min-max)".

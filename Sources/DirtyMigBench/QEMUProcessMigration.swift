@@ -12,10 +12,18 @@ import Foundation
 /// max-bandwidth 100 GiB/s (QEMU's default is 32 MiB/s), downtime-limit as the scenario says.
 /// During the migration `query-migrate` alone is polled, every `qmpPollSeconds` (or not at all:
 /// the MIGRATION event ends the wait); the figures are QEMU's own.
+///
+/// With `psk`, both sides get a tls-creds-psk object over its directory and the migration
+/// parameter tls-creds; the destination starts with `-incoming defer` and is given its URI by
+/// `migrate-incoming` once tls-creds is set, as QEMU's documentation says for TLS.
 func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
-                             conditions: MigrationRunConditions) throws -> MigrationMeasurement {
+                             conditions: MigrationRunConditions, psk: BenchPSK? = nil) throws -> MigrationMeasurement {
     defer { guest.stopAll() }
-    let source = try guest.launch("src")
+    let credentials = { (endpoint: String) -> [String] in
+        guard let psk else { return [] }
+        return ["-object", "tls-creds-psk,id=tls0,endpoint=\(endpoint),dir=\(psk.directory)\(endpoint == "client" ? ",username=\(psk.identity)" : "")"]
+    }
+    let source = try guest.launch("src", credentials("client"))
     let deadline = MonotonicClock.seconds() + 120
     while !scenario.isReady(GuestProgress(try guest.stats(source)), workloads: guest.workloads) {
         guard MonotonicClock.seconds() < deadline else { throw BenchError("QEMU's guest was not ready within 120 s") }
@@ -24,12 +32,17 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
     Thread.sleep(forTimeInterval: conditions.settleSeconds)
 
     let port = try freeLoopbackPort()
-    let destination = try guest.launch("dst", ["-incoming", "tcp:127.0.0.1:\(port)"])
+    let destination = try guest.launch("dst", credentials("server") + ["-incoming", psk == nil ? "tcp:127.0.0.1:\(port)" : "defer"])
+    if psk != nil {
+        try destination.execute("migrate-set-parameters", ["tls-creds": "tls0"])
+        try destination.execute("migrate-incoming", ["uri": .string("tcp:127.0.0.1:\(port)")])
+    }
     let waiting = try destination.execute("query-status")["status"]?.stringValue
     guard waiting == "inmigrate" else { throw BenchError("QEMU's destination is '\(waiting ?? "?")', not waiting for a migration") }
 
     try source.execute("migrate-set-parameters", ["max-bandwidth": .number(100 << 30),
                                                   "downtime-limit": .number(scenario.downtimeMs)])
+    if psk != nil { try source.execute("migrate-set-parameters", ["tls-creds": "tls0"]) }
     if conditions.qmpPollSeconds == nil {
         try source.execute("migrate-set-capabilities", ["capabilities": .array([["capability": "events", "state": true]])])
     }

@@ -8,7 +8,7 @@
 //
 //   dirtymig-bench migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting]
 //                            [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process]
-//                            [--qmp-poll MS] [--qemu-prealloc both|yes|no]
+//                            [--qmp-poll MS] [--qemu-prealloc both|yes|no] [--encrypted]
 //       dirtymig's live migration next to QEMU 7.2's on the same guest, each run the way users
 //       run it, under the same conditions. Scenarios: 4 GiB never written (idle); 2 GiB with 1 GiB
 //       written once, then idle (written); 1 GiB with one vCPU rewriting 256 MiB at 200 MiB/s
@@ -45,6 +45,12 @@
 //       time (this machine is shared: a build that takes one core made QEMU's written-scenario
 //       migration about twice as slow); a warning follows the table when others took more than
 //       10 % during any migration.
+//       --encrypted adds, next to each migrator, the same migration over TLS 1.3 with one
+//       pre-shared key (a private directory's keys.psk, "dirtymig:HEX", mode 0600): dirtymig with
+//       `--psk-file` on receive and migrate; QEMU with `-object tls-creds-psk` on both sides,
+//       the migration parameter tls-creds, and its destination on `-incoming defer` then
+//       `migrate-incoming` (QEMU's way for TLS). --only takes dirtymig-psk, qemu-psk and
+//       qemu-prealloc-psk too.
 //       --in-process adds a row "dirtymig in-process (not how users run it)": sender and
 //       receiver in the benchmark's own process (as `dirtymig migrate` with neither --vm nor
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
@@ -182,7 +188,7 @@ func runAccuracy(intervals: Int) throws {
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc both|yes|no] | replication [--seconds S] [--runs N] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
 
 func usageError(_ message: String) -> Never {
     FileHandle.standardError.write(Data("dirtymig-bench: \(message)\n\(usage)".utf8))
@@ -220,6 +226,7 @@ func migrationOptions() -> MigrationBenchmarkOptions {
     }
     options.withQEMU = !arguments.contains("--no-qemu")
     options.inProcess = arguments.contains("--in-process")
+    options.encrypted = arguments.contains("--encrypted")
     if let only = stringOption("--only") {
         guard let migrator = Migrator.allCases.first(where: { $0.shortLabel.lowercased() == only.lowercased() }) else {
             usageError("--only \(only): expected \(Migrator.allCases.map(\.shortLabel).joined(separator: ", "))")

@@ -99,3 +99,65 @@ func requireKVMDevice() throws {
         throw XCTSkip(reason)
     }
 }
+
+/// A test case whose commands run as real processes, with their sockets and files in a private
+/// temporary directory (/tmp/PREFIX-XXXXXX): at the end, processes still running are killed and
+/// the directory is removed. Skipped where /dev/kvm is missing.
+class ProcessTestCase: XCTestCase {
+    var directory = ""
+    var processes: [Process] = []
+    class var directoryPrefix: String { "dmp" }
+
+    override func setUpWithError() throws {
+        try requireKVMDevice()
+        var template = Array("/tmp/\(Self.directoryPrefix)-XXXXXX".utf8CString)
+        guard mkdtemp(&template) != nil else { throw XCTSkip("cannot create a temporary directory under /tmp") }
+        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    override func tearDown() {
+        for process in processes where process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        for process in processes { process.waitUntilExit() }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    func socket(_ name: String) -> String { directory + "/" + name + ".sock" }
+
+    func freePort() throws -> UInt16 {
+        try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0)).localPort
+    }
+
+    /// Starts a command; its stderr is collected in the returned buffer (and stdout's first line
+    /// is read by the caller). `prefix` runs it under a shell command (ulimit, env ...).
+    func start(_ arguments: [String], prefix: [String] = []) throws -> (Process, FileHandle, Pipe) {
+        let process = Process()
+        if prefix.isEmpty {
+            process.executableURL = CLI.binary
+            process.arguments = arguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: "/bin/sh")
+            process.arguments = ["-c", prefix.joined(separator: " ") + " \"$0\" \"$@\"", CLI.binary.path] + arguments
+        }
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        processes.append(process)
+        return (process, out.fileHandleForReading, err)
+    }
+
+    /// What a process wrote to stderr so far (non-blocking).
+    func stderrText(_ pipe: Pipe) -> String {
+        let handle = pipe.fileHandleForReading
+        let flags = fcntl(handle.fileDescriptor, F_GETFL)
+        _ = fcntl(handle.fileDescriptor, F_SETFL, flags | O_NONBLOCK)
+        var data = Data()
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = read(handle.fileDescriptor, &buffer, buffer.count)
+            if count <= 0 { break }
+            data.append(contentsOf: buffer[0..<count])
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+}

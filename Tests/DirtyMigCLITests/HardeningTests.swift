@@ -6,45 +6,8 @@ import XCTest
 /// range, SIGTERM to either side of a migration, a second sender, the control socket's first
 /// moments and bursts, and a VM that does not fit in the memory it is given. Each test keeps its
 /// control sockets in a private temporary directory.
-final class HardeningTests: XCTestCase {
-    private var directory = ""
-    private var processes: [Process] = []
-
-    override func setUpWithError() throws {
-        try requireKVMDevice()
-        directory = try privateTemporaryDirectory("dmh")
-    }
-
-    override func tearDown() {
-        for process in processes where process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        for process in processes { process.waitUntilExit() }
-        try? FileManager.default.removeItem(atPath: directory)
-    }
-
-    private func socket(_ name: String) -> String { directory + "/" + name + ".sock" }
-
-    private func freePort() throws -> UInt16 {
-        try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0)).localPort
-    }
-
-    /// Starts a command; its stderr is collected in the returned buffer (and stdout's first line
-    /// is read by the caller).
-    private func start(_ arguments: [String], prefix: [String] = []) throws -> (Process, FileHandle, Pipe) {
-        let process = Process()
-        if prefix.isEmpty {
-            process.executableURL = CLI.binary
-            process.arguments = arguments
-        } else {
-            process.executableURL = URL(fileURLWithPath: "/bin/sh")
-            process.arguments = ["-c", prefix.joined(separator: " ") + " \"$0\" \"$@\"", CLI.binary.path] + arguments
-        }
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        processes.append(process)
-        return (process, out.fileHandleForReading, err)
-    }
+final class HardeningTests: ProcessTestCase {
+    override class var directoryPrefix: String { "dmh" }
 
     /// A VM whose writer dirties 64 MiB at 20 MiB/s while a reader reads.
     private func boot(_ name: String, memory: String = "256M", writer: String = "0:write,ws=64M,pattern=random,rate=20M") throws -> (Process, Pipe) {
@@ -60,21 +23,6 @@ final class HardeningTests: XCTestCase {
         let ready = try XCTUnwrap(CLI.readLine(output), "receive printed nothing: \(stderrText(errors))")
         XCTAssertTrue(ready.contains("listening"), ready)
         return (process, errors)
-    }
-
-    /// What a process wrote to stderr so far (non-blocking).
-    private func stderrText(_ pipe: Pipe) -> String {
-        let handle = pipe.fileHandleForReading
-        let flags = fcntl(handle.fileDescriptor, F_GETFL)
-        _ = fcntl(handle.fileDescriptor, F_SETFL, flags | O_NONBLOCK)
-        var data = Data()
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let count = read(handle.fileDescriptor, &buffer, buffer.count)
-            if count <= 0 { break }
-            data.append(contentsOf: buffer[0..<count])
-        }
-        return String(decoding: data, as: UTF8.self)
     }
 
     private func assertRuns(_ name: String, file: StaticString = #filePath, line: UInt = #line) throws {
@@ -271,7 +219,7 @@ final class HardeningTests: XCTestCase {
             let path = socket(name)
             let arguments = round % 2 == 0
                 ? ["boot", "--memory", "64M", "--vcpus", "1", "--control", path]
-                : ["receive", "--listen", ":\(try freePort())", "--control", path]   // ":PORT", as the README writes it
+                : ["receive", "--listen", ":\(try freePort())", "--insecure", "--control", path]   // ":PORT", as the README writes it
             let (process, _, _) = try start(arguments)
             let deadline = Date().addingTimeInterval(20)
             var client: ControlClient?

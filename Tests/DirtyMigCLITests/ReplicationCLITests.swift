@@ -77,7 +77,7 @@ final class ReplicationCLITests: ProcessTestCase {
     private func outputLines(_ path: String) throws -> [GuestOutputLine] {
         let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
         XCTAssertTrue(text.isEmpty || text.hasSuffix("\n"), "\(path) ends in a torn line")
-        return try text.split(separator: "\n").map { try XCTUnwrap(GuestOutputLine(parsing: String($0)), "not a guest line: \($0)") }
+        return try text.split(separator: "\n").map { try XCTUnwrap(GuestOutputLine(parsing: $0), "not a guest line: \($0)") }
     }
 
     func testKillingThePrimaryMidEpochLetsTheStandbyTakeOverAndNothingReleasedIsLostOrRepeated() throws {

@@ -54,7 +54,7 @@ final class UsageErrorTests: XCTestCase {
         XCTAssertTrue(unresolved.stderr.contains("'nosuchhost.invalid': the name does not resolve"), unresolved.stderr)
         XCTAssertFalse(unresolved.stderr.contains("connection failed") || unresolved.stderr.contains("No route to host"), unresolved.stderr)
         XCTAssertFalse(unresolved.stderr.contains("dirtymig: dirtymig"), unresolved.stderr)
-        let foreign = try CLI.run(["receive", "--listen", "192.0.2.1:4444", "--control", NSTemporaryDirectory() + "dm-rx-\(getpid())/r.sock"])
+        let foreign = try CLI.run(["receive", "--listen", "192.0.2.1:4444", "--insecure", "--control", NSTemporaryDirectory() + "dm-rx-\(getpid())/r.sock"])
         XCTAssertEqual(foreign.status, 1)
         XCTAssertTrue(foreign.stderr.contains("not one of this host's"), foreign.stderr)
     }

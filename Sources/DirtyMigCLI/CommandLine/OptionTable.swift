@@ -37,6 +37,11 @@ enum OptionTable {
     static let name = OptionSpec(name: "name", value: "NAME", help: "the VM's name, used for its control socket (default vm)")
     static let detach = OptionSpec(name: "detach", value: nil, help: "run in the background: return once the socket serves, printing where (log next to the socket)")
     static let guestOutput = OptionSpec(name: "guest-output", value: "FILE", help: "append the guest's output lines (check workloads with emit=) to FILE; without it they are not shown", completion: .file)
+    static let pskFile = OptionSpec(name: "psk-file", value: "FILE", help: "encrypt and authenticate with TLS 1.3 and this pre-shared key (the same file on both hosts, mode 0600)", completion: .file)
+    static let tlsDir = OptionSpec(name: "tls-dir", value: "DIR", help: "encrypt with TLS 1.3 and mutual certificates: DIR holds ca.pem, cert.pem, key.pem", completion: .file)
+    static let tlsPeer = OptionSpec(name: "tls-peer", value: "NAME", help: "the name the peer's certificate must carry (migrate: default the host in --to)")
+    static let insecure = OptionSpec(name: "insecure", value: nil, help: "allow plaintext, unauthenticated migration to or from another host")
+    static let channel = [pskFile, tlsDir, tlsPeer, insecure]
     static let plot = OptionSpec(name: "plot", value: "FILE", help: "draw the migration over time as an SVG picture", completion: .file)
 
     static let commands: [CommandSpec] = [
@@ -46,7 +51,7 @@ enum OptionTable {
                               OptionSpec(name: "export-image", value: "FILE", help: "write the guest image (and with --export-config its config block), print the QEMU options that run it, and exit", completion: .file),
                               OptionSpec(name: "export-config", value: "FILE", help: "with --export-image: where to write the config block", completion: .file)]),
         CommandSpec(name: "migrate", summary: "live-migrate a running VM to a receiver, or (with neither --vm nor --to) run a whole local migration",
-                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--plot FILE] [--throttle MODE]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--throttle MODE] [--verify] [--json] [--stats FILE] [--plot FILE]   (a local migration)\n       dirtymig migrate [--vm NAME|PATH] --continuous --to HOST:PORT [--checkpoint-interval DURATION] [--checkpoint-pages N] [--stats FILE] [--json]   (replication)\n       dirtymig migrate [--vm NAME|PATH] --replication | --stop-replication [--json]",
+                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--verify] [--json] [--stats FILE] [--plot FILE] [--throttle MODE] [--psk-file FILE | --tls-dir DIR [--tls-peer NAME] | --insecure]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--throttle MODE] [--verify] [--json] [--stats FILE] [--plot FILE]   (a local migration)\n       dirtymig migrate [--vm NAME|PATH] --continuous --to HOST:PORT [--checkpoint-interval DURATION] [--checkpoint-pages N] [--stats FILE] [--json] [--psk-file FILE | --tls-dir DIR [--tls-peer NAME] | --insecure]   (replication)\n       dirtymig migrate [--vm NAME|PATH] --replication | --stop-replication [--json]",
                     options: [vm, OptionSpec(name: "to", value: "HOST:PORT", help: "where a 'dirtymig receive' listens"),
                               OptionSpec(name: "bandwidth", value: "RATE", help: "cap on bytes sent per second (default unlimited)"),
                               OptionSpec(name: "downtime", value: "DURATION", help: "largest acceptable pause (default 300ms)"),
@@ -62,14 +67,14 @@ enum OptionTable {
                               OptionSpec(name: "checkpoint-interval", value: "DURATION", help: "with --continuous: end an epoch after this long (default 25ms)"),
                               OptionSpec(name: "checkpoint-pages", value: "N", help: "with --continuous: or as soon as the guest dirtied N pages (ring and quota tracking)"),
                               OptionSpec(name: "replication", value: nil, help: "show the VM's replication: status and figures"),
-                              OptionSpec(name: "stop-replication", value: nil, help: "end the VM's replication (the standby discards its copy)")]),
+                              OptionSpec(name: "stop-replication", value: nil, help: "end the VM's replication (the standby discards its copy)")] + channel),
         CommandSpec(name: "receive", summary: "accept an incoming migration, then run and serve the VM",
-                    synopsis: "dirtymig receive --listen HOST:PORT [--standby [--failover auto|manual] [--failover-after DURATION]] [--control PATH] [--name NAME] [--guest-output FILE] [--once] [--detach]",
+                    synopsis: "dirtymig receive --listen HOST:PORT [--standby [--failover auto|manual] [--failover-after DURATION]] [--psk-file FILE | --tls-dir DIR [--tls-peer NAME] | --insecure] [--control PATH] [--name NAME] [--guest-output FILE] [--once] [--detach]",
                     options: [OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on (:PORT for all addresses)"), control, name, guestOutput,
                               OptionSpec(name: "once", value: nil, help: "exit after one migration (non-zero if it failed)"), detach,
                               OptionSpec(name: "standby", value: nil, help: "be a standby for 'migrate --continuous': keep the last checkpoint, take over when the primary is gone"),
                               OptionSpec(name: "failover", value: "MODE", help: "with --standby: auto (resume when the primary is gone, the default) or manual (wait for 'dirtymig failover')", completion: .choices(StandbyOptions.Failover.allCases.map(\.rawValue))),
-                              OptionSpec(name: "failover-after", value: "DURATION", help: "with --standby: the primary is gone after this long without a checkpoint or heartbeat (default 500ms)")]),
+                              OptionSpec(name: "failover-after", value: "DURATION", help: "with --standby: the primary is gone after this long without a checkpoint or heartbeat (default 500ms)")] + channel),
         CommandSpec(name: "dirtyrate", summary: "measure a running VM's dirty rate, per vCPU where the tracking mode allows",
                     synopsis: "dirtymig dirtyrate [--vm NAME|PATH] [--mode ring|bitmap|sample] [--interval DURATION] [--count N] [--json]",
                     options: [vm, OptionSpec(name: "mode", value: "MODE", help: "ring (per vCPU), bitmap (VM-wide) or sample (page hashing, any VM); default: the best the VM has", completion: .choices(modeChoices)),

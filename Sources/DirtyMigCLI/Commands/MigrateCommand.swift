@@ -47,6 +47,7 @@ enum MigrateCommand {
         for option in ["checkpoint-interval", "checkpoint-pages"] where arguments.has(option) {
             throw arguments.error("--\(option) applies to --continuous (replication), not to a migration")
         }
+        options.migration.security = try ChannelOptions.security(arguments)
         let embedded = options.to == nil && arguments.string("vm") == nil
         if options.to == nil && !embedded {
             throw arguments.error("--vm needs --to HOST:PORT (where 'dirtymig receive' listens)")
@@ -55,6 +56,12 @@ enum MigrateCommand {
             for local in ["memory", "vcpus", "workload", "track"] where arguments.has(local) {
                 throw arguments.error("--\(local) applies to the local migration (no --vm, no --to); a running VM keeps its own")
             }
+        }
+        if embedded, arguments.has("insecure") {
+            throw arguments.error("--insecure applies to a migration to another host (--to); the local one runs on loopback")
+        }
+        if let to = options.to {
+            do { try options.migration.security.checkConnecting(to: to) } catch { throw arguments.error(error.description) }
         }
         return options
     }
@@ -93,6 +100,7 @@ enum MigrateCommand {
                                             ("throttle", .string(options.throttle.rawValue))]
         if let bandwidth = options.bandwidth { pairs.append(("bandwidth", .number(bandwidth))) }
         if let timeout = options.timeout { pairs.append(("timeout_s", .number(timeout))) }
+        pairs += ChannelOptions.controlArguments(options.migration.security)
         return .object(pairs)
     }
 
@@ -133,7 +141,10 @@ enum MigrateCommand {
             throw UsageError(message: error.description, command: "migrate")
         }
         let receiver: MigrationReceiver
-        do { receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm) } catch {
+        do {
+            receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm,
+                                                    security: options.migration.security)
+        } catch {
             throw RuntimeFailure("cannot listen on loopback: \(error)")
         }
         let source: Machine
@@ -153,6 +164,7 @@ enum MigrateCommand {
         migration.timeoutSeconds = options.timeout
         migration.verify = options.verify
         migration.throttle = options.throttle
+        migration.security = options.migration.security
         let sender = MigrationSender(machine: source, options: migration)
         stop.onSignal {
             interrupted.raise()

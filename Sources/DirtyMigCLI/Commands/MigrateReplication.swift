@@ -23,7 +23,8 @@ enum MigrateReplication {
             throw arguments.error("--\(option) applies to a migration, not to --\(actions[0])")
         }
         if !arguments.has("continuous") {
-            for option in ["to", "checkpoint-interval", "checkpoint-pages", "stats"] where arguments.has(option) {
+            for option in ["to", "checkpoint-interval", "checkpoint-pages", "stats", "psk-file", "tls-dir", "tls-peer", "insecure"]
+                where arguments.has(option) {
                 throw arguments.error("--\(option) applies to --continuous (starting a replication)")
             }
         }
@@ -69,6 +70,11 @@ enum MigrateReplication {
         var pairs: [(String, JSONValue)] = [("to", .string(standby.description)),
                                             ("checkpoint_interval_ms", .number(options.intervalSeconds * 1000))]
         if let pages = options.checkpointPages { pairs.append(("checkpoint_pages", .number(pages))) }
+        // Checked here too, so a wrong key file or a plaintext standby on another host is a
+        // usage error before the VM is asked.
+        let security = try ChannelOptions.security(arguments)
+        do { try security.checkConnecting(to: standby) } catch { throw arguments.error(error.description) }
+        pairs += ChannelOptions.controlArguments(security)
         if let stats = arguments.string("stats") {
             // The VM's process writes it, and its working directory is not ours.
             let absolute = stats.hasPrefix("/") ? stats : FileManager.default.currentDirectoryPath + "/" + stats

@@ -20,6 +20,8 @@ enum ReceiveCommand {
         let once = arguments.has("once")
         let standby = try standbyOptions(arguments)
         let guestOutput = try GuestOutputFile.requested(by: arguments)
+        let security = try ChannelOptions.security(arguments)
+        do { try security.checkListening(on: endpoint) } catch { throw arguments.error(error.description) }
         if arguments.has("detach") { return try Detach.run(controlPath: controlPath, name: name, state: "listening") }
 
         let kvm: KVMSystem
@@ -31,7 +33,7 @@ enum ReceiveCommand {
         do { try server.start(serving: false) } catch { throw RuntimeFailure("\(error)") }
         let receiver: MigrationReceiver
         do {
-            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name, standby: standby,
+            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name, standby: standby, security: security,
                                                     log: { line in printError("dirtymig receive: \(line)") },
                                                     guestOutput: guestOutput?.sink)
         } catch {
@@ -67,7 +69,7 @@ enum ReceiveCommand {
             return ["stopping": true]
         }
         server.serve()
-        emit("dirtymig: listening for \(standby == nil ? "a migration" : "a replication (standby, failover \(standby!.failover.rawValue))") on \(shown); control socket \(controlPath)")
+        emit("dirtymig: listening for \(standby == nil ? "a migration" : "a replication (standby, failover \(standby!.failover.rawValue))") on \(shown) (\(security.isEncrypted ? "TLS 1.3, \(security.optionsText)" : "plaintext")); control socket \(controlPath)")
 
         while true {
             let machine: Machine

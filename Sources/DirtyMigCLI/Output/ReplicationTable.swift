@@ -17,6 +17,7 @@ enum ReplicationTable {
         guard figures["status"]?.stringValue != "none" else { return lines.joined(separator: "\n") + "  (this VM is not replicating)" }
         if let error = figures["error"]?.stringValue { row("error", error) }
         row("standby", figures["standby"]?.stringValue ?? "-")
+        if let channel = figures["channel"], !channel.isNull { row("channel", ReportTable.channelText(channel)) }
         row("track", figures["track"]?.stringValue ?? "-")
         var trigger = value("checkpoint_interval_ms") + " ms"
         if let pages = figures["checkpoint_pages"]?.doubleValue { trigger += ", or \(HumanNumber.grouped(pages)) dirty pages" }

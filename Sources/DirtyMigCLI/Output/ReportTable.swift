@@ -3,6 +3,14 @@ import Foundation
 
 /// The migration report as a two-column table, for people (`--json` is for scripts).
 enum ReportTable {
+    /// "TLSv1.3 TLS_AES_128_GCM_SHA256, userspace TLS, peer PSK identity ... (handshake 1.2 ms)", or plaintext.
+    static func channelText(_ channel: JSONValue) -> String {
+        guard channel["encrypted"]?.boolValue == true else { return "plaintext (not encrypted, not authenticated)" }
+        let offload = channel["kernel_tls"]?.boolValue == true ? "kernel TLS" : "userspace TLS"
+        return "\(channel["protocol"]?.stringValue ?? "TLS") \(channel["cipher"]?.stringValue ?? "?"), \(offload), peer \(channel["peer_identity"]?.stringValue ?? "?")"
+            + String(format: " (handshake %.1f ms)", channel["handshake_ms"]?.doubleValue ?? 0)
+    }
+
     static func render(_ report: JSONValue) -> String {
         var lines: [String] = []
         func row(_ key: String, _ value: String) { lines.append(key.padding(toLength: 22, withPad: " ", startingAt: 0) + value) }
@@ -12,6 +20,7 @@ enum ReportTable {
         row("status", report["status"]?.stringValue ?? "-")
         if let error = report["error"]?.stringValue { row("error", error) }
         row("destination", report["destination"]?.stringValue ?? "-")
+        if let channel = report["channel"], !channel.isNull { row("channel", channelText(channel)) }
         row("track", report["track"]?.stringValue ?? "-")
         row("total", number("total_ms") + " ms")
         row("setup", number("setup_ms") + " ms")

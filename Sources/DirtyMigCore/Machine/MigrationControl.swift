@@ -60,9 +60,11 @@ public enum MigrationControl {
     }
 
     /// The `migrate` command's arguments: `to` (HOST:PORT, required), `bandwidth` (bytes/s),
-    /// `downtime_ms`, `max_iterations`, `timeout_s`, `verify`, `throttle`.
+    /// `downtime_ms`, `max_iterations`, `timeout_s`, `verify`, `throttle`, and the channel's:
+    /// `psk_file`, `tls_dir`, `tls_peer` (absolute paths, read by this process), `insecure`.
     static func migrationOptions(_ arguments: JSONValue) throws(ControlError) -> MigrationOptions {
-        try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "verify", "throttle"])
+        try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "verify", "throttle",
+                                               "psk_file", "tls_dir", "tls_peer", "insecure"])
         guard let to = try arguments.stringArgument("to") else {
             throw ControlError(.invalidArgument, "migrate needs 'to': the HOST:PORT a 'dirtymig receive' listens on")
         }
@@ -89,6 +91,24 @@ public enum MigrationControl {
             guard let flag = verify.boolValue else { throw ControlError(.invalidArgument, "verify must be true or false") }
             options.verify = flag
         }
+        options.security = try channelSecurity(arguments, connectingTo: destination)
         return options
+    }
+
+    /// The channel's arguments (`psk_file`, `tls_dir`, `tls_peer`, `insecure`), loaded and
+    /// checked against where the connection goes: the same for `migrate` and `replicate`.
+    static func channelSecurity(_ arguments: JSONValue, connectingTo destination: HostPort) throws(ControlError) -> ChannelSecurity {
+        let insecure = try arguments.boolArgument("insecure") ?? false
+        let pskFile = try arguments.stringArgument("psk_file")
+        let tlsDirectory = try arguments.stringArgument("tls_dir")
+        let peerName = try arguments.stringArgument("tls_peer")
+        do {
+            let security = try ChannelSecurity.load(pskFile: pskFile, tlsDirectory: tlsDirectory, peerName: peerName,
+                                                    insecure: insecure)
+            try security.checkConnecting(to: destination)
+            return security
+        } catch {
+            throw ControlError(.invalidArgument, error.description)
+        }
     }
 }

@@ -47,9 +47,10 @@ public enum ReplicationControl {
     }
 
     /// The `replicate` command's arguments: `to` (HOST:PORT, required), `checkpoint_interval_ms`,
-    /// `checkpoint_pages`, `stats` (a file path).
+    /// `checkpoint_pages`, `stats` (a file path), and the channel's as for `migrate`.
     static func replicationOptions(_ arguments: JSONValue, machine: Machine) throws(ControlError) -> ReplicationOptions {
-        try arguments.checkArguments(allowed: ["to", "checkpoint_interval_ms", "checkpoint_pages", "stats"])
+        try arguments.checkArguments(allowed: ["to", "checkpoint_interval_ms", "checkpoint_pages", "stats",
+                                               "psk_file", "tls_dir", "tls_peer", "insecure"])
         guard let to = try arguments.stringArgument("to") else {
             throw ControlError(.invalidArgument, "replicate needs 'to': the HOST:PORT a 'dirtymig receive --standby' listens on")
         }
@@ -66,6 +67,7 @@ public enum ReplicationControl {
             throw ControlError(.invalidArgument, error.description)
         }
         options.statsPath = try arguments.stringArgument("stats")
+        options.security = try MigrationControl.channelSecurity(arguments, connectingTo: standby)
         return options
     }
 }

@@ -441,6 +441,8 @@ public enum MigrationError: Error, CustomStringConvertible {
     case cancelled(String)
     /// `MigrationReceiver.stop()` was called: no more migrations come from it.
     case receiverStopped
+    /// The secure channel: unusable credentials, plaintext across hosts, or a refused handshake.
+    case channel(ChannelError)
 
     public var description: String {
         switch self {
@@ -471,6 +473,7 @@ public enum MigrationError: Error, CustomStringConvertible {
         case .machine(let why): return why
         case .cancelled(let why): return why
         case .receiverStopped: return "the receiver was stopped"
+        case .channel(let error): return error.description
         }
     }
 

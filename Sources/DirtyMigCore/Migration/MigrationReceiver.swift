@@ -47,6 +47,8 @@ public final class MigrationReceiver: Sendable {
     public let limits: Limits
     /// A standby (`receive --standby`) takes replications, and only those; nil: migrations.
     public let standby: StandbyOptions?
+    /// What a peer must prove before its hello is read (TLS credentials), or plaintext.
+    public let security: ChannelSecurity
     /// This host's TSC frequency (kHz), which a guest must find here too.
     public let hostTSCKHz: UInt64?
     /// Where a received VM's guest output lines go (GuestOutput.setSink), set before it runs,
@@ -83,26 +85,30 @@ public final class MigrationReceiver: Sendable {
     }
 
     public init(listener: TCPSocket, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
-                standby: StandbyOptions? = nil, log: @escaping @Sendable (String) -> Void = { _ in },
+                standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
+                log: @escaping @Sendable (String) -> Void = { _ in },
                 guestOutput: (@Sendable (String) -> Void)? = nil) {
         self.listener = listener
         self.kvm = kvm
         self.name = name
         self.limits = limits
         self.standby = standby
+        self.security = security
         self.guestOutput = guestOutput
         self.log = log
         hostTSCKHz = (try? HostTSC.frequency(kvm: kvm)).map { $0 / 1000 }
     }
 
-    /// Listens on `endpoint`. A port in use is a clear error.
+    /// Listens on `endpoint`. A port in use is a clear error; so is a non-loopback address
+    /// without credentials (unless `security.insecure`).
     public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
-                              standby: StandbyOptions? = nil,
+                              standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
                               log: @escaping @Sendable (String) -> Void = { _ in },
                               guestOutput: (@Sendable (String) -> Void)? = nil) throws(MigrationError) -> MigrationReceiver {
+        do { try security.checkListening(on: endpoint) } catch { throw .channel(error) }
         do {
             return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits,
-                                     standby: standby, log: log, guestOutput: guestOutput)
+                                     standby: standby, security: security, log: log, guestOutput: guestOutput)
         } catch {
             if error.errno == EADDRINUSE || error.errno == EADDRNOTAVAIL || error.errno == EACCES {
                 throw .listen(SystemError("listen on \(endpoint)", errno: error.errno))
@@ -220,8 +226,24 @@ public final class MigrationReceiver: Sendable {
             }
         }
         socket.setTimeouts(send: 10, receive: 30)
-        let handshake = MigrationChannel(transport: socket)
         socket.setReceiveDeadline(MonotonicClock.nanoseconds() + UInt64(limits.handshakeSeconds * 1e9))
+        // The channel first (TLS: the peer proves its credentials), then the hello, both within
+        // the handshake deadline: nothing is allocated for a peer before it has authenticated.
+        let connection: any MigrationConnection
+        do { connection = try MigrationConnector.accept(socket, security: security) } catch {
+            if state.withLock({ $0.stopping }) { return }
+            var error = error
+            var late = false
+            if case .connection(let system) = error { late = system.errno == ETIMEDOUT }
+            if case .channel(.handshake(let why)) = error { late = why.hasSuffix(TLSConnection.lateHandshake) }
+            if late {
+                error = .timedOut("no complete \(security.isEncrypted ? "TLS handshake" : "hello") within \(limits.handshakeSeconds) s of connecting")
+            }
+            log("refused a connection from \(peer): \(error) (nothing was allocated for it)")
+            deliver(.failure(error))
+            return
+        }
+        let handshake = MigrationChannel(transport: connection)
         let hello: MigrationHello
         do { hello = try Self.readHello(handshake) } catch {
             if state.withLock({ $0.stopping }) { return }   // cut short by stop(): nothing to report
@@ -235,7 +257,8 @@ public final class MigrationReceiver: Sendable {
             deliver(.failure(error))
             return
         }
-        socket.setReceiveDeadline(nil)
+        connection.setReceiveDeadline(nil)
+        if connection.channel.encrypted { log("accepted \(peer) over \(connection.channel.summary)") }
         if let reason = Self.roleMismatch(hello, standby: standby) {
             try? handshake.send(.helloReply, MigrationHelloReply.refuse(reason).encode())
             log("refused a connection from \(peer): \(reason)")
@@ -263,7 +286,7 @@ public final class MigrationReceiver: Sendable {
             break
         }
 
-        let channel = MigrationChannel(transport: socket, frameSeconds: limits.frameSeconds)
+        let channel = MigrationChannel(transport: connection, frameSeconds: limits.frameSeconds)
         var built = false
         let outcome: Result<Machine, MigrationError>
         do {

@@ -15,6 +15,9 @@ public struct MigrationOptions: Sendable {
     /// dirty-quota: let vCPUs draw on the quota others leave unused (off only to measure what
     /// the pool is worth: the benchmark's equal split).
     public var quotaPool = true
+    /// How the connection is protected (`--psk-file`, `--tls-dir`, `--insecure`); plaintext,
+    /// loopback only, by default.
+    public var security = ChannelSecurity.plain
 
     public init(destination: HostPort) { self.destination = destination }
 
@@ -145,6 +148,8 @@ public struct MigrationReport: Sendable {
     public var downtimeParts: DowntimeParts?
     /// Samples about every 100 ms, for `--plot` and scripts.
     public var timeline: [MigrationSample] = []
+    /// What the connection was: encrypted or not, cipher, the peer's identity (nil if none was made).
+    public var channel: ChannelDescription?
 
     public init() {}
 
@@ -169,6 +174,7 @@ public struct MigrationReport: Sendable {
             "status": .string(completed ? "completed" : "failed"),
             "error": error.map { .string($0) } ?? .null,
             "destination": .string(destination),
+            "channel": channel?.json ?? .null,
             "total_ms": .number(totalSeconds * 1000), "setup_ms": .number(setupSeconds * 1000),
             "downtime_ms": .number(downtimeSeconds * 1000), "iterations": .number(iterations),
             "transferred_bytes": .number(transferredBytes), "zero_pages": .number(zeroPages),

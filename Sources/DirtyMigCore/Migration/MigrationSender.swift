@@ -19,7 +19,7 @@ public final class MigrationSender: Sendable {
 
     /// The connection as `cancel` sees it from another thread.
     private struct Link {
-        var socket: TCPSocket?
+        var socket: (any MigrationConnection)?
         /// Set when the `complete` frame goes out: from then on the destination may resume the
         /// VM at any moment, so a cancel can no longer take the migration back.
         var committed = false
@@ -157,8 +157,8 @@ public final class MigrationSender: Sendable {
         }
         // Setup: connect. Everything after it runs in `transfer`, so that any failure before the
         // commit point tells the destination why, and it discards its copy at once.
-        let socket: TCPSocket
-        do { socket = try TCPSocket.connect(options.destination) } catch { throw .connection(error) }
+        let socket = try MigrationConnector.connect(to: options.destination, security: options.security)
+        report.channel = socket.channel
         link.withLock { $0.socket = socket }
         defer {
             link.withLock { $0.socket = nil }
@@ -194,7 +194,7 @@ public final class MigrationSender: Sendable {
     }
 
     /// The handshake, the pre-copy passes, and stop-and-copy, over a connected channel.
-    private func transfer(_ channel: MigrationChannel, socket: TCPSocket, tracker: DirtyTracker,
+    private func transfer(_ channel: MigrationChannel, socket: any MigrationConnection, tracker: DirtyTracker,
                           report: inout MigrationReport, started: UInt64, paused: inout Bool, guestAtStart: [UInt64],
                           throttle: MigrationThrottle, passLog: (MigrationPass) -> Void) throws(MigrationError) {
         // Validated to at most 30 days (MigrationOptions.timeoutRange); min() keeps the

@@ -87,6 +87,8 @@ public struct ReplicationFigures: Sendable {
     public var ringOverruns: UInt64 = 0
     public var resyncs: UInt64 = 0
     public var uptimeSeconds = 0.0
+    /// The channel to the standby: encrypted or not, cipher, who the standby proved to be.
+    public var channel: ChannelDescription?
 
     public var lagCheckpoints: UInt64 { checkpointsSent - min(checkpointsSent, checkpointsAcknowledged) }
 
@@ -117,6 +119,7 @@ public struct ReplicationFigures: Sendable {
             ("resyncs", .number(resyncs)),
             ("uptime_s", .number(uptimeSeconds)),
         ]
+        pairs.append(("channel", channel?.json ?? .null))
         pairs.append(("error", error.map { .string($0) } ?? .null))
         return .object(pairs)
     }

@@ -7,6 +7,8 @@ public struct ReplicationOptions: Sendable {
     public var checkpointPages: Int?
     /// One JSON line of figures per second goes here (written by the VM's process).
     public var statsPath: String?
+    /// Credentials for the channel (TLS 1.3), as a migration's.
+    public var security = ChannelSecurity.plain
 
     public init(standby: HostPort) { self.standby = standby }
 

@@ -23,7 +23,7 @@ public final class Replicator: Sendable {
 
     private struct Shared {
         var figures: ReplicationFigures
-        var socket: TCPSocket?
+        var socket: (any MigrationConnection)?
         var stopReason: String?
         var lost = false
         var started: UInt64 = MonotonicClock.nanoseconds()
@@ -109,11 +109,13 @@ public final class Replicator: Sendable {
             throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
         }
         let started = MonotonicClock.nanoseconds()
-        let socket: TCPSocket
-        do { socket = try TCPSocket.connect(options.standby) } catch { throw .connection(error) }
+        let socket = try MigrationConnector.connect(to: options.standby, security: options.security)
+        // The acknowledgements are read on one thread while checkpoints go out on another.
+        socket.allowConcurrentSendAndReceive()
         let stopped = state.withLock { shared -> Bool in
             shared.socket = socket
             shared.started = started
+            shared.figures.channel = socket.channel
             return shared.stopReason != nil
         }
         if stopped { throw .cancelled(state.withLock { $0.stopReason } ?? "stopped") }
@@ -343,7 +345,7 @@ public final class Replicator: Sendable {
 
     /// The standby is gone (or never came): the VM runs on here, unprotected; its output flows.
     private func lose(_ reason: String, starting: Bool = false) {
-        let socket = state.withLock { shared -> TCPSocket? in
+        let socket = state.withLock { shared -> (any MigrationConnection)? in
             guard !shared.lost, shared.figures.status != .stopped else { return nil }
             shared.lost = true
             shared.figures.status = .unprotected
@@ -357,7 +359,7 @@ public final class Replicator: Sendable {
     }
 
     private func finish(_ status: ReplicationFigures.Status) {
-        let socket = state.withLock { shared -> TCPSocket? in
+        let socket = state.withLock { shared -> (any MigrationConnection)? in
             shared.figures.status = status
             return shared.socket
         }

@@ -183,7 +183,7 @@ public final class TCPSocket: MigrationTransport {
 
     /// Before a read under a deadline: the socket's timeout is what is left of it (or the idle
     /// timeout, if that is shorter). Throws once the deadline has passed.
-    private func armDeadline() throws(SystemError) {
+    func armDeadline() throws(SystemError) {
         let deadline = receiveDeadline.load(ordering: .relaxed)
         guard deadline != 0 else { return }
         let now = MonotonicClock.nanoseconds()
@@ -196,6 +196,26 @@ public final class TCPSocket: MigrationTransport {
         if nanoseconds == idle && currentReceiveTimeout.load(ordering: .relaxed) == idle { return }
         setTimeout(SO_RCVTIMEO, seconds: max(Double(nanoseconds) / 1e9, 0.001))
         currentReceiveTimeout.store(nanoseconds, ordering: .relaxed)
+    }
+
+    /// Waits until there is something to read (data, or the peer's end of the stream), under
+    /// the same deadline and idle timeout a receive has, without reading it.
+    public func waitReadable() throws(SystemError) {
+        let start = MonotonicClock.nanoseconds()
+        while true {
+            var limit = UInt64.max
+            let idle = idleReceiveNanoseconds.load(ordering: .relaxed)
+            if idle != 0 { limit = start + idle }
+            let deadline = receiveDeadline.load(ordering: .relaxed)
+            if deadline != 0 { limit = min(limit, deadline) }
+            let now = MonotonicClock.nanoseconds()
+            if now >= limit { throw SystemError("receive (the peer did not send in time)", errno: ETIMEDOUT) }
+            var entry = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
+            let milliseconds = limit == .max ? 1000 : Int32(min((limit - now) / 1_000_000 + 1, 1000))
+            let ready = poll(&entry, 1, milliseconds)
+            if ready > 0 { return }   // readable, closed or failed: the read says which
+            if ready < 0 && errno != EINTR { throw SystemError("poll", errno: errno) }
+        }
     }
 
     /// "HOST:PORT" of the peer, for messages ("?" if the socket has none).
@@ -265,6 +285,35 @@ public final class TCPSocket: MigrationTransport {
                 throw SystemError(late ? "receive (the peer did not send in time)" : "receive", errno: ETIMEDOUT)
             }
             throw SystemError("receive", errno: errno)
+        }
+    }
+
+    /// The first byte the peer sent, left in the stream (MSG_PEEK), under the receive deadline: what
+    /// tells a TLS ClientHello (0x16) from a plaintext frame before either is parsed.
+    func peekFirstByte() throws(SystemError) -> UInt8 {
+        var byte: UInt8 = 0
+        while true {
+            try armDeadline()
+            let got = Glibc.recv(fd.rawValue, &byte, 1, Int32(MSG_PEEK))
+            if got == 1 { return byte }
+            if got == 0 { throw SystemError("receive (the peer closed the connection)", errno: ECONNRESET) }
+            if errno == EINTR { continue }
+            if errno == EAGAIN { throw SystemError("receive (the peer did not send in time)", errno: ETIMEDOUT) }
+            throw SystemError("receive", errno: errno)
+        }
+    }
+
+    /// Whether every address `endpoint` resolves to is a loopback one (127.0.0.0/8, ::1,
+    /// ::ffff:127.x); an empty host (all addresses) is not. nil if the name does not resolve.
+    public static func isLoopback(_ endpoint: HostPort) -> Bool? {
+        guard !endpoint.host.isEmpty else { return false }
+        guard let addresses = try? resolve(endpoint, passive: false), !addresses.isEmpty else { return nil }
+        return addresses.allSatisfy { family, bytes in
+            if family == AF_INET { return bytes.count >= 8 && bytes[4] == 127 }
+            guard family == AF_INET6, bytes.count >= 24 else { return false }
+            let address = Array(bytes[8..<24])
+            if address == [UInt8](repeating: 0, count: 15) + [1] { return true }
+            return address[0..<10].allSatisfy { $0 == 0 } && address[10] == 0xff && address[11] == 0xff && address[12] == 127
         }
     }
 
