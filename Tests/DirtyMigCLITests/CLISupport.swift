@@ -146,6 +146,18 @@ class ProcessTestCase: XCTestCase {
         return (process, out.fileHandleForReading, err)
     }
 
+    /// A key file as the README makes one: 32 random bytes in hex, mode 0600 (or `mode`).
+    func makePSKFile(_ name: String, mode: Int = 0o600) throws -> String {
+        var bytes = [UInt8](repeating: 0, count: 32)
+        let random = open("/dev/urandom", O_RDONLY)
+        XCTAssertEqual(read(random, &bytes, 32), 32)
+        close(random)
+        let file = directory + "/" + name
+        FileManager.default.createFile(atPath: file, contents: Data((bytes.map { String(format: "%02x", $0) }.joined() + "\n").utf8),
+                                       attributes: [.posixPermissions: mode])
+        return file
+    }
+
     /// What a process wrote to stderr so far (non-blocking).
     func stderrText(_ pipe: Pipe) -> String {
         let handle = pipe.fileHandleForReading

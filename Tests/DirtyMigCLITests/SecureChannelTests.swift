@@ -13,17 +13,7 @@ final class SecureChannelTests: ProcessTestCase {
 
     private func path(_ name: String) -> String { directory + "/" + name }
 
-    /// A key file as the README makes one: 32 random bytes in hex, mode 0600.
-    private func makeKey(_ name: String, mode: Int = 0o600) throws -> String {
-        var bytes = [UInt8](repeating: 0, count: 32)
-        let random = open("/dev/urandom", O_RDONLY)
-        XCTAssertEqual(read(random, &bytes, 32), 32)
-        close(random)
-        let file = path(name)
-        FileManager.default.createFile(atPath: file, contents: Data((bytes.map { String(format: "%02x", $0) }.joined() + "\n").utf8),
-                                       attributes: [.posixPermissions: mode])
-        return file
-    }
+    private func makeKey(_ name: String, mode: Int = 0o600) throws -> String { try makePSKFile(name, mode: mode) }
 
     /// A CA and certificates signed by it, made with the `openssl` command (skips without it):
     /// `dest` for localhost and 127.0.0.1, `source` for the name "source", and `rogue` (for

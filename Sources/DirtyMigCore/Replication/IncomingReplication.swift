@@ -1,3 +1,5 @@
+import Glibc
+
 /// The standby's side of one replication, after its hello: an explicit state machine.
 ///
 ///     initial copy ──first checkpoint applied──▶ protecting ──primary gone──▶ take over
@@ -65,8 +67,10 @@ enum IncomingReplication {
                 switch error {
                 case .peerAborted, .refused, .cancelled:
                     throw error   // replicationEnd or an abort: the primary lives and says why
-                case .protocolError:
-                    // The primary is alive but sent something we refused: tell it, keep the copy.
+                case _ where Self.refusedByUs(error):
+                    // The primary is alive but sent something we refused (a bad checkpoint, or a
+                    // TLS record that failed its integrity check: the stream was tampered with
+                    // on the way): tell it, keep the copy.
                     channel.sendAbort("the standby refused a checkpoint (\(error)); it keeps checkpoint \(epoch) and takes over only on 'dirtymig failover'")
                     keepWaiting = true
                 default:
@@ -96,6 +100,15 @@ enum IncomingReplication {
         }
         log("took over from the primary (\(lost)): the VM runs here from checkpoint \(epoch)")
         return vm
+    }
+
+    /// Whether the replication ended because this side refused what arrived (the primary lives).
+    static func refusedByUs(_ error: MigrationError) -> Bool {
+        switch error {
+        case .protocolError: return true
+        case .connection(let failure): return failure.errno == EBADMSG || failure.errno == EPROTO
+        default: return false
+        }
     }
 
     /// A frame of the checkpoint stream. Returns the state of a checkpoint just applied (and
