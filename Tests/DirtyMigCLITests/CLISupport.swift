@@ -110,9 +110,7 @@ class ProcessTestCase: XCTestCase {
 
     override func setUpWithError() throws {
         try requireKVMDevice()
-        var template = Array("/tmp/\(Self.directoryPrefix)-XXXXXX".utf8CString)
-        guard mkdtemp(&template) != nil else { throw XCTSkip("cannot create a temporary directory under /tmp") }
-        directory = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        directory = try privateTemporaryDirectory(Self.directoryPrefix)
     }
 
     override func tearDown() {

@@ -65,12 +65,7 @@ public enum MigrationControl {
     static func migrationOptions(_ arguments: JSONValue) throws(ControlError) -> MigrationOptions {
         try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "verify", "throttle",
                                                "psk_file", "tls_dir", "tls_peer", "insecure"])
-        guard let to = try arguments.stringArgument("to") else {
-            throw ControlError(.invalidArgument, "migrate needs 'to': the HOST:PORT a 'dirtymig receive' listens on")
-        }
-        guard let destination = HostPort.parse(to), destination.port != 0 else {
-            throw ControlError(.invalidArgument, "'to' must be HOST:PORT with a port from 1 to 65535, not '\(to)'")
-        }
+        let destination = try target(arguments, command: "migrate", listener: "'dirtymig receive'")
         var options = MigrationOptions(destination: destination)
         let bandwidth = try arguments.doubleArgument("bandwidth")
         let downtime = try arguments.doubleArgument("downtime_ms").map { $0 / 1000 }
@@ -93,6 +88,17 @@ public enum MigrationControl {
         }
         options.security = try channelSecurity(arguments, connectingTo: destination)
         return options
+    }
+
+    /// The `to` argument (HOST:PORT) of `migrate` and `replicate`, which must be there.
+    static func target(_ arguments: JSONValue, command: String, listener: String) throws(ControlError) -> HostPort {
+        guard let to = try arguments.stringArgument("to") else {
+            throw ControlError(.invalidArgument, "\(command) needs 'to': the HOST:PORT a \(listener) listens on")
+        }
+        guard let endpoint = HostPort.parse(to), endpoint.port != 0 else {
+            throw ControlError(.invalidArgument, "'to' must be HOST:PORT with a port from 1 to 65535, not '\(to)'")
+        }
+        return endpoint
     }
 
     /// The channel's arguments (`psk_file`, `tls_dir`, `tls_peer`, `insecure`), loaded and

@@ -51,12 +51,7 @@ public enum ReplicationControl {
     static func replicationOptions(_ arguments: JSONValue, machine: Machine) throws(ControlError) -> ReplicationOptions {
         try arguments.checkArguments(allowed: ["to", "checkpoint_interval_ms", "checkpoint_pages", "stats",
                                                "psk_file", "tls_dir", "tls_peer", "insecure"])
-        guard let to = try arguments.stringArgument("to") else {
-            throw ControlError(.invalidArgument, "replicate needs 'to': the HOST:PORT a 'dirtymig receive --standby' listens on")
-        }
-        guard let standby = HostPort.parse(to), standby.port != 0 else {
-            throw ControlError(.invalidArgument, "'to' must be HOST:PORT with a port from 1 to 65535, not '\(to)'")
-        }
+        let standby = try MigrationControl.target(arguments, command: "replicate", listener: "'dirtymig receive --standby'")
         var options = ReplicationOptions(standby: standby)
         let interval = try arguments.doubleArgument("checkpoint_interval_ms").map { $0 / 1000 }
         let pages = try arguments.doubleArgument("checkpoint_pages")
