@@ -233,4 +233,24 @@ final class ReplicationCLITests: ProcessTestCase {
         waitFor("the standby runs the VM", timeout: 5) { status("standby")?["vcpu_stats"] != nil }
         try assertCheckingWithoutErrors("standby")
     }
+
+    func testAReplicationWithCertificatesChecksBothSides() throws {
+        try makeCertificates()
+        let port = try freePort()
+        // The standby's certificate is for 127.0.0.1 (the host in --to); the primary's for "source".
+        let (_, errors) = try startStandby("standby", port: port, extra: ["--tls-dir", certificatePath("dest"), "--tls-peer", "source"])
+        let primary = try bootPrimary(output: directory + "/primary.out")
+        // A primary with another CA's certificate is refused, and its VM runs on.
+        let rogue = try CLI.run(["migrate", "--vm", socket("primary"), "--continuous", "--to", "127.0.0.1:\(port)",
+                                 "--tls-dir", certificatePath("rogue"), "--json"])
+        XCTAssertEqual(rogue.status, 1, rogue.stdout)
+        XCTAssertTrue(primary.isRunning)
+        let report = try replicate(to: port, ["--tls-dir", certificatePath("source")])
+        XCTAssertTrue(report["channel"]?["peer_identity"]?.stringValue?.contains("CN=dest") ?? false, report.serialized())
+        Thread.sleep(forTimeInterval: 0.5)
+        XCTAssertTrue(stderrText(errors).contains("CN=source"), "the standby logs who the primary proved to be")
+        kill(primary.processIdentifier, SIGKILL)
+        waitFor("the standby runs the VM", timeout: 5) { status("standby")?["vcpu_stats"] != nil }
+        try assertCheckingWithoutErrors("standby")
+    }
 }

@@ -15,42 +15,6 @@ final class SecureChannelTests: ProcessTestCase {
 
     private func makeKey(_ name: String, mode: Int = 0o600) throws -> String { try makePSKFile(name, mode: mode) }
 
-    /// A CA and certificates signed by it, made with the `openssl` command (skips without it):
-    /// `dest` for localhost and 127.0.0.1, `source` for the name "source", and `rogue` (for
-    /// localhost too) from another CA, which also is the only CA `rogue` trusts.
-    private func makeCertificates() throws {
-        guard let openssl = ["/usr/bin/openssl", "/usr/local/bin/openssl"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-            let reason = "skipped: needs the openssl command to make test certificates"
-            FileHandle.standardError.write(Data((reason + "\n").utf8))
-            throw XCTSkip(reason)
-        }
-        func run(_ arguments: [String]) throws {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: openssl)
-            process.arguments = arguments
-            process.standardOutput = FileHandle.nullDevice
-            process.standardError = FileHandle.nullDevice
-            try process.run()
-            process.waitUntilExit()
-            XCTAssertEqual(process.terminationStatus, 0, "openssl \(arguments.joined(separator: " "))")
-        }
-        let curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-        for ca in ["ca", "otherca"] {
-            try run(["req", "-x509"] + curve + ["-keyout", path("\(ca).key"), "-out", path("\(ca).pem"), "-days", "2", "-subj", "/CN=\(ca)"])
-        }
-        for (name, ca, names) in [("dest", "ca", "DNS:localhost,IP:127.0.0.1"), ("source", "ca", "DNS:source"),
-                                  ("rogue", "otherca", "DNS:localhost,IP:127.0.0.1")] {
-            let dir = path(name)
-            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-            try run(["req"] + curve + ["-keyout", dir + "/key.pem", "-out", dir + "/req.csr", "-subj", "/CN=\(name)"])
-            try Data("subjectAltName=\(names)\n".utf8).write(to: URL(fileURLWithPath: dir + "/ext"))
-            try run(["x509", "-req", "-in", dir + "/req.csr", "-CA", path("\(ca).pem"), "-CAkey", path("\(ca).key"),
-                     "-CAcreateserial", "-out", dir + "/cert.pem", "-days", "2", "-extfile", dir + "/ext"])
-            try FileManager.default.copyItem(atPath: path("\(ca).pem"), toPath: dir + "/ca.pem")
-            XCTAssertEqual(chmod(dir + "/key.pem", 0o600), 0)
-        }
-    }
-
     /// A 128 MiB VM whose writer dirties 32 MiB at 20 MiB/s while a reader reads.
     private func boot(_ name: String) throws -> Process {
         let (process, output, errors) = try start(["boot", "--memory", "128M", "--vcpus", "2", "--track", "ring", "--control", socket(name),
