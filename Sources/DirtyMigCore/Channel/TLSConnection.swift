@@ -154,13 +154,7 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
                 var pipe = ctls_sigpipe_state()
                 ctls_sigpipe_begin(&pipe)
                 defer { ctls_sigpipe_end(&pipe) }
-                try socket.armDeadline()
-                var got = 0
-                var savedErrno: Int32 = 0
-                let code = ctls_read(ssl, destination + done, count - done, &got, &savedErrno)
-                if code == SSL_ERROR_NONE { done += got; receivedData = true; return }
-                if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_SYSCALL) && savedErrno == EINTR { return }
-                throw failure(code, errno: savedErrno, operation: "receive")
+                done += try readSome(into: destination + done, count: count - done)
             }
         }
     }
@@ -172,16 +166,19 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
             ctls_sigpipe_begin(&pipe)
             defer { ctls_sigpipe_end(&pipe) }
             var done = 0
-            while done < count {
-                try socket.armDeadline()
-                var got = 0
-                var savedErrno: Int32 = 0
-                let code = ctls_read(ssl, destination + done, count - done, &got, &savedErrno)
-                if code == SSL_ERROR_NONE { done += got; receivedData = true; continue }
-                if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_SYSCALL) && savedErrno == EINTR { continue }
-                throw failure(code, errno: savedErrno, operation: "receive")
-            }
+            while done < count { done += try readSome(into: destination + done, count: count - done) }
         }
+    }
+
+    /// One SSL_read, under `io`: the bytes it gave (none after an interrupted read).
+    private func readSome(into destination: UnsafeMutableRawPointer, count: Int) throws(SystemError) -> Int {
+        try socket.armDeadline()
+        var got = 0
+        var savedErrno: Int32 = 0
+        let code = ctls_read(ssl, destination, count, &got, &savedErrno)
+        if code == SSL_ERROR_NONE { receivedData = true; return got }
+        if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_SYSCALL) && savedErrno == EINTR { return 0 }
+        throw failure(code, errno: savedErrno, operation: "receive")
     }
 
     /// A failed read or write, as the SystemError a plaintext socket would give, with the TLS

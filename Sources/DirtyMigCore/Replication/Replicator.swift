@@ -20,6 +20,8 @@ public final class Replicator: Sendable {
     /// Signalled by the dirty trigger and by stop().
     private let wake = DispatchSemaphore(value: 0)
     private let threadsDone = DispatchSemaphore(value: 0)
+    /// Raised by `stop` and by the loss of the standby; read for every page of the initial copy.
+    private let stopping = Atomic<Bool>(false)
 
     private struct Shared {
         var figures: ReplicationFigures
@@ -33,8 +35,6 @@ public final class Replicator: Sendable {
         var pauseParts = PausePart.allCases.map { _ in RecentSamples() }
         var acknowledged = RateWindow()
         var bytes = RateWindow()
-        /// When each checkpoint in flight was sent (epoch, time), oldest first.
-        var inFlight: [(epoch: UInt64, sent: UInt64)] = []
     }
 
     public init(machine: Machine, options: ReplicationOptions) {
@@ -98,7 +98,7 @@ public final class Replicator: Sendable {
             _ = OSThread(name: "replication-acks") { [self] in acknowledgementLoop(channel) }
             _ = OSThread(name: "replication-epochs") { [self] in epochLoop(channel) }
         } catch {
-            lose(error.description, starting: true)
+            lose(error.description)
             machine.transferClaim.release()
         }
         return figures
@@ -163,9 +163,9 @@ public final class Replicator: Sendable {
         }
         // The first checkpoint carries what the last pass left dirty as well.
         let staged = StagedCheckpoint(preparedPages: pending.count + 1024)
-        let (epoch, _) = try checkpoint(into: staged, carrying: pending, first: true)
+        let epoch = try checkpoint(into: staged, carrying: pending, first: true)
         bytes += try staged.send(over: channel)
-        state.withLock { $0.inFlight.append((epoch, MonotonicClock.nanoseconds())) }
+        state.withLock { $0.figures.checkpointsSent += 1 }
         let ack = try channel.receive(.checkpointAck) { payload throws(MigrationProtocolError) in
             try EpochFrame(decoding: payload, what: "checkpoint ack")
         }
@@ -198,9 +198,9 @@ public final class Replicator: Sendable {
 
     /// Pauses the vCPUs, collects the epoch's dirty pages as a dense list (plus `carrying`, the
     /// first time), stages them and the state, closes the output epoch, resumes. Returns the
-    /// epoch and the pause in nanoseconds.
+    /// epoch (the pause goes into the figures).
     private func checkpoint(into staged: StagedCheckpoint, carrying: DirtyPageBitmap? = nil,
-                            first: Bool = false) throws(MigrationError) -> (UInt64, UInt64) {
+                            first: Bool = false) throws(MigrationError) -> UInt64 {
         let tracker = machine.tracker!
         let pauseStart = MonotonicClock.nanoseconds()
         var mark = pauseStart
@@ -249,7 +249,7 @@ public final class Replicator: Sendable {
                 shared.figures.resyncs += 1
             }
         }
-        return (epoch, pause)
+        return epoch
     }
 
     private func epochLoop(_ channel: MigrationChannel) {
@@ -289,8 +289,7 @@ public final class Replicator: Sendable {
                     return
                 }
                 epochStart = MonotonicClock.nanoseconds()
-                let (epoch, _) = try checkpoint(into: staged)
-                state.withLock { $0.inFlight.append((epoch, MonotonicClock.nanoseconds())) }
+                _ = try checkpoint(into: staged)
                 let bytes = try staged.send(over: channel)
                 lastSend = MonotonicClock.nanoseconds()
                 state.withLock { shared in
@@ -329,7 +328,6 @@ public final class Replicator: Sendable {
     private func acknowledged(_ epoch: UInt64) {
         let now = MonotonicClock.nanoseconds()
         state.withLock { shared in
-            shared.inFlight.removeAll { $0.epoch <= epoch }
             shared.figures.checkpointsAcknowledged += 1
             shared.figures.lastAcknowledgedEpoch = epoch
             shared.acknowledged.add(1, at: now)
@@ -339,15 +337,16 @@ public final class Replicator: Sendable {
 
     // MARK: Ending
 
-    private var isStopping: Bool { state.withLock { $0.stopReason != nil || $0.lost } }
+    private var isStopping: Bool { stopping.load(ordering: .acquiring) }
     private var isLost: Bool { state.withLock { $0.lost } }
     private var stopReasonText: String { state.withLock { $0.stopReason } ?? "replication was stopped" }
 
     /// The standby is gone (or never came): the VM runs on here, unprotected; its output flows.
-    private func lose(_ reason: String, starting: Bool = false) {
+    private func lose(_ reason: String) {
         let socket = state.withLock { shared -> (any MigrationConnection)? in
             guard !shared.lost, shared.figures.status != .stopped else { return nil }
             shared.lost = true
+            stopping.store(true, ordering: .releasing)
             shared.figures.status = .unprotected
             shared.figures.error = reason
             return shared.socket
@@ -373,6 +372,7 @@ public final class Replicator: Sendable {
     public func stop(reason: String = "the primary stopped replicating") -> ReplicationFigures {
         let running = state.withLock { shared -> Bool in
             if shared.stopReason == nil { shared.stopReason = reason }
+            stopping.store(true, ordering: .releasing)
             return shared.figures.status == .protected
         }
         wake.signal()
