@@ -5,32 +5,48 @@ import Foundation
 /// dense list of seed 004) next to bitmap. The primary runs in this process (its Replicator's
 /// own figures); the standby is a `dirtymig receive --standby` process, as users run it, in
 /// manual failover mode (so it never takes over while measured), on loopback.
-func runReplicationBenchmark(seconds: Double, failoverRuns: Int) throws {
+enum ReplicationBenchPart: String, CaseIterable { case pause, rate, pace, failover }
+
+func runReplicationBenchmark(seconds: Double, failoverRuns: Int, parts: Set<ReplicationBenchPart>) throws {
     let dirtymig = try dirtymigBesideBenchmark()
     let kvm = try KVMSystem()
+    if parts.contains(.pause) { try measurePauses(dirtymig: dirtymig, kvm: kvm, seconds: seconds) }
+    if parts.contains(.rate) { try measureCheckpointRates(dirtymig: dirtymig, kvm: kvm, seconds: seconds) }
+    if parts.contains(.pace) { try measureGuestPace(dirtymig: dirtymig, kvm: kvm, seconds: seconds) }
+    if parts.contains(.failover) { try measureFailovers(dirtymig: dirtymig, runs: failoverRuns) }
+}
+
+private func measurePauses(dirtymig: String, kvm: KVMSystem, seconds: Double) throws {
 
     // 1. Pause per checkpoint against the dirty set and the VM's size. A paced sequential
     //    writer over 256 MiB dirties rate x interval per epoch: 16 MiB/s x 25 ms = 100 pages,
     //    160 MiB/s x 25 ms = 1,024, 160 MiB/s x 250 ms = 10,240.
     print("Pause per checkpoint (vCPUs paused: collect the dirty list, copy the pages, save the state)")
-    let pauseTable = TextTable(["dirty set", "VM", "track", "pause median", "p99", "of which copy", "dirty pages median", "checkpoints/s", "resyncs"])
+    print("staging 'during + pause': pages dirtied so far are copied while the epoch runs, the pause copies the rest (the default);")
+    print("'pause only': every page is copied in the pause")
+    let pauseTable = TextTable(["dirty set", "VM", "track", "staging", "pause median", "p99", "of which copy", "dirty pages median",
+                                "copied paused median", "checkpoints/s", "resyncs"])
     let sets: [(label: String, rate: UInt64, interval: Double)] = [
         ("100", 16 << 20, 0.025), ("1,000", 160 << 20, 0.025), ("10,000", 160 << 20, 0.25),
     ]
     for set in sets {
         for memory: UInt64 in [1 << 30, 4 << 30] {
-            for track in [TrackingMode.ring, .bitmap] {
+            for (track, early) in [(TrackingMode.ring, true), (.ring, false), (.bitmap, true)] {
                 let workloads = [VCPUWorkload(kind: .write, size: 256 << 20, rateBytesPerSecond: set.rate, seed: 1), .idle]
                 let figures = try measureReplication(dirtymig: dirtymig, kvm: kvm, memory: memory, track: track,
-                                                     workloads: workloads, interval: set.interval, seconds: max(seconds, set.interval * 24))
-                pauseTable.row([set.label, "\(memory >> 30) GiB", track.rawValue, ms(figures.pauseMedianMs), ms(figures.pauseP99Ms),
+                                                     workloads: workloads, interval: set.interval,
+                                                     seconds: max(seconds, set.interval * 24), stagesWhileRunning: early)
+                pauseTable.row([set.label, "\(memory >> 30) GiB", track.rawValue, early ? "during + pause" : "pause only",
+                                ms(figures.pauseMedianMs), ms(figures.pauseP99Ms),
                                 ms(figures.pausePartsMedianMs.first { $0.0 == "copy" }?.1 ?? 0),
-                                String(format: "%.0f", figures.dirtyPagesMedian), String(format: "%.1f", figures.checkpointsPerSecond),
-                                "\(figures.resyncs)"])
+                                String(format: "%.0f", figures.dirtyPagesMedian), String(format: "%.0f", figures.pagesCopiedPausedMedian),
+                                String(format: "%.1f", figures.checkpointsPerSecond), "\(figures.resyncs)"])
             }
         }
     }
+}
 
+private func measureCheckpointRates(dirtymig: String, kvm: KVMSystem, seconds: Double) throws {
     // 2. The highest sustained checkpoint rate: epochs of 0.1 ms (the shortest allowed).
     print("\nHighest sustained checkpoint rate (--checkpoint-interval 0.1ms, 1 GiB, 2 vCPUs)")
     let rateTable = TextTable(["guest", "track", "checkpoints/s", "pause median", "p99", "dirty pages median"])
@@ -43,7 +59,9 @@ func runReplicationBenchmark(seconds: Double, failoverRuns: Int) throws {
                            ms(figures.pauseP99Ms), String(format: "%.0f", figures.dirtyPagesMedian)])
         }
     }
+}
 
+private func measureGuestPace(dirtymig: String, kvm: KVMSystem, seconds: Double) throws {
     // 3. The guest's pace under replication at 40 checkpoints a second.
     print("\nGuest pace during replication / before (25 ms epochs, 1 GiB; vCPU 0 writes 256 MiB at 50 MiB/s, vCPU 1 reads 256 MiB)")
     let paceTable = TextTable(["track", "writer during/before", "reader during/before", "pause median", "checkpoints/s"])
@@ -56,7 +74,9 @@ func runReplicationBenchmark(seconds: Double, failoverRuns: Int) throws {
         paceTable.row([track.rawValue, String(format: "%.3f", pace[0]), String(format: "%.3f", pace[1]), ms(figures.pauseMedianMs),
                        String(format: "%.1f", figures.checkpointsPerSecond)])
     }
+}
 
+private func measureFailovers(dirtymig: String, runs failoverRuns: Int) throws {
     // 4. Failover: SIGKILL to the primary's process, to the guest running on the standby.
     print("\nFailover (dirtymig boot + migrate --continuous, SIGKILL to the primary; receive --standby --failover-after 500ms)")
     var times: [Double] = []
@@ -70,15 +90,16 @@ func runReplicationBenchmark(seconds: Double, failoverRuns: Int) throws {
 /// a second of warm-up, and returns the replicator's figures over that time. `pace` gets each
 /// vCPU's guest pages/s during replication divided by before it.
 private func measureReplication(dirtymig: String, kvm: KVMSystem, memory: UInt64, track: TrackingMode,
-                                workloads: [VCPUWorkload], interval: Double, seconds: Double) throws -> ReplicationFigures {
+                                workloads: [VCPUWorkload], interval: Double, seconds: Double,
+                                stagesWhileRunning: Bool = true) throws -> ReplicationFigures {
     var pace: [Double] = []
     return try measureReplication(dirtymig: dirtymig, kvm: kvm, memory: memory, track: track, workloads: workloads,
-                                  interval: interval, seconds: seconds, pace: &pace)
+                                  interval: interval, seconds: seconds, stagesWhileRunning: stagesWhileRunning, pace: &pace)
 }
 
 private func measureReplication(dirtymig: String, kvm: KVMSystem, memory: UInt64, track: TrackingMode,
                                 workloads: [VCPUWorkload], interval: Double, seconds: Double,
-                                pace: inout [Double]) throws -> ReplicationFigures {
+                                stagesWhileRunning: Bool = true, pace: inout [Double]) throws -> ReplicationFigures {
     let scratch = try ScratchDirectory("dirtymig-bench")
     defer { withExtendedLifetime(scratch) {} }
     let port = try freeLoopbackPort()
@@ -95,6 +116,7 @@ private func measureReplication(dirtymig: String, kvm: KVMSystem, memory: UInt64
     let before = guestPace(machine, over: 1.0)
     var options = ReplicationOptions(standby: HostPort(host: "127.0.0.1", port: port))
     options.intervalSeconds = interval
+    options.stagesWhileRunning = stagesWhileRunning
     guard machine.transferClaim.claim("benchmark") == nil else { throw BenchError("claimed") }
     let replicator = Replicator(machine: machine, options: options)
     let started = replicator.start()

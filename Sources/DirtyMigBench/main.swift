@@ -56,14 +56,14 @@
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
 //       --only runs one migrator alone (to investigate one side; its table compares nothing).
 //
-//   dirtymig-bench replication [--seconds S] [--runs N]
+//   dirtymig-bench replication [--seconds S] [--runs N] [--only pause,rate,pace,failover]
 //       Continuous replication, ring (dense dirty lists) next to bitmap: the pause per
 //       checkpoint for dirty sets of 100, 1,000 and 10,000 pages in a 1 GiB and a 4 GiB VM; the
 //       highest sustained checkpoint rate, idle and with a 25 MiB/s writer; the guest's pace at
 //       40 checkpoints/s (writer and reader); failover time from SIGKILL to the guest running on
 //       the standby (N runs, command line processes). The primary runs in this process (its own
 //       figures), the standby is a `dirtymig receive --standby` process; S seconds measured per
-//       row after a second of warm-up.
+//       row after a second of warm-up. --only runs some of the four tables.
 //
 //   dirtymig-bench tracking-shapes [--seconds S] [--runs N]
 //       What each tracking mode (bitmap collected every second, ring of 1024 and 4096 entries,
@@ -188,7 +188,7 @@ func runAccuracy(intervals: Int) throws {
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
 
 func usageError(_ message: String) -> Never {
     FileHandle.standardError.write(Data("dirtymig-bench: \(message)\n\(usage)".utf8))
@@ -261,7 +261,13 @@ do {
     case "migration":
         try runMigrationBenchmark(migrationOptions())
     case "replication":
-        try runReplicationBenchmark(seconds: option("--seconds", default: 3), failoverRuns: Int(option("--runs", default: 5)))
+        let parts = stringOption("--only").map { $0.split(separator: ",").map(String.init) } ?? ReplicationBenchPart.allCases.map(\.rawValue)
+        guard parts.allSatisfy({ ReplicationBenchPart(rawValue: $0) != nil }) else {
+            FileHandle.standardError.write(Data("dirtymig-bench replication: --only takes pause, rate, pace, failover (comma-separated)\n".utf8))
+            exit(2)
+        }
+        try runReplicationBenchmark(seconds: option("--seconds", default: 3), failoverRuns: Int(option("--runs", default: 5)),
+                                    parts: Set(parts.compactMap(ReplicationBenchPart.init(rawValue:))))
     default:
         FileHandle.standardError.write(Data(usage.utf8))
         exit(2)

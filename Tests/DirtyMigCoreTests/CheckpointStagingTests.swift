@@ -15,7 +15,8 @@ final class CheckpointStagingTests: XCTestCase {
     /// The bytes of one checkpoint of `pages` of `memory`, as the primary sends it.
     private func checkpointBytes(_ memory: GuestMemory, epoch: UInt64, pages: [UInt32], state: [UInt8] = [1, 2, 3]) throws -> [UInt8] {
         let staged = StagedCheckpoint()
-        staged.stage(pages: pages, from: memory, resync: false)
+        staged.begin()
+        staged.stage(pages, from: memory, paused: true)
         staged.setState(state)
         staged.setEpoch(epoch)
         let wire = MemoryTransport(input: [], keptBytes: 64 << 20)
@@ -60,6 +61,41 @@ final class CheckpointStagingTests: XCTestCase {
             XCTAssertThrowsError(try apply(Array(bytes.prefix(cut)), to: fresh).get(), "cut at \(cut)")
             XCTAssertEqual(fresh.dataPages().count, 0, "a checkpoint torn at byte \(cut) must not reach guest memory")
         }
+    }
+
+    /// An epoch staged in three lists (two while it runs, the last in its pause), the guest
+    /// writing pages between them: every page goes out once, with its bytes as of the last list
+    /// that named it, and the page count is the epoch's distinct pages.
+    func testPagesStagedInSeveralListsGoOutOnceWithTheirLatestBytes() throws {
+        let primary = try GuestMemory(size: size)
+        let staged = StagedCheckpoint(preparedPages: 256)
+        staged.begin()
+        for page in 0..<300 { fill(primary, page: page, with: 1) }
+        staged.stage((0..<300).map(UInt32.init), from: primary, paused: false)
+        // Written again (so named again), and new pages; the buffer grows past its 256 pages.
+        for page in 100..<400 { fill(primary, page: page, with: 2) }
+        staged.stage((100..<400).map(UInt32.init), from: primary, paused: false)
+        for page in [5, 150, 350, 500] { fill(primary, page: page, with: 3) }
+        staged.stage([500, 350, 5, 150], from: primary, paused: true)
+        XCTAssertEqual(staged.pages.count, 401)
+        XCTAssertEqual(Set(staged.pages).count, 401, "a page staged twice must go out once")
+        XCTAssertEqual(staged.pagesCopiedPaused, 4)
+        staged.setState([9])
+        staged.setEpoch(3)
+        let wire = MemoryTransport(input: [], keptBytes: 64 << 20)
+        _ = try staged.send(over: MigrationChannel(transport: wire))
+
+        let standby = try GuestMemory(size: size)
+        XCTAssertEqual(try apply(wire.output, to: standby).get(), [9])
+        for page in [0, 5, 99, 100, 150, 299, 300, 350, 399, 500] {
+            XCTAssertEqual(memcmp(standby.base + page * 4096, primary.base + page * 4096, 4096), 0, "page \(page)")
+        }
+        XCTAssertEqual(standby.dataPages().count, 401)
+
+        // The next epoch starts empty.
+        staged.begin()
+        XCTAssertTrue(staged.isEmpty)
+        XCTAssertEqual(staged.pagesCopiedPaused, 0)
     }
 
     func testACorruptedCheckpointIsRefusedWhole() throws {

@@ -104,6 +104,48 @@ final class ReplicationTests: XCTestCase {
         XCTAssertNotNil(replicator.figures.error)
     }
 
+    /// Pages are copied into the staging buffer while the epoch runs, and the guest may write
+    /// them again before the pause: the checkpoint must still be exactly the guest's memory at
+    /// the pause. Two check workloads verify their own memory: one rewrites a 2 MiB working set
+    /// about twice per epoch (its pages are staged again and again), one sweeps 32 MiB (most pages are
+    /// staged early and not written again). After a failover both run on the standby's copy
+    /// and find nothing stale, torn or lost.
+    func testPagesStagedWhileTheEpochRunsStillMakeAnExactCheckpoint() throws {
+        let kvm = try requireKVM()
+        let source = try Machine(MachineConfiguration(
+            memorySize: 128 * MiB, vcpuCount: 2,
+            workloads: [VCPUWorkload(kind: .check, pattern: .random, offset: 0, size: 2 * MiB, rateBytesPerSecond: 160 * MiB, seed: 7),
+                        VCPUWorkload(kind: .check, pattern: .sequential, offset: 16 * MiB, size: 32 * MiB, rateBytesPerSecond: 80 * MiB, seed: 9)],
+            tracking: .ring), kvm: kvm)
+        try source.start()
+        source.waitForGuest()
+        defer { source.stop() }
+        let standby = try Standby(kvm, options: StandbyOptions(failover: .auto, failoverAfterSeconds: 0.3))
+        let relay = try FaultRelay(to: standby.receiver.port)
+        let replicator = try replicate(source, to: relay.endpoint)
+        Thread.sleep(forTimeInterval: 1.5)
+        let figures = replicator.figures
+        print("replication: \(figures.checkpointsAcknowledged) checkpoints, pause median \(figures.pauseMedianMs) ms, dirty pages median \(figures.dirtyPagesMedian), copied in the pause median \(figures.pagesCopiedPausedMedian)")
+        XCTAssertGreaterThan(figures.dirtyPagesMedian, 500)
+        XCTAssertLessThan(figures.pagesCopiedPausedMedian, figures.dirtyPagesMedian, "pages must be staged while the epoch runs")
+
+        relay.cut()
+        guard case .success(let taken)? = standby.next(timeout: 5) else { return XCTFail("the standby did not take over") }
+        defer { taken.stop() }
+        let passes = taken.guestStats().vcpus.map(\.passes)
+        let deadline = MonotonicClock.seconds() + 20
+        while MonotonicClock.seconds() < deadline, zip(taken.guestStats().vcpus.map(\.passes), passes).contains(where: { $0 < $1 + 3 }) {
+            usleep(20_000)
+        }
+        let after = taken.guestStats().vcpus
+        print("after the failover: passes \(passes) -> \(after.map(\.passes)), errors \(after.map(\.errors))")
+        for (vcpu, stats) in after.enumerated() {
+            XCTAssertGreaterThanOrEqual(stats.passes, passes[vcpu] + 3, "vCPU \(vcpu) must run on the standby")
+            XCTAssertEqual(stats.errors, 0, "vCPU \(vcpu) found pages of its memory stale, torn or lost")
+        }
+        XCTAssertEqual(source.guestStats().vcpus.map(\.errors), [0, 0])
+    }
+
     func testAStalledLinkMakesAnAutoStandbyTakeOverAndThePrimaryUnprotected() throws {
         let kvm = try requireKVM()
         let source = try primary(kvm)

@@ -30,7 +30,8 @@ enum ReplicationTable {
             row("  median parts", parts.map { String(format: "%@ %.3f", $0.0.replacingOccurrences(of: "_", with: " "), $0.1.doubleValue ?? 0) }
                 .joined(separator: ", ") + " ms")
         }
-        row("dirty pages/checkpoint ", spread("dirty_pages", ["median", "max"], "%.0f"))
+        row("dirty pages/checkpoint ", spread("dirty_pages", ["median", "max"], "%.0f")
+            + (figures["dirty_pages"]?["copied_paused_median"]?.doubleValue.map { String(format: " (median %.0f copied in the pause)", $0) } ?? ""))
         row("bandwidth", String(format: "%.1f MiB/s", (figures["bytes_per_s"]?.doubleValue ?? 0) / 1_048_576))
         row("output delay", spread("output_delay_ms", ["median", "p99"]) + " ms (\(value("output_lines_released", "%.0f")) lines released, \(value("output_lines_held", "%.0f")) held)")
         row("ring overruns", "\(value("ring_overruns", "%.0f")) (\(value("resyncs", "%.0f")) resyncs)")

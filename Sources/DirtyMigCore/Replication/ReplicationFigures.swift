@@ -81,6 +81,9 @@ public struct ReplicationFigures: Sendable {
     /// Where the median pause goes: each part's median (stop_vcpus, collect, copy, state, resume).
     public var pausePartsMedianMs: [(String, Double)] = []
     public var dirtyPagesMedian = 0.0, dirtyPagesMax = 0.0
+    /// Of a checkpoint's pages, those copied while the vCPUs were paused (the rest were staged
+    /// while the epoch ran).
+    public var pagesCopiedPausedMedian = 0.0
     public var outputDelayMedianMs = 0.0, outputDelayP99Ms = 0.0
     public var outputLinesReleased: UInt64 = 0
     public var outputLinesHeld = 0
@@ -108,7 +111,8 @@ public struct ReplicationFigures: Sendable {
             ("checkpoints_per_s", .number(checkpointsPerSecond)),
             ("pause_ms", ["median": .number(pauseMedianMs), "p99": .number(pauseP99Ms), "max": .number(pauseMaxMs)]),
             ("pause_parts_ms", .object(pausePartsMedianMs.map { ($0.0, .number($0.1)) })),
-            ("dirty_pages", ["median": .number(dirtyPagesMedian), "max": .number(dirtyPagesMax)]),
+            ("dirty_pages", ["median": .number(dirtyPagesMedian), "max": .number(dirtyPagesMax),
+                             "copied_paused_median": .number(pagesCopiedPausedMedian)]),
             ("bytes_per_s", .number(bytesPerSecond)),
             ("bytes_sent", .number(bytesSent)),
             ("output_delay_ms", ["median": .number(outputDelayMedianMs), "p99": .number(outputDelayP99Ms)]),

@@ -31,6 +31,7 @@ public final class Replicator: Sendable {
         var started: UInt64 = MonotonicClock.nanoseconds()
         var pauses = RecentSamples()
         var dirtyPages = RecentSamples()
+        var pagesCopiedPaused = RecentSamples()
         var outputDelays = RecentSamples()
         var pauseParts = PausePart.allCases.map { _ in RecentSamples() }
         var acknowledged = RateWindow()
@@ -58,6 +59,7 @@ public final class Replicator: Sendable {
             figures.pausePartsMedianMs = PausePart.allCases.map { ($0.name, shared.pauseParts[$0.rawValue].percentile(50)) }
             figures.dirtyPagesMedian = shared.dirtyPages.percentile(50)
             figures.dirtyPagesMax = shared.dirtyPages.maximum
+            figures.pagesCopiedPausedMedian = shared.pagesCopiedPaused.percentile(50)
             figures.outputDelayMedianMs = shared.outputDelays.percentile(50)
             figures.outputDelayP99Ms = shared.outputDelays.percentile(99)
             figures.checkpointsPerSecond = figures.status == .protected ? shared.acknowledged.perSecond(now: now) : 0
@@ -76,6 +78,7 @@ public final class Replicator: Sendable {
         state.withLock { shared in
             shared.pauses = RecentSamples()
             shared.dirtyPages = RecentSamples()
+            shared.pagesCopiedPaused = RecentSamples()
             shared.outputDelays = RecentSamples()
             shared.pauseParts = PausePart.allCases.map { _ in RecentSamples() }
         }
@@ -163,6 +166,7 @@ public final class Replicator: Sendable {
         }
         // The first checkpoint carries what the last pass left dirty as well.
         let staged = StagedCheckpoint(preparedPages: pending.count + 1024)
+        staged.begin()
         let epoch = try checkpoint(into: staged, carrying: pending, first: true)
         bytes += try staged.send(over: channel)
         state.withLock { $0.figures.checkpointsSent += 1 }
@@ -197,8 +201,8 @@ public final class Replicator: Sendable {
     // MARK: Epochs
 
     /// Pauses the vCPUs, collects the epoch's dirty pages as a dense list (plus `carrying`, the
-    /// first time), stages them and the state, closes the output epoch, resumes. Returns the
-    /// epoch (the pause goes into the figures).
+    /// first time), stages them (over what was staged while the epoch ran) and the state, closes
+    /// the output epoch, resumes. Returns the epoch (the pause goes into the figures).
     private func checkpoint(into staged: StagedCheckpoint, carrying: DirtyPageBitmap? = nil,
                             first: Bool = false) throws(MigrationError) -> UInt64 {
         let tracker = machine.tracker!
@@ -217,16 +221,17 @@ public final class Replicator: Sendable {
         do { list = try tracker.collectList() } catch { throw .machine("dirty tracking failed: \(error)") }
         while wake.wait(timeout: .now()) == .success {}   // a trigger that fired for this epoch
         var pages = list.pages
-        let resync = !list.isComplete
-        if resync {
+        let lost = list.losses.count + staged.lossesSeen
+        if lost > 0 {
             // Dirty information was lost: everything that holds data could have changed.
+            staged.startResync(losses: list.losses.count)
             pages = machine.memory.dataPages().pageList()
         } else if var carried = carrying {
             for page in pages { carried.set(Int(page)) }
             pages = carried.pageList()
         }
         lap(.collect)
-        staged.stage(pages: pages, from: machine.memory, resync: resync)
+        staged.stage(pages, from: machine.memory, paused: true)
         lap(.copy)
         let saved: [UInt8]
         do { saved = try machine.saveState().encode() } catch { throw .machine("cannot save the vCPU state: \(error)") }
@@ -243,18 +248,46 @@ public final class Replicator: Sendable {
         state.withLock { shared in
             shared.pauses.add(Double(pause) / 1e6)
             for part in PausePart.allCases { shared.pauseParts[part.rawValue].add(parts[part.rawValue]) }
-            shared.dirtyPages.add(Double(pages.count))
-            if resync {
-                shared.figures.ringOverruns += UInt64(list.losses.count)
+            shared.dirtyPages.add(Double(staged.pages.count))
+            shared.pagesCopiedPaused.add(Double(staged.pagesCopiedPaused))
+            if staged.resync {
+                shared.figures.ringOverruns += UInt64(lost)
                 shared.figures.resyncs += 1
             }
         }
         return epoch
     }
 
+    /// While the epoch runs: collects what the guest has dirtied so far and copies it into the
+    /// staging buffer, so that the pause copies only what comes after. With the dirty trigger,
+    /// the pages staged count towards it (the trigger re-arms at every collection).
+    private func stageWhileRunning(_ staged: StagedCheckpoint) throws(MigrationError) {
+        guard !staged.resync else { return }
+        let tracker = machine.tracker!
+        let list: DirtyList
+        do { list = try tracker.collectList() } catch { throw .machine("dirty tracking failed: \(error)") }
+        if !list.isComplete {
+            staged.startResync(losses: list.losses.count)
+        } else if !list.pages.isEmpty {
+            staged.stage(list.pages, from: machine.memory, paused: false)
+        }
+        if let pages = options.checkpointPages, tracker.hasDirtyTrigger {
+            let wake = self.wake
+            tracker.setDirtyTrigger(pages: max(pages - staged.pages.count, 1)) { wake.signal() }
+        }
+    }
+
+    /// Epochs shorter than this are not staged while they run: their pauses copy little, and a
+    /// collection more per epoch would lower the highest checkpoint rate.
+    static let shortestStagedEpochNanoseconds: UInt64 = 5_000_000
+    /// Early stages stop once the epoch has less than this left: the pause copies what the
+    /// guest dirties in about this long (1,000 pages at 160 MiB/s took 0.75 ms to copy paused).
+    static let lastStageLeadNanoseconds: UInt64 = 2_000_000
+
     private func epochLoop(_ channel: MigrationChannel) {
         let staged = StagedCheckpoint(preparedPages: Self.preparedPages)
         let interval = UInt64(options.intervalSeconds * 1e9)
+        let stagesEarly = options.stagesWhileRunning && interval >= Self.shortestStagedEpochNanoseconds
         var epochStart = MonotonicClock.nanoseconds()
         var lastSend = epochStart
         var lastStats = epochStart
@@ -265,19 +298,29 @@ public final class Replicator: Sendable {
         }
         do {
             while true {
+                staged.begin()
+                let end = epochStart + interval
+                // The first early stage halfway through the epoch, each next one halfway through
+                // what is left, until the lead is reached: each copies about half the one before.
+                var nextStage: UInt64? = stagesEarly ? epochStart + interval / 2 : nil
                 // Wait for the epoch's end: its interval, the dirty trigger, or a stop. Say we are
                 // alive meanwhile when the interval is long.
                 while !isStopping {
-                    let now = MonotonicClock.nanoseconds()
+                    var now = MonotonicClock.nanoseconds()
                     if now - lastStats >= 1_000_000_000 { writeStats(); lastStats = now }
-                    let end = epochStart + interval
                     if now >= end { break }
+                    if let due = nextStage, now >= due {
+                        try stageWhileRunning(staged)
+                        now = MonotonicClock.nanoseconds()
+                        nextStage = end > now && end - now >= 2 * Self.lastStageLeadNanoseconds ? now + (end - now) / 2 : nil
+                        continue
+                    }
                     let heartbeat = heartbeatNanoseconds.load(ordering: .relaxed)
                     if now - lastSend >= heartbeat {
                         try channel.send(.heartbeat, EpochFrame(epoch: 0).encode())
                         lastSend = now
                     }
-                    let until = min(end, lastSend + heartbeat, lastStats + 1_000_000_000)
+                    let until = min(end, lastSend + heartbeat, lastStats + 1_000_000_000, nextStage ?? end)
                     if wake.wait(timeout: .now() + .nanoseconds(Int(until > now ? until - now : 0))) == .success { break }
                 }
                 if isStopping {
