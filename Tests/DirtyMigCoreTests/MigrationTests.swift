@@ -138,7 +138,7 @@ final class MigrationRingOverrunTests: XCTestCase {
         try source.start()
         defer { source.stop() }
         source.waitForGuest()
-        let tracker = try XCTUnwrap(source.tracker as? RingTracker)
+        let tracker = try XCTUnwrap(source.ringTracker)
         let receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm)
         defer { receiver.stop() }
         let arrival = Outcomes()

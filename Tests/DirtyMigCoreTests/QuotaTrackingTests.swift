@@ -15,7 +15,7 @@ final class QuotaTrackingTests: XCTestCase {
         try machine.start()
         defer { machine.stop() }
         machine.waitForGuest()
-        let tracker = try XCTUnwrap(machine.tracker as? RingTracker)
+        let tracker = try XCTUnwrap(machine.ringTracker)
         Thread.sleep(forTimeInterval: 1)
         let free = try machine.counterSnapshot()
         Thread.sleep(forTimeInterval: 1)

@@ -18,7 +18,7 @@ final class RingStallTests: XCTestCase {
         try machine.start()
         defer { machine.stop() }
         machine.waitForGuest()
-        let tracker = try XCTUnwrap(machine.tracker as? RingTracker)
+        let tracker = try XCTUnwrap(machine.ringTracker)
 
         var lossesSeen = 0
         for cycle in 0..<25 {

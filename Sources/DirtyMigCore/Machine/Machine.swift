@@ -11,6 +11,9 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     public let memory: GuestMemory
     public let vcpus: [KVMVCPU]
     public let tracker: DirtyTracker?
+    /// The same tracker when it is the ring (ring and quota modes): it also carries the per-vCPU
+    /// ceilings and pacing, which the bitmap cannot have.
+    public let ringTracker: RingTracker?
     public let events = MachineEvents()
     /// What the guest sends out (its output port: check workloads with emit=), held back under
     /// replication (output commit).
@@ -73,6 +76,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
             case nil:
                 tracker = nil
             }
+            self.ringTracker = ringTracker
 
             try vm.setTSSAddress(0xFFFB_D000)
             try vm.createIRQChip()
@@ -112,11 +116,12 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         }
         let events = self.events
         let tracker = self.tracker
+        let ringTracker = self.ringTracker
         let holds = self.holds
         let output = self.output
         let memory = self.memory
         let runners = vcpus.map {
-            VCPURunner(vcpu: $0, tracker: tracker, holds: holds, events: events, output: output, memory: memory)
+            VCPURunner(vcpu: $0, tracker: tracker, ring: ringTracker, holds: holds, events: events, output: output, memory: memory)
         }
         self.runners = runners
         // Kicks capture the runners, not the machine: a strong capture of `self` would make
@@ -124,7 +129,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         // runners hold the tracker, so tracker -> kick -> runners -> tracker is one still:
         // deinit breaks it.
         let kick: @Sendable (Int) -> Void = { vcpu in runners[vcpu].kick() }
-        (tracker as? RingTracker)?.kick = kick
+        ringTracker?.kick = kick
         cpuThrottle = CPUThrottle(holds: holds, vcpuCount: configuration.vcpuCount, kick: kick)
     }
 
@@ -238,6 +243,6 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         stop()
         // Without this the ring tracker, and with it all of guest memory, outlived the machine:
         // a receiver (or a benchmark) that went through many VMs kept every one's RAM.
-        (tracker as? RingTracker)?.kick = nil
+        ringTracker?.kick = nil
     }
 }

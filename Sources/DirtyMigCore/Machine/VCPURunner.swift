@@ -9,6 +9,8 @@ final class VCPURunner: @unchecked Sendable {
     // from this runner's thread, except for the kick (immediate_exit store + signal).
     let vcpu: KVMVCPU
     private let tracker: DirtyTracker?
+    /// The same tracker when it is the ring (ring and quota modes): it paces this vCPU.
+    private let ring: RingTracker?
     private let holds: VCPUHolds
     private let events: MachineEvents
     private let output: GuestOutput
@@ -29,10 +31,11 @@ final class VCPURunner: @unchecked Sendable {
     private var exitPending = false
     private var consoleLine: [UInt8] = []
 
-    init(vcpu: KVMVCPU, tracker: DirtyTracker?, holds: VCPUHolds, events: MachineEvents, output: GuestOutput,
+    init(vcpu: KVMVCPU, tracker: DirtyTracker?, ring: RingTracker?, holds: VCPUHolds, events: MachineEvents, output: GuestOutput,
          memory: GuestMemory) {
         self.vcpu = vcpu
         self.tracker = tracker
+        self.ring = ring
         self.holds = holds
         self.events = events
         self.output = output
@@ -121,7 +124,7 @@ final class VCPURunner: @unchecked Sendable {
                 let exit = try vcpu.runOnce()
                 exitPending = exit != .interrupted
                 try handle(exit)
-                if paced, let ring = tracker as? RingTracker { ring.vcpuSliceEnded(vcpu.id) }
+                if paced { ring?.vcpuSliceEnded(vcpu.id) }
             }
         } catch {
             events.vcpuFailed(vcpu.id, error)

@@ -41,9 +41,6 @@ public struct VCPUThrottleStatus: Sendable {
 }
 
 extension Machine {
-    /// The ring tracker (ring and quota modes), which carries the per-vCPU ceilings.
-    var ringTracker: RingTracker? { tracker as? RingTracker }
-
     /// Sets (or with nil removes) a dirty-rate ceiling in bytes/s on each of `vcpus`. Live: it
     /// takes effect at the vCPU's next harvest, also while the VM migrates.
     public func setDirtyLimit(bytesPerSecond: Double?, vcpus: [Int]) throws(DirtyLimitError) {
