@@ -165,6 +165,9 @@ static inline int ckvm_memfd_create(const char *name, unsigned int flags) {
     return (int)syscall(SYS_memfd_create, name, flags);
 }
 static inline int ckvm_gettid(void) { return (int)syscall(SYS_gettid); }
+// prctl is variadic, which Swift cannot call.
+#include <sys/prctl.h>
+static inline int ckvm_set_thread_name(const char *name) { return prctl(PR_SET_NAME, name, 0, 0, 0); }
 
 // ---- KVM_PRE_FAULT_MEMORY (Linux 6.10; newer than some distributions' headers, so spelled out)
 struct ckvm_pre_fault_memory { uint64_t gpa; uint64_t size; uint64_t flags; uint64_t padding[5]; };

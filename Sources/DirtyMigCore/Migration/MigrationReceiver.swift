@@ -184,7 +184,7 @@ public final class MigrationReceiver: Sendable {
             defer { state.accepting = true }
             return !state.accepting && !state.stopping
         }
-        if start { _ = OSThread(name: "migration-accept") { [self] in acceptLoop() } }
+        if start { _ = OSThread(name: "migr-accept") { [self] in acceptLoop() } }
     }
 
     private func acceptLoop() {
@@ -210,7 +210,7 @@ public final class MigrationReceiver: Sendable {
                 socket.shutdown()
                 continue
             }
-            _ = OSThread(name: "migration-in-\(id % 1000)") { [self] in serve(socket, id: id, peer: peer) }
+            _ = OSThread(name: "migr-in-\(id % 1000)") { [self] in serve(socket, id: id, peer: peer) }
         }
     }
 

@@ -18,7 +18,7 @@ final class MigrationTimeline: Sendable {
     init(started: UInt64, read: @escaping @Sendable () -> MigrationProgress,
          publish: @escaping @Sendable (_ throughputBytesPerSecond: Double, _ dirtyPagesPerSecond: Double?) -> Void,
          throttlePercent: @escaping @Sendable () -> Double, dirtyPages: @escaping @Sendable () -> UInt64?) {
-        _ = OSThread(name: "migration-timeline") { [self] in
+        _ = OSThread(name: "migr-timeline") { [self] in
             var interval: UInt64 = 100_000_000
             var last = (time: started, sent: UInt64(0), dirty: dirtyPages())
             while running.load(ordering: .relaxed) {

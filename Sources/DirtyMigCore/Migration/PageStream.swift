@@ -185,7 +185,7 @@ final class PageReceiver {
         let runs = allocatedAtSource.runs()
         guard !runs.isEmpty else { return }
         let memory = self.memory
-        _ = OSThread(name: "populate-zero-pages") {
+        _ = OSThread(name: "populate-zeros") {
             for run in runs {
                 var page = run.lowerBound
                 while page < run.upperBound {

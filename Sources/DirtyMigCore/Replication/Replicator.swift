@@ -98,8 +98,8 @@ public final class Replicator: Sendable {
         do {
             let channel = try connect()
             try initialCopy(channel)
-            _ = OSThread(name: "replication-acks") { [self] in acknowledgementLoop(channel) }
-            _ = OSThread(name: "replication-epochs") { [self] in epochLoop(channel) }
+            _ = OSThread(name: "repl-acks") { [self] in acknowledgementLoop(channel) }
+            _ = OSThread(name: "repl-epochs") { [self] in epochLoop(channel) }
         } catch {
             lose(error.description)
             machine.transferClaim.release()

@@ -1,3 +1,4 @@
+import CKVM
 import Foundation
 import Glibc
 
@@ -11,13 +12,16 @@ public final class OSThread: @unchecked Sendable {
     public private(set) var handle: pthread_t = pthread_t()
 
     public init(name: String, body: @escaping @Sendable () -> Void) {
+        // Foundation's Thread.name names no Linux thread: without prctl every thread is
+        // "dirtymig" in top -H, perf and /proc/PID/task/*/comm. Linux keeps 15 bytes of a name.
+        let shortName = String(decoding: Array(name.utf8.prefix(15)), as: UTF8.self)
         let thread = Thread { [self] in
             self.handle = pthread_self()
+            _ = ckvm_set_thread_name(shortName)
             self.started.signal()
             body()
             self.finished.signal()
         }
-        thread.name = name
         thread.stackSize = 1 << 20
         thread.start()
         started.wait()

@@ -118,7 +118,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         lock.unlock()
         if pollIntervalNanoseconds > 0 {
             running.store(true, ordering: .releasing)
-            harvester = OSThread(name: "dirty-ring-harvester") { [self] in harvestLoop() }
+            harvester = OSThread(name: "ring-harvester") { [self] in harvestLoop() }
         }
     }
 
