@@ -22,9 +22,9 @@ private func measurePauses(dirtymig: String, kvm: KVMSystem, seconds: Double) th
     //    writer over 256 MiB dirties rate x interval per epoch: 16 MiB/s x 25 ms = 100 pages,
     //    160 MiB/s x 25 ms = 1,024, 160 MiB/s x 250 ms = 10,240.
     print("Pause per checkpoint (vCPUs paused: collect the dirty list, copy the pages, save the state)")
-    print("staging 'during + pause': pages dirtied so far are copied while the epoch runs, the pause copies the rest (the default);")
+    print("pages copied 'early+pause': those dirtied so far are copied while the epoch runs, the pause copies the rest (the default);")
     print("'pause only': every page is copied in the pause")
-    let pauseTable = TextTable(["dirty set", "VM", "track", "staging", "pause median", "p99", "of which copy", "dirty pages median",
+    let pauseTable = TextTable(["dirty set", "VM", "track", "pages copied", "pause median", "p99", "of which copy", "dirty pages median",
                                 "copied paused median", "checkpoints/s", "resyncs"])
     let sets: [(label: String, rate: UInt64, interval: Double)] = [
         ("100", 16 << 20, 0.025), ("1,000", 160 << 20, 0.025), ("10,000", 160 << 20, 0.25),
@@ -36,7 +36,7 @@ private func measurePauses(dirtymig: String, kvm: KVMSystem, seconds: Double) th
                 let figures = try measureReplication(dirtymig: dirtymig, kvm: kvm, memory: memory, track: track,
                                                      workloads: workloads, interval: set.interval,
                                                      seconds: max(seconds, set.interval * 24), stagesWhileRunning: early)
-                pauseTable.row([set.label, "\(memory >> 30) GiB", track.rawValue, early ? "during + pause" : "pause only",
+                pauseTable.row([set.label, "\(memory >> 30) GiB", track.rawValue, early ? "early+pause" : "pause only",
                                 ms(figures.pauseMedianMs), ms(figures.pauseP99Ms),
                                 ms(figures.pausePartsMedianMs.first { $0.0 == "copy" }?.1 ?? 0),
                                 String(format: "%.0f", figures.dirtyPagesMedian), String(format: "%.0f", figures.pagesCopiedPausedMedian),
@@ -64,14 +64,17 @@ private func measureCheckpointRates(dirtymig: String, kvm: KVMSystem, seconds: D
 private func measureGuestPace(dirtymig: String, kvm: KVMSystem, seconds: Double) throws {
     // 3. The guest's pace under replication at 40 checkpoints a second.
     print("\nGuest pace during replication / before (25 ms epochs, 1 GiB; vCPU 0 writes 256 MiB at 50 MiB/s, vCPU 1 reads 256 MiB)")
-    let paceTable = TextTable(["track", "writer during/before", "reader during/before", "pause median", "checkpoints/s"])
-    for track in [TrackingMode.ring, .bitmap] {
+    print("per CPU-s: guest pages per second of the vCPU thread's own CPU time, during / before (its work when it runs, apart from its share of the cores)")
+    let paceTable = TextTable(["track", "pages copied", "writer during/before", "reader during/before", "reader per CPU-s", "pause median", "checkpoints/s"])
+    for (track, early) in [(TrackingMode.ring, true), (.ring, false), (.bitmap, true), (.bitmap, false)] {
         let workloads = [VCPUWorkload(kind: .write, size: 256 << 20, rateBytesPerSecond: 50 << 20, seed: 1),
                          VCPUWorkload(kind: .read, offset: 256 << 20, size: 256 << 20, seed: 2)]
-        var pace: [Double] = []
+        var pace: [Double] = [], efficiency: [Double] = []
         let figures = try measureReplication(dirtymig: dirtymig, kvm: kvm, memory: 1 << 30, track: track,
-                                             workloads: workloads, interval: 0.025, seconds: seconds, pace: &pace)
-        paceTable.row([track.rawValue, String(format: "%.3f", pace[0]), String(format: "%.3f", pace[1]), ms(figures.pauseMedianMs),
+                                             workloads: workloads, interval: 0.025, seconds: seconds,
+                                             stagesWhileRunning: early, pace: &pace, efficiency: &efficiency)
+        paceTable.row([track.rawValue, early ? "early+pause" : "pause only", String(format: "%.3f", pace[0]),
+                       String(format: "%.3f", pace[1]), String(format: "%.3f", efficiency[1]), ms(figures.pauseMedianMs),
                        String(format: "%.1f", figures.checkpointsPerSecond)])
     }
 }
@@ -92,14 +95,16 @@ private func measureFailovers(dirtymig: String, runs failoverRuns: Int) throws {
 private func measureReplication(dirtymig: String, kvm: KVMSystem, memory: UInt64, track: TrackingMode,
                                 workloads: [VCPUWorkload], interval: Double, seconds: Double,
                                 stagesWhileRunning: Bool = true) throws -> ReplicationFigures {
-    var pace: [Double] = []
+    var pace: [Double] = [], efficiency: [Double] = []
     return try measureReplication(dirtymig: dirtymig, kvm: kvm, memory: memory, track: track, workloads: workloads,
-                                  interval: interval, seconds: seconds, stagesWhileRunning: stagesWhileRunning, pace: &pace)
+                                  interval: interval, seconds: seconds, stagesWhileRunning: stagesWhileRunning,
+                                  pace: &pace, efficiency: &efficiency)
 }
 
 private func measureReplication(dirtymig: String, kvm: KVMSystem, memory: UInt64, track: TrackingMode,
                                 workloads: [VCPUWorkload], interval: Double, seconds: Double,
-                                stagesWhileRunning: Bool = true, pace: inout [Double]) throws -> ReplicationFigures {
+                                stagesWhileRunning: Bool = true, pace: inout [Double],
+                                efficiency: inout [Double]) throws -> ReplicationFigures {
     let scratch = try ScratchDirectory("dirtymig-bench")
     defer { withExtendedLifetime(scratch) {} }
     let port = try freeLoopbackPort()
@@ -113,7 +118,7 @@ private func measureReplication(dirtymig: String, kvm: KVMSystem, memory: UInt64
     try machine.start()
     defer { machine.stop() }
     Thread.sleep(forTimeInterval: 1.0)
-    let before = guestPace(machine, over: 1.0)
+    let before = guestPace(machine, over: 2.0)
     var options = ReplicationOptions(standby: HostPort(host: "127.0.0.1", port: port))
     options.intervalSeconds = interval
     options.stagesWhileRunning = stagesWhileRunning
@@ -127,16 +132,39 @@ private func measureReplication(dirtymig: String, kvm: KVMSystem, memory: UInt64
     let figures = replicator.figures
     replicator.stop()
     guard figures.status == .protected else { throw BenchError("the standby was lost: \(figures.error ?? "?")") }
-    pace = zip(during, before).map { $1 > 0 ? $0 / $1 : 0 }
+    pace = zip(during.wall, before.wall).map { $1 > 0 ? $0 / $1 : 0 }
+    efficiency = zip(during.perCPUSecond, before.perCPUSecond).map { $1 > 0 ? $0 / $1 : 0 }
     return figures
 }
 
-private func guestPace(_ machine: Machine, over seconds: Double) -> [Double] {
+/// Each vCPU's guest pages per second of wall time, and per second of its thread's CPU time
+/// (how much work it gets done when it runs, whoever else wants the cores).
+private func guestPace(_ machine: Machine, over seconds: Double) -> (wall: [Double], perCPUSecond: [Double]) {
     let first = machine.guestStats().vcpus.map(\.pages)
+    let cpuFirst = vcpuThreadCPUSeconds(count: first.count)
     let start = MonotonicClock.seconds()
     Thread.sleep(forTimeInterval: seconds)
     let elapsed = MonotonicClock.seconds() - start
-    return zip(machine.guestStats().vcpus.map(\.pages), first).map { Double($0 &- $1) / elapsed }
+    let pages = zip(machine.guestStats().vcpus.map(\.pages), first).map { Double($0 &- $1) }
+    let cpu = zip(vcpuThreadCPUSeconds(count: first.count), cpuFirst).map { $0 - $1 }
+    return (pages.map { $0 / elapsed }, zip(pages, cpu).map { $1 > 0 ? $0 / $1 : 0 })
+}
+
+/// CPU seconds (user + system) of this process's threads named vcpu-0, vcpu-1 ...
+private func vcpuThreadCPUSeconds(count: Int) -> [Double] {
+    var seconds = [Double](repeating: 0, count: count)
+    let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+    for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? [] {
+        guard let name = try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8),
+              name.hasPrefix("vcpu-"), let vcpu = Int(name.dropFirst(5).trimmingCharacters(in: .whitespacesAndNewlines)),
+              vcpu < count, let stat = try? String(contentsOfFile: "/proc/self/task/\(task)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { continue }
+        // Fields after the name: state is field 3, utime 14 and stime 15.
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { continue }
+        seconds[vcpu] += (user + system) / ticks
+    }
+    return seconds
 }
 
 /// One failover from the command line: boot, standby, migrate --continuous, SIGKILL the boot

@@ -5,11 +5,11 @@ import XCTest
 /// Continuous replication on real KVM, primary and standby in this process over loopback TCP,
 /// with a relay between them that stalls, cuts or tears the link on cue.
 final class ReplicationTests: XCTestCase {
-    private func primary(_ kvm: KVMSystem, tracking: TrackingMode = .ring) throws -> Machine {
-        let machine = try Machine(MachineConfiguration(
-            memorySize: 128 * MiB, vcpuCount: 2,
-            workloads: [writer(32 * MiB, rate: 20 * MiB, pattern: .random), reader(32 * MiB, offset: 32 * MiB)],
-            tracking: tracking), kvm: kvm)
+    private func primary(_ kvm: KVMSystem, tracking: TrackingMode = .ring,
+                         workloads: [VCPUWorkload] = [writer(32 * MiB, rate: 20 * MiB, pattern: .random),
+                                                      reader(32 * MiB, offset: 32 * MiB)]) throws -> Machine {
+        let machine = try Machine(MachineConfiguration(memorySize: 128 * MiB, vcpuCount: workloads.count,
+                                                       workloads: workloads, tracking: tracking), kvm: kvm)
         try machine.start()
         machine.waitForGuest()
         return machine
@@ -60,6 +60,13 @@ final class ReplicationTests: XCTestCase {
         return replicator
     }
 
+    /// A standby (auto failover after 0.3 s) behind a relay, protecting `source`.
+    private func protectThroughRelay(_ source: Machine, _ kvm: KVMSystem) throws -> (Standby, FaultRelay, Replicator) {
+        let standby = try Standby(kvm, options: StandbyOptions(failover: .auto, failoverAfterSeconds: 0.3))
+        let relay = try FaultRelay(to: standby.receiver.port)
+        return (standby, relay, try replicate(source, to: relay.endpoint))
+    }
+
     private func assertRunning(_ machine: Machine, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
         let before = machine.guestStats().vcpus.map(\.pages)
         Thread.sleep(forTimeInterval: 0.4)
@@ -81,9 +88,7 @@ final class ReplicationTests: XCTestCase {
         let kvm = try requireKVM()
         let source = try primary(kvm)
         defer { source.stop() }
-        let standby = try Standby(kvm, options: StandbyOptions(failover: .auto, failoverAfterSeconds: 0.3))
-        let relay = try FaultRelay(to: standby.receiver.port)
-        let replicator = try replicate(source, to: relay.endpoint)
+        let (standby, relay, replicator) = try protectThroughRelay(source, kvm)
         Thread.sleep(forTimeInterval: 1.0)
         let figures = replicator.figures
         print("replication: \(figures.checkpointsAcknowledged) checkpoints, \(Int(figures.checkpointsPerSecond))/s, pause median \(figures.pauseMedianMs) ms p99 \(figures.pauseP99Ms) ms, dirty pages median \(figures.dirtyPagesMedian)")
@@ -112,17 +117,11 @@ final class ReplicationTests: XCTestCase {
     /// and find nothing stale, torn or lost.
     func testPagesStagedWhileTheEpochRunsStillMakeAnExactCheckpoint() throws {
         let kvm = try requireKVM()
-        let source = try Machine(MachineConfiguration(
-            memorySize: 128 * MiB, vcpuCount: 2,
-            workloads: [VCPUWorkload(kind: .check, pattern: .random, offset: 0, size: 2 * MiB, rateBytesPerSecond: 160 * MiB, seed: 7),
-                        VCPUWorkload(kind: .check, pattern: .sequential, offset: 16 * MiB, size: 32 * MiB, rateBytesPerSecond: 80 * MiB, seed: 9)],
-            tracking: .ring), kvm: kvm)
-        try source.start()
-        source.waitForGuest()
+        let source = try primary(kvm, workloads: [
+            VCPUWorkload(kind: .check, pattern: .random, offset: 0, size: 2 * MiB, rateBytesPerSecond: 160 * MiB, seed: 7),
+            VCPUWorkload(kind: .check, pattern: .sequential, offset: 16 * MiB, size: 32 * MiB, rateBytesPerSecond: 80 * MiB, seed: 9)])
         defer { source.stop() }
-        let standby = try Standby(kvm, options: StandbyOptions(failover: .auto, failoverAfterSeconds: 0.3))
-        let relay = try FaultRelay(to: standby.receiver.port)
-        let replicator = try replicate(source, to: relay.endpoint)
+        let (standby, relay, replicator) = try protectThroughRelay(source, kvm)
         Thread.sleep(forTimeInterval: 1.5)
         let figures = replicator.figures
         print("replication: \(figures.checkpointsAcknowledged) checkpoints, pause median \(figures.pauseMedianMs) ms, dirty pages median \(figures.dirtyPagesMedian), copied in the pause median \(figures.pagesCopiedPausedMedian)")
