@@ -60,8 +60,8 @@
 //       Continuous replication, ring (dense dirty lists) next to bitmap: the pause per
 //       checkpoint for dirty sets of 100, 1,000 and 10,000 pages in a 1 GiB and a 4 GiB VM; the
 //       highest sustained checkpoint rate, idle and with a 25 MiB/s writer; the guest's pace at
-//       40 checkpoints/s (writer and reader); failover time from SIGKILL to the guest running on
-//       the standby (N runs, command line processes). The primary runs in this process (its own
+//       40 checkpoints/s (writer and reader; N runs per variant, alternating); failover time from
+//       SIGKILL to the guest running on the standby (N runs, command line processes). The primary runs in this process (its own
 //       figures), the standby is a `dirtymig receive --standby` process; S seconds measured per
 //       row after a second of warm-up. --only runs some of the four tables.
 //
@@ -266,7 +266,7 @@ do {
             FileHandle.standardError.write(Data("dirtymig-bench replication: --only takes pause, rate, pace, failover (comma-separated)\n".utf8))
             exit(2)
         }
-        try runReplicationBenchmark(seconds: option("--seconds", default: 3), failoverRuns: Int(option("--runs", default: 5)),
+        try runReplicationBenchmark(seconds: option("--seconds", default: 3), runs: Int(option("--runs", default: 5)),
                                     parts: Set(parts.compactMap(ReplicationBenchPart.init(rawValue:))))
     default:
         FileHandle.standardError.write(Data(usage.utf8))
