@@ -8,7 +8,7 @@ import Foundation
 ///     source started -> guest ready (counters polled every 100 ms) -> settle ->
 ///     destination started and waiting -> [warm] -> 0.5 s reading the guest's pace -> migrate
 ///
-/// (dirtymig's `migrate` spends the same 0.5 s reading the guest's pace before its clock starts.)
+/// (dirtymig's run waits the same 0.5 s there; its VM keeps the guest's recent pace at hand.)
 /// max-bandwidth 100 GiB/s (QEMU's default is 32 MiB/s), downtime-limit as the scenario says.
 /// During the migration `query-migrate` alone is polled, every `qmpPollSeconds` (or not at all:
 /// the MIGRATION event ends the wait); the figures are QEMU's own.

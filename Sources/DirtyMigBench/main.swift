@@ -35,7 +35,7 @@
 //       (query-status; QMP pmemsave) until it has booted and, in written and rewriting, its
 //       writer has done one whole pass; waits 0.2 s; starts the destination and waits until it
 //       listens; with --warm touches and frees the scenario's data size (WarmMemory); waits
-//       0.5 s reading the guest's pace (inside `dirtymig migrate`, mirrored for QEMU); migrates.
+//       0.5 s (QEMU: reading the guest's pace; dirtymig's VM keeps it at hand); migrates.
 //       Order: dirtymig, QEMU as printed, QEMU without prealloc, then the same reversed, and so
 //       on (each migrator as often early as late in a round). N runs per cell (--runs, default
 //       5; fewer only with --quick, for smoke tests). The table gives the median (min-max) of

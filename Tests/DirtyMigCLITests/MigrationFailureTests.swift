@@ -54,10 +54,11 @@ final class MigrationFailureTests: XCTestCase {
         let (doomed, _) = try startReceiver(destination, port: port)
         defer { if doomed.isRunning { doomed.terminate() } }
 
-        // 256 MiB at 20 MiB/s takes seconds: kill the receiver one second in.
+        // The guest's data (its writer's pages so far: tens of MiB) at 5 MiB/s takes seconds:
+        // kill the receiver 1.5 s in.
         let migrate = Process()
         migrate.executableURL = CLI.binary
-        migrate.arguments = ["migrate", "--vm", socket(source), "--to", "127.0.0.1:\(port)", "--bandwidth", "20M", "--verify", "--json"]
+        migrate.arguments = ["migrate", "--vm", socket(source), "--to", "127.0.0.1:\(port)", "--bandwidth", "5M", "--verify", "--json"]
         let out = Pipe()
         migrate.standardOutput = out
         try migrate.run()
@@ -98,7 +99,7 @@ final class MigrationFailureTests: XCTestCase {
         defer { if doomed.isRunning { doomed.terminate() } }
         let migrate = Process()
         migrate.executableURL = CLI.binary
-        migrate.arguments = ["migrate", "--vm", socket(first), "--to", "127.0.0.1:\(port)", "--bandwidth", "20M"]
+        migrate.arguments = ["migrate", "--vm", socket(first), "--to", "127.0.0.1:\(port)", "--bandwidth", "5M"]
         migrate.standardOutput = Pipe()
         migrate.standardError = Pipe()
         try migrate.run()

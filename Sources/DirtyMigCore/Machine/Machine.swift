@@ -14,6 +14,8 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     /// The same tracker when it is the ring (ring and quota modes): it also carries the per-vCPU
     /// ceilings and pacing, which the bitmap cannot have.
     public let ringTracker: RingTracker?
+    /// The guest's recent pace, sampled while the VM runs.
+    public let pace: GuestPaceHistory
     public let events = MachineEvents()
     /// What the guest sends out (its output port: check workloads with emit=), held back under
     /// replication (output commit).
@@ -61,6 +63,11 @@ public final class Machine: IncomingVM, @unchecked Sendable {
             vm = try kvm.createVM()
             memory = try GuestMemory(size: configuration.memorySize)
             holds = VCPUHolds(vcpuCount: configuration.vcpuCount)
+            let memory = self.memory, vcpuCount = configuration.vcpuCount
+            pace = GuestPaceHistory(read: {
+                GuestStats(statsArea: UnsafeRawPointer(memory.hostPointer(ramOffset: GuestLayout.statsAddress)),
+                           vcpuCount: vcpuCount).vcpus.map(\.pages)
+            })
 
             // Tracking capabilities must be enabled before any memory slot or vCPU exists.
             var ringTracker: RingTracker? = nil
@@ -146,6 +153,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         // (64 busy vCPUs on 2 cores: 6-7 s to start a received VM, all of it downtime).
         for runner in runners { runner.start(held: true) }
         for runner in runners { runner.resume() }
+        pace.start()
         state = .running
     }
 
@@ -170,6 +178,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
 
     /// Stops the vCPU threads and the tracker. Memory is released when the Machine is.
     public func stop() {
+        pace.stop()
         lock.lock(); defer { lock.unlock() }
         guard state == .running || state == .paused else { state = .stopped; return }
         cpuThrottle.set(percent: 0)

@@ -96,7 +96,7 @@ public struct MigrationPass: Sendable {
 
 /// Live progress, for the progress line.
 public struct MigrationProgress: Sendable {
-    /// starting, measuring the guest, connecting, pre-copy, stop-and-copy, completed, failed.
+    /// starting, connecting, pre-copy, stop-and-copy, completed, failed.
     public var phase: String = "starting"
     public var iteration = 0
     public var sentBytes: UInt64 = 0

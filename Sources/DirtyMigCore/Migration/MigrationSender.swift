@@ -84,8 +84,7 @@ public final class MigrationSender: Sendable {
         }
         let throttle = MigrationThrottle(mode: throttleMode, machine: machine, pooled: options.quotaPool)
         report.downtimeLimitSeconds = options.downtimeSeconds
-        update { $0.phase = "measuring the guest" }
-        let before = guestPace(over: 0.5)
+        let before = machine.pace.recentPace()
         update { $0.phase = "connecting" }
         report.guestPagesPerSecondBefore = before
         let started = MonotonicClock.nanoseconds()
@@ -141,14 +140,6 @@ public final class MigrationSender: Sendable {
         return report
     }
 
-    /// The guest's own pages/s per vCPU over a short window (before migrating).
-    private func guestPace(over seconds: Double) -> [Double] {
-        let first = machine.guestStats().vcpus.map(\.pages)
-        let t0 = MonotonicClock.nanoseconds()
-        Thread.sleep(forTimeInterval: seconds)
-        let elapsed = Double(MonotonicClock.nanoseconds() - t0) / 1e9
-        return zip(machine.guestStats().vcpus.map(\.pages), first).map { Double($0 &- $1) / elapsed }
-    }
 
     private func migrate(_ report: inout MigrationReport, started: UInt64, paused: inout Bool, guestAtStart: [UInt64],
                          throttle: MigrationThrottle, passLog: (MigrationPass) -> Void) throws(MigrationError) {
