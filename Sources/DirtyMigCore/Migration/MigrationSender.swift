@@ -31,6 +31,24 @@ public final class MigrationSender: Sendable {
     /// 12 ms, save 4, restore 5, start 9 (30 ms, about 0.5 ms a vCPU).
     static let perVCPUSwitchSeconds = 0.0005
 
+    /// --downtime is a limit, not a target: within it, one more live pass is made when it is
+    /// cheap and would at least halve the pause. The pages now dirty take `dirtyPages x 4 KiB /
+    /// bandwidth` to send live, and the guest dirties about `dirtyPagesPerSecond` times that
+    /// meanwhile; that is what the pause would carry after it. A guest rewriting 256 MiB at
+    /// 200 MiB/s left 85-95 MiB after pass 1, 48-85 ms of pause against QEMU's 11 ms; a 40 ms
+    /// pass more leaves about 9 MiB. Passes shorter than `cheapestPassSeconds` are not worth a
+    /// round of collecting and acknowledging.
+    static func anotherPassHalvesThePause(dirtyPages: Double, dirtyPagesPerSecond: Double, bandwidth: Double,
+                                          expected: Double, passesLeft: Bool) -> Bool {
+        guard passesLeft, bandwidth > 0 else { return false }
+        let sendSeconds = dirtyPages * 4096 / bandwidth
+        guard sendSeconds >= cheapestPassSeconds else { return false }
+        let dirtiedMeanwhile = min(dirtyPages, dirtyPagesPerSecond * sendSeconds)
+        let expectedAfter = expected - sendSeconds + dirtiedMeanwhile * 4096 / bandwidth
+        return expectedAfter <= expected / 2
+    }
+    static let cheapestPassSeconds = 0.005
+
     /// What a cancel says when no reason is given.
     public static let cancelledReason = "the migration was cancelled; the VM runs on here"
 
@@ -313,7 +331,9 @@ public final class MigrationSender: Sendable {
                 $0.expectedDowntimeSeconds = expected
             }
             pending = dirty
-            if expected <= target && !lost { break }
+            if expected <= target && !lost && !Self.anotherPassHalvesThePause(
+                dirtyPages: Double(dirtyPages), dirtyPagesPerSecond: pass.dirtyPagesPerSecond,
+                bandwidth: bandwidth, expected: expected, passesLeft: iteration < options.maxIterations) { break }
             if iteration >= options.maxIterations {
                 throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", bandwidth / 1_048_576)) MiB/s of bandwidth (expected downtime \(Int(expected * 1000)) ms > \(Int(target * 1000)) ms, 85 % of --downtime); the VM runs on here")
             }
