@@ -79,8 +79,8 @@ int ctls_read(SSL *ssl, void *buffer, size_t length, size_t *got, int *saved_err
 int ctls_write(SSL *ssl, const void *buffer, size_t length, int *saved_errno);
 void ctls_close(SSL *ssl);
 
-/// Tunes a connection after its handshake: OpenSSL reads ahead into its 256 KiB read buffer, so
-/// one recv brings many records, not one record per two calls.
+/// Tunes a connection after its handshake: OpenSSL reads ahead into its read buffer (two
+/// records, see ctls_context_new), so one recv brings two records, not one record per two calls.
 void ctls_tune(SSL *ssl);
 
 /// SSL_get_version / the cipher's IANA name.

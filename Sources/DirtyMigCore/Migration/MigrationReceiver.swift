@@ -441,11 +441,14 @@ enum IncomingMigration {
         case .iterationEnd:
             let payload = try channel.receivePayload(length)
             let end = try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationPassEnd(decoding: payload) }
+            try pages.settle()
             pages.passEnded()
             // Everything of the pass is in guest memory now: say so, so the sender measures
             // real bandwidth and never pauses with a backlog still in flight.
             try channel.send(.iterationAck, end.encodeAck())
         default:
+            // Whatever comes next (the state, a checkpoint, an abort) sees every page in memory.
+            try pages.settle()
             return false
         }
         return true

@@ -136,23 +136,28 @@ final class PageReceiver {
 
     /// Allocates pass 1's pages ahead of this thread (see PagePrefaulter), while pass 1 lasts.
     private var prefaulter: PagePrefaulter?
-    /// With --verify: this side's digest, kept as pages land.
-    private(set) var digest: LandedPagesDigest?
+    /// Writes the chunks this thread receives into guest memory, on its own thread (see PageWriter).
+    private let writer: PageWriter
 
-    /// Pages received per socket read: 256 KiB, so that they are still in cache when hashed and
+    /// Pages received per read: 256 KiB, so that they are still in cache when hashed and
     /// written to the memory file.
-    static let chunkPages = 64
-    /// Where each chunk lands before it is written to guest memory (see GuestMemory.write).
-    private let chunk = UnsafeMutableRawPointer.allocate(byteCount: PageReceiver.chunkPages * 4096, alignment: 4096)
+    static let chunkPages = PageWriter.chunkPages
 
-    deinit { chunk.deallocate() }
+    deinit { writer.close() }
 
     init(memory: GuestMemory, verifying: Bool) {
         self.memory = memory
-        digest = verifying ? LandedPagesDigest(pageCount: memory.pageCount) : nil
+        writer = PageWriter(memory: memory, digest: verifying ? LandedPagesDigest(pageCount: memory.pageCount) : nil)
         hasData = DirtyPageBitmap(pageCount: memory.pageCount)
         allocatedAtSource = DirtyPageBitmap(pageCount: memory.pageCount)
     }
+
+    /// With --verify: this side's digest, kept as pages land (call `settle` first).
+    var digest: LandedPagesDigest? { writer.withDigest { $0 } }
+
+    /// Waits until every page received so far is in guest memory; throws if writing one failed.
+    /// Before anything else reads or writes guest memory (see PageWriter).
+    func settle() throws(MigrationError) { try writer.settle() }
 
     /// A passPlan frame: the pages the coming pass carries, a bitmap of all RAM. Only the first
     /// plan starts a prefaulter (later passes rewrite pages that are allocated already).
@@ -232,27 +237,31 @@ final class PageReceiver {
             let first = Int(range.firstPage), end = first + Int(range.count)
             switch range.kind {
             case .data:
-                // Socket -> a cache-warm chunk -> the memory file: no page fault in this process
-                // (GuestMemory.write), and the digest hashes the chunk while it is in cache.
+                // Connection -> a chunk -> (the writer's thread) the memory file, while this
+                // thread reads the next chunk.
                 var page = first
                 while page < end {
                     let chunkEnd = min(end, page + Self.chunkPages)
-                    let bytes = (chunkEnd - page) * 4096
+                    let chunk = try writer.buffer()
                     do {
-                        try channel.transport.receive(into: chunk, count: bytes)
-                        try memory.write(chunk, count: bytes, at: UInt64(page) * 4096)
+                        try channel.transport.receive(into: chunk, count: (chunkEnd - page) * 4096)
                     } catch {
+                        writer.giveBack()
                         throw .connection(error)
                     }
-                    digest?.landed(page..<chunkEnd, from: chunk)
+                    writer.submit(firstPage: page, pageCount: chunkEnd - page, prefaulter: prefaulter)
                     page = chunkEnd
-                    prefaulter?.received(upTo: page)
                 }
                 hasData.set(first..<end)
             case .zero:
-                for page in first..<end where hasData.contains(page) {
-                    memset(memory.base + page * 4096, 0, 4096)
-                    digest?.zeroed(page)
+                if (first..<end).contains(where: { hasData.contains($0) }) {
+                    try writer.settle()   // the data these pages got earlier is written first
+                    writer.withDigest { digest in
+                        for page in first..<end where hasData.contains(page) {
+                            memset(memory.base + page * 4096, 0, 4096)
+                            digest?.zeroed(page)
+                        }
+                    }
                 }
                 allocatedAtSource.set(first..<end)
             }
