@@ -233,6 +233,9 @@ final class SecureChannelTests: ProcessTestCase {
     private func tamper(_ action: TamperingRelay.Action, expect: String) throws {
         let key = try makeKey("key.psk")
         let source = try boot("src")
+        // A second of the 20 MiB/s writer: pass 1 then carries over a thousand 16 KiB records
+        // (migrate starts at once; right after boot the guest has written only a few MiB).
+        Thread.sleep(forTimeInterval: 1.0)
         let port = try freePort()
         let (receiver, log) = try receive("dst", port: port, ["--psk-file", key])
         // Record 200 of the source's stream: well into pass 1's pages.
