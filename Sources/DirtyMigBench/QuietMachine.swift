@@ -73,19 +73,26 @@ struct OthersCPUShare {
 
     /// utime + stime + cutime + cstime of this process, plus utime + stime of each live child.
     private static func ownJiffies(children: [pid_t]) -> UInt64 {
-        func fields(_ path: String) -> [UInt64] {
-            guard let text = try? String(contentsOfFile: path, encoding: .utf8),
-                  let close = text.lastIndex(of: ")") else { return [] }
-            // After "pid (comm) " and the state (field 3), index 0 is field 4: utime, stime,
-            // cutime, cstime (fields 14-17) are indices 10-13.
-            return text[text.index(after: close)...].split(separator: " ").dropFirst().map { UInt64($0) ?? 0 }
-        }
-        let mine = fields("/proc/self/stat")
+        let mine = ProcStat.fields("/proc/self/stat")
         var jiffies = mine.count > 13 ? mine[10] + mine[11] + mine[12] + mine[13] : 0
-        for child in children {
-            let theirs = fields("/proc/\(child)/stat")
-            if theirs.count > 11 { jiffies += theirs[10] + theirs[11] }
-        }
+        for child in children { jiffies += ProcStat.cpuJiffies("/proc/\(child)/stat") ?? 0 }
         return jiffies
+    }
+}
+
+/// A process's or thread's /proc/.../stat.
+enum ProcStat {
+    /// The numeric fields after "pid (comm) " and the state (field 3): index 0 is field 4, so
+    /// utime, stime, cutime, cstime (fields 14-17) are indices 10-13. Empty if unreadable.
+    static func fields(_ path: String) -> [UInt64] {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8),
+              let close = text.lastIndex(of: ")") else { return [] }
+        return text[text.index(after: close)...].split(separator: " ").dropFirst().map { UInt64($0) ?? 0 }
+    }
+
+    /// utime + stime, in clock ticks.
+    static func cpuJiffies(_ path: String) -> UInt64? {
+        let values = fields(path)
+        return values.count > 11 ? values[10] + values[11] : nil
     }
 }

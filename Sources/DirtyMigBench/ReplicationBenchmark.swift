@@ -173,12 +173,8 @@ private func vcpuThreadCPUSeconds(count: Int) -> [Double] {
     for task in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? [] {
         guard let name = try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8),
               name.hasPrefix("vcpu-"), let vcpu = Int(name.dropFirst(5).trimmingCharacters(in: .whitespacesAndNewlines)),
-              vcpu < count, let stat = try? String(contentsOfFile: "/proc/self/task/\(task)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { continue }
-        // Fields after the name: state is field 3, utime 14 and stime 15.
-        let fields = stat[stat.index(after: close)...].split(separator: " ")
-        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { continue }
-        seconds[vcpu] += (user + system) / ticks
+              vcpu < count, let jiffies = ProcStat.cpuJiffies("/proc/self/task/\(task)/stat") else { continue }
+        seconds[vcpu] += Double(jiffies) / ticks
     }
     return seconds
 }

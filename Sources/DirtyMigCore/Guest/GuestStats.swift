@@ -6,6 +6,11 @@ public struct GuestStats: Sendable, Equatable {
     public var error: GuestError?
     public var vcpus: [VCPUGuestStats]
 
+    /// Reads the stats area of a running guest in `memory`.
+    init(memory: GuestMemory, vcpuCount: Int) {
+        self.init(statsArea: UnsafeRawPointer(memory.hostPointer(ramOffset: GuestLayout.statsAddress)), vcpuCount: vcpuCount)
+    }
+
     /// Reads the stats area of a running guest (the host's mapping of guest memory). The guest
     /// writes these words concurrently; 8-byte aligned loads are atomic on x86, which is all a
     /// counter read needs.

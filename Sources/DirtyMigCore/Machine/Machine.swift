@@ -64,10 +64,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
             memory = try GuestMemory(size: configuration.memorySize)
             holds = VCPUHolds(vcpuCount: configuration.vcpuCount)
             let memory = self.memory, vcpuCount = configuration.vcpuCount
-            pace = GuestPaceHistory(read: {
-                GuestStats(statsArea: UnsafeRawPointer(memory.hostPointer(ramOffset: GuestLayout.statsAddress)),
-                           vcpuCount: vcpuCount).vcpus.map(\.pages)
-            })
+            pace = GuestPaceHistory(read: { GuestStats(memory: memory, vcpuCount: vcpuCount).vcpus.map(\.pages) })
 
             // Tracking capabilities must be enabled before any memory slot or vCPU exists.
             var ringTracker: RingTracker? = nil
@@ -240,8 +237,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
 
     /// The guest's own counters, read from its stats area.
     public func guestStats() -> GuestStats {
-        GuestStats(statsArea: UnsafeRawPointer(memory.hostPointer(ramOffset: GuestLayout.statsAddress)),
-                   vcpuCount: configuration.vcpuCount)
+        GuestStats(memory: memory, vcpuCount: configuration.vcpuCount)
     }
 
     public var uptimeSeconds: Double {
