@@ -38,43 +38,20 @@ final class LimitTests: XCTestCase {
         defer { if boot.isRunning { boot.terminate(); boot.waitUntilExit() } }
         XCTAssertNotNil(CLI.readLine(output), "boot printed nothing")
 
-        // The reader's pace is compared as the upper quartile of 1 s samples. Its 1 s pace moves
-        // by ±20 % on this machine with nothing of ours in its way (measured while the writer
-        // was limited: 57-84 million pages/s, with the reader's thread preempted ~10 times a
-        // second), and such interference only ever slows it: the upper quartile is the steady
-        // yardstick of its own pace (medians of 5 s came out at 0.82-1.09 of each other).
         let free = try samples(name, count: 5)
         let unthrottled = free.map(\.writerMiBs).reduce(0, +) / Double(free.count)
-        let readerBefore = upperQuartile(free.map(\.readerGuestPagesPerSecond))
-        print("\(track): writer unthrottled \(unthrottled) MiB/s, reader \(free.map { Int($0.readerGuestPagesPerSecond / 1e6) }) M guest pages/s")
+        print("\(track): writer unthrottled \(unthrottled) MiB/s, reader \(millions(free)) M guest pages/s")
 
         for rate in [20.0, 5.0] {
             XCTAssertGreaterThanOrEqual(unthrottled, 4 * rate, "the writer must write at least 4x the limit")
             try setLimit(name, rate: rate, mechanism: mechanism)
             Thread.sleep(forTimeInterval: 3)
             let limited = try samples(name, count: 5)
-            var baseline = readerBefore
-            var readerDuring = upperQuartile(limited.map(\.readerGuestPagesPerSecond))
-            print("\(track) at \(rate) MiB/s: writer \(limited.map(\.writerMiBs)) MiB/s; reader \(limited.map { Int($0.readerGuestPagesPerSecond / 1e6) }) M guest pages/s, upper quartile \(readerDuring / baseline) of before")
+            print("\(track) at \(rate) MiB/s: writer \(limited.map(\.writerMiBs)) MiB/s")
             for sample in limited {
                 XCTAssertEqual(sample.writerMiBs, rate, accuracy: rate * 0.10, "\(track) at \(rate)M: \(limited.map(\.writerMiBs))")
             }
-            if readerDuring < baseline * 0.9 {
-                // The machine's pace also drifts in spells of 10 s and more (seen: 38-68 million
-                // pages/s for 10 s under a limit, 87-95 in the run after). Compare once more
-                // against a fresh baseline without the limit, taken right before: a reader the
-                // limit really slows falls short in both pairs.
-                XCTAssertEqual(try CLI.run(["limit", "--vm", name, "--cancel"]).status, 0)
-                Thread.sleep(forTimeInterval: 1)
-                let fresh = try samples(name, count: 5)
-                baseline = upperQuartile(fresh.map(\.readerGuestPagesPerSecond))
-                try setLimit(name, rate: rate, mechanism: mechanism)
-                Thread.sleep(forTimeInterval: 3)
-                let again = try samples(name, count: 5)
-                readerDuring = upperQuartile(again.map(\.readerGuestPagesPerSecond))
-                print("\(track) at \(rate) MiB/s, again: reader without the limit \(fresh.map { Int($0.readerGuestPagesPerSecond / 1e6) }) M, with it \(again.map { Int($0.readerGuestPagesPerSecond / 1e6) }) M, upper quartile \(readerDuring / baseline) of before")
-            }
-            XCTAssertGreaterThanOrEqual(readerDuring, baseline * 0.9, "the reader keeps its pace")
+            try checkReaderKeepsPace(name, rate: rate, mechanism: mechanism, track: track)
         }
         let show = try CLI.run(["limit", "--vm", name])
         XCTAssertEqual(show.status, 0, show.stderr)
@@ -88,6 +65,46 @@ final class LimitTests: XCTestCase {
         let restored = after.map(\.writerMiBs).reduce(0, +) / Double(after.count)
         print("\(track): writer after --cancel \(restored) MiB/s")
         XCTAssertGreaterThan(restored, unthrottled * 0.5, "--cancel gives the writer its speed back")
+    }
+
+    /// The reader's pace with the writer limited against without, in blocks that alternate
+    /// without-with-without (3 s, 6 s, 3 s: the same time on each side, centred on the same
+    /// moment). On this PVM host the reader's 1 s pace moves by ±20-30 % with nothing of ours in
+    /// its way (measured with the reader alone in a VM: 16-25 million pages/s from one second to
+    /// the next), and drifts in spells of 10 s and more (38-68 million pages/s for 10 s, 87-95 in
+    /// the run after): a baseline taken once, before, compares two different machines.
+    /// Interleaving puts the same spells on both sides. Interference only ever slows the reader,
+    /// so each side's figure is its upper quartile. If the blocks say "slower", another round is
+    /// taken and both pooled: a reader the limit really slows stays slower however many rounds.
+    /// Leaves the limit set.
+    private func checkReaderKeepsPace(_ name: String, rate: Double, mechanism: String, track: String) throws {
+        var with: [Double] = []
+        var without: [Double] = []
+        func block(limited: Bool, seconds: Int) throws {
+            if limited {
+                try setLimit(name, rate: rate, mechanism: mechanism)
+            } else {
+                XCTAssertEqual(try CLI.run(["limit", "--vm", name, "--cancel"]).status, 0)
+            }
+            Thread.sleep(forTimeInterval: 0.5)
+            let pace = try samples(name, count: seconds).map(\.readerGuestPagesPerSecond)
+            if limited { with += pace } else { without += pace }
+        }
+        func round() throws {
+            try block(limited: false, seconds: 3)
+            try block(limited: true, seconds: 6)
+            try block(limited: false, seconds: 3)
+        }
+        try round()
+        var ratio = upperQuartile(with) / upperQuartile(without)
+        if ratio < 0.9 {
+            print("\(track) at \(rate) MiB/s: reader \(String(format: "%.2f", ratio)) of its pace without the limit (with \(millions(with)), without \(millions(without)) M); one more round")
+            try round()
+            ratio = upperQuartile(with) / upperQuartile(without)
+        }
+        try setLimit(name, rate: rate, mechanism: mechanism)
+        print("\(track) at \(rate) MiB/s: reader M guest pages/s with the limit \(millions(with)), without \(millions(without)); upper quartiles \(String(format: "%.2f", ratio))")
+        XCTAssertGreaterThanOrEqual(ratio, 0.9, "the reader keeps its pace")
     }
 
     private func setLimit(_ name: String, rate: Double, mechanism: String) throws {
@@ -111,6 +128,9 @@ final class LimitTests: XCTestCase {
         }
     }
 }
+
+private func millions(_ samples: [LimitTests.Sample]) -> String { millions(samples.map(\.readerGuestPagesPerSecond)) }
+private func millions(_ values: [Double]) -> String { values.map { String(Int($0 / 1e6)) }.joined(separator: " ") }
 
 /// The value a quarter of the samples are above (the 4th of 5, the 8th of 10).
 private func upperQuartile(_ values: [Double]) -> Double {
