@@ -18,7 +18,7 @@ _dirtymig() {
     case "$command" in
         boot) options="--memory --vcpus --workload --track --ring-entries --control --name --guest-output --detach --export-image --export-config --help" ;;
         migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --verify --json --stats --plot --throttle --memory --vcpus --workload --track --continuous --checkpoint-interval --checkpoint-pages --replication --stop-replication --psk-file --tls-dir --tls-peer --insecure --help" ;;
-        receive) options="--listen --control --name --guest-output --once --detach --standby --failover --failover-after --psk-file --tls-dir --tls-peer --insecure --help" ;;
+        receive) options="--listen --memory --control --name --guest-output --once --detach --standby --failover --failover-after --psk-file --tls-dir --tls-peer --insecure --help" ;;
         dirtyrate) options="--vm --mode --interval --count --json --help" ;;
         limit) options="--vm --vcpu --rate --cancel --show --json --help" ;;
         list) options="--json --help" ;;

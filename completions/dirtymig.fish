@@ -55,6 +55,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l tls-dir -x -a '
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l tls-peer -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l insecure
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l listen -x
+complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l memory -x -d "allocate guest RAM for a VM of SIZE before listening"
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l control -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l name -x
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l guest-output -r -F

@@ -12,9 +12,11 @@ import Foundation
 /// reads their output and polls the source's counters (100 ms apart) until the guest is ready;
 /// during the migration it waits in waitpid.
 ///
-/// `credentials` (`--psk-file FILE`) go to both `receive` and `migrate`.
-func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
-                             conditions: MigrationRunConditions, credentials: [String] = []) throws -> MigrationMeasurement {
+/// `credentials` (`--psk-file FILE`) go to both `receive` and `migrate`. `prepareMemory` starts
+/// the receiver with `--memory` (the VM's size): it allocates the RAM before it listens, as QEMU's
+/// destination does with -mem-prealloc, so the clock starts on resident memory.
+func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, conditions: MigrationRunConditions,
+                             credentials: [String] = [], prepareMemory: Bool = false) throws -> MigrationMeasurement {
     let scratch = try ScratchDirectory("dirtymig-bench")
     // Kept until the processes below are stopped (this defer runs last): Swift may otherwise
     // release it after its last use and remove the sockets under running programs.
@@ -30,7 +32,8 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String,
     Thread.sleep(forTimeInterval: conditions.settleSeconds)
 
     let port = try freeLoopbackPort()
-    let receive = try ChildProcess(dirtymig, ["receive", "--listen", "127.0.0.1:\(port)", "--control", destination] + credentials,
+    let prepare = prepareMemory ? ["--memory", "\(scenario.memory >> 20)M"] : []
+    let receive = try ChildProcess(dirtymig, ["receive", "--listen", "127.0.0.1:\(port)", "--control", destination] + prepare + credentials,
                                    stdout: .pipe, stderrPath: scratch.file("receive.log"))
     defer { receive.stop() }
     _ = try receive.expectLine(containing: "listening", timeout: 60)

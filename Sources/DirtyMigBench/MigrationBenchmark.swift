@@ -21,24 +21,25 @@ struct MigrationBenchmarkOptions {
 
 /// Who migrates, and how it is started.
 ///
-/// QEMU runs twice per round, because the line `dirtymig boot --export-image` prints has
-/// -mem-prealloc and the choice moves a cost across the clock: with it, QEMU faults in all guest
-/// RAM of both processes when they start, before `migrate`, so its destination receives into
-/// memory that is already there; without it, the destination faults pages in as they arrive,
-/// inside the clock, as dirtymig's receiver must (it learns the VM's size only when the source
-/// says hello). Users who run the printed line get the first; the second is the same work on
-/// both sides of the clock as dirtymig. The table shows both.
+/// Each migrator runs twice per round, because the line `dirtymig boot --export-image` prints
+/// has -mem-prealloc and the choice moves a cost across the clock: with it, QEMU faults in all
+/// guest RAM of both processes when they start, before `migrate`, so its destination receives
+/// into memory that is already there; without it, the destination faults pages in as they
+/// arrive, inside the clock. dirtymig's receiver does the same with `receive --memory SIZE`
+/// (dirtymig-prepared) and without it. Users who run the printed line get the first; the table
+/// shows both kinds, each next to its like.
 ///
 /// The encrypted migrators use TLS 1.3 with one pre-shared key (`BenchPSK`): dirtymig with
 /// `--psk-file` on `receive` and `migrate`, QEMU with a `tls-creds-psk` object on both sides and
 /// the migration parameter tls-creds (its destination started with `-incoming defer`, as QEMU's
 /// documentation says for TLS).
 enum Migrator: CaseIterable {
-    case dirtymig, qemuPrealloc, qemu, dirtymigInProcess, dirtymigPSK, qemuPreallocPSK, qemuPSK
+    case dirtymig, dirtymigPrepared, qemuPrealloc, qemu, dirtymigInProcess, dirtymigPSK, qemuPreallocPSK, qemuPSK
 
     var label: String {
         switch self {
         case .dirtymig: return "dirtymig"
+        case .dirtymigPrepared: return "dirtymig, receive --memory (RAM prepared at start, as -mem-prealloc)"
         case .qemuPrealloc: return "QEMU 7.2, exported line as printed (-mem-prealloc)"
         case .qemu: return "QEMU 7.2, without -mem-prealloc"
         case .dirtymigInProcess: return "dirtymig in-process (not how users run it)"
@@ -62,6 +63,7 @@ enum Migrator: CaseIterable {
     var shortLabel: String {
         switch self {
         case .dirtymig: return "dirtymig"
+        case .dirtymigPrepared: return "dirtymig-prepared"
         case .qemuPrealloc: return "qemu-prealloc"
         case .qemu: return "qemu"
         case .dirtymigInProcess: return "in-process"
@@ -74,7 +76,8 @@ enum Migrator: CaseIterable {
     var isQEMU: Bool { [.qemu, .qemuPrealloc, .qemuPSK, .qemuPreallocPSK].contains(self) }
 }
 
-/// Which QEMU rows to run (`--qemu-prealloc both|yes|no`).
+/// Which rows to run (`--prealloc both|yes|no`): with the destination's RAM allocated before
+/// the clock (QEMU -mem-prealloc, dirtymig receive --memory), without, or both.
 enum QEMUPreallocChoice: String {
     case both, yes, no
 }
@@ -92,7 +95,9 @@ func dirtymigBesideBenchmark() throws -> String {
 func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     let dirtymig = try dirtymigBesideBenchmark()
     let qemu = options.withQEMU && qemuExecutable() != nil
-    var migrators: [Migrator] = [.dirtymig]
+    var migrators: [Migrator] = []
+    if options.qemuPrealloc != .yes { migrators.append(.dirtymig) }
+    if options.qemuPrealloc != .no { migrators.append(.dirtymigPrepared) }
     if qemu && options.qemuPrealloc != .no { migrators.append(.qemuPrealloc) }
     if qemu && options.qemuPrealloc != .yes { migrators.append(.qemu) }
     if options.encrypted { migrators += migrators.compactMap(\.encrypted) }
@@ -128,6 +133,8 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
                 let measurement: MigrationMeasurement
                 switch migrator {
                 case .dirtymig: measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions)
+                case .dirtymigPrepared:
+                    measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, prepareMemory: true)
                 case .qemu: measurement = try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions)
                 case .qemuPrealloc: measurement = try runQEMUProcessMigration(scenario, guest: qemuPreallocGuest!, conditions: conditions)
                 case .dirtymigInProcess: measurement = try runDirtymigInProcessMigration(scenario, conditions: conditions)

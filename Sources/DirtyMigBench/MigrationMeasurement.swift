@@ -52,7 +52,7 @@ struct MigrationRunConditions {
                           : "destination memory not warmed (cold: freed more than 2 s before)",
                      "migration starts \(format(settleSeconds)) s after the guest is ready + \(format(paceWindowSeconds)) s pace window",
                      qmpPollSeconds.map { "QEMU polled with query-migrate every \(Int($0 * 1000)) ms" } ?? "QEMU not polled (MIGRATION event)",
-                     "QEMU with -mem-prealloc faults in all guest RAM of both processes at their start (before the clock), without it on first touch (inside the clock, as dirtymig's receiver)",
+                     "QEMU with -mem-prealloc faults in all guest RAM of both processes at their start (before the clock), without it on first touch (inside the clock); dirtymig's receiver likewise with --memory (dirtymig-prepared: before the clock) and without it (as pages arrive)",
                      "MiB/s = MiB sent / total time",
                      String(format: "other programs used at most %.0f %% of the CPUs during a migration (%.0f %% during an idle time)",
                             others.busiestMigration * 100, others.busiestIdle * 100)]

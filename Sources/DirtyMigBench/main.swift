@@ -7,8 +7,8 @@
 //       ring (harvested every millisecond) and quota (ring + quota accounting, no quota set).
 //
 //   dirtymig-bench migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting]
-//                            [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process]
-//                            [--qmp-poll MS] [--qemu-prealloc both|yes|no] [--encrypted]
+//                            [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process]
+//                            [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted]
 //       dirtymig's live migration next to QEMU 7.2's on the same guest, each run the way users
 //       run it, under the same conditions. Scenarios: 4 GiB never written (idle); 2 GiB with 1 GiB
 //       written once, then idle (written); 1 GiB with one vCPU rewriting 256 MiB at 200 MiB/s
@@ -22,9 +22,12 @@
 //       command line `dirtymig boot --export-image FILE --export-config FILE2` prints for the
 //       same options, each run twice per round: as printed, with -mem-prealloc (QEMU faults in
 //       all guest RAM of both processes at start, before its clock), and without it (pages are
-//       faulted in as they arrive, inside the clock, as dirtymig's receiver must). The choice
-//       moves QEMU's figure a lot (written scenario, 30 Nov: 1.1-1.3 s with, 2.6-3.1 s
-//       without), so the table shows both; --qemu-prealloc yes|no keeps one. Migrated through
+//       faulted in as they arrive, inside the clock, as dirtymig's receiver does by default).
+//       The choice moves QEMU's figure a lot (written scenario, 30 Nov: 1.1-1.3 s with, 2.6-3.1 s
+//       without), so the table shows both, and dirtymig both ways too: plain `receive`, and
+//       `receive --memory SIZE` (dirtymig-prepared), which allocates the VM's RAM before it
+//       listens, as -mem-prealloc does. --prealloc yes|no keeps one kind on both sides
+//       (--qemu-prealloc is the old name). Migrated through
 //       QMP with max-bandwidth 100 GiB/s and downtime-limit 300 ms; during the migration only
 //       `query-migrate` is sent, every MS ms (--qmp-poll, default 100, at least 100; 0: never,
 //       QEMU's MIGRATION event ends the wait); the figures are QEMU's own.
@@ -36,7 +39,7 @@
 //       writer has done one whole pass; waits 0.2 s; starts the destination and waits until it
 //       listens; with --warm touches and frees the scenario's data size (WarmMemory); waits
 //       0.5 s (QEMU: reading the guest's pace; dirtymig's VM keeps it at hand); migrates.
-//       Order: dirtymig, QEMU as printed, QEMU without prealloc, then the same reversed, and so
+//       Order: dirtymig, dirtymig-prepared, QEMU as printed, QEMU without prealloc, then the same reversed, and so
 //       on (each migrator as often early as late in a round). N runs per cell (--runs, default
 //       5; fewer only with --quick, for smoke tests). The table gives the median (min-max) of
 //       total ms, downtime ms, passes, MiB sent and MiB/s (MiB sent / total time for all), then
@@ -188,7 +191,7 @@ func runAccuracy(intervals: Int) throws {
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--qemu-prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
 
 func usageError(_ message: String) -> Never {
     FileHandle.standardError.write(Data("dirtymig-bench: \(message)\n\(usage)".utf8))
@@ -235,8 +238,8 @@ func migrationOptions() -> MigrationBenchmarkOptions {
     }
     options.conditions.idleSeconds = option("--idle", default: 5)
     options.conditions.warm = arguments.contains("--warm")
-    if let choice = stringOption("--qemu-prealloc") {
-        guard let parsed = QEMUPreallocChoice(rawValue: choice) else { usageError("--qemu-prealloc \(choice): expected both, yes or no") }
+    if let choice = stringOption("--prealloc") ?? stringOption("--qemu-prealloc") {
+        guard let parsed = QEMUPreallocChoice(rawValue: choice) else { usageError("--prealloc \(choice): expected both, yes or no") }
         options.qemuPrealloc = parsed
     }
     let poll = option("--qmp-poll", default: 100)

@@ -19,16 +19,7 @@ enum BootCommand {
     /// Everything that can be checked without touching KVM; failures are usage errors (exit 2).
     static func options(_ arguments: ParsedArguments) throws(UsageError) -> Options {
         var options = Options(control: "")
-        if let memory = try arguments.size("memory") {
-            guard memory >= GuestLayout.minimumMemory else {
-                throw arguments.error("--memory \(ByteSize.format(memory)) is below the guest's minimum of \(ByteSize.format(GuestLayout.minimumMemory))")
-            }
-            guard memory <= GuestLayout.maxAddressableBytes else {
-                throw arguments.error("--memory \(ByteSize.format(memory)) is more than the guest can map (\(ByteSize.format(GuestLayout.maxAddressableBytes)))")
-            }
-            guard memory % (2 << 20) == 0 else { throw arguments.error("--memory must be a multiple of 2 MiB") }
-            options.memory = memory
-        }
+        if let memory = try arguments.guestMemorySize() { options.memory = memory }
         if let vcpus = try arguments.count("vcpus") {
             guard vcpus <= GuestLayout.maxVCPUs else {
                 throw arguments.error("--vcpus \(vcpus): the workload guest supports at most \(GuestLayout.maxVCPUs) vCPUs")

@@ -22,6 +22,7 @@ enum ReceiveCommand {
         let guestOutput = try GuestOutputFile.requested(by: arguments)
         let security = try ChannelOptions.security(arguments)
         do { try security.checkListening(on: endpoint) } catch { throw arguments.error(error.description) }
+        let prepareSize = try arguments.guestMemorySize()
         if arguments.has("detach") { return try Detach.run(controlPath: controlPath, name: name, state: "listening") }
 
         let kvm: KVMSystem
@@ -31,14 +32,24 @@ enum ReceiveCommand {
         let server = ControlServer(path: controlPath, vmName: name)
         let vmName = name
         do { try server.start(serving: false) } catch { throw RuntimeFailure("\(error)") }
+        let log: @Sendable (String) -> Void = { line in printError("dirtymig receive: \(line)") }
+        let prepared = prepareSize.map { PreparedMemory(size: $0, log: log) }
         let receiver: MigrationReceiver
         do {
             receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name, standby: standby, security: security,
-                                                    log: { line in printError("dirtymig receive: \(line)") },
-                                                    guestOutput: guestOutput?.sink)
+                                                    log: log, guestOutput: guestOutput?.sink, preparedMemory: prepared)
         } catch {
             server.stop()
             throw RuntimeFailure("\(error)")
+        }
+        // Listening already (a port in use is reported at once), accepting not yet: a sender
+        // that connects now waits in the backlog until the memory is ready.
+        if let prepared {
+            do { try prepared.prepare() } catch {
+                server.stop()
+                if case .invalidConfiguration = error { throw arguments.error("\(error)") }
+                throw RuntimeFailure("\(error)")
+            }
         }
         // SIGINT/SIGTERM while listening ends the run; during an incoming migration it aborts it
         // (the source is told and resumes; see MigrationReceiver's commit point).
@@ -69,7 +80,7 @@ enum ReceiveCommand {
             return ["stopping": true]
         }
         server.serve()
-        emit("dirtymig: listening for \(standby == nil ? "a migration" : "a replication (standby, failover \(standby!.failover.rawValue))") on \(shown) (\(security.isEncrypted ? "TLS 1.3, \(security.optionsText)" : "plaintext")); control socket \(controlPath)")
+        emit("dirtymig: listening for \(standby == nil ? "a migration" : "a replication (standby, failover \(standby!.failover.rawValue))") on \(shown) (\(security.isEncrypted ? "TLS 1.3, \(security.optionsText)" : "plaintext"))\(prepared.map { "; \(ByteSize.format($0.size)) of guest memory prepared in \(String(format: "%.2f", $0.secondsToPrepare)) s" } ?? ""); control socket \(controlPath)")
 
         while true {
             let machine: Machine

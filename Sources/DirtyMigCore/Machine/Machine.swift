@@ -50,7 +50,11 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     private var msrIndices: [UInt32]?
     public private(set) var startTime: UInt64 = 0
 
-    public init(_ configuration: MachineConfiguration, kvm: KVMSystem? = nil, boot: Boot = .fresh) throws(MachineError) {
+    /// `memory`: guest RAM already allocated for this VM (PreparedMemory, for an incoming VM),
+    /// of exactly its size; nil allocates it here.
+    public init(_ configuration: MachineConfiguration, kvm: KVMSystem? = nil, boot: Boot = .fresh,
+                memory prepared: GuestMemory? = nil) throws(MachineError) {
+        precondition(prepared == nil || prepared?.size == configuration.memorySize)
         self.configuration = configuration
         self.boot = boot
         do {
@@ -58,10 +62,11 @@ public final class Machine: IncomingVM, @unchecked Sendable {
             try configuration.validate(against: kvm)
             // Before any allocation: a VM that would not fit is refused with the figures, not
             // OOM-killed later with no message (and another VM with it).
-            try configuration.checkMemoryAvailable()
+            // (Prepared memory was checked, and is resident, already.)
+            if prepared == nil { try configuration.checkMemoryAvailable() }
             self.kvm = kvm
             vm = try kvm.createVM()
-            memory = try GuestMemory(size: configuration.memorySize)
+            memory = try prepared ?? GuestMemory(size: configuration.memorySize)
             holds = VCPUHolds(vcpuCount: configuration.vcpuCount)
             let memory = self.memory, vcpuCount = configuration.vcpuCount
             pace = GuestPaceHistory(read: { GuestStats(memory: memory, vcpuCount: vcpuCount).vcpus.map(\.pages) })

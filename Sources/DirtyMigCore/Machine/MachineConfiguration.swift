@@ -51,8 +51,8 @@ public struct MachineConfiguration: Sendable {
         try MemoryBudget.check(needed: residentBytes, for: "VM '\(name)' (\(ByteSize.format(memorySize)) of RAM)")
     }
 
-    /// Refuses requests this host cannot satisfy, before anything is allocated.
-    public func validate(against kvm: KVMSystem) throws(MachineError) {
+    /// A guest RAM size this host and the workload guest can have (boot's and receive's --memory).
+    public static func validate(memorySize: UInt64) throws(MachineError) {
         if memorySize < GuestLayout.minimumMemory || memorySize % (2 << 20) != 0 {
             throw .invalidConfiguration("memory must be a multiple of 2 MiB and at least \(GuestLayout.minimumMemory >> 20) MiB")
         }
@@ -63,6 +63,11 @@ public struct MachineConfiguration: Sendable {
         if memorySize > GuestLayout.maxAddressableBytes {
             throw .invalidConfiguration("the workload guest maps at most \(GuestLayout.maxAddressableBytes >> 30) GiB of RAM")
         }
+    }
+
+    /// Refuses requests this host cannot satisfy, before anything is allocated.
+    public func validate(against kvm: KVMSystem) throws(MachineError) {
+        try Self.validate(memorySize: memorySize)
         if vcpuCount < 1 || vcpuCount > min(kvm.maxVCPUs, GuestLayout.maxVCPUs) {
             throw .invalidConfiguration("--vcpus \(vcpuCount): this host allows 1 to \(min(kvm.maxVCPUs, GuestLayout.maxVCPUs)) vCPUs (KVM allows \(kvm.maxVCPUs), the guest \(GuestLayout.maxVCPUs))")
         }

@@ -26,9 +26,14 @@ public final class GuestMemory: @unchecked Sendable {
     public let fd: FileDescriptor
     private let mapping: MappedRegion
 
-    public init(size: UInt64) throws(SystemError) {
+    /// Populated in full before a VM was built on it (PreparedMemory, `receive --memory`): a
+    /// receiver has no pages to allocate ahead of its writes or after the VM resumes.
+    public let allocatedAhead: Bool
+
+    public init(size: UInt64, allocatedAhead: Bool = false) throws(SystemError) {
         precondition(size % GuestLayout.pageSize == 0)
         self.size = size
+        self.allocatedAhead = allocatedAhead
         let raw = ckvm_memfd_create("dirtymig-guest-ram", 1 /* MFD_CLOEXEC */)
         if raw < 0 { throw SystemError("memfd_create") }
         fd = FileDescriptor(owning: raw)

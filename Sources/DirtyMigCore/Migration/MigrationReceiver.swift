@@ -54,6 +54,8 @@ public final class MigrationReceiver: Sendable {
     /// Where a received VM's guest output lines go (GuestOutput.setSink), set before it runs,
     /// so the first lines it emits here are not dropped.
     public let guestOutput: (@Sendable (String) -> Void)?
+    /// Guest memory allocated before any migration (`receive --memory`), for a VM of its size.
+    public let preparedMemory: PreparedMemory?
     /// One line per event a person watching the receiver needs (a refused peer, a failed or
     /// aborted migration and whether a partial VM was dropped): stderr in `dirtymig receive`.
     private let log: @Sendable (String) -> Void
@@ -87,8 +89,9 @@ public final class MigrationReceiver: Sendable {
     public init(listener: TCPSocket, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
                 standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
                 log: @escaping @Sendable (String) -> Void = { _ in },
-                guestOutput: (@Sendable (String) -> Void)? = nil) {
+                guestOutput: (@Sendable (String) -> Void)? = nil, preparedMemory: PreparedMemory? = nil) {
         self.listener = listener
+        self.preparedMemory = preparedMemory
         self.kvm = kvm
         self.name = name
         self.limits = limits
@@ -104,11 +107,13 @@ public final class MigrationReceiver: Sendable {
     public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
                               standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
                               log: @escaping @Sendable (String) -> Void = { _ in },
-                              guestOutput: (@Sendable (String) -> Void)? = nil) throws(MigrationError) -> MigrationReceiver {
+                              guestOutput: (@Sendable (String) -> Void)? = nil,
+                              preparedMemory: PreparedMemory? = nil) throws(MigrationError) -> MigrationReceiver {
         do { try security.checkListening(on: endpoint) } catch { throw .channel(error) }
         do {
             return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits,
-                                     standby: standby, security: security, log: log, guestOutput: guestOutput)
+                                     standby: standby, security: security, log: log, guestOutput: guestOutput,
+                                     preparedMemory: preparedMemory)
         } catch {
             if error.errno == EADDRINUSE || error.errno == EADDRNOTAVAIL || error.errno == EACCES {
                 throw .listen(SystemError("listen on \(endpoint)", errno: error.errno))
@@ -310,6 +315,7 @@ public final class MigrationReceiver: Sendable {
             channel.sendAbort(error.description)
             log("the migration from \(peer) failed: \(error); \(built ? "its partial VM was discarded" : "nothing had been allocated for it")")
             outcome = .failure(error)
+            preparedMemory?.replaceIfTaken()   // a VM built on it failed: its pages are spoilt
         }
         deliver(outcome, releasing: id)
     }
@@ -346,8 +352,14 @@ public final class MigrationReceiver: Sendable {
     /// Builds the empty VM the hello announces, after checking it against this host.
     private func build(_ hello: MigrationHello) throws(MigrationError) -> Machine {
         let configuration = try Self.configuration(for: hello, kvm: kvm, name: name, hostTSCKHz: hostTSCKHz)
+        let prepared = preparedMemory?.take(size: configuration.memorySize)
+        if let preparedMemory, prepared == nil {
+            log(preparedMemory.size == configuration.memorySize
+                ? "the prepared guest memory is being prepared again: this VM gets fresh memory"
+                : "the incoming VM has \(ByteSize.format(configuration.memorySize)) of RAM, not the \(ByteSize.format(preparedMemory.size)) prepared with --memory: it gets fresh memory")
+        }
         do {
-            let machine = try Machine(configuration, kvm: kvm, boot: .incoming)
+            let machine = try Machine(configuration, kvm: kvm, boot: .incoming, memory: prepared)
             machine.output.setSink(guestOutput)
             return machine
         } catch {

@@ -175,7 +175,7 @@ final class PageReceiver {
             return planWords
         }
         let plan = DirtyPageBitmap(pageCount: memory.pageCount, words: planWords)
-        guard prefaulter == nil, pagesReceived == 0 else { return }
+        guard prefaulter == nil, pagesReceived == 0, !memory.allocatedAhead else { return }
         prefaulter = PagePrefaulter(memory: memory, plan: plan)
     }
 
@@ -188,7 +188,7 @@ final class PageReceiver {
     /// page, against 180 million at the source). Not during downtime: it would only lengthen it.
     func populateAfterResume() {
         let runs = allocatedAtSource.runs()
-        guard !runs.isEmpty else { return }
+        guard !runs.isEmpty, !memory.allocatedAhead else { return }
         let memory = self.memory
         _ = OSThread(name: "populate-zeros") {
             for run in runs {
@@ -236,6 +236,20 @@ final class PageReceiver {
         for range in ranges {
             let first = Int(range.firstPage), end = first + Int(range.count)
             switch range.kind {
+            case .data where memory.allocatedAhead:
+                // Prepared memory (receive --memory) is resident and mapped here: the bytes go
+                // from the connection straight into it, one copy, no fault, no second thread.
+                var page = first
+                while page < end {
+                    let chunkEnd = min(end, page + Self.chunkPages)
+                    let target = memory.base + page * 4096
+                    do { try channel.transport.receive(into: target, count: (chunkEnd - page) * 4096) } catch {
+                        throw .connection(error)
+                    }
+                    writer.withDigest { $0?.landed(page..<chunkEnd, from: target) }
+                    page = chunkEnd
+                }
+                hasData.set(first..<end)
             case .data:
                 // Connection -> a chunk -> (the writer's thread) the memory file, while this
                 // thread reads the next chunk.
