@@ -118,7 +118,7 @@ final class PreparedMemoryCLITests: ProcessTestCase {
         XCTAssertTrue(odd.stderr.contains("multiple of 2 MiB"), odd.stderr)
         // More than this host has: refused with the figures, before anything is allocated.
         let hostBytes = UInt64(sysconf(Int32(_SC_PHYS_PAGES))) * UInt64(sysconf(Int32(_SC_PAGESIZE)))
-        let huge = (hostBytes + (4 << 30)) >> 20
+        let huge = ((hostBytes >> 21) + 2048) * 2   // MiB: 4 GiB more than the host, a multiple of 2 MiB
         let tooMuch = try CLI.run(["receive", "--listen", "127.0.0.1:\(port)", "--memory", "\(huge)M", "--control", socket("huge")])
         XCTAssertNotEqual(tooMuch.status, 0, tooMuch.stderr)
         XCTAssertTrue(tooMuch.stderr.contains("more than"), tooMuch.stderr)
