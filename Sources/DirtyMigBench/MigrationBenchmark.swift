@@ -34,7 +34,7 @@ struct MigrationBenchmarkOptions {
 /// the migration parameter tls-creds (its destination started with `-incoming defer`, as QEMU's
 /// documentation says for TLS).
 enum Migrator: CaseIterable {
-    case dirtymig, dirtymigPrepared, qemuPrealloc, qemu, dirtymigInProcess, dirtymigPSK, qemuPreallocPSK, qemuPSK
+    case dirtymig, dirtymigPrepared, qemuPrealloc, qemu, dirtymigInProcess, dirtymigPSK, dirtymigPreparedPSK, qemuPreallocPSK, qemuPSK
 
     var label: String {
         switch self {
@@ -44,6 +44,7 @@ enum Migrator: CaseIterable {
         case .qemu: return "QEMU 7.2, without -mem-prealloc"
         case .dirtymigInProcess: return "dirtymig in-process (not how users run it)"
         case .dirtymigPSK: return "dirtymig, TLS 1.3 PSK (--psk-file)"
+        case .dirtymigPreparedPSK: return "dirtymig, receive --memory, TLS 1.3 PSK (--psk-file)"
         case .qemuPreallocPSK: return "QEMU 7.2, TLS PSK (tls-creds-psk), -mem-prealloc"
         case .qemuPSK: return "QEMU 7.2, TLS PSK (tls-creds-psk), without -mem-prealloc"
         }
@@ -53,6 +54,7 @@ enum Migrator: CaseIterable {
     var encrypted: Migrator? {
         switch self {
         case .dirtymig: return .dirtymigPSK
+        case .dirtymigPrepared: return .dirtymigPreparedPSK
         case .qemuPrealloc: return .qemuPreallocPSK
         case .qemu: return .qemuPSK
         default: return nil
@@ -68,6 +70,7 @@ enum Migrator: CaseIterable {
         case .qemu: return "qemu"
         case .dirtymigInProcess: return "in-process"
         case .dirtymigPSK: return "dirtymig-psk"
+        case .dirtymigPreparedPSK: return "dirtymig-prepared-psk"
         case .qemuPreallocPSK: return "qemu-prealloc-psk"
         case .qemuPSK: return "qemu-psk"
         }
@@ -141,6 +144,9 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
                 case .dirtymigPSK:
                     measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
                                                               credentials: ["--psk-file", psk.file])
+                case .dirtymigPreparedPSK:
+                    measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
+                                                              credentials: ["--psk-file", psk.file], prepareMemory: true)
                 case .qemuPSK: measurement = try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions, psk: psk)
                 case .qemuPreallocPSK:
                     measurement = try runQEMUProcessMigration(scenario, guest: qemuPreallocGuest!, conditions: conditions, psk: psk)

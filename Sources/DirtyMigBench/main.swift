@@ -52,8 +52,8 @@
 //       pre-shared key (a private directory's keys.psk, "dirtymig:HEX", mode 0600): dirtymig with
 //       `--psk-file` on receive and migrate; QEMU with `-object tls-creds-psk` on both sides,
 //       the migration parameter tls-creds, and its destination on `-incoming defer` then
-//       `migrate-incoming` (QEMU's way for TLS). --only takes dirtymig-psk, qemu-psk and
-//       qemu-prealloc-psk too.
+//       `migrate-incoming` (QEMU's way for TLS). --only takes dirtymig-psk, dirtymig-prepared-psk,
+//       qemu-psk and qemu-prealloc-psk too.
 //       --in-process adds a row "dirtymig in-process (not how users run it)": sender and
 //       receiver in the benchmark's own process (as `dirtymig migrate` with neither --vm nor
 //       --to), same conditions, for comparison with the figures that benchmark used to print.

@@ -210,3 +210,19 @@ class ProcessTestCase: XCTestCase {
         return String(decoding: data, as: UTF8.self)
     }
 }
+
+/// Starts `dirtymig migrate --vm SOCKET --to 127.0.0.1:PORT` at 5 MiB/s (seconds for the tens of
+/// MiB a test guest has written), SIGKILLs the source VM's process 1.5 s in, and returns
+/// migrate's exit status once it has ended.
+func migrateKillingTheSource(_ source: Process, socket: String, port: UInt16) throws -> Int32 {
+    let migrate = Process()
+    migrate.executableURL = CLI.binary
+    migrate.arguments = ["migrate", "--vm", socket, "--to", "127.0.0.1:\(port)", "--bandwidth", "5M"]
+    migrate.standardOutput = Pipe()
+    migrate.standardError = Pipe()
+    try migrate.run()
+    Thread.sleep(forTimeInterval: 1.5)
+    kill(source.processIdentifier, SIGKILL)
+    migrate.waitUntilExit()
+    return migrate.terminationStatus
+}

@@ -97,16 +97,7 @@ final class MigrationFailureTests: XCTestCase {
 
         let doomed = try bootSource(first)
         defer { if doomed.isRunning { doomed.terminate() } }
-        let migrate = Process()
-        migrate.executableURL = CLI.binary
-        migrate.arguments = ["migrate", "--vm", socket(first), "--to", "127.0.0.1:\(port)", "--bandwidth", "5M"]
-        migrate.standardOutput = Pipe()
-        migrate.standardError = Pipe()
-        try migrate.run()
-        Thread.sleep(forTimeInterval: 1.5)
-        kill(doomed.processIdentifier, SIGKILL)
-        migrate.waitUntilExit()
-        XCTAssertNotEqual(migrate.terminationStatus, 0)
+        XCTAssertNotEqual(try migrateKillingTheSource(doomed, socket: socket(first), port: port), 0)
 
         // The receiver dropped the partial VM and takes the next migration.
         let boot = try bootSource(second)

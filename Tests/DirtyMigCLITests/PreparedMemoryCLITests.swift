@@ -80,16 +80,7 @@ final class PreparedMemoryCLITests: ProcessTestCase {
         let (_, output, errors) = try startReceiver(destination, port: port, memory: "256M")
         let doomed = try bootSource(first)
         Thread.sleep(forTimeInterval: 1)   // tens of MiB written: seconds at 5 MiB/s
-        let migrate = Process()
-        migrate.executableURL = CLI.binary
-        migrate.arguments = ["migrate", "--vm", socket(first), "--to", "127.0.0.1:\(port)", "--bandwidth", "5M"]
-        migrate.standardOutput = Pipe()
-        migrate.standardError = Pipe()
-        try migrate.run()
-        Thread.sleep(forTimeInterval: 1.5)
-        kill(doomed.processIdentifier, SIGKILL)
-        migrate.waitUntilExit()
-        XCTAssertNotEqual(migrate.terminationStatus, 0)
+        XCTAssertNotEqual(try migrateKillingTheSource(doomed, socket: socket(first), port: port), 0)
 
         var log = ""
         let deadline = Date().addingTimeInterval(30)
