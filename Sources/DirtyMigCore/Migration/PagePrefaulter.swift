@@ -13,7 +13,8 @@ import Synchronization
 /// meeting half-way: pwrite + MADV_POPULATE_WRITE 0.46-0.59 s; pwrite + a store to every page
 /// 0.54-0.84 s; pwrite + fallocate 0.52-0.71 s with the writer starved (fallocate and pwrite take
 /// the same inode lock; it wrote 11-15 % of the pages); a store to every page on both threads
-/// (what the receiver did before it wrote through the file) 0.84-1.11 s.
+/// (what the receiver did before it wrote through the file) 0.84-1.11 s. Once the receiver
+/// reaches pages this thread has populated, it receives into them in place (`hasPopulated`).
 final class PagePrefaulter: Sendable {
     /// Pages per step (2 MiB): small enough to notice the receiver coming.
     static let chunkPages = 512
@@ -21,6 +22,9 @@ final class PagePrefaulter: Sendable {
     /// The page below which the receiver has written everything (it receives in page order).
     private let receivedUpTo = Atomic<Int>(0)
     private let populatedPages = Atomic<Int>(0)
+    /// Every planned page from here up is resident and mapped in this process (the thread
+    /// works down from the top); Int.max until the first chunk is done.
+    private let populatedDownTo = Atomic<Int>(Int.max)
 
     init(memory: GuestMemory, plan: DirtyPageBitmap) {
         let runs = plan.runs()
@@ -33,11 +37,16 @@ final class PagePrefaulter: Sendable {
                     if stopFlag.load(ordering: .relaxed) || start < receivedUpTo.load(ordering: .relaxed) { return }
                     do { try memory.populate(UInt64(start) * 4096..<UInt64(end) * 4096) } catch { return }
                     populatedPages.add(end - start, ordering: .relaxed)
+                    populatedDownTo.store(start, ordering: .releasing)
                     end = start
                 }
             }
         }
     }
+
+    /// Whether planned pages `pages` are resident and mapped already, so that the receiver may
+    /// write them in place (acquire: their population happened before).
+    func hasPopulated(_ pages: Range<Int>) -> Bool { pages.lowerBound >= populatedDownTo.load(ordering: .acquiring) }
 
     /// The receiver wrote every planned page below `page`.
     func received(upTo page: Int) { receivedUpTo.store(page, ordering: .relaxed) }

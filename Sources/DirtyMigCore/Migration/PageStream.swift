@@ -236,26 +236,26 @@ final class PageReceiver {
         for range in ranges {
             let first = Int(range.firstPage), end = first + Int(range.count)
             switch range.kind {
-            case .data where memory.allocatedAhead:
-                // Prepared memory (receive --memory) is resident and mapped here: the bytes go
-                // from the connection straight into it, one copy, no fault, no second thread.
-                var page = first
-                while page < end {
-                    let chunkEnd = min(end, page + Self.chunkPages)
-                    let target = memory.base + page * 4096
-                    do { try channel.transport.receive(into: target, count: (chunkEnd - page) * 4096) } catch {
-                        throw .connection(error)
-                    }
-                    writer.withDigest { $0?.landed(page..<chunkEnd, from: target) }
-                    page = chunkEnd
-                }
-                hasData.set(first..<end)
             case .data:
-                // Connection -> a chunk -> (the writer's thread) the memory file, while this
-                // thread reads the next chunk.
                 var page = first
                 while page < end {
                     let chunkEnd = min(end, page + Self.chunkPages)
+                    if memory.allocatedAhead || prefaulter?.hasPopulated(page..<chunkEnd) == true {
+                        // Resident and mapped here already (prepared memory, receive --memory, or
+                        // pages the prefaulter has reached): the bytes go from the connection
+                        // straight into guest memory, one copy, no fault, no second thread. (No
+                        // page comes twice in a pass, and passes end settled, so this cannot
+                        // overtake a queued write of the same page.)
+                        let target = memory.base + page * 4096
+                        do { try channel.transport.receive(into: target, count: (chunkEnd - page) * 4096) } catch {
+                            throw .connection(error)
+                        }
+                        writer.withDigest { $0?.landed(page..<chunkEnd, from: target) }
+                        page = chunkEnd
+                        continue
+                    }
+                    // Connection -> a chunk -> (the writer's thread) the memory file, while this
+                    // thread reads the next chunk.
                     let chunk = try writer.buffer()
                     do {
                         try channel.transport.receive(into: chunk, count: (chunkEnd - page) * 4096)
