@@ -49,6 +49,8 @@ final class PreparedMemoryCLITests: ProcessTestCase {
         // The RAM is resident before any sender connects: that is the point of the option.
         let resident = try residentBytes(receive.processIdentifier)
         XCTAssertGreaterThanOrEqual(resident, 256 << 20, "receive --memory 256M holds \(resident >> 20) MiB")
+        let status = try ControlClient(path: socket(destination)).call("query-status", timeout: 5)
+        XCTAssertEqual(status["prepared_memory"]?.doubleValue, Double(256 << 20), "\(status)")
         let boot = try bootSource(source)
         _ = try migrate(source, port: port)
         let received = try XCTUnwrap(CLI.readLine(output, timeout: 10))
