@@ -13,7 +13,7 @@ struct MigrationBenchmarkOptions {
     var inProcess = false
     /// Run only this migrator (for investigating one side; not a comparison).
     var only: Migrator?
-    var qemuPrealloc = QEMUPreallocChoice.both
+    var prealloc = PreallocChoice.both
     /// Add each migrator's encrypted run (dirtymig with --psk-file, QEMU with tls-creds-psk).
     var encrypted = false
     var conditions = MigrationRunConditions()
@@ -81,7 +81,7 @@ enum Migrator: CaseIterable {
 
 /// Which rows to run (`--prealloc both|yes|no`): with the destination's RAM allocated before
 /// the clock (QEMU -mem-prealloc, dirtymig receive --memory), without, or both.
-enum QEMUPreallocChoice: String {
+enum PreallocChoice: String {
     case both, yes, no
 }
 
@@ -99,10 +99,10 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     let dirtymig = try dirtymigBesideBenchmark()
     let qemu = options.withQEMU && qemuExecutable() != nil
     var migrators: [Migrator] = []
-    if options.qemuPrealloc != .yes { migrators.append(.dirtymig) }
-    if options.qemuPrealloc != .no { migrators.append(.dirtymigPrepared) }
-    if qemu && options.qemuPrealloc != .no { migrators.append(.qemuPrealloc) }
-    if qemu && options.qemuPrealloc != .yes { migrators.append(.qemu) }
+    if options.prealloc != .yes { migrators.append(.dirtymig) }
+    if options.prealloc != .no { migrators.append(.dirtymigPrepared) }
+    if qemu && options.prealloc != .no { migrators.append(.qemuPrealloc) }
+    if qemu && options.prealloc != .yes { migrators.append(.qemu) }
     if options.encrypted { migrators += migrators.compactMap(\.encrypted) }
     if options.inProcess { migrators.append(.dirtymigInProcess) }
     if let only = options.only {

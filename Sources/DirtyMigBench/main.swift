@@ -239,8 +239,8 @@ func migrationOptions() -> MigrationBenchmarkOptions {
     options.conditions.idleSeconds = option("--idle", default: 5)
     options.conditions.warm = arguments.contains("--warm")
     if let choice = stringOption("--prealloc") ?? stringOption("--qemu-prealloc") {
-        guard let parsed = QEMUPreallocChoice(rawValue: choice) else { usageError("--prealloc \(choice): expected both, yes or no") }
-        options.qemuPrealloc = parsed
+        guard let parsed = PreallocChoice(rawValue: choice) else { usageError("--prealloc \(choice): expected both, yes or no") }
+        options.prealloc = parsed
     }
     let poll = option("--qmp-poll", default: 100)
     guard poll == 0 || poll >= 100 else { usageError("--qmp-poll \(poll): at least 100 ms, or 0 for no polling (QEMU's MIGRATION event)") }

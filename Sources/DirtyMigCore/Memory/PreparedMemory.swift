@@ -26,8 +26,8 @@ public final class PreparedMemory: Sendable {
     private struct State {
         var memory: GuestMemory?
         var seconds = 0.0
+        /// Given to a VM, not yet replaced.
         var taken = false
-        var replacing = false
     }
 
     /// Nothing is allocated until `prepare()`.
@@ -59,28 +59,19 @@ public final class PreparedMemory: Sendable {
     }
 
     /// The VM built on the prepared memory failed before it ran (its partial memory was
-    /// dropped): prepares new memory on a background thread. Nothing if it was not taken.
+    /// dropped): prepares new memory on a background thread. Nothing if it was not taken (or
+    /// is being replaced already: `taken` is cleared here, once).
     public func replaceIfTaken() {
-        let go = state.withLock { state -> Bool in
-            guard state.taken, !state.replacing else { return false }
-            state.taken = false
-            state.replacing = true
-            return true
+        let wasTaken = state.withLock { state -> Bool in
+            defer { state.taken = false }
+            return state.taken
         }
-        guard go else { return }
-        let size = self.size, log = self.log
+        guard wasTaken else { return }
         _ = OSThread(name: "prepare-memory") { [self] in
-            let start = MonotonicClock.nanoseconds()
             do {
-                let memory = try Self.allocate(size)
-                state.withLock {
-                    $0.memory = memory
-                    $0.seconds = Double(MonotonicClock.nanoseconds() - start) / 1e9
-                    $0.replacing = false
-                }
-                log("prepared \(ByteSize.format(size)) of guest memory again in \(String(format: "%.2f", Double(MonotonicClock.nanoseconds() - start) / 1e9)) s")
+                try prepare()
+                log("prepared \(ByteSize.format(size)) of guest memory again in \(String(format: "%.2f", secondsToPrepare)) s")
             } catch {
-                state.withLock { $0.replacing = false }
                 log("could not prepare \(ByteSize.format(size)) of guest memory again (\(error)): the next VM gets fresh memory")
             }
         }
