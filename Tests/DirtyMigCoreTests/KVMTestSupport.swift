@@ -50,3 +50,65 @@ func writer(_ size: UInt64, rate: UInt64, pattern: AccessPattern = .sequential, 
 func reader(_ size: UInt64, offset: UInt64) -> VCPUWorkload {
     VCPUWorkload(kind: .read, offset: offset, size: size, seed: 2)
 }
+
+/// A thread's scheduling counters from `/proc/self/task/TID/schedstat`: nanoseconds on a CPU,
+/// nanoseconds runnable but waiting for one.
+enum ThreadSchedule {
+    struct Counters {
+        var onCPUSeconds: Double
+        var waitingSeconds: Double
+        /// Of the time the thread wanted a CPU, the share it had one.
+        var onCPUShare: Double { onCPUSeconds / max(onCPUSeconds + waitingSeconds, 1e-9) }
+        static func - (end: Counters, start: Counters) -> Counters {
+            Counters(onCPUSeconds: end.onCPUSeconds - start.onCPUSeconds, waitingSeconds: end.waitingSeconds - start.waitingSeconds)
+        }
+    }
+
+    /// The ids of this process's threads with that name.
+    static func threads(named name: String) -> Set<Int> {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+        return Set(tasks.filter {
+            (try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8))?
+                .trimmingCharacters(in: .whitespacesAndNewlines) == name
+        }.compactMap { Int($0) })
+    }
+
+    static func counters(_ thread: Int) -> Counters? {
+        guard let text = try? String(contentsOfFile: "/proc/self/task/\(thread)/schedstat", encoding: .utf8) else { return nil }
+        let fields = text.split(separator: " ").compactMap { Double($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        guard fields.count >= 2 else { return nil }
+        return Counters(onCPUSeconds: fields[0] / 1e9, waitingSeconds: fields[1] / 1e9)
+    }
+
+    /// Samples a thread every 50 ms until stopped, so that a thread that ends (a migrated VM's
+    /// vCPU) still has its last counters: `stop()` gives what it used since the start.
+    final class Sampler: @unchecked Sendable {
+        // @unchecked: `first`, `last` and `running` are used under `lock`.
+        private let lock = NSLock()
+        private var first: Counters?
+        private var last: Counters?
+        private var running = true
+        private var thread: Thread?
+
+        init(thread id: Int) {
+            first = ThreadSchedule.counters(id)
+            last = first
+            let thread = Thread { [self] in
+                while lock.withLock({ running }) {
+                    if let now = ThreadSchedule.counters(id) { lock.withLock { last = now } }
+                    Thread.sleep(forTimeInterval: 0.05)
+                }
+            }
+            self.thread = thread
+            thread.start()
+        }
+
+        func stop() -> Counters {
+            lock.withLock {
+                running = false
+                guard let first, let last else { return Counters(onCPUSeconds: 0, waitingSeconds: 0) }
+                return last - first
+            }
+        }
+    }
+}

@@ -69,25 +69,38 @@ final class ThrottleMigrationTests: XCTestCase {
         }
     }
 
-    /// The reader's pace during the migration is judged against its pace on both sides of it:
-    /// 2 s on the source before, and 2 s on the destination after (the same guest, its writer
-    /// unthrottled again, as before). On this PVM host the reader's pace drifts by ±20-30 % over
-    /// seconds with nothing of ours running (measured with the reader alone in a VM: 16-25
-    /// million pages/s from one second to the next), so a yardstick taken on one side only came
-    /// out anywhere from 0.73 to 1.0 of the one the report took 0.5 s later. The median of the
-    /// windows on both sides cancels a drift across the migration's 10-15 s.
-    /// The throttle's own effect is checked from its counters: it held the writer, and the reader
-    /// hardly ever.
+    /// Whether the throttle leaves the reader alone is judged three ways:
+    /// - its counters: it held the writer, and the reader hardly ever;
+    /// - the reader's thread had the CPU it asked for: of the time it was runnable during the
+    ///   migration, at least 80 % on a CPU (`/proc/self/task/TID/schedstat`: time on a CPU, time
+    ///   waiting for one). The sender, the receiver and the harvester share the 2 cores with it;
+    ///   a CPU throttle would take its time away in holds, which this does not count but the
+    ///   first check does;
+    /// - its pace in guest pages/s during the migration, against its pace on both sides of it
+    ///   (2 s on the source before, 2 s on the destination after: the same guest, its writer
+    ///   unthrottled again), at least half of it. On this PVM host the reader's pace moves by
+    ///   itself in spells of seconds between about 20 and 40 million pages/s, with nothing of ours
+    ///   changing, and the migration's 10 s and the 4 s around it can fall in different spells:
+    ///   the ratio came out 0.81-1.26 in six runs in a row here and 0.67 in one fresh-clone CI
+    ///   run. So one run cannot resolve the issue's 80 %: that figure is the benchmark's
+    ///   (`dirtymig-bench throttle`, medians of runs). Half still tells a throttle that slows
+    ///   every vCPU: under auto-converge the reader keeps 0.2-0.44.
     private func checkCompletes(_ throttle: ThrottleMode, tracking: TrackingMode, readerMustKeepPace: Bool) throws {
         let kvm = try requireKVM()
+        let otherMachines = ThreadSchedule.threads(named: "vcpu-1")
         let source = try boot(tracking, kvm: kvm)
         defer { source.stop() }
+        let newThreads = ThreadSchedule.threads(named: "vcpu-1").subtracting(otherMachines)
+        XCTAssertEqual(newThreads.count, 1, "the source's reading vCPU thread")
+        let readerThread = try XCTUnwrap(newThreads.first)
         let before = readerWindows(source, count: 4)
+        let sampler = ThreadSchedule.Sampler(thread: readerThread)
         var after: [Double] = []
         let report = try migrate(source, kvm: kvm, throttle: throttle, timeout: 150) { destination in
             Thread.sleep(forTimeInterval: 0.5)   // the destination's first touches of the reader's pages
             after = readerWindows(destination, count: 4)
         }
+        let readerSchedule = sampler.stop()
         XCTAssertLessThanOrEqual(report.downtimeSeconds, 0.3)
         XCTAssertEqual(report.throttle.mode, throttle)
         XCTAssertNotNil(report.throttle.startedSeconds, "the guest outruns the link: the throttle must start")
@@ -107,8 +120,11 @@ final class ThrottleMigrationTests: XCTestCase {
         let yardstick = (windows[windows.count / 2 - 1] + windows[windows.count / 2]) / 2
         let reader = report.guestPagesPerSecondDuring[1] / yardstick
         let millions = { (values: [Double]) in values.map { String(format: "%.0f", $0 / 1e6) }.joined(separator: " ") }
-        print("reader M pages/s: before \(millions(before)); during \(millions([report.guestPagesPerSecondDuring[1]])); after \(millions(after)); during / median of before and after \(String(format: "%.2f", reader))")
-        if readerMustKeepPace { XCTAssertGreaterThanOrEqual(reader, 0.8, "the reading vCPU keeps its pace") }
+        print("reader M pages/s: before \(millions(before)); during \(millions([report.guestPagesPerSecondDuring[1]])); after \(millions(after)); during / median of before and after \(String(format: "%.2f", reader)); its thread on a CPU \(String(format: "%.2f", readerSchedule.onCPUSeconds)) s, waiting for one \(String(format: "%.2f", readerSchedule.waitingSeconds)) s")
+        if readerMustKeepPace {
+            XCTAssertGreaterThanOrEqual(readerSchedule.onCPUShare, 0.8, "the reading vCPU's thread has a CPU when it wants one")
+            XCTAssertGreaterThanOrEqual(reader, 0.5, "the reading vCPU keeps its pace")
+        }
     }
 
     func testDirtyLimitConverges() throws { try checkCompletes(.dirtyLimit, tracking: .ring, readerMustKeepPace: true) }
