@@ -192,6 +192,49 @@ final class HardeningTests: ProcessTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: directory + "/bg.log"))
     }
 
+    /// `list` finds what runs in the default directory (here a private XDG_RUNTIME_DIR): a VM
+    /// with its memory, a receiver with its address and the RAM it has ready; both go after
+    /// `stop`, and an empty list says so.
+    func testListShowsVMsAndReceiversInTheDefaultDirectory() throws {
+        var environment = ProcessInfo.processInfo.environment
+        environment["XDG_RUNTIME_DIR"] = directory
+        func run(_ arguments: [String]) throws -> CLI.Result {
+            let result = try CLI.run(arguments, environment: environment)
+            XCTAssertEqual(result.status, 0, "\(arguments): \(result.stderr)")
+            return result
+        }
+        let port = try freePort()
+        _ = try run(["boot", "--name", "listvm", "--memory", "128M", "--vcpus", "1", "--detach"])
+        _ = try run(["receive", "--name", "listrx", "--listen", "127.0.0.1:\(port)", "--memory", "128M", "--detach"])
+        defer {
+            _ = try? CLI.run(["stop", "--vm", "listvm"], environment: environment)
+            _ = try? CLI.run(["stop", "--vm", "listrx"], environment: environment)
+        }
+
+        let rows = try run(["list", "--json"]).stdout.split(separator: "\n").map { try JSONValue.parse(String($0)) }
+        let vm = try XCTUnwrap(rows.first { $0["name"] == "listvm" }, "\(rows)")
+        XCTAssertEqual(vm["state"], "running")
+        XCTAssertEqual(vm["memory_bytes"]?.uint64Value, 128 << 20)
+        XCTAssertEqual(vm["socket"]?.stringValue, directory + "/dirtymig/listvm.sock")
+        let receiver = try XCTUnwrap(rows.first { $0["name"] == "listrx" }, "\(rows)")
+        XCTAssertEqual(receiver["state"], "listening")
+        XCTAssertEqual(receiver["listen"]?.stringValue, "127.0.0.1:\(port)")
+        XCTAssertEqual(receiver["prepared_memory_bytes"]?.uint64Value, 128 << 20)
+
+        let table = try run(["list"]).stdout
+        XCTAssertTrue(table.hasPrefix("NAME"), table)
+        let vmLine = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("listvm") }, table)
+        XCTAssertTrue(vmLine.contains("running") && vmLine.contains("128 MiB"), String(vmLine))
+        let receiverLine = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("listrx") }, table)
+        XCTAssertTrue(receiverLine.contains("128 MiB ready, on 127.0.0.1:\(port)"), String(receiverLine))
+
+        _ = try run(["stop", "--vm", "listvm"])
+        _ = try run(["stop", "--vm", "listrx"])
+        let empty = try run(["list"])
+        XCTAssertEqual(empty.stdout, "")
+        XCTAssertTrue(empty.stderr.contains("nothing is running"), empty.stderr)
+    }
+
     // MARK: Defect 5: a second sender
 
     func testASecondSenderIsToldTheReceiverIsBusy() throws {

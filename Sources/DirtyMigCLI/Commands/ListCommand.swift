@@ -16,7 +16,8 @@ enum ListCommand {
                 "name": .string(name), "state": status["state"] ?? .null, "pid": status["pid"] ?? .null,
                 "memory_bytes": status["memory_bytes"] ?? .null, "vcpus": status["vcpus"] ?? .null,
                 "track": status["track"] ?? .null, "uptime_s": status["uptime_s"] ?? .null,
-                "listen": status["listen"] ?? .null, "socket": .string(path),
+                "listen": status["listen"] ?? .null, "prepared_memory_bytes": status["prepared_memory"] ?? .null,
+                "socket": .string(path),
             ])
         }
         if arguments.has("json") {
@@ -30,7 +31,7 @@ enum ListCommand {
         func cell(_ text: String, _ width: Int) -> String { text.padding(toLength: max(width, text.count + 1), withPad: " ", startingAt: 0) }
         emit(cell("NAME", 16) + cell("STATE", 11) + cell("PID", 8) + cell("MEMORY", 9) + cell("VCPUS", 6) + cell("TRACK", 7) + cell("UPTIME", 9) + "SOCKET")
         for row in rows {
-            let memory = row["memory_bytes"]?.uint64Value.map { ByteSize.format($0) } ?? (row["listen"]?.stringValue.map { "on " + $0 } ?? "-")
+            let memory = row["memory_bytes"]?.uint64Value.map { ByteSize.format($0) } ?? receiverMemory(row)
             let uptime = row["uptime_s"]?.doubleValue.map { String(format: "%.0f s", $0) } ?? "-"
             emit(cell(row["name"]?.stringValue ?? "-", 16) + cell(row["state"]?.stringValue ?? "-", 11)
                  + cell(row["pid"]?.doubleValue.map { String(Int($0)) } ?? "-", 8) + cell(memory, 9)
@@ -38,5 +39,13 @@ enum ListCommand {
                  + cell(uptime, 9) + (row["socket"]?.stringValue ?? ""))
         }
         return 0
+    }
+
+    /// A receiver's memory cell: the address it listens on, after the RAM it has ready
+    /// (`receive --memory`).
+    private static func receiverMemory(_ row: JSONValue) -> String {
+        guard let listen = row["listen"]?.stringValue else { return "-" }
+        guard let prepared = row["prepared_memory_bytes"]?.uint64Value else { return "on " + listen }
+        return ByteSize.format(prepared) + " ready, on " + listen
     }
 }
