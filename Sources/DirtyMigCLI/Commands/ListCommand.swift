@@ -28,15 +28,20 @@ enum ListCommand {
             printError("dirtymig: nothing is running (no control socket answers in \(directory))")
             return 0
         }
-        func cell(_ text: String, _ width: Int) -> String { text.padding(toLength: max(width, text.count + 1), withPad: " ", startingAt: 0) }
-        emit(cell("NAME", 16) + cell("STATE", 11) + cell("PID", 8) + cell("MEMORY", 9) + cell("VCPUS", 6) + cell("TRACK", 7) + cell("UPTIME", 9) + "SOCKET")
-        for row in rows {
-            let memory = row["memory_bytes"]?.uint64Value.map { ByteSize.format($0) } ?? receiverMemory(row)
-            let uptime = row["uptime_s"]?.doubleValue.map { String(format: "%.0f s", $0) } ?? "-"
-            emit(cell(row["name"]?.stringValue ?? "-", 16) + cell(row["state"]?.stringValue ?? "-", 11)
-                 + cell(row["pid"]?.doubleValue.map { String(Int($0)) } ?? "-", 8) + cell(memory, 9)
-                 + cell(row["vcpus"]?.doubleValue.map { String(Int($0)) } ?? "-", 6) + cell(row["track"]?.stringValue ?? "-", 7)
-                 + cell(uptime, 9) + (row["socket"]?.stringValue ?? ""))
+        let header = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "TRACK", "UPTIME", "SOCKET"]
+        let lines: [[String]] = rows.map { row in
+            [row["name"]?.stringValue ?? "-", row["state"]?.stringValue ?? "-",
+             row["pid"]?.doubleValue.map { String(Int($0)) } ?? "-",
+             row["memory_bytes"]?.uint64Value.map { ByteSize.format($0) } ?? receiverMemory(row),
+             row["vcpus"]?.doubleValue.map { String(Int($0)) } ?? "-", row["track"]?.stringValue ?? "-",
+             row["uptime_s"]?.doubleValue.map { String(format: "%.0f s", $0) } ?? "-", row["socket"]?.stringValue ?? ""]
+        }
+        // Each column as wide as its widest cell, and at least as its header plus a space.
+        let widths = header.indices.map { column in ([header] + lines).map { $0[column].count }.max() ?? 0 }
+        for line in [header] + lines {
+            emit(line.indices.map { column in
+                column == line.count - 1 ? line[column] : line[column].padding(toLength: widths[column] + 2, withPad: " ", startingAt: 0)
+            }.joined())
         }
         return 0
     }
