@@ -287,7 +287,24 @@ int ctls_read(SSL *ssl, void *buffer, size_t length, size_t *got, int *saved_err
     ERR_clear_error();
     errno = 0;
     *got = 0;
-    return outcome(ssl, SSL_read_ex(ssl, buffer, length, got), saved_errno);
+    int code = outcome(ssl, SSL_read_ex(ssl, buffer, length, got), saved_errno);
+    // A failed read may have queued an alert for the peer (bad record mac ...): send it now, the
+    // write buffer (see ctls_tune) would otherwise keep it.
+    if (code != SSL_ERROR_NONE) {
+        int errno_before = errno;
+        (void)BIO_flush(SSL_get_wbio(ssl));
+        errno = errno_before;
+    }
+    return code;
+}
+
+int ctls_flush(SSL *ssl, int *saved_errno) {
+    errno = 0;
+    BIO *bio = SSL_get_wbio(ssl);
+    if (BIO_flush(bio) > 0) { *saved_errno = 0; return SSL_ERROR_NONE; }
+    *saved_errno = errno;
+    // SO_SNDTIMEO fired (EAGAIN on a blocking socket): as SSL_write reports it.
+    return BIO_should_retry(bio) ? SSL_ERROR_WANT_WRITE : SSL_ERROR_SYSCALL;
 }
 
 int ctls_write(SSL *ssl, const void *buffer, size_t length, int *saved_errno) {
@@ -302,12 +319,28 @@ void ctls_close(SSL *ssl) {
     ctls_sigpipe_begin(&state);
     // Our close_notify, without waiting for the peer's: the socket closes next.
     SSL_shutdown(ssl);
+    (void)BIO_flush(SSL_get_wbio(ssl));
     ERR_clear_error();
     ctls_sigpipe_end(&state);
 }
 
 void ctls_tune(SSL *ssl) {
     SSL_set_read_ahead(ssl, 1);
+    // Records go out in batches: a buffer of 256 KiB between the record layer and the socket,
+    // flushed at the end of every send (ctls_flush). One write(2) per 16 KiB record cost more
+    // in the kernel than the encryption itself. Measured over loopback (a C harness with this
+    // OpenSSL, 4 GiB per run, 4 runs each, alternated): 2.46-2.77 CPU-s per GiB and 646-740
+    // MiB/s with a write per record; 64 KiB batches 2.02-2.22 and 807-889; 256 KiB 1.78-1.91
+    // and 945-1,002. With kTLS the kernel takes whole records itself: no buffer then.
+    BIO *socket = SSL_get_wbio(ssl);
+    if (!socket || BIO_get_ktls_send(socket)) return;
+    BIO *buffer = BIO_new(BIO_f_buffer());
+    if (!buffer) return;
+    if (BIO_set_write_buffer_size(buffer, 256 << 10) <= 0 || !BIO_up_ref(socket)) { BIO_free(buffer); return; }
+    // The buffer holds its own reference to the socket BIO; SSL_set0_wbio drops the one the
+    // connection held as its write side (the read side keeps its own).
+    BIO_push(buffer, socket);
+    SSL_set0_wbio(ssl, buffer);
 }
 
 const char *ctls_protocol(SSL *ssl) { return SSL_get_version(ssl); }

@@ -77,10 +77,15 @@ void ctls_sigpipe_end(ctls_sigpipe_state *state);
 int ctls_handshake(SSL *ssl, int *saved_errno);
 int ctls_read(SSL *ssl, void *buffer, size_t length, size_t *got, int *saved_errno);
 int ctls_write(SSL *ssl, const void *buffer, size_t length, int *saved_errno);
+/// Sends what the write buffer holds (see ctls_tune): SSL_ERROR_NONE, or SSL_ERROR_WANT_WRITE
+/// (the send timeout) or SSL_ERROR_SYSCALL with *saved_errno. Every send ends with it.
+int ctls_flush(SSL *ssl, int *saved_errno);
 void ctls_close(SSL *ssl);
 
 /// Tunes a connection after its handshake: OpenSSL reads ahead into its read buffer (two
-/// records, see ctls_context_new), so one recv brings two records, not one record per two calls.
+/// records, see ctls_context_new), so one recv brings two records, not one record per two calls;
+/// records to send gather in a 256 KiB buffer until ctls_flush (one write per batch, not per
+/// record).
 void ctls_tune(SSL *ssl);
 
 /// SSL_get_version / the cipher's IANA name.

@@ -101,12 +101,19 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
                 }
             }
             if filled > 0 { try write(UnsafeRawPointer(staging), count: filled) }
+            // The records wait in OpenSSL's write buffer (ctls_tune) until this.
+            var savedErrno: Int32 = 0
+            try check(ctls_flush(ssl, &savedErrno), errno: savedErrno)
         }
     }
 
     private func write(_ bytes: UnsafeRawPointer, count: Int) throws(SystemError) {
         var savedErrno: Int32 = 0
-        let code = ctls_write(ssl, bytes, count, &savedErrno)
+        try check(ctls_write(ssl, bytes, count, &savedErrno), errno: savedErrno)
+    }
+
+    /// A write's or a flush's outcome.
+    private func check(_ code: Int32, errno savedErrno: Int32) throws(SystemError) {
         guard code == SSL_ERROR_NONE else {
             // A peer that hung up on us may have said why first, in an alert still to be read:
             // "bad record mac" is a receiver that found the stream altered on the way.
