@@ -136,12 +136,18 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
         let error = ctls_take_error(&words, words.count)
         let alert = ctls_received_alert(error)
         guard alert >= 0 else { return nil }
+        return alertMessage(alert, String(nulTerminated: words))
+    }
+
+    /// What an alert from the peer means, in words. A send sees it after the peer hung up; a
+    /// receive (records go out in batches, so the peer's alert can come first) sees it directly.
+    private func alertMessage(_ alert: Int32, _ words: String) -> String {
         let peer = server ? "the source" : "the destination"
         if alert == SSL_AD_BAD_RECORD_MAC {
-            return "\(peer) found a TLS record altered, cut or reordered in transit (\(String(nulTerminated: words))): the connection is being tampered with or corrupted on the way"
+            return "\(peer) found a TLS record altered, cut or reordered in transit (\(words)): the connection is being tampered with or corrupted on the way"
         }
-        if !receivedData { return Self.alertMeaning(alert, String(nulTerminated: words), peer: peer, security: security) }
-        return "\(peer) ended the encrypted channel: \(String(nulTerminated: words))"
+        if !receivedData { return Self.alertMeaning(alert, words, peer: peer, security: security) }
+        return "\(peer) ended the encrypted channel: \(words)"
     }
 
     /// Set for a connection one thread reads while another writes (see receive).
@@ -212,12 +218,8 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
             return SystemError("\(operation) (a TLS record failed its integrity check: the encrypted stream was altered, cut or reordered in transit)", errno: EBADMSG)
         }
         let alert = ctls_received_alert(error)
-        if alert >= 0 && !receivedData {
-            let peer = server ? "the source" : "the destination"
-            return SystemError("\(operation) (\(Self.alertMeaning(alert, String(nulTerminated: words), peer: peer, security: security)))", errno: EPROTO)
-        }
         if alert >= 0 {
-            return SystemError("\(operation) (the peer ended the encrypted channel: \(String(nulTerminated: words)))", errno: EPROTO)
+            return SystemError("\(operation) (\(alertMessage(alert, String(nulTerminated: words))))", errno: EPROTO)
         }
         return SystemError("\(operation) (TLS: \(String(nulTerminated: words)))", errno: EPROTO)
     }
