@@ -79,8 +79,8 @@ final class LimitTests: XCTestCase {
     /// (0.67-1.40 across runs). Pairs of 1 s samples through the CLI shared a spell, but one
     /// pair's ratio scatters by about ±20 % however short the windows (sd 0.19-0.29 with 0.1,
     /// 0.2 and 0.5 s windows, measured), and 24 of them gave 0.89 in one fresh-clone CI run and
-    /// 0.93-1.05 in others. Measured apart, the reader's true ratio here lies about 0.95-1.05
-    /// (60-pair runs). Sixty pairs of 0.2 s through the socket take about 36 s and resolve the
+    /// 0.93-1.05 in others. Measured apart, 60-pair runs gave 0.96-1.10 (geometric
+    /// means). Sixty pairs of 0.2 s through the socket take about 36 s and resolve the
     /// mean to about ±3 %; the CLI's 24 took about 60 s.
     /// Leaves the limit set.
     private func checkReaderKeepsPace(_ name: String, rate: Double, mechanism: String, track: String) throws {

@@ -88,19 +88,16 @@ enum ThreadSchedule {
         private var first: Counters?
         private var last: Counters?
         private var running = true
-        private var thread: Thread?
 
         init(thread id: Int) {
             first = ThreadSchedule.counters(id)
             last = first
-            let thread = Thread { [self] in
+            Thread { [self] in
                 while lock.withLock({ running }) {
                     if let now = ThreadSchedule.counters(id) { lock.withLock { last = now } }
                     Thread.sleep(forTimeInterval: 0.05)
                 }
-            }
-            self.thread = thread
-            thread.start()
+            }.start()
         }
 
         func stop() -> Counters {
