@@ -314,16 +314,6 @@ int ctls_write(SSL *ssl, const void *buffer, size_t length, int *saved_errno) {
     return outcome(ssl, SSL_write_ex(ssl, buffer, length, &written), saved_errno);
 }
 
-void ctls_close(SSL *ssl) {
-    ctls_sigpipe_state state;
-    ctls_sigpipe_begin(&state);
-    // Our close_notify, without waiting for the peer's: the socket closes next.
-    SSL_shutdown(ssl);
-    (void)BIO_flush(SSL_get_wbio(ssl));
-    ERR_clear_error();
-    ctls_sigpipe_end(&state);
-}
-
 void ctls_tune(SSL *ssl) {
     SSL_set_read_ahead(ssl, 1);
     // Records go out in batches: a buffer of 256 KiB between the record layer and the socket,

@@ -191,11 +191,47 @@ func runAccuracy(intervals: Int) throws {
 
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu]\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | --help\n"
 
 func usageError(_ message: String) -> Never {
     FileHandle.standardError.write(Data("dirtymig-bench: \(message)\n\(usage)".utf8))
     exit(2)
+}
+
+/// What each benchmark accepts: options that take a value, and flags. Anything else is refused
+/// before a run starts: a mistyped `--encrypted` would otherwise cost half an hour of the wrong
+/// measurement.
+let acceptedOptions: [String: (values: Set<String>, flags: Set<String>)] = [
+    "tracking": (["--seconds", "--runs", "--memory"], []),
+    "tracking-shapes": (["--seconds", "--runs"], []),
+    "accuracy": (["--seconds"], []),
+    "migration": (["--runs", "--idle", "--scenario", "--only", "--qmp-poll", "--prealloc", "--qemu-prealloc"],
+                  ["--quick", "--warm", "--no-qemu", "--in-process", "--encrypted"]),
+    "replication": (["--seconds", "--runs", "--only"], []),
+    "throttle": ([], ["--no-qemu", "--sweep"]),
+    "limit": ([], ["--no-qemu"]),
+]
+
+/// Refuses an unknown benchmark, an option it does not take, or an option without its value.
+func checkArguments() {
+    if ["--help", "-h", "help"].contains(benchmark) || arguments.dropFirst().contains(where: { $0 == "--help" || $0 == "-h" }) {
+        print(usage, terminator: "")
+        exit(0)
+    }
+    guard let accepted = acceptedOptions[benchmark] else { usageError("no benchmark named '\(benchmark)'") }
+    var index = 1
+    while index < arguments.count {
+        let argument = arguments[index]
+        if accepted.values.contains(argument) {
+            guard index + 1 < arguments.count else { usageError("\(argument) needs a value") }
+            index += 2
+        } else if accepted.flags.contains(argument) {
+            index += 1
+        } else {
+            let takes = (accepted.values.sorted() + accepted.flags.sorted()).joined(separator: " ")
+            usageError("\(benchmark) does not take '\(argument)'" + (takes.isEmpty ? " (it takes no options)" : "; it takes \(takes)"))
+        }
+    }
 }
 
 func option(_ name: String, default value: Double) -> Double {
@@ -248,6 +284,7 @@ func migrationOptions() -> MigrationBenchmarkOptions {
     return options
 }
 
+checkArguments()
 do {
     switch benchmark {
     case "tracking":

@@ -22,12 +22,15 @@ enum CLI {
         return candidates.first { FileManager.default.isExecutableFile(atPath: $0.path) } ?? candidates.last!
     }
 
+    /// `dirtymig-bench`, built next to `dirtymig`.
+    static var benchmarkBinary: URL { binary.deletingLastPathComponent().appendingPathComponent("dirtymig-bench") }
+
     struct Result { var status: Int32; var stdout: String; var stderr: String }
 
     @discardableResult
-    static func run(_ arguments: [String], environment: [String: String]? = nil) throws -> Result {
+    static func run(_ arguments: [String], environment: [String: String]? = nil, program: URL? = nil) throws -> Result {
         let process = Process()
-        process.executableURL = binary
+        process.executableURL = program ?? binary
         process.arguments = arguments
         if let environment { process.environment = environment }
         let out = Pipe(), err = Pipe()
@@ -151,7 +154,7 @@ class ProcessTestCase: XCTestCase {
         XCTAssertEqual(read(random, &bytes, 32), 32)
         close(random)
         let file = directory + "/" + name
-        FileManager.default.createFile(atPath: file, contents: Data((bytes.map { String(format: "%02x", $0) }.joined() + "\n").utf8),
+        _ = FileManager.default.createFile(atPath: file, contents: Data((bytes.map { String(format: "%02x", $0) }.joined() + "\n").utf8),
                                        attributes: [.posixPermissions: mode])
         return file
     }

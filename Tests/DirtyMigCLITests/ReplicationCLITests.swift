@@ -211,9 +211,24 @@ final class ReplicationCLITests: ProcessTestCase {
         XCTAssertEqual(plain.status, 1, plain.stdout)
         XCTAssertTrue(plain.stderr.contains("credentials") || plain.stdout.contains("credentials"), plain.stdout + plain.stderr)
         XCTAssertEqual(try replication()["status"]?.stringValue, "unprotected")
-
         // Through a relay that flips one byte of a TLS record well into the checkpoints.
-        let relay = try TamperingRelay(to: port, action: .flip, record: 3000)
+        try replicateThroughTamperingRelay(.flip, to: port, key: key, primary: primary)
+    }
+
+    func testAnEncryptedReplicationSurvivesARecordDroppedFromItsLastCheckpoint() throws {
+        let key = try makePSKFile("replication.psk")
+        let port = try freePort()
+        _ = try startStandby("standby", port: port, extra: ["--psk-file", key])
+        let primary = try bootPrimary(output: directory + "/primary.out")
+        try replicateThroughTamperingRelay(.drop, to: port, key: key, primary: primary)
+    }
+
+    /// Replicates with `key` through a relay that alters the stream well into the checkpoints:
+    /// the primary runs on unprotected; the standby refuses the altered checkpoint, keeps its last
+    /// committed one and, since its primary is alive, takes over only when told.
+    private func replicateThroughTamperingRelay(_ action: TamperingRelay.Action, to port: UInt16, key: String,
+                                                primary: Process) throws {
+        let relay = try TamperingRelay(to: port, action: action, record: 3000)
         defer { relay.stop() }
         let report = try replicate(to: relay.port, ["--psk-file", key])
         XCTAssertEqual(report["channel"]?["encrypted"]?.boolValue, true, report.serialized())

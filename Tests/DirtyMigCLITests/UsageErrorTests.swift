@@ -21,6 +21,32 @@ final class UsageErrorTests: XCTestCase {
         try expectUsageError(["boot", "stray"], mentions: ["unexpected argument 'stray'"])
     }
 
+    /// The benchmarks run for minutes to an hour: a mistyped option must stop them before they
+    /// start, not be ignored.
+    func testTheBenchmarkRefusesOptionsItDoesNotTake() throws {
+        let bench = CLI.benchmarkBinary
+        guard FileManager.default.isExecutableFile(atPath: bench.path) else {
+            throw XCTSkip("dirtymig-bench is not built next to \(CLI.binary.path)")
+        }
+        let cases: [([String], String)] = [
+            (["migration", "--encryted"], "migration does not take '--encryted'"),
+            (["throttle", "--runs", "3"], "throttle does not take '--runs'"),
+            (["migration", "--runs"], "--runs needs a value"),
+            (["migration", "--runs", "2"], "at least 5 runs"),
+            (["migrations"], "no benchmark named 'migrations'"),
+        ]
+        for (arguments, words) in cases {
+            let result = try CLI.run(arguments, program: bench)
+            XCTAssertEqual(result.status, 2, "\(arguments): \(result.stderr)")
+            XCTAssertTrue(result.stderr.contains(words) && result.stderr.contains("usage: dirtymig-bench"),
+                          "\(arguments): expected '\(words)' in: \(result.stderr)")
+            XCTAssertEqual(result.stdout, "", "\(arguments): nothing measured")
+        }
+        let help = try CLI.run(["migration", "--help"], program: bench)
+        XCTAssertEqual(help.status, 0, help.stderr)
+        XCTAssertTrue(help.stdout.contains("--encrypted") && help.stdout.contains("replication"), help.stdout)
+    }
+
     func testValuesThatDoNotParse() throws {
         try expectUsageError(["boot", "--memory", "1Q"], mentions: ["--memory", "unknown suffix 'Q'"])
         try expectUsageError(["boot", "--vcpus", "two"], mentions: ["--vcpus", "whole number"])

@@ -18,7 +18,7 @@ final class SecureChannelHandshakeTests: XCTestCase {
 
     private func security() throws -> ChannelSecurity {
         let file = directory + "/key.psk"
-        FileManager.default.createFile(atPath: file, contents: Data("test:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n".utf8),
+        _ = FileManager.default.createFile(atPath: file, contents: Data("test:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n".utf8),
                                        attributes: [.posixPermissions: 0o600])
         return try ChannelSecurity.load(pskFile: file, tlsDirectory: nil, peerName: nil, insecure: false)
     }
@@ -77,7 +77,7 @@ final class SecureChannelHandshakeTests: XCTestCase {
     func testKeyFilesAreReadOrRefusedWithAReason() throws {
         func write(_ name: String, _ text: String, mode: Int = 0o600) -> String {
             let file = directory + "/" + name
-            FileManager.default.createFile(atPath: file, contents: Data(text.utf8), attributes: [.posixPermissions: mode])
+            _ = FileManager.default.createFile(atPath: file, contents: Data(text.utf8), attributes: [.posixPermissions: mode])
             return file
         }
         let hex = String(repeating: "ab", count: 32)

@@ -80,7 +80,6 @@ int ctls_write(SSL *ssl, const void *buffer, size_t length, int *saved_errno);
 /// Sends what the write buffer holds (see ctls_tune): SSL_ERROR_NONE, or SSL_ERROR_WANT_WRITE
 /// (the send timeout) or SSL_ERROR_SYSCALL with *saved_errno. Every send ends with it.
 int ctls_flush(SSL *ssl, int *saved_errno);
-void ctls_close(SSL *ssl);
 
 /// Tunes a connection after its handshake: OpenSSL reads ahead into its read buffer (two
 /// records, see ctls_context_new), so one recv brings two records, not one record per two calls;

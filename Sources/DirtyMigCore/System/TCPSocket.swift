@@ -234,7 +234,7 @@ public final class TCPSocket: MigrationTransport {
             }
         }
         guard status == 0 else { return "?" }
-        return HostPort(host: String(cString: host), port: UInt16(String(cString: service)) ?? 0).description
+        return HostPort(host: String(nulTerminated: host), port: UInt16(String(nulTerminated: service)) ?? 0).description
     }
 
     /// Sends every byte of every buffer (writev; partial writes continue where they stopped).
