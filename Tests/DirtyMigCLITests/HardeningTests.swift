@@ -206,9 +206,12 @@ final class HardeningTests: ProcessTestCase {
         let port = try freePort()
         _ = try run(["boot", "--name", "listvm", "--memory", "128M", "--vcpus", "1", "--detach"])
         _ = try run(["receive", "--name", "listrx", "--listen", "127.0.0.1:\(port)", "--memory", "128M", "--detach"])
+        let key = directory + "/list.psk", pskPort = try freePort()
+        XCTAssertTrue(FileManager.default.createFile(atPath: key, contents: Data((String(repeating: "5a", count: 32) + "\n").utf8),
+                                                    attributes: [.posixPermissions: 0o600]))
+        _ = try run(["receive", "--name", "listpsk", "--listen", "127.0.0.1:\(pskPort)", "--psk-file", key, "--detach"])
         defer {
-            _ = try? CLI.run(["stop", "--vm", "listvm"], environment: environment)
-            _ = try? CLI.run(["stop", "--vm", "listrx"], environment: environment)
+            for name in ["listvm", "listrx", "listpsk"] { _ = try? CLI.run(["stop", "--vm", name], environment: environment) }
         }
 
         let rows = try run(["list", "--json"]).stdout.split(separator: "\n").map { try JSONValue.parse(String($0)) }
@@ -220,16 +223,21 @@ final class HardeningTests: ProcessTestCase {
         XCTAssertEqual(receiver["state"], "listening")
         XCTAssertEqual(receiver["listen"]?.stringValue, "127.0.0.1:\(port)")
         XCTAssertEqual(receiver["prepared_memory_bytes"]?.uint64Value, 128 << 20)
+        XCTAssertEqual(receiver["credentials"], "plaintext")
+        let pskReceiver = try XCTUnwrap(rows.first { $0["name"] == "listpsk" }, "\(rows)")
+        XCTAssertEqual(pskReceiver["credentials"], "psk")
+        XCTAssertEqual(pskReceiver["prepared_memory_bytes"], .null)
 
         let table = try run(["list"]).stdout
         XCTAssertTrue(table.hasPrefix("NAME"), table)
         let vmLine = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("listvm") }, table)
         XCTAssertTrue(vmLine.contains("running") && vmLine.contains("128 MiB"), String(vmLine))
         let receiverLine = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("listrx") }, table)
-        XCTAssertTrue(receiverLine.contains("128 MiB ready, on 127.0.0.1:\(port)"), String(receiverLine))
+        XCTAssertTrue(receiverLine.contains("128 MiB ready, on 127.0.0.1:\(port) (plaintext)"), String(receiverLine))
+        let pskLine = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("listpsk") }, table)
+        XCTAssertTrue(pskLine.contains(" on 127.0.0.1:\(pskPort) (TLS PSK)"), String(pskLine))
 
-        _ = try run(["stop", "--vm", "listvm"])
-        _ = try run(["stop", "--vm", "listrx"])
+        for name in ["listvm", "listrx", "listpsk"] { _ = try run(["stop", "--vm", name]) }
         let empty = try run(["list"])
         XCTAssertEqual(empty.stdout, "")
         XCTAssertTrue(empty.stderr.contains("nothing is running"), empty.stderr)

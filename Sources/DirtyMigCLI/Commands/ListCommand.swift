@@ -12,13 +12,16 @@ enum ListCommand {
             guard let client = try? ControlClient(path: path, greetingTimeout: 2, callTimeout: 2),
                   let status = try? client.call("query-status") else { continue }
             client.close()
-            rows.append([
-                "name": .string(name), "state": status["state"] ?? .null, "pid": status["pid"] ?? .null,
-                "memory_bytes": status["memory_bytes"] ?? .null, "vcpus": status["vcpus"] ?? .null,
-                "track": status["track"] ?? .null, "uptime_s": status["uptime_s"] ?? .null,
-                "listen": status["listen"] ?? .null, "prepared_memory_bytes": status["prepared_memory"] ?? .null,
-                "socket": .string(path),
-            ])
+            // (row key, query-status key): what a VM or a receiver says of itself, passed on.
+            let copied: [(String, String)] = [
+                ("state", "state"), ("pid", "pid"), ("memory_bytes", "memory_bytes"), ("vcpus", "vcpus"),
+                ("track", "track"), ("uptime_s", "uptime_s"), ("listen", "listen"),
+                ("prepared_memory_bytes", "prepared_memory"), ("credentials", "credentials"),
+            ]
+            var row: [(String, JSONValue)] = [("name", .string(name))]
+            row += copied.map { ($0.0, status[$0.1] ?? .null) }
+            row.append(("socket", .string(path)))
+            rows.append(.object(row))
         }
         if arguments.has("json") {
             for row in rows { emit(row.serialized()) }
@@ -46,11 +49,21 @@ enum ListCommand {
         return 0
     }
 
-    /// A receiver's memory cell: the address it listens on, after the RAM it has ready
-    /// (`receive --memory`).
+    /// A receiver's memory cell: the address it listens on and what a sender must bring there,
+    /// after the RAM it has ready (`receive --memory`): "256 MiB ready, on 10.0.0.2:4444 (TLS PSK)".
     private static func receiverMemory(_ row: JSONValue) -> String {
         guard let listen = row["listen"]?.stringValue else { return "-" }
-        guard let prepared = row["prepared_memory_bytes"]?.uint64Value else { return "on " + listen }
-        return ByteSize.format(prepared) + " ready, on " + listen
+        let credentials = row["credentials"]?.stringValue.map { " (\(credentialsLabel($0)))" } ?? ""
+        let prepared = row["prepared_memory_bytes"]?.uint64Value.map { ByteSize.format($0) + " ready, " } ?? ""
+        return prepared + "on " + listen + credentials
+    }
+
+    private static func credentialsLabel(_ kind: String) -> String {
+        switch kind {
+        case "psk": return "TLS PSK"
+        case "certificates": return "TLS certificates"
+        case "insecure": return "plaintext, --insecure"
+        default: return kind
+        }
     }
 }

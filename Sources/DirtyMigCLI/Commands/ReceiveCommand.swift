@@ -63,7 +63,8 @@ enum ReceiveCommand {
             return ["name": .string(vmName), "state": .string(state), "pid": .number(Int(getpid())),
                     "listen": .string(shown.description), "from": peer.map { .string($0) } ?? .null,
                     "standby": session?.json ?? .null,
-                    "prepared_memory": prepared.map { .number(Int($0.size)) } ?? .null]
+                    "prepared_memory": prepared.map { .number(Int($0.size)) } ?? .null,
+                    "credentials": .string(security.credentialsKind)]
         }
         // An operator's (or a third party's) decision that the primary is gone.
         server.register("failover") { (_: JSONValue) throws(ControlError) in

@@ -45,6 +45,16 @@ public struct ChannelSecurity: Sendable {
         return true
     }
 
+    /// What a peer must bring, in a word for status and `list`: "psk", "certificates",
+    /// "plaintext" (loopback) or "insecure" (plaintext across hosts, `--insecure`).
+    public var credentialsKind: String {
+        switch credentials {
+        case .none: return insecure ? "insecure" : "plaintext"
+        case .psk: return "psk"
+        case .certificates: return "certificates"
+        }
+    }
+
     /// The options that gave these credentials, for messages ("--psk-file K").
     public var optionsText: String {
         switch credentials {
