@@ -59,6 +59,7 @@ final class ChildProcess {
         }
         pid = child
         stdoutPipe = pipeEnds[0]
+        LiveChildren.add(child)
     }
 
     /// The next line on the program's standard output (without its newline), or nil if none came
@@ -115,6 +116,7 @@ final class ChildProcess {
         var status: Int32 = 0
         guard waitpid(pid, &status, WNOHANG) == pid else { return nil }
         reapedStatus = status
+        LiveChildren.remove(pid)
         if stdoutPipe >= 0 { Glibc.close(stdoutPipe); stdoutPipe = -1 }
         return status
     }
@@ -151,5 +153,43 @@ final class ChildProcess {
     deinit {
         stop()
         if stdoutPipe >= 0 { Glibc.close(stdoutPipe) }
+    }
+}
+
+/// The programs the benchmark has started and not yet reaped, so that a benchmark ended by
+/// SIGTERM, SIGHUP or SIGINT ends them too: a QEMU left behind at 100 % of a CPU spoils every
+/// figure measured after it (seen when a benchmark was killed). SIGKILL cannot be caught; the
+/// children of a benchmark killed that way live on.
+///
+/// A fixed table the signal handler can read without allocating or locking; only the main
+/// thread writes it (the benchmark runs no other thread).
+enum LiveChildren {
+    private static let capacity = 64
+    nonisolated(unsafe) private static let pids: UnsafeMutablePointer<pid_t> = {
+        let table = UnsafeMutablePointer<pid_t>.allocate(capacity: capacity)
+        table.initialize(repeating: 0, count: capacity)
+        return table
+    }()
+
+    /// Called once at start, before any child: the table exists before a handler can read it.
+    static func endWithTheBenchmark() {
+        _ = pids
+        for signalNumber in [SIGTERM, SIGHUP, SIGINT] {
+            signal(signalNumber) { signalNumber in
+                for index in 0..<LiveChildren.capacity where LiveChildren.pids[index] > 0 {
+                    kill(LiveChildren.pids[index], SIGTERM)
+                }
+                signal(signalNumber, SIG_DFL)
+                raise(signalNumber)
+            }
+        }
+    }
+
+    static func add(_ pid: pid_t) {
+        if let free = (0..<capacity).first(where: { pids[$0] == 0 }) { pids[free] = pid }
+    }
+
+    static func remove(_ pid: pid_t) {
+        if let slot = (0..<capacity).first(where: { pids[$0] == pid }) { pids[slot] = 0 }
     }
 }

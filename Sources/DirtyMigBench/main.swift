@@ -285,6 +285,7 @@ func migrationOptions() -> MigrationBenchmarkOptions {
 }
 
 checkArguments()
+LiveChildren.endWithTheBenchmark()
 do {
     switch benchmark {
     case "tracking":
