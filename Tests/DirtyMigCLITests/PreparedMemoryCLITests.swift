@@ -51,6 +51,7 @@ final class PreparedMemoryCLITests: ProcessTestCase {
         XCTAssertGreaterThanOrEqual(resident, 256 << 20, "receive --memory 256M holds \(resident >> 20) MiB")
         let status = try ControlClient(path: socket(destination)).call("query-status", timeout: 5)
         XCTAssertEqual(status["prepared_memory"]?.doubleValue, Double(256 << 20), "\(status)")
+        XCTAssertEqual(status["prepared_memory_state"], "ready", "\(status)")
         let boot = try bootSource(source)
         _ = try migrate(source, port: port)
         let received = try XCTUnwrap(CLI.readLine(output, timeout: 10))
@@ -92,6 +93,8 @@ final class PreparedMemoryCLITests: ProcessTestCase {
         }
         XCTAssertTrue(log.contains("its partial VM was discarded"), log)
         XCTAssertTrue(log.contains("prepared 256 MiB of guest memory again"), log)
+        let status = try ControlClient(path: socket(destination)).call("query-status", timeout: 5)
+        XCTAssertEqual(status["prepared_memory_state"], "ready", "\(status)")
 
         _ = try bootSource(second)
         _ = try self.migrate(second, port: port)

@@ -8,9 +8,12 @@ final class PreparedMemoryTests: XCTestCase {
     func testGivenOnceForItsSizeAndPreparedAgainAfterAFailure() throws {
         let prepared = PreparedMemory(size: 64 << 20)
         XCTAssertNil(prepared.take(size: 64 << 20), "nothing before prepare()")
+        XCTAssertEqual(prepared.availability, .preparing)
         try prepared.prepare()
+        XCTAssertEqual(prepared.availability, .ready)
         XCTAssertNil(prepared.take(size: 32 << 20), "another size gets nothing")
         let memory = try XCTUnwrap(prepared.take(size: 64 << 20))
+        XCTAssertEqual(prepared.availability, .inUse)
         XCTAssertTrue(memory.allocatedAhead)
         XCTAssertEqual(memory.dataPages().runs(), [0..<memory.pageCount], "every page is allocated (not a hole)")
         XCTAssertNil(prepared.take(size: 64 << 20), "given out once")
@@ -18,6 +21,7 @@ final class PreparedMemoryTests: XCTestCase {
         // A failed VM wrote into it: the replacement is new memory, all zero.
         memset(memory.base, 0xA5, 4096)
         prepared.replaceIfTaken()
+        XCTAssertNotEqual(prepared.availability, .inUse, "being prepared again (or ready already)")
         var again: GuestMemory?
         let deadline = Date().addingTimeInterval(20)
         while again == nil && Date() < deadline {

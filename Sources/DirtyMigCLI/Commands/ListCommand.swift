@@ -16,7 +16,8 @@ enum ListCommand {
             let copied: [(String, String)] = [
                 ("state", "state"), ("pid", "pid"), ("memory_bytes", "memory_bytes"), ("vcpus", "vcpus"),
                 ("track", "track"), ("uptime_s", "uptime_s"), ("listen", "listen"),
-                ("prepared_memory_bytes", "prepared_memory"), ("credentials", "credentials"),
+                ("prepared_memory_bytes", "prepared_memory"), ("prepared_memory_state", "prepared_memory_state"),
+                ("credentials", "credentials"),
             ]
             var row: [(String, JSONValue)] = [("name", .string(name))]
             row += copied.map { ($0.0, status[$0.1] ?? .null) }
@@ -50,11 +51,16 @@ enum ListCommand {
     }
 
     /// A receiver's memory cell: the address it listens on and what a sender must bring there,
-    /// after the RAM it has ready (`receive --memory`): "256 MiB ready, on 10.0.0.2:4444 (TLS PSK)".
+    /// after the RAM it prepared (`receive --memory`) and whether that is ready, in use by a
+    /// standby's copy, or being prepared: "256 MiB ready, on 10.0.0.2:4444 (TLS PSK)".
     private static func receiverMemory(_ row: JSONValue) -> String {
         guard let listen = row["listen"]?.stringValue else { return "-" }
         let credentials = row["credentials"]?.stringValue.map { " (\(credentialsLabel($0)))" } ?? ""
-        let prepared = row["prepared_memory_bytes"]?.uint64Value.map { ByteSize.format($0) + " ready, " } ?? ""
+        var prepared = ""
+        if let bytes = row["prepared_memory_bytes"]?.uint64Value {
+            let state = (row["prepared_memory_state"]?.stringValue ?? "ready").replacingOccurrences(of: "_", with: " ")
+            prepared = ByteSize.format(bytes) + " " + state + ", "
+        }
         return prepared + "on " + listen + credentials
     }
 

@@ -64,6 +64,7 @@ enum ReceiveCommand {
                     "listen": .string(shown.description), "from": peer.map { .string($0) } ?? .null,
                     "standby": session?.json ?? .null,
                     "prepared_memory": prepared.map { .number(Int($0.size)) } ?? .null,
+                    "prepared_memory_state": prepared.map { .string($0.availability.rawValue) } ?? .null,
                     "credentials": .string(security.credentialsKind)]
         }
         // An operator's (or a third party's) decision that the primary is gone.

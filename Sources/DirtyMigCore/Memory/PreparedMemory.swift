@@ -30,6 +30,19 @@ public final class PreparedMemory: Sendable {
         var taken = false
     }
 
+    /// Whether a VM of the prepared size would land in prepared memory now: `ready`; `inUse` by
+    /// the VM (or the standby's copy) that took it; `preparing` before `prepare()` has finished,
+    /// or while memory is prepared again after a failure.
+    public enum Availability: String, Sendable {
+        case ready
+        case inUse = "in_use"
+        case preparing
+    }
+
+    public var availability: Availability {
+        state.withLock { $0.memory != nil ? .ready : $0.taken ? .inUse : .preparing }
+    }
+
     /// Nothing is allocated until `prepare()`.
     public init(size: UInt64, log: @escaping @Sendable (String) -> Void = { _ in }) {
         self.size = size
