@@ -7,7 +7,7 @@ import XCTest
 /// manual standby, and strangers on the standby's port. The guest checks its own memory (a
 /// `check` workload, `guest_errors`) and emits numbered lines (`emit=`), so a lost or torn
 /// checkpoint, or output lost or repeated across a failover, shows in what the guest itself says.
-final class ReplicationCLITests: ProcessTestCase {
+final class ReplicationCLITests: ReplicationProcessTestCase {
     override class var directoryPrefix: String { "dmr" }
 
     /// A primary whose vCPU 0 checks 32 MiB at 20 MiB/s and emits a line every 10 ms; vCPU 1 reads.
@@ -37,27 +37,10 @@ final class ReplicationCLITests: ProcessTestCase {
         return report
     }
 
-    private func status(_ name: String) -> JSONValue? {
-        guard let client = try? ControlClient(path: socket(name), callTimeout: 2) else { return nil }
-        defer { client.close() }
-        return try? client.call("query-status")
-    }
-
     private func replication() throws -> JSONValue {
         let result = try CLI.run(["migrate", "--vm", socket("primary"), "--replication", "--json"])
         XCTAssertEqual(result.status, 0, result.stderr)
         return try JSONValue.parse(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
-    }
-
-    /// Polls until `condition` holds (or fails the test after `timeout` seconds).
-    private func waitFor(_ what: String, timeout: Double, file: StaticString = #filePath, line: UInt = #line,
-                         _ condition: () throws -> Bool) rethrows {
-        let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            if try condition() { return }
-            usleep(5_000)
-        }
-        XCTFail("\(what) within \(timeout) s", file: file, line: line)
     }
 
     /// vCPU 0 of the VM behind `name` completes more passes, and counts no error in any.
@@ -72,12 +55,6 @@ final class ReplicationCLITests: ProcessTestCase {
             (check()?.passes ?? 0) >= before.passes + 1
         }
         XCTAssertEqual(check()?.errors, 0, "\(name): the guest found memory it did not write", file: file, line: line)
-    }
-
-    private func outputLines(_ path: String) throws -> [GuestOutputLine] {
-        let text = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
-        XCTAssertTrue(text.isEmpty || text.hasSuffix("\n"), "\(path) ends in a torn line")
-        return try text.split(separator: "\n").map { try XCTUnwrap(GuestOutputLine(parsing: $0), "not a guest line: \($0)") }
     }
 
     func testKillingThePrimaryMidEpochLetsTheStandbyTakeOverAndNothingReleasedIsLostOrRepeated() throws {

@@ -128,6 +128,7 @@ final class FuzzTests: XCTestCase {
     final class MemoryOnlyVM: IncomingVM {
         let memory: GuestMemory
         init(memory: GuestMemory) { self.memory = memory }
+        func checkRestorable(_ saved: MachineState) throws(MachineError) {}
         func restoreState(_ saved: MachineState) throws(MachineError) {}
         func start() throws(MachineError) {}
         func stop() {}

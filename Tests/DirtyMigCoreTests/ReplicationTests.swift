@@ -109,6 +109,56 @@ final class ReplicationTests: XCTestCase {
         XCTAssertNotNil(replicator.figures.error)
     }
 
+    /// A checkpoint whose pages and digest are fine but whose state could never be resumed here
+    /// (saved for another RAM size) must be refused before it is applied or acknowledged: the
+    /// standby keeps the checkpoint before it, tells the primary, and takes over only on request.
+    func testACheckpointWhoseStateCannotBeResumedIsRefusedBeforeItIsApplied() throws {
+        let kvm = try requireKVM()
+        let source = try primary(kvm)
+        defer { source.stop() }
+        let standby = try Standby(kvm, options: StandbyOptions(failover: .auto, failoverAfterSeconds: 5))
+        let socket = try TCPSocket.connect(HostPort(host: "127.0.0.1", port: standby.receiver.port), timeout: 5)
+        defer { socket.shutdown() }
+        socket.setTimeouts(send: 5, receive: 5)
+        let channel = MigrationChannel(transport: socket)
+        var hello = MigrationHello(announcing: source)
+        hello.replicate = true
+        try channel.send(.hello, hello.encode())
+        XCTAssertTrue(try channel.receive(.helloReply, MigrationHelloReply.init(decoding:)).accepted)
+
+        /// One checkpoint of a few pages with `state`, as the primary's own code sends it.
+        func sendCheckpoint(epoch: UInt64, state: MachineState) throws {
+            let staged = StagedCheckpoint()
+            staged.begin()
+            source.pause()
+            staged.stage([0, 1, 2, 3], from: source.memory, paused: true)
+            source.resume()
+            staged.setState(state.encode())
+            staged.setEpoch(epoch)
+            XCTAssertNotNil(try staged.send(over: channel))
+        }
+        source.pause()
+        let saved = Result { try source.saveState() }
+        source.resume()
+        let good = try saved.get()
+        try sendCheckpoint(epoch: 1, state: good)
+        let ack = try channel.receive(.checkpointAck) { payload throws(MigrationProtocolError) in try EpochFrame(decoding: payload, what: "ack") }
+        XCTAssertEqual(ack.epoch, 1)
+
+        var foreign = good
+        foreign.memorySize *= 2
+        try sendCheckpoint(epoch: 2, state: foreign)
+        let (type, payload) = try channel.receive([.checkpointAck, .abort])
+        XCTAssertEqual(type, .abort, "a checkpoint whose state does not fit this VM was acknowledged")
+        let reason = MigrationChannel.abortReason(payload)
+        XCTAssertTrue(reason.contains("keeps checkpoint 1"), reason)
+        let session = try XCTUnwrap(standby.receiver.standbySession)
+        XCTAssertEqual(session.json["committed_epoch"]?.doubleValue, 1)
+        // The primary lives (it sent something we refused): no takeover unless asked.
+        Thread.sleep(forTimeInterval: 0.3)
+        XCTAssertEqual(session.json["phase"]?.stringValue, "primary lost, awaiting failover")
+    }
+
     /// Pages are copied into the staging buffer while the epoch runs, and the guest may write
     /// them again before the pause: the checkpoint must still be exactly the guest's memory at
     /// the pause. Two check workloads verify their own memory: one rewrites a 2 MiB working set

@@ -34,7 +34,7 @@ enum ListCommand {
         }
         let header = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "TRACK", "UPTIME", "SOCKET"]
         let lines: [[String]] = rows.map { row in
-            [row["name"]?.stringValue ?? "-", row["state"]?.stringValue ?? "-",
+            [row["name"]?.stringValue ?? "-", stateLabel(row["state"]?.stringValue),
              row["pid"]?.doubleValue.map { String(Int($0)) } ?? "-",
              row["memory_bytes"]?.uint64Value.map { ByteSize.format($0) } ?? receiverMemory(row),
              row["vcpus"]?.doubleValue.map { String(Int($0)) } ?? "-", row["track"]?.stringValue ?? "-",
@@ -62,6 +62,12 @@ enum ListCommand {
             prepared = ByteSize.format(bytes) + " " + state + ", "
         }
         return prepared + "on " + listen + credentials
+    }
+
+    /// A VM whose standby took over is not the copy that runs the guest any more: say which does.
+    private static func stateLabel(_ state: String?) -> String {
+        guard let state else { return "-" }
+        return state == "superseded" ? "superseded (its standby runs the VM; output stopped)" : state
     }
 
     private static func credentialsLabel(_ kind: String) -> String {

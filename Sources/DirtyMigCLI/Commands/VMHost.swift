@@ -15,11 +15,20 @@ enum VMHost {
             printError("dirtymig: the VM was migrated; it runs at the destination now")
             done.signal()
         }
-        let replication = ReplicationControl.register(on: server, machine: machine)
+        let replication = ReplicationControl.register(on: server, machine: machine) { printError($0) }
+        /// A VM stopped on purpose must not come back on its standby: the standby is told and
+        /// confirms (as long as the link carries data), or the log says it could not be.
+        @Sendable func endReplication(_ reason: String) {
+            guard let figures = replication.stop(reason: reason) else { return }
+            if figures.endConfirmed == true {
+                printError("dirtymig: replication ended: the standby \(figures.standby) discarded its copy")
+            } else if figures.status != .superseded {
+                printError("dirtymig: the standby \(figures.standby) could not be told that the VM stopped on purpose (\(figures.error ?? "no answer")): it may resume the VM from checkpoint \(figures.lastAcknowledgedEpoch.map(String.init) ?? "?"); stop it there with 'dirtymig stop'")
+            }
+        }
         // `quit` (what `dirtymig stop` sends) does what SIGTERM does.
         MachineControl.register(on: server, machine: machine) {
-            // A VM stopped on purpose must not come back on its standby.
-            replication.stop(reason: "the primary was asked to quit: the VM stopped on purpose")
+            endReplication("the primary was asked to quit: the VM stopped on purpose")
             migrations.cancel(reason: "the source was asked to quit: the migration was cancelled, the destination discarded its copy, and the VM stopped at the source")
             done.signal()
         }
@@ -29,7 +38,7 @@ enum VMHost {
         // server waits for the `migrate` command's thread, which the cancel ends within a batch.
         // A migration past its commit point ends as the destination says instead.
         stop.onSignal {
-            replication.stop(reason: "the primary was asked to stop (\(stop.name)): the VM stopped on purpose")
+            endReplication("the primary was asked to stop (\(stop.name)): the VM stopped on purpose")
             if migrations.cancel(reason: "the source was asked to stop (\(stop.name)): the migration was cancelled, the destination discarded its copy, and the VM stopped at the source") {
                 printError("dirtymig: stopping: cancelling the migration under way first")
             }

@@ -15,6 +15,11 @@ public protocol MigrationConnection: MigrationTransport {
     /// One thread will receive while another sends (replication: acknowledgements come in while
     /// checkpoints go out): a receive must not hold the connection while it waits for data.
     func allowConcurrentSendAndReceive()
+    /// Waits up to `nanoseconds` for something to read; false if nothing came. A frame is then
+    /// read whole, never cut by a timeout in its middle.
+    func waitForData(nanoseconds: UInt64) throws(SystemError) -> Bool
+    /// The TCP connection beneath: when its last byte arrived, what its peer acknowledged.
+    var tcp: TCPSocket { get }
 }
 
 extension MigrationConnection {
@@ -24,6 +29,8 @@ extension MigrationConnection {
 
 extension TCPSocket: MigrationConnection {
     public var channel: ChannelDescription { .plaintext }
+    public var tcp: TCPSocket { self }
+    public func waitForData(nanoseconds: UInt64) throws(SystemError) -> Bool { try waitReadable(nanoseconds: nanoseconds) }
 }
 
 /// The one place connections are opened and accepted with a `ChannelSecurity`: the sender's

@@ -162,7 +162,7 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
         // at a time under it. Dearer per byte (a poll per record): for small, sparse frames only.
         var done = 0
         while done < count {
-            if io.withLock({ _ in SSL_pending(ssl) }) == 0 { try socket.waitReadable() }
+            if io.withLock({ _ in SSL_has_pending(ssl) }) == 0 { try socket.waitReadable() }
             try io.withLock { _ throws(SystemError) in
                 var pipe = ctls_sigpipe_state()
                 ctls_sigpipe_begin(&pipe)
@@ -189,7 +189,11 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
         var got = 0
         var savedErrno: Int32 = 0
         let code = ctls_read(ssl, destination, count, &got, &savedErrno)
-        if code == SSL_ERROR_NONE { receivedData = true; return got }
+        if code == SSL_ERROR_NONE {
+            receivedData = true
+            socket.noteReceived()
+            return got
+        }
         if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_SYSCALL) && savedErrno == EINTR { return 0 }
         throw failure(code, errno: savedErrno, operation: "receive")
     }
@@ -223,6 +227,18 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
         }
         return SystemError("\(operation) (TLS: \(String(nulTerminated: words)))", errno: EPROTO)
     }
+
+    func waitForData(nanoseconds: UInt64) throws(SystemError) -> Bool {
+        // Bytes OpenSSL has already read (a record, or more with read-ahead) are data the socket
+        // will never signal again. A send in progress holds the connection (for a whole frame,
+        // seconds on a slow link, ten on a dead one): then only the socket is asked, so that a
+        // caller timing the peer's silence is never held up by our own sending; what OpenSSL
+        // holds is seen on a later call.
+        if let pending = io.withLockIfAvailable({ _ in SSL_has_pending(ssl) }), pending > 0 { return true }
+        return try socket.waitReadable(nanoseconds: nanoseconds)
+    }
+
+    var tcp: TCPSocket { socket }
 
     func setReceiveDeadline(_ deadline: UInt64?) { socket.setReceiveDeadline(deadline) }
     func setTimeouts(send: Double, receive: Double) { socket.setTimeouts(send: send, receive: receive) }

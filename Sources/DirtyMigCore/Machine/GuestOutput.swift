@@ -21,6 +21,8 @@ public final class GuestOutput: Sendable {
     private struct State {
         var sink: (@Sendable (String) -> Void)?
         var holding = false
+        /// Another copy of this VM runs elsewhere (its standby took over): nothing leaves here.
+        var fenced = false
         /// The epoch that lines emitted now belong to.
         var epoch: UInt64 = 0
         var held: [Held] = []
@@ -52,6 +54,7 @@ public final class GuestOutput: Sendable {
         // The sink runs under the lock: lines leave in the order they were emitted, also when a
         // release of held lines races a vCPU emitting after `stopHolding`.
         state.withLock { state in
+            if state.fenced { state.dropped += 1; return }
             if state.holding {
                 if state.held.count >= Self.maxHeld { state.held.removeFirst(); state.dropped += 1 }
                 state.held.append(Held(epoch: state.epoch, line: line, emitted: now))
@@ -92,7 +95,7 @@ public final class GuestOutput: Sendable {
         let now = MonotonicClock.nanoseconds()
         state.withLock { state in
             let count = state.held.prefix { $0.epoch <= epoch }.count
-            guard count > 0 else { return }
+            guard count > 0, !state.fenced else { return }
             let leaving = state.held.prefix(count)
             state.held.removeFirst(count)
             state.delays.append(contentsOf: leaving.map { now - $0.emitted })
@@ -112,6 +115,20 @@ public final class GuestOutput: Sendable {
         }
         release(through: epoch)
     }
+
+    /// The standby took over this VM and runs it now: this copy is stale, and its outside world
+    /// must see one VM only. What is held is dropped (the standby's guest produces it again
+    /// from its checkpoint) and nothing this copy emits leaves any more.
+    public func fence() {
+        state.withLock { state in
+            state.fenced = true
+            state.holding = false
+            state.dropped += UInt64(state.held.count)
+            state.held.removeAll()
+        }
+    }
+
+    public var isFenced: Bool { state.withLock { $0.fenced } }
 
     /// Emit-to-release delays (ns) of held lines since the last call.
     public func takeDelays() -> [UInt64] {

@@ -213,17 +213,23 @@ public final class Machine: IncomingVM, @unchecked Sendable {
 
     /// Puts a saved state into this incoming VM, once, before start(). Its memory is filled
     /// separately (before start()).
-    public func restoreState(_ saved: MachineState) throws(MachineError) {
-        lock.lock(); defer { lock.unlock() }
-        guard boot == .incoming else { throw .state(.notIncoming) }
-        guard !restored else { throw .state(.alreadyRestored) }
-        guard state == .created else { throw .state(.alreadyStarted) }
+    /// Whether `saved` fits this VM (its vCPUs, its RAM), without restoring it: a standby checks
+    /// each checkpoint's state this way before it applies and acknowledges the checkpoint.
+    public func checkRestorable(_ saved: MachineState) throws(MachineError) {
         guard saved.vcpus.count == vcpus.count else {
             throw .state(.vcpuCountMismatch(saved: saved.vcpus.count, machine: vcpus.count))
         }
         guard saved.memorySize == configuration.memorySize else {
             throw .state(.memorySizeMismatch(saved: saved.memorySize, machine: configuration.memorySize))
         }
+    }
+
+    public func restoreState(_ saved: MachineState) throws(MachineError) {
+        lock.lock(); defer { lock.unlock() }
+        guard boot == .incoming else { throw .state(.notIncoming) }
+        guard !restored else { throw .state(.alreadyRestored) }
+        guard state == .created else { throw .state(.alreadyStarted) }
+        try checkRestorable(saved)
         // Whatever happens below, this VM's vCPUs are no longer in a state to restore into.
         restored = true
         do {

@@ -42,7 +42,8 @@ public enum MachineControl {
         let failure = machine.events.firstFailure.map { JSONValue.string("\($0)") } ?? .null
         return [
             "name": .string(configuration.name),
-            "state": .string(machine.events.firstFailure == nil ? "running" : "failed"),
+            // Superseded: its standby took over and runs the VM; this copy's output is stopped.
+            "state": .string(machine.events.firstFailure != nil ? "failed" : machine.output.isFenced ? "superseded" : "running"),
             "pid": .number(Int(getpid())),
             "error": failure,
             "memory_bytes": .number(configuration.memorySize),

@@ -18,15 +18,18 @@ public enum ReplicationControl {
         }
     }
 
+    /// `log`: where the replication's events go (the standby lost, or taking over), in the
+    /// VM's own log.
     @discardableResult
-    public static func register(on server: ControlServer, machine: Machine) -> Slot {
+    public static func register(on server: ControlServer, machine: Machine,
+                                log: @escaping @Sendable (String) -> Void = { _ in }) -> Slot {
         let slot = Slot()
         server.register("replicate") { (arguments: JSONValue) throws(ControlError) in
             let options = try replicationOptions(arguments, machine: machine)
             if let other = machine.transferClaim.claim("replication to \(options.standby)") {
                 throw ControlError(.failed, "\(other) is under way; one at a time")
             }
-            let replicator = Replicator(machine: machine, options: options)
+            let replicator = Replicator(machine: machine, options: options, log: log)
             slot.current.withLock { $0 = replicator }
             return replicator.start().json
         }

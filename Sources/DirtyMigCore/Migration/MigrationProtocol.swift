@@ -25,7 +25,12 @@ import Glibc
 ///     checkpointEnd          (the epoch's vCPU/device state and a digest of the whole epoch)
 ///            ◀─────────────────────────────  checkpointAck (the standby's copy is this epoch now)
 ///     heartbeat              (when no checkpoint went out for a while)
-///     replicationEnd         (the primary stops replicating: the standby discards its copy)
+///     replicationEnd         (the primary stops replicating, or gave up on its standby: the
+///                             standby discards its copy)
+///            ◀─────────────────────────────  replicationEnded (the copy is discarded: the
+///                                            primary's stop is safe)
+///            ◀─────────────────────────────  tookOver (the standby resumed the VM, after the
+///                                            primary fell silent: the primary's copy is stale)
 ///
 /// Either side may send `abort` with a reason instead of its next frame.
 public enum MigrationWire {
@@ -34,7 +39,8 @@ public enum MigrationWire {
     /// 2: the passPlan frame. 3: hello's flags (the destination hashes pages as they land).
     /// 4: the result frame says how long the destination took to resume the VM.
     /// 5: replication (hello flag, checkpoint frames; the hello reply carries the heartbeat).
-    public static let version: UInt32 = 5
+    /// 6: replicationEnded and tookOver; the standby times silence, not whole frames.
+    public static let version: UInt32 = 6
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -53,7 +59,8 @@ public enum MigrationWire {
 public enum MigrationFrameType: UInt32, Sendable {
     case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8,
          iterationAck = 9, passPlan = 10,
-         checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15
+         checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15,
+         replicationEnded = 16, tookOver = 17
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
@@ -69,7 +76,7 @@ public enum MigrationFrameType: UInt32, Sendable {
         case .result: return 24 + MigrationWire.maxStringBytes
         case .checkpointPages: return 12 + CheckpointWire.maxPagesPerFrame * (4 + 4096)
         case .checkpointEnd: return 32 + MigrationWire.maxStateBytes
-        case .checkpointAck, .heartbeat: return 8
+        case .checkpointAck, .heartbeat, .replicationEnded, .tookOver: return 8
         case .replicationEnd: return 4 + MigrationWire.maxStringBytes
         }
     }

@@ -8,6 +8,8 @@ import Synchronization
 /// state, then it runs. `Machine` is the real one; the fuzz test uses a memory-only stand-in.
 public protocol IncomingVM: AnyObject, Sendable {
     var memory: GuestMemory { get }
+    /// Whether a saved state fits this VM, checked before anything is applied.
+    func checkRestorable(_ saved: MachineState) throws(MachineError)
     func restoreState(_ saved: MachineState) throws(MachineError)
     func start() throws(MachineError)
     func stop()
@@ -223,8 +225,10 @@ public final class MigrationReceiver: Sendable {
 
     /// One connection: its hello under the handshake deadline, then the slot, then the migration.
     private func serve(_ socket: TCPSocket, id: Int, peer: String) {
+        // A standby that took over hands the connection to the thread that tells the old primary.
+        var handedOver = false
         defer {
-            socket.shutdown()
+            if !handedOver { socket.shutdown() }
             state.withLock { state in
                 state.handshakes[id] = nil
                 if state.active?.id == id { state.active = nil }
@@ -296,14 +300,16 @@ public final class MigrationReceiver: Sendable {
         let outcome: Result<Machine, MigrationError>
         do {
             if let standby {
-                let session = StandbySession(primary: peer, options: standby, cut: { socket.shutdownReceiving() })
+                let session = StandbySession(primary: peer, options: standby, cut: { socket.shutdownReceiving() },
+                                             lastByte: { socket.lastReceivedNanoseconds })
                 state.withLock { $0.session = session }
                 defer { state.withLock { if $0.session === session { $0.session = nil } } }
                 log("replication from \(peer): taking the initial copy")
                 outcome = .success(try IncomingReplication.run(
-                    channel, hello: hello, built: &built, session: session,
+                    channel, connection: connection, hello: hello, built: &built, session: session,
                     build: { () throws(MigrationError) in try build(hello) }, commit: { commit(id) },
                     stopping: { state.withLock { $0.stopping } }, log: log))
+                handedOver = true
             } else {
                 outcome = .success(try IncomingMigration.run(channel, hello: hello, built: &built,
                                                              build: { () throws(MigrationError) in try build(hello) },

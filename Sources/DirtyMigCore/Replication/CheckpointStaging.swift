@@ -47,15 +47,25 @@ final class CheckpointStaging {
             }
             pages.append(page)
         }
-        reserve(pages.count)
+        try reserve(pages.count)
         let target = buffer! + first * 4096
         do { try channel.transport.receive(into: target, count: count * 4096) } catch { throw .connection(error) }
         for index in first..<pages.count { digest.add(page: pages[index], bytes: buffer! + index * 4096) }
     }
 
-    private func reserve(_ needed: Int) {
+    /// Room for `needed` pages. An epoch is staged whole before it is applied, so a resync (every
+    /// page, after the primary lost dirty information) needs as much again as the VM: growth is
+    /// checked against the memory this host has now, and an epoch that does not fit is refused
+    /// (the standby keeps its copy and says why) rather than taking the process down.
+    private func reserve(_ needed: Int) throws(MigrationError) {
         guard needed > capacityPages else { return }
         let capacity = min(max(needed, capacityPages * 2, 4096), memory.pageCount)
+        do {
+            try MemoryBudget.check(needed: UInt64(capacity - capacityPages) * 4096,
+                                   for: "staging a checkpoint of \(needed) pages (\(ByteSize.format(UInt64(needed) * 4096)))")
+        } catch {
+            throw .protocolError(.unexpected("the standby has no memory for this checkpoint: \(error)"))
+        }
         let grown = UnsafeMutableRawPointer.allocate(byteCount: capacity * 4096, alignment: 4096)
         // Faulted in now, once: the pages of every later checkpoint land in warm memory.
         memset(grown + capacityPages * 4096, 0, (capacity - capacityPages) * 4096)

@@ -4,8 +4,11 @@ import Glibc
 ///
 ///     initial copy ──first checkpoint applied──▶ protecting ──primary gone──▶ take over
 ///          │                                        │  (auto; manual: after `failover`)
-///          └─ primary gone: discard                 ├─ replicationEnd: discard
+///          └─ primary gone: discard                 ├─ replicationEnd: discard, confirm
 ///                                                   └─ bad checkpoint: keep the copy, await `failover`
+///
+/// "Primary gone" while protecting is silence: no byte for --failover-after (or the connection
+/// closed without a replicationEnd: the primary's process died). A slow link is not silence.
 ///
 /// Guest memory is written directly during the initial copy (there is nothing to protect yet);
 /// from the first checkpoint on, each epoch is staged and applied whole (CheckpointStaging), so
@@ -13,15 +16,23 @@ import Glibc
 enum IncomingReplication {
     enum Phase {
         case initialCopy(PageReceiver)
-        case protecting(state: [UInt8], epoch: UInt64)
+        /// The last checkpoint applied: its state, decoded and checked against this VM before
+        /// the checkpoint was applied and acknowledged.
+        case protecting(state: MachineState, epoch: UInt64)
     }
 
+    /// How long a standby that took over keeps the old connection open after telling the primary
+    /// (`tookOver`): about as long as TCP keeps retrying a silent peer (tcp_retries2 = 15 is
+    /// 15 minutes or so), so a primary cut off from us hears of it when the link comes back.
+    static let takeoverNoticeSeconds = 900.0
+
     /// Returns the VM running here after a failover; throws when the copy is discarded.
-    static func run<VM: IncomingVM>(_ channel: MigrationChannel, hello: MigrationHello, built: inout Bool,
+    static func run<VM: IncomingVM>(_ channel: MigrationChannel, connection: any MigrationConnection,
+                                    hello: MigrationHello, built: inout Bool,
                                     session: StandbySession,
                                     build: () throws(MigrationError) -> VM,
                                     commit: () -> Bool, stopping: () -> Bool,
-                                    log: (String) -> Void) throws(MigrationError) -> VM {
+                                    log: @escaping @Sendable (String) -> Void) throws(MigrationError) -> VM {
         let vm: VM
         do { vm = try build() } catch {
             try? channel.send(.helloReply, MigrationHelloReply.refuse(error.reasonForPeer).encode())
@@ -32,8 +43,8 @@ enum IncomingReplication {
         reply.heartbeatMilliseconds = session.options.heartbeatMilliseconds
         try channel.send(.helloReply, reply.encode())
 
-        // Once protecting, nothing from the primary for --failover-after means it is gone.
-        let watched = MigrationChannel(transport: channel.transport, frameSeconds: session.options.failoverAfterSeconds)
+        // Once protecting, frames have no deadline of their own: silence is what counts (below).
+        let watched = MigrationChannel(transport: connection)
         let staging = CheckpointStaging(memory: vm.memory)
         var phase = Phase.initialCopy(PageReceiver(memory: vm.memory, verifying: false))
         defer { if case .initialCopy(let pages) = phase { pages.passEnded() } }
@@ -46,17 +57,22 @@ enum IncomingReplication {
                 case .initialCopy(let pages):
                     let (type, length) = try channel.receiveHeader()
                     if try IncomingMigration.receivePassFrame(type, length: length, into: pages, channel: channel) { continue }
-                    let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging, channel: channel)
-                    guard let state else { continue }
+                    guard let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging,
+                                                                          vm: vm, channel: channel) else { continue }
                     pages.passEnded()
                     phase = .protecting(state: state, epoch: epoch)
                     session.committed(epoch)
                     try channel.send(.checkpointAck, EpochFrame(epoch: epoch).encode())
+                    // From now on the primary is lost only after --failover-after of silence: no
+                    // byte at all (a checkpoint that crawls over a slow link is not silence), and
+                    // no frame deadline (a 2 MiB checkpoint takes 0.84 s at 20 Mbit/s).
+                    connection.setReceiveDeadline(nil)
+                    connection.setTimeouts(send: 10, receive: session.options.failoverAfterSeconds)
+                    connection.tcp.retransmitThinStreamsSteadily()
                 case .protecting:
                     let (type, length) = try watched.receiveHeader()
-                    session.heard()
-                    let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging, channel: watched)
-                    guard let state else { continue }
+                    guard let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging,
+                                                                          vm: vm, channel: watched) else { continue }
                     phase = .protecting(state: state, epoch: epoch)
                     session.committed(epoch)
                     try channel.send(.checkpointAck, EpochFrame(epoch: epoch).encode())
@@ -89,7 +105,7 @@ enum IncomingReplication {
         }
         session.takingOver()
         do {
-            try vm.restoreState(try MachineState(decoding: state))
+            try vm.restoreState(state)
         } catch {
             throw .machine("cannot resume the VM from checkpoint \(epoch): \(error)")
         }
@@ -99,7 +115,29 @@ enum IncomingReplication {
             throw .machine("cannot resume the VM from checkpoint \(epoch): \(error)")
         }
         log("took over from the primary (\(lost)): the VM runs here from checkpoint \(epoch)")
+        tellTheFormerPrimary(channel, connection: connection, epoch: epoch, log: log)
         return vm
+    }
+
+    /// After a takeover: if the primary still lives (a link cut both sides saw as silence), it
+    /// must learn that the VM runs here, so that it stops its stale copy's output when the link
+    /// returns. `tookOver` is queued on the old connection, which a thread of its own keeps open
+    /// (reading and dropping what the primary still sends, so that no reset destroys the word in
+    /// flight) until the primary closes it or `takeoverNoticeSeconds` pass. A primary that died
+    /// just makes this fail at once.
+    private static func tellTheFormerPrimary(_ channel: MigrationChannel, connection: any MigrationConnection,
+                                             epoch: UInt64, log: @escaping @Sendable (String) -> Void) {
+        connection.setTimeouts(send: 10, receive: 0)
+        do { try channel.send(.tookOver, EpochFrame(epoch: epoch).encode()) } catch {
+            connection.shutdown()
+            return
+        }
+        _ = OSThread(name: "repl-notice") {
+            let deadline = MonotonicClock.nanoseconds() + UInt64(takeoverNoticeSeconds * 1e9)
+            connection.setReceiveDeadline(deadline)
+            while let (_, length) = try? channel.receiveHeader(), (try? channel.receivePayload(length)) != nil {}
+            connection.shutdown()
+        }
     }
 
     /// Whether the replication ended because this side refused what arrived (the primary lives).
@@ -112,22 +150,37 @@ enum IncomingReplication {
     }
 
     /// A frame of the checkpoint stream. Returns the state of a checkpoint just applied (and
-    /// its epoch), or nil for a frame that does not complete one.
-    private static func receiveCheckpointFrame(_ type: MigrationFrameType, length: Int, staging: CheckpointStaging,
-                                               channel: MigrationChannel) throws(MigrationError) -> ([UInt8]?, UInt64) {
+    /// its epoch), or nil for a frame that does not complete one. A checkpoint's state is decoded
+    /// and checked against this VM before its pages are applied: one that could not be resumed
+    /// is refused whole, and the last good copy stays.
+    private static func receiveCheckpointFrame<VM: IncomingVM>(_ type: MigrationFrameType, length: Int,
+                                                               staging: CheckpointStaging, vm: VM,
+                                                               channel: MigrationChannel) throws(MigrationError) -> (MachineState, UInt64)? {
         switch type {
         case .checkpointPages:
             try staging.receivePages(from: channel, payloadLength: length)
-            return (nil, 0)
+            return nil
         case .checkpointEnd:
             let payload = try channel.receivePayload(length)
             let end = try MigrationError.wrap { () throws(MigrationProtocolError) in try CheckpointEnd(decoding: payload) }
-            return (try staging.apply(end), end.epoch)
+            let state: MachineState
+            do {
+                state = try MachineState(decoding: end.state)
+                try vm.checkRestorable(state)
+            } catch {
+                staging.reset()
+                throw .protocolError(.malformed("checkpoint \(end.epoch)'s state cannot be resumed here (\(error)): it was refused whole"))
+            }
+            _ = try staging.apply(end)
+            return (state, end.epoch)
         case .heartbeat:
             _ = try channel.receivePayload(length)
-            return (nil, 0)
+            return nil
         case .replicationEnd:
             let reason = MigrationChannel.abortReason(try channel.receivePayload(length))
+            staging.reset()
+            // Said before the copy is dropped: the primary's stop waits for this word.
+            try? channel.send(.replicationEnded, EpochFrame(epoch: 0).encode())
             throw .peerAborted("the primary stopped replicating (\(reason)); the standby discarded its copy")
         case .abort:
             throw .peerAborted(MigrationChannel.abortReason(try channel.receivePayload(length)))

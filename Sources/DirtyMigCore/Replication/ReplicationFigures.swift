@@ -58,8 +58,11 @@ public struct ReplicationFigures: Sendable {
         case protected
         /// The standby was lost (or never reached): the VM runs on here, unprotected.
         case unprotected
-        /// Stopped on request; the standby discarded its copy.
+        /// Stopped on request; the standby discarded its copy (`endConfirmed` says it did).
         case stopped
+        /// The standby took over (it heard nothing from here, and resumed the VM): the VM runs
+        /// there; this copy is stale and its output is stopped.
+        case superseded
     }
 
     public var status: Status = .starting
@@ -74,6 +77,10 @@ public struct ReplicationFigures: Sendable {
     public var checkpointsSent: UInt64 = 0
     public var checkpointsAcknowledged: UInt64 = 0
     public var lastAcknowledgedEpoch: UInt64?
+    /// After a stop: whether the standby confirmed it discarded its copy (nil: no stop yet).
+    public var endConfirmed: Bool?
+    /// The checkpoint the standby resumed the VM from, once it took over.
+    public var supersededAtEpoch: UInt64?
     public var checkpointsPerSecond = 0.0
     public var bytesPerSecond = 0.0
     public var bytesSent: UInt64 = 0
@@ -123,6 +130,8 @@ public struct ReplicationFigures: Sendable {
             ("resyncs", .number(resyncs)),
             ("uptime_s", .number(uptimeSeconds)),
         ]
+        pairs.append(("end_confirmed", endConfirmed.map { .bool($0) } ?? .null))
+        pairs.append(("standby_took_over_at_epoch", supersededAtEpoch.map { .number($0) } ?? .null))
         pairs.append(("channel", channel?.json ?? .null))
         pairs.append(("error", error.map { .string($0) } ?? .null))
         return .object(pairs)

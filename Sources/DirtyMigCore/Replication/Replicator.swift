@@ -9,10 +9,18 @@ import Synchronization
 /// - the epoch thread: when `--checkpoint-interval` has passed, or the guest has dirtied
 ///   `--checkpoint-pages` pages (the ring's dirty trigger), it pauses the vCPUs, collects the
 ///   epoch's dirty pages as a dense list, copies them and the vCPU/device state into the staging
-///   buffer, resumes the vCPUs and sends the buffer while the next epoch runs;
-/// - the acknowledgement thread: each checkpointAck releases the guest output held for that
-///   epoch (output commit). No acknowledgement for `lossSeconds` (or a closed connection)
-///   means the standby is lost: the VM runs on unprotected and its output flows again.
+///   buffer, resumes the vCPUs and sends the buffer while the next epoch runs; it is the only
+///   thread that sends, so the end of replication goes out between two frames;
+/// - the listening thread: each checkpointAck releases the guest output held for that epoch
+///   (output commit); `StandbyLiveness` decides when silence means the standby is lost (then the
+///   VM runs on unprotected and its output flows again); after that it keeps listening, so that
+///   a standby that took over meanwhile (a link cut both sides saw) is heard of when the link
+///   comes back, and this copy's output stops (`superseded`).
+///
+/// The connection is never closed while the standby could read the close as a dead primary:
+/// a stop or a loss first sends `replicationEnd` (the standby discards its copy), and a stop
+/// waits for the standby to confirm it (`replicationEnded`) for as long as the link carries
+/// data.
 public final class Replicator: Sendable {
     public let machine: Machine
     public let options: ReplicationOptions
@@ -22,12 +30,21 @@ public final class Replicator: Sendable {
     private let threadsDone = DispatchSemaphore(value: 0)
     /// Raised by `stop` and by the loss of the standby; read for every page of the initial copy.
     private let stopping = Atomic<Bool>(false)
+    /// Signalled once the end of replication is settled: confirmed by the standby, or the
+    /// standby lost or gone (what `stop` waits for).
+    private let endSettled = DispatchSemaphore(value: 0)
+    /// Where the primary's own log lines go (its stderr in `dirtymig boot`): the loss of the
+    /// standby and a takeover by it, with the reason.
+    private let log: @Sendable (String) -> Void
 
     private struct Shared {
         var figures: ReplicationFigures
         var socket: (any MigrationConnection)?
         var stopReason: String?
         var lost = false
+        /// replicationEnd went out; `endConfirmed` once the standby said it discarded its copy.
+        var endSent = false
+        var endSettled = false
         var started: UInt64 = MonotonicClock.nanoseconds()
         var pauses = RecentSamples()
         var dirtyPages = RecentSamples()
@@ -38,9 +55,10 @@ public final class Replicator: Sendable {
         var bytes = RateWindow()
     }
 
-    public init(machine: Machine, options: ReplicationOptions) {
+    public init(machine: Machine, options: ReplicationOptions, log: @escaping @Sendable (String) -> Void = { _ in }) {
         self.machine = machine
         self.options = options
+        self.log = log
         state = Mutex(Shared(figures: ReplicationFigures(
             standby: options.standby.description, track: machine.configuration.tracking,
             intervalSeconds: options.intervalSeconds, checkpointPages: options.checkpointPages)))
@@ -85,7 +103,7 @@ public final class Replicator: Sendable {
     }
 
     public var isFinished: Bool {
-        state.withLock { $0.figures.status == .unprotected || $0.figures.status == .stopped }
+        state.withLock { [.unprotected, .stopped, .superseded].contains($0.figures.status) }
     }
 
     // MARK: Start: connect, initial copy, first checkpoint
@@ -95,13 +113,24 @@ public final class Replicator: Sendable {
     /// machine's transfer claim; it is released when replication ends.
     @discardableResult
     public func start() -> ReplicationFigures {
+        var opened: MigrationChannel?
         do {
             let channel = try connect()
+            opened = channel
             try initialCopy(channel)
-            _ = OSThread(name: "repl-acks") { [self] in acknowledgementLoop(channel) }
+            _ = OSThread(name: "repl-listen") { [self] in listenToStandby(channel) }
             _ = OSThread(name: "repl-epochs") { [self] in epochLoop(channel) }
         } catch {
             lose(error.description)
+            // The first checkpoint may have reached the standby: it must discard it, not read
+            // the close as a dead primary.
+            if let opened {
+                var writer = WireWriter()
+                writer.string("the primary could not start replicating (\(error)); it runs the VM on, unprotected")
+                opened.transport.setReceiveDeadline(nil)
+                try? opened.send(.replicationEnd, writer.bytes)
+            }
+            state.withLock { $0.socket }?.shutdown()
             machine.transferClaim.release()
         }
         return figures
@@ -137,9 +166,10 @@ public final class Replicator: Sendable {
     /// How often the standby wants to hear from us (a fifth of its --failover-after).
     private let heartbeatNanoseconds = Atomic<UInt64>(100_000_000)
 
-    /// Without an acknowledgement for this long (beyond an epoch) the standby is lost: twice
-    /// its --failover-after, so that a standby that took over has done so before this side
-    /// lets its held output go (and at least a second, for a busy machine's scheduling).
+    /// Silence from the standby for this long (beyond an epoch) means it is lost (see
+    /// StandbyLiveness): twice its --failover-after, so that a standby that took over has done
+    /// so before this side lets its held output go (and at least a second, for a busy machine's
+    /// scheduling).
     private var lossNanoseconds: UInt64 {
         max(1_000_000_000, 10 * heartbeatNanoseconds.load(ordering: .relaxed)) + UInt64(options.intervalSeconds * 1e9)
     }
@@ -168,7 +198,8 @@ public final class Replicator: Sendable {
         let staged = StagedCheckpoint(preparedPages: pending.count + 1024)
         staged.begin()
         let epoch = try checkpoint(into: staged, carrying: pending, first: true)
-        bytes += try staged.send(over: channel)
+        guard let sent = try staged.send(over: channel, shouldStop: { isStopping }) else { throw .cancelled(stopReasonText) }
+        bytes += sent
         state.withLock { $0.figures.checkpointsSent += 1 }
         let ack = try channel.receive(.checkpointAck) { payload throws(MigrationProtocolError) in
             try EpochFrame(decoding: payload, what: "checkpoint ack")
@@ -323,17 +354,12 @@ public final class Replicator: Sendable {
                     let until = min(end, lastSend + heartbeat, lastStats + 1_000_000_000, nextStage ?? end)
                     if wake.wait(timeout: .now() + .nanoseconds(Int(until > now ? until - now : 0))) == .success { break }
                 }
-                if isStopping {
-                    guard !isLost else { return }
-                    var writer = WireWriter()
-                    writer.string(stopReasonText)
-                    try? channel.send(.replicationEnd, writer.bytes)
-                    finish(.stopped)
-                    return
-                }
+                if isStopping { break }
                 epochStart = MonotonicClock.nanoseconds()
                 _ = try checkpoint(into: staged)
-                let bytes = try staged.send(over: channel)
+                // A stop or a loss abandons the checkpoint between two of its frames: the end of
+                // replication must not wait behind megabytes on a slow link.
+                guard let bytes = try staged.send(over: channel, shouldStop: { isStopping }) else { break }
                 lastSend = MonotonicClock.nanoseconds()
                 state.withLock { shared in
                     shared.figures.checkpointsSent += 1
@@ -341,26 +367,80 @@ public final class Replicator: Sendable {
                     shared.bytes.add(Double(bytes), at: lastSend)
                 }
             }
+            sendEnd(channel)
         } catch {
             lose("the standby is lost: \(error)")
         }
     }
 
-    // MARK: Acknowledgements
+    /// Tells the standby that replication ends, between two frames: stopped on purpose (it
+    /// discards its copy and confirms), or given up by this side (it discards its copy rather
+    /// than take over a VM that runs on here).
+    private func sendEnd(_ channel: MigrationChannel) {
+        let (reason, lost) = state.withLock { shared -> (String, Bool) in
+            shared.endSent = true
+            if shared.lost { return ("the primary gave up on its standby (\(shared.figures.error ?? "lost")); it runs the VM on, unprotected", true) }
+            return (shared.stopReason ?? "replication was stopped", false)
+        }
+        var writer = WireWriter()
+        writer.string(reason)
+        do { try channel.send(.replicationEnd, writer.bytes) } catch {
+            if !lost { lose("the standby could not be told that replication ends: \(error)") }
+        }
+    }
 
-    private func acknowledgementLoop(_ channel: MigrationChannel) {
-        do {
+    // MARK: Listening to the standby
+
+    /// Reads what the standby sends until the connection ends: acknowledgements, the
+    /// confirmation of the end, and word that it took over. Decides when it is lost
+    /// (StandbyLiveness); once lost, keeps listening for a takeover only.
+    private func listenToStandby(_ channel: MigrationChannel) {
+        guard let connection = state.withLock({ $0.socket }) else { return }
+        var liveness = StandbyLiveness(lossNanoseconds: lossNanoseconds, now: MonotonicClock.nanoseconds())
+        do throws(MigrationError) {
             while true {
-                channel.transport.setReceiveDeadline(MonotonicClock.nanoseconds() + lossNanoseconds)
-                let ack = try channel.receive(.checkpointAck) { payload throws(MigrationProtocolError) in
-                    try EpochFrame(decoding: payload, what: "checkpoint ack")
+                let tick = min(heartbeatNanoseconds.load(ordering: .relaxed), 100_000_000)
+                let ready: Bool
+                do { ready = try connection.waitForData(nanoseconds: tick) } catch { throw .connection(error) }
+                if ready {
+                    // A frame has begun: the rest of it comes at once, or the link failed.
+                    channel.transport.setReceiveDeadline(MonotonicClock.nanoseconds() + max(lossNanoseconds, 5_000_000_000))
+                    let (type, payload) = try channel.receive([.checkpointAck, .replicationEnded, .tookOver, .heartbeat])
+                    liveness.heard(at: MonotonicClock.nanoseconds())
+                    let epoch = try MigrationError.wrap { () throws(MigrationProtocolError) in
+                        try EpochFrame(decoding: payload, what: "\(type)").epoch
+                    }
+                    switch type {
+                    case .checkpointAck: acknowledged(epoch)
+                    case .replicationEnded:
+                        settleEnd(confirmed: true)
+                        return
+                    case .tookOver:
+                        superseded(at: epoch)
+                        return
+                    default: break
+                    }
+                    continue
                 }
-                acknowledged(ack.epoch)
+                let (lost, awaiting) = state.withLock { shared in
+                    (shared.lost, shared.endSent || shared.figures.checkpointsSent > shared.figures.checkpointsAcknowledged)
+                }
+                if lost { continue }   // only a takeover is still to be heard of
+                if let verdict = liveness.observe(connection.tcp.progress, awaitingAnswer: awaiting, at: MonotonicClock.nanoseconds()) {
+                    switch verdict {
+                    case .silent(let milliseconds):
+                        lose("the standby is lost: nothing from it, and none of our data taken, for \(milliseconds) ms")
+                    case .notAnswering(let milliseconds):
+                        lose("the standby is lost: it has held everything sent for \(milliseconds) ms without acknowledging it")
+                    }
+                }
             }
         } catch {
-            if isStopping && !isLost { return }
-            if case .connection(let system) = error, system.errno == ETIMEDOUT {
-                lose("the standby is lost: no checkpoint acknowledged for \(lossNanoseconds / 1_000_000) ms")
+            let (lost, ending) = state.withLock { ($0.lost, $0.endSent) }
+            if lost { return }
+            if ending, case .connection = error {
+                // It closed after the end: it holds no copy that could resume.
+                settleEnd(confirmed: true)
             } else {
                 lose("the standby is lost: \(error)")
             }
@@ -385,32 +465,59 @@ public final class Replicator: Sendable {
     private var stopReasonText: String { state.withLock { $0.stopReason } ?? "replication was stopped" }
 
     /// The standby is gone (or never came): the VM runs on here, unprotected; its output flows.
+    /// The connection stays open: the epoch thread tells the standby, if it still can, that this
+    /// side gave up (so it discards rather than takes over), and the listening thread hears of
+    /// a takeover that happened anyway.
     private func lose(_ reason: String) {
-        let socket = state.withLock { shared -> (any MigrationConnection)? in
-            guard !shared.lost, shared.figures.status != .stopped else { return nil }
+        let first = state.withLock { shared -> Bool in
+            guard !shared.lost, shared.figures.status != .stopped, shared.figures.status != .superseded else { return false }
             shared.lost = true
             stopping.store(true, ordering: .releasing)
             shared.figures.status = .unprotected
             shared.figures.error = reason
-            return shared.socket
+            return true
         }
-        socket?.shutdown()
+        guard first else { return }
+        log("dirtymig: replication to \(options.standby): \(reason); the VM runs on here, unprotected")
         machine.tracker?.setDirtyTrigger(pages: nil, nil)
         machine.output.stopHolding()
         wake.signal()
+        settleEnd(confirmed: false)
     }
 
-    private func finish(_ status: ReplicationFigures.Status) {
-        let socket = state.withLock { shared -> (any MigrationConnection)? in
-            shared.figures.status = status
-            return shared.socket
+    /// The standby resumed the VM from checkpoint `epoch` (it heard nothing from here for its
+    /// --failover-after, most likely a link cut both sides saw): the VM runs there now. This copy
+    /// is stale; its output stops at once so that the world sees one VM.
+    private func superseded(at epoch: UInt64) {
+        machine.output.fence()
+        let reason = "the standby took over: it resumed the VM from checkpoint \(epoch) and runs it now; this copy's guest output is stopped (stop this copy with 'dirtymig stop')"
+        state.withLock { shared in
+            shared.lost = true
+            shared.figures.status = .superseded
+            shared.figures.error = reason
+            shared.figures.supersededAtEpoch = epoch
         }
-        socket?.shutdown()
-        machine.output.stopHolding()
+        stopping.store(true, ordering: .releasing)
+        wake.signal()
+        log("dirtymig: replication to \(options.standby): \(reason)")
+        settleEnd(confirmed: false)
+        state.withLock { $0.socket }?.shutdown()
     }
 
-    /// Ends replication: the standby is told and discards its copy; the VM runs on here.
-    /// Returns the final figures once the epoch thread has ended.
+    private func settleEnd(confirmed: Bool) {
+        let first = state.withLock { shared -> Bool in
+            guard !shared.endSettled else { return false }
+            shared.endSettled = true
+            if shared.endSent && !shared.lost { shared.figures.endConfirmed = confirmed }
+            return true
+        }
+        if first { endSettled.signal() }
+    }
+
+    /// Ends replication: the standby is told (between two frames of whatever is in flight) and
+    /// discards its copy; the VM runs on here. Returns once the standby confirmed it, or was lost
+    /// (then `endConfirmed` is false and the error says why): it waits as long as the link
+    /// carries data, so that a VM stopped on purpose never comes back on its standby.
     @discardableResult
     public func stop(reason: String = "the primary stopped replicating") -> ReplicationFigures {
         let running = state.withLock { shared -> Bool in
@@ -419,8 +526,17 @@ public final class Replicator: Sendable {
             return shared.figures.status == .protected
         }
         wake.signal()
-        if running { _ = threadsDone.wait(timeout: .now() + 5); threadsDone.signal() }
-        state.withLock { if $0.figures.status == .protected || $0.figures.status == .starting { $0.figures.status = .stopped } }
+        if running {
+            endSettled.wait()
+            endSettled.signal()
+        }
+        let socket = state.withLock { shared -> (any MigrationConnection)? in
+            if shared.figures.status == .protected || shared.figures.status == .starting { shared.figures.status = .stopped }
+            return shared.figures.status == .stopped ? shared.socket : nil
+        }
+        // Confirmed (or the standby is gone): closing can no longer look like a dead primary.
+        socket?.shutdown()
+        machine.output.stopHolding()
         return figures
     }
 

@@ -135,13 +135,15 @@ final class StagedCheckpoint {
     func setEpoch(_ value: UInt64) { epoch = value }
 
     /// Puts the checkpoint on the wire: checkpointPages frames of up to 512 pages straight from
-    /// the buffer (one sendmsg each), then checkpointEnd with the digest. Returns the bytes sent.
-    func send(over channel: MigrationChannel) throws(MigrationError) -> UInt64 {
+    /// the buffer (one sendmsg each), then checkpointEnd with the digest. Returns the bytes sent,
+    /// or nil if `shouldStop` said so between two frames (the standby drops a torn epoch whole).
+    func send(over channel: MigrationChannel, shouldStop: () -> Bool = { false }) throws(MigrationError) -> UInt64? {
         var digest = CheckpointDigest()
         var sent: UInt64 = 0
         var first = 0
         let data = UnsafeRawPointer(buffer)
         while first < pages.count {
+            if shouldStop() { return nil }
             let count = min(CheckpointWire.maxPagesPerFrame, pages.count - first)
             let header = CheckpointPagesHeader(epoch: epoch, count: UInt32(count)).encode()
             let payload = header.count + count * 4 + count * 4096
@@ -161,6 +163,7 @@ final class StagedCheckpoint {
             sent += UInt64(frame.count + payload)
             first += count
         }
+        if shouldStop() { return nil }
         let end = CheckpointEnd(epoch: epoch, pageCount: UInt32(pages.count), resync: resync,
                                 digest: digest.finished(epoch: epoch, state: state), state: state)
         let encoded = end.encode()

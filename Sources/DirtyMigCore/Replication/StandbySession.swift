@@ -11,7 +11,7 @@ public struct StandbyOptions: Sendable {
     }
 
     public var failover: Failover = .auto
-    /// Nothing (checkpoint or heartbeat) from the primary for this long means it is gone.
+    /// No byte from the primary for this long (once protecting) means it is gone.
     public var failoverAfterSeconds: Double = 0.5
 
     public static let failoverAfterRange: ClosedRange<Double> = 0.05...60
@@ -40,7 +40,6 @@ public final class StandbySession: Sendable {
         var phase = Phase.initialCopy
         var committedEpoch: UInt64?
         var checkpoints: UInt64 = 0
-        var lastHeard = MonotonicClock.nanoseconds()
         var failoverRequested = false
         var lostReason: String?
     }
@@ -51,21 +50,23 @@ public final class StandbySession: Sendable {
     private let failoverSignal = DispatchSemaphore(value: 0)
     /// Cuts the connection to the primary (an operator's failover while it still sends).
     private let cut: @Sendable () -> Void
+    /// When the last byte came from the primary (monotonic ns): `last_heard_ms` counts from it,
+    /// through the initial copy too.
+    private let lastByte: @Sendable () -> UInt64
 
-    init(primary: String, options: StandbyOptions, cut: @escaping @Sendable () -> Void) {
+    init(primary: String, options: StandbyOptions, cut: @escaping @Sendable () -> Void,
+         lastByte: @escaping @Sendable () -> UInt64) {
         self.primary = primary
         self.options = options
         self.cut = cut
+        self.lastByte = lastByte
     }
-
-    func heard() { state.withLock { $0.lastHeard = MonotonicClock.nanoseconds() } }
 
     func committed(_ epoch: UInt64) {
         state.withLock { state in
             state.phase = .protecting
             state.committedEpoch = epoch
             state.checkpoints += 1
-            state.lastHeard = MonotonicClock.nanoseconds()
         }
     }
 
@@ -101,7 +102,8 @@ public final class StandbySession: Sendable {
     func takingOver() { state.withLock { $0.phase = .takingOver } }
 
     public var json: JSONValue {
-        state.withLock { state in
+        let now = MonotonicClock.nanoseconds(), heard = lastByte()
+        return state.withLock { state in
             [
                 "primary": .string(primary),
                 "phase": .string(state.phase.rawValue),
@@ -109,7 +111,7 @@ public final class StandbySession: Sendable {
                 "failover_after_ms": .number(options.failoverAfterSeconds * 1000),
                 "checkpoints": .number(state.checkpoints),
                 "committed_epoch": state.committedEpoch.map { .number($0) } ?? .null,
-                "last_heard_ms": .number(Double(MonotonicClock.nanoseconds() - state.lastHeard) / 1e6),
+                "last_heard_ms": .number(Double(now > heard ? now - heard : 0) / 1e6),
                 "primary_lost": state.lostReason.map { .string($0) } ?? .null,
             ]
         }

@@ -35,6 +35,9 @@ public final class TCPSocket: MigrationTransport {
     private let receiveDeadline = Atomic<UInt64>(0)
     /// What SO_RCVTIMEO holds now (ns), so a read under a distant deadline costs no syscall.
     private let currentReceiveTimeout = Atomic<UInt64>(0)
+    /// When the last byte arrived (monotonic ns; when the socket was made, until one has): how a
+    /// standby tells a slow primary, whose bytes keep coming, from a silent one.
+    private let lastReceivedAt = Atomic<UInt64>(MonotonicClock.nanoseconds())
 
     init(fd: FileDescriptor) { self.fd = fd }
 
@@ -156,6 +159,14 @@ public final class TCPSocket: MigrationTransport {
         setOption(SOL_SOCKET, SO_RCVBUF, 4 << 20)
     }
 
+    /// Retransmits a thin stream (a few frames in flight, as a standby's acknowledgements) at a
+    /// steady interval for its first six retries, not one that doubles each time: after a link
+    /// cut of a few seconds, what this side sent during the cut arrives within a fraction of a
+    /// second of the link's return rather than up to the doubled timeout later.
+    public func retransmitThinStreamsSteadily() {
+        setOption(Int32(IPPROTO_TCP), TCP_THIN_LINEAR_TIMEOUTS, 1)
+    }
+
     /// SO_SNDTIMEO / SO_RCVTIMEO; 0 = block for ever. A timed-out call fails with ETIMEDOUT.
     public func setTimeouts(send: Double, receive: Double) {
         setTimeout(SO_SNDTIMEO, seconds: send)
@@ -218,6 +229,50 @@ public final class TCPSocket: MigrationTransport {
         }
     }
 
+    /// Waits up to `nanoseconds` for something to read (data, or the end of the stream); false if
+    /// nothing came. Unlike a receive with a timeout, it never leaves a frame half read.
+    public func waitReadable(nanoseconds: UInt64) throws(SystemError) -> Bool {
+        let limit = MonotonicClock.nanoseconds() + nanoseconds
+        while true {
+            let now = MonotonicClock.nanoseconds()
+            if now >= limit { return false }
+            var entry = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&entry, 1, Int32(min((limit - now) / 1_000_000 + 1, 1000)))
+            if ready > 0 { return true }
+            if ready < 0 && errno != EINTR { throw SystemError("poll", errno: errno) }
+        }
+    }
+
+    /// Bytes came in through another reader of this descriptor (OpenSSL's, for TLS).
+    func noteReceived() { lastReceivedAt.store(MonotonicClock.nanoseconds(), ordering: .relaxed) }
+
+    /// Monotonic ns when the last byte arrived from the peer (any read, TLS records included).
+    public var lastReceivedNanoseconds: UInt64 { lastReceivedAt.load(ordering: .relaxed) }
+
+    /// What the peer's TCP has taken of what this side sent (TCP_INFO), nil where the kernel
+    /// does not say. A sender whose `bytesAcknowledged` grows knows the peer's host is there and
+    /// its reader takes data (a receiver that stops reading closes its window, and the figure
+    /// stops), however long one frame takes on a slow link; `allAcknowledged` says the peer's
+    /// host holds everything sent so far, so an answer it owes is up to its reader alone.
+    public struct Progress: Sendable, Equatable {
+        public var bytesAcknowledged: UInt64
+        public var allAcknowledged: Bool
+    }
+
+    public var progress: Progress? {
+        // glibc's struct tcp_info stops before tcpi_bytes_acked (Linux 4.1): read the kernel's
+        // layout (<linux/tcp.h>: tcpi_unacked u32 at 24, tcpi_bytes_acked u64 at 120,
+        // tcpi_notsent_bytes u32 at 144), and only what the kernel filled.
+        var info = [UInt8](repeating: 0, count: 256)
+        var length = socklen_t(info.count)
+        guard getsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_INFO, &info, &length) == 0, length >= 148 else { return nil }
+        return info.withUnsafeBytes { bytes in
+            Progress(bytesAcknowledged: bytes.loadUnaligned(fromByteOffset: 120, as: UInt64.self),
+                     allAcknowledged: bytes.loadUnaligned(fromByteOffset: 24, as: UInt32.self) == 0
+                        && bytes.loadUnaligned(fromByteOffset: 144, as: UInt32.self) == 0)
+        }
+    }
+
     /// "HOST:PORT" of the peer, for messages ("?" if the socket has none).
     public var peerDescription: String {
         var storage = sockaddr_storage()
@@ -275,7 +330,11 @@ public final class TCPSocket: MigrationTransport {
         while done < count {
             try armDeadline()
             let got = Glibc.recv(fd.rawValue, destination + done, count - done, 0)
-            if got > 0 { done += got; continue }
+            if got > 0 {
+                done += got
+                lastReceivedAt.store(MonotonicClock.nanoseconds(), ordering: .relaxed)
+                continue
+            }
             if got == 0 { throw SystemError("receive (the peer closed the connection)", errno: ECONNRESET) }
             if errno == EINTR { continue }
             if errno == EAGAIN {

@@ -1,0 +1,143 @@
+import Foundation
+import XCTest
+
+/// Two hosts on one machine: two network namespaces joined by a veth pair, whose link can be
+/// slowed (tbf on both ends: this kernel has tbf and htb, not netem), cut and restored. Only the
+/// two addresses inside the namespaces it made are used.
+///
+/// Names are unique per process and link (`dmt-PID-N-a` / `-b`); `remove()` deletes both
+/// namespaces (which takes the veth pair with them), and a new link first removes namespaces
+/// left by a test process that died before it could. Skips, with the reason printed, where
+/// the process cannot make namespaces (not root, no `ip`/`tc`).
+final class TwoHostLink {
+    let left: String
+    let right: String
+    let leftAddress: String
+    let rightAddress: String
+    private let leftDevice: String
+    private let rightDevice: String
+    private var removed = false
+
+    private static let prefix = "dmt-"
+    nonisolated(unsafe) private static var made = 0
+
+    /// `rateMbit`: tbf on both ends of the link (nil: as fast as veth goes).
+    init(rateMbit: Int? = nil) throws {
+        guard geteuid() == 0 else { throw Self.skip("needs root to make network namespaces") }
+        for tool in ["ip", "tc"] where Self.find(tool) == nil {
+            throw Self.skip("needs the '\(tool)' command (iproute2) to make network namespaces")
+        }
+        Self.removeLeftovers()
+        Self.made += 1
+        let pid = getpid(), number = Self.made
+        left = "\(Self.prefix)\(pid)-\(number)-a"
+        right = "\(Self.prefix)\(pid)-\(number)-b"
+        leftDevice = "dmt\(pid)x\(number)a"
+        rightDevice = "dmt\(pid)x\(number)b"
+        let subnet = "10.\(200 + number % 50).\(pid % 250)"
+        leftAddress = "\(subnet).1"
+        rightAddress = "\(subnet).2"
+        do {
+            try Self.run("ip", ["netns", "add", left])
+            try Self.run("ip", ["netns", "add", right])
+            try Self.run("ip", ["link", "add", leftDevice, "netns", left, "type", "veth", "peer", "name", rightDevice, "netns", right])
+            for (namespace, device, address) in [(left, leftDevice, leftAddress), (right, rightDevice, rightAddress)] {
+                try Self.run("ip", ["-n", namespace, "addr", "add", "\(address)/24", "dev", device])
+                try Self.run("ip", ["-n", namespace, "link", "set", device, "up"])
+                try Self.run("ip", ["-n", namespace, "link", "set", "lo", "up"])
+            }
+            if let rateMbit { try shape(rateMbit: rateMbit) }
+        } catch {
+            remove()
+            throw Self.skip("cannot make two network namespaces joined by a veth pair: \(error)")
+        }
+    }
+
+    deinit { remove() }
+
+    /// tbf at `rateMbit` on both ends (both directions limited, as on a real link).
+    func shape(rateMbit: Int) throws {
+        for (namespace, device) in [(left, leftDevice), (right, rightDevice)] {
+            try Self.run("tc", ["-n", namespace, "qdisc", "replace", "dev", device, "root", "tbf",
+                                "rate", "\(rateMbit)mbit", "burst", "32kbit", "latency", "100ms"])
+        }
+    }
+
+    /// Every packet between the two is dropped until `restore()` (nftables where it exists, as a
+    /// failed switch would; the link set down otherwise). Connections stay open, as across a
+    /// real cut: TCP keeps retrying.
+    func cut() throws {
+        if Self.find("nft") != nil {
+            for namespace in [left, right] {
+                try Self.run("ip", ["netns", "exec", namespace, Self.find("nft")!, "add table inet dmcut; add chain inet dmcut in { type filter hook input priority 0; policy drop; }; add chain inet dmcut out { type filter hook output priority 0; policy drop; }"])
+            }
+        } else {
+            try Self.run("ip", ["-n", left, "link", "set", leftDevice, "down"])
+        }
+    }
+
+    func restore() throws {
+        if Self.find("nft") != nil {
+            for namespace in [left, right] {
+                try Self.run("ip", ["netns", "exec", namespace, Self.find("nft")!, "delete table inet dmcut"])
+            }
+        } else {
+            try Self.run("ip", ["-n", left, "link", "set", leftDevice, "up"])
+        }
+    }
+
+    /// The prefix that runs a command in `namespace` (for ProcessTestCase.start's `prefix`); the
+    /// shell is replaced by it, so the test's process is the command itself.
+    func inside(_ namespace: String) -> [String] { ["exec", Self.find("ip") ?? "ip", "netns", "exec", namespace] }
+
+    func remove() {
+        guard !removed else { return }
+        removed = true
+        for namespace in [left, right] { try? Self.run("ip", ["netns", "del", namespace]) }
+    }
+
+    /// Namespaces of ours whose test process is gone (it crashed, or was killed, mid-test).
+    static func removeLeftovers() {
+        guard let listing = try? output("ip", ["netns", "list"]) else { return }
+        for line in listing.split(separator: "\n") {
+            let name = String(line.split(separator: " ").first ?? "")
+            guard name.hasPrefix(prefix), let pid = Int32(name.dropFirst(prefix.count).split(separator: "-").first ?? ""),
+                  pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else { continue }
+            try? run("ip", ["netns", "del", name])
+        }
+    }
+
+    private static func skip(_ reason: String) -> XCTSkip {
+        FileHandle.standardError.write(Data("skipped: \(reason)\n".utf8))
+        return XCTSkip(reason)
+    }
+
+    static func find(_ tool: String) -> String? {
+        ["/usr/sbin/", "/sbin/", "/usr/bin/", "/bin/"].map { $0 + tool }.first { FileManager.default.isExecutableFile(atPath: $0) }
+    }
+
+    struct CommandFailed: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    @discardableResult
+    private static func output(_ tool: String, _ arguments: [String]) throws -> String {
+        guard let path = find(tool) else { throw CommandFailed(description: "no '\(tool)' command") }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw CommandFailed(description: "\(tool) \(arguments.joined(separator: " ")): \(String(decoding: stderr, as: UTF8.self))")
+        }
+        return String(decoding: stdout, as: UTF8.self)
+    }
+
+    private static func run(_ tool: String, _ arguments: [String]) throws { try output(tool, arguments) }
+}
