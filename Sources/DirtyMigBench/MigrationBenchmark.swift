@@ -197,9 +197,9 @@ private func cell(_ values: [Double], _ format: String = "%.1f") -> String {
 /// A line of the table, written at once (print's buffer would hold it until the end when standard
 /// output is a file, and a long series is watched as it goes).
 private func emitLine(_ line: String) {
-    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+    StandardStream.output.writeLine(line)
 }
 
 private func log(_ line: String) {
-    FileHandle.standardError.write(Data((line + "\n").utf8))
+    StandardStream.error.writeLine(line)
 }

@@ -66,7 +66,7 @@ func runTrackingShapes(seconds: Double, runs: Int) throws {
                 }
                 let pages = machine.guestStats().vcpus.map(\.pages).reduce(0, +) - before
                 rates.append(Double(pages) / (MonotonicClock.seconds() - start))
-                FileHandle.standardError.write(Data("\(shape.label), \(label): \(Int(rates.last!)) pages/s\n".utf8))
+                StandardStream.error.write("\(shape.label), \(label): \(Int(rates.last!)) pages/s\n")
             }
             let middle = median(rates)
             if tracking == nil { baseline = middle }

@@ -142,7 +142,7 @@ func runTrackingCost(seconds: Double, runs: Int, memoryMiB: UInt64) throws {
             let dirty = (machine.tracker?.counters().totalPages ?? 0) - startDirty
             rows[index].guestPagesPerSecond.append(Double(pages) / elapsed)
             rows[index].dirtyPagesPerSecond.append(Double(dirty) / elapsed)
-            FileHandle.standardError.write(Data("run \(run) \(mode.0): \(Int(Double(pages) / elapsed)) pages/s\n".utf8))
+            StandardStream.error.write("run \(run) \(mode.0): \(Int(Double(pages) / elapsed)) pages/s\n")
         }
     }
     let baseline = median(rows[0].guestPagesPerSecond)
@@ -189,12 +189,13 @@ func runAccuracy(intervals: Int) throws {
     }
 }
 
+StandardStream.ignoreBrokenPipes()   // a table piped into a reader that quit costs the rest of it, not a signal
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
 let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | --help\n"
 
 func usageError(_ message: String) -> Never {
-    FileHandle.standardError.write(Data("dirtymig-bench: \(message)\n\(usage)".utf8))
+    StandardStream.error.write("dirtymig-bench: \(message)\n\(usage)")
     exit(2)
 }
 
@@ -304,16 +305,16 @@ do {
     case "replication":
         let parts = stringOption("--only").map { $0.split(separator: ",").map(String.init) } ?? ReplicationBenchPart.allCases.map(\.rawValue)
         guard parts.allSatisfy({ ReplicationBenchPart(rawValue: $0) != nil }) else {
-            FileHandle.standardError.write(Data("dirtymig-bench replication: --only takes pause, rate, pace, failover (comma-separated)\n".utf8))
+            StandardStream.error.write("dirtymig-bench replication: --only takes pause, rate, pace, failover (comma-separated)\n")
             exit(2)
         }
         try runReplicationBenchmark(seconds: option("--seconds", default: 3), runs: Int(option("--runs", default: 5)),
                                     parts: Set(parts.compactMap(ReplicationBenchPart.init(rawValue:))))
     default:
-        FileHandle.standardError.write(Data(usage.utf8))
+        StandardStream.error.write(usage)
         exit(2)
     }
 } catch {
-    FileHandle.standardError.write(Data("dirtymig-bench: \(error)\n".utf8))
+    StandardStream.error.write("dirtymig-bench: \(error)\n")
     exit(1)
 }

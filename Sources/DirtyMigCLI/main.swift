@@ -12,20 +12,24 @@ struct RuntimeFailure: Error, CustomStringConvertible {
 }
 
 /// One line to standard output, written at once (scripts read dirtyrate's lines as they come).
+/// A line that cannot be written is counted, never fatal (StandardStream).
 func emit(_ line: String) {
-    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+    StandardStream.output.writeLine(line)
 }
 
+/// One line to standard error, the log of `boot` and `receive`: counted, never fatal, when it
+/// cannot be written (a full disk under a detached command's log must not stop its VM).
 func printError(_ text: String) {
-    FileHandle.standardError.write(Data((text.hasSuffix("\n") ? text : text + "\n").utf8))
+    StandardStream.error.writeLine(text)
 }
 
+StandardStream.ignoreBrokenPipes()   // before any thread: a reader that went away is an EPIPE, counted
 Detach.leaveSessionIfDetached()
 let status: Int32
 do {
     switch try ArgumentParser.parse(Array(CommandLine.arguments.dropFirst())) {
     case .help(let text):
-        FileHandle.standardOutput.write(Data(text.utf8))
+        StandardStream.output.write(text)
         status = 0
     case .version:
         emit("dirtymig \(dirtymigVersion)")
@@ -57,4 +61,7 @@ do {
     printError("dirtymig: \(error)")
     status = 1
 }
-exit(status)
+// What could not be written is said now if it was not yet; a result that did not all reach
+// standard output is a failure (a script reading it got part of it, or nothing).
+let outputLost = StandardStream.reportLossesAtExit() != nil
+exit(status == 0 && outputLost ? 1 : status)

@@ -243,6 +243,30 @@ final class HardeningTests: ProcessTestCase {
         XCTAssertTrue(empty.stderr.contains("nothing is running"), empty.stderr)
     }
 
+    /// Another user's symbolic link where the default control directory goes (here in a private
+    /// XDG_RUNTIME_DIR), pointing at a directory of theirs: refused with the reason, and the
+    /// directory it points to keeps its mode (ControlDirectoryTests races the link against the
+    /// creation itself).
+    func testAControlDirectoryPlantedAsALinkIsRefusedAndItsTargetKeepsItsMode() throws {
+        let runtime = directory + "/run", target = directory + "/elsewhere"
+        XCTAssertEqual(mkdir(runtime, 0o700), 0)
+        XCTAssertEqual(mkdir(target, 0o755), 0)
+        XCTAssertEqual(chmod(target, 0o755), 0)
+        XCTAssertEqual(symlink(target, runtime + "/dirtymig"), 0)
+        var environment = ProcessInfo.processInfo.environment
+        environment["XDG_RUNTIME_DIR"] = runtime
+        for arguments in [["boot", "--memory", "64M", "--vcpus", "1"], ["boot", "--memory", "64M", "--vcpus", "1", "--detach"],
+                          ["receive", "--listen", "127.0.0.1:\(try freePort())", "--detach"]] {
+            let result = try CLI.run(arguments, environment: environment)
+            XCTAssertEqual(result.status, 1, "\(arguments): \(result.stderr)")
+            XCTAssertTrue(result.stderr.contains("the control socket directory \(runtime)/dirtymig is a symbolic link; remove it"), result.stderr)
+            var info = stat()
+            XCTAssertEqual(stat(target, &info), 0)
+            XCTAssertEqual(String(info.st_mode & 0o7777, radix: 8), "755", "\(arguments) left the link's target alone")
+        }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: target), [], "nothing was created through the link")
+    }
+
     // MARK: Defect 5: a second sender
 
     func testASecondSenderIsToldTheReceiverIsBusy() throws {

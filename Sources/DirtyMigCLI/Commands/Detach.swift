@@ -27,10 +27,17 @@ enum Detach {
         do { try ControlServer.preparePrivateDirectory(directory, isDefault: directory == ControlSocketPath.defaultDirectory()) } catch {
             throw RuntimeFailure("\(error)")
         }
-        guard FileManager.default.createFile(atPath: log, contents: nil, attributes: [.posixPermissions: 0o600]),
-              let logHandle = FileHandle(forWritingAtPath: log) else {
-            throw RuntimeFailure("cannot create the log file \(log)")
+        // A new file each run (a running VM's old log is left to it), created 0600 by open:
+        // nothing is chmodded by path, and O_NOFOLLOW|O_EXCL never writes through a link.
+        if unlink(log) != 0 && errno != ENOENT {
+            throw RuntimeFailure("cannot replace the log file \(log): \(String(cString: strerror(errno))); remove it")
         }
+        let logFile: FileDescriptor
+        do { logFile = try FileDescriptor.open(log, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600) } catch {
+            throw RuntimeFailure("cannot create the log file \(log): \(String(cString: strerror(error.errno)))")
+        }
+        defer { logFile.close() }   // the background process has its own copy by then
+        let logHandle = FileHandle(fileDescriptor: logFile.rawValue, closeOnDealloc: false)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0])
         process.arguments = CommandLine.arguments.dropFirst().filter { $0 != "--detach" }

@@ -3,7 +3,8 @@ import Foundation
 import Synchronization
 
 /// `--guest-output FILE` on `boot` and `receive`: every guest output line the VM releases
-/// (GuestOutput), appended to FILE. One write(2) per line on an O_APPEND descriptor: a released
+/// (GuestOutput), appended to FILE. One write(2) per line on an O_APPEND descriptor (WholeWrite
+/// continues a short one, which a regular file gives only when it is full): a released
 /// line is in the file whole at once (in the page cache, which outlives the process), so a
 /// reader after a SIGKILL finds whole lines only, and another writer cannot interleave with one.
 final class GuestOutputFile: Sendable {
@@ -30,22 +31,13 @@ final class GuestOutputFile: Sendable {
     /// and the VM runs on: its output is not worth stopping the guest for.
     var sink: @Sendable (String) -> Void {
         { [self] line in
-            guard !append(line) else { return }
-            let reason = String(cString: strerror(errno))
-            if !failed.exchange(true, ordering: .relaxed) {
-                printError("dirtymig: cannot append guest output to \(path): \(reason); later lines may be missing")
+            do throws(ShortWrite) {
+                try WholeWrite.write(descriptor, Array((line + "\n").utf8))
+            } catch {
+                if !failed.exchange(true, ordering: .relaxed) {
+                    printError("dirtymig: cannot append guest output to \(path): \(String(cString: strerror(error.error.errno))); later lines may be missing")
+                }
             }
-        }
-    }
-
-    private func append(_ line: String) -> Bool {
-        var bytes = Array(line.utf8)
-        bytes.append(UInt8(ascii: "\n"))
-        while true {
-            let written = bytes.withUnsafeBytes { write(descriptor, $0.baseAddress, $0.count) }
-            if written == bytes.count { return true }
-            if written < 0 && errno == EINTR { continue }
-            return false
         }
     }
 

@@ -15,11 +15,11 @@ final class ProgressLine: @unchecked Sendable {
         line.thread = OSThread(name: "progress") { [line] in
             while line.isRunning {
                 if let progress = source(), let text = render(progress) {
-                    FileHandle.standardError.write(Data(("\r\u{1B}[K" + text).utf8))
+                    StandardStream.error.write("\r\u{1B}[K" + text)
                 }
                 usleep(250_000)
             }
-            FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
+            StandardStream.error.write("\r\u{1B}[K")
         }
         return line
     }

@@ -57,13 +57,14 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
         description.encrypted = true
         description.protocolName = String(cString: ctls_protocol(ssl))
         description.cipher = String(cString: ctls_cipher(ssl))
-        let identity = String(cString: ctls_used_identity(ssl))
+        // Both are the peer's words (its PSK identity, its certificate's subject), logged on accept.
+        let identity = PeerText.escaped(String(cString: ctls_used_identity(ssl)))
         if !identity.isEmpty {
             description.peerIdentity = "PSK identity \(identity)"
         } else {
             var subject = [CChar](repeating: 0, count: 512)
             ctls_peer_subject(ssl, &subject, subject.count)
-            description.peerIdentity = "certificate \(String(nulTerminated: subject))"
+            description.peerIdentity = "certificate \(PeerText.escaped(String(nulTerminated: subject)))"
         }
         description.kernelSend = ctls_kernel_send(ssl) == 1
         description.kernelReceive = ctls_kernel_receive(ssl) == 1

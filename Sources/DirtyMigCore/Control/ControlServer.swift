@@ -199,34 +199,50 @@ public final class ControlServer: Sendable {
     /// socket is 0600 too, but a loose directory lets others replace it). The advice differs:
     /// the default directory is dirtymig's to fix; a directory the user named with --control is
     /// theirs, and "chmod 700 /tmp" or "remove /tmp" would be terrible advice.
+    /// mkdir first, then everything through a descriptor opened with O_NOFOLLOW: a symbolic link
+    /// another user plants at the path (before our mkdir, or between a look and a chmod, as
+    /// this once did by path) is refused, and its target is never touched. The mode is changed
+    /// only on a directory this call created; one that was there already is checked, never
+    /// changed.
     public static func preparePrivateDirectory(_ directory: String, isDefault: Bool) throws(SetupError) {
-        var info = stat()
-        // lstat: a symbolic link planted in /tmp must not steer the socket elsewhere.
-        if lstat(directory, &info) != 0 {
-            guard errno == ENOENT else { throw .system(SystemError("stat \(directory)")) }
-            if mkdir(directory, 0o700) != 0 && errno != EEXIST {
-                if errno == ENOENT {
-                    throw .system(SystemError("create the control socket directory \(directory) (its parent does not exist)", errno: ENOENT))
-                }
-                throw .system(SystemError("create the control socket directory \(directory)"))
+        let created: Bool
+        do { created = try OpenedDirectory.make(directory, mode: 0o700) } catch {
+            if error.errno == ENOENT {
+                throw .system(SystemError("create the control socket directory \(directory) (its parent does not exist)", errno: ENOENT))
             }
-            _ = chmod(directory, 0o700)   // in case the umask took bits away (it cannot add any)
-            guard lstat(directory, &info) == 0 else { throw .system(SystemError("stat \(directory)")) }
+            throw .system(SystemError("create the control socket directory \(directory)", errno: error.errno))
         }
         let privateElsewhere = "choose a --control path in a private directory of your own "
             + "(for example: mkdir -m 700 ~/dirtymig, then --control ~/dirtymig/NAME.sock)"
+        let opened: OpenedDirectory
+        do { opened = try OpenedDirectory(path: directory) } catch {
+            // The descriptor refused it; lstat only words the refusal.
+            var seen = stat()
+            let present = lstat(directory, &seen) == 0
+            if (error.errno == ELOOP || error.errno == ENOTDIR) && present && seen.st_mode & S_IFMT == S_IFLNK {
+                let fix = isDefault ? "remove it (dirtymig creates a private directory there)" : privateElsewhere
+                throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) is a symbolic link; \(fix)")
+            }
+            if error.errno == ENOTDIR && present {
+                let fix = isDefault ? "remove it (it is where control sockets go)" : privateElsewhere
+                throw .unsafeDirectory(path: directory, problem: "\(directory) exists but is not a directory; \(fix)")
+            }
+            if error.errno == ENOENT || error.errno == ELOOP || error.errno == ENOTDIR {
+                throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) was replaced while it was being checked (another process is changing it); find out what changes it, then try again")
+            }
+            throw .system(SystemError("open the control socket directory \(directory)", errno: error.errno))
+        }
+        let info: stat
+        do { info = try opened.status() } catch { throw .system(SystemError("stat \(directory)", errno: error.errno)) }
         let user = geteuid()
-        guard info.st_mode & S_IFMT != S_IFLNK else {
-            let fix = isDefault ? "remove it (dirtymig creates a private directory there)" : privateElsewhere
-            throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) is a symbolic link; \(fix)")
-        }
-        guard info.st_mode & S_IFMT == S_IFDIR else {
-            let fix = isDefault ? "remove it (it is where control sockets go)" : privateElsewhere
-            throw .unsafeDirectory(path: directory, problem: "\(directory) exists but is not a directory; \(fix)")
-        }
         guard info.st_uid == user else {
             let fix = isDefault ? "remove it, or set XDG_RUNTIME_DIR to a directory of your own" : privateElsewhere
             throw .unsafeDirectory(path: directory, problem: "the control socket directory \(directory) belongs to uid \(info.st_uid), not to you (uid \(user)); \(fix)")
+        }
+        if created {
+            // In case the umask took bits away (it cannot add any).
+            do { try opened.setMode(0o700) } catch { throw .system(SystemError("chmod 700 \(directory)", errno: error.errno)) }
+            return
         }
         let mode = info.st_mode & 0o777
         guard mode & 0o077 == 0 else {

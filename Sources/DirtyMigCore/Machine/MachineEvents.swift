@@ -9,6 +9,7 @@ public final class MachineEvents: @unchecked Sendable {
     private var guestErrorCode: UInt32 = 0
     private let failed = DispatchSemaphore(value: 0)
 
+    /// A guest's console line, escaped and bounded already (ConsoleLine): fit to print as it is.
     public var onConsoleLine: (@Sendable (Int, String) -> Void)?
     public var onFailure: (@Sendable (Error) -> Void)?
 

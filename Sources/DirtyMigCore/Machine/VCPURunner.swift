@@ -29,7 +29,7 @@ final class VCPURunner: @unchecked Sendable {
     /// KVM_RUN returned an exit that KVM completes only on the next KVM_RUN (see
     /// `KVMVCPU.completePendingExit`). Touched only by the runner's thread.
     private var exitPending = false
-    private var consoleLine: [UInt8] = []
+    private var consoleLine = ConsoleLine()
 
     init(vcpu: KVMVCPU, tracker: DirtyTracker?, ring: RingTracker?, holds: VCPUHolds, events: MachineEvents, output: GuestOutput,
          memory: GuestMemory) {
@@ -255,12 +255,8 @@ final class VCPURunner: @unchecked Sendable {
         switch port {
         case GuestLayout.consolePort:
             for index in 0..<Int(count) * Int(size) {
-                let byte = data.load(fromByteOffset: index, as: UInt8.self)
-                if byte == UInt8(ascii: "\n") {
-                    events.consoleLine(vcpu.id, String(decoding: consoleLine, as: UTF8.self))
-                    consoleLine.removeAll()
-                } else if consoleLine.count < 4096 {
-                    consoleLine.append(byte)
+                if let line = consoleLine.take(data.load(fromByteOffset: index, as: UInt8.self)) {
+                    events.consoleLine(vcpu.id, line)
                 }
             }
         case GuestLayout.parkPort:

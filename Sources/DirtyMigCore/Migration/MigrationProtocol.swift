@@ -177,7 +177,7 @@ public struct MigrationHello: Sendable, Equatable {
         }
         verify = flags & MigrationHello.verifyFlag != 0
         replicate = flags & MigrationHello.replicateFlag != 0
-        name = try reader.string()
+        name = try reader.peerText()
         guestConfig = try reader.blob(max: 64 * (GuestLayout.maxVCPUs + 1))
         try reader.finish()
     }
@@ -252,7 +252,7 @@ public struct MigrationHelloReply: Sendable, Equatable {
         var reader = WireReader(payload, what: "hello reply")
         accepted = try reader.u8() == 1
         version = try reader.u32()
-        reason = try reader.string()
+        reason = try reader.peerText()
         // An older receiver's reply ends here: its refusal (a version mismatch) still reads.
         heartbeatMilliseconds = reader.remaining >= 4 ? try reader.u32() : 0
         try reader.finish()
@@ -351,7 +351,7 @@ public struct MigrationResult: Sendable, Equatable {
         self.status = status
         verifyNanoseconds = try reader.u64()
         resumeNanoseconds = try reader.u64()
-        message = try reader.string()
+        message = try reader.peerText()
         try reader.finish()
     }
 }
@@ -429,7 +429,7 @@ final class MigrationChannel: Sendable {
 
     static func abortReason(_ payload: [UInt8]) -> String {
         var reader = WireReader(payload, what: "abort")
-        return (try? reader.string()) ?? "no reason given"
+        return (try? reader.peerText()) ?? "no reason given"
     }
 }
 

@@ -42,8 +42,10 @@ struct WireReader {
         guard count <= max else { throw .malformed("\(what) carries \(count) bytes where at most \(max) are allowed") }
         return Array(try take(count))
     }
-    mutating func string() throws(MigrationProtocolError) -> String {
-        String(decoding: try blob(max: MigrationWire.maxStringBytes), as: UTF8.self)
+    /// A string from the peer (a VM name, a refusal, abort or result message): any bytes up to
+    /// 4 KiB, so escaped and bounded here, where it enters, before anything can log it.
+    mutating func peerText() throws(MigrationProtocolError) -> String {
+        PeerText.escaped(try blob(max: MigrationWire.maxStringBytes))
     }
     func finish() throws(MigrationProtocolError) {
         guard remaining == 0 else { throw .malformed("\(what) has \(remaining) unexpected trailing bytes") }

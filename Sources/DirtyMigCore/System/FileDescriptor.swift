@@ -10,8 +10,9 @@ public final class FileDescriptor: @unchecked Sendable {
         self.rawValue = rawValue
     }
 
-    public static func open(_ path: String, flags: Int32) throws(SystemError) -> FileDescriptor {
-        let fd = Glibc.open(path, flags | O_CLOEXEC)
+    /// open(2), close-on-exec; `mode` is the permissions of a file O_CREAT creates.
+    public static func open(_ path: String, flags: Int32, mode: mode_t = 0) throws(SystemError) -> FileDescriptor {
+        let fd = Glibc.open(path, flags | O_CLOEXEC, mode)
         if fd < 0 { throw SystemError("open \(path)") }
         return FileDescriptor(owning: fd)
     }

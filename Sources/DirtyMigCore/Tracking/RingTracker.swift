@@ -203,7 +203,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         ring.snapshotMarks()
         let consumed = try resetLocked()
         ring.locateReset(consumed: consumed)
-        if debug { FileHandle.standardError.write(Data("vCPU \(vcpu) ring full: empty \(empty), harvested \(harvested), consumed \(consumed), proves full \(provesFull)\n".utf8)) }
+        if debug { StandardStream.error.writeLine("vCPU \(vcpu) ring full: empty \(empty), harvested \(harvested), consumed \(consumed), proves full \(provesFull)") }
         if empty == 0 {
             // A ring without one empty entry: the kernel may have pushed over unharvested ones.
             lost = true
@@ -213,7 +213,7 @@ public final class RingTracker: DirtyTracker, @unchecked Sendable {
         guard provesFull else { return }
         let given = try ring.recoverStuck { () throws(KVMError) -> Int in try resetKernel() }
         clearCounted()
-        if debug { FileHandle.standardError.write(Data("  stuck: recovery gave back \(given)\n".utf8)) }
+        if debug { StandardStream.error.writeLine("  stuck: recovery gave back \(given)") }
         if given > 0 && !lost {
             recordLoss(DirtyLoss(vcpu: vcpu, kind: .stuckRingRecovered, timeNanoseconds: now))
         }
