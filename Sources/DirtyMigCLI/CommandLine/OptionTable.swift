@@ -76,7 +76,7 @@ enum OptionTable {
                               OptionSpec(name: "once", value: nil, help: "exit after one migration (non-zero if it failed)"), detach,
                               OptionSpec(name: "standby", value: nil, help: "be a standby for 'migrate --continuous': keep the last checkpoint, take over when the primary is gone"),
                               OptionSpec(name: "failover", value: "MODE", help: "with --standby: auto (resume when the primary is gone, the default) or manual (wait for 'dirtymig failover')", completion: .choices(StandbyOptions.Failover.allCases.map(\.rawValue))),
-                              OptionSpec(name: "failover-after", value: "DURATION", help: "with --standby: the primary is gone after this long without a checkpoint or heartbeat (default 500ms)")] + channel),
+                              OptionSpec(name: "failover-after", value: "DURATION", help: "with --standby: the primary is gone after this long with no byte from it (default 500ms)")] + channel),
         CommandSpec(name: "dirtyrate", summary: "measure a running VM's dirty rate, per vCPU where the tracking mode allows",
                     synopsis: "dirtymig dirtyrate [--vm NAME|PATH] [--mode ring|bitmap|sample] [--interval DURATION] [--count N] [--json]",
                     options: [vm, OptionSpec(name: "mode", value: "MODE", help: "ring (per vCPU), bitmap (VM-wide) or sample (page hashing, any VM); default: the best the VM has", completion: .choices(modeChoices)),
