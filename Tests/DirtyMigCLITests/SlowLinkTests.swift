@@ -146,7 +146,14 @@ final class SlowLinkTests: ReplicationProcessTestCase {
         Thread.sleep(forTimeInterval: 1)
         XCTAssertEqual(fileSize(primaryOutput), size, "the superseded primary's guest output still flows")
         XCTAssertTrue(primary.isRunning, stderrText(primaryErrors))
-        XCTAssertTrue(stderrText(primaryErrors).contains("the standby took over"))
+        let primaryLog = stderrText(primaryErrors)
+        XCTAssertTrue(primaryLog.contains("unprotected"), "the primary's log says it lost its standby: \(primaryLog)")
+        XCTAssertTrue(primaryLog.contains("the standby took over"), primaryLog)
+        // The stale copy cannot be moved or protected again: only the standby's counts now.
+        let again = try CLI.run(["migrate", "--vm", socket("primary"), "--continuous", "--to", "\(link.rightAddress):\(port)",
+                                 "--psk-file", key])
+        XCTAssertNotEqual(again.status, 0)
+        XCTAssertTrue(again.stderr.contains("superseded"), again.stderr)
         XCTAssertTrue(stderrText(standbyErrors).contains("took over"))
         try assertGuestRuns(socket: socket("standby"), vcpus: 1)
     }

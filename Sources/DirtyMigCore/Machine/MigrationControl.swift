@@ -37,6 +37,7 @@ public enum MigrationControl {
             }
             if busy { throw ControlError(.failed, "a migration of this VM is already under way") }
             defer { slot.current.withLock { $0 = nil } }
+            if let superseded = machine.supersededRefusal { throw ControlError(.failed, superseded) }
             if let other = machine.transferClaim.claim("a migration to \(options.destination)") {
                 throw ControlError(.failed, "\(other) is under way; stop it first (migrate --stop-replication)")
             }

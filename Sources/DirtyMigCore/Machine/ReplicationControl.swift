@@ -26,6 +26,7 @@ public enum ReplicationControl {
         let slot = Slot()
         server.register("replicate") { (arguments: JSONValue) throws(ControlError) in
             let options = try replicationOptions(arguments, machine: machine)
+            if let superseded = machine.supersededRefusal { throw ControlError(.failed, superseded) }
             if let other = machine.transferClaim.claim("replication to \(options.standby)") {
                 throw ControlError(.failed, "\(other) is under way; one at a time")
             }

@@ -20,3 +20,11 @@ public final class TransferClaim: Sendable {
 
     public var current: String? { holder.withLock { $0 } }
 }
+
+extension Machine {
+    /// Why no migration or replication may start from this copy, if one may not: its standby
+    /// took over (see Replicator), so the VM that counts runs there.
+    var supersededRefusal: String? {
+        output.isFenced ? "this copy of the VM is superseded: its standby took over and runs the VM; migrate or replicate that one, and stop this one ('dirtymig stop')" : nil
+    }
+}
