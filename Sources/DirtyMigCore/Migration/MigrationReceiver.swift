@@ -62,6 +62,8 @@ public final class MigrationReceiver: Sendable {
     private let state = Mutex(State())
     /// Signalled once per outcome queued and once by `stop()`.
     private let arrivals = DispatchSemaphore(value: 0)
+    /// Where connections refused from the accept loop are closed.
+    private let refused = LingeringClose()
 
     /// Why a migration in flight ends when the receiver is asked to stop.
     public static let stoppingReason = "the destination is stopping: it aborted the incoming migration and discarded its copy; the VM runs on at the source"
@@ -103,15 +105,20 @@ public final class MigrationReceiver: Sendable {
     }
 
     /// Listens on `endpoint`. A port in use is a clear error; so is a non-loopback address
-    /// without credentials (unless `security.insecure`).
-    public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
-                              standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
+    /// without credentials (unless `security.insecure`), and a name that does not resolve.
+    /// `addresses`: what `security.checkListening(on: endpoint)` returned, if the caller checked
+    /// already (the name is then not resolved again); nil resolves and checks here.
+    public static func listen(on endpoint: HostPort, addresses: [SocketAddress]? = nil, kvm: KVMSystem, name: String? = nil,
+                              limits: Limits = Limits(), standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
                               log: @escaping @Sendable (String) -> Void = { _ in },
                               guestOutput: (@Sendable (String) -> Void)? = nil,
                               preparedMemory: PreparedMemory? = nil) throws(MigrationError) -> MigrationReceiver {
-        do { try security.checkListening(on: endpoint) } catch { throw .channel(error) }
+        var checked = addresses ?? []
+        if addresses == nil {
+            do { checked = try security.checkListening(on: endpoint) } catch { throw .channel(error) }
+        }
         do {
-            return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits,
+            return MigrationReceiver(listener: try TCPSocket.listen(endpoint, addresses: checked), kvm: kvm, name: name, limits: limits,
                                      standby: standby, security: security, log: log, guestOutput: guestOutput,
                                      preparedMemory: preparedMemory)
         } catch {
@@ -150,7 +157,9 @@ public final class MigrationReceiver: Sendable {
 
     /// The outcome of the next migration that took the slot: the running VM, or why it failed
     /// (its partial VM is gone; call again for the next one). Connections refused before they
-    /// took the slot (bad hellos are outcomes too; "busy" refusals are only logged).
+    /// took the slot (no or a late handshake, other credentials, not dirtymig, another version,
+    /// the wrong role, "busy") are only logged: anyone who can reach the port can make those,
+    /// and `receive --once` must not end on a stranger's account before any migration came.
     public func receiveOne() throws(MigrationError) -> Machine {
         startAccepting()
         while true {
@@ -209,10 +218,12 @@ public final class MigrationReceiver: Sendable {
                 return state.nextID
             }
             guard let id else {
-                if !state.withLock({ $0.stopping }) {
-                    log("refused a connection from \(peer): \(limits.maxPendingHandshakes) connections are already waiting to say hello")
-                }
-                socket.shutdown()
+                guard !state.withLock({ $0.stopping }) else { socket.shutdown(); continue }
+                log("refused a connection from \(peer): \(limits.maxPendingHandshakes) connections are already waiting to say hello")
+                // Told why in clear (a TLS sender would otherwise blame the credentials), and
+                // closed without a thread of its own.
+                MigrationConnector.refuseBusy(socket, waiting: limits.maxPendingHandshakes)
+                refused.close(socket)
                 continue
             }
             _ = OSThread(name: "migr-in-\(id % 1000)") { [self] in serve(socket, id: id, peer: peer) }
@@ -245,7 +256,6 @@ public final class MigrationReceiver: Sendable {
                 error = .timedOut("no complete \(security.isEncrypted ? "TLS handshake" : "hello") within \(limits.handshakeSeconds) s of connecting")
             }
             log("refused a connection from \(peer): \(error) (nothing was allocated for it)")
-            deliver(.failure(error))
             return
         }
         let handshake = MigrationChannel(transport: connection)
@@ -259,7 +269,6 @@ public final class MigrationReceiver: Sendable {
             // A dirtymig of another version learns why; anything else gets a few bytes it ignores.
             try? handshake.send(.helloReply, MigrationHelloReply.refuse(error.reasonForPeer).encode())
             log("refused a connection from \(peer): \(error)")
-            deliver(.failure(error))
             return
         }
         connection.setReceiveDeadline(nil)
@@ -267,7 +276,6 @@ public final class MigrationReceiver: Sendable {
         if let reason = Self.roleMismatch(hello, standby: standby) {
             try? handshake.send(.helloReply, MigrationHelloReply.refuse(reason).encode())
             log("refused a connection from \(peer): \(reason)")
-            deliver(.failure(.refused(reason)))
             return
         }
 

@@ -22,6 +22,8 @@ public final class Replicator: Sendable {
     private let threadsDone = DispatchSemaphore(value: 0)
     /// Raised by `stop` and by the loss of the standby; read for every page of the initial copy.
     private let stopping = Atomic<Bool>(false)
+    /// The connection while it is being set up, which `stop` cuts short.
+    private let attempt = ConnectionAttempt()
 
     private struct Shared {
         var figures: ReplicationFigures
@@ -112,7 +114,11 @@ public final class Replicator: Sendable {
             throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
         }
         let started = MonotonicClock.nanoseconds()
-        let socket = try MigrationConnector.connect(to: options.standby, security: options.security)
+        let socket: any MigrationConnection
+        do { socket = try MigrationConnector.connect(to: options.standby, security: options.security, attempt: attempt) } catch {
+            if let reason = state.withLock({ $0.stopReason }) { throw .cancelled(reason) }
+            throw error
+        }
         // The acknowledgements are read on one thread while checkpoints go out on another.
         socket.allowConcurrentSendAndReceive()
         let stopped = state.withLock { shared -> Bool in
@@ -418,6 +424,7 @@ public final class Replicator: Sendable {
             stopping.store(true, ordering: .releasing)
             return shared.figures.status == .protected
         }
+        attempt.cancel()   // still connecting or in the TLS handshake: cut it now
         wake.signal()
         if running { _ = threadsDone.wait(timeout: .now() + 5); threadsDone.signal() }
         state.withLock { if $0.figures.status == .protected || $0.figures.status == .starting { $0.figures.status = .stopped } }
