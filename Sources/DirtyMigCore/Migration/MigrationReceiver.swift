@@ -17,8 +17,9 @@ public protocol IncomingVM: AnyObject, Sendable {
 ///
 /// An accept thread takes every connection at once and gives each its own thread, so the
 /// listening socket keeps serving whatever one peer does:
-/// - a connection has `Limits.handshakeSeconds` to deliver its whole hello (a peer that sends
-///   nothing, or a byte every 25 s, is closed; at most `maxPendingHandshakes` may wait at once);
+/// - a connection has `Limits.handshakeSeconds` to complete its TLS handshake (if any) and
+///   deliver its whole hello (a peer that sends nothing, or a byte every 4 s, is closed; at most
+///   `maxPendingHandshakes` may wait at once, more are told "busy");
 /// - the first valid hello takes the receiver's one migration slot; a hello that arrives while a
 ///   migration runs is refused at once with "busy: a migration from HOST is in progress";
 /// - once running, each frame must arrive within `frameSeconds`.
@@ -32,7 +33,8 @@ public final class MigrationReceiver: Sendable {
     public struct Limits: Sendable {
         /// From accept to a complete hello.
         public var handshakeSeconds = 5.0
-        /// Connections waiting for their hello at once; more are closed at once, with a log line.
+        /// Connections waiting for their handshake and hello at once; more are refused at once
+        /// ("the destination is busy", in clear), with a log line.
         public var maxPendingHandshakes = 16
         /// One frame, header to last byte, once the migration runs (the sender sends at least a
         /// quarter-second batch at a time, see PageSender.batchLimit).
