@@ -190,6 +190,22 @@ void ctls_free(SSL *ssl) {
     SSL_free(ssl);
 }
 
+int ctls_hold_reads(SSL *ssl) {
+    BIO *empty = BIO_new(BIO_s_mem());
+    if (!empty) return 0;
+    BIO_set_mem_eof_return(empty, -1);   // empty: "retry", not end of stream
+    // SSL_set_fd gave the read and write sides one socket BIO with a reference each: this drops
+    // the read side's, the write side keeps the socket.
+    SSL_set0_rbio(ssl, empty);
+    return 1;
+}
+
+void ctls_release_reads(SSL *ssl) {
+    BIO *socket = SSL_get_wbio(ssl);
+    if (!socket || !BIO_up_ref(socket)) return;
+    SSL_set0_rbio(ssl, socket);   // frees the memory BIO
+}
+
 const char *ctls_unknown_identity(SSL *ssl) {
     struct ctls_connection *connection = connection_of(ssl);
     return connection ? connection->unknown_identity : "";

@@ -158,6 +158,36 @@ final class SecureChannelTests: ProcessTestCase {
         assertCompletedEncrypted(status, report, peer: "PSK identity")
     }
 
+    /// `receive --once` ends after the one migration that takes its slot: a stranger that
+    /// connects and closes, or a source with the wrong key, is refused and logged, and the
+    /// receiver waits on for the real migration. A standby with --once does the same.
+    func testReceiveOnceOutlivesStrangersAndTakesTheRealMigration() throws {
+        let key = try makeKey("key.psk"), other = try makeKey("other.psk")
+        let source = try boot("src")
+        let port = try freePort(), standbyPort = try freePort()
+        let (receiver, log) = try receive("dst", port: port, ["--psk-file", key, "--once"])
+        let (standby, standbyLog) = try receive("sby", port: standbyPort, ["--psk-file", key, "--once", "--standby"])
+        for target in [port, standbyPort] {
+            let stranger = try TCPSocket.connect(HostPort(host: "127.0.0.1", port: target))
+            stranger.shutdown()
+        }
+        var text = "", standbyText = ""
+        XCTAssertTrue(waitForLog(log, "refused a connection", collected: &text), text)
+        XCTAssertTrue(waitForLog(standbyLog, "refused a connection", collected: &standbyText), standbyText)
+        let (status, report) = try migrate("src", port: port, ["--psk-file", other])
+        XCTAssertEqual(status, 1, report.serialized())
+        XCTAssertTrue(waitForLog(log, "--psk-file keys differ", collected: &text), text)
+        usleep(300_000)
+        XCTAssertTrue(receiver.isRunning, "receive --once outlived a stranger and a wrong key: \(text)")
+        XCTAssertTrue(standby.isRunning, "receive --once --standby outlived a stranger: \(standbyText)")
+        try assertListening("dst")
+        let (again, direct) = try migrate("src", port: port, ["--psk-file", key, "--verify"])
+        assertCompletedEncrypted(again, direct, peer: "PSK identity")
+        try assertGuestRuns(socket: socket("dst"), vcpus: 2)
+        XCTAssertTrue(receiver.isRunning, "it runs the VM it received")
+        source.waitUntilExit()
+    }
+
     func testAKeyFileOthersCanReadIsRefusedOnBothSides() throws {
         let key = try makeKey("open.psk", mode: 0o644)
         let port = try freePort()

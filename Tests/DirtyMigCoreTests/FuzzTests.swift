@@ -122,6 +122,13 @@ final class FuzzTests: XCTestCase {
         return header + payload
     }
 
+    /// The header of a frame of any type (or none) with a length at or near its type's largest.
+    private func largeHeader() -> [UInt8] {
+        let type = UInt64.random(in: 1...16, using: &random)
+        let most = MigrationFrameType(rawValue: UInt32(type))?.maxPayload ?? Int(UInt32.max)
+        return Self.u32(type) + Self.u32(UInt64(most) - UInt64.random(in: 0...min(UInt64(most), 3), using: &random))
+    }
+
     // MARK: The receiver
 
     /// A VM with memory and nothing else: what the state machine fills, without KVM.
@@ -132,13 +139,6 @@ final class FuzzTests: XCTestCase {
         func restoreState(_ saved: MachineState) throws(MachineError) {}
         func start() throws(MachineError) {}
         func stop() {}
-    }
-
-    private func residentBytes() -> UInt64 {
-        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
-              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
-              let kib = UInt64(line.split(separator: " ").dropFirst().first ?? "") else { return 0 }
-        return kib * 1024
     }
 
     func testTheReceiverRefusesHostileStreamsWithAReason() throws {
@@ -162,6 +162,8 @@ final class FuzzTests: XCTestCase {
         for index in 0..<inputs {
             let stream: [UInt8]
             switch index % 4 {
+            case 0 where index % 16 == 0:   // a header announcing a large frame, with no payload
+                stream = largeHeader() + (Bool.random(using: &random) ? [] : MigrationWire.frame(.hello, Self.validHello().encode()))
             case 0:   // random bytes
                 stream = bytes(Int.random(in: 0..<256, using: &random))
             case 1:   // a valid header with a random payload, then random frames
@@ -171,6 +173,12 @@ final class FuzzTests: XCTestCase {
                     + (0..<Int.random(in: 1...6, using: &random)).flatMap { _ in randomFrame() }
             }
             let transport = MemoryTransport(input: stream)
+            defer {
+                // Nothing before the hello may ask for more than a hello's worth of bytes.
+                if index % 16 == 0 {
+                    XCTAssertLessThanOrEqual(transport.largestReceive, MigrationFrameType.hello.maxPayload, "input \(index) (seed \(seed))")
+                }
+            }
             do {
                 let vm = try MigrationReceiver.receive(over: transport, build: build)
                 vm.stop()
@@ -200,6 +208,35 @@ final class FuzzTests: XCTestCase {
             XCTAssertThrowsError(try MigrationReceiver.receive(over: transport, build: build)) {
                 XCTAssertTrue("\($0)".contains("outside RAM"), "\($0)")
             }
+        }
+    }
+
+    /// Every frame type, announced with the largest length it may have and no payload, as the
+    /// first frame (where only a hello belongs) and after a hello (where only the pre-copy's
+    /// frames do): a frame that does not belong is refused from its header, before its payload
+    /// is read or allocated (each announced up to 64 MiB: 16 such connections took a receiver's
+    /// RSS to 1 GiB).
+    func testHeadersOfFramesThatDoNotBelongAreRefusedBeforeTheirPayload() throws {
+        let build = { (hello: MigrationHello) throws(MigrationError) -> MemoryOnlyVM in
+            do { return MemoryOnlyVM(memory: try GuestMemory(size: hello.memorySize)) } catch { throw .machine("\(error)") }
+        }
+        let types = (1...64).compactMap { MigrationFrameType(rawValue: UInt32($0)) }
+        // Legal while memory is received, and what each may cost there at most.
+        let legal: [MigrationFrameType: Int] = [.pages: 16 * MigrationWire.maxRangesPerBatch, .iterationEnd: 12,
+                                                .passPlan: 4 + 8 * Int(Self.pageCount / 64), .state: MigrationWire.maxStateBytes,
+                                                .abort: MigrationFrameType.abort.maxPayload]
+        for type in types {
+            let header = Self.u32(UInt64(type.rawValue)) + Self.u32(UInt64(type.maxPayload))
+            let first = MemoryTransport(input: header)
+            XCTAssertThrowsError(try MigrationReceiver.receive(over: first, build: build), "\(type) first")
+            let bound = type == .hello || type == .abort ? type.maxPayload : MigrationWire.frameHeaderSize
+            XCTAssertLessThanOrEqual(first.largestReceive, bound, "a \(type) header before the hello: \(first.largestReceive) bytes asked for")
+
+            let later = MemoryTransport(input: MigrationWire.frame(.hello, Self.validHello().encode()) + header)
+            XCTAssertThrowsError(try MigrationReceiver.receive(over: later, build: build), "\(type) after the hello")
+            let hello = Self.validHello().encode().count
+            XCTAssertLessThanOrEqual(later.largestReceive, max(hello, legal[type] ?? MigrationWire.frameHeaderSize),
+                                     "a \(type) header after the hello: \(later.largestReceive) bytes asked for")
         }
     }
 

@@ -109,3 +109,11 @@ enum ThreadSchedule {
         }
     }
 }
+
+/// This process's resident memory (VmRSS), in bytes; 0 if /proc does not say.
+func residentBytes() -> UInt64 {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") }),
+          let kib = UInt64(line.split(separator: " ").dropFirst().first ?? "") else { return 0 }
+    return kib * 1024
+}

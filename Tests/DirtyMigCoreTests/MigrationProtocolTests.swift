@@ -50,10 +50,13 @@ final class MigrationProtocolTests: XCTestCase {
         }
     }
 
-    /// Starts a receiver on a loopback port; `attempts` collects each receiveOne outcome.
+    /// Starts a receiver on a loopback port; `outcomes` collects each receiveOne outcome, and
+    /// the log line of each connection refused before it took the slot (those are only logged).
     private func startReceiver(_ kvm: KVMSystem) throws -> (MigrationReceiver, Outcomes) {
-        let receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm)
         let outcomes = Outcomes()
+        let receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), kvm: kvm) { line in
+            if line.hasPrefix("refused a connection") { outcomes.append(line) }
+        }
         _ = OSThread(name: "test-receiver") {
             while true {
                 do {

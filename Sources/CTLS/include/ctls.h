@@ -33,6 +33,14 @@ int ctls_warm_up(SSL_CTX *client_context, SSL_CTX *server_context);
 SSL *ctls_new(SSL_CTX *context, int fd, const char *peer_name);
 void ctls_free(SSL *ssl);
 
+/// Until ctls_release_reads, the connection reads from an empty memory BIO instead of the socket
+/// (a read wants more, SSL_ERROR_WANT_READ) while it still writes to the socket: a client's
+/// first handshake step sends its ClientHello and leaves the answer in the socket, so the caller
+/// can look at its first byte before OpenSSL consumes it. Returns 1, or 0 if out of memory.
+int ctls_hold_reads(SSL *ssl);
+/// Reads come from the socket again (the BIO the connection writes to).
+void ctls_release_reads(SSL *ssl);
+
 /// The PSK identity a client offered that this server did not know ("" if none was offered or it
 /// matched), for the refusal's message.
 const char *ctls_unknown_identity(SSL *ssl);

@@ -73,7 +73,7 @@ enum OptionTable {
                     options: [OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on (:PORT for all addresses)"),
                               OptionSpec(name: "memory", value: "SIZE", help: "allocate guest RAM for a VM of SIZE before listening, as QEMU's -mem-prealloc does (a VM of another size gets fresh memory)"),
                               control, name, guestOutput,
-                              OptionSpec(name: "once", value: nil, help: "exit after one migration (non-zero if it failed)"), detach,
+                              OptionSpec(name: "once", value: nil, help: "exit after one migration that took the slot (non-zero if it failed); refused connections are only logged"), detach,
                               OptionSpec(name: "standby", value: nil, help: "be a standby for 'migrate --continuous': keep the last checkpoint, take over when the primary is gone"),
                               OptionSpec(name: "failover", value: "MODE", help: "with --standby: auto (resume when the primary is gone, the default) or manual (wait for 'dirtymig failover')", completion: .choices(StandbyOptions.Failover.allCases.map(\.rawValue))),
                               OptionSpec(name: "failover-after", value: "DURATION", help: "with --standby: the primary is gone after this long with no byte from it (default 500ms)")] + channel),

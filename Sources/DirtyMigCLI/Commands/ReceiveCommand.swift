@@ -21,7 +21,12 @@ enum ReceiveCommand {
         let standby = try standbyOptions(arguments)
         let guestOutput = try GuestOutputFile.requested(by: arguments)
         let security = try ChannelOptions.security(arguments)
-        do { try security.checkListening(on: endpoint) } catch { throw arguments.error(error.description) }
+        // Resolved once, here: the receiver listens on exactly the addresses checked.
+        let addresses: [SocketAddress]
+        do { addresses = try security.checkListening(on: endpoint) } catch {
+            if case .unresolved = error { throw RuntimeFailure(error.description) }
+            throw arguments.error(error.description)
+        }
         let prepareSize = try arguments.guestMemorySize()
         if arguments.has("detach") { return try Detach.run(controlPath: controlPath, name: name, state: "listening") }
 
@@ -36,7 +41,7 @@ enum ReceiveCommand {
         let prepared = prepareSize.map { PreparedMemory(size: $0, log: log) }
         let receiver: MigrationReceiver
         do {
-            receiver = try MigrationReceiver.listen(on: endpoint, kvm: kvm, name: name, standby: standby, security: security,
+            receiver = try MigrationReceiver.listen(on: endpoint, addresses: addresses, kvm: kvm, name: name, standby: standby, security: security,
                                                     log: log, guestOutput: guestOutput?.sink, preparedMemory: prepared)
         } catch {
             server.stop()

@@ -95,18 +95,52 @@ public struct ChannelSecurity: Sendable {
         return security
     }
 
-    /// Plaintext is for loopback: listening on another address without credentials needs
-    /// `--insecure`. (Names that do not resolve are left to `listen` to report.)
-    public func checkListening(on endpoint: HostPort) throws(ChannelError) {
-        guard case .none = credentials, !insecure, TCPSocket.isLoopback(endpoint) == false else { return }
+    /// Resolves where to listen, once, and checks it: plaintext is for loopback, so without
+    /// credentials (and without `--insecure`) every address the name gives must be a loopback
+    /// one. Returns those addresses, for `TCPSocket.listen(_:addresses:)`: checking one
+    /// resolution and listening on another would let a name that changes in between (or a
+    /// resolver that failed the first time, which once counted as "not non-loopback") put
+    /// plaintext on another host's network.
+    @discardableResult
+    public func checkListening(on endpoint: HostPort, resolver: NameResolver = .system) throws(ChannelError) -> [SocketAddress] {
+        let addresses = try Self.resolve(endpoint, passive: true, resolver: resolver) { error in
+            ChannelError.listenUnresolved(error) ?? "cannot listen on \(endpoint): \(error)"
+        }
+        if plaintextAllowed(on: addresses) { return addresses }
         let shown = endpoint.host.isEmpty ? "all addresses (:\(endpoint.port))" : endpoint.description
-        throw .plaintextAcrossHosts("refusing to listen on \(shown) without credentials: anyone who reaches the port could push a VM into this host, and guest memory would cross the network in clear. Give --psk-file FILE (the same key as the source's; make one with: (umask 077 && openssl rand -hex 32 > FILE)) or --tls-dir DIR (ca.pem, cert.pem, key.pem), or --insecure to accept plaintext, or listen on 127.0.0.1")
+        throw .plaintextAcrossHosts("refusing to listen on \(shown)\(Self.resolvedText(endpoint, addresses)) without credentials: anyone who reaches the port could push a VM into this host, and guest memory would cross the network in clear. Give --psk-file FILE (the same key as the source's; make one with: (umask 077 && openssl rand -hex 32 > FILE)) or --tls-dir DIR (ca.pem, cert.pem, key.pem), or --insecure to accept plaintext, or listen on 127.0.0.1")
     }
 
-    /// The same for a sending side connecting to `endpoint`.
-    public func checkConnecting(to endpoint: HostPort) throws(ChannelError) {
-        guard case .none = credentials, !insecure, TCPSocket.isLoopback(endpoint) == false else { return }
-        throw .plaintextAcrossHosts("refusing to migrate to \(endpoint) without credentials: guest memory would cross the network in clear, unauthenticated. Give --psk-file FILE (the same key as the receiver's) or --tls-dir DIR (ca.pem, cert.pem, key.pem; --tls-peer NAME if the receiver's certificate is not for \(endpoint.host)), or --insecure to send in plaintext")
+    /// The same for a sending side connecting to `endpoint`: returns the addresses to connect
+    /// to (`TCPSocket.connect(_:addresses:)`).
+    @discardableResult
+    public func checkConnecting(to endpoint: HostPort, resolver: NameResolver = .system) throws(ChannelError) -> [SocketAddress] {
+        let addresses = try Self.resolve(endpoint, passive: false, resolver: resolver) { error in
+            ChannelError.connectUnresolved(error) ?? "cannot connect to \(endpoint): \(error)"
+        }
+        if plaintextAllowed(on: addresses) { return addresses }
+        throw .plaintextAcrossHosts("refusing to migrate to \(endpoint)\(Self.resolvedText(endpoint, addresses)) without credentials: guest memory would cross the network in clear, unauthenticated. Give --psk-file FILE (the same key as the receiver's) or --tls-dir DIR (ca.pem, cert.pem, key.pem; --tls-peer NAME if the receiver's certificate is not for \(endpoint.host)), or --insecure to send in plaintext")
+    }
+
+    /// The addresses `endpoint` resolves to; a name that does not resolve is `.unresolved`,
+    /// in the words `unresolved` gives (nothing is let through on a resolver's failure).
+    private static func resolve(_ endpoint: HostPort, passive: Bool, resolver: NameResolver,
+                                unresolved: (SystemError) -> String) throws(ChannelError) -> [SocketAddress] {
+        do { return try resolver.addresses(endpoint, passive: passive) } catch { throw .unresolved(unresolved(error)) }
+    }
+
+    /// Whether these credentials may use `addresses`: TLS and --insecure anywhere, plaintext only
+    /// if every address is a loopback one (none at all is not "no other host").
+    private func plaintextAllowed(on addresses: [SocketAddress]) -> Bool {
+        guard case .none = credentials, !insecure else { return true }
+        return !addresses.isEmpty && addresses.allSatisfy(\.isLoopback)
+    }
+
+    /// " (which resolves to 10.0.0.7, 127.0.0.1)" for a name, "" for an address or all of them.
+    private static func resolvedText(_ endpoint: HostPort, _ addresses: [SocketAddress]) -> String {
+        let shown = addresses.map(\.description)
+        guard !endpoint.host.isEmpty, shown != [endpoint.host] else { return "" }
+        return " (which resolves to \(shown.joined(separator: ", ")))"
     }
 }
 
@@ -230,13 +264,28 @@ public enum ChannelError: Error, CustomStringConvertible, Equatable {
     case plaintextAcrossHosts(String)
     /// The peer or this side refused the handshake, and why.
     case handshake(String)
+    /// The name to listen on or connect to does not resolve (nothing was checked, nothing opened).
+    case unresolved(String)
 
     public var description: String {
         switch self {
         case .credentials(let why): return why
         case .plaintextAcrossHosts(let why): return why
         case .handshake(let why): return why
+        case .unresolved(let why): return why
         }
+    }
+
+    /// What to say when a name to listen on does not resolve (nil: `error` is not that).
+    static func listenUnresolved(_ error: SystemError) -> String? {
+        guard let host = TCPSocket.unresolvedHost(error) else { return nil }
+        return "cannot listen on '\(host)': the name does not resolve (\(TCPSocket.resolverReason(error))); use one of this host's names or addresses, or :PORT for all"
+    }
+
+    /// What to say when the destination's name does not resolve (nil: `error` is not that).
+    static func connectUnresolved(_ error: SystemError) -> String? {
+        guard let host = TCPSocket.unresolvedHost(error) else { return nil }
+        return "the destination's name '\(host)' does not resolve (\(TCPSocket.resolverReason(error))); check --to"
     }
 }
 

@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// A connected migration channel: the transport the frames run over, plus what the sender and
 /// the receiver use of the socket beneath it, and what the channel turned out to be (for the
@@ -38,26 +39,46 @@ extension TCPSocket: MigrationConnection {
 /// here, so plaintext and TLS peers are told apart, and refused, the same way everywhere.
 public enum MigrationConnector {
     /// Connects to `endpoint` and, with credentials, completes the TLS handshake within
-    /// `timeout` seconds. Plaintext to a non-loopback address without `insecure` is refused
-    /// before connecting.
-    public static func connect(to endpoint: HostPort, security: ChannelSecurity,
-                               timeout: Double = 5) throws(MigrationError) -> any MigrationConnection {
-        do { try security.checkConnecting(to: endpoint) } catch { throw .channel(error) }
+    /// `timeout` seconds of connecting, however the destination's bytes trickle in. The name is
+    /// resolved once: plaintext to anything but loopback without `insecure` is refused before
+    /// connecting, and the socket connects to exactly the addresses checked. `attempt` lets
+    /// another thread cut the connect or the handshake short (a sender's cancel).
+    public static func connect(to endpoint: HostPort, security: ChannelSecurity, timeout: Double = 5,
+                               resolver: NameResolver = .system,
+                               attempt: ConnectionAttempt? = nil) throws(MigrationError) -> any MigrationConnection {
+        let addresses: [SocketAddress]
+        do { addresses = try security.checkConnecting(to: endpoint, resolver: resolver) } catch { throw .channel(error) }
+        defer { attempt?.finish() }
+        do {
+            return try open(endpoint, addresses: addresses, security: security, timeout: timeout, attempt: attempt)
+        } catch {
+            if attempt?.isCancelled == true { throw .cancelled("the connection to \(endpoint) was cancelled while it was being set up") }
+            throw error
+        }
+    }
+
+    private static func open(_ endpoint: HostPort, addresses: [SocketAddress], security: ChannelSecurity, timeout: Double,
+                             attempt: ConnectionAttempt?) throws(MigrationError) -> any MigrationConnection {
         let socket: TCPSocket
-        do { socket = try TCPSocket.connect(endpoint, timeout: timeout) } catch { throw .connection(error) }
+        do {
+            socket = try TCPSocket.connect(endpoint, addresses: addresses, timeout: timeout,
+                                           attach: { attempt?.attach($0) ?? true })
+        } catch { throw .connection(error) }
         if case .none = security.credentials { return socket }
         let context: TLSContext
         do { context = try security.contexts.context(for: security, server: false) } catch { throw .channel(error) }
         var peerName: String?
         if case .certificates = security.credentials { peerName = security.peerName ?? endpoint.host }
+        let deadline = MonotonicClock.nanoseconds() + UInt64(max(timeout, 0.001) * 1e9)
         socket.setTimeouts(send: timeout, receive: timeout)
-        socket.setReceiveDeadline(MonotonicClock.nanoseconds() + UInt64(max(timeout, 0.001) * 1e9))
+        socket.setReceiveDeadline(deadline)
         defer {
             socket.setReceiveDeadline(nil)
             socket.setTimeouts(send: 0, receive: 0)
         }
         do {
-            return try TLSConnection(socket: socket, context: context, server: false, peerName: peerName, security: security)
+            return try TLSConnection(socket: socket, context: context, server: false, peerName: peerName, security: security,
+                                     deadline: deadline)
         } catch {
             socket.shutdown()
             throw .channel(error)
@@ -86,7 +107,8 @@ public enum MigrationConnector {
             let context: TLSContext
             do { context = try security.contexts.context(for: security, server: true) } catch { throw .channel(error) }
             do {
-                return try TLSConnection(socket: socket, context: context, server: true, peerName: security.peerName, security: security)
+                return try TLSConnection(socket: socket, context: context, server: true, peerName: security.peerName, security: security,
+                                         deadline: socket.receiveDeadlineNanoseconds)
             } catch { throw .channel(error) }
         }
         if tlsRecord {
@@ -96,10 +118,21 @@ public enum MigrationConnector {
                 let length = Int(header[3]) << 8 | Int(header[4])
                 _ = try? socket.receive(count: min(length, 1 << 14 + 256))
             }
-            refuseInClear(socket, readingHello: false, reason: "this destination has no credentials (it listens in plaintext, on loopback or with --insecure): start 'dirtymig receive' with the same --psk-file or --tls-dir as the source, or migrate without them")
+            refuseInClear(socket, readingHello: false, reason: "the destination answered in plaintext: it has no credentials (it listens in plaintext, on loopback or with --insecure); start 'dirtymig receive' there with the same --psk-file or --tls-dir as the source, or migrate without them")
             throw .channel(.handshake("a TLS client, refused: this receiver has no credentials; give 'dirtymig receive' the same --psk-file or --tls-dir as the source"))
         }
         return socket
+    }
+
+    /// Refuses a connection the receiver has no room for (`maxPendingHandshakes` wait already)
+    /// from the accept loop, which must neither block nor spend a thread on it: a hello reply in
+    /// clear, sent only if the socket takes it at once, which a plaintext dirtymig reads as its
+    /// reply and a TLS one reads where the server's first record belongs (see TLSConnection).
+    /// Without it a TLS sender saw only the connection closing mid-handshake, and said the
+    /// destination held other credentials.
+    static func refuseBusy(_ socket: TCPSocket, waiting: Int) {
+        let reason = "the destination is busy: \(waiting) connections are waiting to complete their handshake; try again in a few seconds"
+        _ = socket.sendWithoutWaiting(MigrationWire.frame(.helloReply, MigrationHelloReply.refuse(reason).encode()))
     }
 
     /// Answers a plaintext peer with a refusal in clear, which a dirtymig of any version shows;
@@ -109,5 +142,48 @@ public enum MigrationConnector {
         let channel = MigrationChannel(transport: socket)
         if readingHello { _ = try? MigrationReceiver.readHello(channel) }
         try? channel.send(.helloReply, MigrationHelloReply.refuse(reason).encode())
+    }
+}
+
+/// A connection being opened, which another thread may cut short: a sender's cancel reaches its
+/// connect and its TLS handshake through this (a destination that trickles its handshake held
+/// a cancelled `migrate` until its deadline, or for good). Once the connection is set up,
+/// `cancel` leaves it alone: its owner cuts it then.
+public final class ConnectionAttempt: Sendable {
+    private struct State {
+        var socket: TCPSocket?
+        var cancelled = false
+        var finished = false
+    }
+    private let state = Mutex(State())
+
+    public init() {}
+
+    /// Shuts down the socket being connected or in its handshake, and any later one.
+    public func cancel() {
+        let socket = state.withLock { state -> TCPSocket? in
+            guard !state.finished else { return nil }
+            state.cancelled = true
+            return state.socket
+        }
+        socket?.shutdown()
+    }
+
+    public var isCancelled: Bool { state.withLock { $0.cancelled } }
+
+    /// Takes the socket about to connect; false if the attempt was cancelled already.
+    func attach(_ socket: TCPSocket) -> Bool {
+        state.withLock { state in
+            state.socket = socket
+            return !state.cancelled
+        }
+    }
+
+    /// The connection is set up (or failed): `cancel` no longer touches it.
+    func finish() {
+        state.withLock { state in
+            state.finished = true
+            state.socket = nil
+        }
     }
 }

@@ -31,9 +31,10 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
     private let staging: UnsafeMutableRawPointer
 
     /// `server`: this side accepted the connection. `peerName`: the name the peer's certificate
-    /// must carry (certificates only).
+    /// must carry (certificates only). `deadline` (monotonic ns; nil: none): when the whole
+    /// handshake must be done, however the peer's bytes trickle in.
     init(socket: TCPSocket, context: TLSContext, server: Bool, peerName: String?,
-         security: ChannelSecurity) throws(ChannelError) {
+         security: ChannelSecurity, deadline: UInt64?) throws(ChannelError) {
         self.socket = socket
         self.context = context
         self.server = server
@@ -44,13 +45,9 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
         self.ssl = ssl
         if server { SSL_set_accept_state(ssl) } else { SSL_set_connect_state(ssl) }
         let started = MonotonicClock.nanoseconds()
-        var savedErrno: Int32 = 0
-        let code = ctls_handshake(ssl, &savedErrno)
-        guard code == SSL_ERROR_NONE else {
-            let why = TLSConnection.handshakeFailure(ssl, code: code, errno: savedErrno, server: server,
-                                                     peerName: peerName, security: security)
+        do { try Self.handshake(ssl, socket: socket, server: server, peerName: peerName, security: security, deadline: deadline) } catch {
             ctls_free(ssl)
-            throw .handshake(why)
+            throw error
         }
         ctls_tune(ssl)
         var description = ChannelDescription()
@@ -249,6 +246,55 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
 
     static let lateHandshake = "did not complete the TLS handshake in time"
 
+    /// Runs the handshake with the socket non-blocking, waiting in poll for what is left of
+    /// `deadline`. OpenSSL reads and writes the socket itself during a handshake, so the receive
+    /// deadline Swift's reads arm never applied to it: each of its reads waited the socket's
+    /// whole idle timeout (30 s at a receiver), and a peer sending a ClientHello a byte every
+    /// 4 s held a receiver's handshake slot for minutes. A client looks at the first byte of
+    /// the answer before OpenSSL reads it (ctls_hold_reads): a dirtymig receiver that refuses
+    /// before TLS (busy, or without credentials) answers with a hello reply in clear, whose
+    /// reason is shown rather than OpenSSL's "wrong version number".
+    private static func handshake(_ ssl: OpaquePointer, socket: TCPSocket, server: Bool, peerName: String?,
+                                  security: ChannelSecurity, deadline: UInt64?) throws(ChannelError) {
+        let peer = server ? "the source" : "the destination"
+        let fd = socket.fd.rawValue
+        let flags = fcntl(fd, F_GETFL)
+        _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+        defer { _ = fcntl(fd, F_SETFL, flags) }
+        var holding = !server && ctls_hold_reads(ssl) == 1
+        defer { if holding { ctls_release_reads(ssl) } }
+        while true {
+            var savedErrno: Int32 = 0
+            let code = ctls_handshake(ssl, &savedErrno)
+            if code == SSL_ERROR_NONE { return }
+            guard code == SSL_ERROR_WANT_READ || code == SSL_ERROR_WANT_WRITE else {
+                throw .handshake(handshakeFailure(ssl, code: code, errno: savedErrno, server: server,
+                                                  peerName: peerName, security: security))
+            }
+            let events = Int16(code == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT)
+            guard socket.waitUntil(events, deadline: deadline) else { throw .handshake("\(peer) \(lateHandshake)") }
+            guard holding && events == Int16(POLLIN) else { continue }
+            var first: UInt8 = 0
+            // TLS records are of types 20 to 24; a hello reply's first byte is 2.
+            if recv(fd, &first, 1, Int32(MSG_PEEK)) == 1 && first == UInt8(MigrationFrameType.helloReply.rawValue) {
+                _ = fcntl(fd, F_SETFL, flags)   // the refusal is read as any frame: blocking, under the deadline
+                throw .handshake(clearRefusal(socket))
+            }
+            ctls_release_reads(ssl)
+            holding = false
+        }
+    }
+
+    /// The reason of a dirtymig refusal in clear where the destination's first TLS record
+    /// belongs, read whole under the socket's receive deadline.
+    private static func clearRefusal(_ socket: TCPSocket) -> String {
+        let channel = MigrationChannel(transport: socket)
+        guard let reply = try? channel.receive(.helloReply, MigrationHelloReply.init(decoding:)), !reply.accepted else {
+            return "the destination answered in plaintext, and not with a refusal dirtymig understands: it is not a dirtymig receiver, or another version of it; check --to"
+        }
+        return reply.reason
+    }
+
     /// Why a handshake failed, named for a person: which credentials disagree and what to do.
     /// `server`: we are the receiver, the peer is the source; otherwise the reverse.
     private static func handshakeFailure(_ ssl: OpaquePointer, code: Int32, errno savedErrno: Int32, server: Bool,
@@ -262,9 +308,6 @@ final class TLSConnection: MigrationConnection, @unchecked Sendable {
         let unknownIdentity = String(cString: ctls_unknown_identity(ssl))
         if server, case .psk(let key) = security.credentials, !unknownIdentity.isEmpty {
             return "\(peer) offered pre-shared key identity '\(unknownIdentity)', not ours ('\(key.identity)'): the two hosts' --psk-file keys differ; copy one key file to both"
-        }
-        if (code == SSL_ERROR_WANT_READ || code == SSL_ERROR_WANT_WRITE) && (savedErrno == EAGAIN || savedErrno == EWOULDBLOCK) {
-            return "\(peer) \(lateHandshake)"
         }
         if code == SSL_ERROR_SYSCALL && error == 0 && savedErrno != 0 {
             return "the connection failed during the TLS handshake: \(String(cString: strerror(savedErrno)))"

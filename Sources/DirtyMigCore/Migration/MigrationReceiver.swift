@@ -19,8 +19,9 @@ public protocol IncomingVM: AnyObject, Sendable {
 ///
 /// An accept thread takes every connection at once and gives each its own thread, so the
 /// listening socket keeps serving whatever one peer does:
-/// - a connection has `Limits.handshakeSeconds` to deliver its whole hello (a peer that sends
-///   nothing, or a byte every 25 s, is closed; at most `maxPendingHandshakes` may wait at once);
+/// - a connection has `Limits.handshakeSeconds` to complete its TLS handshake (if any) and
+///   deliver its whole hello (a peer that sends nothing, or a byte every 4 s, is closed; at most
+///   `maxPendingHandshakes` may wait at once, more are told "busy");
 /// - the first valid hello takes the receiver's one migration slot; a hello that arrives while a
 ///   migration runs is refused at once with "busy: a migration from HOST is in progress";
 /// - once running, each frame must arrive within `frameSeconds`.
@@ -34,7 +35,8 @@ public final class MigrationReceiver: Sendable {
     public struct Limits: Sendable {
         /// From accept to a complete hello.
         public var handshakeSeconds = 5.0
-        /// Connections waiting for their hello at once; more are closed at once, with a log line.
+        /// Connections waiting for their handshake and hello at once; more are refused at once
+        /// ("the destination is busy", in clear), with a log line.
         public var maxPendingHandshakes = 16
         /// One frame, header to last byte, once the migration runs (the sender sends at least a
         /// quarter-second batch at a time, see PageSender.batchLimit).
@@ -64,6 +66,8 @@ public final class MigrationReceiver: Sendable {
     private let state = Mutex(State())
     /// Signalled once per outcome queued and once by `stop()`.
     private let arrivals = DispatchSemaphore(value: 0)
+    /// Where connections refused from the accept loop are closed.
+    private let refused = LingeringClose()
 
     /// Why a migration in flight ends when the receiver is asked to stop.
     public static let stoppingReason = "the destination is stopping: it aborted the incoming migration and discarded its copy; the VM runs on at the source"
@@ -105,15 +109,20 @@ public final class MigrationReceiver: Sendable {
     }
 
     /// Listens on `endpoint`. A port in use is a clear error; so is a non-loopback address
-    /// without credentials (unless `security.insecure`).
-    public static func listen(on endpoint: HostPort, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
-                              standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
+    /// without credentials (unless `security.insecure`), and a name that does not resolve.
+    /// `addresses`: what `security.checkListening(on: endpoint)` returned, if the caller checked
+    /// already (the name is then not resolved again); nil resolves and checks here.
+    public static func listen(on endpoint: HostPort, addresses: [SocketAddress]? = nil, kvm: KVMSystem, name: String? = nil,
+                              limits: Limits = Limits(), standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
                               log: @escaping @Sendable (String) -> Void = { _ in },
                               guestOutput: (@Sendable (String) -> Void)? = nil,
                               preparedMemory: PreparedMemory? = nil) throws(MigrationError) -> MigrationReceiver {
-        do { try security.checkListening(on: endpoint) } catch { throw .channel(error) }
+        var checked = addresses ?? []
+        if addresses == nil {
+            do { checked = try security.checkListening(on: endpoint) } catch { throw .channel(error) }
+        }
         do {
-            return MigrationReceiver(listener: try TCPSocket.listen(endpoint), kvm: kvm, name: name, limits: limits,
+            return MigrationReceiver(listener: try TCPSocket.listen(endpoint, addresses: checked), kvm: kvm, name: name, limits: limits,
                                      standby: standby, security: security, log: log, guestOutput: guestOutput,
                                      preparedMemory: preparedMemory)
         } catch {
@@ -152,7 +161,9 @@ public final class MigrationReceiver: Sendable {
 
     /// The outcome of the next migration that took the slot: the running VM, or why it failed
     /// (its partial VM is gone; call again for the next one). Connections refused before they
-    /// took the slot (bad hellos are outcomes too; "busy" refusals are only logged).
+    /// took the slot (no or a late handshake, other credentials, not dirtymig, another version,
+    /// the wrong role, "busy") are only logged: anyone who can reach the port can make those,
+    /// and `receive --once` must not end on a stranger's account before any migration came.
     public func receiveOne() throws(MigrationError) -> Machine {
         startAccepting()
         while true {
@@ -211,10 +222,12 @@ public final class MigrationReceiver: Sendable {
                 return state.nextID
             }
             guard let id else {
-                if !state.withLock({ $0.stopping }) {
-                    log("refused a connection from \(peer): \(limits.maxPendingHandshakes) connections are already waiting to say hello")
-                }
-                socket.shutdown()
+                guard !state.withLock({ $0.stopping }) else { socket.shutdown(); continue }
+                log("refused a connection from \(peer): \(limits.maxPendingHandshakes) connections are already waiting to say hello")
+                // Told why in clear (a TLS sender would otherwise blame the credentials), and
+                // closed without a thread of its own.
+                MigrationConnector.refuseBusy(socket, waiting: limits.maxPendingHandshakes)
+                refused.close(socket)
                 continue
             }
             _ = OSThread(name: "migr-in-\(id % 1000)") { [self] in serve(socket, id: id, peer: peer) }
@@ -249,7 +262,6 @@ public final class MigrationReceiver: Sendable {
                 error = .timedOut("no complete \(security.isEncrypted ? "TLS handshake" : "hello") within \(limits.handshakeSeconds) s of connecting")
             }
             log("refused a connection from \(peer): \(error) (nothing was allocated for it)")
-            deliver(.failure(error))
             return
         }
         let handshake = MigrationChannel(transport: connection)
@@ -263,7 +275,6 @@ public final class MigrationReceiver: Sendable {
             // A dirtymig of another version learns why; anything else gets a few bytes it ignores.
             try? handshake.send(.helloReply, MigrationHelloReply.refuse(error.reasonForPeer).encode())
             log("refused a connection from \(peer): \(error)")
-            deliver(.failure(error))
             return
         }
         connection.setReceiveDeadline(nil)
@@ -271,7 +282,6 @@ public final class MigrationReceiver: Sendable {
         if let reason = Self.roleMismatch(hello, standby: standby) {
             try? handshake.send(.helloReply, MigrationHelloReply.refuse(reason).encode())
             log("refused a connection from \(peer): \(reason)")
-            deliver(.failure(.refused(reason)))
             return
         }
 

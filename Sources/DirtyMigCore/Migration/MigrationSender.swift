@@ -16,6 +16,8 @@ public final class MigrationSender: Sendable {
     private let live = Mutex(MigrationProgress())
     private let cancelFlag = Atomic<Bool>(false)
     private let link = Mutex(Link())
+    /// The connection while it is being set up (connect, TLS handshake), for `cancel`.
+    private let attempt = ConnectionAttempt()
 
     /// The connection as `cancel` sees it from another thread.
     private struct Link {
@@ -73,6 +75,9 @@ public final class MigrationSender: Sendable {
         }
         cancelFlag.store(true, ordering: .relaxed)
         guard effective else { return false }
+        // Still connecting or in the handshake: nothing is allocated at the destination yet, so
+        // the connection is cut at once (a destination trickling its handshake would hold it).
+        attempt.cancel()
         DispatchQueue.global().asyncAfter(deadline: .now() + grace) { [self] in
             link.withLock { link in
                 if !link.committed { link.socket?.shutdown() }
@@ -166,7 +171,11 @@ public final class MigrationSender: Sendable {
         }
         // Setup: connect. Everything after it runs in `transfer`, so that any failure before the
         // commit point tells the destination why, and it discards its copy at once.
-        let socket = try MigrationConnector.connect(to: options.destination, security: options.security)
+        let socket: any MigrationConnection
+        do { socket = try MigrationConnector.connect(to: options.destination, security: options.security, attempt: attempt) } catch {
+            if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }
+            throw error
+        }
         report.channel = socket.channel
         link.withLock { $0.socket = socket }
         defer {

@@ -41,6 +41,7 @@ public final class MemoryTransport: MigrationTransport {
         var output: [UInt8] = []
         var sentBytes = 0
         var closed = false
+        var largestReceive = 0
     }
     private let state: Mutex<State>
     private let keptBytes: Int
@@ -53,6 +54,8 @@ public final class MemoryTransport: MigrationTransport {
     /// The first `keptBytes` this side sent.
     public var output: [UInt8] { state.withLock { $0.output } }
     public var sentBytes: Int { state.withLock { $0.sentBytes } }
+    /// The most bytes one receive asked for: what the reader was ready to allocate for one read.
+    public var largestReceive: Int { state.withLock { $0.largestReceive } }
 
     public func send(_ buffers: [UnsafeRawBufferPointer]) throws(SystemError) {
         let closed = state.withLock { state -> Bool in
@@ -69,6 +72,7 @@ public final class MemoryTransport: MigrationTransport {
 
     public func receive(into destination: UnsafeMutableRawPointer, count: Int) throws(SystemError) {
         let copied = state.withLock { state -> Bool in
+            state.largestReceive = max(state.largestReceive, count)
             guard !state.closed, state.input.count - state.offset >= count else {
                 state.offset = state.input.count
                 return false

@@ -36,6 +36,8 @@ public final class Replicator: Sendable {
     /// Where the primary's own log lines go (its stderr in `dirtymig boot`): the loss of the
     /// standby and a takeover by it, with the reason.
     private let log: @Sendable (String) -> Void
+    /// The connection while it is being set up, which `stop` cuts short.
+    private let attempt = ConnectionAttempt()
 
     private struct Shared {
         var figures: ReplicationFigures
@@ -141,7 +143,11 @@ public final class Replicator: Sendable {
             throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
         }
         let started = MonotonicClock.nanoseconds()
-        let socket = try MigrationConnector.connect(to: options.standby, security: options.security)
+        let socket: any MigrationConnection
+        do { socket = try MigrationConnector.connect(to: options.standby, security: options.security, attempt: attempt) } catch {
+            if let reason = state.withLock({ $0.stopReason }) { throw .cancelled(reason) }
+            throw error
+        }
         // The acknowledgements are read on one thread while checkpoints go out on another.
         socket.allowConcurrentSendAndReceive()
         let stopped = state.withLock { shared -> Bool in
@@ -525,6 +531,7 @@ public final class Replicator: Sendable {
             stopping.store(true, ordering: .releasing)
             return shared.figures.status == .protected
         }
+        attempt.cancel()   // still connecting or in the TLS handshake: cut it now
         wake.signal()
         if running {
             endSettled.wait()

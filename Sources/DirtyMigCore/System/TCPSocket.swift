@@ -41,7 +41,9 @@ public final class TCPSocket: MigrationTransport {
 
     init(fd: FileDescriptor) { self.fd = fd }
 
-    private static func resolve(_ endpoint: HostPort, passive: Bool) throws(SystemError) -> [(Int32, [UInt8])] {
+    /// The system's resolver (getaddrinfo): every address `endpoint` names, for listening
+    /// (`passive`: an empty host is every address) or connecting.
+    static func resolve(_ endpoint: HostPort, passive: Bool) throws(SystemError) -> [SocketAddress] {
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         hints.ai_family = AF_UNSPEC
@@ -56,15 +58,15 @@ public final class TCPSocket: MigrationTransport {
             throw SystemError("\(resolvePrefix)\(endpoint.host.isEmpty ? "*" : endpoint.host)\(resolveSeparator)\(reason)", errno: EHOSTUNREACH)
         }
         defer { freeaddrinfo(first) }
-        var result: [(Int32, [UInt8])] = []
+        var result: [SocketAddress] = []
         var node: UnsafeMutablePointer<addrinfo>? = first
         while let entry = node {
             let bytes = [UInt8](UnsafeRawBufferPointer(start: entry.pointee.ai_addr, count: Int(entry.pointee.ai_addrlen)))
-            result.append((entry.pointee.ai_family, bytes))
+            result.append(SocketAddress(family: entry.pointee.ai_family, bytes: bytes))
             node = entry.pointee.ai_next
         }
         // Listening on "all addresses": prefer IPv6 (dual-stack) only if IPv4 is absent.
-        return passive ? result.sorted { $0.0 == AF_INET && $1.0 != AF_INET } : result
+        return passive ? result.sorted { $0.family == AF_INET && $1.family != AF_INET } : result
     }
 
     private static func makeSocket(family: Int32) throws(SystemError) -> FileDescriptor {
@@ -82,9 +84,16 @@ public final class TCPSocket: MigrationTransport {
     /// The backlog is the kernel's maximum: the receiver accepts at once and refuses what it
     /// cannot serve with a reason; a small backlog made a burst of connections time out instead.
     public static func listen(_ endpoint: HostPort, backlog: Int32 = SOMAXCONN) throws(SystemError) -> TCPSocket {
+        try listen(endpoint, addresses: try resolve(endpoint, passive: true), backlog: backlog)
+    }
+
+    /// Binds and listens on the first of `addresses` (what `endpoint` resolved to, checked by
+    /// the caller) that can be bound: the name is not resolved again.
+    public static func listen(_ endpoint: HostPort, addresses: [SocketAddress], backlog: Int32 = SOMAXCONN) throws(SystemError) -> TCPSocket {
         var lastError = SystemError("listen \(endpoint)", errno: EADDRNOTAVAIL)
-        for (family, address) in try resolve(endpoint, passive: true) {
-            let socket = TCPSocket(fd: try makeSocket(family: family))
+        for resolved in addresses {
+            let address = resolved.bytes
+            let socket = TCPSocket(fd: try makeSocket(family: resolved.family))
             socket.setOption(SOL_SOCKET, SO_REUSEADDR, 1)
             let bound = address.withUnsafeBytes {
                 Glibc.bind(socket.fd.rawValue, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(address.count))
@@ -127,9 +136,20 @@ public final class TCPSocket: MigrationTransport {
 
     /// Connects, giving up after `timeout` seconds per address.
     public static func connect(_ endpoint: HostPort, timeout: Double = 5) throws(SystemError) -> TCPSocket {
+        try connect(endpoint, addresses: try resolve(endpoint, passive: false), timeout: timeout)
+    }
+
+    /// Connects to the first of `addresses` (what `endpoint` resolved to, checked by the caller)
+    /// that answers: the name is not resolved again. `attach` sees each socket before it
+    /// connects, so another thread can cut the attempt short (`shutdown`); it returns false
+    /// when the attempt was cancelled already (ECANCELED).
+    public static func connect(_ endpoint: HostPort, addresses: [SocketAddress], timeout: Double = 5,
+                               attach: (TCPSocket) -> Bool = { _ in true }) throws(SystemError) -> TCPSocket {
         var lastError = SystemError("connect \(endpoint)", errno: ECONNREFUSED)
-        for (family, address) in try resolve(endpoint, passive: false) {
-            let socket = TCPSocket(fd: try makeSocket(family: family))
+        for resolved in addresses {
+            let address = resolved.bytes
+            let socket = TCPSocket(fd: try makeSocket(family: resolved.family))
+            guard attach(socket) else { throw SystemError("connect \(endpoint) (cancelled)", errno: ECANCELED) }
             socket.setTimeouts(send: timeout, receive: timeout)   // connect honours SO_SNDTIMEO
             let result = address.withUnsafeBytes {
                 Glibc.connect(socket.fd.rawValue, $0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(address.count))
@@ -229,18 +249,39 @@ public final class TCPSocket: MigrationTransport {
         }
     }
 
+    /// Waits until `events` (POLLIN, POLLOUT) can proceed on the socket (its end or an error
+    /// count: the next call says which), or until `deadline` (monotonic ns; nil: for ever)
+    /// has passed: false then. For a socket in non-blocking mode, as the TLS handshake uses.
+    func waitUntil(_ events: Int16, deadline: UInt64?) -> Bool {
+        while true {
+            var milliseconds: Int32 = -1
+            if let deadline {
+                let now = MonotonicClock.nanoseconds()
+                guard now < deadline else { return false }
+                milliseconds = Int32(min((deadline - now + 999_999) / 1_000_000, 60_000))
+            }
+            var entry = pollfd(fd: fd.rawValue, events: events, revents: 0)
+            let ready = poll(&entry, 1, milliseconds)
+            if ready > 0 || (ready < 0 && errno != EINTR) { return true }
+        }
+    }
+
+    /// The receive deadline `setReceiveDeadline` set (monotonic ns), if any.
+    var receiveDeadlineNanoseconds: UInt64? {
+        let deadline = receiveDeadline.load(ordering: .relaxed)
+        return deadline == 0 ? nil : deadline
+    }
+
+    /// Sends a few bytes if the socket can take them at once, never waiting (a refusal written
+    /// from the accept loop, which must not block). Whether they all went.
+    func sendWithoutWaiting(_ bytes: [UInt8]) -> Bool {
+        bytes.withUnsafeBytes { Glibc.send(fd.rawValue, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) } == bytes.count
+    }
+
     /// Waits up to `nanoseconds` for something to read (data, or the end of the stream); false if
     /// nothing came. Unlike a receive with a timeout, it never leaves a frame half read.
     public func waitReadable(nanoseconds: UInt64) throws(SystemError) -> Bool {
-        let limit = MonotonicClock.nanoseconds() + nanoseconds
-        while true {
-            let now = MonotonicClock.nanoseconds()
-            if now >= limit { return false }
-            var entry = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&entry, 1, Int32(min((limit - now) / 1_000_000 + 1, 1000)))
-            if ready > 0 { return true }
-            if ready < 0 && errno != EINTR { throw SystemError("poll", errno: errno) }
-        }
+        waitUntil(Int16(POLLIN), deadline: MonotonicClock.nanoseconds() + nanoseconds)
     }
 
     /// Bytes came in through another reader of this descriptor (OpenSSL's, for TLS).
@@ -362,24 +403,62 @@ public final class TCPSocket: MigrationTransport {
         }
     }
 
-    /// Whether every address `endpoint` resolves to is a loopback one (127.0.0.0/8, ::1,
-    /// ::ffff:127.x); an empty host (all addresses) is not. nil if the name does not resolve.
-    public static func isLoopback(_ endpoint: HostPort) -> Bool? {
-        guard !endpoint.host.isEmpty else { return false }
-        guard let addresses = try? resolve(endpoint, passive: false), !addresses.isEmpty else { return nil }
-        return addresses.allSatisfy { family, bytes in
-            if family == AF_INET { return bytes.count >= 8 && bytes[4] == 127 }
-            guard family == AF_INET6, bytes.count >= 24 else { return false }
-            let address = Array(bytes[8..<24])
-            if address == [UInt8](repeating: 0, count: 15) + [1] { return true }
-            return address[0..<10].allSatisfy { $0 == 0 } && address[10] == 0xff && address[11] == 0xff && address[12] == 127
-        }
-    }
-
     /// Wakes any thread blocked on this socket; the descriptor stays open until released.
     public func shutdown() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RDWR)) }
+
+    /// Ends only the sending half: the peer sees the end of the stream after what was sent.
+    public func shutdownSending() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_WR)) }
 
     /// Ends only the receiving half: a thread blocked reading sees the end of the stream, and can
     /// still send why it stops (an abort frame) before it closes.
     public func shutdownReceiving() { _ = Glibc.shutdown(fd.rawValue, Int32(SHUT_RD)) }
+}
+
+/// One address a name resolved to, as the socket calls take it (a sockaddr): resolved once, then
+/// checked and used as it is, so what was checked is what is listened on or connected to.
+public struct SocketAddress: Sendable, Equatable, CustomStringConvertible {
+    public let family: Int32
+    let bytes: [UInt8]
+
+    init(family: Int32, bytes: [UInt8]) {
+        self.family = family
+        self.bytes = bytes
+    }
+
+    /// 127.0.0.0/8, ::1 or ::ffff:127.x.
+    public var isLoopback: Bool {
+        if family == AF_INET { return bytes.count >= 8 && bytes[4] == 127 }
+        guard family == AF_INET6, bytes.count >= 24 else { return false }
+        let address = Array(bytes[8..<24])
+        if address == [UInt8](repeating: 0, count: 15) + [1] { return true }
+        return address[0..<10].allSatisfy { $0 == 0 } && address[10] == 0xff && address[11] == 0xff && address[12] == 127
+    }
+
+    /// The address in numbers ("127.0.0.1", "::1"), for messages.
+    public var description: String {
+        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        let status = bytes.withUnsafeBytes {
+            getnameinfo($0.baseAddress!.assumingMemoryBound(to: sockaddr.self), socklen_t(bytes.count), &host, socklen_t(host.count),
+                        nil, 0, NI_NUMERICHOST)
+        }
+        return status == 0 ? String(nulTerminated: host) : "?"
+    }
+}
+
+/// Turns a name into addresses: the system's resolver, or one a test gives (a name that stops
+/// resolving, or resolves elsewhere the second time).
+public struct NameResolver: Sendable {
+    let resolve: @Sendable (HostPort, _ passive: Bool) throws(SystemError) -> [SocketAddress]
+
+    public init(_ resolve: @escaping @Sendable (HostPort, _ passive: Bool) throws(SystemError) -> [SocketAddress]) {
+        self.resolve = resolve
+    }
+
+    public static let system = NameResolver { endpoint, passive throws(SystemError) in
+        try TCPSocket.resolve(endpoint, passive: passive)
+    }
+
+    public func addresses(_ endpoint: HostPort, passive: Bool) throws(SystemError) -> [SocketAddress] {
+        try resolve(endpoint, passive)
+    }
 }
