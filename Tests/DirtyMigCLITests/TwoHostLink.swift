@@ -123,20 +123,11 @@ final class TwoHostLink {
     @discardableResult
     private static func output(_ tool: String, _ arguments: [String]) throws -> String {
         guard let path = find(tool) else { throw CommandFailed(description: "no '\(tool)' command") }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: path)
-        process.arguments = arguments
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let stdout = out.fileHandleForReading.readDataToEndOfFile()
-        let stderr = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
-            throw CommandFailed(description: "\(tool) \(arguments.joined(separator: " ")): \(String(decoding: stderr, as: UTF8.self))")
+        let result = try CLI.run(arguments, program: URL(fileURLWithPath: path))
+        guard result.status == 0 else {
+            throw CommandFailed(description: "\(tool) \(arguments.joined(separator: " ")): \(result.stderr)")
         }
-        return String(decoding: stdout, as: UTF8.self)
+        return result.stdout
     }
 
     private static func run(_ tool: String, _ arguments: [String]) throws { try output(tool, arguments) }
