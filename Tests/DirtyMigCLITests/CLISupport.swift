@@ -214,10 +214,26 @@ class ProcessTestCase: XCTestCase {
     }
 }
 
+/// Waits until vCPU 0 of the VM behind `path` has written `pages` pages (at most 10 s). A test
+/// that must catch a migration mid-pass waits for this first: a migration started before the
+/// guest wrote anything has tiny first passes and can converge before the test acts.
+func waitForWrites(_ path: String, pages: Double, file: StaticString = #filePath, line: UInt = #line) throws {
+    let client = try ControlClient(path: path)
+    defer { client.close() }
+    let deadline = Date().addingTimeInterval(10)
+    while Date() < deadline {
+        if (try client.call("query-status")["vcpu_stats"]?[0]?["writes"]?.doubleValue ?? 0) >= pages { return }
+        usleep(20_000)
+    }
+    XCTFail("vCPU 0 of \(path) did not write \(Int(pages)) pages within 10 s", file: file, line: line)
+}
+
 /// Starts `dirtymig migrate --vm SOCKET --to 127.0.0.1:PORT` at 5 MiB/s (seconds for the tens of
 /// MiB a test guest has written), SIGKILLs the source VM's process 1.5 s in, and returns
-/// migrate's exit status once it has ended.
+/// migrate's exit status once it has ended. Waits first until the guest wrote 10 MiB, so that
+/// the first pass alone outlasts the 1.5 s.
 func migrateKillingTheSource(_ source: Process, socket: String, port: UInt16) throws -> Int32 {
+    try waitForWrites(socket, pages: 2560)
     let migrate = Process()
     migrate.executableURL = CLI.binary
     migrate.arguments = ["migrate", "--vm", socket, "--to", "127.0.0.1:\(port)", "--bandwidth", "5M"]

@@ -92,6 +92,10 @@ final class HardeningTests: ProcessTestCase {
         let (source, _) = try boot("ssrc", writer: "0:write,ws=128M,pattern=random,rate=50M")
         let port = try freePort()
         let (receiver, receiverErrors) = try receive("sdst", port: port)
+        // The SIGTERM must come in the middle of the first pass: with 40 MiB written before the
+        // migration starts, that pass takes 2 s at 20 MiB/s. A migration started before the guest
+        // wrote anything finished its tiny first passes, and converged, before the signal.
+        try waitForWrites(socket("ssrc"), pages: 10_240)
         let (migration, report) = try migrate("ssrc", to: port, ["--bandwidth", "20M", "--throttle", "none"])
         Thread.sleep(forTimeInterval: 1.5)
         kill(source.processIdentifier, SIGTERM)
