@@ -227,30 +227,17 @@ public final class MigrationSender: Sendable {
         // Handshake.
         var hello = MigrationHello(announcing: machine)
         hello.verify = options.verify
-        try channel.send(.hello, hello.encode())
-        let reply = try channel.receive(.helloReply, MigrationHelloReply.init(decoding:))
-        guard reply.accepted else { throw .refused(reply.reason) }
+        _ = try channel.greet(hello)
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
 
-        let sender = PassTransfer(channel: channel, memory: machine.memory, bandwidth: options.bandwidth)
+        // Pass 1: everything that holds data; the tracker's history before now (and any loss
+        // in it) is irrelevant.
+        let passes = try PreCopyPasses(memory: machine.memory, tracker: tracker, channel: channel, bandwidth: options.bandwidth)
         func tally(_ sent: PageSendTally) {
             report.transferredBytes += sent.bytes
             report.zeroPages += sent.zeroPages
             report.normalPages += sent.normalPages
         }
-        func collect() throws(MigrationError) -> (DirtyPageBitmap, Bool) {
-            let collection: DirtyCollection
-            do { collection = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
-            if collection.isComplete { return (collection.pages, false) }
-            report.ringOverruns += UInt64(collection.losses.count)
-            return (machine.memory.dataPages(), true)   // resend everything that could have changed
-        }
-
-        // Pass 1: everything that holds data; the tracker's history before now (and any loss
-        // in it) is irrelevant.
-        do { _ = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
-        var pending = machine.memory.dataPages()
-        try sender.sendPlan(pending)
         var bandwidth = 0.0
         // --verify hashes all guest memory here while the VM is paused (the destination hashed
         // pages as they landed): part of the downtime, so part of the expected downtime the
@@ -282,11 +269,10 @@ public final class MigrationSender: Sendable {
         var iteration = 0
         while true {
             iteration += 1
-            update { $0.phase = "pre-copy"; $0.iteration = iteration; $0.remainingPages = UInt64(pending.count) }
-            let passStart = MonotonicClock.nanoseconds()
-            let sent: PageSendTally
+            update { $0.phase = "pre-copy"; $0.iteration = iteration; $0.remainingPages = UInt64(passes.pending.count) }
+            let outcome: PreCopyPasses.Outcome
             do {
-                sent = try sender.send(pending, shouldStop: {
+                outcome = try passes.run(shouldStop: {
                     cancelFlag.load(ordering: .relaxed) || deadline.map { MonotonicClock.nanoseconds() > $0 } == true
                 }, onBatch: { bytes, pages in
                     update { $0.sentBytes += bytes; $0.remainingPages -= min($0.remainingPages, UInt64(pages)) }
@@ -295,16 +281,16 @@ public final class MigrationSender: Sendable {
                     if MonotonicClock.nanoseconds() - period.time >= ThrottlePeriod.nanoseconds { judge(pass: iteration) }
                 })
             } catch {
+                report.ringOverruns = passes.ringOverruns
                 if case .cancelled = error {   // say which: timeout or cancel, and why
                     try checkTimeout()
                     throw .cancelled(cancelReason)
                 }
                 throw error
             }
+            let (sent, dirty, lost, seconds) = (outcome.sent, outcome.dirty, outcome.lost, outcome.seconds)
             tally(sent)
-            try sender.end(pass: iteration)
-            let (dirty, lost) = try collect()
-            let seconds = max(Double(MonotonicClock.nanoseconds() - passStart) / 1e9, 1e-6)
+            report.ringOverruns = passes.ringOverruns
             // A tiny pass measures latency, not bandwidth: keep the last good figure then.
             if sent.bytes >= 1 << 20 || bandwidth == 0 { bandwidth = Double(sent.bytes) / seconds }
             if let cap = options.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
@@ -314,7 +300,7 @@ public final class MigrationSender: Sendable {
             // (the last pass's acknowledgement and the result).
             let expected = Double(dirtyPages) * 4096 / max(bandwidth, 1) + verifyEstimate
                 + Self.perVCPUSwitchSeconds * Double(machine.configuration.vcpuCount)
-                + 2 * (sender.shortestAcknowledgementSeconds.isFinite ? sender.shortestAcknowledgementSeconds : 0)
+                + 2 * (passes.transfer.shortestAcknowledgementSeconds.isFinite ? passes.transfer.shortestAcknowledgementSeconds : 0)
             var pass = MigrationPass(
                 iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
                 bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,
@@ -339,7 +325,6 @@ public final class MigrationSender: Sendable {
                 if machine.configuration.tracking?.usesDirtyRing != true { $0.dirtyPagesPerSecond = pass.dirtyPagesPerSecond }
                 $0.expectedDowntimeSeconds = expected
             }
-            pending = dirty
             if expected <= target && !lost && !Self.anotherPassHalvesThePause(
                 dirtyPages: Double(dirtyPages), dirtyPagesPerSecond: pass.dirtyPagesPerSecond,
                 bandwidth: bandwidth, expected: expected, passesLeft: iteration < options.maxIterations) { break }
@@ -369,14 +354,15 @@ public final class MigrationSender: Sendable {
         report.downtimeParts = parts
         // What the last pass left dirty, plus what the guest wrote between that collection and
         // the pause.
-        let (last, lastLost) = try collect()
-        pending.formUnion(last)
-        update { $0.remainingPages = UInt64(pending.count) }
+        let (last, lastLost) = try passes.collect()
+        report.ringOverruns = passes.ringOverruns
+        passes.addPending(last)
+        update { $0.remainingPages = UInt64(passes.pending.count) }
         let finalStart = MonotonicClock.nanoseconds()
-        let finalSent = try sender.send(pending, shouldStop: { cancelFlag.load(ordering: .relaxed) })
+        let finalSent = try passes.transfer.send(passes.pending, shouldStop: { cancelFlag.load(ordering: .relaxed) })
         tally(finalSent)
         iteration += 1
-        try sender.end(pass: iteration)
+        try passes.transfer.end(pass: iteration)
         // Until the destination acknowledged the pass: the send calls alone end once the bytes
         // are in the socket buffer, which on a slow link gave rates far above the link's.
         let finalSeconds = Double(MonotonicClock.nanoseconds() - finalStart) / 1e9

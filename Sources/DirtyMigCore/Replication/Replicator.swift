@@ -161,9 +161,7 @@ public final class Replicator: Sendable {
         let channel = MigrationChannel(transport: socket)
         var hello = MigrationHello(announcing: machine)
         hello.replicate = true
-        try channel.send(.hello, hello.encode())
-        let reply = try channel.receive(.helloReply, MigrationHelloReply.init(decoding:))
-        guard reply.accepted else { throw .refused(reply.reason) }
+        let reply = try channel.greet(hello)
         heartbeatNanoseconds.store(UInt64(max(reply.heartbeatMilliseconds, 5)) * 1_000_000, ordering: .relaxed)
         state.withLock { $0.figures.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9 }
         return channel
@@ -182,24 +180,18 @@ public final class Replicator: Sendable {
 
     /// The migration's pre-copy, live, until what is left is small; then the first checkpoint.
     private func initialCopy(_ channel: MigrationChannel) throws(MigrationError) {
-        let tracker = machine.tracker!
         let started = MonotonicClock.nanoseconds()
-        let transfer = PassTransfer(channel: channel, memory: machine.memory, bandwidth: nil)
-        do { _ = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
-        var pending = machine.memory.dataPages()
-        try transfer.sendPlan(pending)
+        let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel, bandwidth: nil)
         var bytes: UInt64 = 0
-        for pass in 1...Self.maxInitialPasses {
-            bytes += try transfer.send(pending, shouldStop: { isStopping }).bytes
-            try transfer.end(pass: pass)
-            let collection: DirtyCollection
-            do { collection = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
-            let shrinking = collection.pages.count < pending.count / 2
-            pending = collection.isComplete ? collection.pages : machine.memory.dataPages()
-            if !collection.isComplete { state.withLock { $0.figures.ringOverruns += UInt64(collection.losses.count) } }
-            if pending.count <= Self.firstCheckpointPages || !shrinking { break }
+        defer { state.withLock { $0.figures.ringOverruns += passes.ringOverruns } }
+        for _ in 1...Self.maxInitialPasses {
+            let outcome = try passes.run(shouldStop: { isStopping })
+            bytes += outcome.sent.bytes
+            let shrinking = outcome.dirty.count < outcome.carried / 2
+            if passes.pending.count <= Self.firstCheckpointPages || !shrinking { break }
             if isStopping { throw .cancelled(stopReasonText) }
         }
+        let pending = passes.pending
         // The first checkpoint carries what the last pass left dirty as well.
         let staged = StagedCheckpoint(preparedPages: pending.count + 1024)
         staged.begin()
@@ -220,7 +212,7 @@ public final class Replicator: Sendable {
             shared.figures.status = .protected
         }
         acknowledged(epoch)
-        if let pages = options.checkpointPages, tracker.hasDirtyTrigger {
+        if let pages = options.checkpointPages, let tracker = machine.tracker, tracker.hasDirtyTrigger {
             let wake = self.wake
             tracker.setDirtyTrigger(pages: pages) { wake.signal() }
         }
