@@ -67,6 +67,7 @@ final class HardeningTests: ProcessTestCase {
         let (source, _) = try boot("rsrc")
         let port = try freePort()
         let (receiver, receiverErrors) = try receive("rdst", port: port)
+        try waitForWrites(socket("rsrc"), pages: 2560)   // the first pass then outlasts the test's wait
         let (migration, report) = try migrate("rsrc", to: port, ["--bandwidth", "5M", "--verify"])
         Thread.sleep(forTimeInterval: 1.5)
         kill(receiver.processIdentifier, SIGTERM)
@@ -123,6 +124,7 @@ final class HardeningTests: ProcessTestCase {
         let (source, _) = try boot("csrc")
         let port = try freePort()
         let (_, receiverErrors) = try receive("cdst", port: port)
+        try waitForWrites(socket("csrc"), pages: 2560)   // the first pass then outlasts the test's wait
         let (migration, report) = try migrate("csrc", to: port, ["--bandwidth", "5M"])
         Thread.sleep(forTimeInterval: 1.5)
         kill(migration.processIdentifier, SIGINT)
@@ -278,6 +280,7 @@ final class HardeningTests: ProcessTestCase {
         _ = try boot("bsb")
         let port = try freePort()
         _ = try receive("bdst", port: port)
+        try waitForWrites(socket("bsa"), pages: 2560)   // the first pass then outlasts the test's wait
         let (first, _) = try migrate("bsa", to: port, ["--bandwidth", "5M"])
         Thread.sleep(forTimeInterval: 1.0)
         let started = Date()
