@@ -196,6 +196,42 @@ final class HardeningTests: ProcessTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: directory + "/bg.log"))
     }
 
+    /// A second `--detach` under a running VM's name fails, says why, and leaves the running
+    /// VM's log in place: the same file, still written by that VM (receive's too).
+    func testAFailedDetachKeepsTheRunningVMsLog() throws {
+        var environment = ProcessInfo.processInfo.environment
+        environment["XDG_RUNTIME_DIR"] = directory
+        let control = directory + "/dirtymig"
+        let commands = [("logt", ["boot", "--name", "logt", "--memory", "64M", "--vcpus", "1", "--detach"]),
+                        ("logrx", ["receive", "--name", "logrx", "--listen", "127.0.0.1:\(try freePort())", "--detach"])]
+        defer { for (name, _) in commands { _ = try? CLI.run(["stop", "--vm", name], environment: environment) } }
+        for (name, arguments) in commands {
+            let log = control + "/\(name).log"
+            let first = try CLI.run(arguments, environment: environment)
+            XCTAssertEqual(first.status, 0, first.stderr)
+            XCTAssertTrue(first.stdout.contains("log \(log)"), first.stdout)
+            let before = try String(contentsOfFile: log, encoding: .utf8)
+            XCTAssertFalse(before.isEmpty, "the VM logged its start")
+            var info = stat()
+            XCTAssertEqual(stat(log, &info), 0)
+            let inode = info.st_ino
+
+            let second = try CLI.run(arguments, environment: environment)
+            XCTAssertEqual(second.status, 1, second.stderr)
+            XCTAssertTrue(second.stderr.contains("a VM named \(name) is already running"), second.stderr)
+            XCTAssertEqual(stat(log, &info), 0, "\(name)'s log is still there")
+            XCTAssertEqual(info.st_ino, inode, "the same file")
+            let after = try String(contentsOfFile: log, encoding: .utf8)
+            XCTAssertTrue(after.hasPrefix(before) && !after.contains("already running"), "the running VM's log only grew: \(after)")
+            XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: control).filter { $0.hasSuffix(".new") }, [],
+                           "the second command's own log is gone")
+
+            // The running VM writes to that file still (not to an unlinked one).
+            let pid = try XCTUnwrap(try ControlClient(path: control + "/\(name).sock").call("query-status")["pid"]?.doubleValue)
+            XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(Int(pid))/fd/2"), log)
+        }
+    }
+
     /// `list` finds what runs in the default directory (here a private XDG_RUNTIME_DIR): a VM
     /// with its memory, a receiver with its address and the RAM it has ready; both go after
     /// `stop`, and an empty list says so.
