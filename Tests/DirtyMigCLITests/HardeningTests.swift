@@ -196,6 +196,24 @@ final class HardeningTests: ProcessTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: directory + "/bg.log"))
     }
 
+    /// Once `migrate` has returned, the destination answers the VM's commands (not the
+    /// receiver's): the VM hops from receiver to receiver, each queried as soon as it lands.
+    func testTheDestinationServesTheVMsCommandsWhenMigrateReturns() throws {
+        let (_, started, errors) = try start(["boot", "--memory", "64M", "--vcpus", "1", "--track", "ring", "--control", socket("hop0"),
+                                            "--workload", "0:write,ws=8M,rate=20M"])
+        XCTAssertNotNil(CLI.readLine(started), stderrText(errors))
+        for hop in 1...10 {
+            let port = try freePort()
+            let (_, output, receiverErrors) = try start(["receive", "--listen", "127.0.0.1:\(port)", "--control", socket("hop\(hop)")])
+            XCTAssertNotNil(CLI.readLine(output), stderrText(receiverErrors))
+            let migrated = try CLI.run(["migrate", "--vm", socket("hop\(hop - 1)"), "--to", "127.0.0.1:\(port)", "--json"])
+            XCTAssertEqual(migrated.status, 0, "hop \(hop): \(migrated.stderr)")
+            let client = try ControlClient(path: socket("hop\(hop)"))
+            defer { client.close() }
+            XCTAssertNoThrow(try client.call("query-dirty-rate", arguments: ["mode": "sample", "interval": .double(0.05)]), "hop \(hop)")
+        }
+    }
+
     /// A second `--detach` under a running VM's name fails, says why, and leaves the running
     /// VM's log in place: the same file, still written by that VM (receive's too).
     func testAFailedDetachKeepsTheRunningVMsLog() throws {
