@@ -31,6 +31,9 @@ do {
     case .help(let text):
         StandardStream.output.write(text)
         status = 0
+    case .usage(let text):
+        StandardStream.error.write(text)
+        status = UsageError.exitStatus
     case .version:
         emit("dirtymig \(dirtymigVersion)")
         status = 0

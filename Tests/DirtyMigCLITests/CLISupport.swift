@@ -124,6 +124,16 @@ class ProcessTestCase: XCTestCase {
 
     func socket(_ name: String) -> String { directory + "/" + name + ".sock" }
 
+    /// Whether `condition` holds within `seconds` (checked every 20 ms).
+    func waitUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if condition() { return true }
+            usleep(20_000)
+        }
+        return condition()
+    }
+
     func freePort() throws -> UInt16 {
         try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0)).localPort
     }

@@ -198,6 +198,60 @@ final class HardeningTests: ProcessTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: directory + "/bg.log"))
     }
 
+    /// Once `migrate` has returned, the destination answers the VM's commands (not the
+    /// receiver's): the VM hops from receiver to receiver, each queried as soon as it lands.
+    func testTheDestinationServesTheVMsCommandsWhenMigrateReturns() throws {
+        let (_, started, errors) = try start(["boot", "--memory", "64M", "--vcpus", "1", "--track", "ring", "--control", socket("hop0"),
+                                            "--workload", "0:write,ws=8M,rate=20M"])
+        XCTAssertNotNil(CLI.readLine(started), stderrText(errors))
+        for hop in 1...10 {
+            let port = try freePort()
+            let (_, output, receiverErrors) = try start(["receive", "--listen", "127.0.0.1:\(port)", "--control", socket("hop\(hop)")])
+            XCTAssertNotNil(CLI.readLine(output), stderrText(receiverErrors))
+            let migrated = try CLI.run(["migrate", "--vm", socket("hop\(hop - 1)"), "--to", "127.0.0.1:\(port)", "--json"])
+            XCTAssertEqual(migrated.status, 0, "hop \(hop): \(migrated.stderr)")
+            let client = try ControlClient(path: socket("hop\(hop)"))
+            defer { client.close() }
+            XCTAssertNoThrow(try client.call("query-dirty-rate", arguments: ["mode": "sample", "interval": .double(0.05)]), "hop \(hop)")
+        }
+    }
+
+    /// A second `--detach` under a running VM's name fails, says why, and leaves the running
+    /// VM's log in place: the same file, still written by that VM (receive's too).
+    func testAFailedDetachKeepsTheRunningVMsLog() throws {
+        var environment = ProcessInfo.processInfo.environment
+        environment["XDG_RUNTIME_DIR"] = directory
+        let control = directory + "/dirtymig"
+        let commands = [("logt", ["boot", "--name", "logt", "--memory", "64M", "--vcpus", "1", "--detach"]),
+                        ("logrx", ["receive", "--name", "logrx", "--listen", "127.0.0.1:\(try freePort())", "--detach"])]
+        defer { for (name, _) in commands { _ = try? CLI.run(["stop", "--vm", name], environment: environment) } }
+        for (name, arguments) in commands {
+            let log = control + "/\(name).log"
+            let first = try CLI.run(arguments, environment: environment)
+            XCTAssertEqual(first.status, 0, first.stderr)
+            XCTAssertTrue(first.stdout.contains("log \(log)"), first.stdout)
+            let before = try String(contentsOfFile: log, encoding: .utf8)
+            XCTAssertFalse(before.isEmpty, "the VM logged its start")
+            var info = stat()
+            XCTAssertEqual(stat(log, &info), 0)
+            let inode = info.st_ino
+
+            let second = try CLI.run(arguments, environment: environment)
+            XCTAssertEqual(second.status, 1, second.stderr)
+            XCTAssertTrue(second.stderr.contains("a VM named \(name) is already running"), second.stderr)
+            XCTAssertEqual(stat(log, &info), 0, "\(name)'s log is still there")
+            XCTAssertEqual(info.st_ino, inode, "the same file")
+            let after = try String(contentsOfFile: log, encoding: .utf8)
+            XCTAssertTrue(after.hasPrefix(before) && !after.contains("already running"), "the running VM's log only grew: \(after)")
+            XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: control).filter { $0.hasSuffix(".new") }, [],
+                           "the second command's own log is gone")
+
+            // The running VM writes to that file still (not to an unlinked one).
+            let pid = try XCTUnwrap(try ControlClient(path: control + "/\(name).sock").call("query-status")["pid"]?.doubleValue)
+            XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(Int(pid))/fd/2"), log)
+        }
+    }
+
     /// `list` finds what runs in the default directory (here a private XDG_RUNTIME_DIR): a VM
     /// with its memory, a receiver with its address and the RAM it has ready; both go after
     /// `stop`, and an empty list says so.

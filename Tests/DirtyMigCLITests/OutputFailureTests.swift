@@ -58,15 +58,6 @@ final class OutputFailureTests: ProcessTestCase {
         }
     }
 
-    private func waitUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if condition() { return true }
-            usleep(20_000)
-        }
-        return condition()
-    }
-
     private func queryStatus(_ socket: String) throws -> JSONValue {
         let client = try ControlClient(path: socket, greetingTimeout: 2, callTimeout: 2)
         defer { client.close() }

@@ -85,6 +85,44 @@ final class UsageErrorTests: XCTestCase {
         XCTAssertTrue(foreign.stderr.contains("not one of this host's"), foreign.stderr)
     }
 
+    /// No command is a usage error: the overview on standard error, exit status 2.
+    func testNoCommandPrintsTheUsageAndFails() throws {
+        let bare = try CLI.run([])
+        XCTAssertEqual(bare.status, 2, bare.stderr)
+        XCTAssertEqual(bare.stdout, "")
+        XCTAssertTrue(bare.stderr.contains("Usage: dirtymig COMMAND") && bare.stderr.contains("Commands:"), bare.stderr)
+    }
+
+    /// A bare number's hint names the unit it more likely meant.
+    func testABareDurationSuggestsALikelyUnit() throws {
+        try expectUsageError(["migrate", "--downtime", "300"], mentions: ["e.g. '300ms'"])
+        try expectUsageError(["dirtyrate", "--interval", "5"], mentions: ["e.g. '5s'"])
+    }
+
+    /// Every option's description starts in one column; an option too long for it has its
+    /// description on the next line, never run into the option.
+    func testHelpKeepsDescriptionsInTheirColumn() throws {
+        for command in ["boot", "dirtyrate", "migrate", "receive", "limit", "list", "stop", "plot", "failover"] {
+            let help = try CLI.run([command, "--help"])
+            XCTAssertEqual(help.status, 0, help.stderr)
+            let lines = help.stdout.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+            guard let start = lines.firstIndex(of: "Options:") else { XCTFail("\(command): no options"); continue }
+            for (index, line) in lines.enumerated().dropFirst(start + 1) {
+                if line.isEmpty { break }
+                let column = String(repeating: " ", count: 28)
+                if line.hasPrefix("  -") {
+                    // Either the description follows in the column, or on the next line.
+                    if lines[index + 1].hasPrefix(column) { continue }
+                    XCTAssertTrue(line.count > 28 && Array(line)[26...27] == [" ", " "], "\(command): '\(line)'")
+                } else {
+                    XCTAssertTrue(line.hasPrefix(column) && line.count > 28, "\(command): '\(line)'")
+                }
+            }
+        }
+        let migrate = try CLI.run(["migrate", "--help"]).stdout
+        XCTAssertTrue(migrate.contains("  --checkpoint-interval DURATION\n" + String(repeating: " ", count: 28) + "with --continuous:"), migrate)
+    }
+
     func testHelpAndVersion() throws {
         for arguments in [["--help"], ["help"], ["help", "boot"], ["boot", "--help"], ["dirtyrate", "-h"]] {
             let result = try CLI.run(arguments)
@@ -112,6 +150,15 @@ final class UsageErrorTests: XCTestCase {
         try expectUsageError(["limit", "--vcpu", "-1", "--show"], mentions: ["--vcpu"])
         try expectUsageError(["migrate", "--downtime", "soon"], mentions: ["--downtime"])
         try expectUsageError(["migrate", "--max-iterations", "0"], mentions: ["--max-iterations"])
+    }
+
+    func testPlotSaysWhyItCannotRead() throws {
+        let missing = try CLI.run(["plot", "--from", "/nonexistent-dirtymig/report.json"])
+        XCTAssertEqual(missing.status, 1)
+        XCTAssertTrue(missing.stderr.contains("cannot read /nonexistent-dirtymig/report.json: No such file or directory"), missing.stderr)
+        let directory = try CLI.run(["plot", "--from", "/", "--output", "/nonexistent-dirtymig/x.svg"])
+        XCTAssertEqual(directory.status, 1)
+        XCTAssertTrue(directory.stderr.contains("cannot read /: Is a directory"), directory.stderr)
     }
 
     func testNoVMToTalkTo() throws {

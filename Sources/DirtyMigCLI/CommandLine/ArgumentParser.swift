@@ -18,6 +18,8 @@ struct UsageError: Error, CustomStringConvertible {
 /// What the user asked for.
 enum Invocation {
     case help(String)
+    /// No command: the overview, on standard error, and exit status 2.
+    case usage(String)
     case version
     case run(ParsedArguments)
 }
@@ -84,7 +86,7 @@ struct ParsedArguments {
 
 enum ArgumentParser {
     static func parse(_ arguments: [String]) throws(UsageError) -> Invocation {
-        guard let first = arguments.first else { return .help(HelpText.overview) }
+        guard let first = arguments.first else { return .usage(HelpText.overview) }
         switch first {
         case "-h", "--help": return .help(HelpText.overview)
         case "--version", "-V": return .version

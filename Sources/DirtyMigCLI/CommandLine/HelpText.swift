@@ -27,10 +27,9 @@ enum HelpText {
         var text = "Usage: \(command.synopsis)\n\n\(command.summary.prefix(1).uppercased() + command.summary.dropFirst()).\n"
         text += "\nOptions:\n"
         for option in command.options {
-            let left = "--\(option.name)" + (option.value.map { " \($0)" } ?? "")
-            text += "  " + left.padding(toLength: 26, withPad: " ", startingAt: 0) + option.help + "\n"
+            text += optionLine("--\(option.name)" + (option.value.map { " \($0)" } ?? ""), option.help)
         }
-        text += "  " + "-h, --help".padding(toLength: 26, withPad: " ", startingAt: 0) + "show this help\n"
+        text += optionLine("-h, --help", "show this help")
         if command.name == "boot" {
             text += """
 
@@ -44,5 +43,16 @@ enum HelpText {
             """
         }
         return text
+    }
+
+    /// Where an option's description starts.
+    static let helpColumn = 28
+
+    /// "  --name VALUE  description", the description in its column; an option too long for the
+    /// column has its description on the next line, in the column, as GNU tools do.
+    static func optionLine(_ option: String, _ help: String) -> String {
+        let left = "  " + option
+        if left.count + 2 <= helpColumn { return left.padding(toLength: helpColumn, withPad: " ", startingAt: 0) + help + "\n" }
+        return left + "\n" + String(repeating: " ", count: helpColumn) + help + "\n"
     }
 }

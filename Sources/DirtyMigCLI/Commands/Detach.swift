@@ -27,14 +27,14 @@ enum Detach {
         do { try ControlServer.preparePrivateDirectory(directory, isDefault: directory == ControlSocketPath.defaultDirectory()) } catch {
             throw RuntimeFailure("\(error)")
         }
-        // A new file each run (a running VM's old log is left to it), created 0600 by open:
-        // nothing is chmodded by path, and O_NOFOLLOW|O_EXCL never writes through a link.
-        if unlink(log) != 0 && errno != ENOENT {
-            throw RuntimeFailure("cannot replace the log file \(log): \(String(cString: strerror(errno))); remove it")
-        }
+        // The background process logs to a new file of its own, created 0600 by open (nothing is
+        // chmodded by path; O_NOFOLLOW|O_EXCL never writes through a link), which takes the log's
+        // name only once that process serves the socket: a command that loses the name to a VM
+        // already running (or fails otherwise) leaves that VM's log as it was.
+        let pending = "\(log).\(getpid()).new"
         let logFile: FileDescriptor
-        do { logFile = try FileDescriptor.open(log, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600) } catch {
-            throw RuntimeFailure("cannot create the log file \(log): \(String(cString: strerror(error.errno)))")
+        do { logFile = try FileDescriptor.open(pending, flags: O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600) } catch {
+            throw RuntimeFailure("cannot create the log file \(pending): \(String(cString: strerror(error.errno)))")
         }
         defer { logFile.close() }   // the background process has its own copy by then
         let logHandle = FileHandle(fileDescriptor: logFile.rawValue, closeOnDealloc: false)
@@ -52,7 +52,8 @@ enum Detach {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             if !process.isRunning {
-                let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+                let text = (try? String(contentsOfFile: pending, encoding: .utf8)) ?? ""
+                unlink(pending)
                 printError(text.split(separator: "\n").suffix(10).joined(separator: "\n"))
                 return process.terminationStatus == 0 ? 1 : process.terminationStatus
             }
@@ -61,6 +62,11 @@ enum Detach {
                 let status = try? client.call("query-status")
                 client.close()
                 if let status, status["pid"]?.doubleValue == Double(pid), status["state"]?.stringValue == state {
+                    // The name is ours: so is the log's (an old one is a stopped VM's).
+                    guard rename(pending, log) == 0 else {
+                        emit("dirtymig: '\(name)' \(state) in the background (pid \(pid)); control socket \(controlPath); log \(pending) (cannot rename it to \(log): \(String(cString: strerror(errno))))")
+                        return 0
+                    }
                     emit("dirtymig: '\(name)' \(state) in the background (pid \(pid)); control socket \(controlPath); log \(log)")
                     return 0
                 }
@@ -68,6 +74,6 @@ enum Detach {
             usleep(10_000)
         }
         kill(pid, SIGTERM)
-        throw RuntimeFailure("the background process did not serve its control socket within \(Int(timeout)) s (stopped it); see \(log)")
+        throw RuntimeFailure("the background process did not serve its control socket within \(Int(timeout)) s (stopped it); see \(pending)")
     }
 }

@@ -7,9 +7,7 @@ enum PlotCommand {
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
         guard let from = arguments.string("from") else { throw arguments.error("--from FILE is required (a 'migrate --json' report or a 'migrate --stats' file)") }
         let output = arguments.string("output") ?? (from.hasSuffix(".json") ? String(from.dropLast(5)) : from) + ".svg"
-        guard let data = FileManager.default.contents(atPath: from) else {
-            throw RuntimeFailure("cannot read \(from)")
-        }
+        let data = try readFile(from)
         let report = try readReport(String(decoding: data, as: UTF8.self), path: from)
         try write(MigrationPlot.svg(report: report), to: output)
         printError("dirtymig: wrote \(output)")
@@ -28,6 +26,25 @@ enum PlotCommand {
         }
         guard !passes.isEmpty else { throw RuntimeFailure("\(path) holds no migration report or stats lines") }
         return ["passes": .array(passes), "iterations": .number(passes.count)]
+    }
+
+    /// The whole file, or a failure that says why not ("No such file or directory").
+    static func readFile(_ path: String) throws -> Data {
+        func failure(_ errno: Int32) -> RuntimeFailure { RuntimeFailure("cannot read \(path): \(String(cString: strerror(errno)))") }
+        let file: FileDescriptor
+        do { file = try FileDescriptor.open(path, flags: O_RDONLY | O_CLOEXEC) } catch { throw failure(error.errno) }
+        defer { file.close() }
+        var data = Data()
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let got = read(file.rawValue, &buffer, buffer.count)
+            if got == 0 { return data }
+            if got < 0 {
+                if errno == EINTR { continue }
+                throw failure(errno)
+            }
+            data.append(contentsOf: buffer[..<got])
+        }
     }
 
     static func write(_ svg: String, to path: String) throws {

@@ -1,5 +1,6 @@
 import DirtyMigCore
 import Foundation
+import Synchronization
 
 /// `dirtymig receive`: listen for a migration; once one completes, the VM runs in this process
 /// and is served like a booted one (so it can be migrated on again).
@@ -39,10 +40,13 @@ enum ReceiveCommand {
         do { try server.start(serving: false) } catch { throw RuntimeFailure("\(error)") }
         let log: @Sendable (String) -> Void = { line in printError("dirtymig receive: \(line)") }
         let prepared = prepareSize.map { PreparedMemory(size: $0, log: log) }
+        // A received VM's commands replace the receiver's before the source is told it runs here.
+        let hosted = Mutex<VMHost.Hosted?>(nil)
         let receiver: MigrationReceiver
         do {
             receiver = try MigrationReceiver.listen(on: endpoint, addresses: addresses, kvm: kvm, name: name, standby: standby, security: security,
-                                                    log: log, guestOutput: guestOutput?.sink, preparedMemory: prepared)
+                                                    log: log, guestOutput: guestOutput?.sink, preparedMemory: prepared,
+                                                    onRunning: { machine in hosted.withLock { $0 = VMHost.attach(machine, server: server, stop: stop) } })
         } catch {
             server.stop()
             throw RuntimeFailure("\(error)")
@@ -60,7 +64,53 @@ enum ReceiveCommand {
         // (the source is told and resumes; see MigrationReceiver's commit point).
         let shown = HostPort(host: endpoint.host.isEmpty ? "*" : endpoint.host, port: receiver.port)
         let stopping = StopFlagBox()
-        stop.onSignal { stopping.raise(); receiver.stop() }
+        func serveReceiver() {
+            stop.onSignal { stopping.raise(); receiver.stop() }
+            registerCommands(on: server, receiver: receiver, stopping: stopping, vmName: vmName, shown: shown, standby: standby,
+                             prepared: prepared, security: security)
+        }
+        serveReceiver()
+        server.serve()
+        emit("dirtymig: listening for \(standby == nil ? "a migration" : "a replication (standby, failover \(standby!.failover.rawValue))") on \(shown) (\(security.isEncrypted ? "TLS 1.3, \(security.optionsText)" : "plaintext"))\(prepared.map { "; \(ByteSize.format($0.size)) of guest memory prepared in \(String(format: "%.2f", $0.secondsToPrepare)) s" } ?? ""); control socket \(controlPath)")
+
+        while true {
+            let machine: Machine
+            do {
+                machine = try receiver.receiveOne()
+            } catch {
+                // The receiver has logged what happened to the migration and its partial VM. A
+                // VM that ran here but whose source was never told is stopped by now: the
+                // receiver's commands come back.
+                if hosted.withLock({ value in defer { value = nil }; return value != nil }) {
+                    for command in server.commandNames where !receiverCommands.contains(command) { server.unregister(command) }
+                    serveReceiver()
+                }
+                if stopping.isRaised {
+                    server.stop()
+                    printError("dirtymig receive: stopped")
+                    return 0
+                }
+                if once {
+                    server.stop()
+                    return 1
+                }
+                continue
+            }
+            receiver.stop()   // one VM per process: it runs here now
+            let configuration = machine.configuration
+            let host = hosted.withLock { $0 } ?? VMHost.attach(machine, server: server, stop: stop)
+            return VMHost.run(host,
+                              ready: "dirtymig: VM '\(name)' received and running (\(ByteSize.format(configuration.memorySize)), \(configuration.vcpuCount) vCPU\(configuration.vcpuCount == 1 ? "" : "s"), --track \(configuration.tracking?.rawValue ?? "none")); control socket \(controlPath)")
+        }
+    }
+}
+
+extension ReceiveCommand {
+    /// What a receiver serves until a VM runs here.
+    static let receiverCommands: Set<String> = ["query-status", "failover", "quit"]
+
+    static func registerCommands(on server: ControlServer, receiver: MigrationReceiver, stopping: StopFlagBox, vmName: String,
+                                 shown: HostPort, standby: StandbyOptions?, prepared: PreparedMemory?, security: ChannelSecurity) {
         server.register("query-status") { (_: JSONValue) throws(ControlError) in
             let peer = receiver.activePeer
             let session = receiver.standbySession
@@ -87,35 +137,8 @@ enum ReceiveCommand {
             context.afterReply { stopping.raise(); receiver.stop() }
             return ["stopping": true]
         }
-        server.serve()
-        emit("dirtymig: listening for \(standby == nil ? "a migration" : "a replication (standby, failover \(standby!.failover.rawValue))") on \(shown) (\(security.isEncrypted ? "TLS 1.3, \(security.optionsText)" : "plaintext"))\(prepared.map { "; \(ByteSize.format($0.size)) of guest memory prepared in \(String(format: "%.2f", $0.secondsToPrepare)) s" } ?? ""); control socket \(controlPath)")
-
-        while true {
-            let machine: Machine
-            do {
-                machine = try receiver.receiveOne()
-            } catch {
-                // The receiver has logged what happened to the migration and its partial VM.
-                if stopping.isRaised {
-                    server.stop()
-                    printError("dirtymig receive: stopped")
-                    return 0
-                }
-                if once {
-                    server.stop()
-                    return 1
-                }
-                continue
-            }
-            receiver.stop()   // one VM per process: it runs here now
-            let configuration = machine.configuration
-            return VMHost.serve(machine, server: server, stop: stop,
-                                ready: "dirtymig: VM '\(name)' received and running (\(ByteSize.format(configuration.memorySize)), \(configuration.vcpuCount) vCPU\(configuration.vcpuCount == 1 ? "" : "s"), --track \(configuration.tracking?.rawValue ?? "none")); control socket \(controlPath)")
-        }
     }
-}
 
-extension ReceiveCommand {
     static func standbyOptions(_ arguments: ParsedArguments) throws(UsageError) -> StandbyOptions? {
         guard arguments.has("standby") else {
             for option in ["failover", "failover-after"] where arguments.has(option) {

@@ -5,6 +5,20 @@ import Foundation
 /// moved it elsewhere; serves its control socket meanwhile. Shared by `boot` and `receive`.
 enum VMHost {
     static func serve(_ machine: Machine, server: ControlServer, stop: StopSignals, ready: String) -> Int32 {
+        run(attach(machine, server: server, stop: stop), ready: ready)
+    }
+
+    /// A VM whose commands and handlers are in place; `done` is signalled when it is to stop.
+    struct Hosted: Sendable {
+        let machine: Machine
+        let server: ControlServer
+        let done: DispatchSemaphore
+    }
+
+    /// Registers the VM's commands on `server` (replacing any of the same name), its event
+    /// handlers and its stop signals. `receive` does this before the source is told that the VM
+    /// runs here, so a script that queries the VM when `migrate` returns finds its commands.
+    static func attach(_ machine: Machine, server: ControlServer, stop: StopSignals) -> Hosted {
         let done = DispatchSemaphore(value: 0)
         machine.events.onConsoleLine = { vcpu, line in printError("guest (vCPU \(vcpu)): \(line)") }
         machine.events.onFailure = { error in
@@ -44,12 +58,17 @@ enum VMHost {
             }
             done.signal()
         }
-        server.serve()
+        return Hosted(machine: machine, server: server, done: done)
+    }
+
+    /// Serves the control socket, prints `ready`, and runs until the VM is to stop.
+    static func run(_ hosted: Hosted, ready: String) -> Int32 {
+        hosted.server.serve()
         emit(ready)
-        done.wait()
-        server.stop()
-        machine.stop()
-        return machine.events.firstFailure == nil ? 0 : 1
+        hosted.done.wait()
+        hosted.server.stop()
+        hosted.machine.stop()
+        return hosted.machine.events.firstFailure == nil ? 0 : 1
     }
 }
 

@@ -99,6 +99,11 @@ public final class ControlServer: Sendable {
         state.withLock { $0.commands[name] = command }
     }
 
+    /// Removes a command (a client that names it is told it is unknown).
+    public func unregister(_ name: String) {
+        state.withLock { _ = $0.commands.removeValue(forKey: name) }
+    }
+
     /// The registered commands, sorted.
     public var commandNames: [String] { state.withLock { $0.commands.keys.sorted() } }
 

@@ -60,6 +60,11 @@ public final class MigrationReceiver: Sendable {
     public let guestOutput: (@Sendable (String) -> Void)?
     /// Guest memory allocated before any migration (`receive --memory`), for a VM of its size.
     public let preparedMemory: PreparedMemory?
+    /// Called with a received VM once it runs here and before the source is told so, on the
+    /// migration's thread: whatever serves the VM (its control commands) is in place by the time
+    /// the source reports the migration completed. If the source cannot be told, the VM is
+    /// stopped and `receiveOne` reports the failure.
+    public let onRunning: (@Sendable (Machine) -> Void)?
     /// One line per event a person watching the receiver needs (a refused peer, a failed or
     /// aborted migration and whether a partial VM was dropped): stderr in `dirtymig receive`.
     private let log: @Sendable (String) -> Void
@@ -95,9 +100,11 @@ public final class MigrationReceiver: Sendable {
     public init(listener: TCPSocket, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
                 standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
                 log: @escaping @Sendable (String) -> Void = { _ in },
-                guestOutput: (@Sendable (String) -> Void)? = nil, preparedMemory: PreparedMemory? = nil) {
+                guestOutput: (@Sendable (String) -> Void)? = nil, preparedMemory: PreparedMemory? = nil,
+                onRunning: (@Sendable (Machine) -> Void)? = nil) {
         self.listener = listener
         self.preparedMemory = preparedMemory
+        self.onRunning = onRunning
         self.kvm = kvm
         self.name = name
         self.limits = limits
@@ -116,7 +123,8 @@ public final class MigrationReceiver: Sendable {
                               limits: Limits = Limits(), standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
                               log: @escaping @Sendable (String) -> Void = { _ in },
                               guestOutput: (@Sendable (String) -> Void)? = nil,
-                              preparedMemory: PreparedMemory? = nil) throws(MigrationError) -> MigrationReceiver {
+                              preparedMemory: PreparedMemory? = nil,
+                              onRunning: (@Sendable (Machine) -> Void)? = nil) throws(MigrationError) -> MigrationReceiver {
         var checked = addresses ?? []
         if addresses == nil {
             do { checked = try security.checkListening(on: endpoint) } catch { throw .channel(error) }
@@ -124,7 +132,7 @@ public final class MigrationReceiver: Sendable {
         do {
             return MigrationReceiver(listener: try TCPSocket.listen(endpoint, addresses: checked), kvm: kvm, name: name, limits: limits,
                                      standby: standby, security: security, log: log, guestOutput: guestOutput,
-                                     preparedMemory: preparedMemory)
+                                     preparedMemory: preparedMemory, onRunning: onRunning)
         } catch {
             if error.errno == EADDRINUSE || error.errno == EADDRNOTAVAIL || error.errno == EACCES {
                 throw .listen(SystemError("listen on \(endpoint)", errno: error.errno))
@@ -323,7 +331,7 @@ public final class MigrationReceiver: Sendable {
             } else {
                 outcome = .success(try IncomingMigration.run(channel, hello: hello, built: &built,
                                                              build: { () throws(MigrationError) in try build(hello) },
-                                                             commit: { commit(id) }))
+                                                             commit: { commit(id) }, running: { onRunning?($0) }))
             }
         } catch {
             var error = error
@@ -487,7 +495,7 @@ enum IncomingMigration {
     /// was allocated (so a failure's message can say whether one was dropped).
     static func run<VM: IncomingVM>(_ channel: MigrationChannel, hello: MigrationHello, built: inout Bool,
                                     build: () throws(MigrationError) -> VM,
-                                    commit: () -> Bool) throws(MigrationError) -> VM {
+                                    commit: () -> Bool, running: (VM) -> Void = { _ in }) throws(MigrationError) -> VM {
         let vm: VM
         do { vm = try build() } catch {
             try? channel.send(.helloReply, MigrationHelloReply.refuse(error.reasonForPeer).encode())
@@ -552,6 +560,7 @@ enum IncomingMigration {
                     vm.stop()
                     throw .machine(message)
                 }
+                running(vm)
                 do {
                     try channel.send(.result, MigrationResult(status: .resumed, verifyNanoseconds: verifyNanoseconds,
                                                               resumeNanoseconds: MonotonicClock.nanoseconds() - completed).encode())

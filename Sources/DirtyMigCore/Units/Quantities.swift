@@ -73,7 +73,9 @@ public enum DurationValue {
         let (number, suffix) = try splitNumber(text, what: "duration")
         let units: [String: Double] = ["ms": 0.001, "s": 1, "m": 60]
         guard !suffix.isEmpty else {
-            throw QuantityError("invalid duration '\(text)': add a unit (ms, s or m), e.g. '\(text)s'")
+            // 300 is more likely 300 ms than five minutes; 5 more likely 5 s than 5 ms.
+            let likely = number >= 50 ? ["ms", "s"] : ["s", "ms"]
+            throw QuantityError("invalid duration '\(text)': add a unit (ms, s or m), e.g. '\(text)\(likely[0])' or '\(text)\(likely[1])'")
         }
         guard let unit = units[suffix.lowercased()] else {
             throw QuantityError("invalid duration '\(text)': unknown unit '\(suffix)'; use ms, s or m")
