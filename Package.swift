@@ -22,9 +22,13 @@ let package = Package(
         ),
         // The `dirtymig` executable: argument parsing, one file per subcommand, output.
         .executableTarget(name: "DirtyMigCLI", dependencies: ["DirtyMigCore"]),
+        // Helpers that drive dirtymig and its peers from outside, for the tests and the benchmarks
+        // only: a loopback relay that stalls, cuts or tears a link on cue (FaultRelay), a QMP client
+        // for QEMU. Kept out of DirtyMigCore so that the `dirtymig` executable does not carry them.
+        .target(name: "DirtyMigTestSupport", dependencies: ["DirtyMigCore"]),
         // Benchmarks that print tables (tracking cost, ...).
-        .executableTarget(name: "DirtyMigBench", dependencies: ["DirtyMigCore"]),
-        .testTarget(name: "DirtyMigCoreTests", dependencies: ["DirtyMigCore"]),
-        .testTarget(name: "DirtyMigCLITests", dependencies: ["DirtyMigCore", "DirtyMigCLI"]),
+        .executableTarget(name: "DirtyMigBench", dependencies: ["DirtyMigCore", "DirtyMigTestSupport"]),
+        .testTarget(name: "DirtyMigCoreTests", dependencies: ["DirtyMigCore", "DirtyMigTestSupport"]),
+        .testTarget(name: "DirtyMigCLITests", dependencies: ["DirtyMigCore", "DirtyMigCLI", "DirtyMigTestSupport"]),
     ]
 )

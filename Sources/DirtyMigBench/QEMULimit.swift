@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 
 /// QEMU 7.2's `set-vcpu-dirty-limit` on the same guest: what `query-vcpu-dirty-limit` reports

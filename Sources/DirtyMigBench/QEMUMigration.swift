@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 
 /// QEMU 7.2 migrating the same guest image and config block over loopback, driven through QMP:

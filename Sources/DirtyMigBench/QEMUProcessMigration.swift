@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 
 /// One QEMU 7.2 migration run the way a user runs it: two qemu-system-x86_64 processes started

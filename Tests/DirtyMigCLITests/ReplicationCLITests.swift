@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 import XCTest
 

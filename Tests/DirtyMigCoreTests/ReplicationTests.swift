@@ -1,4 +1,5 @@
 @testable import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 import XCTest
 

@@ -4,10 +4,19 @@ import Glibc
 /// until the bytes already sent fit the rate.
 final class BandwidthLimiter {
     let bytesPerSecond: UInt64?
-    private let start = MonotonicClock.nanoseconds()
+    private let now: () -> UInt64
+    private let sleep: (UInt64) -> Void
+    private let start: UInt64
     private var sent: UInt64 = 0
 
-    init(bytesPerSecond: UInt64?) { self.bytesPerSecond = bytesPerSecond }
+    /// `now` and `sleep` (nanoseconds): the monotonic clock, or a test's.
+    init(bytesPerSecond: UInt64?, now: @escaping () -> UInt64 = MonotonicClock.nanoseconds,
+         sleep: @escaping (UInt64) -> Void = { MonotonicClock.sleep(nanoseconds: $0) }) {
+        self.bytesPerSecond = bytesPerSecond
+        self.now = now
+        self.sleep = sleep
+        start = now()
+    }
 
     /// Sleeps until `bytes` more fit the rate, in slices of at most 50 ms so that a cancel
     /// (`shouldStop`) is noticed within one slice, not after a whole batch's wait.
@@ -16,9 +25,9 @@ final class BandwidthLimiter {
         guard let rate = bytesPerSecond, rate > 0 else { return }
         let due = start + UInt64(Double(sent) / Double(rate) * 1e9)
         while !shouldStop() {
-            let now = MonotonicClock.nanoseconds()
+            let now = self.now()
             guard due > now else { return }
-            MonotonicClock.sleep(nanoseconds: min(due - now, 50_000_000))
+            sleep(min(due - now, 50_000_000))
         }
     }
 }
@@ -43,8 +52,10 @@ struct PageSender {
 
     /// Under a low --bandwidth, a quarter second's worth (at least 64 KiB): a 2 MiB batch at
     /// 4 KiB/s would leave the receiver without a frame for 512 s, far past its idle timeout.
-    var batchLimit: Int {
-        guard let rate = limiter.bytesPerSecond else { return PageSender.batchDataBytes }
+    var batchLimit: Int { PageSender.batchLimit(bytesPerSecond: limiter.bytesPerSecond) }
+
+    static func batchLimit(bytesPerSecond rate: UInt64?) -> Int {
+        guard let rate else { return PageSender.batchDataBytes }
         return Int(min(UInt64(PageSender.batchDataBytes), max(64 << 10, rate / 4)))
     }
 

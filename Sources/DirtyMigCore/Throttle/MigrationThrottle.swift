@@ -114,7 +114,7 @@ final class MigrationThrottle {
     static let initialBudgetShare = 0.25
     static let minimumBudget = 1_048_576.0
     let mode: ThrottleMode
-    private let machine: Machine
+    private let machine: any ThrottleTarget
     private(set) var report: ThrottleReport
     private var cpuPercent = 0
     private var budget: Double?
@@ -128,7 +128,7 @@ final class MigrationThrottle {
 
     private let pooled: Bool
 
-    init(mode: ThrottleMode, machine: Machine, pooled: Bool = true) {
+    init(mode: ThrottleMode, machine: any ThrottleTarget, pooled: Bool = true) {
         self.mode = mode
         self.pooled = pooled
         self.machine = machine
@@ -159,18 +159,18 @@ final class MigrationThrottle {
             hotPeriods = 0
             cpuPercent = cpuPercent == 0 ? 20 : min(cpuPercent + 10, 99)
             noteChange(pass: pass, sinceStart: sinceStart)
-            machine.cpuThrottle.set(percent: cpuPercent)
+            machine.setCPUThrottle(percent: cpuPercent)
         case .dirtyLimit, .dirtyQuota:
             let next = budget.map { max($0 / 2, Self.minimumBudget) } ?? max(bandwidth * Self.initialBudgetShare, Self.minimumBudget)
             if let budget, next >= budget { return }   // at the floor already
             budget = next
             noteChange(pass: pass, sinceStart: sinceStart)
-            let count = machine.configuration.vcpuCount
+            let count = machine.throttledVCPUCount
             let shares = mode == .dirtyQuota
                 ? [Double](repeating: next / Double(count), count: count)
                 : Self.maxMinFair(next, demands: vcpuDirtyBytesPerSecond ?? [Double](repeating: next, count: count))
             ceilings = shares
-            machine.ringTracker?.setThrottle(pagesPerSecond: shares.map { $0 / 4096 }, pooled: mode == .dirtyQuota && pooled)
+            machine.setDirtyCeilings(pagesPerSecond: shares.map { $0 / 4096 }, pooled: mode == .dirtyQuota && pooled)
         case .none, .auto:
             return
         }
@@ -218,12 +218,12 @@ final class MigrationThrottle {
             level.cpuPercent = cpuPercent
         case .dirtyLimit:
             level.ceilingsBytesPerSecond = ceilings
-            if ceilings != nil, let states = machine.ringTracker?.pacerStates() {
+            if ceilings != nil, let states = machine.dirtyPacerStates() {
                 level.lastSleepSeconds = states.map { Double($0.lastHoldNanoseconds) / 1e9 }
             }
         case .dirtyQuota:
             level.ceilingsBytesPerSecond = ceilings
-            if ceilings != nil, let states = machine.ringTracker?.pacerStates() {
+            if ceilings != nil, let states = machine.dirtyPacerStates() {
                 level.quotaPagesPerInterval = states.map { $0.quotaPagesPerInterval ?? 0 }
                 level.pagesFromPool = states.map(\.pagesFromPool)
             }
@@ -238,9 +238,30 @@ final class MigrationThrottle {
         guard !removed else { return }
         removed = true
         report.final = level
-        if cpuPercent > 0 { machine.cpuThrottle.set(percent: 0) }
-        if ceilings != nil { machine.ringTracker?.setThrottle(pagesPerSecond: nil) }
+        if cpuPercent > 0 { machine.setCPUThrottle(percent: 0) }
+        if ceilings != nil { machine.setDirtyCeilings(pagesPerSecond: nil, pooled: false) }
         cpuPercent = 0
         ceilings = nil
     }
+}
+
+/// What a MigrationThrottle acts on: the VM's vCPU count, auto-converge, and the ring tracker's
+/// per-vCPU ceilings. A Machine in use; a recording stand-in in the tests, which check the
+/// throttle's decisions without a VM.
+protocol ThrottleTarget: AnyObject {
+    var throttledVCPUCount: Int { get }
+    func setCPUThrottle(percent: Int)
+    /// Ceilings in pages/s (nil removes them); nothing without a ring tracker.
+    func setDirtyCeilings(pagesPerSecond: [Double]?, pooled: Bool)
+    /// The pacer's state of each vCPU; nil without a ring tracker.
+    func dirtyPacerStates() -> [PacerVCPUState]?
+}
+
+extension Machine: ThrottleTarget {
+    var throttledVCPUCount: Int { configuration.vcpuCount }
+    func setCPUThrottle(percent: Int) { cpuThrottle.set(percent: percent) }
+    func setDirtyCeilings(pagesPerSecond: [Double]?, pooled: Bool) {
+        ringTracker?.setThrottle(pagesPerSecond: pagesPerSecond, pooled: pooled)
+    }
+    func dirtyPacerStates() -> [PacerVCPUState]? { ringTracker?.pacerStates() }
 }

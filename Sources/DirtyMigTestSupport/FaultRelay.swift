@@ -1,3 +1,4 @@
+import DirtyMigCore
 import Foundation
 import Glibc
 import Synchronization
@@ -7,7 +8,7 @@ import Synchronization
 /// silent), to cut (close both sides), or to tear the next frame of a type from the sender (pass
 /// half its payload on, then stall or cut). It reads the sender's stream frame by frame (the
 /// migration protocol's 8-byte headers), so "half a checkpoint" is exact. Used by the tests
-/// and the replication benchmark; it serves one connection.
+/// (DirtyMigTestSupport: not part of the `dirtymig` executable); it serves one connection.
 public final class FaultRelay: @unchecked Sendable {
     // @unchecked: the descriptors are set once, under `state`, before the threads use them.
     public enum Tear: Sendable { case stall, cut }

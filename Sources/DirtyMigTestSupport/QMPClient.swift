@@ -1,3 +1,4 @@
+import DirtyMigCore
 import Foundation
 
 /// A minimal client for QEMU's QMP socket, for driving QEMU as a peer (tests, benchmarks): one
