@@ -233,11 +233,6 @@ public final class MigrationSender: Sendable {
         // Pass 1: everything that holds data; the tracker's history before now (and any loss
         // in it) is irrelevant.
         let passes = try PreCopyPasses(memory: machine.memory, tracker: tracker, channel: channel, bandwidth: options.bandwidth)
-        func tally(_ sent: PageSendTally) {
-            report.transferredBytes += sent.bytes
-            report.zeroPages += sent.zeroPages
-            report.normalPages += sent.normalPages
-        }
         var bandwidth = 0.0
         // --verify hashes all guest memory here while the VM is paused (the destination hashed
         // pages as they landed): part of the downtime, so part of the expected downtime the
@@ -289,7 +284,7 @@ public final class MigrationSender: Sendable {
                 throw error
             }
             let (sent, dirty, lost, seconds) = (outcome.sent, outcome.dirty, outcome.lost, outcome.seconds)
-            tally(sent)
+            report.tally(sent)
             report.ringOverruns = passes.ringOverruns
             // A tiny pass measures latency, not bandwidth: keep the last good figure then.
             if sent.bytes >= 1 << 20 || bandwidth == 0 { bandwidth = Double(sent.bytes) / seconds }
@@ -335,6 +330,16 @@ public final class MigrationSender: Sendable {
             if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }
         }
 
+        try stopAndCopy(channel, socket: socket, passes: passes, after: iteration, report: &report, started: started,
+                        paused: &paused, guestAtStart: guestAtStart, passLog: passLog)
+    }
+
+    /// Stop and copy, after the pre-copy passes: pause, the last dirty pages, the state and the
+    /// digests; then the destination's word. `after`: the passes made so far.
+    private func stopAndCopy(_ channel: MigrationChannel, socket: any MigrationConnection, passes: PreCopyPasses,
+                             after passesMade: Int, report: inout MigrationReport, started: UInt64, paused: inout Bool,
+                             guestAtStart: [UInt64], passLog: (MigrationPass) -> Void) throws(MigrationError) {
+        var iteration = passesMade
         // Stop and copy: pause, last dirty pages, state, digests; the destination resumes.
         update { $0.phase = "stop-and-copy" }
         let pauseStart = MonotonicClock.nanoseconds()
@@ -360,7 +365,7 @@ public final class MigrationSender: Sendable {
         update { $0.remainingPages = UInt64(passes.pending.count) }
         let finalStart = MonotonicClock.nanoseconds()
         let finalSent = try passes.transfer.send(passes.pending, shouldStop: { cancelFlag.load(ordering: .relaxed) })
-        tally(finalSent)
+        report.tally(finalSent)
         iteration += 1
         try passes.transfer.end(pass: iteration)
         // Until the destination acknowledged the pass: the send calls alone end once the bytes
@@ -421,4 +426,13 @@ private struct ThrottlePeriod {
     var time: UInt64
     var vcpuPages: [UInt64]?
     var sentBytes: UInt64 = 0
+}
+
+extension MigrationReport {
+    /// Adds what a pass sent to the totals.
+    mutating func tally(_ sent: PageSendTally) {
+        transferredBytes += sent.bytes
+        zeroPages += sent.zeroPages
+        normalPages += sent.normalPages
+    }
 }
