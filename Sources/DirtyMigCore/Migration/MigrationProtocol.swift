@@ -423,10 +423,6 @@ final class MigrationChannel: Sendable {
         self.frameSeconds = frameSeconds
     }
 
-    func header(_ type: MigrationFrameType, payloadLength: Int) -> [UInt8] {
-        MigrationFrameHeader(type, payloadLength: payloadLength).encode()
-    }
-
     func send(_ type: MigrationFrameType, _ payload: [UInt8]) throws(MigrationError) {
         do { try transport.send(MigrationWire.frame(type, payload)) } catch { throw .connection(error) }
     }
