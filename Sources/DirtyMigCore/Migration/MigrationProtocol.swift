@@ -70,11 +70,7 @@ struct MigrationFrameHeader: Equatable {
         writer.u32(type.rawValue); writer.u32(UInt32(payloadLength))
     }
 
-    func encode() -> [UInt8] {
-        var writer = WireWriter()
-        encode(into: &writer)
-        return writer.bytes
-    }
+    func encode() -> [UInt8] { WireWriter.encoding(encode(into:)) }
 
     init(decoding bytes: [UInt8]) throws(MigrationProtocolError) {
         var reader = WireReader(bytes, what: "frame header")
@@ -363,11 +359,7 @@ struct MigrationReason: Equatable {
 
     init(_ text: String) { self.text = text }
 
-    func encode() -> [UInt8] {
-        var writer = WireWriter()
-        writer.string(text)
-        return writer.bytes
-    }
+    func encode() -> [UInt8] { WireWriter.encoding { $0.string(text) } }
 
     init(decoding payload: [UInt8]) throws(MigrationProtocolError) {
         var reader = WireReader(payload, what: "abort")

@@ -36,11 +36,7 @@ struct PageBatchTable: Equatable {
         }
     }
 
-    func encode() -> [UInt8] {
-        var writer = WireWriter()
-        encode(into: &writer)
-        return writer.bytes
-    }
+    func encode() -> [UInt8] { WireWriter.encoding(encode(into:)) }
 
     /// A pages frame too short to hold the range count.
     static func checkFrame(payloadLength: Int) throws(MigrationProtocolError) {
@@ -102,10 +98,10 @@ struct PassPlan: Equatable {
     static func payloadLength(pageCount: Int) -> Int { 4 + 8 * ((pageCount + 63) / 64) }
 
     func encode() -> [UInt8] {
-        var writer = WireWriter()
-        writer.u32(pass)
-        for word in words { writer.u64(word) }
-        return writer.bytes
+        WireWriter.encoding { writer in
+            writer.u32(pass)
+            for word in words { writer.u64(word) }
+        }
     }
 
     /// A plan's length must be exactly that of a RAM of `pageCount` pages: checked from the

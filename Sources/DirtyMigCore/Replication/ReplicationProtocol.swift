@@ -31,11 +31,7 @@ struct CheckpointPagesHeader: Equatable {
         writer.u64(epoch); writer.u32(count)
     }
 
-    func encode() -> [UInt8] {
-        var writer = WireWriter()
-        encode(into: &writer)
-        return writer.bytes
-    }
+    func encode() -> [UInt8] { WireWriter.encoding(encode(into:)) }
 
     init(epoch: UInt64, count: UInt32) {
         self.epoch = epoch
@@ -75,9 +71,7 @@ enum CheckpointPageList {
             body(UnsafeRawBufferPointer(rebasing: numbers[(range.lowerBound * 4)..<(range.upperBound * 4)]))
         }
         #else
-        var writer = WireWriter()
-        for page in pages[range] { writer.u32(page) }
-        return writer.bytes.withUnsafeBytes(body)
+        return WireWriter.encoding { writer in for page in pages[range] { writer.u32(page) } }.withUnsafeBytes(body)
         #endif
     }
 
