@@ -31,9 +31,10 @@ struct PageSendTally {
     var nanoseconds: UInt64 = 0
 }
 
-/// Sends pages straight from guest memory: the batch header and range table (PageBatchTable) are built here,
-/// the page bytes go to the socket from the guest's own mapping (sendmsg with one iovec per
-/// run), never copied. All-zero pages travel as a range flag with no bytes.
+/// Sends pages straight from guest memory: the frame header and range table (PageBatchTable)
+/// are built here, in one reused buffer; the page bytes go to the socket from the guest's own
+/// mapping (sendmsg with one iovec per run), never copied. All-zero pages travel as a range
+/// flag with no bytes.
 struct PageSender {
     let channel: MigrationChannel
     let memory: GuestMemory
