@@ -240,6 +240,153 @@ final class FuzzTests: XCTestCase {
         }
     }
 
+    // MARK: The frame codecs
+
+    /// `valid`, or (most of the time) a variant of it: a byte flipped, a 4- or 8-byte field
+    /// overwritten with a boundary value, cut short, run on, or random bytes instead. `intact`:
+    /// it is still `valid`.
+    private func mutated(_ valid: [UInt8]) -> (bytes: [UInt8], intact: Bool) {
+        var bytes = valid
+        switch Int.random(in: 0..<6, using: &random) {
+        case 0: return (bytes, true)
+        case 1 where !bytes.isEmpty:
+            bytes[Int.random(in: 0..<bytes.count, using: &random)] ^= UInt8(truncatingIfNeeded: random.next() | 1)
+        case 2 where bytes.count >= 8:
+            let width = Bool.random(using: &random) ? 4 : 8
+            let offset = Int.random(in: 0...(bytes.count - width) / 4, using: &random) * 4
+            bytes.replaceSubrange(offset..<offset + width, with: width == 4 ? Self.u32(boundary(bits: 32)) : Self.u64(boundary(bits: 64)))
+        case 3: bytes = Array(bytes.prefix(Int.random(in: 0...bytes.count, using: &random)))
+        case 4: bytes += self.bytes(Int.random(in: 1...16, using: &random))
+        default: bytes = self.bytes(Int.random(in: 0..<64, using: &random))
+        }
+        return (bytes, bytes == valid)
+    }
+
+    /// A length: the right one most of the time, else a boundary value or one off.
+    private func mutatedLength(_ valid: Int) -> Int {
+        switch Int.random(in: 0..<6, using: &random) {
+        case 0: return Int(boundary(bits: 32))
+        case 1: return max(0, valid + Int.random(in: -2...2, using: &random))
+        default: return valid
+        }
+    }
+
+    /// A range table that fits a RAM of `pageCount` pages.
+    private func validTable() -> PageBatchTable {
+        PageBatchTable(ranges: (0..<Int.random(in: 0...8, using: &random)).map { _ in
+            let first = UInt64.random(in: 0..<Self.pageCount, using: &random)
+            return PageRange(firstPage: first, count: UInt32.random(in: 1...UInt32(min(Self.pageCount - first, 8)), using: &random),
+                             kind: Bool.random(using: &random) ? .data : .zero)
+        })
+    }
+
+    /// Random and boundary inputs to every frame decoder, one after another: each is refused
+    /// with a reason or decodes (an intact input to the value it encodes), never traps, and
+    /// memory stays bounded (no decoder allocates what its input only announces).
+    func testEveryFrameDecoderRefusesRandomAndBoundaryInputsWithAReason() throws {
+        let before = residentBytes()
+        var decoded = 0, refused: [String: Int] = [:]
+        func check<T: Equatable>(_ valid: T, _ input: (bytes: [UInt8], intact: Bool), intactLength: Bool = true,
+                                 _ decode: ([UInt8]) throws(MigrationProtocolError) -> T) {
+            do {
+                let value = try decode(input.bytes)
+                decoded += 1
+                if input.intact && intactLength { XCTAssertEqual(value, valid, "seed \(seed)") }
+            } catch {
+                XCTAssertFalse(error.description.isEmpty, "seed \(seed)")
+                refused[String(error.description.filter { !$0.isNumber }.prefix(50)), default: 0] += 1
+                XCTAssertFalse(input.intact && intactLength, "an intact input was refused: \(error) (seed \(seed))")
+            }
+        }
+        let pageCount = Int(Self.pageCount)
+        for _ in 0..<3000 {
+            let type = MigrationFrameType(rawValue: UInt32.random(in: 1...17, using: &random))!
+            let header = MigrationFrameHeader(type, payloadLength: Int.random(in: 0...type.maxPayload, using: &random))
+            check(header, mutated(header.encode())) { bytes throws(MigrationProtocolError) in try MigrationFrameHeader(decoding: bytes) }
+
+            let table = validTable()
+            let tableLength = mutatedLength(table.encodedSize + table.dataBytes)
+            check(table, mutated(table.encode()), intactLength: tableLength == table.encodedSize + table.dataBytes) {
+                bytes throws(MigrationProtocolError) in try PageBatchTable(decoding: bytes, payloadLength: tableLength, pageCount: Self.pageCount)
+            }
+
+            let plan = PassPlan(pass: UInt32(truncatingIfNeeded: boundary(bits: 32)),
+                                words: (0..<(pageCount + 63) / 64).map { _ in boundary(bits: 64) })
+            check(plan, mutated(plan.encode())) { bytes throws(MigrationProtocolError) in try PassPlan(decoding: bytes, pageCount: pageCount) }
+
+            let count = Int.random(in: 1...CheckpointWire.maxPagesPerFrame, using: &random)
+            let pagesHeader = CheckpointPagesHeader(epoch: boundary(bits: 64), count: UInt32(count))
+            let framePayload = mutatedLength(CheckpointPagesHeader.payloadLength(pages: count))
+            check(pagesHeader, mutated(pagesHeader.encode()), intactLength: framePayload == CheckpointPagesHeader.payloadLength(pages: count)) {
+                bytes throws(MigrationProtocolError) in
+                try CheckpointPagesHeader.checkFrame(payloadLength: framePayload)
+                let decodedHeader = try CheckpointPagesHeader(decoding: bytes)
+                _ = try decodedHeader.checkedCount(payloadLength: framePayload)
+                return decodedHeader
+            }
+            let list = (0..<Int.random(in: 0...16, using: &random)).map { _ in UInt32.random(in: 0..<UInt32(pageCount), using: &random) }
+            check(list, mutated(CheckpointPageList.encode(list))) { bytes throws(MigrationProtocolError) in
+                var pages: [UInt32] = []
+                try CheckpointPageList.decode(bytes, count: list.count, pageCount: pageCount, appendingTo: &pages)
+                return pages
+            }
+
+            let reason = MigrationReason(String(decoding: bytes(Int.random(in: 0..<40, using: &random)).map { $0 % 26 + 0x61 }, as: UTF8.self))
+            check(reason, mutated(reason.encode())) { bytes throws(MigrationProtocolError) in try MigrationReason(decoding: bytes) }
+            var reply = MigrationHelloReply(accepted: Bool.random(using: &random), reason: reason.text)
+            reply.heartbeatMilliseconds = UInt32(truncatingIfNeeded: boundary(bits: 32))
+            check(reply, mutated(reply.encode())) { bytes throws(MigrationProtocolError) in try MigrationHelloReply(decoding: bytes) }
+            let passEnd = MigrationPassEnd(pass: UInt32(truncatingIfNeeded: boundary(bits: 32)))
+            check(passEnd, mutated(passEnd.encode())) { bytes throws(MigrationProtocolError) in try MigrationPassEnd(decoding: bytes) }
+            check(passEnd, mutated(passEnd.encodeAck())) { bytes throws(MigrationProtocolError) in try MigrationPassEnd(decodingAck: bytes) }
+            let completion = MigrationCompletion(verify: Bool.random(using: &random), memoryDigest: boundary(bits: 64), stateDigest: boundary(bits: 64))
+            check(completion, mutated(completion.encode())) { bytes throws(MigrationProtocolError) in try MigrationCompletion(decoding: bytes) }
+            let result = MigrationResult(status: .failed, verifyNanoseconds: boundary(bits: 64), resumeNanoseconds: boundary(bits: 64),
+                                         message: reason.text)
+            check(result, mutated(result.encode())) { bytes throws(MigrationProtocolError) in try MigrationResult(decoding: bytes) }
+            let end = CheckpointEnd(epoch: boundary(bits: 64), pageCount: UInt32(truncatingIfNeeded: boundary(bits: 32)),
+                                    resync: Bool.random(using: &random), digest: boundary(bits: 64), state: bytes(Int.random(in: 0..<64, using: &random)))
+            check(end, mutated(end.encode())) { bytes throws(MigrationProtocolError) in try CheckpointEnd(decoding: bytes) }
+            let epoch = EpochFrame(epoch: boundary(bits: 64))
+            check(epoch, mutated(epoch.encode())) { bytes throws(MigrationProtocolError) in try EpochFrame(decoding: bytes, what: "heartbeat") }
+        }
+        let after = residentBytes()
+        print("FuzzTests: \(decoded) frames decoded; refusals by reason: \(refused.sorted { $0.value > $1.value }.prefix(30).map { "\($0.key)…: \($0.value)" }.joined(separator: "; "))")
+        XCTAssertLessThan(after, before + (64 << 20), "memory grew by \((after - min(after, before)) >> 20) MiB (seed \(seed))")
+        XCTAssertGreaterThan(refused.count, 20, "the inputs reach many different refusals")
+    }
+
+    /// Mutated checkpointPages frames into the standby's staging area, as it reads them off a
+    /// connection: each is staged or refused with a reason, no page outside RAM is staged, and
+    /// a frame's announced size never makes it read or allocate more than the frame may hold.
+    func testTheStandbysStagingRefusesHostileCheckpointFramesWithAReason() throws {
+        let memory = try GuestMemory(size: 4 << 20)
+        let staging = CheckpointStaging(memory: memory)
+        var staged = 0, refused: [String: Int] = [:]
+        for index in 0..<2000 {
+            let count = Int.random(in: 1...8, using: &random)
+            let pages = (0..<count).map { _ in UInt32.random(in: 0..<UInt32(memory.pageCount), using: &random) }
+            let head = mutated(CheckpointPagesHeader(epoch: UInt64(index % 3), count: UInt32(count)).encode() + CheckpointPageList.encode(pages))
+            let length = mutatedLength(CheckpointPagesHeader.payloadLength(pages: count))
+            let transport = MemoryTransport(input: head.bytes + [UInt8](repeating: 0xA5, count: count * 4096))
+            do {
+                try staging.receivePages(from: MigrationChannel(transport: transport), payloadLength: length)
+                staged += 1
+            } catch {
+                XCTAssertFalse(error.description.isEmpty, "seed \(seed)")
+                refused[String(error.description.filter { !$0.isNumber }.prefix(50)), default: 0] += 1
+                staging.reset()
+            }
+            // Never more than the frame announced, nor than a frame may hold.
+            XCTAssertLessThanOrEqual(transport.largestReceive, max(CheckpointPagesHeader.size, min(length, CheckpointWire.maxPagesPerFrame * 4096)),
+                                     "input \(index) (seed \(seed))")
+            if index % 50 == 0 { staging.reset() }
+        }
+        print("FuzzTests: \(staged) checkpoint frames staged; refusals by reason: \(refused.sorted { $0.value > $1.value }.map { "\($0.key)…: \($0.value)" }.joined(separator: "; "))")
+        XCTAssertGreaterThan(staged, 0)
+        XCTAssertGreaterThanOrEqual(refused.count, 3, "frames too short, announcing other sizes, pages outside RAM, epochs mixed")
+    }
+
     // MARK: The control protocol
 
     private func randomJSONNumber() -> String {

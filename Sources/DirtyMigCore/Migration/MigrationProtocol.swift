@@ -50,9 +50,40 @@ public enum MigrationWire {
 
     /// A whole frame: header and payload.
     public static func frame(_ type: MigrationFrameType, _ payload: [UInt8]) -> [UInt8] {
-        var writer = WireWriter()
-        writer.u32(type.rawValue); writer.u32(UInt32(payload.count))
-        return writer.bytes + payload
+        MigrationFrameHeader(type, payloadLength: payload.count).encode() + payload
+    }
+}
+
+/// The 8 bytes before every payload: u32 type, u32 payload length. Decoded, the type is known
+/// and the length within the type's bound, before any byte of the payload is read.
+struct MigrationFrameHeader: Equatable {
+    var type: MigrationFrameType
+    var payloadLength: Int
+
+    init(_ type: MigrationFrameType, payloadLength: Int) {
+        self.type = type
+        self.payloadLength = payloadLength
+    }
+
+    /// Appends the header to `writer` (a sender that builds a frame's head in one buffer).
+    func encode(into writer: inout WireWriter) {
+        writer.u32(type.rawValue); writer.u32(UInt32(payloadLength))
+    }
+
+    func encode() -> [UInt8] { WireWriter.encoding(encode(into:)) }
+
+    init(decoding bytes: [UInt8]) throws(MigrationProtocolError) {
+        var reader = WireReader(bytes, what: "frame header")
+        let rawType = try reader.u32()
+        let length = Int(try reader.u32())
+        guard let type = MigrationFrameType(rawValue: rawType) else {
+            // A foreign stream usually fails here on its first bytes.
+            throw .notDirtymig("frame type 0x\(String(rawType, radix: 16))")
+        }
+        guard length <= type.maxPayload else {
+            throw .malformed("a \(type) frame of \(length) bytes (at most \(type.maxPayload))")
+        }
+        self.init(type, payloadLength: length)
     }
 }
 
@@ -321,6 +352,21 @@ public struct MigrationCompletion: Sendable, Equatable {
     }
 }
 
+/// The payload of an abort, and of a replicationEnd: why, as text (at most 4 KiB, escaped where
+/// it enters). Bytes after the text are ignored, as they always were.
+struct MigrationReason: Equatable {
+    var text: String
+
+    init(_ text: String) { self.text = text }
+
+    func encode() -> [UInt8] { WireWriter.encoding { $0.string(text) } }
+
+    init(decoding payload: [UInt8]) throws(MigrationProtocolError) {
+        var reader = WireReader(payload, what: "abort")
+        text = try reader.peerText()
+    }
+}
+
 /// The receiver's answer at the end: the VM runs here now, or why not.
 public struct MigrationResult: Sendable, Equatable {
     public enum Status: UInt8, Sendable { case resumed = 0, verifyFailed = 1, failed = 2 }
@@ -369,20 +415,12 @@ final class MigrationChannel: Sendable {
         self.frameSeconds = frameSeconds
     }
 
-    func header(_ type: MigrationFrameType, payloadLength: Int) -> [UInt8] {
-        var writer = WireWriter()
-        writer.u32(type.rawValue); writer.u32(UInt32(payloadLength))
-        return writer.bytes
-    }
-
     func send(_ type: MigrationFrameType, _ payload: [UInt8]) throws(MigrationError) {
         do { try transport.send(MigrationWire.frame(type, payload)) } catch { throw .connection(error) }
     }
 
     func sendAbort(_ reason: String) {
-        var writer = WireWriter()
-        writer.string(reason)
-        try? send(.abort, writer.bytes)
+        try? send(.abort, MigrationReason(reason).encode())
     }
 
     /// Reads a frame header; the payload is left on the transport for the caller, to be read
@@ -391,17 +429,8 @@ final class MigrationChannel: Sendable {
         if let frameSeconds { transport.setReceiveDeadline(MonotonicClock.nanoseconds() + UInt64(frameSeconds * 1e9)) }
         let bytes: [UInt8]
         do { bytes = try transport.receive(count: MigrationWire.frameHeaderSize) } catch { throw .connection(error) }
-        var reader = WireReader(bytes, what: "frame header")
-        let rawType = try MigrationError.wrap { () throws(MigrationProtocolError) in try reader.u32() }
-        let length = Int(try MigrationError.wrap { () throws(MigrationProtocolError) in try reader.u32() })
-        guard let type = MigrationFrameType(rawValue: rawType) else {
-            // A foreign stream usually fails here on its first bytes.
-            throw .protocolError(.notDirtymig("frame type 0x\(String(rawType, radix: 16))"))
-        }
-        guard length <= type.maxPayload else {
-            throw .protocolError(.malformed("a \(type) frame of \(length) bytes (at most \(type.maxPayload))"))
-        }
-        return (type, length)
+        let header = try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationFrameHeader(decoding: bytes) }
+        return (header.type, header.payloadLength)
     }
 
     func receivePayload(_ length: Int) throws(MigrationError) -> [UInt8] {
@@ -431,8 +460,7 @@ final class MigrationChannel: Sendable {
     }
 
     static func abortReason(_ payload: [UInt8]) -> String {
-        var reader = WireReader(payload, what: "abort")
-        return (try? reader.peerText()) ?? "no reason given"
+        (try? MigrationReason(decoding: payload))?.text ?? "no reason given"
     }
 }
 

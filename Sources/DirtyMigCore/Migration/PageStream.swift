@@ -40,9 +40,10 @@ struct PageSendTally {
     var nanoseconds: UInt64 = 0
 }
 
-/// Sends pages straight from guest memory: the batch header and range table are built here,
-/// the page bytes go to the socket from the guest's own mapping (sendmsg with one iovec per
-/// run), never copied. All-zero pages travel as a range flag with no bytes.
+/// Sends pages straight from guest memory: the frame header and range table (PageBatchTable)
+/// are built here, in one reused buffer; the page bytes go to the socket from the guest's own
+/// mapping (sendmsg with one iovec per run), never copied. All-zero pages travel as a range
+/// flag with no bytes.
 struct PageSender {
     let channel: MigrationChannel
     let memory: GuestMemory
@@ -76,34 +77,33 @@ struct PageSender {
               onBatch: (UInt64, Int) -> Void = { _, _ in }) throws(MigrationError) -> PageSendTally {
         var tally = PageSendTally()
         let started = MonotonicClock.nanoseconds()
-        var ranges: [PageRange] = []
+        var table = PageBatchTable()
+        // The frame header and the range table, in one buffer reused from batch to batch.
+        var head = WireWriter()
         var dataBytes = 0
 
         func flush() throws(MigrationError) {
-            guard !ranges.isEmpty else { return }
-            var table = WireWriter()
-            table.u32(UInt32(ranges.count))
-            for range in ranges {
-                table.u64(range.firstPage); table.u32(range.count); table.u32(range.kind.rawValue)
-            }
-            let header = channel.header(.pages, payloadLength: table.bytes.count + dataBytes)
-            limiter.willSend(header.count + table.bytes.count + dataBytes, shouldStop: shouldStop)
+            guard !table.ranges.isEmpty else { return }
+            head.removeAll()
+            let payloadLength = table.encodedSize + dataBytes
+            MigrationFrameHeader(.pages, payloadLength: payloadLength).encode(into: &head)
+            table.encode(into: &head)
+            let frameBytes = head.bytes.count + dataBytes
+            limiter.willSend(frameBytes, shouldStop: shouldStop)
             if shouldStop() { throw .cancelled(MigrationSender.cancelledReason) }
             let base = UnsafeRawPointer(memory.base)
-            let result = header.withUnsafeBytes { headerBuffer in
-                table.bytes.withUnsafeBytes { tableBuffer in
-                    var buffers = [headerBuffer, tableBuffer]
-                    for range in ranges where range.kind == .data {
-                        buffers.append(UnsafeRawBufferPointer(start: base + Int(range.firstPage) * 4096,
-                                                              count: Int(range.count) * 4096))
-                    }
-                    return Result { () throws(SystemError) in try channel.transport.send(buffers) }
+            let result = head.bytes.withUnsafeBytes { headBuffer in
+                var buffers = [headBuffer]
+                for range in table.ranges where range.kind == .data {
+                    buffers.append(UnsafeRawBufferPointer(start: base + Int(range.firstPage) * 4096,
+                                                          count: Int(range.count) * 4096))
                 }
+                return Result { () throws(SystemError) in try channel.transport.send(buffers) }
             }
             do { try result.get() } catch { throw .connection(error) }
-            tally.bytes += UInt64(header.count + table.bytes.count + dataBytes)
-            onBatch(UInt64(header.count + table.bytes.count + dataBytes), ranges.reduce(0) { $0 + Int($1.count) })
-            ranges.removeAll(keepingCapacity: true)
+            tally.bytes += UInt64(frameBytes)
+            onBatch(UInt64(frameBytes), table.ranges.reduce(0) { $0 + Int($1.count) })
+            table.ranges.removeAll(keepingCapacity: true)
             dataBytes = 0
         }
 
@@ -115,13 +115,13 @@ struct PageSender {
                 let zero = PageSender.isZero(UnsafeRawPointer(memory.base) + page * 4096)
                 let kind: PageRange.Kind = zero ? .zero : .data
                 if zero { tally.zeroPages += 1 } else { tally.normalPages += 1; dataBytes += 4096 }
-                if let last = ranges.last, last.kind == kind, Int(last.firstPage) + Int(last.count) == page {
-                    ranges[ranges.count - 1].count += 1
+                if let last = table.ranges.last, last.kind == kind, Int(last.firstPage) + Int(last.count) == page {
+                    table.ranges[table.ranges.count - 1].count += 1
                 } else {
-                    ranges.append(PageRange(firstPage: UInt64(page), count: 1, kind: kind))
+                    table.ranges.append(PageRange(firstPage: UInt64(page), count: 1, kind: kind))
                 }
                 page += 1
-                if dataBytes >= batchLimit || ranges.count >= MigrationWire.maxRangesPerBatch {
+                if dataBytes >= batchLimit || table.ranges.count >= MigrationWire.maxRangesPerBatch {
                     try flush()
                 }
             }
@@ -173,17 +173,12 @@ final class PageReceiver {
     /// A passPlan frame: the pages the coming pass carries, a bitmap of all RAM. Only the first
     /// plan starts a prefaulter (later passes rewrite pages that are allocated already).
     func receivePlan(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
-        let words = (memory.pageCount + 63) / 64
-        guard payloadLength == 4 + 8 * words else {
-            throw .protocolError(.malformed("a pass plan of \(payloadLength) bytes for \(memory.pageCount) pages of RAM"))
+        try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try PassPlan.checkFrame(payloadLength: payloadLength, pageCount: memory.pageCount)
         }
-        var reader = WireReader(try channel.receivePayload(payloadLength), what: "pass plan")
-        let planWords = try MigrationError.wrap { () throws(MigrationProtocolError) -> [UInt64] in
-            _ = try reader.u32()   // the pass
-            var planWords: [UInt64] = []
-            planWords.reserveCapacity(words)
-            for _ in 0..<words { planWords.append(try reader.u64()) }
-            return planWords
+        let payload = try channel.receivePayload(payloadLength)
+        let planWords = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try PassPlan(decoding: payload, pageCount: memory.pageCount).words
         }
         let plan = DirtyPageBitmap(pageCount: memory.pageCount, words: planWords)
         guard prefaulter == nil, pagesReceived == 0, !memory.allocatedAhead else { return }
@@ -216,35 +211,16 @@ final class PageReceiver {
     /// Reads one pages frame's payload (its header already read) into memory, validating the
     /// range table against RAM and the payload length before any page byte is read.
     func receive(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
-        guard payloadLength >= 4 else { throw .protocolError(.malformed("a pages frame of \(payloadLength) bytes")) }
-        var countReader = WireReader(try channel.receivePayload(4), what: "page batch")
-        let count = Int(try MigrationError.wrap { () throws(MigrationProtocolError) in try countReader.u32() })
-        guard count <= MigrationWire.maxRangesPerBatch, 4 + 16 * count <= payloadLength else {
-            throw .protocolError(.malformed("a page batch of \(count) ranges in \(payloadLength) bytes"))
+        try MigrationError.wrap { () throws(MigrationProtocolError) in try PageBatchTable.checkFrame(payloadLength: payloadLength) }
+        let countBytes = try channel.receivePayload(PageBatchTable.countBytes)
+        let count = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try PageBatchTable.rangeCount(decoding: countBytes, payloadLength: payloadLength)
         }
-        var reader = WireReader(try channel.receivePayload(16 * count), what: "page range table")
-        var ranges: [PageRange] = []
-        var dataBytes = 0
-        let pageCount = UInt64(memory.pageCount)
-        for _ in 0..<count {
-            let (first, pages, rawKind) = try MigrationError.wrap { () throws(MigrationProtocolError) in
-                (try reader.u64(), try reader.u32(), try reader.u32())
-            }
-            guard let kind = PageRange.Kind(rawValue: rawKind) else {
-                throw .protocolError(.malformed("page range kind \(rawKind)"))
-            }
-            // Both values come from the wire: compare without adding them (a first page of
-            // 2^64-1 made `first + count` trap here and took the receiver down).
-            guard pages > 0, first < pageCount, UInt64(pages) <= pageCount - first else {
-                throw .protocolError(.malformed("\(pages) pages from page \(first) lie outside RAM (\(pageCount) pages)"))
-            }
-            if kind == .data { dataBytes += Int(pages) * 4096 }
-            ranges.append(PageRange(firstPage: first, count: pages, kind: kind))
+        let entries = try channel.receivePayload(PageBatchTable.entryBytes * count)
+        let table = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try PageBatchTable(decoding: entries, count: count, payloadLength: payloadLength, pageCount: UInt64(memory.pageCount))
         }
-        guard 4 + 16 * count + dataBytes == payloadLength else {
-            throw .protocolError(.malformed("a page batch announcing \(dataBytes) data bytes in a \(payloadLength)-byte frame"))
-        }
-        for range in ranges {
+        for range in table.ranges {
             let first = Int(range.firstPage), end = first + Int(range.count)
             switch range.kind {
             case .data:

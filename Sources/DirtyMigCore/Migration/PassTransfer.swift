@@ -16,10 +16,7 @@ final class PassTransfer {
     /// The plan of pass 1 (which pages it carries), so the receiver can allocate them ahead on
     /// a second thread while they arrive.
     func sendPlan(_ set: DirtyPageBitmap) throws(MigrationError) {
-        var plan = WireWriter()
-        plan.u32(1)
-        for word in set.words { plan.u64(word) }
-        try channel.send(.passPlan, plan.bytes)
+        try channel.send(.passPlan, PassPlan(pass: 1, words: set.words).encode())
     }
 
     /// The pages of `set`, from guest memory (see PageSender).

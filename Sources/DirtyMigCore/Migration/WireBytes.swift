@@ -8,6 +8,14 @@ struct WireWriter {
     mutating func u64(_ value: UInt64) { withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) } }
     mutating func blob(_ value: [UInt8]) { u32(UInt32(value.count)); bytes.append(contentsOf: value) }
     mutating func string(_ value: String) { blob(Array(value.utf8.prefix(MigrationWire.maxStringBytes))) }
+    /// The bytes `body` writes: a frame's payload in one expression.
+    static func encoding(_ body: (inout WireWriter) -> Void) -> [UInt8] {
+        var writer = WireWriter()
+        body(&writer)
+        return writer.bytes
+    }
+    /// Empties the buffer, keeping its capacity, for the next frame.
+    mutating func removeAll() { bytes.removeAll(keepingCapacity: true) }
 }
 
 struct WireReader {

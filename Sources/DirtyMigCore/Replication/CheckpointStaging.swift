@@ -18,17 +18,11 @@ final class CheckpointStaging {
     /// One checkpointPages frame (its header already read): validated before any byte of page
     /// data is read; the staging area never grows past the VM's own size.
     func receivePages(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
-        guard payloadLength >= CheckpointPagesHeader.size else {
-            throw .protocolError(.malformed("a checkpoint pages frame of \(payloadLength) bytes"))
-        }
+        try MigrationError.wrap { () throws(MigrationProtocolError) in try CheckpointPagesHeader.checkFrame(payloadLength: payloadLength) }
         let headerBytes = try channel.receivePayload(CheckpointPagesHeader.size)
-        let header = try MigrationError.wrap { () throws(MigrationProtocolError) in
-            try CheckpointPagesHeader(decoding: headerBytes)
-        }
-        let count = Int(header.count)
-        guard count >= 1, count <= CheckpointWire.maxPagesPerFrame,
-              payloadLength == CheckpointPagesHeader.size + count * (4 + 4096) else {
-            throw .protocolError(.malformed("a checkpoint pages frame announcing \(count) pages in \(payloadLength) bytes"))
+        let (header, count) = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            let header = try CheckpointPagesHeader(decoding: headerBytes)
+            return (header, try header.checkedCount(payloadLength: payloadLength))
         }
         if let epoch, epoch != header.epoch {
             throw .protocolError(.malformed("pages of checkpoint \(header.epoch) while checkpoint \(epoch) is unfinished"))
@@ -39,13 +33,8 @@ final class CheckpointStaging {
         epoch = header.epoch
         let numbers = try channel.receivePayload(count * 4)
         let first = pages.count
-        for index in 0..<count {
-            let page = UInt32(numbers[index * 4]) | UInt32(numbers[index * 4 + 1]) << 8
-                | UInt32(numbers[index * 4 + 2]) << 16 | UInt32(numbers[index * 4 + 3]) << 24
-            guard Int(page) < memory.pageCount else {
-                throw .protocolError(.malformed("checkpoint page \(page) lies outside RAM (\(memory.pageCount) pages)"))
-            }
-            pages.append(page)
+        try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try CheckpointPageList.decode(numbers, count: count, pageCount: memory.pageCount, appendingTo: &pages)
         }
         try reserve(pages.count)
         let target = buffer! + first * 4096

@@ -13,20 +13,34 @@ public enum CheckpointWire {
 
 /// The header of a checkpointPages frame: `count` page numbers (u32 each) follow, then their
 /// bytes, page after page.
+///
+/// The standby decodes in steps, each bounded before the next read: the frame must hold the
+/// header (`checkFrame`), the header's count must be 1 to `maxPagesPerFrame` and match the
+/// frame's length (`checkedCount`), and every page number must lie inside RAM
+/// (`CheckpointPageList.decode`).
 struct CheckpointPagesHeader: Equatable {
     static let size = 12
     var epoch: UInt64
     var count: UInt32
 
-    func encode() -> [UInt8] {
-        var writer = WireWriter()
+    /// The payload length of a frame of `count` pages.
+    static func payloadLength(pages count: Int) -> Int { size + count * (4 + 4096) }
+
+    /// Appends the header to `writer` (the primary builds a frame's head in one buffer).
+    func encode(into writer: inout WireWriter) {
         writer.u64(epoch); writer.u32(count)
-        return writer.bytes
     }
+
+    func encode() -> [UInt8] { WireWriter.encoding(encode(into:)) }
 
     init(epoch: UInt64, count: UInt32) {
         self.epoch = epoch
         self.count = count
+    }
+
+    /// A checkpointPages frame too short to hold the header.
+    static func checkFrame(payloadLength: Int) throws(MigrationProtocolError) {
+        guard payloadLength >= size else { throw .malformed("a checkpoint pages frame of \(payloadLength) bytes") }
     }
 
     init(decoding bytes: [UInt8]) throws(MigrationProtocolError) {
@@ -34,6 +48,49 @@ struct CheckpointPagesHeader: Equatable {
         epoch = try reader.u64()
         count = try reader.u32()
         try reader.finish()
+    }
+
+    /// The pages announced, if they are 1 to `maxPagesPerFrame` and exactly fill a frame of
+    /// `payloadLength` bytes.
+    func checkedCount(payloadLength: Int) throws(MigrationProtocolError) -> Int {
+        let count = Int(count)
+        guard count >= 1, count <= CheckpointWire.maxPagesPerFrame, payloadLength == Self.payloadLength(pages: count) else {
+            throw .malformed("a checkpoint pages frame announcing \(count) pages in \(payloadLength) bytes")
+        }
+        return count
+    }
+}
+
+/// The page numbers of a checkpointPages frame: u32 each, little-endian, after its header.
+enum CheckpointPageList {
+    /// Calls `body` with the wire bytes of `pages[range]`: on a little-endian host (x86) the
+    /// array's own bytes, not a copy.
+    static func withEncoded<R>(_ pages: [UInt32], _ range: Range<Int>, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+        #if _endian(little)
+        return pages.withUnsafeBytes { numbers in
+            body(UnsafeRawBufferPointer(rebasing: numbers[(range.lowerBound * 4)..<(range.upperBound * 4)]))
+        }
+        #else
+        return WireWriter.encoding { writer in for page in pages[range] { writer.u32(page) } }.withUnsafeBytes(body)
+        #endif
+    }
+
+    static func encode(_ pages: [UInt32]) -> [UInt8] {
+        withEncoded(pages, pages.indices) { Array($0) }
+    }
+
+    /// Appends the `count` page numbers in `bytes` to `pages`, each checked against a RAM of
+    /// `pageCount` pages (those before a page outside RAM are appended).
+    static func decode(_ bytes: [UInt8], count: Int, pageCount: Int,
+                       appendingTo pages: inout [UInt32]) throws(MigrationProtocolError) {
+        var reader = WireReader(bytes, what: "checkpoint page list")
+        for _ in 0..<count {
+            let page = try reader.u32()
+            guard Int(page) < pageCount else {
+                throw .malformed("checkpoint page \(page) lies outside RAM (\(pageCount) pages)")
+            }
+            pages.append(page)
+        }
     }
 }
 

@@ -127,10 +127,9 @@ public final class Replicator: Sendable {
             // The first checkpoint may have reached the standby: it must discard it, not read
             // the close as a dead primary.
             if let opened {
-                var writer = WireWriter()
-                writer.string("the primary could not start replicating (\(error)); it runs the VM on, unprotected")
+                let reason = MigrationReason("the primary could not start replicating (\(error)); it runs the VM on, unprotected")
                 opened.transport.setReceiveDeadline(nil)
-                try? opened.send(.replicationEnd, writer.bytes)
+                try? opened.send(.replicationEnd, reason.encode())
             }
             state.withLock { $0.socket }?.shutdown()
             machine.transferClaim.release()
@@ -380,9 +379,7 @@ public final class Replicator: Sendable {
             if shared.lost { return ("the primary gave up on its standby (\(shared.figures.error ?? "lost")); it runs the VM on, unprotected", true) }
             return (shared.stopReason ?? "replication was stopped", false)
         }
-        var writer = WireWriter()
-        writer.string(reason)
-        do { try channel.send(.replicationEnd, writer.bytes) } catch {
+        do { try channel.send(.replicationEnd, MigrationReason(reason).encode()) } catch {
             if !lost { lose("the standby could not be told that replication ends: \(error)") }
         }
     }

@@ -142,25 +142,24 @@ final class StagedCheckpoint {
         var sent: UInt64 = 0
         var first = 0
         let data = UnsafeRawPointer(buffer)
+        // The frame header and the checkpoint pages header, in one buffer reused frame to frame.
+        var head = WireWriter()
         while first < pages.count {
             if shouldStop() { return nil }
             let count = min(CheckpointWire.maxPagesPerFrame, pages.count - first)
-            let header = CheckpointPagesHeader(epoch: epoch, count: UInt32(count)).encode()
-            let payload = header.count + count * 4 + count * 4096
-            let frame = channel.header(.checkpointPages, payloadLength: payload)
+            let payload = CheckpointPagesHeader.payloadLength(pages: count)
+            head.removeAll()
+            MigrationFrameHeader(.checkpointPages, payloadLength: payload).encode(into: &head)
+            CheckpointPagesHeader(epoch: epoch, count: UInt32(count)).encode(into: &head)
             for index in first..<first + count { digest.add(page: pages[index], bytes: data! + index * 4096) }
-            let result = frame.withUnsafeBytes { frameBytes in
-                header.withUnsafeBytes { headerBytes in
-                    pages.withUnsafeBytes { numbers in
-                        // Page numbers travel little-endian, which is how x86 holds them.
-                        let list = UnsafeRawBufferPointer(rebasing: numbers[(first * 4)..<((first + count) * 4)])
-                        let bytes = UnsafeRawBufferPointer(start: data! + first * 4096, count: count * 4096)
-                        return Result { () throws(SystemError) in try channel.transport.send([frameBytes, headerBytes, list, bytes]) }
-                    }
+            let result = head.bytes.withUnsafeBytes { headBytes in
+                CheckpointPageList.withEncoded(pages, first..<first + count) { list in
+                    let bytes = UnsafeRawBufferPointer(start: data! + first * 4096, count: count * 4096)
+                    return Result { () throws(SystemError) in try channel.transport.send([headBytes, list, bytes]) }
                 }
             }
             do { try result.get() } catch { throw .connection(error) }
-            sent += UInt64(frame.count + payload)
+            sent += UInt64(MigrationWire.frameHeaderSize + payload)
             first += count
         }
         if shouldStop() { return nil }
