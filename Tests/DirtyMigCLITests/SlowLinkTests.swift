@@ -88,6 +88,11 @@ final class SlowLinkTests: ReplicationProcessTestCase {
         let acknowledged = (figures["checkpoints"]?.doubleValue ?? 0) - start
         print("20 Mbit/s link: \(Int(acknowledged)) checkpoints acknowledged in 10 s, \(Int(figures["bytes_per_s"]?.doubleValue ?? 0)) B/s, last_heard_ms at most \(Int(heard.max() ?? -1))")
         XCTAssertGreaterThanOrEqual(acknowledged, 1, "checkpoints keep being acknowledged on a slow link")
+        // Checkpoints seconds apart still make a rate (a one-second window read 0 between them),
+        // and it is the link's: 20 Mbit/s is 2.5 MB/s.
+        let rate = figures["bytes_per_s"]?.doubleValue ?? 0
+        XCTAssertGreaterThan(rate, 0.3 * 2.5e6)
+        XCTAssertLessThan(rate, 1.2 * 2.5e6)
         // The standby hears bytes all the time a checkpoint crawls over the link.
         XCTAssertLessThan(heard.max() ?? 1e9, 500, "last_heard_ms counts from the last byte")
         XCTAssertTrue(primary.isRunning && standby.isRunning)

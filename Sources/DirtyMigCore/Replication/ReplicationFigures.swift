@@ -25,27 +25,34 @@ struct RecentSamples {
 }
 
 /// Events with a time and a running total (acknowledged checkpoints, bytes sent), for rates
-/// over the last second.
+/// over the last second, or, when events are sparser than that (a checkpoint that takes seconds
+/// to cross a slow link), over the span back to the event before the newest (at most
+/// `longestWindowNanoseconds`): a one-second window then read 0 between checkpoints.
 struct RateWindow {
-    private var points: [(time: UInt64, total: Double)] = []
+    private var points: [(time: UInt64, amount: Double)] = []
     private(set) var total: Double = 0
+
+    static let windowNanoseconds: UInt64 = 1_000_000_000
+    static let longestWindowNanoseconds: UInt64 = 10_000_000_000
 
     mutating func add(_ amount: Double, at time: UInt64) {
         total += amount
-        points.append((time, total))
-        // Keep a little more than a second.
-        if let first = points.first, time - first.time > 2_000_000_000 {
-            points.removeFirst(points.prefix { time - $0.time > 1_100_000_000 }.count)
-        }
+        points.append((time, amount))
+        // Keep what the longest window can need, and always the two newest events.
+        let stale = points.dropLast(2).prefix { time - $0.time > Self.longestWindowNanoseconds }.count
+        if stale > 0 { points.removeFirst(stale) }
     }
 
-    /// Per second over the last second (or what there is of it) up to `now`.
+    /// Per second up to `now`, over the window described above.
     func perSecond(now: UInt64) -> Double {
-        guard let start = points.last(where: { now - $0.time >= 1_000_000_000 }) ?? points.first,
-              now > start.time else { return 0 }
-        let recent = points.last.map(\.total) ?? total
-        let seconds = Double(now - start.time) / 1e9
-        return seconds < 0.05 ? 0 : (recent - start.total) / seconds
+        var window = Self.windowNanoseconds
+        if points.count >= 2 {
+            let previous = points[points.count - 2].time
+            if now > previous { window = min(max(window, now - previous), Self.longestWindowNanoseconds) }
+        }
+        let start = now > window ? now - window : 0
+        let amount = points.reduce(0.0) { $1.time > start && $1.time <= now ? $0 + $1.amount : $0 }
+        return amount / (Double(window) / 1e9)
     }
 }
 
