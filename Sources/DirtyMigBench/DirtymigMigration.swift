@@ -87,6 +87,6 @@ func runDirtymigInProcessMigration(_ scenario: MigrationScenario, conditions: Mi
                                           measuringOthers: { othersShare = $0 }).report
     return MigrationMeasurement(totalMs: report.totalSeconds * 1000, downtimeMs: report.downtimeSeconds * 1000,
                                 passes: report.iterations, sentBytes: report.transferredBytes,
-                                detail: String(format: "setup %.1f ms", report.setupSeconds * 1000),
+                                detail: String(format: "setup %.1f ms", (report.setupSeconds ?? 0) * 1000),
                                 othersCPUShare: othersShare)
 }

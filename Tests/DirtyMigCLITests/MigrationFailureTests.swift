@@ -125,4 +125,37 @@ final class MigrationFailureTests: XCTestCase {
         XCTAssertTrue(result.stdout.contains("nothing listens"), result.stdout + result.stderr)
         try assertRuns(source)
     }
+
+    /// A receiver that holds another key: the migration fails at the handshake, and its report
+    /// prints nothing that was not measured (no downtime of 0.0 ms, no pace of 0 during).
+    func testAWrongKeyReportsNoUnmeasuredZeros() throws {
+        try requireKVMDevice()
+        func key(_ name: String) -> String {
+            let file = directory + "/" + name
+            let hex = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+            _ = FileManager.default.createFile(atPath: file, contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
+            return file
+        }
+        let (mine, theirs) = (key("mine.psk"), key("theirs.psk"))
+        let source = "keyed\(getpid())"
+        let boot = try bootSource(source)
+        defer { if boot.isRunning { boot.terminate() } }
+        let port = try freePort()
+        let (receiver, output) = try CLI.start(["receive", "--listen", "127.0.0.1:\(port)", "--control", socket("keydst"),
+                                                "--psk-file", theirs])
+        defer { if receiver.isRunning { receiver.terminate() } }
+        let ready = try XCTUnwrap(CLI.readLine(output), "receive printed nothing")
+        XCTAssertTrue(ready.contains("listening"), ready)
+        Thread.sleep(forTimeInterval: 1)   // a pace history before, as a user's VM has
+        let result = try CLI.run(["migrate", "--vm", socket(source), "--to", "127.0.0.1:\(port)", "--psk-file", mine])
+        XCTAssertEqual(result.status, 1)
+        let report = result.stdout
+        XCTAssertTrue(report.contains("pre-shared key"), report + result.stderr)
+        XCTAssertFalse(report.contains("downtime 0.0 ms") || report.contains("0.0 ms (limit"), report)
+        XCTAssertFalse(report.contains("0 during"), report)
+        XCTAssertFalse(report.contains("not needed"), report)
+        XCTAssertTrue(report.contains("none: the VM was not paused"), report)
+        XCTAssertTrue(report.contains("before, - during"), report)
+        try assertRuns(source)
+    }
 }

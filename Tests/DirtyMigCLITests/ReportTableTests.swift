@@ -1,5 +1,5 @@
 @testable import DirtyMigCLI
-import DirtyMigCore
+@testable import DirtyMigCore
 import XCTest
 
 /// The report as people read it: grouped digits and units, a compact form for many vCPUs, and a
@@ -38,5 +38,83 @@ final class ReportTableTests: XCTestCase {
         XCTAssertFalse(table.contains("vCPU 63"), "64 vCPUs are summarised, not listed")
         XCTAssertTrue(table.contains("(min / median / max of 64 vCPUs)"), table)
         XCTAssertLessThan(table.split(separator: "\n").count, 30)
+    }
+
+    /// A migration that failed before its handshake (a wrong key, nothing listening) measured
+    /// no setup, downtime, pass, page count or pace during: the JSON has nulls, the table says so.
+    func testAFailureBeforeTheHandshakePrintsNoUnmeasuredZeros() {
+        var report = MigrationReport()
+        report.error = "the destination refused our pre-shared key"
+        report.destination = "127.0.0.1:4444"
+        report.track = .ring
+        report.totalSeconds = 0.002
+        report.downtimeLimitSeconds = 0.3
+        report.guestPagesPerSecondBefore = [25_640, 0]
+        report.guestPagesPerSecondDuring = [0, 0]
+        report.throttle.mode = .dirtyLimit
+        let json = report.json
+        for key in ["setup_ms", "downtime_ms", "iterations", "normal_pages", "zero_pages", "throughput_mib_s",
+                    "dirty_pages_s", "ring_overruns", "downtime_exceeded_ms", "pass_cut_short"] {
+            XCTAssertEqual(json[key], .null, key)
+        }
+        XCTAssertEqual(json["transferred_bytes"]?.doubleValue, 0, "nothing was sent: a count, measured")
+        XCTAssertEqual(json["vcpus"]?.arrayValue?.first?["guest_pages_s_before"]?.doubleValue, 25_640)
+        XCTAssertEqual(json["vcpus"]?.arrayValue?.first?["guest_pages_s_during"], .null)
+        XCTAssertEqual(json["throttle"]?["periods_judged"]?.doubleValue, 0)
+        let table = ReportTable.render(json)
+        XCTAssertFalse(table.contains("0.0 ms (limit"), table)
+        XCTAssertTrue(table.contains("none: the VM was not paused (limit 300 ms)"), table)
+        XCTAssertFalse(table.contains("0 during"), "the pace during was not measured: \(table)")
+        XCTAssertFalse(table.contains("not needed"), table)
+        XCTAssertTrue(table.contains("dirty-limit, not judged"), table)
+        XCTAssertFalse(table.contains("pages  "), "no page counts: \(table)")
+        XCTAssertFalse(table.contains("throughput"), table)
+        XCTAssertTrue(table.contains("none: pre-copy did not begin"), table)
+        XCTAssertTrue(table.contains("25,640 before, - during"), table)
+    }
+
+    /// A pass cut mid-way: its pages count, as its bytes do, and the table says it was cut.
+    func testAPassCutShortIsCountedAndSaid() {
+        var report = MigrationReport()
+        report.error = "the migration was cancelled"
+        report.totalSeconds = 1.2
+        report.setupSeconds = 0.012
+        report.transferredBytes = 5 << 20
+        report.normalPages = 1_279
+        report.zeroPages = 1
+        report.passCutShort = 1
+        report.guestPaceBeforeMeasured = false
+        report.guestPagesPerSecondBefore = [0]
+        report.guestPagesPerSecondDuring = [5_000]
+        let json = report.json
+        XCTAssertEqual(json["iterations"]?.doubleValue, 0)
+        XCTAssertEqual(json["pass_cut_short"]?.doubleValue, 1)
+        XCTAssertEqual(json["dirty_pages_s"], .null, "no pass completed")
+        XCTAssertEqual(json["vcpus"]?.arrayValue?.first?["guest_pages_s_before"], .null)
+        let table = ReportTable.render(json)
+        XCTAssertTrue(table.contains("0 completed, pass 1 cut short"), table)
+        XCTAssertTrue(table.contains("1,279 normal, 1 zero"), table)
+        XCTAssertTrue(table.contains("- before, 5,000 during"), table)
+        XCTAssertTrue(table.contains("not measured (no pass completed)"), table)
+    }
+
+    /// A replication that never reached its standby: no rows of zeros.
+    func testAReplicationThatNeverStartedHasNoRowsOfZeros() {
+        var figures = ReplicationFigures(standby: "127.0.0.1:1", track: .ring, intervalSeconds: 0.025, checkpointPages: nil)
+        figures.status = .unprotected
+        figures.error = "nothing listens at the destination"
+        let json = figures.json
+        for key in ["setup_ms", "initial_copy_ms", "initial_copy_bytes", "checkpoints_per_s", "bytes_per_s"] {
+            XCTAssertEqual(json[key], .null, key)
+        }
+        XCTAssertEqual(json["pause_ms"]?["median"], .null)
+        XCTAssertEqual(json["dirty_pages"]?["max"], .null)
+        XCTAssertEqual(json["output_delay_ms"]?["p99"], .null)
+        let table = ReplicationTable.render(json)
+        XCTAssertTrue(table.contains("not done: no checkpoint was taken"), table)
+        for row in ["pause per checkpoint", "bandwidth", "output delay", "0.00"] {
+            XCTAssertFalse(table.contains(row), "\(row): \(table)")
+        }
+        XCTAssertLessThanOrEqual(table.split(separator: "\n").count, 7, table)
     }
 }

@@ -22,18 +22,32 @@ enum ReplicationTable {
         var trigger = value("checkpoint_interval_ms") + " ms"
         if let pages = figures["checkpoint_pages"]?.doubleValue { trigger += ", or \(HumanNumber.grouped(pages)) dirty pages" }
         row("checkpoint every", trigger)
-        row("initial copy", String(format: "%@ ms, %.1f MiB (setup %@ ms)", value("initial_copy_ms"),
-                                   (figures["initial_copy_bytes"]?.doubleValue ?? 0) / 1_048_576, value("setup_ms")))
-        row("checkpoints", "\(HumanNumber.grouped(figures["checkpoints"]?.doubleValue ?? 0)) acknowledged, \(value("checkpoints_per_s")) per s, lag \(value("lag_checkpoints", "%.0f"))")
-        row("pause per checkpoint", spread("pause_ms", ["median", "p99", "max"]) + " ms")
-        if let parts = figures["pause_parts_ms"]?.objectValue, !parts.isEmpty {
-            row("  median parts", parts.map { String(format: "%@ %.3f", $0.0.replacingOccurrences(of: "_", with: " "), $0.1.doubleValue ?? 0) }
-                .joined(separator: ", ") + " ms")
+        // A figure that was not measured (null in the JSON) is said so or left out, never printed as 0.
+        guard let initial = figures["initial_copy_ms"]?.doubleValue else {
+            row("setup", figures["setup_ms"]?.doubleValue.map { String(format: "%.1f ms", $0) } ?? "not done: no handshake")
+            row("initial copy", figures["status"]?.stringValue == "starting" ? "in progress (no checkpoint yet)"
+                : "not done: no checkpoint was taken, nothing to measure")
+            return lines.joined(separator: "\n")
         }
-        row("dirty pages/checkpoint ", spread("dirty_pages", ["median", "max"], "%.0f")
-            + (figures["dirty_pages"]?["copied_paused_median"]?.doubleValue.map { String(format: " (median %.0f copied in the pause)", $0) } ?? ""))
-        row("bandwidth", String(format: "%.1f MiB/s", (figures["bytes_per_s"]?.doubleValue ?? 0) / 1_048_576))
-        row("output delay", spread("output_delay_ms", ["median", "p99"]) + " ms (\(value("output_lines_released", "%.0f")) lines released, \(value("output_lines_held", "%.0f")) held)")
+        row("initial copy", String(format: "%.1f ms, %.1f MiB (setup %@ ms)", initial,
+                                   (figures["initial_copy_bytes"]?.doubleValue ?? 0) / 1_048_576, value("setup_ms")))
+        row("checkpoints", "\(HumanNumber.grouped(figures["checkpoints"]?.doubleValue ?? 0)) acknowledged, "
+            + (figures["checkpoints_per_s"]?.doubleValue.map { String(format: "%.1f per s", $0) } ?? "rate not measured (not protected)")
+            + ", lag \(value("lag_checkpoints", "%.0f"))")
+        if figures["pause_ms"]?["median"]?.doubleValue != nil {
+            row("pause per checkpoint", spread("pause_ms", ["median", "p99", "max"]) + " ms")
+            if let parts = figures["pause_parts_ms"]?.objectValue, !parts.isEmpty {
+                row("  median parts", parts.map { String(format: "%@ %.3f", $0.0.replacingOccurrences(of: "_", with: " "), $0.1.doubleValue ?? 0) }
+                    .joined(separator: ", ") + " ms")
+            }
+            row("dirty pages/checkpoint ", spread("dirty_pages", ["median", "max"], "%.0f")
+                + (figures["dirty_pages"]?["copied_paused_median"]?.doubleValue.map { String(format: " (median %.0f copied in the pause)", $0) } ?? ""))
+        } else {
+            row("pause per checkpoint", "not measured (no checkpoint in the window)")
+        }
+        if let rate = figures["bytes_per_s"]?.doubleValue { row("bandwidth", String(format: "%.1f MiB/s", rate / 1_048_576)) }
+        let delays = figures["output_delay_ms"]?["median"]?.doubleValue != nil ? spread("output_delay_ms", ["median", "p99"]) + " ms" : "not measured"
+        row("output delay", delays + " (\(value("output_lines_released", "%.0f")) lines released, \(value("output_lines_held", "%.0f")) held)")
         row("ring overruns", "\(value("ring_overruns", "%.0f")) (\(value("resyncs", "%.0f")) resyncs)")
         return lines.joined(separator: "\n")
     }

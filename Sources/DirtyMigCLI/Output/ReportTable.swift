@@ -23,8 +23,11 @@ enum ReportTable {
         if let channel = report["channel"], !channel.isNull { row("channel", channelText(channel)) }
         row("track", report["track"]?.stringValue ?? "-")
         row("total", number("total_ms") + " ms")
-        row("setup", number("setup_ms") + " ms")
-        var downtime = number("downtime_ms") + " ms"
+        // A figure that was not measured (null in the JSON) is said so, never printed as 0.
+        let notMeasured = "not measured"
+        row("setup", report["setup_ms"]?.doubleValue.map { String(format: "%.1f ms", $0) } ?? "not done: no handshake")
+        var downtime = report["downtime_ms"]?.doubleValue.map { String(format: "%.1f ms", $0) }
+            ?? (report["downtime_parts"]?.isNull == false ? "not measured: paused, then failed" : "none: the VM was not paused")
         if let limit = report["downtime_limit_ms"]?.doubleValue, limit > 0 {
             downtime += " (limit \(HumanNumber.milliseconds(limit)))"
         }
@@ -32,32 +35,49 @@ enum ReportTable {
             downtime += String(format: ": EXCEEDED by %.1f ms", over)
         }
         row("downtime", downtime)
-        if let parts = report["downtime_parts"], !parts.isNull {
+        if let parts = report["downtime_parts"], !parts.isNull, report["downtime_ms"]?.doubleValue != nil {
             let names = [("pause_ms", "pause"), ("last_pages_ms", "last pages"), ("state_ms", "state"),
                          ("verify_ms", "verify"), ("destination_ms", "destination"), ("other_ms", "other")]
             row("  of which", names.compactMap { key, name in
                 parts[key]?.doubleValue.map { String(format: "%@ %.1f", name, $0) }
             }.joined(separator: ", ") + " ms")
         }
-        row("iterations", number("iterations", "%.0f"))
+        let began = report["iterations"]?.doubleValue != nil
+        if let iterations = report["iterations"]?.doubleValue {
+            var text = String(format: "%.0f", iterations)
+            if let cut = report["pass_cut_short"]?.doubleValue { text += String(format: " completed, pass %.0f cut short", cut) }
+            row("iterations", text)
+        } else {
+            row("iterations", "none: pre-copy did not begin")
+        }
         row("transferred", String(format: "%.1f MiB", (report["transferred_bytes"]?.doubleValue ?? 0) / 1_048_576))
-        row("pages", "\(HumanNumber.grouped(report["normal_pages"]?.doubleValue ?? 0)) normal, \(HumanNumber.grouped(report["zero_pages"]?.doubleValue ?? 0)) zero")
-        row("throughput", number("throughput_mib_s") + " MiB/s")
-        row("dirty rate (last)", HumanNumber.rate(report["dirty_pages_s"]?.doubleValue ?? 0, unit: "pages/s"))
-        row("verify", (report["verify"]?.stringValue ?? "-") + (report["verify"]?.stringValue == "off" ? "" : " (\(number("verify_ms")) ms, \(number("verify_pause_ms")) ms of it while paused)"))
-        row("ring overruns", number("ring_overruns", "%.0f"))
+        if began {
+            row("pages", "\(HumanNumber.grouped(report["normal_pages"]?.doubleValue ?? 0)) normal, \(HumanNumber.grouped(report["zero_pages"]?.doubleValue ?? 0)) zero")
+        }
+        if let throughput = report["throughput_mib_s"]?.doubleValue { row("throughput", String(format: "%.1f MiB/s", throughput)) }
+        if began {
+            row("dirty rate (last)", report["dirty_pages_s"]?.doubleValue.map { HumanNumber.rate($0, unit: "pages/s") }
+                ?? "\(notMeasured) (no pass completed)")
+        }
+        row("verify", (report["verify"]?.stringValue ?? "-") + (["off", "not reached"].contains(report["verify"]?.stringValue ?? "off") ? "" : " (\(number("verify_ms")) ms, \(number("verify_pause_ms")) ms of it while paused)"))
+        if report["ring_overruns"]?.doubleValue != nil { row("ring overruns", number("ring_overruns", "%.0f")) }
         let vcpus = report["vcpus"]?.arrayValue ?? []
-        let before = vcpus.map { $0["guest_pages_s_before"]?.doubleValue ?? 0 }
-        let during = vcpus.map { $0["guest_pages_s_during"]?.doubleValue ?? 0 }
-        if vcpus.count <= 4 {
+        let before = vcpus.map { $0["guest_pages_s_before"]?.doubleValue }
+        let during = vcpus.map { $0["guest_pages_s_during"]?.doubleValue }
+        func rate(_ value: Double?) -> String { value.map { HumanNumber.rate($0) } ?? "-" }
+        if before.allSatisfy({ $0 == nil }) && during.allSatisfy({ $0 == nil }) {
+            if !vcpus.isEmpty { row("guest pages/s", "\(notMeasured) (no pace history before, no pre-copy during)") }
+        } else if vcpus.count <= 4 {
             for (index, vcpu) in vcpus.enumerated() {
                 let id = Int(vcpu["id"]?.doubleValue ?? Double(index))
-                row("vCPU \(id) guest pages/s", "\(HumanNumber.rate(before[index])) before, \(HumanNumber.rate(during[index])) during")
+                row("vCPU \(id) guest pages/s", "\(rate(before[index])) before, \(rate(during[index])) during")
             }
         } else {
             // Many vCPUs: one line each for before and during, as min / median / max.
-            row("guest pages/s before", HumanNumber.spread(before) + " (min / median / max of \(vcpus.count) vCPUs)")
-            row("guest pages/s during", HumanNumber.spread(during))
+            let measuredBefore = before.compactMap { $0 }, measuredDuring = during.compactMap { $0 }
+            row("guest pages/s before", measuredBefore.isEmpty ? notMeasured
+                : HumanNumber.spread(measuredBefore) + " (min / median / max of \(vcpus.count) vCPUs)")
+            row("guest pages/s during", measuredDuring.isEmpty ? notMeasured : HumanNumber.spread(measuredDuring))
         }
         let throttle = report["throttle"]
         var throttleText = throttle?["kind"]?.stringValue ?? "-"
@@ -74,7 +94,10 @@ enum ReportTable {
                 }
             }
         } else if throttle?["kind"]?.stringValue != "none" {
-            throttleText += ", not needed"
+            // "Not needed" is a judgement: a migration that failed before any period was judged
+            // made none.
+            let judged = (throttle?["periods_judged"]?.doubleValue ?? 0) > 0
+            throttleText += report["status"]?.stringValue == "completed" || judged ? ", not needed" : ", not judged: the migration failed first"
         }
         row("throttle", throttleText)
         if let after = report["destination_guest_pages_s"]?.arrayValue {

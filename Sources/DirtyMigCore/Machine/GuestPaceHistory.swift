@@ -54,7 +54,10 @@ public final class GuestPaceHistory: Sendable {
     /// Each vCPU's pages per second from the newest sample at least half a second old (or, in a
     /// VM that started less than that ago, the oldest one at least 50 ms old) until now. Waits
     /// for such a sample only in a VM that has only just started.
-    public func recentPace() -> [Double] {
+    public func recentPace() -> [Double] { measuredPace() ?? read().map { _ in 0 } }
+
+    /// The pace per vCPU over the recent window; nil when there is no history to measure it by.
+    public func measuredPace() -> [Double]? {
         let deadline = MonotonicClock.nanoseconds() + 2 * Self.windowNanoseconds
         while true {
             let now = MonotonicClock.nanoseconds()
@@ -67,7 +70,7 @@ public final class GuestPaceHistory: Sendable {
                 let seconds = Double(now - base.time) / 1e9
                 return zip(current, base.pages).map { Double($0 &- $1) / seconds }
             }
-            guard now < deadline else { return current.map { _ in 0 } }
+            guard now < deadline else { return nil }
             MonotonicClock.sleep(nanoseconds: 10_000_000)
         }
     }

@@ -121,9 +121,15 @@ public struct MigrationReport: Sendable {
     public var completed = false
     public var error: String?
     public var totalSeconds: Double = 0
-    public var setupSeconds: Double = 0
+    /// Until the handshake was done (nil: it never was, and no pass began).
+    public var setupSeconds: Double?
+    /// Meaningful only when `downtimeMeasured`: the destination said the VM runs there (or
+    /// that it could not) after a pause.
     public var downtimeSeconds: Double = 0
+    public var downtimeMeasured = false
+    /// The pre-copy passes completed (`passCutShort` is the one a failure cut mid-way, if any).
     public var iterations = 0
+    public var passCutShort: Int?
     public var transferredBytes: UInt64 = 0
     public var zeroPages: UInt64 = 0
     public var normalPages: UInt64 = 0
@@ -140,6 +146,9 @@ public struct MigrationReport: Sendable {
     public var destination: String = ""
     public var guestPagesPerSecondBefore: [Double] = []
     public var guestPagesPerSecondDuring: [Double] = []
+    /// Whether the guest's pace before the migration could be measured (it needs a history of
+    /// at least a few hundred ms); "during" is measured only once pre-copy began.
+    public var guestPaceBeforeMeasured = true
     public var passes: [MigrationPass] = []
     public var throttle = ThrottleReport()
     /// `--downtime`: the limit the pre-copy rule aimed under.
@@ -155,19 +164,25 @@ public struct MigrationReport: Sendable {
 
     /// How far the downtime went past `--downtime`, if it did.
     public var downtimeExceededSeconds: Double? {
-        downtimeParts != nil && downtimeSeconds > downtimeLimitSeconds ? downtimeSeconds - downtimeLimitSeconds : nil
+        downtimeMeasured && downtimeSeconds > downtimeLimitSeconds ? downtimeSeconds - downtimeLimitSeconds : nil
     }
 
     public var throughputMiBPerSecond: Double {
         totalSeconds > 0 ? Double(transferredBytes) / 1_048_576 / totalSeconds : 0
     }
 
+    /// Whether pre-copy began (the handshake was done): before it, no pass, rate or ring
+    /// figure was measured.
+    public var preCopyBegan: Bool { setupSeconds != nil }
+
+    /// A figure that was not measured is null, not 0 (a zero reads as data).
     public var json: JSONValue {
         let vcpus: [JSONValue] = guestPagesPerSecondBefore.indices.map { index in
             [
                 "id": .number(index),
-                "guest_pages_s_before": .number(guestPagesPerSecondBefore[index]),
-                "guest_pages_s_during": .number(index < guestPagesPerSecondDuring.count ? guestPagesPerSecondDuring[index] : 0),
+                "guest_pages_s_before": guestPaceBeforeMeasured ? .number(guestPagesPerSecondBefore[index]) : .null,
+                "guest_pages_s_during": preCopyBegan && index < guestPagesPerSecondDuring.count
+                    ? .number(guestPagesPerSecondDuring[index]) : .null,
             ]
         }
         return [
@@ -175,14 +190,19 @@ public struct MigrationReport: Sendable {
             "error": error.map { .string($0) } ?? .null,
             "destination": .string(destination),
             "channel": channel?.json ?? .null,
-            "total_ms": .number(totalSeconds * 1000), "setup_ms": .number(setupSeconds * 1000),
-            "downtime_ms": .number(downtimeSeconds * 1000), "iterations": .number(iterations),
-            "transferred_bytes": .number(transferredBytes), "zero_pages": .number(zeroPages),
-            "normal_pages": .number(normalPages), "throughput_mib_s": .number(throughputMiBPerSecond),
-            "dirty_pages_s": .number(dirtyPagesPerSecond), "verify": .string(verify),
+            "total_ms": .number(totalSeconds * 1000), "setup_ms": setupSeconds.map { .number($0 * 1000) } ?? .null,
+            "downtime_ms": downtimeMeasured ? .number(downtimeSeconds * 1000) : .null,
+            "iterations": preCopyBegan ? .number(iterations) : .null,
+            "pass_cut_short": passCutShort.map { .number($0) } ?? .null,
+            "transferred_bytes": .number(transferredBytes),
+            "zero_pages": preCopyBegan ? .number(zeroPages) : .null,
+            "normal_pages": preCopyBegan ? .number(normalPages) : .null,
+            "throughput_mib_s": transferredBytes > 0 && totalSeconds > 0 ? .number(throughputMiBPerSecond) : .null,
+            "dirty_pages_s": passes.isEmpty ? .null : .number(dirtyPagesPerSecond), "verify": .string(verify),
             "verify_ms": .number(verifySeconds * 1000), "verify_pause_ms": .number(verifyPauseSeconds * 1000),
             "verify_estimate_ms": .number(verifyEstimateSeconds * 1000),
-            "track": track.map { .string($0.rawValue) } ?? .null, "ring_overruns": .number(ringOverruns),
+            "track": track.map { .string($0.rawValue) } ?? .null,
+            "ring_overruns": preCopyBegan ? .number(ringOverruns) : .null,
             "vcpus": .array(vcpus),
             "throttle": throttle.json,
             "downtime_limit_ms": .number(downtimeLimitSeconds * 1000),

@@ -107,9 +107,10 @@ public final class MigrationSender: Sendable {
         }
         let throttle = MigrationThrottle(mode: throttleMode, machine: machine, pooled: options.quotaPool)
         report.downtimeLimitSeconds = options.downtimeSeconds
-        let before = machine.pace.recentPace()
+        let before = machine.pace.measuredPace()
         update { $0.phase = "connecting" }
-        report.guestPagesPerSecondBefore = before
+        report.guestPagesPerSecondBefore = before ?? machine.guestStats().vcpus.map { _ in 0 }
+        report.guestPaceBeforeMeasured = before != nil
         let started = MonotonicClock.nanoseconds()
         let guestAtStart = machine.guestStats().vcpus.map(\.pages)
         let machine = self.machine
@@ -266,16 +267,22 @@ public final class MigrationSender: Sendable {
             iteration += 1
             update { $0.phase = "pre-copy"; $0.iteration = iteration; $0.remainingPages = UInt64(passes.pending.count) }
             let outcome: PreCopyPasses.Outcome
+            var inFlight = PageSendTally()   // what this pass sent so far, for a pass cut mid-way
             do {
                 outcome = try passes.run(shouldStop: {
                     cancelFlag.load(ordering: .relaxed) || deadline.map { MonotonicClock.nanoseconds() > $0 } == true
-                }, onBatch: { bytes, pages in
-                    update { $0.sentBytes += bytes; $0.remainingPages -= min($0.remainingPages, UInt64(pages)) }
+                }, onBatch: { batch in
+                    inFlight.add(batch)
+                    let pages = batch.normalPages + batch.zeroPages
+                    update { $0.sentBytes += batch.bytes; $0.remainingPages -= min($0.remainingPages, pages) }
                     guard throttle.judgesWithinPasses else { return }
-                    period.sentBytes += bytes
+                    period.sentBytes += batch.bytes
                     if MonotonicClock.nanoseconds() - period.time >= ThrottlePeriod.nanoseconds { judge(pass: iteration) }
                 })
             } catch {
+                // The pages of the batches that went out count, as their bytes do.
+                report.tally(inFlight)
+                report.passCutShort = iteration
                 report.ringOverruns = passes.ringOverruns
                 if case .cancelled = error {   // say which: timeout or cancel, and why
                     try checkTimeout()
@@ -364,7 +371,16 @@ public final class MigrationSender: Sendable {
         passes.addPending(last)
         update { $0.remainingPages = UInt64(passes.pending.count) }
         let finalStart = MonotonicClock.nanoseconds()
-        let finalSent = try passes.transfer.send(passes.pending, shouldStop: { cancelFlag.load(ordering: .relaxed) })
+        var finalInFlight = PageSendTally()
+        let finalSent: PageSendTally
+        do {
+            finalSent = try passes.transfer.send(passes.pending, shouldStop: { cancelFlag.load(ordering: .relaxed) },
+                                                 onBatch: { batch in finalInFlight.add(batch) })
+        } catch {
+            report.tally(finalInFlight)
+            report.passCutShort = iteration + 1
+            throw error
+        }
         report.tally(finalSent)
         iteration += 1
         try passes.transfer.end(pass: iteration)
@@ -406,6 +422,7 @@ public final class MigrationSender: Sendable {
         socket.setTimeouts(send: 10, receive: 60)   // the destination verifies and restores first
         let result = try channel.receive(.result, MigrationResult.init(decoding:))
         report.downtimeSeconds = Double(MonotonicClock.nanoseconds() - pauseStart) / 1e9
+        report.downtimeMeasured = true
         report.verifySeconds += Double(result.verifyNanoseconds) / 1e9
         let untilResult = lap()
         parts.destinationSeconds = min(Double(result.resumeNanoseconds) / 1e9, untilResult)

@@ -38,6 +38,10 @@ struct PageSendTally {
     var normalPages: UInt64 = 0
     var zeroPages: UInt64 = 0
     var nanoseconds: UInt64 = 0
+
+    mutating func add(_ other: PageSendTally) {
+        bytes += other.bytes; normalPages += other.normalPages; zeroPages += other.zeroPages
+    }
 }
 
 /// Sends pages straight from guest memory: the frame header and range table (PageBatchTable)
@@ -72,9 +76,10 @@ struct PageSender {
         return true
     }
 
-    /// `onBatch` gets the bytes and pages of each batch put on the wire (for live progress).
+    /// `onBatch` gets the bytes and pages of each batch put on the wire (for live progress, and
+    /// so that a pass cut mid-way still counts the pages it sent).
     func send(_ pages: DirtyPageBitmap, shouldStop: () -> Bool = { false },
-              onBatch: (UInt64, Int) -> Void = { _, _ in }) throws(MigrationError) -> PageSendTally {
+              onBatch: (PageSendTally) -> Void = { _ in }) throws(MigrationError) -> PageSendTally {
         var tally = PageSendTally()
         let started = MonotonicClock.nanoseconds()
         var table = PageBatchTable()
@@ -102,7 +107,11 @@ struct PageSender {
             }
             do { try result.get() } catch { throw .connection(error) }
             tally.bytes += UInt64(frameBytes)
-            onBatch(UInt64(frameBytes), table.ranges.reduce(0) { $0 + Int($1.count) })
+            var batch = PageSendTally(bytes: UInt64(frameBytes))
+            for range in table.ranges {
+                if range.kind == .zero { batch.zeroPages += UInt64(range.count) } else { batch.normalPages += UInt64(range.count) }
+            }
+            onBatch(batch)
             table.ranges.removeAll(keepingCapacity: true)
             dataBytes = 0
         }

@@ -21,7 +21,7 @@ final class PassTransfer {
 
     /// The pages of `set`, from guest memory (see PageSender).
     func send(_ set: DirtyPageBitmap, shouldStop: () -> Bool = { false },
-              onBatch: (UInt64, Int) -> Void = { _, _ in }) throws(MigrationError) -> PageSendTally {
+              onBatch: (PageSendTally) -> Void = { _ in }) throws(MigrationError) -> PageSendTally {
         try pages.send(set, shouldStop: shouldStop, onBatch: onBatch)
     }
 

@@ -45,7 +45,7 @@ final class PreCopyPasses {
     /// dirtied meanwhile, which becomes pending. `shouldStop` is asked between batches (a cancel
     /// throws `.cancelled`); `onBatch` hears of each batch sent (bytes, pages).
     func run(shouldStop: () -> Bool = { false },
-             onBatch: (UInt64, Int) -> Void = { _, _ in }) throws(MigrationError) -> Outcome {
+             onBatch: (PageSendTally) -> Void = { _ in }) throws(MigrationError) -> Outcome {
         count += 1
         let start = MonotonicClock.nanoseconds()
         let carried = pending.count

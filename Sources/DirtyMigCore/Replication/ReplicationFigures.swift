@@ -13,6 +13,7 @@ struct RecentSamples {
     }
 
     var isEmpty: Bool { values.isEmpty }
+    var count: Int { values.count }
     var maximum: Double { values.max() ?? 0 }
 
     /// The nearest-rank percentile (0...100) of the window; 0 when empty.
@@ -78,8 +79,10 @@ public struct ReplicationFigures: Sendable {
     public var error: String?
     public var intervalSeconds: Double
     public var checkpointPages: Int?
-    public var setupSeconds = 0.0
-    public var initialSeconds = 0.0
+    /// Until the handshake was done; nil: it never was.
+    public var setupSeconds: Double?
+    /// The initial copy, once it was done (nil before: its bytes are not a figure yet either).
+    public var initialSeconds: Double?
     public var initialBytes: UInt64 = 0
     public var checkpointsSent: UInt64 = 0
     public var checkpointsAcknowledged: UInt64 = 0
@@ -88,8 +91,13 @@ public struct ReplicationFigures: Sendable {
     public var endConfirmed: Bool?
     /// The checkpoint the standby resumed the VM from, once it took over.
     public var supersededAtEpoch: UInt64?
+    /// Rates over the last second, measured only while protected (0 there otherwise, null in the JSON).
     public var checkpointsPerSecond = 0.0
     public var bytesPerSecond = 0.0
+    /// How many checkpoints the pause and dirty-page figures are from, and how many released
+    /// lines the output delays: with none, those figures were not measured (null in the JSON).
+    public var pauseSamples = 0
+    public var outputDelaySamples = 0
     public var bytesSent: UInt64 = 0
     public var pauseMedianMs = 0.0, pauseP99Ms = 0.0, pauseMaxMs = 0.0
     /// Where the median pause goes: each part's median (stop_vcpus, collect, copy, state, resume).
@@ -116,20 +124,23 @@ public struct ReplicationFigures: Sendable {
             ("track", track.map { .string($0.rawValue) } ?? .null),
             ("checkpoint_interval_ms", .number(intervalSeconds * 1000)),
             ("checkpoint_pages", checkpointPages.map { .number($0) } ?? .null),
-            ("setup_ms", .number(setupSeconds * 1000)),
-            ("initial_copy_ms", .number(initialSeconds * 1000)),
-            ("initial_copy_bytes", .number(initialBytes)),
+            ("setup_ms", setupSeconds.map { .number($0 * 1000) } ?? .null),
+            ("initial_copy_ms", initialSeconds.map { .number($0 * 1000) } ?? .null),
+            ("initial_copy_bytes", initialSeconds == nil ? .null : .number(initialBytes)),
             ("checkpoints", .number(checkpointsAcknowledged)),
             ("checkpoints_sent", .number(checkpointsSent)),
             ("last_epoch", lastAcknowledgedEpoch.map { .number($0) } ?? .null),
-            ("checkpoints_per_s", .number(checkpointsPerSecond)),
-            ("pause_ms", ["median": .number(pauseMedianMs), "p99": .number(pauseP99Ms), "max": .number(pauseMaxMs)]),
-            ("pause_parts_ms", .object(pausePartsMedianMs.map { ($0.0, .number($0.1)) })),
-            ("dirty_pages", ["median": .number(dirtyPagesMedian), "max": .number(dirtyPagesMax),
-                             "copied_paused_median": .number(pagesCopiedPausedMedian)]),
-            ("bytes_per_s", .number(bytesPerSecond)),
+            ("checkpoints_per_s", status == .protected ? .number(checkpointsPerSecond) : .null),
+            ("pause_ms", pauseSamples == 0 ? ["median": .null, "p99": .null, "max": .null]
+                : ["median": .number(pauseMedianMs), "p99": .number(pauseP99Ms), "max": .number(pauseMaxMs)]),
+            ("pause_parts_ms", .object(pauseSamples == 0 ? [] : pausePartsMedianMs.map { ($0.0, .number($0.1)) })),
+            ("dirty_pages", pauseSamples == 0 ? ["median": .null, "max": .null, "copied_paused_median": .null]
+                : ["median": .number(dirtyPagesMedian), "max": .number(dirtyPagesMax),
+                   "copied_paused_median": .number(pagesCopiedPausedMedian)]),
+            ("bytes_per_s", status == .protected ? .number(bytesPerSecond) : .null),
             ("bytes_sent", .number(bytesSent)),
-            ("output_delay_ms", ["median": .number(outputDelayMedianMs), "p99": .number(outputDelayP99Ms)]),
+            ("output_delay_ms", outputDelaySamples == 0 ? ["median": .null, "p99": .null]
+                : ["median": .number(outputDelayMedianMs), "p99": .number(outputDelayP99Ms)]),
             ("output_lines_released", .number(outputLinesReleased)),
             ("output_lines_held", .number(outputLinesHeld)),
             ("lag_checkpoints", .number(lagCheckpoints)),

@@ -82,6 +82,8 @@ public final class Replicator: Sendable {
             figures.pagesCopiedPausedMedian = shared.pagesCopiedPaused.percentile(50)
             figures.outputDelayMedianMs = shared.outputDelays.percentile(50)
             figures.outputDelayP99Ms = shared.outputDelays.percentile(99)
+            figures.pauseSamples = shared.pauses.count
+            figures.outputDelaySamples = shared.outputDelays.count
             figures.checkpointsPerSecond = figures.status == .protected ? shared.acknowledged.perSecond(now: now) : 0
             figures.bytesPerSecond = figures.status == .protected ? shared.bytes.perSecond(now: now) : 0
             figures.outputLinesReleased = machine.output.releasedCount

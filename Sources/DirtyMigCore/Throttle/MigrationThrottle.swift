@@ -71,6 +71,8 @@ public struct ThrottleReport: Sendable {
     public var tightened = 0
     /// Its level at the pause (before it was removed).
     public var final: ThrottleLevel?
+    /// How many periods it judged: none, and "not needed" would be a guess.
+    public var periodsJudged = 0
 
     public var json: JSONValue {
         [
@@ -79,6 +81,7 @@ public struct ThrottleReport: Sendable {
             "started_in_pass": startedInPass.map { .number($0) } ?? .null,
             "tightened": .number(tightened),
             "final": final?.json ?? .null,
+            "periods_judged": .number(periodsJudged),
         ]
     }
 }
@@ -149,6 +152,7 @@ final class MigrationThrottle {
         periodSentBytes += Double(sentBytes)
         periodDirtyBytes += Double(dirtyBytes)
         guard periodSeconds >= 1 else { return }
+        report.periodsJudged += 1
         let hot = periodDirtyBytes > periodSentBytes * Self.hotShare
         periodSeconds = 0; periodSentBytes = 0; periodDirtyBytes = 0
         guard hot else { return }
