@@ -400,8 +400,12 @@ public final class Replicator: Sendable {
                 let ready: Bool
                 do { ready = try connection.waitForData(nanoseconds: tick) } catch { throw .connection(error) }
                 if ready {
-                    // A frame has begun: the rest of it comes at once, or the link failed.
-                    channel.transport.setReceiveDeadline(MonotonicClock.nanoseconds() + max(lossNanoseconds, 5_000_000_000))
+                    // A frame has begun: the rest of it comes at once, or the link failed. Once the
+                    // standby is lost only a takeover is listened for, for as long as the connection
+                    // lasts: a deadline could expire while a send of ours holds a TLS connection
+                    // (seconds, as a link recovers from a cut), and the word would go unread.
+                    let watching = state.withLock { $0.lost }
+                    channel.transport.setReceiveDeadline(watching ? nil : MonotonicClock.nanoseconds() + max(lossNanoseconds, 5_000_000_000))
                     let (type, payload) = try channel.receive([.checkpointAck, .replicationEnded, .tookOver, .heartbeat])
                     liveness.heard(at: MonotonicClock.nanoseconds())
                     let epoch = try MigrationError.wrap { () throws(MigrationProtocolError) in
@@ -434,7 +438,14 @@ public final class Replicator: Sendable {
             }
         } catch {
             let (lost, ending) = state.withLock { ($0.lost, $0.endSent) }
-            if lost { return }
+            if lost {
+                // Still open after a timeout (the link is slow again, or cut again): keep
+                // listening for a takeover; a closed connection ends it.
+                if case .connection(let failure) = error, failure.errno == ETIMEDOUT, !isSuperseded {
+                    return listenToStandby(channel)
+                }
+                return
+            }
             if ending, case .connection = error {
                 // It closed after the end: it holds no copy that could resume.
                 settleEnd(confirmed: true)
@@ -459,6 +470,7 @@ public final class Replicator: Sendable {
 
     private var isStopping: Bool { stopping.load(ordering: .acquiring) }
     private var isLost: Bool { state.withLock { $0.lost } }
+    private var isSuperseded: Bool { state.withLock { $0.figures.status == .superseded } }
     private var stopReasonText: String { state.withLock { $0.stopReason } ?? "replication was stopped" }
 
     /// The standby is gone (or never came): the VM runs on here, unprotected; its output flows.
