@@ -66,24 +66,18 @@ final class TwoHostLink {
     /// Every packet between the two is dropped until `restore()` (nftables where it exists, as a
     /// failed switch would; the link set down otherwise). Connections stay open, as across a
     /// real cut: TCP keeps retrying.
-    func cut() throws {
-        if Self.find("nft") != nil {
-            for namespace in [left, right] {
-                try Self.run("ip", ["netns", "exec", namespace, Self.find("nft")!, "add table inet dmcut; add chain inet dmcut in { type filter hook input priority 0; policy drop; }; add chain inet dmcut out { type filter hook output priority 0; policy drop; }"])
-            }
-        } else {
-            try Self.run("ip", ["-n", left, "link", "set", leftDevice, "down"])
-        }
-    }
+    func cut() throws { try setCut(true) }
 
-    func restore() throws {
-        if Self.find("nft") != nil {
-            for namespace in [left, right] {
-                try Self.run("ip", ["netns", "exec", namespace, Self.find("nft")!, "delete table inet dmcut"])
-            }
-        } else {
-            try Self.run("ip", ["-n", left, "link", "set", leftDevice, "up"])
+    func restore() throws { try setCut(false) }
+
+    private func setCut(_ cut: Bool) throws {
+        guard let nft = Self.find("nft") else {
+            return try Self.run("ip", ["-n", left, "link", "set", leftDevice, cut ? "down" : "up"])
         }
+        let rules = cut
+            ? "add table inet dmcut; add chain inet dmcut in { type filter hook input priority 0; policy drop; }; add chain inet dmcut out { type filter hook output priority 0; policy drop; }"
+            : "delete table inet dmcut"
+        for namespace in [left, right] { try Self.run("ip", ["netns", "exec", namespace, nft, rules]) }
     }
 
     /// The prefix that runs a command in `namespace` (for ProcessTestCase.start's `prefix`); the

@@ -394,63 +394,64 @@ public final class Replicator: Sendable {
     private func listenToStandby(_ channel: MigrationChannel) {
         guard let connection = state.withLock({ $0.socket }) else { return }
         var liveness = StandbyLiveness(lossNanoseconds: lossNanoseconds, now: MonotonicClock.nanoseconds())
-        do throws(MigrationError) {
-            while true {
-                let tick = min(heartbeatNanoseconds.load(ordering: .relaxed), 100_000_000)
-                let ready: Bool
-                do { ready = try connection.waitForData(nanoseconds: tick) } catch { throw .connection(error) }
-                if ready {
-                    // A frame has begun: the rest of it comes at once, or the link failed. Once the
-                    // standby is lost only a takeover is listened for, for as long as the connection
-                    // lasts: a deadline could expire while a send of ours holds a TLS connection
-                    // (seconds, as a link recovers from a cut), and the word would go unread.
-                    let watching = state.withLock { $0.lost }
-                    channel.transport.setReceiveDeadline(watching ? nil : MonotonicClock.nanoseconds() + max(lossNanoseconds, 5_000_000_000))
-                    let (type, payload) = try channel.receive([.checkpointAck, .replicationEnded, .tookOver, .heartbeat])
-                    liveness.heard(at: MonotonicClock.nanoseconds())
-                    let epoch = try MigrationError.wrap { () throws(MigrationProtocolError) in
-                        try EpochFrame(decoding: payload, what: "\(type)").epoch
+        while true {
+            do throws(MigrationError) {
+                while true {
+                    let tick = min(heartbeatNanoseconds.load(ordering: .relaxed), 100_000_000)
+                    let ready: Bool
+                    do { ready = try connection.waitForData(nanoseconds: tick) } catch { throw .connection(error) }
+                    if ready {
+                        // A frame has begun: the rest of it comes at once, or the link failed. Once the
+                        // standby is lost only a takeover is listened for, for as long as the connection
+                        // lasts: a deadline could expire while a send of ours holds a TLS connection
+                        // (seconds, as a link recovers from a cut), and the word would go unread.
+                        let watching = state.withLock { $0.lost }
+                        channel.transport.setReceiveDeadline(watching ? nil : MonotonicClock.nanoseconds() + max(lossNanoseconds, 5_000_000_000))
+                        let (type, payload) = try channel.receive([.checkpointAck, .replicationEnded, .tookOver, .heartbeat])
+                        liveness.heard(at: MonotonicClock.nanoseconds())
+                        let epoch = try MigrationError.wrap { () throws(MigrationProtocolError) in
+                            try EpochFrame(decoding: payload, what: "\(type)").epoch
+                        }
+                        switch type {
+                        case .checkpointAck: acknowledged(epoch)
+                        case .replicationEnded:
+                            settleEnd(confirmed: true)
+                            return
+                        case .tookOver:
+                            superseded(at: epoch)
+                            return
+                        default: break
+                        }
+                        continue
                     }
-                    switch type {
-                    case .checkpointAck: acknowledged(epoch)
-                    case .replicationEnded:
-                        settleEnd(confirmed: true)
-                        return
-                    case .tookOver:
-                        superseded(at: epoch)
-                        return
-                    default: break
+                    let (lost, awaiting) = state.withLock { shared in
+                        (shared.lost, shared.endSent || shared.figures.checkpointsSent > shared.figures.checkpointsAcknowledged)
                     }
-                    continue
-                }
-                let (lost, awaiting) = state.withLock { shared in
-                    (shared.lost, shared.endSent || shared.figures.checkpointsSent > shared.figures.checkpointsAcknowledged)
-                }
-                if lost { continue }   // only a takeover is still to be heard of
-                if let verdict = liveness.observe(connection.tcp.progress, awaitingAnswer: awaiting, at: MonotonicClock.nanoseconds()) {
-                    switch verdict {
-                    case .silent(let milliseconds):
-                        lose("the standby is lost: nothing from it, and none of our data taken, for \(milliseconds) ms")
-                    case .notAnswering(let milliseconds):
-                        lose("the standby is lost: it has held everything sent for \(milliseconds) ms without acknowledging it")
+                    if lost { continue }   // only a takeover is still to be heard of
+                    if let verdict = liveness.observe(connection.tcp.progress, awaitingAnswer: awaiting, at: MonotonicClock.nanoseconds()) {
+                        switch verdict {
+                        case .silent(let milliseconds):
+                            lose("the standby is lost: nothing from it, and none of our data taken, for \(milliseconds) ms")
+                        case .notAnswering(let milliseconds):
+                            lose("the standby is lost: it has held everything sent for \(milliseconds) ms without acknowledging it")
+                        }
                     }
                 }
-            }
-        } catch {
-            let (lost, ending) = state.withLock { ($0.lost, $0.endSent) }
-            if lost {
-                // Still open after a timeout (the link is slow again, or cut again): keep
-                // listening for a takeover; a closed connection ends it.
-                if case .connection(let failure) = error, failure.errno == ETIMEDOUT, !isSuperseded {
-                    return listenToStandby(channel)
+            } catch {
+                let (lost, ending) = state.withLock { ($0.lost, $0.endSent) }
+                if lost {
+                    // Still open after a timeout (the link is slow again, or cut again): keep
+                    // listening for a takeover; a closed connection ends it.
+                    if case .connection(let failure) = error, failure.errno == ETIMEDOUT, !isSuperseded { continue }
+                    return
+                }
+                if ending, case .connection = error {
+                    // It closed after the end: it holds no copy that could resume.
+                    settleEnd(confirmed: true)
+                } else {
+                    lose("the standby is lost: \(error)")
                 }
                 return
-            }
-            if ending, case .connection = error {
-                // It closed after the end: it holds no copy that could resume.
-                settleEnd(confirmed: true)
-            } else {
-                lose("the standby is lost: \(error)")
             }
         }
     }
@@ -469,7 +470,6 @@ public final class Replicator: Sendable {
     // MARK: Ending
 
     private var isStopping: Bool { stopping.load(ordering: .acquiring) }
-    private var isLost: Bool { state.withLock { $0.lost } }
     private var isSuperseded: Bool { state.withLock { $0.figures.status == .superseded } }
     private var stopReasonText: String { state.withLock { $0.stopReason } ?? "replication was stopped" }
 
