@@ -36,6 +36,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l bandwidth -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l downtime -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l max-iterations -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l timeout -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l link-timeout -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l verify
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l json
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l stats -r -F

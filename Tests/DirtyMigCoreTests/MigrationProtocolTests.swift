@@ -25,9 +25,9 @@ final class MigrationProtocolTests: XCTestCase {
         XCTAssertThrowsError(try MigrationHello(decoding: Array("GET / HTTP/1.1\r\n".utf8))) {
             guard case .notDirtymig? = $0 as? MigrationProtocolError else { return XCTFail("\($0)") }
         }
-        XCTAssertThrowsError(try MigrationHello(decoding: hello(version: 7).encode())) {
-            XCTAssertEqual($0 as? MigrationProtocolError, .versionMismatch(peer: 7, ours: MigrationWire.version))
-            XCTAssertTrue("\($0)".contains("version 7"), "\($0)")
+        XCTAssertThrowsError(try MigrationHello(decoding: hello(version: 99).encode())) {
+            XCTAssertEqual($0 as? MigrationProtocolError, .versionMismatch(peer: 99, ours: MigrationWire.version))
+            XCTAssertTrue("\($0)".contains("version 99"), "\($0)")
         }
         let encoded = original.encode()
         for cut in [9, 20, encoded.count - 1] {
@@ -47,6 +47,31 @@ final class MigrationProtocolTests: XCTestCase {
         unknownFlag[flags] = 5   // bit 0 (verify) and bit 2, which no version has
         XCTAssertThrowsError(try MigrationHello(decoding: unknownFlag)) {
             XCTAssertTrue("\($0)".contains("flags"), "\($0)")
+        }
+    }
+
+    /// The link timeout follows the flags word; the destination takes the source's deadline,
+    /// from 1 s to 1 h: a hostile hello cannot make it give up at once or wait for days.
+    func testTheHelloCarriesTheLinkTimeoutWithinItsRange() throws {
+        XCTAssertEqual(hello().linkTimeoutMilliseconds, 30_000)
+        var long = hello()
+        long.linkTimeoutMilliseconds = 3_600_000
+        XCTAssertEqual(try MigrationHello(decoding: long.encode()).linkTimeoutMilliseconds, 3_600_000)
+        for outOfRange: UInt32 in [0, 999, 3_600_001, .max] {
+            var bad = hello()
+            bad.linkTimeoutMilliseconds = outOfRange
+            XCTAssertThrowsError(try MigrationHello(decoding: bad.encode()), "\(outOfRange) ms") {
+                XCTAssertTrue("\($0)".contains("link timeout"), "\($0)")
+            }
+        }
+        var options = MigrationOptions(destination: HostPort(host: "127.0.0.1", port: 1))
+        XCTAssertEqual(options.linkTimeoutSeconds, 30)
+        XCTAssertNoThrow(try options.set(linkTimeoutSeconds: 5))
+        XCTAssertEqual(options.linkTimeoutSeconds, 5)
+        for outOfRange in [0.5, 3601, .nan, .infinity] {
+            XCTAssertThrowsError(try options.set(linkTimeoutSeconds: outOfRange)) {
+                XCTAssertEqual($0 as? MigrationOptions.Invalid, .linkTimeout)
+            }
         }
     }
 

@@ -33,9 +33,10 @@ enum MigrateCommand {
         let downtime = try arguments.duration("downtime")
         let iterations = try arguments.count("max-iterations").map { Double($0) }
         let timeout = try arguments.duration("timeout")
+        let linkTimeout = try arguments.duration("link-timeout")
         do throws(MigrationOptions.Invalid) {
             try options.migration.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations,
-                                      timeoutSeconds: timeout)
+                                      timeoutSeconds: timeout, linkTimeoutSeconds: linkTimeout)
         } catch {
             throw arguments.error(error.description)
         }
@@ -100,6 +101,7 @@ enum MigrateCommand {
                                             ("throttle", .string(options.throttle.rawValue))]
         if let bandwidth = options.bandwidth { pairs.append(("bandwidth", .number(bandwidth))) }
         if let timeout = options.timeout { pairs.append(("timeout_s", .number(timeout))) }
+        pairs.append(("link_timeout_s", .number(options.migration.linkTimeoutSeconds)))
         pairs += ChannelOptions.controlArguments(options.migration.security)
         return .object(pairs)
     }
@@ -162,6 +164,7 @@ enum MigrateCommand {
         migration.downtimeSeconds = options.downtime
         migration.maxIterations = options.maxIterations
         migration.timeoutSeconds = options.timeout
+        migration.linkTimeoutSeconds = options.migration.linkTimeoutSeconds
         migration.verify = options.verify
         migration.throttle = options.throttle
         migration.security = options.migration.security

@@ -11,7 +11,7 @@ enum MigrateReplication {
     }
 
     /// Migration-only options make no sense with these.
-    static let migrationOnly = ["bandwidth", "downtime", "max-iterations", "timeout", "verify", "throttle", "plot",
+    static let migrationOnly = ["bandwidth", "downtime", "max-iterations", "timeout", "link-timeout", "verify", "throttle", "plot",
                                 "memory", "vcpus", "workload", "track"]
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {

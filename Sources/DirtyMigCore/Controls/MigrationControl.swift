@@ -61,10 +61,10 @@ public enum MigrationControl {
     }
 
     /// The `migrate` command's arguments: `to` (HOST:PORT, required), `bandwidth` (bytes/s),
-    /// `downtime_ms`, `max_iterations`, `timeout_s`, `verify`, `throttle`, and the channel's:
+    /// `downtime_ms`, `max_iterations`, `timeout_s`, `link_timeout_s`, `verify`, `throttle`, and the channel's:
     /// `psk_file`, `tls_dir`, `tls_peer` (absolute paths, read by this process), `insecure`.
     static func migrationOptions(_ arguments: JSONValue) throws(ControlError) -> MigrationOptions {
-        try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "verify", "throttle",
+        try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "link_timeout_s", "verify", "throttle",
                                                "psk_file", "tls_dir", "tls_peer", "insecure"])
         let destination = try target(arguments, command: "migrate", listener: "'dirtymig receive'")
         var options = MigrationOptions(destination: destination)
@@ -72,8 +72,10 @@ public enum MigrationControl {
         let downtime = try arguments.doubleArgument("downtime_ms").map { $0 / 1000 }
         let iterations = try arguments.doubleArgument("max_iterations")
         let timeout = try arguments.doubleArgument("timeout_s")
+        let linkTimeout = try arguments.doubleArgument("link_timeout_s")
         do throws(MigrationOptions.Invalid) {
-            try options.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations, timeoutSeconds: timeout)
+            try options.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations, timeoutSeconds: timeout,
+                            linkTimeoutSeconds: linkTimeout)
         } catch {
             throw ControlError(.invalidArgument, error.description)
         }

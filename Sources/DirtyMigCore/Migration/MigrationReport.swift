@@ -8,6 +8,10 @@ public struct MigrationOptions: Sendable {
     public var downtimeSeconds: Double = 0.3
     public var maxIterations: Int = 30
     public var timeoutSeconds: Double?
+    /// How long the link may carry nothing back before the migration fails (`--link-timeout`),
+    /// on both sides: a shorter cut is ridden out, a longer one ends the migration with the VM
+    /// running on here and the destination's copy discarded.
+    public var linkTimeoutSeconds = Double(MigrationHello.defaultLinkTimeoutMilliseconds) / 1000
     public var verify = false
     /// How to slow a guest that dirties faster than the link carries (resolved against the
     /// VM's tracking mode when the migration starts).
@@ -28,10 +32,11 @@ public struct MigrationOptions: Sendable {
     public static let downtimeRange: ClosedRange<Double> = 0.001...600
     public static let maxIterationsRange: ClosedRange<Double> = 1...1_000_000
     public static let timeoutRange: ClosedRange<Double> = 0.001...(30 * 86_400)
+    public static let linkTimeoutRange: ClosedRange<Double> = 1...3600
 
     /// Why a value is out of range, in words that name the option both ways it can be given.
     public enum Invalid: Error, Equatable, CustomStringConvertible {
-        case bandwidth, downtime, maxIterations, timeout
+        case bandwidth, downtime, maxIterations, timeout, linkTimeout
 
         public var description: String {
             switch self {
@@ -39,13 +44,14 @@ public struct MigrationOptions: Sendable {
             case .downtime: return "downtime must be from 1 ms to 600 s (--downtime 1ms to 10m, downtime_ms 1 to 600000)"
             case .maxIterations: return "max_iterations must be a whole number from 1 to 1000000"
             case .timeout: return "timeout must be from 1 ms to 30 days (--timeout 1ms to 43200m, timeout_s up to 2592000)"
+            case .linkTimeout: return "link timeout must be from 1 s to 1 hour (--link-timeout 1s to 60m, link_timeout_s 1 to 3600)"
             }
         }
     }
 
     /// Checks and sets each value given (nil: leave as it is). NaN and infinities are out of range.
     public mutating func set(bandwidth: Double? = nil, downtimeSeconds: Double? = nil, maxIterations: Double? = nil,
-                             timeoutSeconds: Double? = nil) throws(Invalid) {
+                             timeoutSeconds: Double? = nil, linkTimeoutSeconds: Double? = nil) throws(Invalid) {
         if let bandwidth {
             guard Self.bandwidthRange.contains(bandwidth), bandwidth == bandwidth.rounded(.down) else { throw .bandwidth }
             self.bandwidth = UInt64(bandwidth)
@@ -63,6 +69,10 @@ public struct MigrationOptions: Sendable {
         if let timeoutSeconds {
             guard Self.timeoutRange.contains(timeoutSeconds) else { throw .timeout }
             self.timeoutSeconds = timeoutSeconds
+        }
+        if let linkTimeoutSeconds {
+            guard Self.linkTimeoutRange.contains(linkTimeoutSeconds) else { throw .linkTimeout }
+            self.linkTimeoutSeconds = linkTimeoutSeconds
         }
     }
 }

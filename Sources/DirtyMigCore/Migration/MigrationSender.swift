@@ -183,7 +183,14 @@ public final class MigrationSender: Sendable {
             link.withLock { $0.socket = nil }
             socket.shutdown()
         }
-        socket.setTimeouts(send: 10, receive: 10)   // a destination that stalls is a failure, not a hang
+        // The link rule: a link that carries nothing back for --link-timeout fails the migration
+        // (a cut link, a host gone, a destination that stopped reading), a shorter cut is ridden
+        // out. The kernel watches the link (unacknowledged data, keepalives while we only wait);
+        // the socket timeouts are the same deadline for a peer whose kernel answers but whose
+        // process does not. The destination learns the deadline from the hello.
+        let linkTimeout = options.linkTimeoutSeconds
+        socket.tcp.watchLink(timeoutSeconds: linkTimeout)
+        socket.setTimeouts(send: linkTimeout, receive: linkTimeout)
         let channel = MigrationChannel(transport: socket)
         do {
             try transfer(channel, socket: socket, tracker: tracker, report: &report, started: started, paused: &paused,
@@ -194,8 +201,30 @@ public final class MigrationSender: Sendable {
             // A destination that gave up first said why before it closed: that beats "connection reset".
             if case .connection = error, let reason = Self.pendingAbort(channel) { throw .peerAborted(reason) }
             channel.sendAbort(error.description)
+            if case .connection(let system) = error, let words = Self.linkRuleFailure(options, system, socket: socket.tcp) {
+                throw .timedOut(words)
+            }
             throw error
         }
+    }
+
+    /// A connection that failed under the link rule, in words, or nil if it failed otherwise:
+    /// the kernel's "Connection timed out" (or the "Broken pipe" a TLS send saw after the kernel
+    /// had given up) did not say which deadline it was, nor what became of the VM.
+    static func linkRuleFailure(_ options: MigrationOptions, _ error: SystemError, socket: TCPSocket) -> String? {
+        let seconds = options.linkTimeoutSeconds
+        let deadline = seconds == seconds.rounded() ? "\(Int(seconds)) s" : "\(seconds) s"
+        let outcome = "the migration failed, the VM runs on here and the destination discards its copy"
+        // Nothing acknowledged for (nearly) the whole deadline: the link, or the host behind it, went silent.
+        if let silent = socket.nanosecondsSinceLastAcknowledgement, Double(silent) >= seconds * 0.9e9,
+           [ETIMEDOUT, EPIPE, ECONNRESET].contains(error.errno) {
+            return "the link to \(options.destination) carried nothing back for \(deadline) (--link-timeout): \(outcome)"
+        }
+        // Acknowledged, but nothing taken or answered: the destination's host is there, its process is not.
+        if error.errno == ETIMEDOUT {
+            return "the destination \(options.destination) took or answered nothing for \(deadline) (--link-timeout; \(error.operation) timed out): \(outcome)"
+        }
+        return nil
     }
 
     /// The reason in an abort frame the destination sent before the connection failed, if one
@@ -228,6 +257,7 @@ public final class MigrationSender: Sendable {
         // Handshake.
         var hello = MigrationHello(announcing: machine)
         hello.verify = options.verify
+        hello.linkTimeoutMilliseconds = UInt32(options.linkTimeoutSeconds * 1000)
         _ = try channel.greet(hello)
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
 
@@ -419,7 +449,9 @@ public final class MigrationSender: Sendable {
         }
         if let lateCancel { throw .cancelled(lateCancel) }
         try channel.send(.complete, complete.encode())
-        socket.setTimeouts(send: 10, receive: 60)   // the destination verifies and restores first
+        // The destination verifies and restores first; a link that goes silent meanwhile is
+        // noticed by the kernel at the link deadline.
+        socket.setTimeouts(send: options.linkTimeoutSeconds, receive: max(60, options.linkTimeoutSeconds))
         let result = try channel.receive(.result, MigrationResult.init(decoding:))
         report.downtimeSeconds = Double(MonotonicClock.nanoseconds() - pauseStart) / 1e9
         report.downtimeMeasured = true
