@@ -80,6 +80,18 @@ final class TwoHostLink {
         for namespace in [left, right] { try Self.run("ip", ["netns", "exec", namespace, nft, rules]) }
     }
 
+    /// Drops `perMille` of the packets each namespace receives, at random (nftables' numgen:
+    /// this kernel has no netem); 0 removes the rule. Needs nft.
+    func setLoss(perMille: Int) throws {
+        guard let nft = Self.find("nft") else { throw Self.skip("needs the 'nft' command (nftables) to drop packets at random") }
+        for namespace in [left, right] {
+            _ = try? Self.output("ip", ["netns", "exec", namespace, nft, "delete table inet dmloss"])
+            guard perMille > 0 else { continue }
+            try Self.run("ip", ["netns", "exec", namespace, nft,
+                                "add table inet dmloss; add chain inet dmloss in { type filter hook input priority 0; policy accept; }; add rule inet dmloss in numgen random mod 1000 < \(perMille) drop"])
+        }
+    }
+
     /// The prefix that runs a command in `namespace` (for ProcessTestCase.start's `prefix`); the
     /// shell is replaced by it, so the test's process is the command itself.
     func inside(_ namespace: String) -> [String] { ["exec", Self.find("ip") ?? "ip", "netns", "exec", namespace] }
