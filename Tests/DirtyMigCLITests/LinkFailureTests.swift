@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 import XCTest
 
@@ -14,7 +15,7 @@ final class LinkFailureTests: ReplicationProcessTestCase {
 
     override func setUpWithError() throws {
         try super.setUpWithError()
-        link = try TwoHostLink(rateMbit: 20)
+        link = try skippingWithoutTwoHosts { try TwoHostLink(rateMbit: 20) }
     }
 
     override func tearDown() {
@@ -135,7 +136,7 @@ final class LinkFailureTests: ReplicationProcessTestCase {
     /// not mistake a lossy link for a dead one): the migration completes and verifies.
     func testMigrationsCompleteAndVerifyOnALossyLink() throws {
         for perMille in [1, 10] {
-            try link.setLoss(perMille: perMille)
+            try skippingWithoutTwoHosts { try link.setLoss(perMille: perMille) }
             let (receiver, receiverErrors, channel) = try startBothSides(tls: perMille == 10)
             let (migrate, out, migrateErrors) = try startMigration(channel: channel, extra: ["--link-timeout", "5s", "--verify",
                                                                                             "--downtime", "1s", "--json"])

@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 import XCTest
 
@@ -16,7 +17,7 @@ final class SlowLinkTests: ReplicationProcessTestCase {
 
     override func setUpWithError() throws {
         try super.setUpWithError()
-        link = try TwoHostLink(rateMbit: 20)
+        link = try skippingWithoutTwoHosts { try TwoHostLink(rateMbit: 20) }
     }
 
     override func tearDown() {
@@ -101,7 +102,7 @@ final class SlowLinkTests: ReplicationProcessTestCase {
     /// 1 % of the packets lost each way, at random: checkpoints keep being acknowledged, the
     /// standby never takes over while its primary lives, and a stop still ends the replication.
     func testAReplicationOnALossyLinkKeepsItsStandbyAndItsCheckpoints() throws {
-        try link.setLoss(perMille: 10)
+        try skippingWithoutTwoHosts { try link.setLoss(perMille: 10) }
         let key = try makePSKFile("key.psk")
         let (standby, standbyErrors) = try startStandby(key: key)
         let (primary, primaryErrors) = try bootPrimary(output: directory + "/primary.out")
