@@ -23,7 +23,7 @@ _dirtymig() {
         limit) options="--vm --vcpu --rate --cancel --show --json --help" ;;
         list) options="--json --help" ;;
         stop) options="--vm --timeout --help" ;;
-        failover) options="--vm --json --help" ;;
+        failover) options="--vm --force --json --help" ;;
         plot) options="--from --output --help" ;;
         help) COMPREPLY=($(compgen -W "boot migrate receive dirtyrate limit list stop failover plot" -- "$cur")); return ;;
     esac

@@ -69,6 +69,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l standby
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l failover -x -a "auto manual"
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l failover-after -x
 complete -c dirtymig -n "__fish_seen_subcommand_from failover" -l vm -x -a "(__dirtymig_vms)"
+complete -c dirtymig -n "__fish_seen_subcommand_from failover" -l force -d "take over though the primary is heard from"
 complete -c dirtymig -n "__fish_seen_subcommand_from failover" -l json
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l vm -x -a '(__dirtymig_vms)'
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l mode -x -a 'ring bitmap sample'

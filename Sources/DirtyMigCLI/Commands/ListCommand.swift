@@ -17,7 +17,7 @@ enum ListCommand {
                 ("state", "state"), ("pid", "pid"), ("memory_bytes", "memory_bytes"), ("vcpus", "vcpus"),
                 ("track", "track"), ("uptime_s", "uptime_s"), ("listen", "listen"),
                 ("prepared_memory_bytes", "prepared_memory"), ("prepared_memory_state", "prepared_memory_state"),
-                ("credentials", "credentials"),
+                ("credentials", "credentials"), ("superseded", "superseded"),
             ]
             var row: [(String, JSONValue)] = [("name", .string(name))]
             row += copied.map { ($0.0, status[$0.1] ?? .null) }

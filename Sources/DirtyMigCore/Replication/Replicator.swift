@@ -498,8 +498,8 @@ public final class Replicator: Sendable {
     /// --failover-after, most likely a link cut both sides saw): the VM runs there now. This copy
     /// is stale; its output stops at once so that the world sees one VM.
     private func superseded(at epoch: UInt64) {
-        machine.output.fence()
         let reason = "the standby took over: it resumed the VM from checkpoint \(epoch) and runs it now; this copy's guest output is stopped (stop this copy with 'dirtymig stop')"
+        machine.output.fence(because: "its standby \(options.standby) took over: it resumed the VM from checkpoint \(epoch) and runs it now; this copy's guest output is stopped (stop this copy with 'dirtymig stop')")
         state.withLock { shared in
             shared.lost = true
             shared.figures.status = .superseded
