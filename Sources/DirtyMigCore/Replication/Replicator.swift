@@ -182,7 +182,7 @@ public final class Replicator: Sendable {
     /// The migration's pre-copy, live, until what is left is small; then the first checkpoint.
     private func initialCopy(_ channel: MigrationChannel) throws(MigrationError) {
         let started = MonotonicClock.nanoseconds()
-        let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel, bandwidth: nil)
+        let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel)
         var bytes: UInt64 = 0
         defer { state.withLock { $0.figures.ringOverruns += passes.ringOverruns } }
         for _ in 1...Self.maxInitialPasses {
