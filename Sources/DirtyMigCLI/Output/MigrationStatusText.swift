@@ -29,6 +29,10 @@ enum MigrationStatusText {
             ?? "not measured yet (known once pass 1 ends)") + downtimeLimit)
         row("throttle", throttle(progress["throttle"]))
         row("elapsed", String(format: "%.1f s", progress["elapsed_s"]?.doubleValue ?? 0))
+        row("time left", progress["eta_s"]?.doubleValue.map { String(format: "about %.1f s (at the rates measured)", $0) }
+            ?? (pass > 1 || progress["expected_downtime_ms"]?.doubleValue != nil
+                ? "no estimate: the guest dirties about as fast as the link carries"
+                : "not estimated yet (known once pass 1 ends)"))
         if let changes = progress["limit_changes"]?.doubleValue, changes > 0 {
             row("limits changed", "\(Int(changes)) time\(changes == 1 ? "" : "s") (the report says when)")
         }

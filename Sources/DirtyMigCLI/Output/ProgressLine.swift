@@ -43,6 +43,7 @@ final class ProgressLine: @unchecked Sendable {
         if let expected = progress["expected_downtime_ms"]?.doubleValue, expected > 0 {
             text += String(format: "  expected downtime %.0f ms", expected)
         }
+        if let eta = progress["eta_s"]?.doubleValue { text += String(format: "  ETA %.1f s", eta) }
         return text
     }
 }

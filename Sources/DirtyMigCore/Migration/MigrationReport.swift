@@ -134,8 +134,32 @@ public struct MigrationProgress: Sendable {
     public var limitChanges = 0
     /// Since the migration began, as of this reading.
     public var elapsedSeconds: Double = 0
+    /// When the pass under way began (seconds since the migration began).
+    public var passStartedSeconds: Double = 0
+    /// The link's rate over the last completed pass (nil until pass 1 has ended).
+    public var lastPassBandwidthBytesPerSecond: Double?
+    /// Pre-copy stops once a pass leaves at most this much (its last decision's target).
+    public var stopBelowBytes: Double = 0
+    /// Passes the pass limit still allows after the one under way.
+    public var passesLeft = 0
 
     public init() {}
+
+    /// How long the migration has left, from the end of its first pass on (nil before, or
+    /// while the guest dirties as fast as the link carries: see PreCopyForecast).
+    public var forecast: PreCopyForecast {
+        PreCopyForecast(bandwidthBytesPerSecond: lastPassBandwidthBytesPerSecond,
+                        dirtyBytesPerSecond: (dirtyPagesPerSecond ?? 0) * 4096,
+                        remainingBytes: Double(remainingPages) * 4096,
+                        passElapsedSeconds: elapsedSeconds - passStartedSeconds,
+                        stopBelowBytes: stopBelowBytes, passesLeft: passesLeft)
+    }
+
+    /// Seconds left, while the migration copies memory (nil otherwise, or when unknown).
+    public var etaSeconds: Double? {
+        guard phase == "pre-copy" || phase == "stop-and-copy" else { return nil }
+        return forecast.secondsLeft
+    }
 
     /// Whether a migration in `phase` (as `query-migrate` says it; "none" when there is none)
     /// is under way: not ended, nor absent.
@@ -164,6 +188,7 @@ public struct MigrationProgress: Sendable {
             "downtime_limit_ms": limits.map { .number($0.downtimeSeconds * 1000) } ?? .null,
             "limit_changes": .number(limitChanges),
             "elapsed_s": .number(elapsedSeconds),
+            "eta_s": etaSeconds.map { .number($0) } ?? .null,
         ]
     }
 }

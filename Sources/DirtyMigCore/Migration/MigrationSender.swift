@@ -329,6 +329,7 @@ public final class MigrationSender: Sendable {
             update {
                 $0.phase = "pre-copy"; $0.iteration = iteration
                 $0.remainingPages = UInt64(passes.pending.count); $0.passPages = $0.remainingPages
+                $0.passStartedSeconds = secondsSinceStart
             }
             let outcome: PreCopyPasses.Outcome
             var inFlight = PageSendTally()   // what this pass sent so far, for a pass cut mid-way
@@ -401,6 +402,10 @@ public final class MigrationSender: Sendable {
                 if machine.configuration.tracking?.usesDirtyRing != true { $0.dirtyPagesPerSecond = pass.dirtyPagesPerSecond }
                 $0.passPages = dirtyPages
                 $0.expectedDowntimeSeconds = expected
+                // What the forecast (eta_s) needs: the link's rate, and where pre-copy stops.
+                $0.lastPassBandwidthBytesPerSecond = bandwidth
+                $0.stopBelowBytes = max(0, target - (expected - Double(dirtyPages) * 4096 / max(bandwidth, 1))) * bandwidth
+                $0.passesLeft = options.maxIterations - iteration
             }
             if expected <= target && !lost && !Self.anotherPassHalvesThePause(
                 dirtyPages: Double(dirtyPages), dirtyPagesPerSecond: pass.dirtyPagesPerSecond,
