@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 import XCTest
 
@@ -14,7 +15,7 @@ final class LinkFailureTests: ReplicationProcessTestCase {
 
     override func setUpWithError() throws {
         try super.setUpWithError()
-        link = try TwoHostLink(rateMbit: 20)
+        link = try skippingWithoutTwoHosts { try TwoHostLink(rateMbit: 20) }
     }
 
     override func tearDown() {
@@ -129,6 +130,30 @@ final class LinkFailureTests: ReplicationProcessTestCase {
         XCTAssertEqual(report["verify"]?.stringValue, "passed", "\(report)")
         XCTAssertTrue(receiver.isRunning, stderrText(receiverErrors))
         assertReaderRuns("destination")
+    }
+
+    /// Random loss of 0.1 % and 1 % of the packets each way (TCP retransmits; the link rule must
+    /// not mistake a lossy link for a dead one): the migration completes and verifies.
+    func testMigrationsCompleteAndVerifyOnALossyLink() throws {
+        for perMille in [1, 10] {
+            try skippingWithoutTwoHosts { try link.setLoss(perMille: perMille) }
+            let (receiver, receiverErrors, channel) = try startBothSides(tls: perMille == 10)
+            let (migrate, out, migrateErrors) = try startMigration(channel: channel, extra: ["--link-timeout", "5s", "--verify",
+                                                                                            "--downtime", "1s", "--json"])
+            guard waitForExit(migrate, seconds: 120) else { return XCTFail("\(perMille) ‰ loss: the migration did not end in 120 s") }
+            XCTAssertEqual(migrate.terminationStatus, 0, "\(perMille) ‰ loss: \(stderrText(migrateErrors))")
+            let report = try JSONValue.parse(String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+                .trimmingCharacters(in: .whitespacesAndNewlines))
+            print("\(Double(perMille) / 10) % loss each way, 20 Mbit/s: \(report["status"]?.stringValue ?? "?"), verify \(report["verify"]?.stringValue ?? "?"), \(String(format: "%.1f", (report["total_ms"]?.doubleValue ?? 0) / 1000)) s")
+            XCTAssertEqual(report["verify"]?.stringValue, "passed", "\(report)")
+            assertReaderRuns("destination")
+            // The next round starts from scratch: both processes go, and the sockets with them.
+            for process in [receiver] + processes where process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            for process in processes { process.waitUntilExit() }
+            processes.removeAll()
+            _ = receiverErrors
+            for name in ["source", "destination"] { try? FileManager.default.removeItem(atPath: socket(name)) }
+        }
     }
 
     /// The side that only waits (a sender waiting for the destination's word, a destination

@@ -55,7 +55,7 @@ struct ReadmeShellBlock {
 final class ReadmeExampleTests: XCTestCase {
     /// The examples this class runs, one test each: an example added to the README without a
     /// test here fails `testEveryExampleHasATest`.
-    static let covered: Set<String> = ["quick-start", "migrate-detached", "encrypted", "replication", "dirty-rates", "plot"]
+    static let covered: Set<String> = ["quick-start", "migrate-detached", "steer", "encrypted", "replication", "dirty-rates", "plot"]
 
     /// Set in every example's environment (and so inherited by everything it starts, detached
     /// VMs included): how the cleanup finds what an example left behind.
@@ -124,6 +124,14 @@ final class ReadmeExampleTests: XCTestCase {
             // `list` after the move: the destination runs the VM, the source has ended.
             let rows = output.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }.filter { $0.first?.hasPrefix("demo") ?? false }
             XCTAssertEqual(rows.map { Array($0.prefix(2)) }, [["demo-moved", "running"]], output)
+        }
+    }
+
+    func testSteer() throws {
+        try run("steer") { output, _ in
+            XCTAssertTrue(output.contains("migrating ("), "list shows the migration's progress: \(output)")
+            XCTAssertTrue(output.contains("limits changed"), "the report lists the change: \(output)")
+            XCTAssertTrue(output.contains("status                completed"), output)
         }
     }
 

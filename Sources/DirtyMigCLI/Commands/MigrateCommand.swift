@@ -68,6 +68,7 @@ enum MigrateCommand {
     }
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        if MigrateSteering.applies(arguments) { return try MigrateSteering.run(arguments) }
         if MigrateReplication.applies(arguments) { return try MigrateReplication.run(arguments) }
         let options = try options(arguments)
         // Ctrl-C (SIGINT), SIGTERM or SIGHUP cancel the migration: the source runs on, the
@@ -84,8 +85,10 @@ enum MigrateCommand {
         if let plot = options.plot { try PlotCommand.write(MigrationPlot.svg(report: report), to: plot) }
         emit(options.json ? report.serialized() : ReportTable.render(report))
         if let over = report["downtime_exceeded_ms"]?.doubleValue {
-            printError(String(format: "dirtymig migrate: warning: the downtime was %.1f ms, %.1f ms over --downtime %@ (downtime_parts says where it went)",
-                              report["downtime_ms"]?.doubleValue ?? 0, over, HumanNumber.milliseconds(options.downtime * 1000)))
+            // The limit in force at the pause: `migrate --set downtime=` may have changed --downtime.
+            let limit = report["downtime_limit_ms"]?.doubleValue ?? options.downtime * 1000
+            printError(String(format: "dirtymig migrate: warning: the downtime was %.1f ms, %.1f ms over the downtime limit %@ (downtime_parts says where it went)",
+                              report["downtime_ms"]?.doubleValue ?? 0, over, HumanNumber.milliseconds(limit)))
         }
         if report["status"]?.stringValue == "completed" { return 0 }
         return interrupted.isRaised ? 130 : 1

@@ -329,8 +329,7 @@ public final class MigrationReceiver: Sendable {
         let outcome: Result<Machine, MigrationError>
         do {
             if let standby {
-                let session = StandbySession(primary: peer, options: standby, cut: { socket.shutdownReceiving() },
-                                             lastByte: { socket.lastReceivedNanoseconds })
+                let session = StandbySession(primary: peer, options: standby, lastByte: { socket.lastReceivedNanoseconds })
                 state.withLock { $0.session = session }
                 defer { state.withLock { if $0.session === session { $0.session = nil } } }
                 log("replication from \(peer): taking the initial copy")
