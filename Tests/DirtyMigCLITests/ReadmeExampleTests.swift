@@ -109,6 +109,22 @@ final class ReadmeExampleTests: XCTestCase {
         }
     }
 
+    /// The README's prerequisites name every package `.ci/run` installs for the build and the
+    /// tests, so a reader on a fresh machine installs what CI does.
+    func testPrerequisitesNameWhatCIInstalls() throws {
+        let readme = try String(contentsOfFile: ReadmeShellBlock.readmePath, encoding: .utf8)
+        let start = try XCTUnwrap(readme.range(of: "## Prerequisites"), "README.md has a Prerequisites section")
+        let section = readme[start.upperBound...]
+        let prerequisites = section.range(of: "\n## ").map { section[..<$0.lowerBound] } ?? section
+        let ci = try String(contentsOf: CLI.packageRoot.appendingPathComponent(".ci/run"), encoding: .utf8)
+        let packages = ci.components(separatedBy: "need_packages+=(").dropFirst().map { String($0.prefix { $0 != ")" }) }
+        XCTAssertFalse(packages.isEmpty, ".ci/run installs packages")
+        let words = Set(prerequisites.split(whereSeparator: { !($0.isLetter || $0.isNumber || $0 == "-") }).map(String.init))
+        for package in packages {
+            XCTAssertTrue(words.contains(package), "README.md's Prerequisites do not name \(package), which .ci/run installs")
+        }
+    }
+
     // MARK: the examples, run
 
     func testQuickStart() throws {
