@@ -37,7 +37,7 @@ public struct ChannelSecurity: Sendable {
     public static var plain: ChannelSecurity { ChannelSecurity(credentials: .none) }
 
     /// kTLS is tried unless DIRTYMIG_KTLS=0 (it falls back to OpenSSL's record layer where the
-    /// kernel has no "tls" ULP, as on the development machine; see the README's measurements).
+    /// kernel has no "tls" ULP, as on the development machine; see docs/BENCHMARKS.md, "Encrypted migration").
     public static var kernelTLSDefault: Bool { getenv("DIRTYMIG_KTLS").map { String(cString: $0) != "0" } ?? true }
 
     public var isEncrypted: Bool {
