@@ -17,7 +17,7 @@ import Foundation
 /// destination does with -mem-prealloc, so the clock starts on resident memory.
 func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, conditions: MigrationRunConditions,
                              credentials: [String] = [], prepareMemory: Bool = false,
-                             placement: MigrationPlacement = .loopback) throws -> MigrationMeasurement {
+                             placement: MigrationPlacement = .loopback, sampleETA: Bool = false) throws -> MigrationMeasurement {
     // Plaintext beyond loopback is refused without --insecure, on both sides.
     let credentials = credentials.isEmpty && placement.acrossHosts ? ["--insecure"] : credentials
     let scratch = try ScratchDirectory("dirtymig-bench")
@@ -51,9 +51,21 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, co
     let migrate = try ChildProcess(dirtymig, ["migrate", "--vm", source, "--to", address,
                                               "--downtime", "\(scenario.downtimeMs)ms", "--json"] + credentials,
                                    stdout: .file(scratch.file("migrate.json")), stderrPath: scratch.file("migrate.log"))
-    guard migrate.waitForExit(timeout: conditions.migrationTimeoutSeconds) else {
-        migrate.stop()
-        throw BenchError("dirtymig migrate did not finish within \(Int(conditions.migrationTimeoutSeconds)) s")
+    // With `sampleETA`, the source's time-left forecast is read every 100 ms (one query-migrate
+    // on its control socket: a light load the table's conditions state).
+    var etaSamples: [(elapsed: Double, eta: Double)] = []
+    let watcher = sampleETA ? try? ControlClient(path: source, callTimeout: 2) : nil
+    defer { watcher?.close() }
+    let deadline = MonotonicClock.seconds() + conditions.migrationTimeoutSeconds
+    while !migrate.waitForExit(timeout: watcher == nil ? conditions.migrationTimeoutSeconds : 0.1) {
+        guard MonotonicClock.seconds() < deadline else {
+            migrate.stop()
+            throw BenchError("dirtymig migrate did not finish within \(Int(conditions.migrationTimeoutSeconds)) s")
+        }
+        if let progress = try? watcher?.call("query-migrate"), let eta = progress["eta_s"]?.doubleValue,
+           let elapsed = progress["elapsed_s"]?.doubleValue {
+            etaSamples.append((elapsed, eta))
+        }
     }
     let wallMs = (MonotonicClock.seconds() - started) * 1000
     let othersShare = others.othersShare(children: [boot.pid, receive.pid])
@@ -71,7 +83,9 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, co
     receive.waitForExit(timeout: 30)
 
     func number(_ key: String) -> Double { report[key]?.doubleValue ?? 0 }
-    return MigrationMeasurement(totalMs: number("total_ms"), downtimeMs: number("downtime_ms"),
+    let totalSeconds = number("total_ms") / 1000
+    return MigrationMeasurement(etaErrorAt: ETAError.at([0.5, 0.9], samples: etaSamples, totalSeconds: totalSeconds),
+                                totalMs: number("total_ms"), downtimeMs: number("downtime_ms"),
                                 passes: Int(number("iterations")), sentBytes: UInt64(number("transferred_bytes")),
                                 detail: String(format: "migrate process %.0f ms from spawn to exit, setup %.1f ms%@",
                                                wallMs, number("setup_ms"),

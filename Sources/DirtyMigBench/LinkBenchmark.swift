@@ -50,8 +50,8 @@ func runLinkBenchmark(_ options: LinkBenchmarkOptions) throws {
 
     emitLine("Live migration between two network namespaces over a veth pair shaped with tbf (both directions), --downtime 300ms, no bandwidth cap; median (min-max) of \(options.runs) run\(options.runs == 1 ? "" : "s")")
     emitLine("")
-    emitLine("| link | scenario | migrator | total ms | downtime ms | passes | MiB sent | MiB/s | of link |")
-    emitLine("|---|---|---|---|---|---|---|---|---|")
+    emitLine("| link | scenario | migrator | total ms | downtime ms | passes | MiB sent | MiB/s | of link | ETA error at 50 % | at 90 % |")
+    emitLine("|---|---|---|---|---|---|---|---|---|---|---|")
     for rate in options.ratesMbit {
         let link: TwoHostLink
         do { link = try TwoHostLink(rateMbit: rate) } catch { throw BenchError("cannot make two hosts: \(error)") }
@@ -68,10 +68,11 @@ func runLinkBenchmark(_ options: LinkBenchmarkOptions) throws {
                     let measurement: MigrationMeasurement
                     switch migrator {
                     case .dirtymig:
-                        measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, placement: placement)
+                        measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, placement: placement,
+                                                                  sampleETA: true)
                     case .dirtymigPSK:
                         measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
-                                                                  credentials: ["--psk-file", psk.file], placement: placement)
+                                                                  credentials: ["--psk-file", psk.file], placement: placement, sampleETA: true)
                     case .qemu:
                         measurement = try runQEMUProcessMigration(scenario, guest: guest!, conditions: conditions, placement: placement)
                     case .qemuPSK:
@@ -91,7 +92,7 @@ func runLinkBenchmark(_ options: LinkBenchmarkOptions) throws {
                 let runs = results[migrator] ?? []
                 let share = runs.map { $0.mibPerSecond / linkMiBs * 100 }
                 let linkCell = index == 0 && scenarioIndex == 0 ? (rate >= 1000 ? "\(rate / 1000) Gbit/s" : "\(rate) Mbit/s") : ""
-                emitLine("| \(linkCell) | \(index == 0 ? scenario.label : "") | \(migrator.label) | \(cell(runs.map(\.totalMs))) | \(cell(runs.map(\.downtimeMs))) | \(cell(runs.map { Double($0.passes) }, "%.0f")) | \(cell(runs.map(\.mibSent))) | \(cell(runs.map(\.mibPerSecond))) | \(cell(share, "%.0f")) % |")
+                emitLine("| \(linkCell) | \(index == 0 ? scenario.label : "") | \(migrator.label) | \(cell(runs.map(\.totalMs))) | \(cell(runs.map(\.downtimeMs))) | \(cell(runs.map { Double($0.passes) }, "%.0f")) | \(cell(runs.map(\.mibSent))) | \(cell(runs.map(\.mibPerSecond))) | \(cell(share, "%.0f")) % | \(etaCell(runs, 0.5)) | \(etaCell(runs, 0.9)) |")
             }
         }
     }
@@ -99,4 +100,12 @@ func runLinkBenchmark(_ options: LinkBenchmarkOptions) throws {
     emitLine(conditions.describe(runs: options.runs, order: order, others: others))
     if let warning = others.warning { emitLine(warning) }
     if options.withQEMU && !qemu { emitLine("(QEMU rows skipped: qemu-system-x86_64 is not installed; apt-get install qemu-system-x86)") }
+}
+
+/// The forecast's error at a share of the way, in per cent (median, range); "-" where nothing
+/// was forecast (QEMU, or a migration too short to sample).
+private func etaCell(_ runs: [MigrationMeasurement], _ share: Double) -> String {
+    let errors = runs.compactMap { $0.etaErrorAt[share] }.map { $0 * 100 }
+    guard !errors.isEmpty else { return "-" }
+    return "\(cell(errors, "%+.0f")) %" + (errors.count < runs.count ? " (\(errors.count) of \(runs.count) runs)" : "")
 }

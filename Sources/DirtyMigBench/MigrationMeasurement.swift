@@ -3,6 +3,9 @@ import Foundation
 
 /// What one migration run yields, whoever migrated: the columns of the migration table.
 struct MigrationMeasurement {
+    /// dirtymig's forecast of the time left against the time that was left, at shares of the
+    /// total (ETAError), where the run sampled it.
+    var etaErrorAt: [Double: Double] = [:]
     /// The migrator's own total: dirtymig's total_ms, QEMU's total-time (both from the start of
     /// the migration, connection setup included, to the destination running the guest).
     var totalMs: Double
@@ -110,4 +113,23 @@ final class ScratchDirectory {
 /// `--listen` / `-incoming` port, chosen the same way for both migrators.
 func freeLoopbackPort() throws -> UInt16 {
     try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0)).localPort
+}
+
+/// How far a forecast of the time left was off, at given shares of the way (0.5: halfway):
+/// the sample nearest each share, (forecast - actual) / actual, actual being the total minus
+/// when the sample was taken. No entry where no sample lies within 10 % of the total of it.
+enum ETAError {
+    static func at(_ shares: [Double], samples: [(elapsed: Double, eta: Double)], totalSeconds: Double) -> [Double: Double] {
+        var errors: [Double: Double] = [:]
+        guard totalSeconds > 0 else { return errors }
+        for share in shares {
+            let moment = share * totalSeconds
+            guard let nearest = samples.min(by: { abs($0.elapsed - moment) < abs($1.elapsed - moment) }),
+                  abs(nearest.elapsed - moment) <= 0.1 * totalSeconds else { continue }
+            let actual = totalSeconds - nearest.elapsed
+            guard actual > 0 else { continue }
+            errors[share] = (nearest.eta - actual) / actual
+        }
+        return errors
+    }
 }

@@ -18,6 +18,17 @@ final class PreCopyForecastTests: XCTestCase {
         var progress = MigrationProgress()
         progress.phase = "pre-copy"; progress.iteration = 1; progress.remainingPages = 1000
         XCTAssertEqual(progress.json["eta_s"], .null, "pass 1 has not measured the link yet")
+        // In pass 1, after a second, with the dirty rate counted as it goes (ring, quota): the
+        // link's rate over the last second stands in for a completed pass's.
+        progress.throughputBytesPerSecond = 4096 * 1000
+        progress.elapsedSeconds = 0.5
+        XCTAssertEqual(progress.json["eta_s"], .null, "half a second into pass 1")
+        progress.elapsedSeconds = 2
+        XCTAssertEqual(progress.json["eta_s"], .null, "the dirty rate is not known yet (bitmap)")
+        progress.dirtyPagesPerSecond = 0
+        XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 1, accuracy: 1e-9, "1000 pages at 1000 pages/s, nothing dirtied")
+        progress.throughputBytesPerSecond = nil
+        progress.dirtyPagesPerSecond = nil
         progress.lastPassBandwidthBytesPerSecond = 4096 * 1000
         XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 1, accuracy: 1e-9, "1000 pages at 1000 pages/s, nothing dirtied")
         progress.phase = "completed"

@@ -138,8 +138,9 @@ public struct MigrationProgress: Sendable {
     public var passStartedSeconds: Double = 0
     /// The link's rate over the last completed pass (nil until pass 1 has ended).
     public var lastPassBandwidthBytesPerSecond: Double?
-    /// Pre-copy stops once a pass leaves at most this much (its last decision's target).
-    public var stopBelowBytes: Double = 0
+    /// Pre-copy stops once a pass leaves at most this many seconds' worth at the link's rate
+    /// (the downtime target less the pause's fixed costs, as its last decision counted them).
+    public var stopBelowSeconds: Double = 0
     /// Passes the pass limit still allows after the one under way.
     public var passesLeft = 0
 
@@ -147,12 +148,19 @@ public struct MigrationProgress: Sendable {
 
     /// How long the migration has left, from the end of its first pass on (nil before, or
     /// while the guest dirties as fast as the link carries: see PreCopyForecast).
+    /// In pass 1, once it has run a second, the link's rate is what it carried over the last
+    /// second, and the forecast needs the dirty rate measured already (ring and quota tracking
+    /// count it as it goes; the bitmap only when the pass ends): a link-bound first pass is most
+    /// of a migration's time, and a forecast only after it would come too late to help.
     public var forecast: PreCopyForecast {
-        PreCopyForecast(bandwidthBytesPerSecond: lastPassBandwidthBytesPerSecond,
-                        dirtyBytesPerSecond: (dirtyPagesPerSecond ?? 0) * 4096,
-                        remainingBytes: Double(remainingPages) * 4096,
-                        passElapsedSeconds: elapsedSeconds - passStartedSeconds,
-                        stopBelowBytes: stopBelowBytes, passesLeft: passesLeft)
+        let passElapsed = elapsedSeconds - passStartedSeconds
+        var bandwidth = lastPassBandwidthBytesPerSecond
+        if bandwidth == nil && passElapsed >= 1 && dirtyPagesPerSecond != nil { bandwidth = throughputBytesPerSecond }
+        return PreCopyForecast(bandwidthBytesPerSecond: bandwidth,
+                               dirtyBytesPerSecond: (dirtyPagesPerSecond ?? 0) * 4096,
+                               remainingBytes: Double(remainingPages) * 4096,
+                               passElapsedSeconds: passElapsed,
+                               stopBelowBytes: max(stopBelowSeconds, 0) * (bandwidth ?? 0), passesLeft: passesLeft)
     }
 
     /// Seconds left, while the migration copies memory (nil otherwise, or when unknown).

@@ -330,6 +330,10 @@ public final class MigrationSender: Sendable {
                 $0.phase = "pre-copy"; $0.iteration = iteration
                 $0.remainingPages = UInt64(passes.pending.count); $0.passPages = $0.remainingPages
                 $0.passStartedSeconds = secondsSinceStart
+                if iteration == 1 {   // until pass 1's decision counts the pause's fixed costs
+                    $0.stopBelowSeconds = limits.current.downtimeSeconds * 0.85
+                    $0.passesLeft = options.maxIterations - 1
+                }
             }
             let outcome: PreCopyPasses.Outcome
             var inFlight = PageSendTally()   // what this pass sent so far, for a pass cut mid-way
@@ -404,7 +408,7 @@ public final class MigrationSender: Sendable {
                 $0.expectedDowntimeSeconds = expected
                 // What the forecast (eta_s) needs: the link's rate, and where pre-copy stops.
                 $0.lastPassBandwidthBytesPerSecond = bandwidth
-                $0.stopBelowBytes = max(0, target - (expected - Double(dirtyPages) * 4096 / max(bandwidth, 1))) * bandwidth
+                $0.stopBelowSeconds = target - (expected - Double(dirtyPages) * 4096 / max(bandwidth, 1))
                 $0.passesLeft = options.maxIterations - iteration
             }
             if expected <= target && !lost && !Self.anotherPassHalvesThePause(
