@@ -175,9 +175,11 @@ public final class MigrationReceiver: Sendable {
     public func receiveOne() throws(MigrationError) -> Machine {
         startAccepting()
         while true {
-            arrivals.wait()
             // Once stopped, the migration in flight (aborted, or past its commit point) is still
-            // to be heard from: its outcome comes before `.receiverStopped`.
+            // to be heard from: its outcome comes before `.receiverStopped`. Looked at before
+            // waiting: a stop whose wake-up was taken by the wait that then got that outcome
+            // would otherwise leave the next call waiting for good (a wake-up counted for an
+            // outcome taken without waiting only makes a later wait look again).
             let (outcome, stopped) = state.withLock { state -> (Result<Machine, MigrationError>?, Bool) in
                 state.outcomes.isEmpty ? (nil, state.stopping && state.active == nil) : (state.outcomes.removeFirst(), false)
             }
@@ -186,6 +188,7 @@ public final class MigrationReceiver: Sendable {
                 arrivals.signal()   // for any other waiter
                 throw .receiverStopped
             }
+            arrivals.wait()
         }
     }
 
