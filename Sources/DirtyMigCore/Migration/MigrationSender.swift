@@ -21,7 +21,7 @@ public final class MigrationSender: Sendable {
 
     /// The connection as `cancel` sees it from another thread.
     private struct Link {
-        var socket: (any MigrationConnection)?
+        var session: MigrationSession?
         /// Set when the `complete` frame goes out: from then on the destination may resume the
         /// VM at any moment, so a cancel can no longer take the migration back.
         var committed = false
@@ -80,7 +80,7 @@ public final class MigrationSender: Sendable {
         attempt.cancel()
         DispatchQueue.global().asyncAfter(deadline: .now() + grace) { [self] in
             link.withLock { link in
-                if !link.committed { link.socket?.shutdown() }
+                if !link.committed { link.session?.close() }
             }
         }
         return true
@@ -172,25 +172,24 @@ public final class MigrationSender: Sendable {
         }
         // Setup: connect. Everything after it runs in `transfer`, so that any failure before the
         // commit point tells the destination why, and it discards its copy at once.
-        let socket: any MigrationConnection
-        do { socket = try MigrationConnector.connect(to: options.destination, security: options.security, attempt: attempt) } catch {
+        let session: MigrationSession
+        do { session = try MigrationSession.connect(to: options.destination, security: options.security, attempt: attempt) } catch {
             if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }
             throw error
         }
-        report.channel = socket.channel
-        link.withLock { $0.socket = socket }
+        report.channel = session.control.channel
+        link.withLock { $0.session = session }
         defer {
-            link.withLock { $0.socket = nil }
-            socket.shutdown()
+            link.withLock { $0.session = nil }
+            session.close()
         }
-        socket.setTimeouts(send: 10, receive: 10)   // a destination that stalls is a failure, not a hang
-        let channel = MigrationChannel(transport: socket)
+        let channel = session.channel
         do {
-            try transfer(channel, socket: socket, tracker: tracker, report: &report, started: started, paused: &paused,
+            try transfer(session, tracker: tracker, report: &report, started: started, paused: &paused,
                          guestAtStart: guestAtStart, throttle: throttle, passLog: passLog)
         } catch {
             guard !link.withLock({ $0.committed }) else { throw error }
-            socket.setTimeouts(send: 1, receive: 0.5)   // a destination that stopped reading does not get to hold us
+            session.control.setTimeouts(send: 1, receive: 0.5)   // a destination that stopped reading does not get to hold us
             // A destination that gave up first said why before it closed: that beats "connection reset".
             if case .connection = error, let reason = Self.pendingAbort(channel) { throw .peerAborted(reason) }
             channel.sendAbort(error.description)
@@ -212,8 +211,8 @@ public final class MigrationSender: Sendable {
         return nil
     }
 
-    /// The handshake, the pre-copy passes, and stop-and-copy, over a connected channel.
-    private func transfer(_ channel: MigrationChannel, socket: any MigrationConnection, tracker: DirtyTracker,
+    /// The handshake, the pre-copy passes, and stop-and-copy, over a connected session.
+    private func transfer(_ session: MigrationSession, tracker: DirtyTracker,
                           report: inout MigrationReport, started: UInt64, paused: inout Bool, guestAtStart: [UInt64],
                           throttle: MigrationThrottle, passLog: (MigrationPass) -> Void) throws(MigrationError) {
         // Validated to at most 30 days (MigrationOptions.timeoutRange); min() keeps the
@@ -228,7 +227,8 @@ public final class MigrationSender: Sendable {
         // Handshake.
         var hello = MigrationHello(announcing: machine)
         hello.verify = options.verify
-        _ = try channel.greet(hello)
+        _ = try session.greet(hello)
+        let channel = session.channel
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
 
         // Pass 1: everything that holds data; the tracker's history before now (and any loss
@@ -337,7 +337,7 @@ public final class MigrationSender: Sendable {
             if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }
         }
 
-        try stopAndCopy(channel, socket: socket, passes: passes, after: iteration, report: &report, started: started,
+        try stopAndCopy(channel, socket: session.control, passes: passes, after: iteration, report: &report, started: started,
                         paused: &paused, guestAtStart: guestAtStart, passLog: passLog)
     }
 
