@@ -38,6 +38,18 @@ final class SessionJoinTests: XCTestCase {
         return (receiver, log, outcomes, serving)
     }
 
+    /// A session opened at `receiver`: connected with `security`, its hello (announcing `joins`)
+    /// accepted.
+    private func openSession(_ receiver: MigrationReceiver, _ kvm: KVMSystem, joins: SessionJoins,
+                             security: ChannelSecurity = .plain) throws -> MigrationSession {
+        let session = try MigrationSession.connect(to: HostPort(host: "127.0.0.1", port: receiver.port), security: security)
+        do { XCTAssertTrue(try session.greet(hello(kvm, joins: joins)).accepted) } catch {
+            session.close()
+            throw error
+        }
+        return session
+    }
+
     /// A join's hello sent over a bare plaintext connection, and the reply.
     private func plaintextJoin(_ port: UInt16, _ join: SessionJoin) throws -> MigrationHelloReply {
         let socket = try TCPSocket.connect(HostPort(host: "127.0.0.1", port: port))
@@ -57,9 +69,8 @@ final class SessionJoinTests: XCTestCase {
         let kvm = try requireKVM()
         let (receiver, _, _, serving) = try startReceiver(kvm)
         defer { receiver.stop(); serving.join() }
-        let session = try MigrationSession.connect(to: HostPort(host: "127.0.0.1", port: receiver.port), security: .plain)
+        let session = try openSession(receiver, kvm, joins: SessionJoins(pages: 1, faults: 1))
         defer { session.close() }
-        XCTAssertTrue(try session.greet(hello(kvm, joins: SessionJoins(pages: 1, faults: 1))).accepted)
         let incoming = try XCTUnwrap(receiver.activeSession)
         XCTAssertEqual(incoming.id, session.id, "the receiver learned the session's id from its hello")
         XCTAssertEqual(incoming.announced, SessionJoins(pages: 1, faults: 1))
@@ -83,8 +94,7 @@ final class SessionJoinTests: XCTestCase {
         let kvm = try requireKVM()
         let (receiver, _, outcomes, serving) = try startReceiver(kvm)
         defer { receiver.stop(); serving.join() }
-        let session = try MigrationSession.connect(to: HostPort(host: "127.0.0.1", port: receiver.port), security: .plain)
-        XCTAssertTrue(try session.greet(hello(kvm, joins: SessionJoins(pages: 2, faults: 1))).accepted)
+        let session = try openSession(receiver, kvm, joins: SessionJoins(pages: 2, faults: 1))
         let faults = try session.join(.faults)
         let pages = try session.join(.pages)
         let incoming = try XCTUnwrap(receiver.activeSession)
@@ -108,9 +118,8 @@ final class SessionJoinTests: XCTestCase {
         let kvm = try requireKVM()
         let (receiver, log, _, serving) = try startReceiver(kvm)
         defer { receiver.stop(); serving.join() }
-        let session = try MigrationSession.connect(to: HostPort(host: "127.0.0.1", port: receiver.port), security: .plain)
+        let session = try openSession(receiver, kvm, joins: SessionJoins(pages: 0, faults: 1))
         defer { session.close() }
-        XCTAssertTrue(try session.greet(hello(kvm, joins: SessionJoins(pages: 0, faults: 1))).accepted)
 
         // An id no session has.
         let stranger = SessionJoin(session: .random(), role: .faults)
@@ -145,9 +154,8 @@ final class SessionJoinTests: XCTestCase {
         let security = try ChannelSecurity.load(pskFile: file, tlsDirectory: nil, peerName: nil, insecure: false)
         let (receiver, log, _, serving) = try startReceiver(kvm, security: security)
         defer { receiver.stop(); serving.join() }
-        let session = try MigrationSession.connect(to: HostPort(host: "127.0.0.1", port: receiver.port), security: security)
+        let session = try openSession(receiver, kvm, joins: SessionJoins(pages: 0, faults: 1), security: security)
         defer { session.close() }
-        XCTAssertTrue(try session.greet(hello(kvm, joins: SessionJoins(pages: 0, faults: 1))).accepted)
 
         // The right id in plaintext: refused before its hello is read, in clear, as any plaintext
         // migration at a TLS receiver is; the session's faults connection is still to come.
