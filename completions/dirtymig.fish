@@ -36,6 +36,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l bandwidth -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l downtime -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l max-iterations -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l timeout -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l link-timeout -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l verify
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l json
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l stats -r -F
@@ -45,6 +46,8 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l checkpoint-inte
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l checkpoint-pages -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l replication
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l stop-replication
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l status -d "show the migration under way"
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l set -x -a "bandwidth= downtime=" -d "change the running migration's limits"
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l throttle -x -a 'auto none cpu dirty-limit dirty-quota'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l memory -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vcpus -x
@@ -69,6 +72,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l standby
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l failover -x -a "auto manual"
 complete -c dirtymig -n "__fish_seen_subcommand_from receive" -l failover-after -x
 complete -c dirtymig -n "__fish_seen_subcommand_from failover" -l vm -x -a "(__dirtymig_vms)"
+complete -c dirtymig -n "__fish_seen_subcommand_from failover" -l force -d "take over though the primary is heard from"
 complete -c dirtymig -n "__fish_seen_subcommand_from failover" -l json
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l vm -x -a '(__dirtymig_vms)'
 complete -c dirtymig -n "__fish_seen_subcommand_from dirtyrate" -l mode -x -a 'ring bitmap sample'

@@ -16,7 +16,10 @@ import Foundation
 /// the receiver with `--memory` (the VM's size): it allocates the RAM before it listens, as QEMU's
 /// destination does with -mem-prealloc, so the clock starts on resident memory.
 func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, conditions: MigrationRunConditions,
-                             credentials: [String] = [], prepareMemory: Bool = false) throws -> MigrationMeasurement {
+                             credentials: [String] = [], prepareMemory: Bool = false,
+                             placement: MigrationPlacement = .loopback) throws -> MigrationMeasurement {
+    // Plaintext beyond loopback is refused without --insecure, on both sides.
+    let credentials = credentials.isEmpty && placement.acrossHosts ? ["--insecure"] : credentials
     let scratch = try ScratchDirectory("dirtymig-bench")
     // Kept until the processes below are stopped (this defer runs last): Swift may otherwise
     // release it after its last use and remove the sockets under running programs.
@@ -24,17 +27,18 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, co
     let source = scratch.file("src.sock"), destination = scratch.file("dst.sock")
     let workloads = try scenario.resolvedWorkloads()
 
-    let boot = try ChildProcess(dirtymig, ["boot"] + scenario.bootArguments + ["--control", source],
-                                stdout: .pipe, stderrPath: scratch.file("boot.log"))
+    let boot = try placement.spawn(source: true, dirtymig, ["boot"] + scenario.bootArguments + ["--control", source],
+                                   stdout: .pipe, stderrPath: scratch.file("boot.log"))
     defer { boot.stop() }
     _ = try boot.expectLine(containing: "running", timeout: 60)
     try waitUntilReady(scenario, workloads: workloads, socket: source, conditions: conditions)
     Thread.sleep(forTimeInterval: conditions.settleSeconds)
 
-    let port = try freeLoopbackPort()
+    let port = try placement.destinationPort()
+    let address = "\(placement.destinationHost):\(port)"
     let prepare = prepareMemory ? ["--memory", "\(scenario.memory >> 20)M"] : []
-    let receive = try ChildProcess(dirtymig, ["receive", "--listen", "127.0.0.1:\(port)", "--control", destination] + prepare + credentials,
-                                   stdout: .pipe, stderrPath: scratch.file("receive.log"))
+    let receive = try placement.spawn(source: false, dirtymig, ["receive", "--listen", address, "--control", destination] + prepare + credentials,
+                                      stdout: .pipe, stderrPath: scratch.file("receive.log"))
     defer { receive.stop() }
     _ = try receive.expectLine(containing: "listening", timeout: 60)
 
@@ -44,7 +48,7 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, co
     Thread.sleep(forTimeInterval: 0.5)
     let started = MonotonicClock.seconds()
     let others = OthersCPUShare(children: [boot.pid, receive.pid])
-    let migrate = try ChildProcess(dirtymig, ["migrate", "--vm", source, "--to", "127.0.0.1:\(port)",
+    let migrate = try ChildProcess(dirtymig, ["migrate", "--vm", source, "--to", address,
                                               "--downtime", "\(scenario.downtimeMs)ms", "--json"] + credentials,
                                    stdout: .file(scratch.file("migrate.json")), stderrPath: scratch.file("migrate.log"))
     guard migrate.waitForExit(timeout: conditions.migrationTimeoutSeconds) else {

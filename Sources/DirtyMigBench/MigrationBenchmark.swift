@@ -190,16 +190,16 @@ final class BenchPSK {
 }
 
 /// "median (min-max)".
-private func cell(_ values: [Double], _ format: String = "%.1f") -> String {
+func cell(_ values: [Double], _ format: String = "%.1f") -> String {
     "\(String(format: format, median(values))) (\(String(format: format, values.min() ?? 0))-\(String(format: format, values.max() ?? 0)))"
 }
 
 /// A line of the table, written at once (print's buffer would hold it until the end when standard
 /// output is a file, and a long series is watched as it goes).
-private func emitLine(_ line: String) {
+func emitLine(_ line: String) {
     StandardStream.output.writeLine(line)
 }
 
-private func log(_ line: String) {
+func log(_ line: String) {
     StandardStream.error.writeLine(line)
 }

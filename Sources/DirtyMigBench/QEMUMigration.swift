@@ -112,11 +112,15 @@ final class QEMUGuest {
 
     /// Starts QEMU with the guest's options, QMP on `scratch/NAME.sock`, and `extra`; returns
     /// once QMP answers (with -mem-prealloc that is after all its RAM is allocated).
-    func launch(_ name: String, _ extra: [String] = []) throws -> QMPClient {
+    /// `prefix`: what starts it inside a network namespace (MigrationPlacement), if any.
+    func launch(_ name: String, _ extra: [String] = [], prefix: [String] = []) throws -> QMPClient {
         let socket = scratch.file("\(name).sock")
         unlink(socket)
-        let process = try ChildProcess(executable, arguments + ["-qmp", "unix:\(socket),server=on,wait=off"] + extra,
-                                       stdout: .file(scratch.file("\(name).out")), stderrPath: scratch.file("\(name).log"))
+        let qemuArguments = arguments + ["-qmp", "unix:\(socket),server=on,wait=off"] + extra
+        let process = prefix.isEmpty
+            ? try ChildProcess(executable, qemuArguments, stdout: .file(scratch.file("\(name).out")), stderrPath: scratch.file("\(name).log"))
+            : try ChildProcess(prefix[0], Array(prefix.dropFirst()) + [executable] + qemuArguments,
+                               stdout: .file(scratch.file("\(name).out")), stderrPath: scratch.file("\(name).log"))
         processes.append(process)
         do { return try QMPClient(path: socket, timeout: 120) } catch {
             throw BenchError("QEMU (\(name)) gave no QMP socket: \(error); \(process.stderrTail)")

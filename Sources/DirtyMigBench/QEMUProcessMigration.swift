@@ -18,13 +18,14 @@ import Foundation
 /// parameter tls-creds; the destination starts with `-incoming defer` and is given its URI by
 /// `migrate-incoming` once tls-creds is set, as QEMU's documentation says for TLS.
 func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
-                             conditions: MigrationRunConditions, psk: BenchPSK? = nil) throws -> MigrationMeasurement {
+                             conditions: MigrationRunConditions, psk: BenchPSK? = nil,
+                             placement: MigrationPlacement = .loopback) throws -> MigrationMeasurement {
     defer { guest.stopAll() }
     let credentials = { (endpoint: String) -> [String] in
         guard let psk else { return [] }
         return ["-object", "tls-creds-psk,id=tls0,endpoint=\(endpoint),dir=\(psk.directory)\(endpoint == "client" ? ",username=\(psk.identity)" : "")"]
     }
-    let source = try guest.launch("src", credentials("client"))
+    let source = try guest.launch("src", credentials("client"), prefix: placement.sourcePrefix)
     let deadline = MonotonicClock.seconds() + 120
     while !scenario.isReady(GuestProgress(try guest.stats(source)), workloads: guest.workloads) {
         guard MonotonicClock.seconds() < deadline else { throw BenchError("QEMU's guest was not ready within 120 s") }
@@ -32,11 +33,13 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
     }
     Thread.sleep(forTimeInterval: conditions.settleSeconds)
 
-    let port = try freeLoopbackPort()
-    let destination = try guest.launch("dst", credentials("server") + ["-incoming", psk == nil ? "tcp:127.0.0.1:\(port)" : "defer"])
+    let port = try placement.destinationPort()
+    let uri = "tcp:\(placement.destinationHost):\(port)"
+    let destination = try guest.launch("dst", credentials("server") + ["-incoming", psk == nil ? uri : "defer"],
+                                       prefix: placement.destinationPrefix)
     if psk != nil {
         try destination.execute("migrate-set-parameters", ["tls-creds": "tls0"])
-        try destination.execute("migrate-incoming", ["uri": .string("tcp:127.0.0.1:\(port)")])
+        try destination.execute("migrate-incoming", ["uri": .string(uri)])
     }
     let waiting = try destination.execute("query-status")["status"]?.stringValue
     guard waiting == "inmigrate" else { throw BenchError("QEMU's destination is '\(waiting ?? "?")', not waiting for a migration") }
@@ -52,7 +55,7 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
     Thread.sleep(forTimeInterval: conditions.paceWindowSeconds)
     _ = try guest.stats(source)
     let others = OthersCPUShare(children: guest.pids)
-    try source.execute("migrate", ["uri": .string("tcp:127.0.0.1:\(port)")])
+    try source.execute("migrate", ["uri": .string(uri)])
     let ended = try awaitQEMUMigration(source, pollSeconds: conditions.qmpPollSeconds, timeout: conditions.migrationTimeoutSeconds)
     let othersShare = others.othersShare(children: guest.pids)
     guard let final = ended else {

@@ -59,6 +59,16 @@
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
 //       --only runs one migrator alone (to investigate one side; its table compares nothing).
 //
+//   dirtymig-bench link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting] [--no-qemu]
+//       Pre-copy between two hosts (as root): two network namespaces joined by a veth pair
+//       shaped with tbf at each rate (default 100, 1000 and 10000 Mbit/s), the source's
+//       processes in one and the destination's in the other. dirtymig (plaintext with
+//       --insecure, and TLS 1.3 PSK) next to QEMU 7.2 (plaintext, and tls-creds-psk), neither
+//       preparing the destination's RAM; otherwise as the migration benchmark: the same idle
+//       time, order alternated, median (min-max) of N runs (default 5). Scenarios: 512 MiB with
+//       256 MiB written once (written), and one vCPU rewriting 64 MiB at a quarter of the link's
+//       rate (rewriting). "of link" is MiB sent over the total time against the shaped rate.
+//
 //   dirtymig-bench replication [--seconds S] [--runs N] [--only pause,rate,pace,failover]
 //       Continuous replication, ring (dense dirty lists) next to bitmap: the pause per
 //       checkpoint for dirty sets of 100, 1,000 and 10,000 pages in a 1 GiB and a 4 GiB VM; the
@@ -192,7 +202,7 @@ func runAccuracy(intervals: Int) throws {
 StandardStream.ignoreBrokenPipes()   // a table piped into a reader that quit costs the rest of it, not a signal
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | --help\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting] [--no-qemu] | --help\n"
 
 func usageError(_ message: String) -> Never {
     StandardStream.error.write("dirtymig-bench: \(message)\n\(usage)")
@@ -211,6 +221,7 @@ let acceptedOptions: [String: (values: Set<String>, flags: Set<String>)] = [
     "replication": (["--seconds", "--runs", "--only"], []),
     "throttle": ([], ["--no-qemu", "--sweep"]),
     "limit": ([], ["--no-qemu"]),
+    "link": (["--runs", "--idle", "--rates", "--scenario"], ["--no-qemu"]),
 ]
 
 /// Refuses an unknown benchmark, an option it does not take, or an option without its value.
@@ -285,6 +296,25 @@ func migrationOptions() -> MigrationBenchmarkOptions {
     return options
 }
 
+func linkOptions() -> LinkBenchmarkOptions {
+    var options = LinkBenchmarkOptions()
+    options.runs = max(1, Int(option("--runs", default: 5)))
+    options.conditions.idleSeconds = option("--idle", default: 5)
+    options.withQEMU = !arguments.contains("--no-qemu")
+    if let rates = stringOption("--rates") {
+        let parsed = rates.split(separator: ",").map { Int($0) }
+        guard !parsed.isEmpty, parsed.allSatisfy({ $0.map { (1...100_000).contains($0) } ?? false }) else {
+            usageError("--rates \(rates): comma-separated Mbit/s, each from 1 to 100000")
+        }
+        options.ratesMbit = parsed.compactMap { $0 }
+    }
+    if let scenario = stringOption("--scenario") {
+        guard ["written", "rewriting"].contains(scenario) else { usageError("--scenario \(scenario): written or rewriting") }
+        options.scenarioKeys = [scenario]
+    }
+    return options
+}
+
 checkArguments()
 LiveChildren.endWithTheBenchmark()
 do {
@@ -302,6 +332,8 @@ do {
         try runLimitAccuracy(withQEMU: !arguments.contains("--no-qemu"))
     case "migration":
         try runMigrationBenchmark(migrationOptions())
+    case "link":
+        try runLinkBenchmark(linkOptions())
     case "replication":
         let parts = stringOption("--only").map { $0.split(separator: ",").map(String.init) } ?? ReplicationBenchPart.allCases.map(\.rawValue)
         guard parts.allSatisfy({ ReplicationBenchPart(rawValue: $0) != nil }) else {

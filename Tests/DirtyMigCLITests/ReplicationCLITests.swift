@@ -144,6 +144,74 @@ final class ReplicationCLITests: ReplicationProcessTestCase {
         try assertCheckingWithoutErrors("standby")
     }
 
+    /// An operator's `failover` while the primary still runs would start a second copy: refused,
+    /// saying so, unless --force; forced, the standby takes over and tells the primary, which
+    /// says plainly that its standby took over and stops its output. Over TLS, where cutting the
+    /// connection under the primary used to leave it a decode error instead of the word.
+    func testFailoverIsRefusedWhileThePrimaryIsHeardAndForcedTellsThePrimary() throws {
+        let key = try makePSKFile("replication.psk")
+        let port = try freePort()
+        let primaryOutput = directory + "/primary.out"
+        let (_, standbyErrors) = try startStandby("standby", port: port, extra: ["--psk-file", key])
+        let (primary, out, primaryErrors) = try start(["boot", "--memory", "256M", "--vcpus", "2", "--track", "ring",
+                                                       "--control", socket("primary"), "--guest-output", primaryOutput,
+                                                       "--workload", "0:check,ws=32M,rate=20M,emit=10ms", "--workload", "1:read,ws=16M"])
+        XCTAssertTrue(CLI.readLine(out)?.contains("running") ?? false, stderrText(primaryErrors))
+        _ = try replicate(to: port, ["--psk-file", key])
+        Thread.sleep(forTimeInterval: 0.5)
+
+        let refused = try CLI.run(["failover", "--vm", socket("standby")])
+        XCTAssertEqual(refused.status, 1, refused.stdout)
+        for words in ["the primary was heard from", "ms ago", "a failover now would run a second copy", "stop the primary first", "--force"] {
+            XCTAssertTrue(refused.stderr.contains(words), "'\(words)' in: \(refused.stderr)")
+        }
+        XCTAssertEqual(status("standby")?["standby"]?["phase"]?.stringValue, "protecting", "a refusal changes nothing")
+        XCTAssertNil(status("standby")?["vcpu_stats"])
+        XCTAssertEqual(try replication()["status"]?.stringValue, "protected")
+
+        let forced = try CLI.run(["failover", "--vm", socket("standby"), "--force"])
+        XCTAssertEqual(forced.status, 0, forced.stderr)
+        XCTAssertTrue(forced.stdout.contains("resumes the VM from checkpoint"), forced.stdout)
+        XCTAssertTrue(forced.stdout.contains("is told that its standby took over"), forced.stdout)
+        waitFor("the standby runs the VM", timeout: 5) { status("standby")?["vcpu_stats"] != nil }
+        try waitFor("the primary hears that its standby took over", timeout: 5) {
+            try replication()["status"]?.stringValue == "superseded"
+        }
+        XCTAssertTrue(primary.isRunning)
+        let primaryStatus = try XCTUnwrap(status("primary"))
+        XCTAssertEqual(primaryStatus["state"]?.stringValue, "superseded")
+        XCTAssertTrue(primaryStatus["superseded"]?.stringValue?.contains("took over") ?? false, primaryStatus.serialized())
+        let primaryLog = stderrText(primaryErrors)
+        XCTAssertTrue(primaryLog.contains("the standby took over: it resumed the VM from checkpoint"), primaryLog)
+        XCTAssertFalse(primaryLog.contains("decode") || primaryLog.contains("is lost"), "the primary heard the word, not a broken link: \(primaryLog)")
+        XCTAssertTrue(stderrText(standbyErrors).contains("failover --force"))
+        // One VM's output: the primary's stopped when it heard.
+        let size = (try? FileManager.default.attributesOfItem(atPath: primaryOutput)[.size] as? Int) ?? nil
+        Thread.sleep(forTimeInterval: 0.3)
+        XCTAssertEqual((try? FileManager.default.attributesOfItem(atPath: primaryOutput)[.size] as? Int) ?? nil, size,
+                       "the superseded primary's guest output still flows")
+        try assertCheckingWithoutErrors("standby")
+    }
+
+    func testFailoverWithoutForceWorksOnceThePrimaryIsKilled() throws {
+        let port = try freePort()
+        _ = try startStandby("standby", port: port, extra: ["--failover", "manual"])
+        let primary = try bootPrimary(output: directory + "/primary.out")
+        _ = try replicate(to: port)
+        Thread.sleep(forTimeInterval: 0.5)
+        kill(primary.processIdentifier, SIGKILL)
+        primary.waitUntilExit()
+        waitFor("the standby sees its primary gone", timeout: 5) {
+            status("standby")?["standby"]?["phase"]?.stringValue == "primary lost, awaiting failover"
+        }
+        let failover = try CLI.run(["failover", "--vm", socket("standby")])
+        XCTAssertEqual(failover.status, 0, failover.stderr)
+        XCTAssertTrue(failover.stdout.contains("resumes the VM from checkpoint"), failover.stdout)
+        XCTAssertFalse(failover.stdout.contains("told"), "nobody to tell: \(failover.stdout)")
+        waitFor("the standby runs the VM after 'dirtymig failover'", timeout: 5) { status("standby")?["vcpu_stats"] != nil }
+        try assertCheckingWithoutErrors("standby")
+    }
+
     func testStrangersOnTheStandbysPortAreRefusedAndItKeepsItsCopy() throws {
         let port = try freePort()
         _ = try startStandby("standby", port: port)

@@ -117,4 +117,57 @@ final class ReportTableTests: XCTestCase {
         }
         XCTAssertLessThanOrEqual(table.split(separator: "\n").count, 7, table)
     }
+
+    /// What `migrate --set` changed, and when, as the report table says it.
+    func testLimitChangesSayWhatChangedAndWhen() {
+        func limits(_ bandwidth: JSONValue, _ downtime: Double) -> JSONValue { ["bandwidth": bandwidth, "downtime_ms": .number(downtime)] }
+        let report: JSONValue = [
+            "status": "completed", "destination": "10.0.0.2:4444", "total_ms": 9000.0, "transferred_bytes": 1_048_576.0,
+            "limit_changes": [
+                ["t_s": 2.14, "pass": 1, "before": limits(.number(4 * 1_048_576), 300), "after": limits(.number(16 * 1_048_576), 300)],
+                ["t_s": 5.0, "pass": 3, "before": limits(.number(16 * 1_048_576), 300), "after": limits(.null, 1000)],
+                ["t_s": 6.0, "pass": 4, "before": limits(.null, 1000), "after": limits(.null, 1000)],
+            ],
+            "limit_changes_dropped": 2,
+        ]
+        let table = ReportTable.render(report)
+        XCTAssertTrue(table.contains("limits changed        at 2.1 s (pass 1): bandwidth 4.0 MiB/s -> 16.0 MiB/s\n"), table)
+        XCTAssertTrue(table.contains("at 5.0 s (pass 3): bandwidth 16.0 MiB/s -> unlimited, downtime limit 300 ms -> 1 s"), table)
+        XCTAssertTrue(table.contains("at 6.0 s (pass 4): set again, unchanged: bandwidth unlimited, downtime limit 1 s"), table)
+        XCTAssertTrue(table.contains("and 2 more changes, not kept"), table)
+        XCTAssertFalse(ReportTable.render(["status": "completed", "limit_changes": []]).contains("limits changed"))
+    }
+
+    /// `migrate --status` as people read it: what was not measured yet says so, never 0.
+    func testStatusSaysWhatIsNotMeasuredYet() {
+        var progress = MigrationProgress()
+        progress.phase = "pre-copy"
+        progress.destination = "10.0.0.2:4444"
+        progress.iteration = 1
+        progress.sentBytes = 12 << 20
+        progress.passPages = 16384
+        progress.remainingPages = 12288
+        progress.limits = .init(bandwidth: 4 << 20, downtimeSeconds: 0.3)
+        progress.elapsedSeconds = 3.04
+        var text = MigrationStatusText.render(progress.json, vm: "src")
+        XCTAssertTrue(text.hasPrefix("migration of 'src' to 10.0.0.2:4444: pre-copy, pass 1\n"), text)
+        XCTAssertTrue(text.contains("48.0 MiB left in this pass (25 % of its 64.0 MiB sent)"), text)
+        XCTAssertTrue(text.contains("rate                not measured yet (limit 4.0 MiB/s)"), text)
+        XCTAssertTrue(text.contains("expected downtime   not measured yet (known once pass 1 ends) (limit 300 ms)"), text)
+        XCTAssertTrue(text.contains("throttle            not judged yet"), text)
+        XCTAssertTrue(text.contains("elapsed             3.0 s"), text)
+        XCTAssertFalse(text.contains("limits changed"), text)
+        progress.iteration = 4
+        progress.throughputBytesPerSecond = 16 * 1_048_576
+        progress.dirtyPagesPerSecond = 25_600
+        progress.expectedDowntimeSeconds = 0.0421
+        progress.limitChanges = 1
+        progress.throttle = ThrottleLevel(mode: .cpu, active: true, cpuPercent: 40)
+        text = MigrationStatusText.render(progress.json, vm: "src")
+        XCTAssertTrue(text.contains("16.0 MiB/s over the last second (limit 4.0 MiB/s)"), text)
+        XCTAssertTrue(text.contains("25,600 pages/s"), text)
+        XCTAssertTrue(text.contains("expected downtime   42.1 ms (limit 300 ms)"), text)
+        XCTAssertTrue(text.contains("cpu: every vCPU held 40 % of the time"), text)
+        XCTAssertTrue(text.contains("limits changed      1 time"), text)
+    }
 }

@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 import XCTest
 
@@ -16,7 +17,7 @@ final class SlowLinkTests: ReplicationProcessTestCase {
 
     override func setUpWithError() throws {
         try super.setUpWithError()
-        link = try TwoHostLink(rateMbit: 20)
+        link = try skippingWithoutTwoHosts { try TwoHostLink(rateMbit: 20) }
     }
 
     override func tearDown() {
@@ -96,6 +97,32 @@ final class SlowLinkTests: ReplicationProcessTestCase {
         // The standby hears bytes all the time a checkpoint crawls over the link.
         XCTAssertLessThan(heard.max() ?? 1e9, 500, "last_heard_ms counts from the last byte")
         XCTAssertTrue(primary.isRunning && standby.isRunning)
+    }
+
+    /// 1 % of the packets lost each way, at random: checkpoints keep being acknowledged, the
+    /// standby never takes over while its primary lives, and a stop still ends the replication.
+    func testAReplicationOnALossyLinkKeepsItsStandbyAndItsCheckpoints() throws {
+        try skippingWithoutTwoHosts { try link.setLoss(perMille: 10) }
+        let key = try makePSKFile("key.psk")
+        let (standby, standbyErrors) = try startStandby(key: key)
+        let (primary, primaryErrors) = try bootPrimary(output: directory + "/primary.out")
+        try protect(key: key)
+        let start = replication()?["checkpoints"]?.doubleValue ?? 0
+        let deadline = Date().addingTimeInterval(8)
+        while Date() < deadline {
+            XCTAssertNil(status("standby")?["vcpu_stats"], "the standby runs the VM while its primary lives: \(stderrText(standbyErrors))")
+            XCTAssertEqual(replication()?["status"]?.stringValue, "protected", stderrText(primaryErrors))
+            Thread.sleep(forTimeInterval: 0.25)
+        }
+        let acknowledged = (replication()?["checkpoints"]?.doubleValue ?? 0) - start
+        print("20 Mbit/s link, 1 % loss each way: \(Int(acknowledged)) checkpoints acknowledged in 8 s")
+        XCTAssertGreaterThanOrEqual(acknowledged, 1, "checkpoints keep being acknowledged on a lossy link")
+        let stopped = try CLI.run(["stop", "--vm", socket("primary"), "--timeout", "30s"])
+        XCTAssertEqual(stopped.status, 0, stopped.stderr)
+        primary.waitUntilExit()
+        XCTAssertTrue(stderrText(primaryErrors).contains("discarded its copy"), stderrText(primaryErrors))
+        XCTAssertTrue(standby.isRunning)
+        XCTAssertFalse(stderrText(standbyErrors).contains("took over"))
     }
 
     func testAPrimaryStoppedOnASlowLinkEndsItsReplicationAndTheStandbyDiscardsItsCopy() throws {

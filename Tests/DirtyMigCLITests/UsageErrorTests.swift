@@ -58,6 +58,23 @@ final class UsageErrorTests: XCTestCase {
         try expectUsageError(["boot", "--workload", "0:wirte"], mentions: ["did you mean 'write'"])
     }
 
+    /// `migrate --status` and `--set` act on the migration under way: their own mistakes are
+    /// usage errors before any VM is asked.
+    func testSteeringAMigrationRefusesWhatItCannotDo() throws {
+        try expectUsageError(["migrate", "--set", "speed=1M"], mentions: ["'speed' is not a limit that can change", "bandwidth=RATE"])
+        try expectUsageError(["migrate", "--set", "bandwith=1M"], mentions: ["did you mean 'bandwidth'"])
+        try expectUsageError(["migrate", "--set", "bandwidth"], mentions: ["expected LIMIT=VALUE"])
+        try expectUsageError(["migrate", "--set", "bandwidth=1"], mentions: ["bandwidth must be from 4096 bytes/s"])
+        try expectUsageError(["migrate", "--set", "bandwidth=fast"], mentions: ["--set bandwidth=fast", "invalid rate"])
+        try expectUsageError(["migrate", "--set", "downtime=300"], mentions: ["--set downtime=300", "add a unit"])
+        try expectUsageError(["migrate", "--set", "downtime=11m"], mentions: ["downtime must be from 1 ms to 600 s"])
+        try expectUsageError(["migrate", "--set", "downtime=1s", "--set", "downtime=2s"], mentions: ["--set downtime given twice"])
+        try expectUsageError(["migrate", "--status", "--set", "bandwidth=1M"], mentions: ["cannot be combined"])
+        try expectUsageError(["migrate", "--status", "--to", "127.0.0.1:4444"], mentions: ["--to does not go with --status"])
+        try expectUsageError(["migrate", "--set", "downtime=1s", "--bandwidth", "1M"], mentions: ["--set bandwidth=VALUE"])
+        try expectUsageError(["migrate", "--status", "--replication"], mentions: ["--replication does not go with --status"])
+    }
+
     func testImpossibleRequests() throws {
         try expectUsageError(["boot", "--memory", "16M"], mentions: ["below the guest's minimum"])
         try expectUsageError(["boot", "--memory", "60G"], mentions: ["more than this host has"])

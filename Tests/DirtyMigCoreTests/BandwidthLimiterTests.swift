@@ -60,6 +60,63 @@ final class BandwidthLimiterTests: XCTestCase {
         XCTAssertEqual(clock.sleeps.reduce(0, +), 1_850 * ms)
     }
 
+    /// `migrate --set bandwidth=`: the limiter asks for the rate before every batch and every
+    /// slice of a wait.
+    private final class ChangingRate: @unchecked Sendable {
+        var bytesPerSecond: UInt64?
+        init(_ rate: UInt64?) { bytesPerSecond = rate }
+    }
+
+    private func limiter(_ rate: ChangingRate, _ clock: FakeClock) -> BandwidthLimiter {
+        BandwidthLimiter(rate: { rate.bytesPerSecond }, now: { clock.now }, sleep: { clock.sleeps.append($0); clock.now += $0 })
+    }
+
+    func testANewRateCountsFromTheNextBatch() {
+        let clock = FakeClock()
+        let rate = ChangingRate(1000)
+        let paced = limiter(rate, clock)
+        paced.willSend(500)   // 500 ms at 1000 B/s
+        XCTAssertEqual(clock.sleeps.reduce(0, +), 500 * ms)
+        rate.bytesPerSecond = 4000
+        clock.sleeps = []
+        paced.willSend(1000)  // 250 ms at 4000 B/s, not the 1000 ms the old rate wanted
+        XCTAssertEqual(clock.sleeps.reduce(0, +), 250 * ms)
+        rate.bytesPerSecond = 500
+        clock.sleeps = []
+        paced.willSend(100)   // 200 ms at 500 B/s
+        XCTAssertEqual(clock.sleeps.reduce(0, +), 200 * ms)
+    }
+
+    func testANewRateCountsWithinAWaitAndWhatTheOldOneOwedIsPacedAtTheNewOne() {
+        let clock = FakeClock()
+        let rate = ChangingRate(1000)
+        let paced = limiter(rate, clock)
+        // 1000 bytes at 1000 B/s: 1 s. After the first 50 ms slice the cap rises tenfold: the
+        // 950 bytes still owed take 95 ms at the new rate.
+        paced.willSend(1000, shouldStop: {
+            if clock.sleeps.count == 1 { rate.bytesPerSecond = 10_000 }
+            return false
+        })
+        XCTAssertEqual(clock.sleeps, [50 * ms, 50 * ms, 45 * ms])
+    }
+
+    func testRemovingTheCapEndsTheWait() {
+        let clock = FakeClock()
+        let rate = ChangingRate(1000)
+        let paced = limiter(rate, clock)
+        paced.willSend(1000, shouldStop: {
+            if clock.sleeps.count == 2 { rate.bytesPerSecond = nil }
+            return false
+        })
+        XCTAssertEqual(clock.sleeps, [50 * ms, 50 * ms])
+        paced.willSend(1 << 30)
+        XCTAssertEqual(clock.sleeps, [50 * ms, 50 * ms], "unlimited: nothing waits")
+        // A cap set again counts from then: no debt from the unlimited stretch.
+        rate.bytesPerSecond = 1000
+        paced.willSend(100)
+        XCTAssertEqual(clock.sleeps, [50 * ms, 50 * ms, 50 * ms, 50 * ms])
+    }
+
     func testBatchesShrinkToAQuarterSecondUnderALowRate() {
         XCTAssertEqual(PageSender.batchLimit(bytesPerSecond: nil), 2 << 20)
         XCTAssertEqual(PageSender.batchLimit(bytesPerSecond: 100 << 20), 2 << 20)

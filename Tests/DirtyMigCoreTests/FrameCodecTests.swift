@@ -265,7 +265,7 @@ final class FrameCodecTests: XCTestCase {
         // A control hello that is only an opening, and one announcing too many joins.
         XCTAssertEqual(decoding(Array(hello.encode().prefix(28))), .malformed("hello is truncated (needs 8 more bytes at offset 28, has 0)"))
         var joins = hello.encode()
-        let joinsOffset = 28 + 8 + 4 + 4 + 4 + 8 + 12 + 4
+        let joinsOffset = 28 + 8 + 4 + 4 + 4 + 8 + 12 + 4 + 4   // after the flags and the link timeout
         XCTAssertEqual(Array(joins[joinsOffset..<joinsOffset + 8]), Self.u32(16) + Self.u32(1))
         joins.replaceSubrange(joinsOffset..<joinsOffset + 4, with: Self.u32(17))
         XCTAssertEqual(decoding(joins), .malformed("a hello announcing 17 pages and 1 faults connections (at most 16 and 1)"))

@@ -64,9 +64,9 @@ final class FuzzTests: XCTestCase {
             Self.u32(UInt64(ConnectionRole.control.rawValue)), Self.u64(random.next()), Self.u64(random.next()),
             Self.u64(Self.memory), Self.u32(1), Self.u32(1), Self.u32(4096), Self.u64(2_000_000),
             Self.u32(UInt64(CPUFeatureSet.workloadGuest.leaf1EDX)), Self.u32(0), Self.u32(UInt64(CPUFeatureSet.workloadGuest.extendedEDX)),
-            Self.u32(0), Self.u32(0), Self.u32(0),
+            Self.u32(0), Self.u32(UInt64(MigrationHello.defaultLinkTimeoutMilliseconds)), Self.u32(0), Self.u32(0),
         ]
-        let widths = [32, 32, 32, 64, 64, 64, 32, 32, 32, 64, 32, 32, 32, 32, 32, 32]
+        let widths = [32, 32, 32, 64, 64, 64, 32, 32, 32, 64, 32, 32, 32, 32, 32, 32, 32]
         for index in fields.indices where Int.random(in: 0..<4, using: &random) == 0 {
             let value = boundary(bits: widths[index])
             fields[index] = widths[index] == 64 ? Self.u64(value) : Self.u32(value)

@@ -51,6 +51,31 @@ final class MigrationProtocolTests: XCTestCase {
         }
     }
 
+    /// The link timeout follows the flags word; the destination takes the source's deadline,
+    /// from 1 s to 1 h: a hostile hello cannot make it give up at once or wait for days.
+    func testTheHelloCarriesTheLinkTimeoutWithinItsRange() throws {
+        XCTAssertEqual(hello().linkTimeoutMilliseconds, 30_000)
+        var long = hello()
+        long.linkTimeoutMilliseconds = 3_600_000
+        XCTAssertEqual(try MigrationHello(decoding: long.encode()).linkTimeoutMilliseconds, 3_600_000)
+        for outOfRange: UInt32 in [0, 999, 3_600_001, .max] {
+            var bad = hello()
+            bad.linkTimeoutMilliseconds = outOfRange
+            XCTAssertThrowsError(try MigrationHello(decoding: bad.encode()), "\(outOfRange) ms") {
+                XCTAssertTrue("\($0)".contains("link timeout"), "\($0)")
+            }
+        }
+        var options = MigrationOptions(destination: HostPort(host: "127.0.0.1", port: 1))
+        XCTAssertEqual(options.linkTimeoutSeconds, 30)
+        XCTAssertNoThrow(try options.set(linkTimeoutSeconds: 5))
+        XCTAssertEqual(options.linkTimeoutSeconds, 5)
+        for outOfRange in [0.5, 3601, .nan, .infinity] {
+            XCTAssertThrowsError(try options.set(linkTimeoutSeconds: outOfRange)) {
+                XCTAssertEqual($0 as? MigrationOptions.Invalid, .linkTimeout)
+            }
+        }
+    }
+
     /// Starts a receiver on a loopback port; `outcomes` collects each receiveOne outcome, and
     /// the log line of each connection refused before it took the slot (those are only logged).
     private func startReceiver(_ kvm: KVMSystem) throws -> (MigrationReceiver, Outcomes) {

@@ -229,7 +229,8 @@ final class ReplicationTests: XCTestCase {
         XCTAssertNil(standby.next(timeout: 1.0), "a manual standby must not take over by itself")
         let session = try XCTUnwrap(standby.receiver.standbySession)
         XCTAssertEqual(session.json["phase"]?.stringValue, "primary lost, awaiting failover")
-        XCTAssertNotNil(session.requestFailover())
+        // Silent past --failover-after: no --force needed.
+        XCTAssertNoThrow(try session.requestFailover(force: false))
         guard case .success(let taken)? = standby.next(timeout: 5) else { return XCTFail("failover did not resume the VM") }
         defer { taken.stop() }
         assertRunning(taken, "the standby's VM after failover")

@@ -11,16 +11,22 @@ enum ListCommand {
             let path = ControlSocketPath.path(forName: name)
             guard let client = try? ControlClient(path: path, greetingTimeout: 2, callTimeout: 2),
                   let status = try? client.call("query-status") else { continue }
+            // A VM that migrates says so, with how far it is (a receiver has no query-migrate).
+            let migration = status["state"]?.stringValue == "running" ? (try? client.call("query-migrate")) : nil
             client.close()
             // (row key, query-status key): what a VM or a receiver says of itself, passed on.
             let copied: [(String, String)] = [
                 ("state", "state"), ("pid", "pid"), ("memory_bytes", "memory_bytes"), ("vcpus", "vcpus"),
                 ("track", "track"), ("uptime_s", "uptime_s"), ("listen", "listen"),
                 ("prepared_memory_bytes", "prepared_memory"), ("prepared_memory_state", "prepared_memory_state"),
-                ("credentials", "credentials"),
+                ("credentials", "credentials"), ("superseded", "superseded"),
             ]
             var row: [(String, JSONValue)] = [("name", .string(name))]
             row += copied.map { ($0.0, status[$0.1] ?? .null) }
+            if let migration, MigrationProgress.isUnderWay(phase: migration["phase"]?.stringValue) {
+                row[1] = ("state", "migrating")
+                row.append(("migration", migration))
+            }
             row.append(("socket", .string(path)))
             rows.append(.object(row))
         }
@@ -34,7 +40,7 @@ enum ListCommand {
         }
         let header = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "TRACK", "UPTIME", "SOCKET"]
         let lines: [[String]] = rows.map { row in
-            [row["name"]?.stringValue ?? "-", stateLabel(row["state"]?.stringValue),
+            [row["name"]?.stringValue ?? "-", stateLabel(row["state"]?.stringValue, migration: row["migration"]),
              row["pid"]?.doubleValue.map { String(Int($0)) } ?? "-",
              row["memory_bytes"]?.uint64Value.map { ByteSize.format($0) } ?? receiverMemory(row),
              row["vcpus"]?.doubleValue.map { String(Int($0)) } ?? "-", row["track"]?.stringValue ?? "-",
@@ -64,10 +70,20 @@ enum ListCommand {
         return prepared + "on " + listen + credentials
     }
 
-    /// A VM whose standby took over is not the copy that runs the guest any more: say which does.
-    private static func stateLabel(_ state: String?) -> String {
+    /// A VM whose standby took over is not the copy that runs the guest any more: say which
+    /// does. A VM that migrates: how far ("migrating (pass 1 at 42 %, 16.8 MiB sent)").
+    private static func stateLabel(_ state: String?, migration: JSONValue?) -> String {
         guard let state else { return "-" }
-        return state == "superseded" ? "superseded (its standby runs the VM; output stopped)" : state
+        if state == "migrating", let migration {
+            var text = "migrating ("
+            if let pass = migration["iteration"]?.doubleValue, pass > 0 {
+                text += "pass \(Int(pass))" + (migration["pass_percent"]?.doubleValue.map { String(format: " at %.0f %%", $0) } ?? "") + ", "
+            } else if let phase = migration["phase"]?.stringValue {
+                text += phase + ", "
+            }
+            return text + String(format: "%.1f MiB sent)", (migration["sent_bytes"]?.doubleValue ?? 0) / 1_048_576)
+        }
+        return state == "superseded" ? "superseded (its standby took over and runs the VM; output stopped)" : state
     }
 
     private static func credentialsLabel(_ kind: String) -> String {

@@ -33,9 +33,10 @@ enum MigrateCommand {
         let downtime = try arguments.duration("downtime")
         let iterations = try arguments.count("max-iterations").map { Double($0) }
         let timeout = try arguments.duration("timeout")
+        let linkTimeout = try arguments.duration("link-timeout")
         do throws(MigrationOptions.Invalid) {
             try options.migration.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations,
-                                      timeoutSeconds: timeout)
+                                      timeoutSeconds: timeout, linkTimeoutSeconds: linkTimeout)
         } catch {
             throw arguments.error(error.description)
         }
@@ -67,6 +68,7 @@ enum MigrateCommand {
     }
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        if MigrateSteering.applies(arguments) { return try MigrateSteering.run(arguments) }
         if MigrateReplication.applies(arguments) { return try MigrateReplication.run(arguments) }
         let options = try options(arguments)
         // Ctrl-C (SIGINT), SIGTERM or SIGHUP cancel the migration: the source runs on, the
@@ -83,8 +85,10 @@ enum MigrateCommand {
         if let plot = options.plot { try PlotCommand.write(MigrationPlot.svg(report: report), to: plot) }
         emit(options.json ? report.serialized() : ReportTable.render(report))
         if let over = report["downtime_exceeded_ms"]?.doubleValue {
-            printError(String(format: "dirtymig migrate: warning: the downtime was %.1f ms, %.1f ms over --downtime %@ (downtime_parts says where it went)",
-                              report["downtime_ms"]?.doubleValue ?? 0, over, HumanNumber.milliseconds(options.downtime * 1000)))
+            // The limit in force at the pause: `migrate --set downtime=` may have changed --downtime.
+            let limit = report["downtime_limit_ms"]?.doubleValue ?? options.downtime * 1000
+            printError(String(format: "dirtymig migrate: warning: the downtime was %.1f ms, %.1f ms over the downtime limit %@ (downtime_parts says where it went)",
+                              report["downtime_ms"]?.doubleValue ?? 0, over, HumanNumber.milliseconds(limit)))
         }
         if report["status"]?.stringValue == "completed" { return 0 }
         return interrupted.isRaised ? 130 : 1
@@ -100,6 +104,7 @@ enum MigrateCommand {
                                             ("throttle", .string(options.throttle.rawValue))]
         if let bandwidth = options.bandwidth { pairs.append(("bandwidth", .number(bandwidth))) }
         if let timeout = options.timeout { pairs.append(("timeout_s", .number(timeout))) }
+        pairs.append(("link_timeout_s", .number(options.migration.linkTimeoutSeconds)))
         pairs += ChannelOptions.controlArguments(options.migration.security)
         return .object(pairs)
     }
@@ -162,6 +167,7 @@ enum MigrateCommand {
         migration.downtimeSeconds = options.downtime
         migration.maxIterations = options.maxIterations
         migration.timeoutSeconds = options.timeout
+        migration.linkTimeoutSeconds = options.migration.linkTimeoutSeconds
         migration.verify = options.verify
         migration.throttle = options.throttle
         migration.security = options.migration.security

@@ -11,7 +11,7 @@ enum MigrateReplication {
     }
 
     /// Migration-only options make no sense with these.
-    static let migrationOnly = ["bandwidth", "downtime", "max-iterations", "timeout", "verify", "throttle", "plot",
+    static let migrationOnly = ["bandwidth", "downtime", "max-iterations", "timeout", "link-timeout", "verify", "throttle", "plot",
                                 "memory", "vcpus", "workload", "track"]
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
@@ -85,15 +85,26 @@ enum MigrateReplication {
 }
 
 /// `dirtymig failover`: a standby in manual mode (or any standby, by an operator's decision)
-/// resumes the VM from its last committed checkpoint.
+/// resumes the VM from its last committed checkpoint. Refused while the standby still hears its
+/// primary, unless `--force`: then the primary is told that its standby took over.
 enum FailoverCommand {
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
         let path = try ControlSocketPath.resolve(vm: arguments.string("vm"))
         let client = try ControlClient(path: path)
         defer { client.close() }
-        let reply = try client.call("failover", timeout: 10)
+        let reply: JSONValue
+        do throws(ControlClient.ClientError) {
+            reply = try client.call("failover", arguments: arguments.has("force") ? ["force": true] : .object([]), timeout: 10)
+        } catch {
+            guard let refusal = error.controlError, refusal.errorClass == .failed else { throw error }
+            throw RuntimeFailure("failover: \(refusal.desc)")
+        }
         if arguments.has("json") { emit(reply.serialized()) } else {
-            emit("failover: the standby resumes the VM from checkpoint \(Int(reply["epoch"]?.doubleValue ?? 0))")
+            var text = "failover: the standby resumes the VM from checkpoint \(Int(reply["epoch"]?.doubleValue ?? 0))"
+            if let heard = reply["primary_heard_ms_ago"]?.doubleValue {
+                text += String(format: "; the primary, heard from %.0f ms before, is told that its standby took over (its output stops; stop it with 'dirtymig stop')", heard)
+            }
+            emit(text)
         }
         return 0
     }

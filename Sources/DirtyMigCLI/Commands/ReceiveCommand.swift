@@ -122,15 +122,20 @@ extension ReceiveCommand {
                     "prepared_memory_state": prepared.map { .string($0.availability.rawValue) } ?? .null,
                     "credentials": .string(security.credentialsKind)]
         }
-        // An operator's (or a third party's) decision that the primary is gone.
-        server.register("failover") { (_: JSONValue) throws(ControlError) in
+        // An operator's (or a third party's) decision that the primary is gone; refused while
+        // the primary is heard from, unless forced.
+        server.register("failover") { (arguments: JSONValue) throws(ControlError) in
+            try arguments.checkArguments(allowed: ["force"])
+            let force = try arguments.boolArgument("force") ?? false
             guard let session = receiver.standbySession else {
                 throw ControlError(.failed, standby == nil ? "this receiver is not a standby (receive --standby)" : "this standby follows no replication")
             }
-            guard let epoch = session.requestFailover() else {
-                throw ControlError(.failed, "this standby holds no checkpoint yet (the initial copy is under way): there is nothing to resume")
+            let granted: StandbySession.FailoverGranted
+            do throws(StandbySession.FailoverRefusal) { granted = try session.requestFailover(force: force) } catch {
+                throw ControlError(.failed, error.description)
             }
-            return ["failover": true, "epoch": .number(epoch)]
+            return ["failover": true, "epoch": .number(granted.epoch),
+                    "primary_heard_ms_ago": granted.primaryHeardMillisecondsAgo.map { .number($0) } ?? .null]
         }
         // `quit` (what `dirtymig stop` sends) does what SIGTERM does.
         server.register("quit") { (_: JSONValue, context: ControlContext) throws(ControlError) in

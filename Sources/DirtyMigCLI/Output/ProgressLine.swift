@@ -36,8 +36,9 @@ final class ProgressLine: @unchecked Sendable {
         guard phase == "pre-copy" || phase == "stop-and-copy" else { return phase }
         let sent = (progress["sent_bytes"]?.doubleValue ?? 0) / 1_048_576
         let remaining = (progress["remaining_pages"]?.doubleValue ?? 0) * 4096 / 1_048_576
-        var text = String(format: "%@  pass %d  sent %.0f MiB  remaining %.0f MiB  %.0f MiB/s", phase,
-                          Int(progress["iteration"]?.doubleValue ?? 0), sent, remaining, progress["throughput_mib_s"]?.doubleValue ?? 0)
+        var text = String(format: "%@  pass %d  sent %.0f MiB  remaining %.0f MiB", phase,
+                          Int(progress["iteration"]?.doubleValue ?? 0), sent, remaining)
+        if let throughput = progress["throughput_mib_s"]?.doubleValue { text += String(format: "  %.0f MiB/s", throughput) }
         if let dirty = progress["dirty_pages_s"]?.doubleValue { text += "  dirty " + HumanNumber.rate(dirty, unit: "pages/s") }
         if let expected = progress["expected_downtime_ms"]?.doubleValue, expected > 0 {
             text += String(format: "  expected downtime %.0f ms", expected)

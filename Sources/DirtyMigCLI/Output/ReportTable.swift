@@ -55,6 +55,10 @@ enum ReportTable {
             row("pages", "\(HumanNumber.grouped(report["normal_pages"]?.doubleValue ?? 0)) normal, \(HumanNumber.grouped(report["zero_pages"]?.doubleValue ?? 0)) zero")
         }
         if let throughput = report["throughput_mib_s"]?.doubleValue { row("throughput", String(format: "%.1f MiB/s", throughput)) }
+        for change in report["limit_changes"]?.arrayValue ?? [] { row("limits changed", limitChangeText(change)) }
+        if let dropped = report["limit_changes_dropped"]?.doubleValue, dropped > 0 {
+            row("", "and \(Int(dropped)) more changes, not kept")
+        }
         if began {
             row("dirty rate (last)", report["dirty_pages_s"]?.doubleValue.map { HumanNumber.rate($0, unit: "pages/s") }
                 ?? "\(notMeasured) (no pass completed)")
@@ -107,6 +111,25 @@ enum ReportTable {
                 : HumanNumber.spread(values) + " guest pages/s (min / median / max)")
         }
         return lines.joined(separator: "\n")
+    }
+}
+
+extension ReportTable {
+    /// "at 2.1 s (pass 1): bandwidth 4.0 MiB/s -> 16.0 MiB/s": what a `migrate --set` changed.
+    static func limitChangeText(_ change: JSONValue) -> String {
+        func bandwidth(_ limits: JSONValue?) -> String {
+            limits?["bandwidth"]?.doubleValue.map { String(format: "%.1f MiB/s", $0 / 1_048_576) } ?? "unlimited"
+        }
+        func downtime(_ limits: JSONValue?) -> String {
+            limits?["downtime_ms"]?.doubleValue.map { HumanNumber.milliseconds($0) } ?? "?"
+        }
+        let before = change["before"], after = change["after"]
+        var what: [String] = []
+        if bandwidth(before) != bandwidth(after) { what.append("bandwidth \(bandwidth(before)) -> \(bandwidth(after))") }
+        if downtime(before) != downtime(after) { what.append("downtime limit \(downtime(before)) -> \(downtime(after))") }
+        if what.isEmpty { what.append("set again, unchanged: bandwidth \(bandwidth(after)), downtime limit \(downtime(after))") }
+        return String(format: "at %.1f s (pass %d): ", change["t_s"]?.doubleValue ?? 0, Int(change["pass"]?.doubleValue ?? 0))
+            + what.joined(separator: ", ")
     }
 }
 

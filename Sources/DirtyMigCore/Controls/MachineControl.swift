@@ -44,6 +44,8 @@ public enum MachineControl {
             "name": .string(configuration.name),
             // Superseded: its standby took over and runs the VM; this copy's output is stopped.
             "state": .string(machine.events.firstFailure != nil ? "failed" : machine.output.isFenced ? "superseded" : "running"),
+            // Superseded, in words: who took over, from which checkpoint, and what to do.
+            "superseded": machine.output.fenceReason.map { .string($0) } ?? .null,
             "pid": .number(Int(getpid())),
             "error": failure,
             "memory_bytes": .number(configuration.memorySize),

@@ -1,9 +1,10 @@
 import Synchronization
 
 /// The control commands that migrate a running VM: `migrate` (runs the whole migration and
-/// replies with the report), `query-migrate` (progress of the one under way) and
-/// `migrate-cancel`. The migration runs inside the VM's process, on the thread serving the
-/// `migrate` command; other clients are served meanwhile.
+/// replies with the report), `query-migrate` (progress of the one under way), `migrate-set`
+/// (changes its bandwidth cap and downtime limit) and `migrate-cancel`. The migration runs
+/// inside the VM's process, on the thread serving the `migrate` command; other clients are
+/// served meanwhile.
 public enum MigrationControl {
     /// At most one migration per VM at a time.
     public final class Slot: Sendable {
@@ -51,6 +52,17 @@ public enum MigrationControl {
             guard let sender = slot.current.withLock({ $0 }) else { return ["phase": "none"] }
             return sender.progress.json
         }
+        server.register("migrate-set") { (arguments: JSONValue) throws(ControlError) in
+            let (bandwidth, downtime) = try newLimits(arguments)
+            guard let sender = slot.current.withLock({ $0 }) else {
+                throw ControlError(.failed, "no migration of this VM is under way: there are no limits to change (they are set when one starts: migrate --bandwidth, --downtime)")
+            }
+            let values = sender.changeLimits(bandwidth: bandwidth, downtimeSeconds: downtime)
+            let progress = sender.progress
+            return ["bandwidth": values.bandwidth.map { .number($0) } ?? .null, "downtime_ms": .number(values.downtimeSeconds * 1000),
+                    "phase": .string(progress.phase), "iteration": .number(progress.iteration),
+                    "t_s": .number(progress.elapsedSeconds)]
+        }
         server.register("migrate-cancel") { (arguments: JSONValue) throws(ControlError) in
             try arguments.checkArguments(allowed: ["reason"])
             let reason = try arguments.stringArgument("reason").map { String($0.prefix(1024)) } ?? MigrationSender.cancelledReason
@@ -61,10 +73,10 @@ public enum MigrationControl {
     }
 
     /// The `migrate` command's arguments: `to` (HOST:PORT, required), `bandwidth` (bytes/s),
-    /// `downtime_ms`, `max_iterations`, `timeout_s`, `verify`, `throttle`, and the channel's:
+    /// `downtime_ms`, `max_iterations`, `timeout_s`, `link_timeout_s`, `verify`, `throttle`, and the channel's:
     /// `psk_file`, `tls_dir`, `tls_peer` (absolute paths, read by this process), `insecure`.
     static func migrationOptions(_ arguments: JSONValue) throws(ControlError) -> MigrationOptions {
-        try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "verify", "throttle",
+        try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "link_timeout_s", "verify", "throttle",
                                                "psk_file", "tls_dir", "tls_peer", "insecure"])
         let destination = try target(arguments, command: "migrate", listener: "'dirtymig receive'")
         var options = MigrationOptions(destination: destination)
@@ -72,8 +84,10 @@ public enum MigrationControl {
         let downtime = try arguments.doubleArgument("downtime_ms").map { $0 / 1000 }
         let iterations = try arguments.doubleArgument("max_iterations")
         let timeout = try arguments.doubleArgument("timeout_s")
+        let linkTimeout = try arguments.doubleArgument("link_timeout_s")
         do throws(MigrationOptions.Invalid) {
-            try options.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations, timeoutSeconds: timeout)
+            try options.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations, timeoutSeconds: timeout,
+                            linkTimeoutSeconds: linkTimeout)
         } catch {
             throw ControlError(.invalidArgument, error.description)
         }
@@ -89,6 +103,30 @@ public enum MigrationControl {
         }
         options.security = try channelSecurity(arguments, connectingTo: destination)
         return options
+    }
+
+    /// `migrate-set`'s arguments, checked by the ranges `migrate` applies: `bandwidth` (bytes/s,
+    /// or "unlimited" to remove the cap) and `downtime_ms`; at least one.
+    static func newLimits(_ arguments: JSONValue) throws(ControlError) -> (bandwidth: UInt64??, downtimeSeconds: Double?) {
+        try arguments.checkArguments(allowed: ["bandwidth", "downtime_ms"])
+        var bandwidth: UInt64?? = nil
+        if arguments["bandwidth"]?.stringValue == "unlimited" {
+            bandwidth = .some(nil)
+        } else if let rate = try arguments.doubleArgument("bandwidth") {
+            do throws(MigrationOptions.Invalid) { bandwidth = try MigrationOptions.checkedBandwidth(rate) } catch {
+                throw ControlError(.invalidArgument, error.description + " (or \"unlimited\")")
+            }
+        }
+        var downtime: Double? = nil
+        if let milliseconds = try arguments.doubleArgument("downtime_ms") {
+            do throws(MigrationOptions.Invalid) { downtime = try MigrationOptions.checkedDowntime(milliseconds / 1000) } catch {
+                throw ControlError(.invalidArgument, error.description)
+            }
+        }
+        guard bandwidth != nil || downtime != nil else {
+            throw ControlError(.invalidArgument, "migrate-set needs 'bandwidth' (bytes/s, or \"unlimited\") or 'downtime_ms', or both")
+        }
+        return (bandwidth, downtime)
     }
 
     /// The `to` argument (HOST:PORT) of `migrate` and `replicate`, which must be there.

@@ -23,6 +23,8 @@ public final class GuestOutput: Sendable {
         var holding = false
         /// Another copy of this VM runs elsewhere (its standby took over): nothing leaves here.
         var fenced = false
+        /// Why, in words (`query-status` gives it).
+        var fenceReason: String?
         /// The epoch that lines emitted now belong to.
         var epoch: UInt64 = 0
         var held: [Held] = []
@@ -119,9 +121,10 @@ public final class GuestOutput: Sendable {
     /// The standby took over this VM and runs it now: this copy is stale, and its outside world
     /// must see one VM only. What is held is dropped (the standby's guest produces it again
     /// from its checkpoint) and nothing this copy emits leaves any more.
-    public func fence() {
+    public func fence(because reason: String) {
         state.withLock { state in
             state.fenced = true
+            state.fenceReason = reason
             state.holding = false
             state.dropped += UInt64(state.held.count)
             state.held.removeAll()
@@ -129,6 +132,8 @@ public final class GuestOutput: Sendable {
     }
 
     public var isFenced: Bool { state.withLock { $0.fenced } }
+    /// Why the output was fenced, once it was.
+    public var fenceReason: String? { state.withLock { $0.fenceReason } }
 
     /// Emit-to-release delays (ns) of held lines since the last call.
     public func takeDelays() -> [UInt64] {

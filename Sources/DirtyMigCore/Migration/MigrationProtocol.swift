@@ -43,9 +43,10 @@ public enum MigrationWire {
     /// 4: the result frame says how long the destination took to resume the VM.
     /// 5: replication (hello flag, checkpoint frames; the hello reply carries the heartbeat).
     /// 6: replicationEnded and tookOver; the standby times silence, not whole frames.
-    /// 7: every connection opens with its role and a session id (the hello's head); a control
+    /// 7: hello's link timeout (both sides give up on the same silent link).
+    /// 8: every connection opens with its role and a session id (the hello's head); a control
     /// hello announces the connections that will join its session.
-    public static let version: UInt32 = 7
+    public static let version: UInt32 = 8
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -157,6 +158,13 @@ public struct MigrationHello: Sendable, Equatable {
     public var verify = false
     /// The sender starts continuous replication: the receiver must be a standby.
     public var replicate = false
+    /// How long the link may carry nothing before the migration fails (`--link-timeout`): the
+    /// destination watches its side of the link with the same deadline, so both sides give up
+    /// together, and neither before. Ignored by a standby, which has its `--failover-after`.
+    public var linkTimeoutMilliseconds: UInt32 = MigrationHello.defaultLinkTimeoutMilliseconds
+    public static let defaultLinkTimeoutMilliseconds: UInt32 = 30_000
+    /// What a destination accepts: a hostile hello cannot make it wait for days, nor give up at once.
+    static let linkTimeoutMillisecondsRange: ClosedRange<UInt32> = 1_000...3_600_000
     /// The session this hello opens: a fresh id (the sender's `MigrationSession` sets its own).
     public var session = SessionID.random()
     /// The connections that will join the session, besides this one.
@@ -194,6 +202,7 @@ public struct MigrationHello: Sendable, Equatable {
         writer.u32(requiredFeatures.leaf1EDX); writer.u32(requiredFeatures.leaf1ECX)
         writer.u32(requiredFeatures.extendedEDX)
         writer.u32((verify ? MigrationHello.verifyFlag : 0) | (replicate ? MigrationHello.replicateFlag : 0))
+        writer.u32(linkTimeoutMilliseconds)
         joins.encode(into: &writer)
         writer.string(name)
         writer.blob(guestConfig)
@@ -229,6 +238,10 @@ public struct MigrationHello: Sendable, Equatable {
         }
         verify = flags & MigrationHello.verifyFlag != 0
         replicate = flags & MigrationHello.replicateFlag != 0
+        linkTimeoutMilliseconds = try reader.u32()
+        guard Self.linkTimeoutMillisecondsRange.contains(linkTimeoutMilliseconds) else {
+            throw .malformed("link timeout \(linkTimeoutMilliseconds) ms (1 s to 1 h)")
+        }
         joins = try SessionJoins(reading: &reader)
         name = try reader.peerText()
         guestConfig = try reader.blob(max: 64 * (GuestLayout.maxVCPUs + 1))

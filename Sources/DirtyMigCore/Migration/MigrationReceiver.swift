@@ -338,13 +338,23 @@ public final class MigrationReceiver: Sendable {
             break
         }
 
-        let channel = MigrationChannel(transport: connection, frameSeconds: limits.frameSeconds)
+        var frameSeconds = limits.frameSeconds
+        if standby == nil {
+            // The sender's link rule, on this side too: a link silent for its --link-timeout ends
+            // the migration here as it does there (the copy is discarded), a shorter cut is
+            // ridden out, so a frame under way may take the cut's length longer. A standby
+            // keeps its own rule (--failover-after), and its connection outlives a cut.
+            let linkTimeout = Double(hello.linkTimeoutMilliseconds) / 1000
+            connection.tcp.watchLink(timeoutSeconds: linkTimeout)
+            connection.setTimeouts(send: linkTimeout, receive: linkTimeout)
+            frameSeconds += linkTimeout
+        }
+        let channel = MigrationChannel(transport: connection, frameSeconds: frameSeconds)
         var built = false
         let outcome: Result<Machine, MigrationError>
         do {
             if let standby {
-                let session = StandbySession(primary: peer, options: standby, cut: { socket.shutdownReceiving() },
-                                             lastByte: { socket.lastReceivedNanoseconds })
+                let session = StandbySession(primary: peer, options: standby, lastByte: { socket.lastReceivedNanoseconds })
                 state.withLock { $0.session = session }
                 defer { state.withLock { if $0.session === session { $0.session = nil } } }
                 log("replication from \(peer): taking the initial copy")
@@ -361,6 +371,13 @@ public final class MigrationReceiver: Sendable {
         } catch {
             var error = error
             if state.withLock({ $0.stopping }), !isCommitted(id) { error = .cancelled(Self.stoppingReason) }
+            // Nothing came for (nearly) the whole link deadline: the link, or the source's host,
+            // went silent (not a peer that trickled a frame past its deadline, nor one that closed).
+            let linkTimeout = Double(hello.linkTimeoutMilliseconds) / 1000
+            if standby == nil, !isCommitted(id), case .connection(let system) = error, system.errno == ETIMEDOUT,
+               Double(MonotonicClock.nanoseconds() - connection.tcp.lastReceivedNanoseconds) >= linkTimeout * 0.9e9 {
+                error = .timedOut("the link from \(peer) carried nothing for \(linkTimeout) s (the source's --link-timeout; \(system.operation) timed out)")
+            }
             channel.sendAbort(error.description)
             log("the migration from \(peer) failed: \(error); \(built ? "its partial VM was discarded" : "nothing had been allocated for it")")
             outcome = .failure(error)

@@ -8,6 +8,10 @@ public struct MigrationOptions: Sendable {
     public var downtimeSeconds: Double = 0.3
     public var maxIterations: Int = 30
     public var timeoutSeconds: Double?
+    /// How long the link may carry nothing back before the migration fails (`--link-timeout`),
+    /// on both sides: a shorter cut is ridden out, a longer one ends the migration with the VM
+    /// running on here and the destination's copy discarded.
+    public var linkTimeoutSeconds = Double(MigrationHello.defaultLinkTimeoutMilliseconds) / 1000
     public var verify = false
     /// How to slow a guest that dirties faster than the link carries (resolved against the
     /// VM's tracking mode when the migration starts).
@@ -28,10 +32,11 @@ public struct MigrationOptions: Sendable {
     public static let downtimeRange: ClosedRange<Double> = 0.001...600
     public static let maxIterationsRange: ClosedRange<Double> = 1...1_000_000
     public static let timeoutRange: ClosedRange<Double> = 0.001...(30 * 86_400)
+    public static let linkTimeoutRange: ClosedRange<Double> = 1...3600
 
     /// Why a value is out of range, in words that name the option both ways it can be given.
     public enum Invalid: Error, Equatable, CustomStringConvertible {
-        case bandwidth, downtime, maxIterations, timeout
+        case bandwidth, downtime, maxIterations, timeout, linkTimeout
 
         public var description: String {
             switch self {
@@ -39,21 +44,28 @@ public struct MigrationOptions: Sendable {
             case .downtime: return "downtime must be from 1 ms to 600 s (--downtime 1ms to 10m, downtime_ms 1 to 600000)"
             case .maxIterations: return "max_iterations must be a whole number from 1 to 1000000"
             case .timeout: return "timeout must be from 1 ms to 30 days (--timeout 1ms to 43200m, timeout_s up to 2592000)"
+            case .linkTimeout: return "link timeout must be from 1 s to 1 hour (--link-timeout 1s to 60m, link_timeout_s 1 to 3600)"
             }
         }
     }
 
+    /// A bandwidth cap in bytes/s, checked: a whole number in `bandwidthRange`.
+    public static func checkedBandwidth(_ bandwidth: Double) throws(Invalid) -> UInt64 {
+        guard bandwidthRange.contains(bandwidth), bandwidth == bandwidth.rounded(.down) else { throw .bandwidth }
+        return UInt64(bandwidth)
+    }
+
+    /// A downtime limit in seconds, checked against `downtimeRange`.
+    public static func checkedDowntime(_ seconds: Double) throws(Invalid) -> Double {
+        guard downtimeRange.contains(seconds) else { throw .downtime }
+        return seconds
+    }
+
     /// Checks and sets each value given (nil: leave as it is). NaN and infinities are out of range.
     public mutating func set(bandwidth: Double? = nil, downtimeSeconds: Double? = nil, maxIterations: Double? = nil,
-                             timeoutSeconds: Double? = nil) throws(Invalid) {
-        if let bandwidth {
-            guard Self.bandwidthRange.contains(bandwidth), bandwidth == bandwidth.rounded(.down) else { throw .bandwidth }
-            self.bandwidth = UInt64(bandwidth)
-        }
-        if let downtimeSeconds {
-            guard Self.downtimeRange.contains(downtimeSeconds) else { throw .downtime }
-            self.downtimeSeconds = downtimeSeconds
-        }
+                             timeoutSeconds: Double? = nil, linkTimeoutSeconds: Double? = nil) throws(Invalid) {
+        if let bandwidth { self.bandwidth = try Self.checkedBandwidth(bandwidth) }
+        if let downtimeSeconds { self.downtimeSeconds = try Self.checkedDowntime(downtimeSeconds) }
         if let maxIterations {
             guard Self.maxIterationsRange.contains(maxIterations), maxIterations == maxIterations.rounded(.down) else {
                 throw .maxIterations
@@ -63,6 +75,10 @@ public struct MigrationOptions: Sendable {
         if let timeoutSeconds {
             guard Self.timeoutRange.contains(timeoutSeconds) else { throw .timeout }
             self.timeoutSeconds = timeoutSeconds
+        }
+        if let linkTimeoutSeconds {
+            guard Self.linkTimeoutRange.contains(linkTimeoutSeconds) else { throw .linkTimeout }
+            self.linkTimeoutSeconds = linkTimeoutSeconds
         }
     }
 }
@@ -94,24 +110,60 @@ public struct MigrationPass: Sendable {
     }
 }
 
-/// Live progress, for the progress line.
+/// Live progress: what `query-migrate` (and so `migrate --status`, `list` and the progress
+/// line) shows. A figure not measured yet is nil (null in the JSON), never 0: the expected
+/// downtime is known only once a pass has ended and its dirty pages were counted.
 public struct MigrationProgress: Sendable {
     /// starting, connecting, pre-copy, stop-and-copy, completed, failed.
     public var phase: String = "starting"
+    public var destination = ""
     public var iteration = 0
     public var sentBytes: UInt64 = 0
     public var remainingPages: UInt64 = 0
-    public var throughputBytesPerSecond: Double = 0
-    public var dirtyPagesPerSecond: Double = 0
-    public var expectedDowntimeSeconds: Double = 0
+    /// The pages the pass under way carries (with `remainingPages`, how far it is).
+    public var passPages: UInt64 = 0
+    /// Over about the last 100 ms (MigrationTimeline), from its first sample on.
+    public var throughputBytesPerSecond: Double?
+    public var dirtyPagesPerSecond: Double?
+    public var expectedDowntimeSeconds: Double?
+    /// The throttle as it stood at its last judgement (nil: no pass judged yet).
+    public var throttle: ThrottleLevel?
+    /// The limits in force now (they may change while the migration runs: `migrate-set`).
+    public var limits: MigrationLimits.Values?
+    /// How many times the limits were changed.
+    public var limitChanges = 0
+    /// Since the migration began, as of this reading.
+    public var elapsedSeconds: Double = 0
 
     public init() {}
 
+    /// Whether a migration in `phase` (as `query-migrate` says it; "none" when there is none)
+    /// is under way: not ended, nor absent.
+    public static func isUnderWay(phase: String?) -> Bool {
+        guard let phase else { return false }
+        return !["none", "completed", "failed"].contains(phase)
+    }
+
+    /// The share of the pass under way that was sent, in percent (nil before a pass began).
+    public var passPercent: Double? {
+        guard passPages > 0, phase == "pre-copy" || phase == "stop-and-copy" else { return nil }
+        return Double(passPages - min(remainingPages, passPages)) / Double(passPages) * 100
+    }
+
     public var json: JSONValue {
         [
-            "phase": .string(phase), "iteration": .number(iteration), "sent_bytes": .number(sentBytes),
-            "remaining_pages": .number(remainingPages), "throughput_mib_s": .number(throughputBytesPerSecond / 1_048_576),
-            "dirty_pages_s": .number(dirtyPagesPerSecond), "expected_downtime_ms": .number(expectedDowntimeSeconds * 1000),
+            "phase": .string(phase), "destination": .string(destination), "iteration": .number(iteration),
+            "sent_bytes": .number(sentBytes), "remaining_pages": .number(remainingPages),
+            "remaining_bytes": .number(remainingPages * 4096), "pass_pages": .number(passPages),
+            "pass_percent": passPercent.map { .number($0) } ?? .null,
+            "throughput_mib_s": throughputBytesPerSecond.map { .number($0 / 1_048_576) } ?? .null,
+            "dirty_pages_s": dirtyPagesPerSecond.map { .number($0) } ?? .null,
+            "expected_downtime_ms": expectedDowntimeSeconds.map { .number($0 * 1000) } ?? .null,
+            "throttle": throttle?.json ?? .null,
+            "bandwidth_limit": limits.map { $0.bandwidth.map { .number($0) } ?? .null } ?? .null,
+            "downtime_limit_ms": limits.map { .number($0.downtimeSeconds * 1000) } ?? .null,
+            "limit_changes": .number(limitChanges),
+            "elapsed_s": .number(elapsedSeconds),
         ]
     }
 }
@@ -159,6 +211,10 @@ public struct MigrationReport: Sendable {
     public var timeline: [MigrationSample] = []
     /// What the connection was: encrypted or not, cipher, the peer's identity (nil if none was made).
     public var channel: ChannelDescription?
+    /// The limits changed while the migration ran (`migrate --set`), when, and from what to
+    /// what; and how many changes more were made than kept.
+    public var limitChanges: [MigrationLimits.Change] = []
+    public var limitChangesDropped = 0
 
     public init() {}
 
@@ -210,6 +266,8 @@ public struct MigrationReport: Sendable {
             "downtime_parts": downtimeParts?.json ?? .null,
             "passes": .array(passes.map(\.json)),
             "timeline": .array(timeline.map(\.json)),
+            "limit_changes": .array(limitChanges.map(\.json)),
+            "limit_changes_dropped": .number(limitChangesDropped),
         ]
     }
 }

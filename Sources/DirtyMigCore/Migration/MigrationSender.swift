@@ -12,8 +12,13 @@ import Synchronization
 /// runs the VM leaves the source running.
 public final class MigrationSender: Sendable {
     public let machine: Machine
+    /// As asked when the migration started; the bandwidth cap and the downtime limit in force
+    /// are `limits`, which may change while it runs.
     public let options: MigrationOptions
+    public let limits: MigrationLimits
     private let live = Mutex(MigrationProgress())
+    /// When `run` began (monotonic ns; 0 before): elapsed time and when limits changed count from it.
+    private let startedAt = Atomic<UInt64>(0)
     private let cancelFlag = Atomic<Bool>(false)
     private let link = Mutex(Link())
     /// The connection while it is being set up (connect, TLS handshake), for `cancel`.
@@ -57,9 +62,33 @@ public final class MigrationSender: Sendable {
     public init(machine: Machine, options: MigrationOptions) {
         self.machine = machine
         self.options = options
+        limits = MigrationLimits(.init(bandwidth: options.bandwidth, downtimeSeconds: options.downtimeSeconds))
+        live.withLock { $0.destination = options.destination.description }
     }
 
-    public var progress: MigrationProgress { live.withLock { $0 } }
+    public var progress: MigrationProgress {
+        var progress = live.withLock { $0 }
+        progress.limits = limits.current
+        progress.limitChanges = limits.changes.kept.count + limits.changes.dropped
+        progress.elapsedSeconds = secondsSinceStart
+        return progress
+    }
+
+    private var secondsSinceStart: Double {
+        let started = startedAt.load(ordering: .acquiring)
+        return started == 0 ? 0 : Double(MonotonicClock.nanoseconds() - started) / 1e9
+    }
+
+    /// Changes the bandwidth cap (`.some(nil)`: none) or the downtime limit of the migration
+    /// under way, as `migrate-set` asks: the sender uses them from its next decision on (the
+    /// limiter before its next batch, the pre-copy rule and the throttle after the pass under
+    /// way). Returns the limits now in force. The values must have been checked
+    /// (`MigrationOptions.checkedBandwidth`, `checkedDowntime`).
+    @discardableResult
+    public func changeLimits(bandwidth: UInt64?? = nil, downtimeSeconds: Double? = nil) -> MigrationLimits.Values {
+        limits.change(bandwidth: bandwidth, downtimeSeconds: downtimeSeconds, atSeconds: secondsSinceStart,
+                      pass: live.withLock { $0.iteration })
+    }
 
     /// Ends the migration at the next batch (the source VM keeps running, the destination is
     /// told why and discards its copy). A send blocked on a destination that stopped reading
@@ -106,12 +135,12 @@ public final class MigrationSender: Sendable {
             return report
         }
         let throttle = MigrationThrottle(mode: throttleMode, machine: machine, pooled: options.quotaPool)
-        report.downtimeLimitSeconds = options.downtimeSeconds
         let before = machine.pace.measuredPace()
         update { $0.phase = "connecting" }
         report.guestPagesPerSecondBefore = before ?? machine.guestStats().vcpus.map { _ in 0 }
         report.guestPaceBeforeMeasured = before != nil
         let started = MonotonicClock.nanoseconds()
+        startedAt.store(started, ordering: .releasing)
         let guestAtStart = machine.guestStats().vcpus.map(\.pages)
         let machine = self.machine
         let timeline = MigrationTimeline(
@@ -144,6 +173,9 @@ public final class MigrationSender: Sendable {
         }
         throttle.remove()
         report.throttle = throttle.report
+        // The limit the pause was held to: the one in force at the end (it may have changed).
+        report.downtimeLimitSeconds = limits.downtimeSeconds
+        (report.limitChanges, report.limitChangesDropped) = limits.changes
         if report.guestPagesPerSecondDuring.isEmpty {
             let seconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
             report.guestPagesPerSecondDuring = zip(machine.guestStats().vcpus.map(\.pages), guestAtStart).map {
@@ -183,6 +215,14 @@ public final class MigrationSender: Sendable {
             link.withLock { $0.session = nil }
             session.close()
         }
+        // The link rule: a link that carries nothing back for --link-timeout fails the migration
+        // (a cut link, a host gone, a destination that stopped reading), a shorter cut is ridden
+        // out. The kernel watches the link (unacknowledged data, keepalives while we only wait);
+        // the socket timeouts are the same deadline for a peer whose kernel answers but whose
+        // process does not. The destination learns the deadline from the hello.
+        let linkTimeout = options.linkTimeoutSeconds
+        session.control.tcp.watchLink(timeoutSeconds: linkTimeout)
+        session.control.setTimeouts(send: linkTimeout, receive: linkTimeout)
         let channel = session.channel
         do {
             try transfer(session, tracker: tracker, report: &report, started: started, paused: &paused,
@@ -193,8 +233,30 @@ public final class MigrationSender: Sendable {
             // A destination that gave up first said why before it closed: that beats "connection reset".
             if case .connection = error, let reason = Self.pendingAbort(channel) { throw .peerAborted(reason) }
             channel.sendAbort(error.description)
+            if case .connection(let system) = error, let words = Self.linkRuleFailure(options, system, socket: session.control.tcp) {
+                throw .timedOut(words)
+            }
             throw error
         }
+    }
+
+    /// A connection that failed under the link rule, in words, or nil if it failed otherwise:
+    /// the kernel's "Connection timed out" (or the "Broken pipe" a TLS send saw after the kernel
+    /// had given up) did not say which deadline it was, nor what became of the VM.
+    static func linkRuleFailure(_ options: MigrationOptions, _ error: SystemError, socket: TCPSocket) -> String? {
+        let seconds = options.linkTimeoutSeconds
+        let deadline = seconds == seconds.rounded() ? "\(Int(seconds)) s" : "\(seconds) s"
+        let outcome = "the migration failed, the VM runs on here and the destination discards its copy"
+        // Nothing acknowledged for (nearly) the whole deadline: the link, or the host behind it, went silent.
+        if let silent = socket.nanosecondsSinceLastAcknowledgement, Double(silent) >= seconds * 0.9e9,
+           [ETIMEDOUT, EPIPE, ECONNRESET].contains(error.errno) {
+            return "the link to \(options.destination) carried nothing back for \(deadline) (--link-timeout): \(outcome)"
+        }
+        // Acknowledged, but nothing taken or answered: the destination's host is there, its process is not.
+        if error.errno == ETIMEDOUT {
+            return "the destination \(options.destination) took or answered nothing for \(deadline) (--link-timeout; \(error.operation) timed out): \(outcome)"
+        }
+        return nil
     }
 
     /// The reason in an abort frame the destination sent before the connection failed, if one
@@ -227,24 +289,22 @@ public final class MigrationSender: Sendable {
         // Handshake.
         var hello = MigrationHello(announcing: machine)
         hello.verify = options.verify
+        hello.linkTimeoutMilliseconds = UInt32(options.linkTimeoutSeconds * 1000)
         _ = try session.greet(hello)
         let channel = session.channel
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
 
         // Pass 1: everything that holds data; the tracker's history before now (and any loss
         // in it) is irrelevant.
-        let passes = try PreCopyPasses(memory: machine.memory, tracker: tracker, channel: channel, bandwidth: options.bandwidth)
+        let limits = self.limits
+        let passes = try PreCopyPasses(memory: machine.memory, tracker: tracker, channel: channel,
+                                       bandwidth: { limits.bandwidth })
         var bandwidth = 0.0
         // --verify hashes all guest memory here while the VM is paused (the destination hashed
         // pages as they landed): part of the downtime, so part of the expected downtime the
         // pre-copy rule compares, for at most half of --downtime (a bigger share would leave the
-        // rule no way to be met).
-        let verifyEstimate = options.verify
-            ? min(MemoryDigest.estimateSeconds(machine.memory), options.downtimeSeconds / 2) : 0
-        report.verifyEstimateSeconds = verifyEstimate
-        // Pre-copy stops when the expected downtime is at most 85 % of --downtime: the rest is
-        // kept for what the guest dirties between the last pass and the pause, and for the state.
-        let target = options.downtimeSeconds * 0.85
+        // rule no way to be met). Capped anew after each pass: the limit may change.
+        let verifyCost = options.verify ? MemoryDigest.estimateSeconds(machine.memory) : 0
         // dirty-limit and dirty-quota judge the guest every second, within passes too, from the
         // harvester's per-vCPU counts (see MigrationThrottle): what went out and what the guest
         // dirtied since the last judgement.
@@ -255,17 +315,22 @@ public final class MigrationSender: Sendable {
             let vcpuPages = tracker.counters().vcpuPages
             let vcpuDirty = zip(vcpuPages ?? [], period.vcpuPages ?? []).map { Double($0 &- $1) * 4096 }
             var periodBandwidth = Double(period.sentBytes) / seconds
-            if let cap = options.bandwidth { periodBandwidth = min(periodBandwidth, Double(cap)) }
+            if let cap = limits.bandwidth { periodBandwidth = min(periodBandwidth, Double(cap)) }
             throttle.observe(pass: pass, sentBytes: period.sentBytes, dirtyBytes: UInt64(vcpuDirty.reduce(0, +)),
                              seconds: seconds, bandwidth: periodBandwidth,
                              vcpuDirtyBytesPerSecond: vcpuDirty.map { $0 / seconds },
                              sinceStart: Double(now - started) / 1e9)
+            let level = throttle.level
+            update { $0.throttle = level }
             period = ThrottlePeriod(time: now, vcpuPages: vcpuPages)
         }
         var iteration = 0
         while true {
             iteration += 1
-            update { $0.phase = "pre-copy"; $0.iteration = iteration; $0.remainingPages = UInt64(passes.pending.count) }
+            update {
+                $0.phase = "pre-copy"; $0.iteration = iteration
+                $0.remainingPages = UInt64(passes.pending.count); $0.passPages = $0.remainingPages
+            }
             let outcome: PreCopyPasses.Outcome
             var inFlight = PageSendTally()   // what this pass sent so far, for a pass cut mid-way
             do {
@@ -295,7 +360,15 @@ public final class MigrationSender: Sendable {
             report.ringOverruns = passes.ringOverruns
             // A tiny pass measures latency, not bandwidth: keep the last good figure then.
             if sent.bytes >= 1 << 20 || bandwidth == 0 { bandwidth = Double(sent.bytes) / seconds }
-            if let cap = options.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
+            // The decision uses the limits in force now: a cap or a downtime limit changed
+            // during the pass counts from this decision on.
+            let inForce = limits.current
+            if let cap = inForce.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
+            let verifyEstimate = min(verifyCost, inForce.downtimeSeconds / 2)
+            report.verifyEstimateSeconds = verifyEstimate
+            // Pre-copy stops when the expected downtime is at most 85 % of --downtime: the rest is
+            // kept for what the guest dirties between the last pass and the pause, and for the state.
+            let target = inForce.downtimeSeconds * 0.85
             let dirtyPages = UInt64(dirty.count)
             // Everything the pause will hold: the last pages, the source's hash, pausing and
             // saving every vCPU here and restoring and starting it there, and two more round trips
@@ -317,7 +390,9 @@ public final class MigrationSender: Sendable {
                                      sinceStart: Double(MonotonicClock.nanoseconds() - started) / 1e9)
                 }
             }
-            pass.throttle = throttle.level
+            let level = throttle.level
+            pass.throttle = level
+            update { $0.throttle = level }
             report.passes.append(pass)
             report.iterations = iteration   // so a migration that fails later reports what it did
             report.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
@@ -325,13 +400,14 @@ public final class MigrationSender: Sendable {
             update {
                 $0.sentBytes = report.transferredBytes; $0.remainingPages = dirtyPages
                 if machine.configuration.tracking?.usesDirtyRing != true { $0.dirtyPagesPerSecond = pass.dirtyPagesPerSecond }
+                $0.passPages = dirtyPages
                 $0.expectedDowntimeSeconds = expected
             }
             if expected <= target && !lost && !Self.anotherPassHalvesThePause(
                 dirtyPages: Double(dirtyPages), dirtyPagesPerSecond: pass.dirtyPagesPerSecond,
                 bandwidth: bandwidth, expected: expected, passesLeft: iteration < options.maxIterations) { break }
             if iteration >= options.maxIterations {
-                throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", bandwidth / 1_048_576)) MiB/s of bandwidth (expected downtime \(Int(expected * 1000)) ms > \(Int(target * 1000)) ms, 85 % of --downtime); the VM runs on here")
+                throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", bandwidth / 1_048_576)) MiB/s of bandwidth (expected downtime \(Int(expected * 1000)) ms > \(Int(target * 1000)) ms, 85 % of the downtime limit); the VM runs on here")
             }
             try checkTimeout()
             if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }
@@ -369,7 +445,7 @@ public final class MigrationSender: Sendable {
         let (last, lastLost) = try passes.collect()
         report.ringOverruns = passes.ringOverruns
         passes.addPending(last)
-        update { $0.remainingPages = UInt64(passes.pending.count) }
+        update { $0.remainingPages = UInt64(passes.pending.count); $0.passPages = $0.remainingPages }
         let finalStart = MonotonicClock.nanoseconds()
         var finalInFlight = PageSendTally()
         let finalSent: PageSendTally
@@ -419,7 +495,9 @@ public final class MigrationSender: Sendable {
         }
         if let lateCancel { throw .cancelled(lateCancel) }
         try channel.send(.complete, complete.encode())
-        socket.setTimeouts(send: 10, receive: 60)   // the destination verifies and restores first
+        // The destination verifies and restores first; a link that goes silent meanwhile is
+        // noticed by the kernel at the link deadline.
+        socket.setTimeouts(send: options.linkTimeoutSeconds, receive: max(60, options.linkTimeoutSeconds))
         let result = try channel.receive(.result, MigrationResult.init(decoding:))
         report.downtimeSeconds = Double(MonotonicClock.nanoseconds() - pauseStart) / 1e9
         report.downtimeMeasured = true

@@ -3,7 +3,9 @@ import Synchronization
 
 /// Samples a migration's progress about every 100 ms on its own thread: the report's
 /// `timeline` (what `--plot` draws) and the live throughput `query-migrate` shows from the first
-/// batch on (a per-pass figure stayed 0 for all of pass 1).
+/// batch on (a per-pass figure stayed 0 for all of pass 1). The live figure is over the last
+/// second: under a low --bandwidth a batch is a quarter second's worth, so 100 ms windows read
+/// 0 and 10 MiB/s by turns at a 4 MiB/s cap.
 ///
 /// Bounded: past `maxSamples` every other sample is dropped and the interval doubles, so a
 /// migration of a day keeps a few thousand points, not 864,000.
@@ -24,6 +26,7 @@ final class MigrationTimeline: Sendable {
         _ = OSThread(name: "migr-timeline") { [self] in
             var interval: UInt64 = 100_000_000
             var last = (time: started, sent: UInt64(0), dirty: dirtyPages())
+            var recent: [(time: UInt64, sent: UInt64)] = [(started, 0)]   // the last second's samples
             while running.load(ordering: .relaxed) {
                 _ = wake.wait(timeout: .now() + .nanoseconds(Int(interval)))
                 guard running.load(ordering: .relaxed) else { break }
@@ -33,13 +36,16 @@ final class MigrationTimeline: Sendable {
                 let seconds = max(Double(now - last.time) / 1e9, 1e-6)
                 let throughput = Double(progress.sentBytes &- last.sent) / seconds
                 let dirtyRate = dirty.flatMap { now in last.dirty.map { Double(now &- $0) / seconds } }
-                publish(throughput, dirtyRate)
+                while recent.count > 1, now - recent[1].time >= 1_000_000_000 { recent.removeFirst() }
+                let window = max(Double(now - recent[0].time) / 1e9, 1e-6)
+                publish(Double(progress.sentBytes &- recent[0].sent) / window, dirtyRate)
+                recent.append((now, progress.sentBytes))
                 let sample = MigrationSample(
                     seconds: Double(now - started) / 1e9, phase: progress.phase, pass: progress.iteration,
                     sentBytes: progress.sentBytes, remainingBytes: progress.remainingPages * 4096,
                     throughputMiBPerSecond: throughput / 1_048_576,
                     dirtyPagesPerSecond: dirtyRate,
-                    expectedDowntimeSeconds: progress.expectedDowntimeSeconds > 0 ? progress.expectedDowntimeSeconds : nil,
+                    expectedDowntimeSeconds: progress.expectedDowntimeSeconds,
                     throttlePercent: throttlePercent(), paused: progress.phase == "stop-and-copy")
                 samples.withLock { samples in
                     samples.append(sample)

@@ -1,34 +1,65 @@
 import Glibc
 
 /// Caps the bytes put on the wire per second (`migrate --bandwidth`): before each batch, sleep
-/// until the bytes already sent fit the rate.
+/// until the bytes already sent fit the rate. The rate is read before every batch and every
+/// slice of a wait, so a cap changed while a migration runs (`migrate --set bandwidth=`) holds
+/// from the next batch on.
 final class BandwidthLimiter {
-    let bytesPerSecond: UInt64?
+    private let rate: () -> UInt64?
     private let now: () -> UInt64
     private let sleep: (UInt64) -> Void
-    private let start: UInt64
+    /// The rate `start` and `sent` count at: the bytes since `start` are due at this rate.
+    private var pacedRate: UInt64?
+    private var start: UInt64
     private var sent: UInt64 = 0
 
-    /// `now` and `sleep` (nanoseconds): the monotonic clock, or a test's.
-    init(bytesPerSecond: UInt64?, now: @escaping () -> UInt64 = MonotonicClock.nanoseconds,
+    /// A fixed rate (nil: unlimited). `now` and `sleep` (nanoseconds): the monotonic clock, or a test's.
+    convenience init(bytesPerSecond: UInt64?, now: @escaping () -> UInt64 = MonotonicClock.nanoseconds,
+                     sleep: @escaping (UInt64) -> Void = { MonotonicClock.sleep(nanoseconds: $0) }) {
+        self.init(rate: { bytesPerSecond }, now: now, sleep: sleep)
+    }
+
+    /// A rate that may change: `rate` is asked before every batch and every slice of a wait.
+    init(rate: @escaping () -> UInt64?, now: @escaping () -> UInt64 = MonotonicClock.nanoseconds,
          sleep: @escaping (UInt64) -> Void = { MonotonicClock.sleep(nanoseconds: $0) }) {
-        self.bytesPerSecond = bytesPerSecond
+        self.rate = rate
         self.now = now
         self.sleep = sleep
+        pacedRate = rate()
         start = now()
     }
 
+    /// The rate in force now.
+    var bytesPerSecond: UInt64? { rate() }
+
     /// Sleeps until `bytes` more fit the rate, in slices of at most 50 ms so that a cancel
-    /// (`shouldStop`) is noticed within one slice, not after a whole batch's wait.
+    /// (`shouldStop`) or a new rate is noticed within one slice, not after a whole batch's wait.
     func willSend(_ bytes: Int, shouldStop: () -> Bool = { false }) {
+        if rate() != pacedRate { repace(at: now()) }   // before these bytes count, at the rate in force
         sent += UInt64(bytes)
-        guard let rate = bytesPerSecond, rate > 0 else { return }
-        let due = start + UInt64(Double(sent) / Double(rate) * 1e9)
         while !shouldStop() {
+            if rate() != pacedRate { repace(at: now()) }
+            guard let rate = pacedRate, rate > 0 else { return }
             let now = self.now()
+            let due = start + UInt64(Double(sent) / Double(rate) * 1e9)
             guard due > now else { return }
             sleep(min(due - now, 50_000_000))
         }
+    }
+
+    /// The rate changed: from `now` on the new one counts. What the old rate still owed (bytes
+    /// counted but not yet due) is carried over, to be paced at the new rate; a sender that
+    /// fell behind under the old rate gets no credit for it under the new one (a burst at the
+    /// new cap's expense would break the cap just set).
+    private func repace(at now: UInt64) {
+        var owed: UInt64 = 0
+        if let old = pacedRate, old > 0 {
+            let due = start + UInt64(Double(sent) / Double(old) * 1e9)
+            if due > now { owed = UInt64(Double(due - now) / 1e9 * Double(old)) }
+        }
+        pacedRate = rate()
+        start = now
+        sent = owed
     }
 }
 
@@ -116,7 +147,9 @@ struct PageSender {
             dataBytes = 0
         }
 
-        let batchLimit = self.batchLimit
+        // Asked again after every batch: the rate may change mid-pass, and a batch sized for a
+        // fast rate would starve the receiver under a slow one.
+        var batchLimit = self.batchLimit
         for run in pages.runs() {
             var page = run.lowerBound
             while page < run.upperBound {
@@ -132,6 +165,7 @@ struct PageSender {
                 page += 1
                 if dataBytes >= batchLimit || table.ranges.count >= MigrationWire.maxRangesPerBatch {
                     try flush()
+                    batchLimit = self.batchLimit
                 }
             }
         }

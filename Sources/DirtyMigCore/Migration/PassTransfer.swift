@@ -8,9 +8,10 @@ final class PassTransfer {
     /// least (a round trip, and the receiver draining what is in flight).
     private(set) var shortestAcknowledgementSeconds = Double.infinity
 
-    init(channel: MigrationChannel, memory: GuestMemory, bandwidth: UInt64?) {
+    /// `bandwidth`: the cap in force (nil: none), asked before every batch.
+    init(channel: MigrationChannel, memory: GuestMemory, bandwidth: @escaping () -> UInt64?) {
         self.channel = channel
-        pages = PageSender(channel: channel, memory: memory, limiter: BandwidthLimiter(bytesPerSecond: bandwidth))
+        pages = PageSender(channel: channel, memory: memory, limiter: BandwidthLimiter(rate: bandwidth))
     }
 
     /// The plan of pass 1 (which pages it carries), so the receiver can allocate them ahead on

@@ -32,7 +32,9 @@ final class PreCopyPasses {
 
     /// Starts pre-copy on `channel` (after the hello): forgets what the tracker collected before
     /// now (and any loss in it: pass 1 carries everything anyway) and sends pass 1's plan.
-    init(memory: GuestMemory, tracker: DirtyTracker, channel: MigrationChannel, bandwidth: UInt64?) throws(MigrationError) {
+    /// `bandwidth`: the cap in force (nil: none), asked before every batch.
+    init(memory: GuestMemory, tracker: DirtyTracker, channel: MigrationChannel,
+         bandwidth: @escaping () -> UInt64? = { nil }) throws(MigrationError) {
         self.memory = memory
         self.tracker = tracker
         transfer = PassTransfer(channel: channel, memory: memory, bandwidth: bandwidth)

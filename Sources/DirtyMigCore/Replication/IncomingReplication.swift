@@ -9,6 +9,9 @@ import Glibc
 ///
 /// "Primary gone" while protecting is silence: no byte for --failover-after (or the connection
 /// closed without a replicationEnd: the primary's process died). A slow link is not silence.
+/// An operator's `failover` is seen between two frames (the primary sends one at least every
+/// fifth of --failover-after), so the connection stays whole and can carry the word that the
+/// standby took over to a primary that still runs.
 ///
 /// Guest memory is written directly during the initial copy (there is nothing to protect yet);
 /// from the first checkpoint on, each epoch is staged and applied whole (CheckpointStaging), so
@@ -58,10 +61,9 @@ enum IncomingReplication {
                     let (type, length) = try channel.receiveHeader()
                     if try IncomingMigration.receivePassFrame(type, length: length, into: pages, channel: channel) { continue }
                     guard let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging,
-                                                                          vm: vm, channel: channel) else { continue }
+                                                                          vm: vm, session: session, channel: channel) else { continue }
                     pages.passEnded()
                     phase = .protecting(state: state, epoch: epoch)
-                    session.committed(epoch)
                     try channel.send(.checkpointAck, EpochFrame(epoch: epoch).encode())
                     // From now on the primary is lost only after --failover-after of silence: no
                     // byte at all (a checkpoint that crawls over a slow link is not silence), and
@@ -70,11 +72,15 @@ enum IncomingReplication {
                     connection.setTimeouts(send: 10, receive: session.options.failoverAfterSeconds)
                     connection.tcp.retransmitThinStreamsSteadily()
                 case .protecting:
+                    if let request = session.failoverRequest {
+                        staging.reset()   // a checkpoint the request came before is not applied
+                        lost = request
+                        break receiving
+                    }
                     let (type, length) = try watched.receiveHeader()
                     guard let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging,
-                                                                          vm: vm, channel: watched) else { continue }
+                                                                          vm: vm, session: session, channel: watched) else { continue }
                     phase = .protecting(state: state, epoch: epoch)
-                    session.committed(epoch)
                     try channel.send(.checkpointAck, EpochFrame(epoch: epoch).encode())
                 }
             } catch {
@@ -92,7 +98,7 @@ enum IncomingReplication {
                 default:
                     break
                 }
-                lost = session.failoverRequested ? "failover requested" : "\(error)"
+                lost = session.failoverRequest ?? "\(error)"
                 break receiving
             }
         }
@@ -149,12 +155,13 @@ enum IncomingReplication {
         }
     }
 
-    /// A frame of the checkpoint stream. Returns the state of a checkpoint just applied (and
-    /// its epoch), or nil for a frame that does not complete one. A checkpoint's state is decoded
-    /// and checked against this VM before its pages are applied: one that could not be resumed
-    /// is refused whole, and the last good copy stays.
+    /// A frame of the checkpoint stream. Returns the state of a checkpoint just applied and
+    /// committed (and its epoch), or nil for a frame that does not complete one, and for a
+    /// checkpoint that came after a `failover` request (not applied: the request named the one
+    /// before). A checkpoint's state is decoded and checked against this VM before its pages are
+    /// applied: one that could not be resumed is refused whole, and the last good copy stays.
     private static func receiveCheckpointFrame<VM: IncomingVM>(_ type: MigrationFrameType, length: Int,
-                                                               staging: CheckpointStaging, vm: VM,
+                                                               staging: CheckpointStaging, vm: VM, session: StandbySession,
                                                                channel: MigrationChannel) throws(MigrationError) -> (MachineState, UInt64)? {
         switch type {
         case .checkpointPages:
@@ -171,7 +178,10 @@ enum IncomingReplication {
                 staging.reset()
                 throw .protocolError(.malformed("checkpoint \(end.epoch)'s state cannot be resumed here (\(error)): it was refused whole"))
             }
-            _ = try staging.apply(end)
+            guard try session.commit(end.epoch, applying: { () throws(MigrationError) in _ = try staging.apply(end) }) else {
+                staging.reset()
+                return nil
+            }
             return (state, end.epoch)
         case .heartbeat:
             _ = try channel.receivePayload(length)

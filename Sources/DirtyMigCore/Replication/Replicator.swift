@@ -181,7 +181,7 @@ public final class Replicator: Sendable {
     /// The migration's pre-copy, live, until what is left is small; then the first checkpoint.
     private func initialCopy(_ channel: MigrationChannel) throws(MigrationError) {
         let started = MonotonicClock.nanoseconds()
-        let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel, bandwidth: nil)
+        let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel)
         var bytes: UInt64 = 0
         defer { state.withLock { $0.figures.ringOverruns += passes.ringOverruns } }
         for _ in 1...Self.maxInitialPasses {
@@ -497,8 +497,8 @@ public final class Replicator: Sendable {
     /// --failover-after, most likely a link cut both sides saw): the VM runs there now. This copy
     /// is stale; its output stops at once so that the world sees one VM.
     private func superseded(at epoch: UInt64) {
-        machine.output.fence()
         let reason = "the standby took over: it resumed the VM from checkpoint \(epoch) and runs it now; this copy's guest output is stopped (stop this copy with 'dirtymig stop')"
+        machine.output.fence(because: "its standby \(options.standby) took over: it resumed the VM from checkpoint \(epoch) and runs it now; this copy's guest output is stopped (stop this copy with 'dirtymig stop')")
         state.withLock { shared in
             shared.lost = true
             shared.figures.status = .superseded

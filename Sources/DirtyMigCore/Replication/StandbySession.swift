@@ -40,7 +40,8 @@ public final class StandbySession: Sendable {
         var phase = Phase.initialCopy
         var committedEpoch: UInt64?
         var checkpoints: UInt64 = 0
-        var failoverRequested = false
+        /// Why the standby takes over on request (nil: not requested).
+        var failoverRequest: String?
         var lostReason: String?
     }
 
@@ -48,42 +49,81 @@ public final class StandbySession: Sendable {
     let options: StandbyOptions
     private let state = Mutex(State())
     private let failoverSignal = DispatchSemaphore(value: 0)
-    /// Cuts the connection to the primary (an operator's failover while it still sends).
-    private let cut: @Sendable () -> Void
     /// When the last byte came from the primary (monotonic ns): `last_heard_ms` counts from it,
     /// through the initial copy too.
     private let lastByte: @Sendable () -> UInt64
 
-    init(primary: String, options: StandbyOptions, cut: @escaping @Sendable () -> Void,
-         lastByte: @escaping @Sendable () -> UInt64) {
+    init(primary: String, options: StandbyOptions, lastByte: @escaping @Sendable () -> UInt64) {
         self.primary = primary
         self.options = options
-        self.cut = cut
         self.lastByte = lastByte
     }
 
-    func committed(_ epoch: UInt64) {
-        state.withLock { state in
+    /// Applies checkpoint `epoch` (`apply`) and makes it the committed one, unless a failover
+    /// was requested first: the two exclude each other, so the checkpoint `failover` names is
+    /// the one the VM resumes from. Returns false, with nothing applied, after a request.
+    func commit(_ epoch: UInt64, applying apply: () throws(MigrationError) -> Void) throws(MigrationError) -> Bool {
+        try state.withLock { (state: inout State) throws(MigrationError) -> Bool in
+            guard state.failoverRequest == nil else { return false }
+            try apply()
             state.phase = .protecting
             state.committedEpoch = epoch
             state.checkpoints += 1
+            return true
         }
     }
 
-    var failoverRequested: Bool { state.withLock { $0.failoverRequested } }
+    var failoverRequested: Bool { state.withLock { $0.failoverRequest != nil } }
+    /// Why the standby takes over on request, once it was requested.
+    var failoverRequest: String? { state.withLock { $0.failoverRequest } }
 
-    /// The `failover` command: take over from the last committed checkpoint now. Returns that
-    /// checkpoint's epoch, or nil if there is none yet (nothing to take over).
-    public func requestFailover() -> UInt64? {
-        let epoch = state.withLock { state -> UInt64? in
-            guard state.committedEpoch != nil else { return nil }
-            state.failoverRequested = true
-            return state.committedEpoch
+    /// Why `failover` did not take effect.
+    public enum FailoverRefusal: Error, Equatable, CustomStringConvertible {
+        /// The initial copy is under way: there is nothing to resume.
+        case noCheckpoint
+        /// The primary was heard from this many milliseconds ago, within --failover-after: it
+        /// runs the VM, and a takeover now would run a second copy.
+        case primaryAlive(heardMillisecondsAgo: Double)
+
+        public var description: String {
+            switch self {
+            case .noCheckpoint:
+                return "this standby holds no checkpoint yet (the initial copy is under way): there is nothing to resume"
+            case .primaryAlive(let milliseconds):
+                return String(format: "the primary was heard from %.0f ms ago: it runs the VM, and a failover now would run a second copy of it; stop the primary first ('dirtymig stop' on its host), or pass --force to take over anyway (the primary is then told, and its output stops)", milliseconds)
+            }
         }
-        guard epoch != nil else { return nil }
-        cut()
+    }
+
+    /// What a `failover` that took effect resumes: the committed checkpoint, and how long ago
+    /// the primary was heard from when it was forced past a live primary (nil: it was not).
+    public struct FailoverGranted: Sendable {
+        public var epoch: UInt64
+        public var primaryHeardMillisecondsAgo: Double?
+    }
+
+    /// The `failover` command: take over from the last committed checkpoint now. Refused while
+    /// the primary is heard from (a byte within --failover-after, while protecting) unless
+    /// `force`: an operator who thinks the primary is gone, while it is not, would otherwise
+    /// start a second copy of the VM unawares. A forced takeover tells the primary, which
+    /// stops its copy's output (Replicator's `superseded`).
+    public func requestFailover(force: Bool) throws(FailoverRefusal) -> FailoverGranted {
+        let now = MonotonicClock.nanoseconds(), heard = lastByte()
+        let silenceMilliseconds = Double(now > heard ? now - heard : 0) / 1e6
+        let outcome = state.withLock { state -> Result<FailoverGranted, FailoverRefusal> in
+            guard let epoch = state.committedEpoch else { return .failure(.noCheckpoint) }
+            let alive = state.phase == .protecting && silenceMilliseconds < options.failoverAfterSeconds * 1000
+            if alive && !force { return .failure(.primaryAlive(heardMillisecondsAgo: silenceMilliseconds)) }
+            if state.failoverRequest == nil {
+                state.failoverRequest = alive
+                    ? String(format: "'dirtymig failover --force' while the primary was heard from %.0f ms before", silenceMilliseconds)
+                    : "'dirtymig failover'"
+            }
+            return .success(FailoverGranted(epoch: epoch, primaryHeardMillisecondsAgo: alive ? silenceMilliseconds : nil))
+        }
+        let granted = try outcome.get()
         failoverSignal.signal()
-        return epoch
+        return granted
     }
 
     /// Wakes a standby waiting for `failover` because the receiver is stopping.

@@ -187,6 +187,24 @@ public final class TCPSocket: MigrationTransport {
         setOption(Int32(IPPROTO_TCP), TCP_THIN_LINEAR_TIMEOUTS, 1)
     }
 
+    /// Declares the peer gone once the link has carried nothing back for `seconds`, whether this
+    /// side is sending or only waiting: TCP_USER_TIMEOUT aborts the connection (ETIMEDOUT) when
+    /// data sent stays unacknowledged that long, and keepalive probes, the first after a third
+    /// of it, give an idle side something to have acknowledged. With TCP_USER_TIMEOUT set, the
+    /// kernel ends a connection whose probes go unanswered at the same deadline, not after
+    /// TCP_KEEPCNT probes. Without this, a side that sent nothing on a cut link waited for its
+    /// application timeout alone, and a sender's bytes stayed queued until the kernel's own
+    /// retransmission limit (15 tries, about 15 minutes) when its send timeout was long.
+    public func watchLink(timeoutSeconds seconds: Double) {
+        let seconds = max(1, min(seconds, 86_400))
+        setOption(Int32(IPPROTO_TCP), TCP_USER_TIMEOUT, Int32(seconds * 1000))
+        setOption(SOL_SOCKET, SO_KEEPALIVE, 1)
+        let idle = max(1, Int32(seconds / 3))
+        setOption(Int32(IPPROTO_TCP), TCP_KEEPIDLE, idle)
+        setOption(Int32(IPPROTO_TCP), TCP_KEEPINTVL, max(1, idle / 2))
+        setOption(Int32(IPPROTO_TCP), TCP_KEEPCNT, 20)
+    }
+
     /// SO_SNDTIMEO / SO_RCVTIMEO; 0 = block for ever. A timed-out call fails with ETIMEDOUT.
     public func setTimeouts(send: Double, receive: Double) {
         setTimeout(SO_SNDTIMEO, seconds: send)
@@ -312,6 +330,19 @@ public final class TCPSocket: MigrationTransport {
                      allAcknowledged: bytes.loadUnaligned(fromByteOffset: 24, as: UInt32.self) == 0
                         && bytes.loadUnaligned(fromByteOffset: 144, as: UInt32.self) == 0)
         }
+    }
+
+    /// How long ago (ns) the peer's TCP last acknowledged anything (TCP_INFO's tcpi_last_ack_recv,
+    /// a u32 of milliseconds at offset 56 of the kernel's layout), nil where the kernel does not
+    /// say. Still readable after the kernel gave up on the connection: what tells, after the
+    /// fact, a link that went silent from a peer that reset or closed it. A sender needs it
+    /// because the error a silent link ends in depends on which call saw it first (a TLS send
+    /// after the abort saw EPIPE, not ETIMEDOUT).
+    public var nanosecondsSinceLastAcknowledgement: UInt64? {
+        var info = [UInt8](repeating: 0, count: 256)
+        var length = socklen_t(info.count)
+        guard getsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_INFO, &info, &length) == 0, length >= 60 else { return nil }
+        return UInt64(info.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 56, as: UInt32.self) }) * 1_000_000
     }
 
     /// "HOST:PORT" of the peer, for messages ("?" if the socket has none).

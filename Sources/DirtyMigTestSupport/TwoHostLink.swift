@@ -1,5 +1,6 @@
 import Foundation
-import XCTest
+import Glibc
+import Synchronization
 
 /// Two hosts on one machine: two network namespaces joined by a veth pair, whose link can be
 /// slowed (tbf on both ends: this kernel has tbf and htb, not netem), cut and restored. Only the
@@ -7,29 +8,42 @@ import XCTest
 ///
 /// Names are unique per process and link (`dmt-PID-N-a` / `-b`); `remove()` deletes both
 /// namespaces (which takes the veth pair with them), and a new link first removes namespaces
-/// left by a test process that died before it could. Skips, with the reason printed, where
-/// the process cannot make namespaces (not root, no `ip`/`tc`).
-final class TwoHostLink {
-    let left: String
-    let right: String
-    let leftAddress: String
-    let rightAddress: String
+/// left by a process that died before it could. Where the process cannot make namespaces (not
+/// root, no `ip`/`tc`) it throws `Unavailable` with the reason (tests skip on it, the benchmark
+/// says why). Shared by the tests and `dirtymig-bench link`.
+public final class TwoHostLink: @unchecked Sendable {
+    // @unchecked: the names are immutable; `removed` is touched by the owner's thread only.
+    public let left: String
+    public let right: String
+    public let leftAddress: String
+    public let rightAddress: String
     private let leftDevice: String
     private let rightDevice: String
     private var removed = false
 
     private static let prefix = "dmt-"
-    nonisolated(unsafe) private static var made = 0
+    private static let made = Mutex(0)
+
+    /// Why two hosts cannot be made here.
+    public struct Unavailable: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// A command that shapes, cuts or restores the link failed.
+    public struct CommandFailed: Error, CustomStringConvertible {
+        public var description: String
+        public init(description: String) { self.description = description }
+    }
 
     /// `rateMbit`: tbf on both ends of the link (nil: as fast as veth goes).
-    init(rateMbit: Int? = nil) throws {
-        guard geteuid() == 0 else { throw Self.skip("needs root to make network namespaces") }
+    public init(rateMbit: Int? = nil) throws(Unavailable) {
+        guard geteuid() == 0 else { throw Unavailable(description: "needs root to make network namespaces") }
         for tool in ["ip", "tc"] where Self.find(tool) == nil {
-            throw Self.skip("needs the '\(tool)' command (iproute2) to make network namespaces")
+            throw Unavailable(description: "needs the '\(tool)' command (iproute2) to make network namespaces")
         }
         Self.removeLeftovers()
-        Self.made += 1
-        let pid = getpid(), number = Self.made
+        let number = Self.made.withLock { made in made += 1; return made }
+        let pid = getpid()
         left = "\(Self.prefix)\(pid)-\(number)-a"
         right = "\(Self.prefix)\(pid)-\(number)-b"
         leftDevice = "dmt\(pid)x\(number)a"
@@ -49,26 +63,30 @@ final class TwoHostLink {
             if let rateMbit { try shape(rateMbit: rateMbit) }
         } catch {
             remove()
-            throw Self.skip("cannot make two network namespaces joined by a veth pair: \(error)")
+            throw Unavailable(description: "cannot make two network namespaces joined by a veth pair: \(error)")
         }
     }
 
     deinit { remove() }
 
-    /// tbf at `rateMbit` on both ends (both directions limited, as on a real link).
-    func shape(rateMbit: Int) throws {
+    /// tbf at `rateMbit` on both ends (both directions limited, as on a real link). The bucket
+    /// holds a hundredth of a second at the rate (at least 4 KiB): tbf refills it once a timer
+    /// tick, and a bucket smaller than a tick's worth (1 Gbit/s at 250 Hz is 500 KB) caps the
+    /// link well below its rate.
+    public func shape(rateMbit: Int) throws {
+        let burstBytes = max(4096, rateMbit * 1_000_000 / 8 / 100)
         for (namespace, device) in [(left, leftDevice), (right, rightDevice)] {
             try Self.run("tc", ["-n", namespace, "qdisc", "replace", "dev", device, "root", "tbf",
-                                "rate", "\(rateMbit)mbit", "burst", "32kbit", "latency", "100ms"])
+                                "rate", "\(rateMbit)mbit", "burst", "\(burstBytes)", "latency", "100ms"])
         }
     }
 
     /// Every packet between the two is dropped until `restore()` (nftables where it exists, as a
     /// failed switch would; the link set down otherwise). Connections stay open, as across a
     /// real cut: TCP keeps retrying.
-    func cut() throws { try setCut(true) }
+    public func cut() throws { try setCut(true) }
 
-    func restore() throws { try setCut(false) }
+    public func restore() throws { try setCut(false) }
 
     private func setCut(_ cut: Bool) throws {
         guard let nft = Self.find("nft") else {
@@ -80,18 +98,34 @@ final class TwoHostLink {
         for namespace in [left, right] { try Self.run("ip", ["netns", "exec", namespace, nft, rules]) }
     }
 
+    /// Drops `perMille` of the packets each namespace receives, at random (nftables' numgen:
+    /// this kernel has no netem); 0 removes the rule. Needs nft.
+    public func setLoss(perMille: Int) throws {
+        guard let nft = Self.find("nft") else { throw Unavailable(description: "needs the 'nft' command (nftables) to drop packets at random") }
+        for namespace in [left, right] {
+            _ = try? Self.output("ip", ["netns", "exec", namespace, nft, "delete table inet dmloss"])
+            guard perMille > 0 else { continue }
+            try Self.run("ip", ["netns", "exec", namespace, nft,
+                                "add table inet dmloss; add chain inet dmloss in { type filter hook input priority 0; policy accept; }; add rule inet dmloss in numgen random mod 1000 < \(perMille) drop"])
+        }
+    }
+
     /// The prefix that runs a command in `namespace` (for ProcessTestCase.start's `prefix`); the
     /// shell is replaced by it, so the test's process is the command itself.
-    func inside(_ namespace: String) -> [String] { ["exec", Self.find("ip") ?? "ip", "netns", "exec", namespace] }
+    public func inside(_ namespace: String) -> [String] { ["exec"] + command(in: namespace) }
 
-    func remove() {
+    /// The command that runs a program in `namespace` (`ip netns exec NAME`, which replaces itself
+    /// with the program: the pid is the program's).
+    public func command(in namespace: String) -> [String] { [Self.find("ip") ?? "ip", "netns", "exec", namespace] }
+
+    public func remove() {
         guard !removed else { return }
         removed = true
         for namespace in [left, right] { try? Self.run("ip", ["netns", "del", namespace]) }
     }
 
     /// Namespaces of ours whose test process is gone (it crashed, or was killed, mid-test).
-    static func removeLeftovers() {
+    public static func removeLeftovers() {
         guard let listing = try? output("ip", ["netns", "list"]) else { return }
         for line in listing.split(separator: "\n") {
             let name = String(line.split(separator: " ").first ?? "")
@@ -101,27 +135,27 @@ final class TwoHostLink {
         }
     }
 
-    private static func skip(_ reason: String) -> XCTSkip {
-        FileHandle.standardError.write(Data("skipped: \(reason)\n".utf8))
-        return XCTSkip(reason)
-    }
-
-    static func find(_ tool: String) -> String? {
+    public static func find(_ tool: String) -> String? {
         ["/usr/sbin/", "/sbin/", "/usr/bin/", "/bin/"].map { $0 + tool }.first { FileManager.default.isExecutableFile(atPath: $0) }
-    }
-
-    struct CommandFailed: Error, CustomStringConvertible {
-        var description: String
     }
 
     @discardableResult
     private static func output(_ tool: String, _ arguments: [String]) throws -> String {
         guard let path = find(tool) else { throw CommandFailed(description: "no '\(tool)' command") }
-        let result = try CLI.run(arguments, program: URL(fileURLWithPath: path))
-        guard result.status == 0 else {
-            throw CommandFailed(description: "\(tool) \(arguments.joined(separator: " ")): \(result.stderr)")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: path)
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else {
+            throw CommandFailed(description: "\(tool) \(arguments.joined(separator: " ")): \(String(decoding: stderr, as: UTF8.self))")
         }
-        return result.stdout
+        return String(decoding: stdout, as: UTF8.self)
     }
 
     private static func run(_ tool: String, _ arguments: [String]) throws { try output(tool, arguments) }

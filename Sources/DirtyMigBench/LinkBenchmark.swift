@@ -1,0 +1,102 @@
+import DirtyMigCore
+import DirtyMigTestSupport
+import Foundation
+
+/// `dirtymig-bench link`: pre-copy between two hosts, each migrator's source in one network
+/// namespace and its destination in the other, joined by a veth pair shaped with tbf to each
+/// rate asked for (--rates, Mbit/s). Everything else is the migration benchmark's: the same
+/// processes launched the way users launch them, the same idle time before every run, the order
+/// alternated, median (min-max) of N runs. Neither side prepares the destination's RAM (no
+/// `receive --memory`, no -mem-prealloc): on a link slower than memory, allocation is not what
+/// limits either. "of link" is MiB sent over the total time, against the shaped rate.
+struct LinkBenchmarkOptions {
+    var runs = 5
+    var ratesMbit = [100, 1000, 10_000]
+    var scenarioKeys = ["written", "rewriting"]
+    var withQEMU = true
+    var conditions = MigrationRunConditions()
+}
+
+/// The link benchmark's guests, sized so that the slowest link moves one in tens of seconds.
+enum LinkScenario {
+    /// 512 MiB with 256 MiB written once, then idle: a link-bound copy of data.
+    static let written = MigrationScenario(key: "written", label: "512 MiB, 256 MiB written once, idle", memory: 512 << 20, vcpus: 1,
+                                           workloadSpecs: ["write,ws=256M,offset=0,passes=1"], writerPassesBeforeMigrating: 1,
+                                           warmBytes: (256 << 20) + (64 << 20))
+
+    /// 512 MiB with one vCPU rewriting 64 MiB at a quarter of the link's rate: it converges
+    /// without a throttle on every link, after a few passes.
+    static func rewriting(rateMbit: Int) -> MigrationScenario {
+        let rate = max(1, rateMbit * 1_000_000 / 8 / 4 / 1_048_576)
+        return MigrationScenario(key: "rewriting", label: "512 MiB, rewriting 64 MiB at \(rate) MiB/s (a quarter of the link)",
+                                 memory: 512 << 20, vcpus: 1, workloadSpecs: ["write,ws=64M,offset=0,rate=\(rate)M"],
+                                 writerPassesBeforeMigrating: 1, warmBytes: (64 << 20) + (64 << 20))
+    }
+
+    static func scenario(_ key: String, rateMbit: Int) -> MigrationScenario {
+        key == "written" ? written : rewriting(rateMbit: rateMbit)
+    }
+}
+
+func runLinkBenchmark(_ options: LinkBenchmarkOptions) throws {
+    let dirtymig = try dirtymigBesideBenchmark()
+    let qemu = options.withQEMU && qemuExecutable() != nil
+    var migrators: [Migrator] = [.dirtymig, .dirtymigPSK]
+    if qemu { migrators += [.qemu, .qemuPSK] }
+    let order = migrators.map(\.shortLabel).joined(separator: ", ") + ", then reversed, alternating"
+    let conditions = options.conditions
+    var others = OthersLoad()
+    let psk = try BenchPSK()
+
+    emitLine("Live migration between two network namespaces over a veth pair shaped with tbf (both directions), --downtime 300ms, no bandwidth cap; median (min-max) of \(options.runs) run\(options.runs == 1 ? "" : "s")")
+    emitLine("")
+    emitLine("| link | scenario | migrator | total ms | downtime ms | passes | MiB sent | MiB/s | of link |")
+    emitLine("|---|---|---|---|---|---|---|---|---|")
+    for rate in options.ratesMbit {
+        let link: TwoHostLink
+        do { link = try TwoHostLink(rateMbit: rate) } catch { throw BenchError("cannot make two hosts: \(error)") }
+        defer { link.remove() }
+        let placement = MigrationPlacement(link: link)
+        let linkMiBs = Double(rate) * 1_000_000 / 8 / 1_048_576
+        for (scenarioIndex, key) in options.scenarioKeys.enumerated() {
+            let scenario = LinkScenario.scenario(key, rateMbit: rate)
+            let guest = qemu ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: false) : nil
+            var results: [Migrator: [MigrationMeasurement]] = [:]
+            for round in 0..<options.runs {
+                for migrator in round % 2 == 0 ? migrators : migrators.reversed() {
+                    let busy = try QuietMachine.idle(conditions.idleSeconds)
+                    let measurement: MigrationMeasurement
+                    switch migrator {
+                    case .dirtymig:
+                        measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, placement: placement)
+                    case .dirtymigPSK:
+                        measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
+                                                                  credentials: ["--psk-file", psk.file], placement: placement)
+                    case .qemu:
+                        measurement = try runQEMUProcessMigration(scenario, guest: guest!, conditions: conditions, placement: placement)
+                    case .qemuPSK:
+                        measurement = try runQEMUProcessMigration(scenario, guest: guest!, conditions: conditions, psk: psk, placement: placement)
+                    default:
+                        throw BenchError("\(migrator.label) does not run in the link benchmark")
+                    }
+                    results[migrator, default: []].append(measurement)
+                    others.add(idle: busy, migration: measurement.othersCPUShare)
+                    log(String(format: "%d Mbit/s %@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.1f MiB/s (%.0f %% of the link); %@; others used %.0f %% of the CPUs during the migration",
+                               rate, scenario.key, round + 1, options.runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs,
+                               measurement.passes, measurement.mibSent, measurement.mibPerSecond, measurement.mibPerSecond / linkMiBs * 100,
+                               measurement.detail, measurement.othersCPUShare * 100))
+                }
+            }
+            for (index, migrator) in migrators.enumerated() {
+                let runs = results[migrator] ?? []
+                let share = runs.map { $0.mibPerSecond / linkMiBs * 100 }
+                let linkCell = index == 0 && scenarioIndex == 0 ? (rate >= 1000 ? "\(rate / 1000) Gbit/s" : "\(rate) Mbit/s") : ""
+                emitLine("| \(linkCell) | \(index == 0 ? scenario.label : "") | \(migrator.label) | \(cell(runs.map(\.totalMs))) | \(cell(runs.map(\.downtimeMs))) | \(cell(runs.map { Double($0.passes) }, "%.0f")) | \(cell(runs.map(\.mibSent))) | \(cell(runs.map(\.mibPerSecond))) | \(cell(share, "%.0f")) % |")
+            }
+        }
+    }
+    emitLine("")
+    emitLine(conditions.describe(runs: options.runs, order: order, others: others))
+    if let warning = others.warning { emitLine(warning) }
+    if options.withQEMU && !qemu { emitLine("(QEMU rows skipped: qemu-system-x86_64 is not installed; apt-get install qemu-system-x86)") }
+}
