@@ -29,7 +29,7 @@ public final class IncomingSession: @unchecked Sendable {
         self.announced = announced
     }
 
-    /// Connections that joined so far (delivered), of every role.
+    /// Connections that joined (delivered) and are still open, of every role: 0 once ended.
     public var joinedCount: Int {
         condition.lock(); defer { condition.unlock() }
         return state.joined.count
