@@ -210,6 +210,78 @@ final class FrameCodecTests: XCTestCase {
         }
     }
 
+    // MARK: Connection opening (every connection's hello)
+
+    private static func controlHello() -> MigrationHello {
+        var hello = MigrationHello(name: "vm", memorySize: 64 << 20, vcpuCount: 1, tracking: .ring, ringEntries: 4096,
+                                   tscKHz: 2_000_000, requiredFeatures: .workloadGuest, guestConfig: [1, 2, 3])
+        hello.session = SessionID(high: 0x0123_4567_89AB_CDEF, low: .max)
+        hello.joins = SessionJoins(pages: SessionJoins.maxPages, faults: 1)
+        hello.verify = true
+        return hello
+    }
+
+    func testConnectionHellosRoundTrip() throws {
+        let hello = Self.controlHello()
+        XCTAssertEqual(try ConnectionHello(decoding: hello.encode()), .control(hello))
+        XCTAssertEqual(try MigrationHello(decoding: hello.encode()), hello)
+        // The opening: magic, version, role, then the session id, little-endian.
+        let encoded = hello.encode()
+        XCTAssertEqual(Array(encoded[0..<12]), Self.u32(UInt64(MigrationWire.magic)) + Self.u32(UInt64(MigrationWire.version)) + Self.u32(0))
+        XCTAssertEqual(Array(encoded[12..<28]), Self.u64(0x0123_4567_89AB_CDEF) + Self.u64(.max))
+        for role in [ConnectionRole.pages, .faults] {
+            let join = SessionJoin(session: hello.session, role: role)
+            XCTAssertEqual(join.encode(), Self.u32(UInt64(MigrationWire.magic)) + Self.u32(UInt64(MigrationWire.version))
+                                          + Self.u32(UInt64(role.rawValue)) + Array(encoded[12..<28]))
+            XCTAssertEqual(try ConnectionHello(decoding: join.encode()), .join(join))
+        }
+        XCTAssertEqual(try ConnectionHello(decoding: MigrationHello(decoding: hello.encode()).encode()), .control(hello))
+        XCTAssertEqual(hello.session.description, "0123456789abcdefffffffffffffffff")
+        XCTAssertEqual(SessionJoins.none.summary, "no other connection")
+        XCTAssertEqual(hello.joins.summary, "16 pages and 1 faults")
+        // Fresh ids from the system's random source: 2,000 of them, all different.
+        XCTAssertEqual(Set((0..<2000).map { _ in SessionID.random() }).count, 2000)
+    }
+
+    func testConnectionHellosThatCannotBeRightAreRefused() {
+        let hello = Self.controlHello()
+        let join = SessionJoin(session: hello.session, role: .faults)
+        func decoding(_ bytes: [UInt8]) -> MigrationProtocolError? {
+            refusal { () throws(MigrationProtocolError) in try ConnectionHello(decoding: bytes) }
+        }
+        var role = join.encode()
+        role.replaceSubrange(8..<12, with: Self.u32(3))
+        XCTAssertEqual(decoding(role), .malformed("connection role 3"))
+        XCTAssertEqual(decoding(join.encode() + [0]), .malformed("hello has 1 unexpected trailing bytes"))
+        XCTAssertEqual(decoding(Array(join.encode().prefix(27))),
+                       .malformed("hello is truncated (needs 8 more bytes at offset 20, has 7)"))
+        var other = join
+        other.version = MigrationWire.version + 1
+        XCTAssertEqual(decoding(other.encode()), .versionMismatch(peer: MigrationWire.version + 1, ours: MigrationWire.version))
+        other.version = 6   // the release before sessions: its hello has no role, and is refused by version first
+        XCTAssertEqual(decoding(other.encode()), .versionMismatch(peer: 6, ours: MigrationWire.version))
+        XCTAssertEqual(decoding(Array("GET / HTTP/1.1\r\n".utf8)), .notDirtymig("magic 0x20544547"))
+        XCTAssertEqual(decoding([1, 2, 3]), .notDirtymig("a 3-byte hello"))
+        // A control hello that is only an opening, and one announcing too many joins.
+        XCTAssertEqual(decoding(Array(hello.encode().prefix(28))), .malformed("hello is truncated (needs 8 more bytes at offset 28, has 0)"))
+        var joins = hello.encode()
+        let joinsOffset = 28 + 8 + 4 + 4 + 4 + 8 + 12 + 4 + 4   // after the flags and the link timeout
+        XCTAssertEqual(Array(joins[joinsOffset..<joinsOffset + 8]), Self.u32(16) + Self.u32(1))
+        joins.replaceSubrange(joinsOffset..<joinsOffset + 4, with: Self.u32(17))
+        XCTAssertEqual(decoding(joins), .malformed("a hello announcing 17 pages and 1 faults connections (at most 16 and 1)"))
+        joins.replaceSubrange(joinsOffset..<joinsOffset + 8, with: Self.u32(0) + Self.u32(2))
+        XCTAssertEqual(decoding(joins), .malformed("a hello announcing 0 pages and 2 faults connections (at most 16 and 1)"))
+        // A migration's first hello must be a control hello.
+        XCTAssertEqual(refusal { () throws(MigrationProtocolError) in try MigrationHello(decoding: join.encode()) },
+                       .unexpected("the hello of a faults connection joining session \(join.session), where a migration's first hello belongs"))
+        // The hello's bound holds the largest control hello.
+        var largest = hello
+        largest.name = String(repeating: "n", count: MigrationWire.maxStringBytes)
+        largest.guestConfig = [UInt8](repeating: 0, count: 64 * (GuestLayout.maxVCPUs + 1))
+        XCTAssertLessThanOrEqual(largest.encode().count, MigrationFrameType.hello.maxPayload)
+        XCTAssertNoThrow(try ConnectionHello(decoding: largest.encode()))
+    }
+
     // MARK: The small frames
 
     func testReasonRoundTripAndBounds() throws {

@@ -61,11 +61,12 @@ final class FuzzTests: XCTestCase {
     private func mutatedHello() -> [UInt8] {
         var fields: [[UInt8]] = [
             Self.u32(UInt64(MigrationWire.magic)), Self.u32(UInt64(MigrationWire.version)),
+            Self.u32(UInt64(ConnectionRole.control.rawValue)), Self.u64(random.next()), Self.u64(random.next()),
             Self.u64(Self.memory), Self.u32(1), Self.u32(1), Self.u32(4096), Self.u64(2_000_000),
             Self.u32(UInt64(CPUFeatureSet.workloadGuest.leaf1EDX)), Self.u32(0), Self.u32(UInt64(CPUFeatureSet.workloadGuest.extendedEDX)),
-            Self.u32(0),
+            Self.u32(0), Self.u32(UInt64(MigrationHello.defaultLinkTimeoutMilliseconds)), Self.u32(0), Self.u32(0),
         ]
-        let widths = [32, 32, 64, 32, 32, 32, 64, 32, 32, 32, 32]
+        let widths = [32, 32, 32, 64, 64, 64, 32, 32, 32, 64, 32, 32, 32, 32, 32, 32, 32]
         for index in fields.indices where Int.random(in: 0..<4, using: &random) == 0 {
             let value = boundary(bits: widths[index])
             fields[index] = widths[index] == 64 ? Self.u64(value) : Self.u32(value)
@@ -166,6 +167,10 @@ final class FuzzTests: XCTestCase {
                 stream = largeHeader() + (Bool.random(using: &random) ? [] : MigrationWire.frame(.hello, Self.validHello().encode()))
             case 0:   // random bytes
                 stream = bytes(Int.random(in: 0..<256, using: &random))
+            case 1 where index % 16 == 1:   // a joining connection's hello where a migration's belongs
+                let join = SessionJoin(session: SessionID(high: random.next(), low: random.next()),
+                                       role: Bool.random(using: &random) ? .pages : .faults)
+                stream = MigrationWire.frame(.hello, mutated(join.encode()).bytes) + randomFrame()
             case 1:   // a valid header with a random payload, then random frames
                 stream = MigrationWire.frame(.hello, mutatedHello()) + (0..<Int.random(in: 0...3, using: &random)).flatMap { _ in randomFrame() }
             default:  // a valid hello, then random frames
@@ -349,6 +354,19 @@ final class FuzzTests: XCTestCase {
             check(end, mutated(end.encode())) { bytes throws(MigrationProtocolError) in try CheckpointEnd(decoding: bytes) }
             let epoch = EpochFrame(epoch: boundary(bits: 64))
             check(epoch, mutated(epoch.encode())) { bytes throws(MigrationProtocolError) in try EpochFrame(decoding: bytes, what: "heartbeat") }
+
+            let session = SessionID(high: boundary(bits: 64), low: boundary(bits: 64))
+            var control = Self.validHello(verify: Bool.random(using: &random))
+            control.session = session
+            control.joins = SessionJoins(pages: Int.random(in: 0...SessionJoins.maxPages, using: &random),
+                                         faults: Int.random(in: 0...SessionJoins.maxFaults, using: &random))
+            check(ConnectionHello.control(control), mutated(control.encode())) { bytes throws(MigrationProtocolError) in
+                try ConnectionHello(decoding: bytes)
+            }
+            let join = SessionJoin(session: session, role: Bool.random(using: &random) ? .pages : .faults)
+            check(ConnectionHello.join(join), mutated(join.encode())) { bytes throws(MigrationProtocolError) in
+                try ConnectionHello(decoding: bytes)
+            }
         }
         let after = residentBytes()
         print("FuzzTests: \(decoded) frames decoded; refusals by reason: \(refused.sorted { $0.value > $1.value }.prefix(30).map { "\($0.key)…: \($0.value)" }.joined(separator: "; "))")

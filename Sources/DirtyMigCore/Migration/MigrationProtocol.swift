@@ -4,10 +4,13 @@ import Glibc
 ///
 /// Every frame is an 8-byte header (u32 type, u32 payload length, little-endian) and a payload
 /// whose length is bounded per type, so no input makes the receiver allocate without bound.
-/// One TCP connection carries one migration, in this order:
+/// A migration is a session: its first connection (role `control`) opens it with a hello that
+/// names a fresh session id, and further connections (roles `pages`, `faults`) join it with a
+/// hello naming that id (SessionFrames.swift). Today's migrations use the control connection
+/// alone, which carries, in this order:
 ///
 ///     sender                               receiver
-///     hello  ─────────────────────────────▶  checks version, layout, vCPUs, CPU, host
+///     hello  ─────────────────────────────▶  checks version, role, layout, vCPUs, CPU, host
 ///            ◀─────────────────────────────  helloReply (accepted, or why not)
 ///     passPlan               (which pages pass 1 will carry, so the receiver can allocate ahead)
 ///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied)
@@ -41,7 +44,9 @@ public enum MigrationWire {
     /// 5: replication (hello flag, checkpoint frames; the hello reply carries the heartbeat).
     /// 6: replicationEnded and tookOver; the standby times silence, not whole frames.
     /// 7: hello's link timeout (both sides give up on the same silent link).
-    public static let version: UInt32 = 7
+    /// 8: every connection opens with its role and a session id (the hello's head); a control
+    /// hello announces the connections that will join its session.
+    public static let version: UInt32 = 8
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -97,7 +102,7 @@ public enum MigrationFrameType: UInt32, Sendable {
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
         switch self {
-        case .hello: return 64 + MigrationWire.maxStringBytes + 64 * (GuestLayout.maxVCPUs + 1)
+        case .hello: return 96 + MigrationWire.maxStringBytes + 64 * (GuestLayout.maxVCPUs + 1)
         case .helloReply, .abort: return 16 + MigrationWire.maxStringBytes
         case .pages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxBatchDataBytes
         case .iterationEnd: return 12
@@ -160,6 +165,10 @@ public struct MigrationHello: Sendable, Equatable {
     public static let defaultLinkTimeoutMilliseconds: UInt32 = 30_000
     /// What a destination accepts: a hostile hello cannot make it wait for days, nor give up at once.
     static let linkTimeoutMillisecondsRange: ClosedRange<UInt32> = 1_000...3_600_000
+    /// The session this hello opens: a fresh id (the sender's `MigrationSession` sets its own).
+    public var session = SessionID.random()
+    /// The connections that will join the session, besides this one.
+    public var joins = SessionJoins.none
 
     /// Bit 0 of the flags word.
     static let verifyFlag: UInt32 = 1
@@ -180,9 +189,13 @@ public struct MigrationHello: Sendable, Equatable {
 
     static let trackingCodes: [TrackingMode?] = [nil, .bitmap, .ring, .quota]
 
+    /// The control connection's hello: the opening (role `control`, the session id), then the
+    /// announcement.
     public func encode() -> [UInt8] {
         var writer = WireWriter()
-        writer.u32(MigrationWire.magic); writer.u32(version)
+        var opening = ConnectionOpening(role: .control, session: session)
+        opening.version = version
+        opening.encode(into: &writer)
         writer.u64(memorySize); writer.u32(UInt32(vcpuCount))
         writer.u32(UInt32(MigrationHello.trackingCodes.firstIndex(of: tracking) ?? 0))
         writer.u32(UInt32(ringEntries)); writer.u64(tscKHz)
@@ -190,19 +203,27 @@ public struct MigrationHello: Sendable, Equatable {
         writer.u32(requiredFeatures.extendedEDX)
         writer.u32((verify ? MigrationHello.verifyFlag : 0) | (replicate ? MigrationHello.replicateFlag : 0))
         writer.u32(linkTimeoutMilliseconds)
+        joins.encode(into: &writer)
         writer.string(name)
         writer.blob(guestConfig)
         return writer.bytes
     }
 
-    /// Magic first, then version: a foreign stream and a newer dirtymig get different answers.
+    /// A control connection's hello; the hello of a connection that joins a session is refused
+    /// here (see `ConnectionHello` for a first frame that may be either).
     public init(decoding payload: [UInt8]) throws(MigrationProtocolError) {
         var reader = WireReader(payload, what: "hello")
-        guard payload.count >= 8 else { throw .notDirtymig("a \(payload.count)-byte hello") }
-        let magic = try reader.u32()
-        guard magic == MigrationWire.magic else { throw .notDirtymig("magic 0x\(String(magic, radix: 16))") }
-        version = try reader.u32()
-        guard version == MigrationWire.version else { throw .versionMismatch(peer: version, ours: MigrationWire.version) }
+        let opening = try ConnectionOpening(reading: &reader, payloadLength: payload.count)
+        guard opening.role == .control else {
+            throw .unexpected("the hello of a \(opening.role) connection joining session \(opening.session), where a migration's first hello belongs")
+        }
+        try self.init(opening: opening, announcement: &reader)
+    }
+
+    /// The rest of a control hello, after its opening.
+    init(opening: ConnectionOpening, announcement reader: inout WireReader) throws(MigrationProtocolError) {
+        version = opening.version
+        session = opening.session
         memorySize = try reader.u64()
         vcpuCount = Int(try reader.u32())
         let code = Int(try reader.u32())
@@ -221,6 +242,7 @@ public struct MigrationHello: Sendable, Equatable {
         guard Self.linkTimeoutMillisecondsRange.contains(linkTimeoutMilliseconds) else {
             throw .malformed("link timeout \(linkTimeoutMilliseconds) ms (1 s to 1 h)")
         }
+        joins = try SessionJoins(reading: &reader)
         name = try reader.peerText()
         guestConfig = try reader.blob(max: 64 * (GuestLayout.maxVCPUs + 1))
         try reader.finish()

@@ -24,6 +24,11 @@ public protocol IncomingVM: AnyObject, Sendable {
 ///   `maxPendingHandshakes` may wait at once, more are told "busy");
 /// - the first valid hello takes the receiver's one migration slot; a hello that arrives while a
 ///   migration runs is refused at once with "busy: a migration from HOST is in progress";
+/// - the migration in the slot is a session (`IncomingSession`): a connection whose hello joins
+///   it (its id, a role its hello announced) is authenticated as the first was, under the same
+///   deadline, and handed to it; the session's end closes it. The slot is the table of open
+///   sessions, so it holds at most one; the last few that ended are remembered, so that a late
+///   join hears that its session ended rather than that it never existed;
 /// - once running, each frame must arrive within `frameSeconds`.
 ///
 /// The VM exists in exactly one place: until the commit point the source owns it, and a
@@ -78,6 +83,8 @@ public final class MigrationReceiver: Sendable {
     public static let stoppingReason = "the destination is stopping: it aborted the incoming migration and discarded its copy; the VM runs on at the source"
     /// Outcomes kept for `receiveOne` (failures beyond this are dropped oldest first).
     static let maxQueuedOutcomes = 64
+    /// Sessions that ended, remembered for the refusal of a late join (oldest dropped first).
+    static let rememberedEndedSessions = 16
 
     private struct State {
         var stopping = false
@@ -85,6 +92,8 @@ public final class MigrationReceiver: Sendable {
         var nextID = 0
         var handshakes: [Int: TCPSocket] = [:]
         var active: Active?
+        /// The sessions that ended last, and how, newest last.
+        var ended: [(id: SessionID, how: String)] = []
         var outcomes: [Result<Machine, MigrationError>] = []
         /// The replication this standby follows now.
         var session: StandbySession?
@@ -94,6 +103,7 @@ public final class MigrationReceiver: Sendable {
         let id: Int
         let peer: String
         let socket: TCPSocket
+        let session: IncomingSession
         var committed = false
     }
 
@@ -146,6 +156,9 @@ public final class MigrationReceiver: Sendable {
     /// Whether a migration holds the slot now, and from where.
     public var activePeer: String? { state.withLock { $0.active?.peer } }
 
+    /// The session of the migration that holds the slot: where the connections that join it wait.
+    public var activeSession: IncomingSession? { state.withLock { $0.active?.session } }
+
     /// The replication this standby follows now, if any.
     public var standbySession: StandbySession? { state.withLock { $0.session } }
 
@@ -175,9 +188,11 @@ public final class MigrationReceiver: Sendable {
     public func receiveOne() throws(MigrationError) -> Machine {
         startAccepting()
         while true {
-            arrivals.wait()
             // Once stopped, the migration in flight (aborted, or past its commit point) is still
-            // to be heard from: its outcome comes before `.receiverStopped`.
+            // to be heard from: its outcome comes before `.receiverStopped`. Looked at before
+            // waiting: a stop whose wake-up was taken by the wait that then got that outcome
+            // would otherwise leave the next call waiting for good (a wake-up counted for an
+            // outcome taken without waiting only makes a later wait look again).
             let (outcome, stopped) = state.withLock { state -> (Result<Machine, MigrationError>?, Bool) in
                 state.outcomes.isEmpty ? (nil, state.stopping && state.active == nil) : (state.outcomes.removeFirst(), false)
             }
@@ -186,6 +201,7 @@ public final class MigrationReceiver: Sendable {
                 arrivals.signal()   // for any other waiter
                 throw .receiverStopped
             }
+            arrivals.wait()
         }
     }
 
@@ -273,8 +289,8 @@ public final class MigrationReceiver: Sendable {
             return
         }
         let handshake = MigrationChannel(transport: connection)
-        let hello: MigrationHello
-        do { hello = try Self.readHello(handshake) } catch {
+        let opening: ConnectionHello
+        do { opening = try Self.readOpening(handshake) } catch {
             if state.withLock({ $0.stopping }) { return }   // cut short by stop(): nothing to report
             var error = error
             if case .connection(let system) = error, system.errno == ETIMEDOUT {
@@ -287,17 +303,26 @@ public final class MigrationReceiver: Sendable {
         }
         connection.setReceiveDeadline(nil)
         if connection.channel.encrypted { log("accepted \(peer) over \(connection.channel.summary)") }
+        let hello: MigrationHello
+        switch opening {
+        case .join(let join):
+            handedOver = admit(join, connection: connection, channel: handshake, peer: peer)
+            return
+        case .control(let control):
+            hello = control
+        }
         if let reason = Self.roleMismatch(hello, standby: standby) {
             try? handshake.send(.helloReply, MigrationHelloReply.refuse(reason).encode())
             log("refused a connection from \(peer): \(reason)")
             return
         }
 
+        let session = IncomingSession(id: hello.session, announced: hello.joins)
         let claim = state.withLock { state -> Claim in
             if state.stopping { return .stopping }
             if let active = state.active { return .busy(active.peer) }
             state.handshakes[id] = nil
-            state.active = Active(id: id, peer: peer, socket: socket)
+            state.active = Active(id: id, peer: peer, socket: socket, session: session)
             return .claimed
         }
         switch claim {
@@ -358,7 +383,45 @@ public final class MigrationReceiver: Sendable {
             outcome = .failure(error)
             preparedMemory?.replaceIfTaken()   // a VM built on it failed: its pages are spoilt
         }
+        // Before the slot is freed: the connections that joined close with their session.
+        switch outcome {
+        case .success: end(session, how: "completed")
+        case .failure(.cancelled(let why)): end(session, how: "cancelled: \(why)")
+        case .failure(let error): end(session, how: "failed: \(error)")
+        }
         deliver(outcome, releasing: id)
+    }
+
+    /// A connection whose hello joins a session: admitted (true: the session owns it now) only
+    /// to the open session with its id, for a role that session announced and not beyond the
+    /// number announced; otherwise refused with the reason, which its sender shows. Nothing is
+    /// kept for it before the check.
+    private func admit(_ join: SessionJoin, connection: any MigrationConnection, channel: MigrationChannel,
+                       peer: String) -> Bool {
+        let (open, ended) = state.withLock { state in
+            (state.active.flatMap { $0.session.id == join.session ? $0.session : nil },
+             state.ended.last { $0.id == join.session }?.how)
+        }
+        let refusal = if let open { open.admit(join.role) }
+            else if let ended { IncomingSession.endedReason(join.session, ended) }
+            else { "no session \(join.session) is open here (it never began here, or ended long ago): a connection joins only the session its control connection opened" }
+        if let refusal {
+            try? channel.send(.helloReply, MigrationHelloReply.refuse(refusal).encode())
+            log("refused a \(join.role) connection from \(peer): \(refusal)")
+            return false
+        }
+        guard let open, (try? channel.send(.helloReply, MigrationHelloReply.accept.encode())) != nil else { return false }
+        open.deliver(connection, role: join.role)
+        return true
+    }
+
+    /// Ends `session` (closing the connections that joined it) and remembers how.
+    private func end(_ session: IncomingSession, how: String) {
+        session.end(how)
+        state.withLock { state in
+            state.ended.append((session.id, how))
+            if state.ended.count > Self.rememberedEndedSessions { state.ended.removeFirst() }
+        }
     }
 
     /// The commit point: false if the receiver is stopping (the migration must be aborted).
@@ -386,8 +449,12 @@ public final class MigrationReceiver: Sendable {
     }
 
     static func readHello(_ channel: MigrationChannel) throws(MigrationError) -> MigrationHello {
-        let (_, payload) = try channel.receive([.hello])
-        return try MigrationError.wrap { () throws(MigrationProtocolError) in try MigrationHello(decoding: payload) }
+        try channel.receive(.hello, MigrationHello.init(decoding:))
+    }
+
+    /// The first frame of an accepted connection: a session's control hello, or a join.
+    static func readOpening(_ channel: MigrationChannel) throws(MigrationError) -> ConnectionHello {
+        try channel.receive(.hello, ConnectionHello.init(decoding:))
     }
 
     /// Builds the empty VM the hello announces, after checking it against this host.

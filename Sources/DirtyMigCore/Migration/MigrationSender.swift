@@ -26,7 +26,7 @@ public final class MigrationSender: Sendable {
 
     /// The connection as `cancel` sees it from another thread.
     private struct Link {
-        var socket: (any MigrationConnection)?
+        var session: MigrationSession?
         /// Set when the `complete` frame goes out: from then on the destination may resume the
         /// VM at any moment, so a cancel can no longer take the migration back.
         var committed = false
@@ -109,7 +109,7 @@ public final class MigrationSender: Sendable {
         attempt.cancel()
         DispatchQueue.global().asyncAfter(deadline: .now() + grace) { [self] in
             link.withLock { link in
-                if !link.committed { link.socket?.shutdown() }
+                if !link.committed { link.session?.close() }
             }
         }
         return true
@@ -204,16 +204,16 @@ public final class MigrationSender: Sendable {
         }
         // Setup: connect. Everything after it runs in `transfer`, so that any failure before the
         // commit point tells the destination why, and it discards its copy at once.
-        let socket: any MigrationConnection
-        do { socket = try MigrationConnector.connect(to: options.destination, security: options.security, attempt: attempt) } catch {
+        let session: MigrationSession
+        do { session = try MigrationSession.connect(to: options.destination, security: options.security, attempt: attempt) } catch {
             if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }
             throw error
         }
-        report.channel = socket.channel
-        link.withLock { $0.socket = socket }
+        report.channel = session.control.channel
+        link.withLock { $0.session = session }
         defer {
-            link.withLock { $0.socket = nil }
-            socket.shutdown()
+            link.withLock { $0.session = nil }
+            session.close()
         }
         // The link rule: a link that carries nothing back for --link-timeout fails the migration
         // (a cut link, a host gone, a destination that stopped reading), a shorter cut is ridden
@@ -221,19 +221,19 @@ public final class MigrationSender: Sendable {
         // the socket timeouts are the same deadline for a peer whose kernel answers but whose
         // process does not. The destination learns the deadline from the hello.
         let linkTimeout = options.linkTimeoutSeconds
-        socket.tcp.watchLink(timeoutSeconds: linkTimeout)
-        socket.setTimeouts(send: linkTimeout, receive: linkTimeout)
-        let channel = MigrationChannel(transport: socket)
+        session.control.tcp.watchLink(timeoutSeconds: linkTimeout)
+        session.control.setTimeouts(send: linkTimeout, receive: linkTimeout)
+        let channel = session.channel
         do {
-            try transfer(channel, socket: socket, tracker: tracker, report: &report, started: started, paused: &paused,
+            try transfer(session, tracker: tracker, report: &report, started: started, paused: &paused,
                          guestAtStart: guestAtStart, throttle: throttle, passLog: passLog)
         } catch {
             guard !link.withLock({ $0.committed }) else { throw error }
-            socket.setTimeouts(send: 1, receive: 0.5)   // a destination that stopped reading does not get to hold us
+            session.control.setTimeouts(send: 1, receive: 0.5)   // a destination that stopped reading does not get to hold us
             // A destination that gave up first said why before it closed: that beats "connection reset".
             if case .connection = error, let reason = Self.pendingAbort(channel) { throw .peerAborted(reason) }
             channel.sendAbort(error.description)
-            if case .connection(let system) = error, let words = Self.linkRuleFailure(options, system, socket: socket.tcp) {
+            if case .connection(let system) = error, let words = Self.linkRuleFailure(options, system, socket: session.control.tcp) {
                 throw .timedOut(words)
             }
             throw error
@@ -273,8 +273,8 @@ public final class MigrationSender: Sendable {
         return nil
     }
 
-    /// The handshake, the pre-copy passes, and stop-and-copy, over a connected channel.
-    private func transfer(_ channel: MigrationChannel, socket: any MigrationConnection, tracker: DirtyTracker,
+    /// The handshake, the pre-copy passes, and stop-and-copy, over a connected session.
+    private func transfer(_ session: MigrationSession, tracker: DirtyTracker,
                           report: inout MigrationReport, started: UInt64, paused: inout Bool, guestAtStart: [UInt64],
                           throttle: MigrationThrottle, passLog: (MigrationPass) -> Void) throws(MigrationError) {
         // Validated to at most 30 days (MigrationOptions.timeoutRange); min() keeps the
@@ -290,7 +290,8 @@ public final class MigrationSender: Sendable {
         var hello = MigrationHello(announcing: machine)
         hello.verify = options.verify
         hello.linkTimeoutMilliseconds = UInt32(options.linkTimeoutSeconds * 1000)
-        _ = try channel.greet(hello)
+        _ = try session.greet(hello)
+        let channel = session.channel
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
 
         // Pass 1: everything that holds data; the tracker's history before now (and any loss
@@ -421,7 +422,7 @@ public final class MigrationSender: Sendable {
             if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }
         }
 
-        try stopAndCopy(channel, socket: socket, passes: passes, after: iteration, report: &report, started: started,
+        try stopAndCopy(channel, socket: session.control, passes: passes, after: iteration, report: &report, started: started,
                         paused: &paused, guestAtStart: guestAtStart, passLog: passLog)
     }
 

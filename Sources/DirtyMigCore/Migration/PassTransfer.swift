@@ -39,17 +39,6 @@ final class PassTransfer {
     }
 }
 
-extension MigrationChannel {
-    /// The opening of every sending side (a migration, a replication): `hello` out, the
-    /// receiver's answer back; a refusal is thrown with the receiver's reason.
-    func greet(_ hello: MigrationHello) throws(MigrationError) -> MigrationHelloReply {
-        try send(.hello, hello.encode())
-        let reply = try receive(.helloReply, MigrationHelloReply.init(decoding:))
-        guard reply.accepted else { throw .refused(reply.reason) }
-        return reply
-    }
-}
-
 extension MigrationHello {
     /// What `machine` announces to a receiver.
     init(announcing machine: Machine) {

@@ -41,7 +41,7 @@ public final class Replicator: Sendable {
 
     private struct Shared {
         var figures: ReplicationFigures
-        var socket: (any MigrationConnection)?
+        var session: MigrationSession?
         var stopReason: String?
         var lost = false
         /// replicationEnd went out; `endConfirmed` once the standby said it discarded its copy.
@@ -133,7 +133,7 @@ public final class Replicator: Sendable {
                 opened.transport.setReceiveDeadline(nil)
                 try? opened.send(.replicationEnd, reason.encode())
             }
-            state.withLock { $0.socket }?.shutdown()
+            state.withLock { $0.session }?.close()
             machine.transferClaim.release()
         }
         return figures
@@ -144,25 +144,24 @@ public final class Replicator: Sendable {
             throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
         }
         let started = MonotonicClock.nanoseconds()
-        let socket: any MigrationConnection
-        do { socket = try MigrationConnector.connect(to: options.standby, security: options.security, attempt: attempt) } catch {
+        let session: MigrationSession
+        do { session = try MigrationSession.connect(to: options.standby, security: options.security, attempt: attempt) } catch {
             if let reason = state.withLock({ $0.stopReason }) { throw .cancelled(reason) }
             throw error
         }
         // The acknowledgements are read on one thread while checkpoints go out on another.
-        socket.allowConcurrentSendAndReceive()
+        session.control.allowConcurrentSendAndReceive()
         let stopped = state.withLock { shared -> Bool in
-            shared.socket = socket
+            shared.session = session
             shared.started = started
-            shared.figures.channel = socket.channel
+            shared.figures.channel = session.control.channel
             return shared.stopReason != nil
         }
         if stopped { throw .cancelled(state.withLock { $0.stopReason } ?? "stopped") }
-        socket.setTimeouts(send: 10, receive: 10)
-        let channel = MigrationChannel(transport: socket)
+        let channel = session.channel
         var hello = MigrationHello(announcing: machine)
         hello.replicate = true
-        let reply = try channel.greet(hello)
+        let reply = try session.greet(hello)
         heartbeatNanoseconds.store(UInt64(max(reply.heartbeatMilliseconds, 5)) * 1_000_000, ordering: .relaxed)
         state.withLock { $0.figures.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9 }
         return channel
@@ -392,7 +391,7 @@ public final class Replicator: Sendable {
     /// confirmation of the end, and word that it took over. Decides when it is lost
     /// (StandbyLiveness); once lost, keeps listening for a takeover only.
     private func listenToStandby(_ channel: MigrationChannel) {
-        guard let connection = state.withLock({ $0.socket }) else { return }
+        guard let connection = state.withLock({ $0.session?.control }) else { return }
         var liveness = StandbyLiveness(lossNanoseconds: lossNanoseconds, now: MonotonicClock.nanoseconds())
         while true {
             do throws(MigrationError) {
@@ -510,7 +509,7 @@ public final class Replicator: Sendable {
         wake.signal()
         log("dirtymig: replication to \(options.standby): \(reason)")
         settleEnd(confirmed: false)
-        state.withLock { $0.socket }?.shutdown()
+        state.withLock { $0.session }?.close()
     }
 
     private func settleEnd(confirmed: Bool) {
@@ -540,12 +539,12 @@ public final class Replicator: Sendable {
             endSettled.wait()
             endSettled.signal()
         }
-        let socket = state.withLock { shared -> (any MigrationConnection)? in
+        let session = state.withLock { shared -> MigrationSession? in
             if shared.figures.status == .protected || shared.figures.status == .starting { shared.figures.status = .stopped }
-            return shared.figures.status == .stopped ? shared.socket : nil
+            return shared.figures.status == .stopped ? shared.session : nil
         }
         // Confirmed (or the standby is gone): closing can no longer look like a dead primary.
-        socket?.shutdown()
+        session?.close()
         machine.output.stopHolding()
         return figures
     }
