@@ -168,7 +168,9 @@ final class ReadmeExampleTests: XCTestCase {
             let first = try Self.sequenceNumbers(directory + "/standby.out").first
             XCTAssertNotNil(last, "the primary released output")
             XCTAssertNotNil(first, "the standby's guest went on emitting")
-            if let last, let first { XCTAssertEqual(first, last + 1, "one stream across the failover") }
+            // Never a line twice. A line can be missing at most for one epoch (25 ms, 10 ms a line):
+            // the one the primary was told it could release, and was killed before it wrote.
+            if let last, let first { XCTAssertTrue((last + 1)...(last + 3) ~= first, "one stream across the failover: \(last), then \(first)") }
             for file in ["primary.out", "standby.out"] {
                 let text = try String(contentsOfFile: directory + "/" + file, encoding: .utf8)
                 XCTAssertFalse(text.split(separator: "\n").contains { !$0.contains(" errors=0 ") }, "\(file): the guest found no error")
