@@ -174,6 +174,9 @@ final class SlowLinkTests: ReplicationProcessTestCase {
         }
         let figures = try XCTUnwrap(replication())
         print("\(Int(Date().timeIntervalSince(restored) * 1000)) ms after the link returned: \(figures["error"]?.stringValue ?? "?")")
+        if figures["status"]?.stringValue != "superseded" {
+            print("the primary's log: \(stderrText(primaryErrors))\nthe standby's log: \(stderrText(standbyErrors))")
+        }
         XCTAssertEqual(status("primary")?["state"]?.stringValue, "superseded")
         let size = fileSize(primaryOutput)
         Thread.sleep(forTimeInterval: 1)

@@ -141,7 +141,12 @@ enum IncomingReplication {
         _ = OSThread(name: "repl-notice") {
             let deadline = MonotonicClock.nanoseconds() + UInt64(takeoverNoticeSeconds * 1e9)
             connection.setReceiveDeadline(deadline)
-            while let (_, length) = try? channel.receiveHeader(), (try? channel.receivePayload(length)) != nil {}
+            // Raw bytes, not frames: the silence that made this side take over may have come in
+            // the middle of a checkpoint frame, and the rest of it arrives when the link
+            // returns. Read as frames, that rest was taken for a header, refused, and the
+            // connection shut before the primary had read `tookOver` (its send of the frame held
+            // the TLS connection until this side took the bytes).
+            while (try? connection.receive(count: 4096)) != nil {}
             connection.shutdown()
         }
     }
