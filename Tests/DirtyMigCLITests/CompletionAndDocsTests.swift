@@ -45,7 +45,21 @@ final class CompletionAndDocsTests: XCTestCase {
                 if case .choices(let choices) = option.completion {
                     for choice in choices { XCTAssertTrue(bash.contains(choice) && zsh.contains(choice) && fish.contains(choice), choice) }
                 }
+                // zsh shows a description beside each option: the option table's help, as --help
+                // prints it, not the option's name again.
+                let line = zsh.split(separator: "\n").first { $0.hasPrefix("        \(command.name))") }.map(String.init) ?? ""
+                let described = zshDescription(option.help)
+                XCTAssertTrue(line.contains("'--\(option.name)=[\(described)]") || line.contains("'--\(option.name)[\(described)]"),
+                              "zsh describes \(command.name) --\(option.name) otherwise than its help: \(option.help)")
             }
         }
+    }
+
+    /// A description as a zsh _arguments spec holds it: brackets and colons escaped, single
+    /// quotes closed and reopened.
+    private func zshDescription(_ help: String) -> String {
+        help.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "[", with: "\\[")
+            .replacingOccurrences(of: "]", with: "\\]").replacingOccurrences(of: ":", with: "\\:")
+            .replacingOccurrences(of: "'", with: "'\\''")
     }
 }
