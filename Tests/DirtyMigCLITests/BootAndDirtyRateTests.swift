@@ -39,6 +39,11 @@ final class BootAndDirtyRateTests: XCTestCase {
         // The same VM measured by page sampling, and refused in a mode it cannot serve.
         let sample = try CLI.run(["dirtyrate", "--vm", name, "--mode", "sample", "--json", "--count", "1"])
         XCTAssertEqual(sample.status, 0, sample.stderr)
+        // The table says which mode measured it, above its header.
+        let table = try CLI.run(["dirtyrate", "--vm", name, "--mode", "sample", "--count", "1"])
+        XCTAssertEqual(table.status, 0, table.stderr)
+        let caption = table.stdout.split(separator: "\n").first.map(String.init) ?? ""
+        XCTAssertTrue(caption.contains("--mode sample") && caption.contains("estimated"), table.stdout)
         let bitmap = try CLI.run(["dirtyrate", "--vm", name, "--mode", "bitmap", "--count", "1"])
         XCTAssertEqual(bitmap.status, 1)
         XCTAssertTrue(bitmap.stderr.contains("--track bitmap"), bitmap.stderr)

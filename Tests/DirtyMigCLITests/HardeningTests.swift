@@ -293,7 +293,10 @@ final class HardeningTests: ProcessTestCase {
         let vmLine = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("listvm") }, table)
         XCTAssertTrue(vmLine.contains("running") && vmLine.contains("128 MiB"), String(vmLine))
         let receiverLine = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("listrx") }, table)
-        XCTAssertTrue(receiverLine.contains("128 MiB ready, on 127.0.0.1:\(port) (plaintext)"), String(receiverLine))
+        // Where it listens goes with its state; the memory column holds memory only.
+        XCTAssertTrue(receiverLine.contains("listening on 127.0.0.1:\(port) (plaintext)"), String(receiverLine))
+        let memoryColumn = try XCTUnwrap(table.split(separator: "\n").first?.range(of: "MEMORY")?.lowerBound.utf16Offset(in: table))
+        XCTAssertTrue(receiverLine.dropFirst(memoryColumn).hasPrefix("128 MiB ready"), String(receiverLine))
         let pskLine = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("listpsk") }, table)
         XCTAssertTrue(pskLine.contains(" on 127.0.0.1:\(pskPort) (TLS PSK)"), String(pskLine))
 

@@ -26,7 +26,10 @@ enum DirtyRateCommand {
             vcpu["workload"]?.stringValue?.hasPrefix("check") == true ? index : nil
         })
         let table = RateTable(vcpus: vcpuCount, perVCPU: mode == .ring, checking: checking)
-        if !json { emit(table.header) }
+        if !json {
+            emit("dirty rate of '\(client.vmName)', --mode \(mode.rawValue) (\(Self.describe(mode))), every \(HumanNumber.milliseconds(interval * 1000))")
+            emit(table.header)
+        }
 
         var previous: DirtyCounterSnapshot? = nil
         if mode != .sample { previous = try snapshot(client) }
@@ -61,6 +64,17 @@ enum DirtyRateCommand {
             throw RuntimeFailure("the VM sent a dirty-rate report this dirtymig cannot read")
         }
         return report
+    }
+}
+
+extension DirtyRateCommand {
+    /// What a mode counts, in the words the table's caption uses.
+    static func describe(_ mode: DirtyRateMode) -> String {
+        switch mode {
+        case .ring: return "every page written, per vCPU, from the dirty ring"
+        case .bitmap: return "every page written, from the dirty bitmap"
+        case .sample: return "pages found changed in a sample, estimated"
+        }
     }
 }
 

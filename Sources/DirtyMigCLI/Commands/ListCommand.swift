@@ -40,7 +40,7 @@ enum ListCommand {
         }
         let header = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "TRACK", "UPTIME", "SOCKET"]
         let lines: [[String]] = rows.map { row in
-            [row["name"]?.stringValue ?? "-", stateLabel(row["state"]?.stringValue, migration: row["migration"]),
+            [row["name"]?.stringValue ?? "-", stateLabel(row["state"]?.stringValue, migration: row["migration"]) + listening(row),
              row["pid"]?.doubleValue.map { String(Int($0)) } ?? "-",
              row["memory_bytes"]?.uint64Value.map { ByteSize.format($0) } ?? receiverMemory(row),
              row["vcpus"]?.doubleValue.map { String(Int($0)) } ?? "-", row["track"]?.stringValue ?? "-",
@@ -56,18 +56,19 @@ enum ListCommand {
         return 0
     }
 
-    /// A receiver's memory cell: the address it listens on and what a sender must bring there,
-    /// after the RAM it prepared (`receive --memory`) and whether that is ready, in use by a
-    /// standby's copy, or being prepared: "256 MiB ready, on 10.0.0.2:4444 (TLS PSK)".
+    /// A receiver's memory cell: the RAM it prepared (`receive --memory`) and whether that is
+    /// ready, in use by a standby's copy, or being prepared ("256 MiB ready"); "-" without.
     private static func receiverMemory(_ row: JSONValue) -> String {
-        guard let listen = row["listen"]?.stringValue else { return "-" }
-        let credentials = row["credentials"]?.stringValue.map { " (\(credentialsLabel($0)))" } ?? ""
-        var prepared = ""
-        if let bytes = row["prepared_memory_bytes"]?.uint64Value {
-            let state = (row["prepared_memory_state"]?.stringValue ?? "ready").replacingOccurrences(of: "_", with: " ")
-            prepared = ByteSize.format(bytes) + " " + state + ", "
-        }
-        return prepared + "on " + listen + credentials
+        guard let bytes = row["prepared_memory_bytes"]?.uint64Value else { return "-" }
+        let state = (row["prepared_memory_state"]?.stringValue ?? "ready").replacingOccurrences(of: "_", with: " ")
+        return ByteSize.format(bytes) + " " + state
+    }
+
+    /// After a receiver's state: where it listens and what a sender must bring there
+    /// (" on 10.0.0.2:4444 (TLS PSK)"); nothing for a VM.
+    private static func listening(_ row: JSONValue) -> String {
+        guard let listen = row["listen"]?.stringValue else { return "" }
+        return " on " + listen + (row["credentials"]?.stringValue.map { " (\(credentialsLabel($0)))" } ?? "")
     }
 
     /// A VM whose standby took over is not the copy that runs the guest any more: say which
