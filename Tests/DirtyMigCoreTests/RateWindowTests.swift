@@ -36,4 +36,20 @@ final class RateWindowTests: XCTestCase {
         XCTAssertEqual(window.perSecond(now: 2 * second + 11 * second), 0)
         XCTAssertEqual(RateWindow().perSecond(now: 5 * second), 0)
     }
+
+    /// The median pause's parts come from that one checkpoint, so they add up to it; each part's
+    /// own median comes from another checkpoint, and they did not (more, or less, than the pause).
+    func testTheMedianPausesPartsAddUpToIt() {
+        var pauses = RecentSamples(capacity: 8), copies = RecentSamples(capacity: 8), others = RecentSamples(capacity: 8)
+        // (copy, other) per checkpoint: long copies and long others never in the same one.
+        let samples: [(Double, Double)] = [(0.9, 0.1), (0.1, 0.9), (0.8, 0.1), (0.1, 0.8), (0.5, 0.2), (0.7, 0.1), (0.1, 0.7),
+                                           (0.2, 0.2), (0.3, 0.3), (0.6, 0.1)]   // more than the window holds: it wraps
+        for (copy, other) in samples {
+            pauses.add(copy + other); copies.add(copy); others.add(other)
+        }
+        let median = try! XCTUnwrap(pauses.positionOfPercentile(50))
+        XCTAssertEqual(copies.value(at: median) + others.value(at: median), pauses.percentile(50), accuracy: 1e-12)
+        XCTAssertNotEqual(copies.percentile(50) + others.percentile(50), pauses.percentile(50), accuracy: 0.05,
+                          "the medians of the parts, which the table used to show, do not add up to it")
+    }
 }

@@ -36,9 +36,13 @@ enum ReplicationTable {
             + ", lag \(value("lag_checkpoints", "%.0f"))")
         if figures["pause_ms"]?["median"]?.doubleValue != nil {
             row("pause per checkpoint", spread("pause_ms", ["median", "p99", "max"]) + " ms")
-            if let parts = figures["pause_parts_ms"]?.objectValue, !parts.isEmpty {
-                row("  median parts", parts.map { String(format: "%@ %.3f", $0.0.replacingOccurrences(of: "_", with: " "), $0.1.doubleValue ?? 0) }
-                    .joined(separator: ", ") + " ms")
+            // The parts of the median checkpoint itself, which add up to its pause (the medians
+            // of the parts did not: each came from another checkpoint); resume comes after it.
+            if let parts = figures["median_pause_parts_ms"]?.objectValue, !parts.isEmpty {
+                let within = parts.filter { $0.0 != "resume" }
+                let resume = parts.first { $0.0 == "resume" }?.1.doubleValue
+                row("  the median pause", within.map { String(format: "%@ %.3f", $0.0.replacingOccurrences(of: "_", with: " "), $0.1.doubleValue ?? 0) }
+                    .joined(separator: " + ") + " ms" + (resume.map { String(format: "; then resume %.3f ms", $0) } ?? ""))
             }
             row("dirty pages/checkpoint ", spread("dirty_pages", ["median", "max"], "%.0f")
                 + (figures["dirty_pages"]?["copied_paused_median"]?.doubleValue.map { String(format: " (median %.0f copied in the pause)", $0) } ?? ""))

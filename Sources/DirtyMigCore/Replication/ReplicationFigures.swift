@@ -18,11 +18,20 @@ struct RecentSamples {
 
     /// The nearest-rank percentile (0...100) of the window; 0 when empty.
     func percentile(_ p: Double) -> Double {
-        guard !values.isEmpty else { return 0 }
-        let sorted = values.sorted()
-        let rank = Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1
-        return sorted[min(max(rank, 0), sorted.count - 1)]
+        positionOfPercentile(p).map { values[$0] } ?? 0
     }
+
+    /// Where in the window the nearest-rank percentile lies: windows filled in lockstep (a
+    /// pause and its parts) give, at the same position, the rest of that sample.
+    func positionOfPercentile(_ p: Double) -> Int? {
+        guard !values.isEmpty else { return nil }
+        let order = values.indices.sorted { values[$0] < values[$1] }
+        let rank = Int((p / 100 * Double(order.count)).rounded(.up)) - 1
+        return order[min(max(rank, 0), order.count - 1)]
+    }
+
+    /// The value at a position `positionOfPercentile` gave (of this window or one filled in lockstep).
+    func value(at position: Int) -> Double { position < values.count ? values[position] : 0 }
 }
 
 /// Events with a time and a running total (acknowledged checkpoints, bytes sent), for rates
@@ -100,8 +109,12 @@ public struct ReplicationFigures: Sendable {
     public var outputDelaySamples = 0
     public var bytesSent: UInt64 = 0
     public var pauseMedianMs = 0.0, pauseP99Ms = 0.0, pauseMaxMs = 0.0
-    /// Where the median pause goes: each part's median (stop_vcpus, collect, copy, state, resume).
+    /// Each part's own median (stop_vcpus, collect, copy, state, resume): medians of parts do
+    /// not add up to the median pause, so the table shows `medianPauseParts`.
     public var pausePartsMedianMs: [(String, Double)] = []
+    /// The parts of the checkpoint whose pause was the median (resume follows the pause: it is
+    /// what waking the vCPU threads costs the primary's thread after they are let in).
+    public var medianPauseParts: [(String, Double)] = []
     public var dirtyPagesMedian = 0.0, dirtyPagesMax = 0.0
     /// Of a checkpoint's pages, those copied while the vCPUs were paused (the rest were staged
     /// while the epoch ran).
@@ -134,6 +147,7 @@ public struct ReplicationFigures: Sendable {
             ("pause_ms", pauseSamples == 0 ? ["median": .null, "p99": .null, "max": .null]
                 : ["median": .number(pauseMedianMs), "p99": .number(pauseP99Ms), "max": .number(pauseMaxMs)]),
             ("pause_parts_ms", .object(pauseSamples == 0 ? [] : pausePartsMedianMs.map { ($0.0, .number($0.1)) })),
+            ("median_pause_parts_ms", .object(pauseSamples == 0 ? [] : medianPauseParts.map { ($0.0, .number($0.1)) })),
             ("dirty_pages", pauseSamples == 0 ? ["median": .null, "max": .null, "copied_paused_median": .null]
                 : ["median": .number(dirtyPagesMedian), "max": .number(dirtyPagesMax),
                    "copied_paused_median": .number(pagesCopiedPausedMedian)]),

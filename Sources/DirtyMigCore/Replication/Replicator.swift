@@ -77,6 +77,9 @@ public final class Replicator: Sendable {
             figures.pauseP99Ms = shared.pauses.percentile(99)
             figures.pauseMaxMs = shared.pauses.maximum
             figures.pausePartsMedianMs = PausePart.allCases.map { ($0.name, shared.pauseParts[$0.rawValue].percentile(50)) }
+            if let median = shared.pauses.positionOfPercentile(50) {
+                figures.medianPauseParts = PausePart.allCases.map { ($0.name, shared.pauseParts[$0.rawValue].value(at: median)) }
+            }
             figures.dirtyPagesMedian = shared.dirtyPages.percentile(50)
             figures.dirtyPagesMax = shared.dirtyPages.maximum
             figures.pagesCopiedPausedMedian = shared.pagesCopiedPaused.percentile(50)
