@@ -40,6 +40,20 @@ final class ReportTableTests: XCTestCase {
         XCTAssertLessThan(table.split(separator: "\n").count, 30)
     }
 
+    /// A throttle that started says when and why, and its final ceilings say whose they are.
+    func testTheThrottleSaysWhyItStartedAndWhoseCeilingsAreWhose() {
+        let report: JSONValue = [
+            "status": "completed", "error": .null, "destination": "10.0.0.2:4444", "track": "ring", "total_ms": 5000.0,
+            "iterations": 4, "transferred_bytes": 1_048_576.0, "vcpus": [],
+            "throttle": ["kind": "dirty-limit", "started_s": 1.06, "started_in_pass": 1, "tightened": 2,
+                         "started_because": ["dirty_mib_s": 180.0, "sent_mib_s": 119.2],
+                         "final": ["kind": "dirty-limit", "active": true, "ceiling_mib_s": [29.8, 14.9]]],
+        ]
+        let table = ReportTable.render(report)
+        XCTAssertTrue(table.contains("from 1.1 s (in pass 1) because the guest dirtied 180.0 MiB/s while 119.2 MiB/s went out, tightened 2 times"), table)
+        XCTAssertTrue(table.contains("final ceilings vCPU 0 29.8, vCPU 1 14.9 MiB/s"), table)
+    }
+
     /// A migration that failed before its handshake (a wrong key, nothing listening) measured
     /// no setup, downtime, pass, page count or pace during: the JSON has nulls, the table says so.
     func testAFailureBeforeTheHandshakePrintsNoUnmeasuredZeros() {

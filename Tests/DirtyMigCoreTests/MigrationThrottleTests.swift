@@ -64,6 +64,9 @@ final class MigrationThrottleTests: XCTestCase {
         XCTAssertEqual(target.cpuPercents, [20])
         XCTAssertEqual(throttle.report.startedSeconds, 2.5)
         XCTAssertEqual(throttle.report.startedInPass, 2)
+        // Why: the period that started it, per second (60 bytes dirtied while 100 went out, in 1 s).
+        XCTAssertEqual(throttle.report.startedBecause?.dirtyBytesPerSecond, 60)
+        XCTAssertEqual(throttle.report.startedBecause?.sentBytesPerSecond, 100)
         XCTAssertEqual(throttle.level, ThrottleLevel(mode: .cpu, active: true, cpuPercent: 20))
         observe(throttle, pass: 3, dirty: 60)
         observe(throttle, pass: 4, dirty: 60)

@@ -86,14 +86,18 @@ enum ReportTable {
         let throttle = report["throttle"]
         var throttleText = throttle?["kind"]?.stringValue ?? "-"
         if let started = throttle?["started_s"]?.doubleValue {
-            throttleText += String(format: ", from %.1f s (in pass %d), tightened %d times", started,
-                                   Int(throttle?["started_in_pass"]?.doubleValue ?? 0), Int(throttle?["tightened"]?.doubleValue ?? 0))
+            throttleText += String(format: ", from %.1f s (in pass %d)", started, Int(throttle?["started_in_pass"]?.doubleValue ?? 0))
+            if let because = throttle?["started_because"], let dirty = because["dirty_mib_s"]?.doubleValue,
+               let sent = because["sent_mib_s"]?.doubleValue {
+                throttleText += String(format: " because the guest dirtied %.1f MiB/s while %.1f MiB/s went out", dirty, sent)
+            }
+            throttleText += String(format: ", tightened %d times", Int(throttle?["tightened"]?.doubleValue ?? 0))
             if let final = throttle?["final"] {
                 if let cpu = final["cpu_percent"]?.doubleValue { throttleText += String(format: "; final %.0f %% CPU", cpu) }
                 if let ceilings = final["ceiling_mib_s"]?.arrayValue {
                     let values = ceilings.map { $0.doubleValue ?? 0 }
                     throttleText += values.count <= 4
-                        ? "; final ceilings " + values.map { String(format: "%.1f", $0) }.joined(separator: "/") + " MiB/s"
+                        ? "; final ceilings " + values.enumerated().map { String(format: "vCPU %d %.1f", $0.offset, $0.element) }.joined(separator: ", ") + " MiB/s"
                         : "; final ceilings " + HumanNumber.spread(values) + " MiB/s (min / median / max)"
                 }
             }

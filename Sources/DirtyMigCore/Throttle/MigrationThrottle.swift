@@ -73,6 +73,9 @@ public struct ThrottleReport: Sendable {
     public var final: ThrottleLevel?
     /// How many periods it judged: none, and "not needed" would be a guess.
     public var periodsJudged = 0
+    /// Why it started: what the guest dirtied and what went out, per second, over the period
+    /// that first found the guest too fast for the link.
+    public var startedBecause: (dirtyBytesPerSecond: Double, sentBytesPerSecond: Double)?
 
     public var json: JSONValue {
         [
@@ -82,6 +85,9 @@ public struct ThrottleReport: Sendable {
             "tightened": .number(tightened),
             "final": final?.json ?? .null,
             "periods_judged": .number(periodsJudged),
+            "started_because": startedBecause.map {
+                ["dirty_mib_s": .number($0.dirtyBytesPerSecond / 1_048_576), "sent_mib_s": .number($0.sentBytesPerSecond / 1_048_576)]
+            } ?? .null,
         ]
     }
 }
@@ -154,8 +160,10 @@ final class MigrationThrottle {
         guard periodSeconds >= 1 else { return }
         report.periodsJudged += 1
         let hot = periodDirtyBytes > periodSentBytes * Self.hotShare
+        let period = (dirtyBytesPerSecond: periodDirtyBytes / periodSeconds, sentBytesPerSecond: periodSentBytes / periodSeconds)
         periodSeconds = 0; periodSentBytes = 0; periodDirtyBytes = 0
         guard hot else { return }
+        if report.startedSeconds == nil { report.startedBecause = period }
         switch mode {
         case .cpu:
             hotPeriods += 1
