@@ -230,6 +230,20 @@ final class MigrationPlotTests: XCTestCase {
         XCTAssertFalse(parsed.contains("no samples"))
     }
 
+    /// A pass that moved under 1 MiB measured a round trip, not the link: its absurd rate does
+    /// not stretch the rate panel (a 2.4 MB pass at 4,010 MiB/s did).
+    func testATinyPassDoesNotStretchTheRatePanel() throws {
+        var report = Self.longReport()
+        report["timeline"] = nil
+        var passes = report["passes"]?.arrayValue ?? []
+        var tiny = passes[passes.count - 1]
+        tiny["bytes_sent"] = .number(600_000); tiny["pages_sent"] = .number(146); tiny["bandwidth_mib_s"] = .number(4010)
+        passes[passes.count - 1] = tiny
+        report["passes"] = .array(passes)
+        let parsed = try parse(MigrationPlot.svg(report: report))
+        XCTAssertFalse(parsed.texts.contains { $0.hasPrefix("4k") || $0.hasPrefix("4,0") || $0 == "4000" }, "\(parsed.texts)")
+    }
+
     func testNullsEverywhere() throws {
         let keys = ["status", "error", "total_ms", "setup_ms", "downtime_ms", "iterations", "transferred_bytes",
                     "throughput_mib_s", "track", "destination", "throttle", "passes", "timeline", "downtime_limit_ms"]

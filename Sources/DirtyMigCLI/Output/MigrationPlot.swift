@@ -126,7 +126,11 @@ extension MigrationPlot {
                 Pass(number: integer(pass["iteration"]) ?? index + 1,
                      end: number(pass["time_s"]).map { max(0, $0) },
                      pagesSent: number(pass["pages_sent"]),
-                     bandwidth: number(pass["bandwidth_mib_s"]),
+                     // A pass that moved under 1 MiB measured the round trip, not the link
+                     // (one of 2.4 MB read 4,010 MiB/s and squashed every other pass to the floor
+                     // of its panel): it draws no rate.
+                     bandwidth: (number(pass["bytes_sent"]) ?? number(pass["pages_sent"]).map { $0 * pageBytes }).map { $0 >= bytesPerMiB } == false
+                        ? nil : number(pass["bandwidth_mib_s"]),
                      dirtyMiB: finite(number(pass["dirty_pages_s"]).map { $0 * pageBytes / bytesPerMiB }),
                      expectedMs: number(pass["expected_downtime_ms"]),
                      // null is "no throttle yet" (0 %); an object without cpu_percent (dirty-limit,
