@@ -187,6 +187,20 @@ final class LinkFailureTests: ReplicationProcessTestCase {
         try link.restore()
     }
 
+    /// Removing the link ends what still runs in its namespaces: deleting a namespace alone left
+    /// a crashed test's VM running for good.
+    func testRemovingTheLinkEndsWhatRunsInItsNamespaces() throws {
+        let sleeper = Process()
+        sleeper.executableURL = URL(fileURLWithPath: "/bin/sh")
+        sleeper.arguments = ["-c", link.inside(link.left).joined(separator: " ") + " sleep 300"]
+        try sleeper.run()
+        processes.append(sleeper)
+        XCTAssertTrue(waitUntil(seconds: 5) { ((try? String(contentsOfFile: "/proc/\(sleeper.processIdentifier)/cmdline", encoding: .utf8)) ?? "").hasPrefix("sleep") },
+                      "the sleeper did not start in the namespace")
+        link.remove()
+        XCTAssertTrue(waitUntil(seconds: 5) { !sleeper.isRunning }, "a process in a removed namespace runs on")
+    }
+
     /// Runs `body` on a thread inside network namespace `name` (setns affects only the calling
     /// thread): a socket made there stays in that namespace, whichever thread uses it after.
     private func inNamespace<T: Sendable>(_ name: String, _ body: @escaping @Sendable () throws -> T) throws -> T {
