@@ -61,31 +61,20 @@ func runLinkBenchmark(_ options: LinkBenchmarkOptions) throws {
         for (scenarioIndex, key) in options.scenarioKeys.enumerated() {
             let scenario = LinkScenario.scenario(key, rateMbit: rate)
             let guest = qemu ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: false) : nil
-            var results: [Migrator: [MigrationMeasurement]] = [:]
-            for round in 0..<options.runs {
-                for migrator in round % 2 == 0 ? migrators : migrators.reversed() {
-                    let busy = try QuietMachine.idle(conditions.idleSeconds)
-                    let measurement: MigrationMeasurement
-                    switch migrator {
-                    case .dirtymig:
-                        measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, placement: placement,
-                                                                  sampleETA: true)
-                    case .dirtymigPSK:
-                        measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
-                                                                  credentials: ["--psk-file", psk.file], placement: placement, sampleETA: true)
-                    case .qemu:
-                        measurement = try runQEMUProcessMigration(scenario, guest: guest!, conditions: conditions, placement: placement)
-                    case .qemuPSK:
-                        measurement = try runQEMUProcessMigration(scenario, guest: guest!, conditions: conditions, psk: psk, placement: placement)
-                    default:
-                        throw BenchError("\(migrator.label) does not run in the link benchmark")
-                    }
-                    results[migrator, default: []].append(measurement)
-                    others.add(idle: busy, migration: measurement.othersCPUShare)
-                    log(String(format: "%d Mbit/s %@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.1f MiB/s (%.0f %% of the link); %@; others used %.0f %% of the CPUs during the migration",
-                               rate, scenario.key, round + 1, options.runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs,
-                               measurement.passes, measurement.mibSent, measurement.mibPerSecond, measurement.mibPerSecond / linkMiBs * 100,
-                               measurement.detail, measurement.othersCPUShare * 100))
+            let results = try runAlternating(migrators, runs: options.runs, conditions: conditions, others: &others,
+                                             label: "\(rate) Mbit/s \(scenario.key)", linkMiBs: linkMiBs) { migrator in
+                switch migrator {
+                case .dirtymig:
+                    return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, placement: placement, sampleETA: true)
+                case .dirtymigPSK:
+                    return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
+                                                       credentials: ["--psk-file", psk.file], placement: placement, sampleETA: true)
+                case .qemu:
+                    return try runQEMUProcessMigration(scenario, guest: guest!, conditions: conditions, placement: placement)
+                case .qemuPSK:
+                    return try runQEMUProcessMigration(scenario, guest: guest!, conditions: conditions, psk: psk, placement: placement)
+                default:
+                    throw BenchError("\(migrator.label) does not run in the link benchmark")
                 }
             }
             for (index, migrator) in migrators.enumerated() {

@@ -109,9 +109,6 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
         guard !only.isQEMU || qemuExecutable() != nil else { throw BenchError("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)") }
         migrators = [only]
     }
-    // Each round runs every migrator once, the order reversed every other round (A B, B A, A B,
-    // ...): a migrator is as often first as second, so what one run leaves behind (it should be
-    // nothing, after the idle time) falls on both alike.
     let order = migrators.map(\.shortLabel).joined(separator: ", ") + ", then reversed, alternating"
     let conditions = options.conditions
     // Other users of this shared machine: what they took during the idle times and migrations,
@@ -129,33 +126,23 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
             ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: false) : nil
         let qemuPreallocGuest = migrators.contains(.qemuPrealloc) || migrators.contains(.qemuPreallocPSK)
             ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: true) : nil
-        var results: [Migrator: [MigrationMeasurement]] = [:]
-        for round in 0..<options.runs {
-            for migrator in round % 2 == 0 ? migrators : migrators.reversed() {
-                let busy = try QuietMachine.idle(conditions.idleSeconds)
-                let measurement: MigrationMeasurement
-                switch migrator {
-                case .dirtymig: measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions)
-                case .dirtymigPrepared:
-                    measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, prepareMemory: true)
-                case .qemu: measurement = try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions)
-                case .qemuPrealloc: measurement = try runQEMUProcessMigration(scenario, guest: qemuPreallocGuest!, conditions: conditions)
-                case .dirtymigInProcess: measurement = try runDirtymigInProcessMigration(scenario, conditions: conditions)
-                case .dirtymigPSK:
-                    measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
-                                                              credentials: ["--psk-file", psk.file])
-                case .dirtymigPreparedPSK:
-                    measurement = try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
-                                                              credentials: ["--psk-file", psk.file], prepareMemory: true)
-                case .qemuPSK: measurement = try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions, psk: psk)
-                case .qemuPreallocPSK:
-                    measurement = try runQEMUProcessMigration(scenario, guest: qemuPreallocGuest!, conditions: conditions, psk: psk)
-                }
-                results[migrator, default: []].append(measurement)
-                others.add(idle: busy, migration: measurement.othersCPUShare)
-                log(String(format: "%@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.0f MiB/s; %@; others used %.0f %% of the CPUs during the migration, the machine was %.0f %% busy during the idle time before",
-                           scenario.key, round + 1, options.runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs,
-                           measurement.passes, measurement.mibSent, measurement.mibPerSecond, measurement.detail, measurement.othersCPUShare * 100, busy * 100))
+        let results = try runAlternating(migrators, runs: options.runs, conditions: conditions, others: &others,
+                                         label: scenario.key) { migrator in
+            switch migrator {
+            case .dirtymig: return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions)
+            case .dirtymigPrepared:
+                return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, prepareMemory: true)
+            case .qemu: return try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions)
+            case .qemuPrealloc: return try runQEMUProcessMigration(scenario, guest: qemuPreallocGuest!, conditions: conditions)
+            case .dirtymigInProcess: return try runDirtymigInProcessMigration(scenario, conditions: conditions)
+            case .dirtymigPSK:
+                return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, credentials: ["--psk-file", psk.file])
+            case .dirtymigPreparedPSK:
+                return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
+                                                   credentials: ["--psk-file", psk.file], prepareMemory: true)
+            case .qemuPSK: return try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions, psk: psk)
+            case .qemuPreallocPSK:
+                return try runQEMUProcessMigration(scenario, guest: qemuPreallocGuest!, conditions: conditions, psk: psk)
             }
         }
         for (index, migrator) in migrators.enumerated() {
@@ -187,6 +174,29 @@ final class BenchPSK {
             throw BenchError("cannot write \(file)")
         }
     }
+}
+
+/// Runs every migrator `runs` times, each after the idle time, the order reversed every other
+/// round (A B, B A, A B, ...): a migrator is as often first as second, so what one run leaves
+/// behind (it should be nothing, after the idle time) falls on both alike. Each run is logged as
+/// it ends (`label` first; with `linkMiBs`, its share of the link too).
+func runAlternating(_ migrators: [Migrator], runs: Int, conditions: MigrationRunConditions, others: inout OthersLoad,
+                    label: String, linkMiBs: Double? = nil,
+                    _ measure: (Migrator) throws -> MigrationMeasurement) throws -> [Migrator: [MigrationMeasurement]] {
+    var results: [Migrator: [MigrationMeasurement]] = [:]
+    for round in 0..<runs {
+        for migrator in round % 2 == 0 ? migrators : migrators.reversed() {
+            let busy = try QuietMachine.idle(conditions.idleSeconds)
+            let measurement = try measure(migrator)
+            results[migrator, default: []].append(measurement)
+            others.add(idle: busy, migration: measurement.othersCPUShare)
+            let share = linkMiBs.map { String(format: " (%.0f %% of the link)", measurement.mibPerSecond / $0 * 100) } ?? ""
+            log(String(format: "%@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.1f MiB/s%@; %@; others used %.0f %% of the CPUs during the migration, the machine was %.0f %% busy during the idle time before",
+                       label, round + 1, runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs, measurement.passes,
+                       measurement.mibSent, measurement.mibPerSecond, share, measurement.detail, measurement.othersCPUShare * 100, busy * 100))
+        }
+    }
+    return results
 }
 
 /// "median (min-max)".
