@@ -30,7 +30,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     public let holds: VCPUHolds
     /// Auto-converge (`migrate --throttle cpu`).
     public let cpuThrottle: CPUThrottle
-    private let runners: [VCPURunner]
+    private let runners: [VCPURunner<KVMVCPU>]
 
     /// How the VM's CPUs and memory begin.
     public enum Boot: Sendable {
@@ -150,11 +150,12 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         if boot == .incoming && !restored { throw .state(.notRestored) }
         do { try tracker?.start() } catch { throw .kvm(error) }
         startTime = MonotonicClock.nanoseconds()
-        // Every thread is made first, held, and then all are let into the guest: a thread
-        // made while earlier vCPUs already ran had to wait for a core to say it had started
-        // (64 busy vCPUs on 2 cores: 6-7 s to start a received VM, all of it downtime).
-        for runner in runners { runner.start(held: true) }
-        for runner in runners { runner.resume() }
+        // Every thread is made first, held (a vCPU thread begins paused), and then all are let
+        // into the guest: a thread made while earlier vCPUs already ran had to wait for a core
+        // to say it had started (64 busy vCPUs on 2 cores: 6-7 s to start a received VM, all of
+        // it downtime). Nobody waits for the `.resumed` replies.
+        for runner in runners { runner.start() }
+        for runner in runners { runner.post(.resume) }
         pace.start()
         state = .running
     }
@@ -166,15 +167,16 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         guard state == .running else { return }
         // Every vCPU is asked first, then each is waited for: asked and waited for one at a
         // time, 64 busy vCPUs on 2 cores took 1.6 s to pause, each waiting its turn on a core.
-        for runner in runners { runner.requestPause() }
-        for runner in runners { runner.waitUntilPaused() }
+        // A parked vCPU answers `.paused` too, and a vCPU whose thread has ended `.stopped`.
+        let replies = runners.map { $0.post(.pause) }
+        for reply in replies { reply.wait() }
         state = .paused
     }
 
     public func resume() {
         lock.lock(); defer { lock.unlock() }
         guard state == .paused else { return }
-        for runner in runners { runner.resume() }
+        for runner in runners { runner.post(.resume) }   // not waited for, as in start()
         state = .running
     }
 
@@ -194,18 +196,25 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         guard state == .paused else { throw .state(.notPaused) }
         if let failure = events.firstFailure { throw .state(.vmFailed("\(failure)")) }
+        let msrIndices: [UInt32]
         do {
             // Fetched once: a replication saves the state hundreds of times a second.
-            if msrIndices == nil { msrIndices = try kvm.migratableMSRIndices() }
-            let msrIndices = self.msrIndices!
-            var states: [VCPUState] = []
-            for runner in runners {
-                var vcpuState = try runner.vcpu.saveState(msrIndices: msrIndices)
-                vcpuState.parked = runner.isParked
-                states.append(vcpuState)
+            if self.msrIndices == nil { self.msrIndices = try kvm.migratableMSRIndices() }
+            msrIndices = self.msrIndices!
+        } catch {
+            throw .kvm(error)
+        }
+        var states: [VCPUState] = []
+        for (vcpu, runner) in runners.enumerated() {
+            switch runner.saveState(msrIndices: msrIndices) {
+            case .saved(let vcpuState): states.append(vcpuState)
+            case .failed(let error): throw .kvm(error)
+            case .notPaused, .paused, .resumed: throw .state(.notPaused)
+            case .stopped: throw .state(.vmFailed(events.firstFailure.map { "\($0)" } ?? "vCPU \(vcpu) has stopped"))
             }
-            return MachineState(memorySize: configuration.memorySize, vcpus: states,
-                                devices: try vm.saveDeviceState())
+        }
+        do {
+            return MachineState(memorySize: configuration.memorySize, vcpus: states, devices: try vm.saveDeviceState())
         } catch {
             throw .kvm(error)
         }
@@ -233,6 +242,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         // Whatever happens below, this VM's vCPUs are no longer in a state to restore into.
         restored = true
         do {
+            // Before start(): no vCPU thread exists yet, so the caller writes the state itself.
             for (runner, vcpuState) in zip(runners, saved.vcpus) {
                 try runner.vcpu.restoreState(vcpuState)
                 runner.restoreParked(vcpuState.parked)

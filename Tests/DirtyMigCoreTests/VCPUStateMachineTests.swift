@@ -1,0 +1,329 @@
+import CKVM
+@testable import DirtyMigCore
+import Foundation
+import XCTest
+
+/// A vCPU for the state machine, without /dev/kvm: `runOnce` hands out scripted exits, then
+/// stays "in the guest" (blocks) until kicked, as KVM_RUN does; immediate_exit set before entry
+/// returns at once. It logs what the runner did to it, in order.
+final class FakeVCPU: HypervisorVCPU, @unchecked Sendable {
+    // @unchecked: everything is guarded by `condition`.
+    let id: Int
+    private let condition = NSCondition()
+    private var immediateExit = false
+    private var script: [VCPUExit]
+    private var pending = false
+    private var inGuest = false
+    private var entries = 0
+    private var log: [String] = []
+    private let ioBuffer = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
+    /// Called (on the vCPU thread, outside the lock) as a scripted exit is returned.
+    var onExit: (@Sendable () -> Void)?
+    /// When set, saveState waits for it (outside the lock).
+    var saveGate: DispatchSemaphore?
+
+    init(id: Int = 0, script: [VCPUExit] = []) {
+        self.id = id
+        self.script = script
+        ioBuffer.initializeMemory(as: UInt8.self, repeating: 0, count: 64)
+    }
+
+    deinit { ioBuffer.deallocate() }
+
+    func runOnce() throws(KVMError) -> VCPUExit {
+        condition.lock(); defer { condition.unlock() }
+        entries += 1
+        pending = false   // entering completes the last exit
+        if immediateExit {
+            immediateExit = false
+            log.append("interrupted")
+            return .interrupted
+        }
+        if !script.isEmpty {
+            let exit = script.removeFirst()
+            pending = true
+            log.append("exit")
+            if let onExit {
+                condition.unlock()
+                onExit()
+                condition.lock()
+            }
+            return exit
+        }
+        inGuest = true
+        condition.broadcast()
+        while !immediateExit { condition.wait() }
+        inGuest = false
+        immediateExit = false
+        log.append("kicked")
+        return .interrupted
+    }
+
+    func completePendingExit() throws(KVMError) -> VCPUExit? {
+        condition.lock(); defer { condition.unlock() }
+        immediateExit = false   // as KVM's: set for the completing KVM_RUN, cleared after
+        if pending { log.append("completed") }
+        pending = false
+        return nil
+    }
+
+    func requestImmediateExit(_ value: Bool) {
+        condition.lock()
+        immediateExit = value
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    func saveState(msrIndices: [UInt32]) throws(KVMError) -> VCPUState {
+        if let saveGate {
+            condition.lock(); log.append("saving"); condition.unlock()
+            saveGate.wait()
+        }
+        condition.lock(); defer { condition.unlock() }
+        log.append(pending ? "saved with the exit pending" : "saved")
+        var regs = kvm_regs()
+        regs.rip = UInt64(entries)
+        return VCPUState(id: UInt32(id), parked: false, mpState: 0, regs: regs, sregs: kvm_sregs(), xsave: [],
+                         xcrs: nil, debugRegisters: nil, lapic: kvm_lapic_state(), msrs: [], events: kvm_vcpu_events(),
+                         tscKHz: 0)
+    }
+
+    func ioData(at offset: UInt64) -> UnsafeMutableRawPointer { ioBuffer + Int(offset) }
+
+    func registerDump() -> VCPURegisterDump? { nil }
+
+    var entryCount: Int { condition.lock(); defer { condition.unlock() }; return entries }
+    var events: [String] { condition.lock(); defer { condition.unlock() }; return log }
+
+    /// Waits until the runner is inside `runOnce`, blocked "in the guest".
+    func waitUntilInGuest(timeout: Double = 5) -> Bool {
+        let deadline = Date(timeIntervalSinceNow: timeout)
+        condition.lock(); defer { condition.unlock() }
+        while !inGuest { if !condition.wait(until: deadline) { return inGuest } }
+        return true
+    }
+}
+
+/// Where a test keeps a reply posted from the vCPU thread.
+final class ReplyBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: VCPUReply?
+    func set(_ reply: VCPUReply) { lock.lock(); stored = reply; lock.unlock() }
+    var reply: VCPUReply? { lock.lock(); defer { lock.unlock() }; return stored }
+}
+
+/// The vCPU thread's state machine, driven by events, on a fake vCPU: who enters the guest when,
+/// what each event is answered, that a pause completes the pending exit before it answers, that
+/// a parked vCPU is never entered again and counts as paused, that a hold ends at an event.
+final class VCPUStateMachineTests: XCTestCase {
+    private var memory: GuestMemory!
+
+    override func setUpWithError() throws {
+        memory = try GuestMemory(size: 4 * MiB)
+    }
+
+    private func runner(_ vcpu: FakeVCPU, holds: VCPUHolds = VCPUHolds(vcpuCount: 1),
+                        events: MachineEvents = MachineEvents()) -> VCPURunner<FakeVCPU> {
+        VCPURunner(vcpu: vcpu, tracker: nil, ring: nil, holds: holds, events: events, output: GuestOutput(), memory: memory)
+    }
+
+    private func saved(_ response: VCPUResponse, file: StaticString = #filePath, line: UInt = #line) -> VCPUState? {
+        guard case .saved(let state) = response else { XCTFail("expected .saved, got \(response)", file: file, line: line); return nil }
+        return state
+    }
+
+    private func expect(_ response: VCPUResponse, _ expected: String, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual("\(response)", expected, file: file, line: line)
+    }
+
+    func testAThreadBeginsPausedAndEntersTheGuestOnlyWhenResumed() {
+        let vcpu = FakeVCPU()
+        let runner = runner(vcpu)
+        runner.start()
+        defer { runner.stop() }
+        expect(runner.post(.pause).wait(), "paused")
+        XCTAssertNotNil(saved(runner.saveState(msrIndices: [])))
+        XCTAssertEqual(vcpu.entryCount, 0, "held: not entered before the first resume")
+        expect(runner.post(.resume).wait(), "resumed")
+        XCTAssertTrue(vcpu.waitUntilInGuest())
+    }
+
+    func testAPauseKicksTheVCPUOutAndCompletesItsPendingExitBeforeItAnswers() {
+        // An OUT to a port nobody handles: KVM completes it only on the next KVM_RUN.
+        let vcpu = FakeVCPU(script: [.io(port: 0x80, isOut: true, size: 1, count: 1, dataOffset: 0)])
+        let runner = runner(vcpu)
+        runner.start()
+        defer { runner.stop() }
+        runner.post(.resume)
+        XCTAssertTrue(vcpu.waitUntilInGuest())
+        // The runner entered again after the exit: the pending exit was completed by that entry.
+        expect(runner.post(.pause).wait(), "paused")
+        XCTAssertEqual(vcpu.events, ["exit", "kicked"])
+
+        // Paused right after an exit (the pause arrives while the runner holds the exit): the
+        // pause completes it first, without entering the guest, and only then answers.
+        let second = FakeVCPU(script: [.io(port: 0x80, isOut: true, size: 1, count: 1, dataOffset: 0)])
+        let other = self.runner(second)
+        let pause = ReplyBox()
+        second.onExit = { pause.set(other.post(.pause)) }
+        other.start()
+        defer { other.stop() }
+        other.post(.resume)
+        let deadline = Date(timeIntervalSinceNow: 5)
+        while pause.reply == nil && Date() < deadline { usleep(1_000) }
+        expect(pause.reply!.wait(), "paused")
+        XCTAssertEqual(second.events, ["exit", "completed"])
+        _ = saved(other.saveState(msrIndices: []))
+        XCTAssertEqual(second.events.last, "saved")
+        XCTAssertEqual(second.entryCount, 1, "completing the exit did not enter the guest")
+    }
+
+    func testSavingIsRefusedWhileRunningAndAnsweredWhilePaused() {
+        let vcpu = FakeVCPU()
+        let runner = runner(vcpu)
+        runner.start()
+        defer { runner.stop() }
+        runner.post(.resume)
+        XCTAssertTrue(vcpu.waitUntilInGuest())
+        expect(runner.saveState(msrIndices: []), "notPaused")
+        XCTAssertFalse(vcpu.events.contains("saved"), "nothing was read from a running vCPU")
+        expect(runner.post(.pause).wait(), "paused")
+        XCTAssertEqual(saved(runner.saveState(msrIndices: []))?.parked, false)
+        XCTAssertEqual(vcpu.events.last, "saved")
+        expect(runner.post(.resume).wait(), "resumed")
+        expect(runner.saveState(msrIndices: []), "notPaused")
+    }
+
+    /// A resume posted while the caller reads the state waits for the read to end: the vCPU
+    /// never enters the guest with a vCPU ioctl under way.
+    func testAResumeWaitsForASaveUnderWay() {
+        let vcpu = FakeVCPU()
+        let gate = DispatchSemaphore(value: 0)
+        vcpu.saveGate = gate
+        let runner = runner(vcpu)
+        runner.start()
+        defer { runner.stop() }
+        let done = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            _ = runner.saveState(msrIndices: [])
+            done.signal()
+        }
+        let deadline = Date(timeIntervalSinceNow: 5)
+        while !vcpu.events.contains("saving") && Date() < deadline { usleep(1_000) }
+        // Posting takes the mailbox's lock, which the save holds: post from a third thread.
+        let resumed = ReplyBox()
+        Thread.detachNewThread { resumed.set(runner.post(.resume)) }
+        Thread.sleep(forTimeInterval: 0.1)
+        XCTAssertEqual(vcpu.entryCount, 0, "not entered while its state is read")
+        gate.signal()
+        done.wait()
+        while resumed.reply == nil && Date() < deadline { usleep(1_000) }
+        expect(resumed.reply!.wait(), "resumed")
+        XCTAssertTrue(vcpu.waitUntilInGuest())
+        XCTAssertEqual(vcpu.events, ["saving", "saved"])
+    }
+
+    func testAParkedVCPUIsNeverEnteredAgainAndCountsAsPaused() {
+        let vcpu = FakeVCPU(script: [.io(port: GuestLayout.parkPort, isOut: true, size: 4, count: 1, dataOffset: 0)])
+        let runner = runner(vcpu)
+        runner.start()
+        defer { runner.stop() }
+        expect(runner.post(.resume).wait(), "resumed")
+        // It parks at the exit: completes the OUT and stays out.
+        let deadline = Date(timeIntervalSinceNow: 5)
+        while !vcpu.events.contains("completed") && Date() < deadline { usleep(1_000) }
+        XCTAssertEqual(vcpu.events, ["exit", "completed"])
+        expect(runner.post(.pause).wait(), "paused")
+        XCTAssertEqual(saved(runner.saveState(msrIndices: []))?.parked, true)
+        expect(runner.post(.resume).wait(), "resumed")
+        expect(runner.post(.pause).wait(), "paused")
+        XCTAssertEqual(vcpu.entryCount, 1, "a resume leaves a parked vCPU out of the guest")
+    }
+
+    func testARestoredParkedVCPUStartsParked() {
+        let vcpu = FakeVCPU()
+        let runner = runner(vcpu)
+        runner.restoreParked(true)
+        runner.start()
+        defer { runner.stop() }
+        expect(runner.post(.resume).wait(), "resumed")
+        expect(runner.post(.pause).wait(), "paused")
+        XCTAssertEqual(saved(runner.saveState(msrIndices: []))?.parked, true)
+        XCTAssertEqual(vcpu.entryCount, 0)
+    }
+
+    func testAStopEndsTheThreadFromAnyStateAndLaterEventsAreAnsweredStopped() {
+        for resume in [false, true] {
+            let vcpu = FakeVCPU()
+            let runner = runner(vcpu)
+            runner.start()
+            if resume {
+                runner.post(.resume)
+                XCTAssertTrue(vcpu.waitUntilInGuest())
+            }
+            runner.stop()
+            expect(runner.post(.pause).wait(), "stopped")
+            expect(runner.saveState(msrIndices: []), "stopped")
+        }
+    }
+
+    func testAFailedVCPUReportsItsFailureAndAnswersStopped() {
+        let events = MachineEvents()
+        let vcpu = FakeVCPU(script: [.shutdown])
+        let runner = runner(vcpu, events: events)
+        runner.start()
+        defer { runner.stop() }
+        runner.post(.resume)
+        XCTAssertNotNil(events.waitForFailure(timeout: 5))
+        XCTAssertTrue("\(events.firstFailure!)".contains("the guest shut down (triple fault)"))
+        expect(runner.post(.pause).wait(), "stopped")
+    }
+
+    /// A throttle hold keeps the vCPU out of the guest, sleeping (not polling), and a pause ends
+    /// it at once.
+    func testAHoldKeepsTheVCPUOutUntilAPauseEndsIt() {
+        let holds = VCPUHolds(vcpuCount: 1)
+        let vcpu = FakeVCPU()
+        let runner = runner(vcpu, holds: holds)
+        runner.start()
+        defer { runner.stop() }
+        holds.hold(0, until: MonotonicClock.nanoseconds() + 30_000_000_000)
+        runner.post(.resume)
+        Thread.sleep(forTimeInterval: 0.2)
+        XCTAssertEqual(vcpu.entryCount, 0, "held")
+        let start = MonotonicClock.seconds()
+        expect(runner.post(.pause).wait(), "paused")
+        XCTAssertLessThan(MonotonicClock.seconds() - start, 1, "the pause ended the hold")
+        XCTAssertGreaterThan(holds.heldNanoseconds()[0], 100_000_000)
+        XCTAssertEqual(vcpu.entryCount, 0)
+        // Released, it runs.
+        holds.release(0)
+        runner.post(.resume)
+        XCTAssertTrue(vcpu.waitUntilInGuest())
+        // A short hold ends by itself: kicked, the vCPU waits it out, then enters again.
+        let held = holds.heldNanoseconds()[0]
+        let entries = vcpu.entryCount
+        holds.hold(0, until: MonotonicClock.nanoseconds() + 50_000_000)
+        runner.kick()
+        let deadline = MonotonicClock.seconds() + 5
+        while vcpu.entryCount <= entries && MonotonicClock.seconds() < deadline { usleep(1_000) }
+        XCTAssertEqual(vcpu.entryCount, entries + 1, "in the guest again after the hold")
+        XCTAssertGreaterThan(holds.heldNanoseconds()[0] - held, 40_000_000)
+    }
+
+    /// Posting does not wait: every vCPU is asked, then each is waited for.
+    func testPostingDoesNotWaitForTheReply() {
+        let vcpus = (0..<4).map { FakeVCPU(id: $0) }
+        let holds = VCPUHolds(vcpuCount: 4)
+        let runners = vcpus.map { runner($0, holds: holds) }
+        for runner in runners { runner.start() }
+        defer { for runner in runners { runner.stop() } }
+        let resumed = runners.map { $0.post(.resume) }
+        for reply in resumed { expect(reply.wait(), "resumed") }
+        for vcpu in vcpus { XCTAssertTrue(vcpu.waitUntilInGuest()) }
+        let paused = runners.map { $0.post(.pause) }
+        for reply in paused { expect(reply.wait(), "paused") }
+        let states = runners.compactMap { saved($0.saveState(msrIndices: [])) }
+        XCTAssertEqual(states.map(\.id), [0, 1, 2, 3])
+    }
+}
