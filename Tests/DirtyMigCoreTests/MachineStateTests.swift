@@ -208,8 +208,10 @@ final class MachineStateTests: XCTestCase {
         regs.rflags = 2
         try vcpu.setRegisters(regs)
 
-        guard case .io(0x80, false, 1, 1, let dataOffset) = try vcpu.runOnce() else { return XCTFail("expected an IN exit") }
-        vcpu.ioData(at: dataOffset).storeBytes(of: 0x42, as: UInt8.self)
+        guard case .ioIn(0x80, let data) = try vcpu.runOnce(), data.elementSize == 1, data.count == 1 else {
+            return XCTFail("expected a one-byte IN exit")
+        }
+        data.bytes.storeBytes(of: 0x42, as: UInt8.self)
         let pending = try vcpu.getRegisters()
         XCTAssertEqual(pending.rip, 0x1000, "before completion RIP is still on the IN")
         XCTAssertNil(try vcpu.completePendingExit(), "KVM_RUN with immediate_exit returns EINTR")

@@ -16,7 +16,6 @@ final class FakeVCPU: HypervisorVCPU, @unchecked Sendable {
     private var inGuest = false
     private var entries = 0
     private var log: [String] = []
-    private let ioBuffer = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 8)
     /// Called (on the vCPU thread, outside the lock) as a scripted exit is returned.
     var onExit: (@Sendable () -> Void)?
     /// When set, saveState waits for it (outside the lock).
@@ -25,10 +24,7 @@ final class FakeVCPU: HypervisorVCPU, @unchecked Sendable {
     init(id: Int = 0, script: [VCPUExit] = []) {
         self.id = id
         self.script = script
-        ioBuffer.initializeMemory(as: UInt8.self, repeating: 0, count: 64)
     }
-
-    deinit { ioBuffer.deallocate() }
 
     func runOnce() throws(KVMError) -> VCPUExit {
         condition.lock(); defer { condition.unlock() }
@@ -88,8 +84,6 @@ final class FakeVCPU: HypervisorVCPU, @unchecked Sendable {
                          tscKHz: 0)
     }
 
-    func ioData(at offset: UInt64) -> UnsafeMutableRawPointer { ioBuffer + Int(offset) }
-
     func registerDump() -> VCPURegisterDump? { nil }
 
     var entryCount: Int { condition.lock(); defer { condition.unlock() }; return entries }
@@ -104,6 +98,21 @@ final class FakeVCPU: HypervisorVCPU, @unchecked Sendable {
     }
 }
 
+/// Bytes an exit carries. Never freed: a scripted exit's data points into them, however long
+/// the fake keeps it (a test allocates a few bytes).
+final class ExitBytes: @unchecked Sendable {
+    let buffer: UnsafeMutableRawBufferPointer
+    let data: IOData
+
+    init(_ bytes: [UInt8], elementSize: Int = 1) {
+        buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 8)
+        buffer.copyBytes(from: bytes)
+        data = IOData(bytes: buffer, elementSize: elementSize)
+    }
+
+    var bytes: [UInt8] { Array(buffer) }
+}
+
 /// Where a test keeps a reply posted from the vCPU thread.
 final class ReplyBox: @unchecked Sendable {
     private let lock = NSLock()
@@ -116,15 +125,17 @@ final class ReplyBox: @unchecked Sendable {
 /// what each event is answered, that a pause completes the pending exit before it answers, that
 /// a parked vCPU is never entered again and counts as paused, that a hold ends at an event.
 final class VCPUStateMachineTests: XCTestCase {
-    private var memory: GuestMemory!
-
-    override func setUpWithError() throws {
-        memory = try GuestMemory(size: 4 * MiB)
+    /// The workload guest's park port, on a device of its own: parking is the device's request.
+    private final class ParkPort: BusDevice {
+        func read(_ access: DeviceAccess, into data: IOData) -> DeviceRequest { .none }
+        func write(_ access: DeviceAccess, _ data: IOData) -> DeviceRequest { .parkVCPU }
     }
 
     private func runner(_ vcpu: FakeVCPU, holds: VCPUHolds = VCPUHolds(vcpuCount: 1),
                         events: MachineEvents = MachineEvents()) -> VCPURunner<FakeVCPU> {
-        VCPURunner(vcpu: vcpu, tracker: nil, ring: nil, holds: holds, events: events, output: GuestOutput(), memory: memory)
+        var bus = DeviceBus()
+        try! bus.register(ParkPort(), ports: GuestLayout.parkPort...GuestLayout.parkPort)
+        return VCPURunner(vcpu: vcpu, tracker: nil, ring: nil, holds: holds, events: events, bus: bus)
     }
 
     private func saved(_ response: VCPUResponse, file: StaticString = #filePath, line: UInt = #line) -> VCPUState? {
@@ -150,7 +161,7 @@ final class VCPUStateMachineTests: XCTestCase {
 
     func testAPauseKicksTheVCPUOutAndCompletesItsPendingExitBeforeItAnswers() {
         // An OUT to a port nobody handles: KVM completes it only on the next KVM_RUN.
-        let vcpu = FakeVCPU(script: [.io(port: 0x80, isOut: true, size: 1, count: 1, dataOffset: 0)])
+        let vcpu = FakeVCPU(script: [.ioOut(port: 0x80, data: ExitBytes([0x11]).data)])
         let runner = runner(vcpu)
         runner.start()
         defer { runner.stop() }
@@ -162,7 +173,7 @@ final class VCPUStateMachineTests: XCTestCase {
 
         // Paused right after an exit (the pause arrives while the runner holds the exit): the
         // pause completes it first, without entering the guest, and only then answers.
-        let second = FakeVCPU(script: [.io(port: 0x80, isOut: true, size: 1, count: 1, dataOffset: 0)])
+        let second = FakeVCPU(script: [.ioOut(port: 0x80, data: ExitBytes([0x11]).data)])
         let other = self.runner(second)
         let pause = ReplyBox()
         second.onExit = { pause.set(other.post(.pause)) }
@@ -224,7 +235,7 @@ final class VCPUStateMachineTests: XCTestCase {
     }
 
     func testAParkedVCPUIsNeverEnteredAgainAndCountsAsPaused() {
-        let vcpu = FakeVCPU(script: [.io(port: GuestLayout.parkPort, isOut: true, size: 4, count: 1, dataOffset: 0)])
+        let vcpu = FakeVCPU(script: [.ioOut(port: GuestLayout.parkPort, data: ExitBytes([1, 0, 0, 0], elementSize: 4).data)])
         let runner = runner(vcpu)
         runner.start()
         defer { runner.stop() }
@@ -309,6 +320,32 @@ final class VCPUStateMachineTests: XCTestCase {
         while vcpu.entryCount <= entries && MonotonicClock.seconds() < deadline { usleep(1_000) }
         XCTAssertEqual(vcpu.entryCount, entries + 1, "in the guest again after the hold")
         XCTAssertGreaterThan(holds.heldNanoseconds()[0] - held, 40_000_000)
+    }
+
+    /// An unclaimed port read leaves the data as it was and the vCPU runs on; an unclaimed port
+    /// write is ignored; an unclaimed MMIO access ends the vCPU with its address.
+    func testUnclaimedAccesses() {
+        let read = ExitBytes([0xAB, 0xCD], elementSize: 2)
+        let events = MachineEvents()
+        let vcpu = FakeVCPU(script: [.ioIn(port: 0x71, data: read.data), .ioOut(port: 0x70, data: ExitBytes([1]).data),
+                                     .mmioWrite(address: 0xFEC0_0000, data: ExitBytes([1, 2, 3, 4], elementSize: 4).data)])
+        let runner = runner(vcpu, events: events)
+        runner.start()
+        defer { runner.stop() }
+        runner.post(.resume)
+        XCTAssertNotNil(events.waitForFailure(timeout: 5))
+        XCTAssertEqual("\(events.firstFailure!)", "vCPU 0 stopped: the guest accessed unmapped memory at 0xfec00000")
+        XCTAssertEqual(read.bytes, [0xAB, 0xCD])
+        XCTAssertEqual(vcpu.entryCount, 3)
+
+        let reading = MachineEvents()
+        let other = FakeVCPU(script: [.mmioRead(address: 0x1_0000_0000, data: ExitBytes([0]).data)])
+        let second = self.runner(other, events: reading)
+        second.start()
+        defer { second.stop() }
+        second.post(.resume)
+        XCTAssertNotNil(reading.waitForFailure(timeout: 5))
+        XCTAssertEqual("\(reading.firstFailure!)", "vCPU 0 stopped: the guest accessed unmapped memory at 0x100000000")
     }
 
     /// Posting does not wait: every vCPU is asked, then each is waited for.

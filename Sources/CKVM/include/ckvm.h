@@ -127,7 +127,14 @@ static inline uint64_t ckvm_run_fail_entry_reason(const struct kvm_run *run) {
     return run->fail_entry.hardware_entry_failure_reason;
 }
 static inline uint32_t ckvm_run_internal_suberror(const struct kvm_run *run) { return run->internal.suberror; }
-static inline uint64_t ckvm_run_mmio_addr(const struct kvm_run *run) { return run->mmio.phys_addr; }
+struct ckvm_mmio_exit { uint64_t phys_addr; uint32_t len; uint8_t is_write; };
+static inline struct ckvm_mmio_exit ckvm_run_mmio(const struct kvm_run *run) {
+    struct ckvm_mmio_exit v = { run->mmio.phys_addr, run->mmio.len, run->mmio.is_write };
+    return v;
+}
+/* The 8 bytes an MMIO exit carries: a write's data, or where a read's goes. */
+static inline uint8_t *ckvm_run_mmio_data(struct kvm_run *run) { return run->mmio.data; }
+static const int CKVM_MMIO_DATA_SIZE = sizeof(((struct kvm_run *)0)->mmio.data);
 static inline uint32_t ckvm_run_system_event_type(const struct kvm_run *run) { return run->system_event.type; }
 
 // ---- kvm_cpuid2 with room for its flexible array

@@ -130,7 +130,7 @@ extension KVMVCPU {
             if error == EINTR || error == EAGAIN { return nil }
             throw .ioctl("KVM_RUN (completing vCPU \(id)'s last exit)", SystemError("KVM_RUN", errno: error))
         }
-        return VCPUExit(run: run)
+        return VCPUExit(run: run, page: runPage)
     }
 }
 

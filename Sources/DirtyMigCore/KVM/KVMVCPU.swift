@@ -10,7 +10,7 @@ public final class KVMVCPU: @unchecked Sendable {
     public let id: Int
     public let fd: FileDescriptor
     unowned let vm: KVMVirtualMachine
-    private let runPage: MappedRegion
+    let runPage: MappedRegion
 
     init(vm: KVMVirtualMachine, id: Int, fd: FileDescriptor) throws(KVMError) {
         self.vm = vm
@@ -26,10 +26,6 @@ public final class KVMVCPU: @unchecked Sendable {
     }
 
     var run: UnsafeMutablePointer<kvm_run> { runPage.base.assumingMemoryBound(to: kvm_run.self) }
-
-    /// Where the data of an I/O exit lives in the kvm_run page (`dataOffset` of `.io`): the host
-    /// reads an OUT's bytes there and writes an IN's.
-    public func ioData(at offset: UInt64) -> UnsafeMutableRawPointer { runPage.base + Int(offset) }
 
     /// Makes the next (or current) KVM_RUN return at once with EINTR; paired with a signal.
     public func requestImmediateExit(_ value: Bool = true) {
@@ -47,7 +43,7 @@ public final class KVMVCPU: @unchecked Sendable {
             }
             throw .ioctl("KVM_RUN on vCPU \(id)", SystemError("KVM_RUN", errno: error))
         }
-        return VCPUExit(run: run)
+        return VCPUExit(run: run, page: runPage)
     }
 
     public func getRegisters() throws(KVMError) -> kvm_regs {
@@ -106,11 +102,19 @@ public final class KVMVCPU: @unchecked Sendable {
     }
 }
 
-/// Why KVM_RUN returned.
+/// Why KVM_RUN returned. Port I/O and MMIO exits carry their data (as rust-vmm's `VcpuExit`
+/// does): valid only until the vCPU's next KVM_RUN, on its own thread.
 public enum VCPUExit: Sendable, Equatable {
-    case io(port: UInt16, isOut: Bool, size: UInt8, count: UInt32, dataOffset: UInt64)
+    /// The guest wrote `data` to `port` (OUT, or OUTS with several elements).
+    case ioOut(port: UInt16, data: IOData)
+    /// The guest reads `port` (IN, or INS): what is in `data` when the vCPU enters the guest
+    /// again is what it reads.
+    case ioIn(port: UInt16, data: IOData)
+    /// The guest wrote `data` to an address no memory slot holds.
+    case mmioWrite(address: UInt64, data: IOData)
+    /// The guest reads an address no memory slot holds: it gets what is in `data`.
+    case mmioRead(address: UInt64, data: IOData)
     case hlt
-    case mmio(address: UInt64)
     case shutdown
     case failEntry(hardwareReason: UInt64)
     case internalError(suberror: UInt32)
@@ -119,15 +123,35 @@ public enum VCPUExit: Sendable, Equatable {
     case interrupted
     case other(reason: UInt32)
 
-    init(run: UnsafeMutablePointer<kvm_run>) {
+    var isInterrupted: Bool {
+        if case .interrupted = self { return true }
+        return false
+    }
+
+    /// `page`: the vCPU's kvm_run mapping, where KVM puts an I/O exit's data (at its data_offset).
+    init(run: UnsafeMutablePointer<kvm_run>, page: MappedRegion) {
         let reason = run.pointee.exit_reason
         switch reason {
         case CKVM_EXIT_IO:
             let io = ckvm_run_io(run)
-            self = .io(port: io.port, isOut: io.direction == CKVM_EXIT_IO_OUT, size: io.size, count: io.count,
-                       dataOffset: io.data_offset)
+            let length = Int(io.size) * Int(io.count)
+            // KVM keeps the data inside the mapping; anything else is not an exit we understand.
+            guard io.size > 0, io.data_offset <= UInt64(page.length), length <= page.length - Int(io.data_offset) else {
+                self = .other(reason: reason)
+                return
+            }
+            let data = IOData(bytes: UnsafeMutableRawBufferPointer(start: page.base + Int(io.data_offset), count: length),
+                              elementSize: Int(io.size))
+            self = io.direction == CKVM_EXIT_IO_OUT ? .ioOut(port: io.port, data: data) : .ioIn(port: io.port, data: data)
+        case CKVM_EXIT_MMIO:
+            let mmio = ckvm_run_mmio(run)
+            let length = min(Int(mmio.len), Int(CKVM_MMIO_DATA_SIZE))
+            guard length > 0 else { self = .other(reason: reason); return }
+            let data = IOData(bytes: UnsafeMutableRawBufferPointer(start: ckvm_run_mmio_data(run), count: length),
+                              elementSize: length)
+            self = mmio.is_write != 0 ? .mmioWrite(address: mmio.phys_addr, data: data)
+                : .mmioRead(address: mmio.phys_addr, data: data)
         case CKVM_EXIT_HLT: self = .hlt
-        case CKVM_EXIT_MMIO: self = .mmio(address: ckvm_run_mmio_addr(run))
         case CKVM_EXIT_SHUTDOWN: self = .shutdown
         case CKVM_EXIT_FAIL_ENTRY: self = .failEntry(hardwareReason: ckvm_run_fail_entry_reason(run))
         case CKVM_EXIT_INTERNAL_ERROR: self = .internalError(suberror: ckvm_run_internal_suberror(run))
@@ -136,6 +160,40 @@ public enum VCPUExit: Sendable, Equatable {
         case CKVM_EXIT_INTR: self = .interrupted
         default: self = .other(reason: reason)
         }
+    }
+}
+
+/// The bytes of one port I/O or MMIO access, where the hypervisor keeps them (KVM: the vCPU's
+/// kvm_run page): an OUT's or MMIO write's to read, an IN's or MMIO read's to fill. A string
+/// instruction (OUTS, INS with a REP prefix) moves several elements in one exit: `bytes` holds
+/// them all, `elementSize` bytes each (1, 2 or 4 for port I/O; an MMIO access is one element of
+/// 1 to 8 bytes). Valid only until the vCPU's next KVM_RUN, on its own thread.
+public struct IOData: @unchecked Sendable, Equatable, CustomStringConvertible {
+    // @unchecked: the bytes are the vCPU's, touched only on its thread while it waits in the exit.
+    public let bytes: UnsafeMutableRawBufferPointer
+    public let elementSize: Int
+
+    public init(bytes: UnsafeMutableRawBufferPointer, elementSize: Int) {
+        precondition(elementSize > 0 && bytes.count % elementSize == 0)
+        self.bytes = bytes
+        self.elementSize = elementSize
+    }
+
+    /// How many elements: more than one only for a string instruction.
+    public var count: Int { bytes.count / elementSize }
+
+    /// The first element of a 4-byte access, as the guest stored it (little-endian).
+    public var firstDoubleWord: UInt32? {
+        elementSize == 4 ? UInt32(littleEndian: bytes.loadUnaligned(as: UInt32.self)) : nil
+    }
+
+    /// Equal when they hold the same elements (not necessarily at the same place).
+    public static func == (lhs: IOData, rhs: IOData) -> Bool {
+        lhs.elementSize == rhs.elementSize && lhs.bytes.elementsEqual(rhs.bytes)
+    }
+
+    public var description: String {
+        "\(count) x \(elementSize) bytes [\(bytes.map { String($0, radix: 16) }.joined(separator: " "))]"
     }
 }
 

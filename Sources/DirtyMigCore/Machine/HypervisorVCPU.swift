@@ -8,8 +8,8 @@ protocol HypervisorVCPU: AnyObject, Sendable {
     /// The vCPU's index (and local APIC ID).
     var id: Int { get }
     /// Enters the guest until the next exit that needs userspace (KVM_RUN); `.interrupted` when
-    /// a kick (or immediate_exit set before entry) made it return. Only the vCPU's own thread
-    /// calls it.
+    /// a kick (or immediate_exit set before entry) made it return. An I/O exit's data stays
+    /// valid until the next call. Only the vCPU's own thread calls it.
     func runOnce() throws(KVMError) -> VCPUExit
     /// Lets the hypervisor finish the instruction behind the last exit without entering the
     /// guest; nil when done, or the exit completing it took instead (handle it, call again).
@@ -18,8 +18,6 @@ protocol HypervisorVCPU: AnyObject, Sendable {
     func requestImmediateExit(_ value: Bool)
     /// The vCPU's state, read while it is out of the guest with its last exit completed.
     func saveState(msrIndices: [UInt32]) throws(KVMError) -> VCPUState
-    /// Where the data of an I/O exit lives (`dataOffset` of `.io`).
-    func ioData(at offset: UInt64) -> UnsafeMutableRawPointer
     /// Registers for an error report; nil if they cannot be read.
     func registerDump() -> VCPURegisterDump?
 }

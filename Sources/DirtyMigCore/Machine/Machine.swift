@@ -31,6 +31,8 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     /// Auto-converge (`migrate --throttle cpu`).
     public let cpuThrottle: CPUThrottle
     private let runners: [VCPURunner<KVMVCPU>]
+    /// The devices the vCPUs' port I/O and MMIO exits go to: the workload guest's ports.
+    private let devices: DeviceBus
 
     /// How the VM's CPUs and memory begin.
     public enum Boot: Sendable {
@@ -114,6 +116,10 @@ public final class Machine: IncomingVM, @unchecked Sendable {
                     try memory.populate(start..<start + workload.size)
                 }
             }
+            var devices = DeviceBus()
+            try WorkloadGuestPorts(vcpuCount: configuration.vcpuCount, memory: memory,
+                                   reports: MachineGuestReports(events: events, output: output)).register(on: &devices)
+            self.devices = devices
         } catch let error as MachineError {
             throw error
         } catch let error as KVMError {
@@ -127,10 +133,9 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         let tracker = self.tracker
         let ringTracker = self.ringTracker
         let holds = self.holds
-        let output = self.output
-        let memory = self.memory
+        let devices = self.devices
         let runners = vcpus.map {
-            VCPURunner(vcpu: $0, tracker: tracker, ring: ringTracker, holds: holds, events: events, output: output, memory: memory)
+            VCPURunner(vcpu: $0, tracker: tracker, ring: ringTracker, holds: holds, events: events, bus: devices)
         }
         self.runners = runners
         // Kicks capture the runners, not the machine: a strong capture of `self` would make

@@ -17,7 +17,7 @@ enum VCPUThreadState: Sendable, Equatable {
     case exited
 }
 
-/// What an exit asks of the vCPU state machine.
+/// What an exit (or the device it reached) asks of the vCPU state machine.
 enum VCPUExitOutcome: Equatable {
     /// Enter the guest again.
     case proceed
@@ -32,6 +32,11 @@ enum VCPUExitOutcome: Equatable {
 /// events to its mailbox and kick it: a pause or a stop posted to a vCPU inside KVM_RUN kicks it
 /// (immediate_exit + signal) so KVM_RUN returns promptly, and the loop finds the event before it
 /// enters the guest again. Posting never waits for the reply; `VCPUReply.wait()` does.
+///
+/// Its port I/O and MMIO exits go to the devices on its `DeviceBus`; a device acts on the vCPU
+/// only through the request it returns (`DeviceRequest.parkVCPU` moves it to `.parked`). An
+/// access nobody claims: a port read leaves the exit's data as KVM left it, a port write is
+/// ignored, and an MMIO access ends the vCPU ("the guest accessed unmapped memory at 0x…").
 final class VCPURunner<VCPU: HypervisorVCPU>: @unchecked Sendable {
     // @unchecked: other threads touch only `mailbox` (thread-safe), the kick (immediate_exit
     // store + signal), `saveState` (under the mailbox's lock, see there) and `thread` (written by
@@ -42,23 +47,20 @@ final class VCPURunner<VCPU: HypervisorVCPU>: @unchecked Sendable {
     private let ring: RingTracker?
     private let holds: VCPUHolds
     private let events: MachineEvents
-    private let output: GuestOutput
-    private let memory: GuestMemory
+    /// The devices its port I/O and MMIO exits go to (this thread's own copy).
+    private let bus: DeviceBus
     private let mailbox = VCPUMailbox(state: .paused)
     private var thread: OSThread?
-    private var consoleLine = ConsoleLine()
     /// The reply to the `.stop` that ends the thread: answered once the thread is done.
     private var stopReply: VCPUReply?
 
-    init(vcpu: VCPU, tracker: DirtyTracker?, ring: RingTracker?, holds: VCPUHolds, events: MachineEvents, output: GuestOutput,
-         memory: GuestMemory) {
+    init(vcpu: VCPU, tracker: DirtyTracker?, ring: RingTracker?, holds: VCPUHolds, events: MachineEvents, bus: DeviceBus) {
         self.vcpu = vcpu
         self.tracker = tracker
         self.ring = ring
         self.holds = holds
         self.events = events
-        self.output = output
-        self.memory = memory
+        self.bus = bus
     }
 
     /// Before start(): a restored vCPU the guest had parked begins parked, and is never entered.
@@ -191,7 +193,7 @@ final class VCPURunner<VCPU: HypervisorVCPU>: @unchecked Sendable {
             if paced { armSliceTimer() } else if sliceTimer != nil { sliceTimer = nil }
             epochAtEntry = tracker?.resetEpoch ?? 0
             let exit = try vcpu.runOnce()
-            exitPending = exit != .interrupted
+            exitPending = !exit.isInterrupted
             let outcome = try handle(exit)
             if paced { ring?.vcpuSliceEnded(vcpu.id) }
             switch outcome {
@@ -253,7 +255,7 @@ final class VCPURunner<VCPU: HypervisorVCPU>: @unchecked Sendable {
             // Completing it took userspace again (a string I/O instruction's next chunk).
             rounds += 1
             if rounds > 4096 { throw fatal("the last exit did not complete in \(rounds) rounds") }
-            exitPending = exit != .interrupted
+            exitPending = !exit.isInterrupted
             if try handle(exit) == .park { parks = true }   // a halt needs no wait: it leaves anyway
         }
         return parks
@@ -266,8 +268,16 @@ final class VCPURunner<VCPU: HypervisorVCPU>: @unchecked Sendable {
         case .dirtyRingFull:
             try tracker?.vcpuExitedRingFull(vcpu.id, resetEpochAtEntry: epochAtEntry)
             return .proceed
-        case .io(let port, let isOut, let size, let count, let dataOffset):
-            return handlePortIO(port: port, isOut: isOut, size: size, count: count, dataOffset: dataOffset)
+        case .ioOut(let port, let data):
+            // Unclaimed: ignored, as on a PC.
+            return outcome(bus.write(.port, at: UInt64(port), data, vcpu: vcpu.id))
+        case .ioIn(let port, let data):
+            // Unclaimed: the guest reads whatever KVM left in the exit's data.
+            return outcome(bus.read(.port, at: UInt64(port), into: data, vcpu: vcpu.id))
+        case .mmioWrite(let address, let data):
+            return try claimed(bus.write(.mmio, at: address, data, vcpu: vcpu.id), address)
+        case .mmioRead(let address, let data):
+            return try claimed(bus.read(.mmio, at: address, into: data, vcpu: vcpu.id), address)
         case .hlt:
             return .halt
         case .shutdown:
@@ -278,48 +288,25 @@ final class VCPURunner<VCPU: HypervisorVCPU>: @unchecked Sendable {
             throw fatal("KVM internal error (suberror \(suberror))")
         case .systemEvent(let type):
             throw fatal("the guest requested a system event (type \(type): shutdown or reset)")
-        case .mmio(let address):
-            throw fatal("the guest accessed unmapped memory at 0x\(String(address, radix: 16))")
         case .other(let reason):
             throw fatal("unexpected exit reason \(reason)")
         }
     }
 
+    /// A device's request, as the state machine takes it: parking moves the vCPU to `.parked`.
+    private func outcome(_ dispatch: DeviceBus.Dispatch) -> VCPUExitOutcome {
+        dispatch == .handled(.parkVCPU) ? .park : .proceed
+    }
+
+    /// An MMIO access nobody claims ends the vCPU: no memory and no device is there.
+    private func claimed(_ dispatch: DeviceBus.Dispatch, _ address: UInt64) throws(KVMError) -> VCPUExitOutcome {
+        guard dispatch != .unclaimed else {
+            throw fatal("the guest accessed unmapped memory at 0x\(String(address, radix: 16))")
+        }
+        return outcome(dispatch)
+    }
+
     private func fatal(_ reason: String) -> KVMError {
         .vcpuFailed(vcpu: vcpu.id, reason: reason, registers: vcpu.registerDump())
-    }
-
-    /// A check vCPU wrote its output record and announced it: read the record now, while the
-    /// vCPU waits in this exit (it cannot write the next one before the OUT completes), and
-    /// hand its line on. Only a vCPU's own record, named by its own id, is taken.
-    private func emitOutput(announced id: UInt32) {
-        guard id == UInt32(vcpu.id) else { output.refuse(); return }
-        let record = UnsafeRawPointer(memory.hostPointer(ramOffset: GuestLayout.outputRecordAddress(vcpu: vcpu.id)))
-        let line = GuestOutputLine(record: record)
-        guard line.vcpu == vcpu.id else { output.refuse(); return }
-        output.emit(vcpu: vcpu.id, line: line.text)
-    }
-
-    private func handlePortIO(port: UInt16, isOut: Bool, size: UInt8, count: UInt32, dataOffset: UInt64) -> VCPUExitOutcome {
-        guard isOut else { return .proceed }   // reads from unknown ports see whatever KVM left there
-        let data = UnsafeRawPointer(vcpu.ioData(at: dataOffset))
-        switch port {
-        case GuestLayout.consolePort:
-            for index in 0..<Int(count) * Int(size) {
-                if let line = consoleLine.take(data.load(fromByteOffset: index, as: UInt8.self)) {
-                    events.consoleLine(vcpu.id, line)
-                }
-            }
-        case GuestLayout.parkPort:
-            return .park
-        case GuestLayout.errorPort where size == 4:
-            let code = data.loadUnaligned(as: UInt32.self)
-            events.guestReportedError(vcpu.id, code)
-        case GuestLayout.outputPort where size == 4:
-            emitOutput(announced: data.loadUnaligned(as: UInt32.self))
-        default:
-            break
-        }
-        return .proceed
     }
 }
