@@ -62,6 +62,16 @@ final class ChildProcess {
         LiveChildren.add(child)
     }
 
+    /// `executable arguments` started through `prefix` (`ip netns exec NAME`: MigrationPlacement),
+    /// or directly when it is empty.
+    convenience init(_ executable: String, _ arguments: [String], prefix: [String], stdout: Output, stderrPath: String) throws {
+        guard let launcher = prefix.first else {
+            try self.init(executable, arguments, stdout: stdout, stderrPath: stderrPath)
+            return
+        }
+        try self.init(launcher, Array(prefix.dropFirst()) + [executable] + arguments, stdout: stdout, stderrPath: stderrPath)
+    }
+
     /// The next line on the program's standard output (without its newline), or nil if none came
     /// within `timeout` seconds or the program closed its output first.
     func readLine(timeout: Double) -> String? {

@@ -32,10 +32,6 @@ struct MigrationPlacement {
     /// `executable arguments`, started inside the source's or the destination's namespace.
     func spawn(source: Bool, _ executable: String, _ arguments: [String], stdout: ChildProcess.Output,
                stderrPath: String) throws -> ChildProcess {
-        let prefix = source ? sourcePrefix : destinationPrefix
-        guard let launcher = prefix.first else {
-            return try ChildProcess(executable, arguments, stdout: stdout, stderrPath: stderrPath)
-        }
-        return try ChildProcess(launcher, Array(prefix.dropFirst()) + [executable] + arguments, stdout: stdout, stderrPath: stderrPath)
+        try ChildProcess(executable, arguments, prefix: source ? sourcePrefix : destinationPrefix, stdout: stdout, stderrPath: stderrPath)
     }
 }

@@ -117,10 +117,8 @@ final class QEMUGuest {
         let socket = scratch.file("\(name).sock")
         unlink(socket)
         let qemuArguments = arguments + ["-qmp", "unix:\(socket),server=on,wait=off"] + extra
-        let process = prefix.isEmpty
-            ? try ChildProcess(executable, qemuArguments, stdout: .file(scratch.file("\(name).out")), stderrPath: scratch.file("\(name).log"))
-            : try ChildProcess(prefix[0], Array(prefix.dropFirst()) + [executable] + qemuArguments,
-                               stdout: .file(scratch.file("\(name).out")), stderrPath: scratch.file("\(name).log"))
+        let process = try ChildProcess(executable, qemuArguments, prefix: prefix,
+                                       stdout: .file(scratch.file("\(name).out")), stderrPath: scratch.file("\(name).log"))
         processes.append(process)
         do { return try QMPClient(path: socket, timeout: 120) } catch {
             throw BenchError("QEMU (\(name)) gave no QMP socket: \(error); \(process.stderrTail)")

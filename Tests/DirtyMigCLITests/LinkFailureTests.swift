@@ -7,21 +7,9 @@ import XCTest
 /// shaped to 20 Mbit/s, TwoHostLink): a link that carries nothing for `--link-timeout` fails the
 /// migration on both sides, the VM running on at the source and the destination discarding its
 /// copy; a shorter cut is ridden out. The same with TLS and in plaintext.
-final class LinkFailureTests: ReplicationProcessTestCase {
+final class LinkFailureTests: TwoHostTestCase {
     override class var directoryPrefix: String { "dml" }
 
-    private var link: TwoHostLink!
-    private let port: UInt16 = 4456
-
-    override func setUpWithError() throws {
-        try super.setUpWithError()
-        link = try skippingWithoutTwoHosts { try TwoHostLink(rateMbit: 20) }
-    }
-
-    override func tearDown() {
-        super.tearDown()   // kills the processes first: a namespace goes when its last one has
-        link?.remove()
-    }
 
     /// The destination in the right namespace and the source VM in the left one, vCPU 0 having
     /// written 16 MiB once (then idle, so the migration converges): the first pass alone takes

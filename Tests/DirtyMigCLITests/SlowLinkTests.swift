@@ -9,21 +9,9 @@ import XCTest
 /// primary lives and its bytes still come, however slowly; a VM stopped on purpose never comes
 /// back on its standby; and when a cut made the standby take over while the primary ran on, the
 /// primary stops its copy's output once it hears of it, so the world sees one VM.
-final class SlowLinkTests: ReplicationProcessTestCase {
+final class SlowLinkTests: TwoHostTestCase {
     override class var directoryPrefix: String { "dms" }
 
-    private var link: TwoHostLink!
-    private let port: UInt16 = 4455
-
-    override func setUpWithError() throws {
-        try super.setUpWithError()
-        link = try skippingWithoutTwoHosts { try TwoHostLink(rateMbit: 20) }
-    }
-
-    override func tearDown() {
-        super.tearDown()   // kills the processes first: a namespace goes when its last one has
-        link?.remove()
-    }
 
     /// The primary, in the left namespace: vCPU 0 checks 8 MiB at 50 MiB/s (every checkpoint
     /// carries most of the 8 MiB: 3.4 s at 20 Mbit/s) and emits a line every 10 ms.

@@ -12,3 +12,21 @@ func skippingWithoutTwoHosts<T>(_ body: () throws -> T) throws -> T {
         throw XCTSkip(unavailable.description)
     }
 }
+
+/// A test case between two hosts: a 20 Mbit/s TwoHostLink made before each test (or the test
+/// skipped, with the reason printed) and removed after it, with whatever still runs in it.
+class TwoHostTestCase: ReplicationProcessTestCase {
+    var link: TwoHostLink!
+    /// Where the destination listens in the right namespace (no one else's port there).
+    let port: UInt16 = 4455
+
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        link = try skippingWithoutTwoHosts { try TwoHostLink(rateMbit: 20) }
+    }
+
+    override func tearDown() {
+        super.tearDown()   // the processes first, then the namespaces
+        link?.remove()
+    }
+}

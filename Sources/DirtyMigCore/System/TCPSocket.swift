@@ -322,9 +322,7 @@ public final class TCPSocket: MigrationTransport {
         // glibc's struct tcp_info stops before tcpi_bytes_acked (Linux 4.1): read the kernel's
         // layout (<linux/tcp.h>: tcpi_unacked u32 at 24, tcpi_bytes_acked u64 at 120,
         // tcpi_notsent_bytes u32 at 144), and only what the kernel filled.
-        var info = [UInt8](repeating: 0, count: 256)
-        var length = socklen_t(info.count)
-        guard getsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_INFO, &info, &length) == 0, length >= 148 else { return nil }
+        guard let info = tcpInfo(atLeast: 148) else { return nil }
         return info.withUnsafeBytes { bytes in
             Progress(bytesAcknowledged: bytes.loadUnaligned(fromByteOffset: 120, as: UInt64.self),
                      allAcknowledged: bytes.loadUnaligned(fromByteOffset: 24, as: UInt32.self) == 0
@@ -339,10 +337,16 @@ public final class TCPSocket: MigrationTransport {
     /// because the error a silent link ends in depends on which call saw it first (a TLS send
     /// after the abort saw EPIPE, not ETIMEDOUT).
     public var nanosecondsSinceLastAcknowledgement: UInt64? {
+        guard let info = tcpInfo(atLeast: 60) else { return nil }
+        return UInt64(info.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 56, as: UInt32.self) }) * 1_000_000
+    }
+
+    /// The kernel's struct tcp_info as bytes, nil unless it filled at least `count` of them.
+    private func tcpInfo(atLeast count: Int) -> [UInt8]? {
         var info = [UInt8](repeating: 0, count: 256)
         var length = socklen_t(info.count)
-        guard getsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_INFO, &info, &length) == 0, length >= 60 else { return nil }
-        return UInt64(info.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 56, as: UInt32.self) }) * 1_000_000
+        guard getsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_INFO, &info, &length) == 0, Int(length) >= count else { return nil }
+        return info
     }
 
     /// "HOST:PORT" of the peer, for messages ("?" if the socket has none).
