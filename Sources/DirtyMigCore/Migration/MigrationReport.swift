@@ -342,8 +342,16 @@ public struct MigrationSample: Sendable, Equatable {
     public var throughputMiBPerSecond: Double
     public var dirtyPagesPerSecond: Double?
     public var expectedDowntimeSeconds: Double?
-    public var throttlePercent: Double
+    /// Auto-converge's setting: the share of time every vCPU is held (0: off).
+    public var cpuThrottlePercent: Int
+    /// Each vCPU's share of the time since the sample before that it spent held by a throttle
+    /// (auto-converge, a dirty limit or a dirty quota), percent.
+    public var heldPercent: [Double]
     public var paused: Bool
+
+    /// How hard the throttle holds the guest: auto-converge's setting, or the share of time the
+    /// most held vCPU was held, whichever is more.
+    public var throttlePercent: Double { max(Double(cpuThrottlePercent), heldPercent.max() ?? 0) }
 
     public var json: JSONValue {
         [
@@ -351,7 +359,8 @@ public struct MigrationSample: Sendable, Equatable {
             "remaining_bytes": .number(remainingBytes), "throughput_mib_s": .number(throughputMiBPerSecond),
             "dirty_pages_s": dirtyPagesPerSecond.map { .number($0) } ?? .null,
             "expected_downtime_ms": expectedDowntimeSeconds.map { .number($0 * 1000) } ?? .null,
-            "throttle_percent": .number(throttlePercent), "paused": .bool(paused),
+            "throttle_percent": .number(throttlePercent), "cpu_throttle_percent": .number(cpuThrottlePercent),
+            "held_percent": .array(heldPercent.map { .number($0) }), "paused": .bool(paused),
         ]
     }
 }

@@ -151,11 +151,7 @@ public final class MigrationSender: Sendable {
                     if let dirty { progress.dirtyPagesPerSecond = dirty }
                 }
             },
-            throttlePercent: {
-                let status = machine.throttleStatus()
-                let held = status.map(\.heldFraction).reduce(0, +) / Double(max(status.count, 1)) * 100
-                return max(Double(machine.cpuThrottle.percent), held)
-            },
+            cpuThrottlePercent: { machine.cpuThrottle.percent }, heldNanoseconds: { machine.holds.heldNanoseconds() },
             dirtyPages: { machine.configuration.tracking?.usesDirtyRing == true ? machine.tracker?.counters().totalPages : nil })
         var paused = false
         do {
@@ -192,7 +188,7 @@ public final class MigrationSender: Sendable {
         report.timeline = timeline.finish(final: MigrationSample(
             seconds: report.totalSeconds, phase: end.phase, pass: end.iteration, sentBytes: end.sentBytes,
             remainingBytes: end.remainingPages * 4096, throughputMiBPerSecond: 0,
-            dirtyPagesPerSecond: nil, expectedDowntimeSeconds: nil, throttlePercent: 0, paused: false))
+            dirtyPagesPerSecond: nil, expectedDowntimeSeconds: nil, cpuThrottlePercent: 0, heldPercent: [], paused: false))
         return report
     }
 
