@@ -156,6 +156,10 @@ public final class MigrationReceiver: Sendable {
     /// Whether a migration holds the slot now, and from where.
     public var activePeer: String? { state.withLock { $0.active?.peer } }
 
+    /// What the migration (or replication) that holds the slot has received so far, bytes on its
+    /// connection; nil when none holds it.
+    public var activeBytesReceived: UInt64? { state.withLock { $0.active?.socket }?.bytesReceived }
+
     /// The session of the migration that holds the slot: where the connections that join it wait.
     public var activeSession: IncomingSession? { state.withLock { $0.active?.session } }
 
