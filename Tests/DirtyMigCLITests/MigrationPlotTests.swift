@@ -409,6 +409,7 @@ final class MigrationPlotTests: XCTestCase {
         try write(svg, name: "plot-short-passes.svg")
         let parsed = try parse(svg)
         XCTAssertFalse(parsed.contains("no samples"), "\(parsed.texts)")
+        XCTAssertTrue(parsed.contains("share of time a vCPU was held (none was)"), "no vCPU named when none was held: \(parsed.texts)")
         let points = linePoints(inGroup: "expected-downtime", of: svg)
         XCTAssertEqual(points.count, 2, "one point at each pass's end")
         XCTAssertEqual(points.first?.x ?? 0, Self.plotLeft + 0.143 / 0.201 * (Self.plotRight - Self.plotLeft), accuracy: 0.2)

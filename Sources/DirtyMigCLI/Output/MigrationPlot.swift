@@ -272,6 +272,8 @@ extension MigrationPlot {
             let points = samples.map { sample in
                 Point(t: sample.t, value: sample.held.map { vcpu < $0.count ? $0[vcpu] : 0 })
             }
+            // Nobody held (a throttle that never started): no vCPU to name.
+            guard peaks[vcpu] >= 0.5 else { return (points, "share of time a vCPU was held (none was)") }
             var meaning = "share of time vCPU \(vcpu) was held"
             if let ceiling = ceilings.flatMap({ vcpu < $0.count ? number($0[vcpu]) : nil }) {
                 meaning += " (ceiling " + Format.compact(ceiling) + " MiB/s at the pause)"
