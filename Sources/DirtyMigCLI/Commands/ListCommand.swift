@@ -28,10 +28,13 @@ enum ListCommand {
             printError("dirtymig: nothing is running (no control socket answers in \(directory))")
             return 0
         }
-        let header = ["NAME", "STATE", "PID", "MEMORY", "VCPUS", "TRACK", "UPTIME", "SOCKET"]
+        // The pid before the state: a state carries its progress in words ("replicating
+        // (protected, epoch 41, 0 behind)"), and a script that takes the second field for the pid
+        // (awk '{ print $2 }') must not get a word of it instead.
+        let header = ["NAME", "PID", "STATE", "MEMORY", "VCPUS", "TRACK", "UPTIME", "SOCKET"]
         let lines: [[String]] = rows.map { row in
-            [row["name"]?.stringValue ?? "-", stateLabel(row) + listening(row),
-             row["pid"]?.doubleValue.map { String(Int($0)) } ?? "-",
+            [row["name"]?.stringValue ?? "-", row["pid"]?.doubleValue.map { String(Int($0)) } ?? "-",
+             stateLabel(row) + listening(row),
              row["memory_bytes"]?.uint64Value.map { ByteSize.format($0) } ?? receiverMemory(row),
              row["vcpus"]?.doubleValue.map { String(Int($0)) } ?? "-", row["track"]?.stringValue ?? "-",
              row["uptime_s"]?.doubleValue.map { String(format: "%.0f s", $0) } ?? "-", row["socket"]?.stringValue ?? ""]
