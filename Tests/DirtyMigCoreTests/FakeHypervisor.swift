@@ -40,7 +40,8 @@ final class FakeVCPU: HypervisorVCPU, @unchecked Sendable {
 
     /// A state with nothing in it but the vCPU's id.
     static func blankState(id: Int) -> VCPUState {
-        VCPUState(id: UInt32(id), parked: false, mpState: 0, regs: kvm_regs(), sregs: kvm_sregs(), xsave: [],
+        VCPUState(id: UInt32(id), parked: false, mpState: 0, regs: kvm_regs(), sregs: kvm_sregs(),
+                  xsave: [UInt8](repeating: 0, count: 4096),
                   xcrs: nil, debugRegisters: nil, lapic: kvm_lapic_state(), msrs: [], events: kvm_vcpu_events(),
                   tscKHz: UInt32(tscKHz))
     }
@@ -193,6 +194,8 @@ final class FakeTracker: DirtyTracker, @unchecked Sendable {
 final class FakeVM: HypervisorVM, @unchecked Sendable {
     // @unchecked: guarded by `lock`.
     private let lock = NSLock()
+    /// The exits vCPU 0 takes first (the guest's port I/O), before it stays in the guest.
+    private let script: [VCPUExit]
     private var made: [FakeVCPU] = []
     private(set) var tracker: FakeTracker?
     private(set) var installedMemory: GuestMemory?
@@ -200,6 +203,8 @@ final class FakeVM: HypervisorVM, @unchecked Sendable {
     var clock: UInt64 = 0
 
     var vcpus: [FakeVCPU] { lock.withLock { made } }
+
+    init(script: [VCPUExit]) { self.script = script }
 
     func makeTracker(_ mode: TrackingMode, memory: GuestMemory, configuration: MachineConfiguration,
                      holds: VCPUHolds) throws(KVMError) -> any DirtyTracker {
@@ -211,7 +216,7 @@ final class FakeVM: HypervisorVM, @unchecked Sendable {
     func install(memory: GuestMemory) throws(KVMError) { lock.withLock { installedMemory = memory } }
 
     func createVCPU(id: Int, cpuid: CPUIDTable, tracker: (any DirtyTracker)?) throws(KVMError) -> FakeVCPU {
-        let vcpu = FakeVCPU(id: id)
+        let vcpu = FakeVCPU(id: id, script: id == 0 ? script : [])
         lock.withLock { made.append(vcpu) }
         return vcpu
     }
@@ -233,6 +238,10 @@ final class FakeHypervisor: Hypervisor, @unchecked Sendable {
     // @unchecked: guarded by `lock`.
     private let lock = NSLock()
     private var made: [FakeVM] = []
+    /// The exits vCPU 0 of each VM made from now on takes first.
+    private let script: [VCPUExit]
+
+    init(vcpu0Exits script: [VCPUExit] = []) { self.script = script }
 
     var vms: [FakeVM] { lock.withLock { made } }
     var maxVCPUs: Int { 64 }
@@ -243,7 +252,7 @@ final class FakeHypervisor: Hypervisor, @unchecked Sendable {
     func supportedCPUID() throws(KVMError) -> CPUIDTable { CPUIDTable(raw: ckvm_cpuid()) }
     func migratableMSRIndices() throws(KVMError) -> [UInt32] { [MSREntry.tsc, 0x10] }
     func createVM() throws(KVMError) -> FakeVM {
-        let vm = FakeVM()
+        let vm = FakeVM(script: script)
         lock.withLock { made.append(vm) }
         return vm
     }
