@@ -40,6 +40,9 @@ final class PreCopyOnFakeHypervisorTests: XCTestCase {
             return script[index]
         }
         try source.start()
+        // Reading the guest's stats (the machine's pace sampler, the sender) allocates their
+        // page of the memfd, which then holds data: read it now, so that it is counted here.
+        _ = source.guestStats()
         let dataPagesAtStart = memory.dataPages().count
 
         let receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), hypervisor: destinationHypervisor)
