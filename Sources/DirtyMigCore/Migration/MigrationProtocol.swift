@@ -46,7 +46,10 @@ public enum MigrationWire {
     /// 7: hello's link timeout (both sides give up on the same silent link).
     /// 8: every connection opens with its role and a session id (the hello's head); a control
     /// hello announces the connections that will join its session.
-    public static let version: UInt32 = 8
+    /// 9: the hello names the VM's boot source and carries its announcement (the workload
+    /// guest's config block), which the generic code does not read; saved state carries the
+    /// userspace devices' states (MachineState version 2).
+    public static let version: UInt32 = 9
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -102,7 +105,7 @@ public enum MigrationFrameType: UInt32, Sendable {
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
         switch self {
-        case .hello: return 96 + MigrationWire.maxStringBytes + 64 * (GuestLayout.maxVCPUs + 1)
+        case .hello: return 100 + MigrationWire.maxStringBytes + MigrationHello.maxBootAnnouncementBytes
         case .helloReply, .abort: return 16 + MigrationWire.maxStringBytes
         case .pages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxBatchDataBytes
         case .iterationEnd: return 12
@@ -151,8 +154,13 @@ public struct MigrationHello: Sendable, Equatable {
     public var tscKHz: UInt64
     /// CPUID features the guest needs (leaf 1 EDX/ECX, leaf 0x80000001 EDX), as bit masks.
     public var requiredFeatures: CPUFeatureSet
-    /// The guest's config block, which also gives each vCPU's workload.
-    public var guestConfig: [UInt8]
+    /// What the VM boots (the destination builds the same)...
+    public var bootSource: BootSourceKind
+    /// ...and what that boot source announces (the workload guest: its config block, which gives
+    /// each vCPU's workload). Read by the boot source alone (`BootSources.decode`).
+    public var bootAnnouncement: [UInt8]
+    /// Largest boot source announcement a receiver reads.
+    public static let maxBootAnnouncementBytes = 64 << 10
     /// The sender will ask for --verify: the destination hashes each page as it lands, so that
     /// its half of the digest costs no downtime.
     public var verify = false
@@ -176,7 +184,7 @@ public struct MigrationHello: Sendable, Equatable {
     static let replicateFlag: UInt32 = 2
 
     public init(name: String, memorySize: UInt64, vcpuCount: Int, tracking: TrackingMode?, ringEntries: Int,
-                tscKHz: UInt64, requiredFeatures: CPUFeatureSet, guestConfig: [UInt8]) {
+                tscKHz: UInt64, requiredFeatures: CPUFeatureSet, bootSource: BootSourceKind, bootAnnouncement: [UInt8]) {
         self.name = name
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount
@@ -184,7 +192,8 @@ public struct MigrationHello: Sendable, Equatable {
         self.ringEntries = ringEntries
         self.tscKHz = tscKHz
         self.requiredFeatures = requiredFeatures
-        self.guestConfig = guestConfig
+        self.bootSource = bootSource
+        self.bootAnnouncement = bootAnnouncement
     }
 
     static let trackingCodes: [TrackingMode?] = [nil, .bitmap, .ring, .quota]
@@ -205,7 +214,8 @@ public struct MigrationHello: Sendable, Equatable {
         writer.u32(linkTimeoutMilliseconds)
         joins.encode(into: &writer)
         writer.string(name)
-        writer.blob(guestConfig)
+        writer.u32(bootSource.rawValue)
+        writer.blob(bootAnnouncement)
         return writer.bytes
     }
 
@@ -244,7 +254,10 @@ public struct MigrationHello: Sendable, Equatable {
         }
         joins = try SessionJoins(reading: &reader)
         name = try reader.peerText()
-        guestConfig = try reader.blob(max: 64 * (GuestLayout.maxVCPUs + 1))
+        let kind = try reader.u32()
+        guard let bootSource = BootSourceKind(rawValue: kind) else { throw .malformed("boot source \(kind)") }
+        self.bootSource = bootSource
+        bootAnnouncement = try reader.blob(max: Self.maxBootAnnouncementBytes)
         try reader.finish()
     }
 }

@@ -45,6 +45,7 @@ extension MigrationHello {
         self.init(name: machine.configuration.name, memorySize: machine.configuration.memorySize,
                   vcpuCount: machine.configuration.vcpuCount, tracking: machine.configuration.tracking,
                   ringEntries: machine.configuration.ringEntries, tscKHz: machine.tscHz / 1000,
-                  requiredFeatures: .workloadGuest, guestConfig: machine.guestConfig.encode())
+                  requiredFeatures: machine.bootSource.requiredFeatures, bootSource: machine.bootSource.kind,
+                  bootAnnouncement: machine.bootSource.announcement(tscHz: machine.tscHz))
     }
 }
