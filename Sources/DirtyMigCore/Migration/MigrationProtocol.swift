@@ -13,7 +13,8 @@ import Glibc
 ///     hello  ─────────────────────────────▶  checks version, role, layout, vCPUs, CPU, host
 ///            ◀─────────────────────────────  helloReply (accepted, or why not)
 ///     passPlan               (which pages pass 1 will carry, so the receiver can allocate ahead)
-///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied)
+///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied;
+///                             a batch whose pages compress travels as compressedPages)
 ///            ◀─────────────────────────────  iterationAck (the pass is in guest memory)
 ///     …   (the source pauses its vCPUs)
 ///     pages … iterationEnd   (the last dirty pages)
@@ -46,12 +47,16 @@ public enum MigrationWire {
     /// 7: hello's link timeout (both sides give up on the same silent link).
     /// 8: every connection opens with its role and a session id (the hello's head); a control
     /// hello announces the connections that will join its session.
-    public static let version: UInt32 = 8
+    /// 9: hello's page codec; the compressedPages frame.
+    public static let version: UInt32 = 9
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
     public static let maxRangesPerBatch = 4096
     public static let maxBatchDataBytes = 64 << 20
+    /// Data per compressed batch, before compression: the receiver decompresses into a buffer
+    /// of this size at most (the sender's batches are 2 MiB, PageSender.batchDataBytes).
+    public static let maxCompressedBatchDataBytes = 8 << 20
     public static let maxStateBytes = 16 << 20
 
     /// A whole frame: header and payload.
@@ -97,14 +102,16 @@ public enum MigrationFrameType: UInt32, Sendable {
     case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8,
          iterationAck = 9, passPlan = 10,
          checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15,
-         replicationEnded = 16, tookOver = 17
+         replicationEnded = 16, tookOver = 17, compressedPages = 18
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
         switch self {
-        case .hello: return 96 + MigrationWire.maxStringBytes + 64 * (GuestLayout.maxVCPUs + 1)
+        case .hello: return 100 + MigrationWire.maxStringBytes + 64 * (GuestLayout.maxVCPUs + 1)
         case .helloReply, .abort: return 16 + MigrationWire.maxStringBytes
         case .pages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxBatchDataBytes
+        // Smaller than the pages it holds, or it would have been sent as they are.
+        case .compressedPages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxCompressedBatchDataBytes
         case .iterationEnd: return 12
         case .iterationAck: return 4
         case .passPlan: return 4 + 8 * Int(GuestLayout.maxAddressableBytes / GuestLayout.pageSize / 64)
@@ -169,6 +176,11 @@ public struct MigrationHello: Sendable, Equatable {
     public var session = SessionID.random()
     /// The connections that will join the session, besides this one.
     public var joins = SessionJoins.none
+    /// The codec of the compressedPages frames the sender may send (`--compress`), as on the
+    /// wire: a receiver refuses a code it does not know (`pageCodec` nil) before it builds anything.
+    public var pageCodecCode: UInt32 = PageCodec.none.rawValue
+    /// The codec announced, if this build knows it.
+    public var pageCodec: PageCodec? { PageCodec(rawValue: pageCodecCode) }
 
     /// Bit 0 of the flags word.
     static let verifyFlag: UInt32 = 1
@@ -204,6 +216,7 @@ public struct MigrationHello: Sendable, Equatable {
         writer.u32((verify ? MigrationHello.verifyFlag : 0) | (replicate ? MigrationHello.replicateFlag : 0))
         writer.u32(linkTimeoutMilliseconds)
         joins.encode(into: &writer)
+        writer.u32(pageCodecCode)
         writer.string(name)
         writer.blob(guestConfig)
         return writer.bytes
@@ -243,6 +256,7 @@ public struct MigrationHello: Sendable, Equatable {
             throw .malformed("link timeout \(linkTimeoutMilliseconds) ms (1 s to 1 h)")
         }
         joins = try SessionJoins(reading: &reader)
+        pageCodecCode = try reader.u32()
         name = try reader.peerText()
         guestConfig = try reader.blob(max: 64 * (GuestLayout.maxVCPUs + 1))
         try reader.finish()

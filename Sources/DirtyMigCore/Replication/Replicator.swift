@@ -164,6 +164,7 @@ public final class Replicator: Sendable {
         let channel = session.channel
         var hello = MigrationHello(announcing: machine)
         hello.replicate = true
+        hello.pageCodecCode = options.compression.codec.rawValue
         let reply = try session.greet(hello)
         heartbeatNanoseconds.store(UInt64(max(reply.heartbeatMilliseconds, 5)) * 1_000_000, ordering: .relaxed)
         state.withLock { $0.figures.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9 }
@@ -184,7 +185,8 @@ public final class Replicator: Sendable {
     /// The migration's pre-copy, live, until what is left is small; then the first checkpoint.
     private func initialCopy(_ channel: MigrationChannel) throws(MigrationError) {
         let started = MonotonicClock.nanoseconds()
-        let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel)
+        let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel,
+                                       compression: options.compression)
         var bytes: UInt64 = 0
         defer { state.withLock { $0.figures.ringOverruns += passes.ringOverruns } }
         for _ in 1...Self.maxInitialPasses {
