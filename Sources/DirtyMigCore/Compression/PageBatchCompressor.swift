@@ -37,7 +37,9 @@ public struct CompressionTally: Sendable, Equatable {
 /// pages: the guest keeps writing them meanwhile, and zstd must not see its input change under
 /// it. Compression runs on the sending thread: at level 1 it compresses faster than the links
 /// it pays on carry (see CompressionChooser for the rule that keeps it off faster ones).
-final class PageBatchCompressor {
+final class PageBatchCompressor: @unchecked Sendable {
+    // @unchecked: used by one thread at a time; a replication hands it from the thread that
+    // made the initial copy to the one that sends checkpoints, which starts after.
     let mode: PageCompression
     private let zstd: ZstdCompressor
     private var input: UnsafeMutableRawPointer
@@ -71,27 +73,40 @@ final class PageBatchCompressor {
     /// zstd frame, valid until the next call; nil if they did not shrink by 1/16.
     func compress(_ table: PageBatchTable, dataBytes: Int, from memory: GuestMemory) -> UnsafeRawBufferPointer? {
         let started = now()
-        if dataBytes > capacity {
-            input.deallocate()
-            output.deallocate()
-            capacity = dataBytes
-            input = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
-            output = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
-        }
+        reserve(dataBytes)
         var offset = 0
         for range in table.ranges where range.kind == .data {
             let bytes = Int(range.count) * 4096
             memcpy(input + offset, memory.base + Int(range.firstPage) * 4096, bytes)
             offset += bytes
         }
-        let bound = dataBytes - dataBytes / 16
-        let length = zstd.compress(UnsafeRawBufferPointer(start: input, count: dataBytes),
-                                   into: UnsafeMutableRawBufferPointer(start: output, count: bound))
+        return compress(UnsafeRawBufferPointer(start: input, count: dataBytes), started: started)
+    }
+
+    /// Pages already copied out of guest memory (a staged checkpoint's), compressed as above.
+    func compress(_ pages: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
+        let started = now()
+        reserve(pages.count)
+        return compress(pages, started: started)
+    }
+
+    private func compress(_ pages: UnsafeRawBufferPointer, started: UInt64) -> UnsafeRawBufferPointer? {
+        let bound = pages.count - pages.count / 16
+        let length = zstd.compress(pages, into: UnsafeMutableRawBufferPointer(start: output, count: bound))
         let ended = now()
-        chooser.compressed(pageBytes: dataBytes, compressedBytes: length, nanoseconds: ended - started, now: ended)
+        chooser.compressed(pageBytes: pages.count, compressedBytes: length, nanoseconds: ended - started, now: ended)
         tally.compressNanoseconds += ended - started
         if length == nil { tally.incompressibleBatches += 1 }
         return length.map { UnsafeRawBufferPointer(start: output, count: $0) }
+    }
+
+    private func reserve(_ bytes: Int) {
+        guard bytes > capacity else { return }
+        input.deallocate()
+        output.deallocate()
+        capacity = bytes
+        input = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+        output = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
     }
 
     /// A batch of `pageBytes` went out as `pageWireBytes` (`compressed` or not), its frame of
@@ -145,9 +160,13 @@ final class PageBatchDecompressor {
     /// `dataBytes` (checked by the caller), or why not.
     func decompress(_ compressedCount: Int, dataBytes: Int) throws(MigrationProtocolError) -> UnsafeRawPointer {
         let target = Self.reserve(&output, &outputCapacity, dataBytes)
-        try zstd.decompress(UnsafeRawBufferPointer(start: input, count: compressedCount),
-                            into: UnsafeMutableRawBufferPointer(start: target, count: dataBytes))
+        try decompress(compressedCount, into: UnsafeMutableRawBufferPointer(start: target, count: dataBytes))
         return UnsafeRawPointer(target)
+    }
+
+    /// The same, into `target` (a checkpoint's staging area), which the frame must fill exactly.
+    func decompress(_ compressedCount: Int, into target: UnsafeMutableRawBufferPointer) throws(MigrationProtocolError) {
+        try zstd.decompress(UnsafeRawBufferPointer(start: input, count: compressedCount), into: target)
     }
 
     private static func reserve(_ buffer: inout UnsafeMutableRawPointer?, _ capacity: inout Int, _ count: Int) -> UnsafeMutableRawPointer {

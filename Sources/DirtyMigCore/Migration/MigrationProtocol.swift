@@ -25,7 +25,8 @@ import Glibc
 /// Continuous replication (hello flag `replicate`, see ReplicationProtocol.swift) starts the
 /// same way, passes and all, and then, instead of `state` and `complete`, sends checkpoints:
 ///
-///     checkpointPages …      (one epoch's dirty pages, copied while the vCPUs were paused)
+///     checkpointPages …      (one epoch's dirty pages, copied while the vCPUs were paused;
+///                             pages that compress travel as checkpointCompressedPages)
 ///     checkpointEnd          (the epoch's vCPU/device state and a digest of the whole epoch)
 ///            ◀─────────────────────────────  checkpointAck (the standby's copy is this epoch now)
 ///     heartbeat              (when no checkpoint went out for a while)
@@ -47,7 +48,7 @@ public enum MigrationWire {
     /// 7: hello's link timeout (both sides give up on the same silent link).
     /// 8: every connection opens with its role and a session id (the hello's head); a control
     /// hello announces the connections that will join its session.
-    /// 9: hello's page codec; the compressedPages frame.
+    /// 9: hello's page codec; the compressedPages and checkpointCompressedPages frames.
     public static let version: UInt32 = 9
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
@@ -102,7 +103,7 @@ public enum MigrationFrameType: UInt32, Sendable {
     case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8,
          iterationAck = 9, passPlan = 10,
          checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15,
-         replicationEnded = 16, tookOver = 17, compressedPages = 18
+         replicationEnded = 16, tookOver = 17, compressedPages = 18, checkpointCompressedPages = 19
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
@@ -118,7 +119,7 @@ public enum MigrationFrameType: UInt32, Sendable {
         case .state: return MigrationWire.maxStateBytes
         case .complete: return 17
         case .result: return 24 + MigrationWire.maxStringBytes
-        case .checkpointPages: return 12 + CheckpointWire.maxPagesPerFrame * (4 + 4096)
+        case .checkpointPages, .checkpointCompressedPages: return 12 + CheckpointWire.maxPagesPerFrame * (4 + 4096)
         case .checkpointEnd: return 32 + MigrationWire.maxStateBytes
         case .checkpointAck, .heartbeat, .replicationEnded, .tookOver: return 8
         case .replicationEnd: return 4 + MigrationWire.maxStringBytes

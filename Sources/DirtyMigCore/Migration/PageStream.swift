@@ -212,8 +212,8 @@ final class PageReceiver {
     static let chunkPages = PageWriter.chunkPages
 
     /// Decompresses compressedPages frames; nil unless the hello announced a codec, so such a
-    /// frame from a sender that announced none is refused.
-    private let decompressor: PageBatchDecompressor?
+    /// frame from a sender that announced none is refused. (A standby's checkpoints use it too.)
+    let decompressor: PageBatchDecompressor?
 
     deinit { writer.close() }
 

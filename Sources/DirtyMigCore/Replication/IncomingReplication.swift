@@ -53,7 +53,7 @@ enum IncomingReplication {
 
         // Once protecting, frames have no deadline of their own: silence is what counts (below).
         let watched = MigrationChannel(transport: connection)
-        let staging = CheckpointStaging(memory: vm.memory)
+        let staging = CheckpointStaging(memory: vm.memory, decompressor: initialPages.decompressor)
         var phase = Phase.initialCopy(initialPages)
         defer { if case .initialCopy(let pages) = phase { pages.passEnded() } }
         var lost: String
@@ -176,6 +176,9 @@ enum IncomingReplication {
         switch type {
         case .checkpointPages:
             try staging.receivePages(from: channel, payloadLength: length)
+            return nil
+        case .checkpointCompressedPages:
+            try staging.receiveCompressedPages(from: channel, payloadLength: length)
             return nil
         case .checkpointEnd:
             let payload = try channel.receivePayload(length)
