@@ -20,10 +20,7 @@ final class CompressionLinkTests: TwoHostTestCase {
 
     func testAutoCompressesOnASlowLink() throws {
         let key = try makePSKFile("key.psk")
-        let (_, out, errors) = try start(["receive", "--listen", "\(link.rightAddress):\(port)", "--psk-file", key, "--once",
-                                          "--control", socket("destination")], prefix: link.inside(link.right))
-        let ready = try XCTUnwrap(CLI.readLine(out), "receive printed nothing: \(stderrText(errors))")
-        XCTAssertTrue(ready.contains("listening"), ready)
+        try startDestination(key: key)
         // 48 MiB of text, written once: about 20 s plain at 20 Mbit/s. (The first few batches go
         // into empty socket buffers, megabytes of them, as fast as memory: auto cannot tell the
         // link's rate until they are full, and sends those plain.)

@@ -368,3 +368,40 @@ final class CapturingTransport: MigrationTransport, @unchecked Sendable {
     func setReceiveDeadline(_ deadline: UInt64?) {}
     func shutdown() {}
 }
+
+/// The guest fills written pages itself (content=text, random): what lands in memory.
+final class PageContentTests: XCTestCase {
+    private func filledPage(_ content: PageContent) throws -> [UInt8] {
+        let kvm = try requireKVM()
+        var workload = writer(1 * MiB, rate: 0)
+        workload.content = content
+        workload.passes = 1
+        let machine = try Machine(MachineConfiguration(memorySize: 64 * MiB, vcpuCount: 1, workloads: [workload], tracking: nil), kvm: kvm)
+        try machine.start()
+        defer { machine.stop() }
+        machine.waitForGuest()
+        let deadline = Date().addingTimeInterval(10)
+        while machine.guestStats().vcpus[0].passes < 1 && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        XCTAssertEqual(machine.guestStats().vcpus[0].passes, 1)
+        // Page 100 of the working set (the workload area starts at 16 MiB).
+        return Array(UnsafeRawBufferPointer(start: machine.memory.base + Int(GuestLayout.workloadBase) + 100 * 4096, count: 4096))
+    }
+
+    func testTextPagesHoldWordsAndCompress() throws {
+        let page = try filledPage(.text)
+        let text = page.dropFirst(8)   // the first word is the touch counter, as with sparse
+        XCTAssertTrue(text.allSatisfy { $0 == 0x20 || $0 == 0x2E || (0x61...0x7A).contains($0) }, "lower-case words, spaces, full stops")
+        XCTAssertGreaterThan(text.filter { $0 == 0x20 }.count, 400, "words, not one long run")
+        let ratio = Double(page.count) / Double(CompressionTests.zstdFrame(page).count)
+        XCTAssertGreaterThan(ratio, 2, "a text page compresses (ratio \(ratio))")
+    }
+
+    func testRandomPagesDoNotCompressAndSparsePagesAreMostlyZero() throws {
+        let random = try filledPage(.random)
+        XCTAssertGreaterThan(Set(random).count, 200, "every byte value, about")
+        XCTAssertGreaterThan(CompressionTests.zstdFrame(random).count, 4000)
+        let sparse = try filledPage(.sparse)
+        XCTAssertEqual(sparse.dropFirst(8).filter { $0 != 0 }.count, 0, "one word written, the rest zero")
+        XCTAssertNotEqual(sparse.prefix(8).filter { $0 != 0 }.count, 0)
+    }
+}
