@@ -113,7 +113,7 @@ final class FrameCodecTests: XCTestCase {
         let memory = try GuestMemory(size: Self.pageCount * 4096)
         for (index, variant) in malformedTables.enumerated() where index != malformedTables.count - 1 {
             let transport = MemoryTransport(input: variant.bytes + [UInt8](repeating: 0, count: 8192))
-            let receiver = PageReceiver(memory: memory, verifying: false)
+            let receiver = try PageReceiver(memory: memory, verifying: false)
             do {
                 try receiver.receive(from: MigrationChannel(transport: transport), payloadLength: variant.payloadLength)
                 XCTFail("variant \(index) was accepted")

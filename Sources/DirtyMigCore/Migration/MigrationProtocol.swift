@@ -13,7 +13,8 @@ import Glibc
 ///     hello  ─────────────────────────────▶  checks version, role, layout, vCPUs, CPU, host
 ///            ◀─────────────────────────────  helloReply (accepted, or why not)
 ///     passPlan               (which pages pass 1 will carry, so the receiver can allocate ahead)
-///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied)
+///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied;
+///                             a batch whose pages compress travels as compressedPages)
 ///            ◀─────────────────────────────  iterationAck (the pass is in guest memory)
 ///     …   (the source pauses its vCPUs)
 ///     pages … iterationEnd   (the last dirty pages)
@@ -24,7 +25,8 @@ import Glibc
 /// Continuous replication (hello flag `replicate`, see ReplicationProtocol.swift) starts the
 /// same way, passes and all, and then, instead of `state` and `complete`, sends checkpoints:
 ///
-///     checkpointPages …      (one epoch's dirty pages, copied while the vCPUs were paused)
+///     checkpointPages …      (one epoch's dirty pages, copied while the vCPUs were paused;
+///                             pages that compress travel as checkpointCompressedPages)
 ///     checkpointEnd          (the epoch's vCPU/device state and a digest of the whole epoch)
 ///            ◀─────────────────────────────  checkpointAck (the standby's copy is this epoch now)
 ///     heartbeat              (when no checkpoint went out for a while)
@@ -49,12 +51,16 @@ public enum MigrationWire {
     /// 9: the hello names the VM's boot source and carries its announcement (the workload
     /// guest's config block), which the generic code does not read; saved state carries the
     /// userspace devices' states (MachineState version 2).
-    public static let version: UInt32 = 9
+    /// 10: hello's page codec; the compressedPages and checkpointCompressedPages frames.
+    public static let version: UInt32 = 10
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
     public static let maxRangesPerBatch = 4096
     public static let maxBatchDataBytes = 64 << 20
+    /// Data per compressed batch, before compression: the receiver decompresses into a buffer
+    /// of this size at most (the sender's batches are 2 MiB, PageSender.batchDataBytes).
+    public static let maxCompressedBatchDataBytes = 8 << 20
     public static let maxStateBytes = 16 << 20
 
     /// A whole frame: header and payload.
@@ -100,21 +106,23 @@ public enum MigrationFrameType: UInt32, Sendable {
     case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8,
          iterationAck = 9, passPlan = 10,
          checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15,
-         replicationEnded = 16, tookOver = 17
+         replicationEnded = 16, tookOver = 17, compressedPages = 18, checkpointCompressedPages = 19
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
         switch self {
-        case .hello: return 100 + MigrationWire.maxStringBytes + MigrationHello.maxBootAnnouncementBytes
+        case .hello: return 104 + MigrationWire.maxStringBytes + MigrationHello.maxBootAnnouncementBytes
         case .helloReply, .abort: return 16 + MigrationWire.maxStringBytes
         case .pages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxBatchDataBytes
+        // Smaller than the pages it holds, or it would have been sent as they are.
+        case .compressedPages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxCompressedBatchDataBytes
         case .iterationEnd: return 12
         case .iterationAck: return 4
         case .passPlan: return 4 + 8 * Int(GuestLayout.maxAddressableBytes / GuestLayout.pageSize / 64)
         case .state: return MigrationWire.maxStateBytes
         case .complete: return 17
         case .result: return 24 + MigrationWire.maxStringBytes
-        case .checkpointPages: return 12 + CheckpointWire.maxPagesPerFrame * (4 + 4096)
+        case .checkpointPages, .checkpointCompressedPages: return 12 + CheckpointWire.maxPagesPerFrame * (4 + 4096)
         case .checkpointEnd: return 32 + MigrationWire.maxStateBytes
         case .checkpointAck, .heartbeat, .replicationEnded, .tookOver: return 8
         case .replicationEnd: return 4 + MigrationWire.maxStringBytes
@@ -177,6 +185,11 @@ public struct MigrationHello: Sendable, Equatable {
     public var session = SessionID.random()
     /// The connections that will join the session, besides this one.
     public var joins = SessionJoins.none
+    /// The codec of the compressedPages frames the sender may send (`--compress`), as on the
+    /// wire: a receiver refuses a code it does not know (`pageCodec` nil) before it builds anything.
+    public var pageCodecCode: UInt32 = PageCodec.none.rawValue
+    /// The codec announced, if this build knows it.
+    public var pageCodec: PageCodec? { PageCodec(rawValue: pageCodecCode) }
 
     /// Bit 0 of the flags word.
     static let verifyFlag: UInt32 = 1
@@ -213,6 +226,7 @@ public struct MigrationHello: Sendable, Equatable {
         writer.u32((verify ? MigrationHello.verifyFlag : 0) | (replicate ? MigrationHello.replicateFlag : 0))
         writer.u32(linkTimeoutMilliseconds)
         joins.encode(into: &writer)
+        writer.u32(pageCodecCode)
         writer.string(name)
         writer.u32(bootSource.rawValue)
         writer.blob(bootAnnouncement)
@@ -253,6 +267,7 @@ public struct MigrationHello: Sendable, Equatable {
             throw .malformed("link timeout \(linkTimeoutMilliseconds) ms (1 s to 1 h)")
         }
         joins = try SessionJoins(reading: &reader)
+        pageCodecCode = try reader.u32()
         name = try reader.peerText()
         let kind = try reader.u32()
         guard let bootSource = BootSourceKind(rawValue: kind) else { throw .malformed("boot source \(kind)") }

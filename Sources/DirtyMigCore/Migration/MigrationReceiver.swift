@@ -467,6 +467,13 @@ public final class MigrationReceiver: Sendable {
         state.withLock { $0.active?.id == id && $0.active?.committed == true }
     }
 
+    /// The page codec the hello announces, which this build must know: checked before the VM
+    /// is built, so an unknown one is refused with nothing allocated.
+    static func checkedCodec(_ hello: MigrationHello) throws(MigrationError) -> PageCodec {
+        guard let codec = hello.pageCodec else { throw .refused(PageCodec.unknown(hello.pageCodecCode)) }
+        return codec
+    }
+
     /// A replication reaches only a standby, and a standby takes only replications.
     static func roleMismatch(_ hello: MigrationHello, standby: StandbyOptions?) -> String? {
         if hello.replicate && standby == nil {
@@ -583,6 +590,8 @@ enum IncomingMigration {
         switch type {
         case .pages:
             try pages.receive(from: channel, payloadLength: length)
+        case .compressedPages:
+            try pages.receiveCompressed(from: channel, payloadLength: length)
         case .passPlan:
             try pages.receivePlan(from: channel, payloadLength: length)
         case .iterationEnd:
@@ -608,13 +617,18 @@ enum IncomingMigration {
                                     build: () throws(MigrationError) -> VM,
                                     commit: () -> Bool, running: (VM) -> Void = { _ in }) throws(MigrationError) -> VM {
         let vm: VM
-        do { vm = try build() } catch {
+        let codec: PageCodec
+        do {
+            codec = try MigrationReceiver.checkedCodec(hello)
+            vm = try build()
+        } catch {
             try? channel.send(.helloReply, MigrationHelloReply.refuse(error.reasonForPeer).encode())
             throw error
         }
         built = true
+        let pages = try PageReceiver(memory: vm.memory, verifying: hello.verify, codec: codec)
         try channel.send(.helloReply, MigrationHelloReply.accept.encode())
-        var phase = Phase.receivingMemory(vm, PageReceiver(memory: vm.memory, verifying: hello.verify))
+        var phase = Phase.receivingMemory(vm, pages)
         defer {
             // However it ends, no thread keeps allocating pages for this migration.
             if case .receivingMemory(_, let pages) = phase { pages.passEnded() }

@@ -16,6 +16,8 @@ public struct MigrationOptions: Sendable {
     /// How to slow a guest that dirties faster than the link carries (resolved against the
     /// VM's tracking mode when the migration starts).
     public var throttle: ThrottleMode = .auto
+    /// How page batches travel (`--compress`).
+    public var compression: PageCompression = .none
     /// dirty-quota: let vCPUs draw on the quota others leave unused (off only to measure what
     /// the pool is worth: the benchmark's equal split).
     public var quotaPool = true
@@ -244,6 +246,8 @@ public struct MigrationReport: Sendable {
     public var timeline: [MigrationSample] = []
     /// What the connection was: encrypted or not, cipher, the peer's identity (nil if none was made).
     public var channel: ChannelDescription?
+    /// What compression did (`--compress`).
+    public var compression = CompressionReport(mode: .none)
     /// The limits changed while the migration ran (`migrate --set`), when, and from what to
     /// what; and how many changes more were made than kept.
     public var limitChanges: [MigrationLimits.Change] = []
@@ -279,6 +283,7 @@ public struct MigrationReport: Sendable {
             "error": error.map { .string($0) } ?? .null,
             "destination": .string(destination),
             "channel": channel?.json ?? .null,
+            "compression": compression.json,
             "total_ms": .number(totalSeconds * 1000), "setup_ms": setupSeconds.map { .number($0 * 1000) } ?? .null,
             "downtime_ms": downtimeMeasured ? .number(downtimeSeconds * 1000) : .null,
             "iterations": preCopyBegan ? .number(iterations) : .null,

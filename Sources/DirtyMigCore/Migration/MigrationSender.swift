@@ -127,6 +127,7 @@ public final class MigrationSender: Sendable {
         report.track = machine.configuration.tracking
         report.destination = options.destination.description
         report.verify = options.verify ? "failed" : "off"
+        report.compression.mode = options.compression
         let throttleMode: ThrottleMode
         do { throttleMode = try options.throttle.resolved(for: machine.configuration.tracking) } catch {
             report.error = error.description
@@ -286,6 +287,7 @@ public final class MigrationSender: Sendable {
         var hello = MigrationHello(announcing: machine)
         hello.verify = options.verify
         hello.linkTimeoutMilliseconds = UInt32(options.linkTimeoutSeconds * 1000)
+        hello.pageCodecCode = options.compression.codec.rawValue
         _ = try session.greet(hello)
         let channel = session.channel
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
@@ -294,7 +296,9 @@ public final class MigrationSender: Sendable {
         // in it) is irrelevant.
         let limits = self.limits
         let passes = try PreCopyPasses(memory: machine.memory, tracker: tracker, channel: channel,
-                                       bandwidth: { limits.bandwidth })
+                                       bandwidth: { limits.bandwidth }, compression: options.compression)
+        report.compression.mode = options.compression
+        defer { report.compression = passes.transfer.compressionReport }
         var bandwidth = 0.0
         // --verify hashes all guest memory here while the VM is paused (the destination hashed
         // pages as they landed): part of the downtime, so part of the expected downtime the
