@@ -44,6 +44,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l plot -r -F
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l continuous
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l checkpoint-interval -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l checkpoint-pages -x
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l reprotect-for -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l replication
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l stop-replication
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l status -d "show the migration under way"

@@ -122,7 +122,9 @@ enum ListCommand {
                 parts = ["protected", replication["last_epoch"]?.doubleValue.map { "epoch \(Int($0))" },
                          replication["lag_checkpoints"]?.doubleValue.map { "\(Int($0)) behind" }]
             default:
-                parts = ["unprotected: standby lost", checkpoints]
+                // Seeking the standby again: how long it goes on.
+                let seeking = replication["reprotect_s_left"]?.doubleValue.map { String(format: "reconnecting, %.0f s left", $0.rounded(.up)) }
+                parts = ["unprotected: standby lost", seeking, checkpoints]
             }
             return "replicating (" + parts.compactMap { $0 }.joined(separator: ", ") + ")"
         case "receiving":

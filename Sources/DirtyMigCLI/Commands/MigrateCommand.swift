@@ -46,7 +46,7 @@ enum MigrateCommand {
         options.json = arguments.has("json")
         options.stats = arguments.string("stats")
         options.plot = arguments.string("plot")
-        for option in ["checkpoint-interval", "checkpoint-pages"] where arguments.has(option) {
+        for option in ["checkpoint-interval", "checkpoint-pages", "reprotect-for"] where arguments.has(option) {
             throw arguments.error("--\(option) applies to --continuous (replication), not to a migration")
         }
         options.migration.security = try ChannelOptions.security(arguments)

@@ -13,7 +13,12 @@ enum ReplicationTable {
             parts.map { part in "\(part) " + (figures[key]?[part]?.doubleValue.map { String(format: format, $0) } ?? "-") }
                 .joined(separator: ", ")
         }
-        row("status", figures["status"]?.stringValue ?? "-")
+        var status = figures["status"]?.stringValue ?? "-"
+        if let left = figures["reprotect_s_left"]?.doubleValue { status += String(format: " (reconnecting, %.0f s left)", left.rounded(.up)) }
+        row("status", status)
+        if let again = figures["reprotections"]?.doubleValue, again > 0 {
+            row("protected again", "\(Int(again)) time\(again == 1 ? "" : "s") after the standby was lost")
+        }
         guard figures["status"]?.stringValue != "none" else { return lines.joined(separator: "\n") + "  (this VM is not replicating)" }
         if let error = figures["error"]?.stringValue { row("error", error) }
         row("standby", figures["standby"]?.stringValue ?? "-")

@@ -27,6 +27,10 @@ public enum ReplicationControl {
         server.register("replicate") { (arguments: JSONValue) throws(ControlError) in
             let options = try replicationOptions(arguments, machine: machine)
             if let superseded = machine.supersededRefusal { throw ControlError(.failed, superseded) }
+            // A replication seeking its lost standby gives way to the one asked for now.
+            if let seeking = slot.current.withLock({ $0 }), seeking.isReprotecting {
+                seeking.stop(reason: "replaced by a replication to \(options.standby)")
+            }
             if let other = machine.transferClaim.claim("replication to \(options.standby)") {
                 throw ControlError(.failed, "\(other) is under way; one at a time")
             }
@@ -51,16 +55,17 @@ public enum ReplicationControl {
     }
 
     /// The `replicate` command's arguments: `to` (HOST:PORT, required), `checkpoint_interval_ms`,
-    /// `checkpoint_pages`, `compress`, `stats` (a file path), and the channel's as for `migrate`.
+    /// `checkpoint_pages`, `reprotect_for_ms` (0: never), `compress`, `stats` (a file path), and the channel's as for `migrate`.
     static func replicationOptions(_ arguments: JSONValue, machine: Machine) throws(ControlError) -> ReplicationOptions {
-        try arguments.checkArguments(allowed: ["to", "checkpoint_interval_ms", "checkpoint_pages", "compress", "stats",
+        try arguments.checkArguments(allowed: ["to", "checkpoint_interval_ms", "checkpoint_pages", "reprotect_for_ms", "compress", "stats",
                                                "psk_file", "tls_dir", "tls_peer", "insecure"])
         let standby = try MigrationControl.target(arguments, command: "replicate", listener: "'dirtymig receive --standby'")
         var options = ReplicationOptions(standby: standby)
         let interval = try arguments.doubleArgument("checkpoint_interval_ms").map { $0 / 1000 }
         let pages = try arguments.doubleArgument("checkpoint_pages")
+        let reprotectFor = try arguments.doubleArgument("reprotect_for_ms").map { $0 / 1000 }
         do throws(ReplicationOptions.Invalid) {
-            try options.set(intervalSeconds: interval, checkpointPages: pages)
+            try options.set(intervalSeconds: interval, checkpointPages: pages, reprotectForSeconds: reprotectFor)
             if options.checkpointPages != nil, machine.tracker?.hasDirtyTrigger != true { throw .pagesNeedRing }
         } catch {
             throw ControlError(.invalidArgument, error.description)

@@ -100,6 +100,11 @@ public struct ReplicationFigures: Sendable {
     public var endConfirmed: Bool?
     /// The checkpoint the standby resumed the VM from, once it took over.
     public var supersededAtEpoch: UInt64?
+    /// `--reprotect-for`; while unprotected and seeking the standby again, how long it goes on
+    /// (nil otherwise); how many times the VM was protected again.
+    public var reprotectForSeconds = 0.0
+    public var reprotectSecondsLeft: Double?
+    public var reprotections: UInt64 = 0
     /// Rates over the last second, measured only while protected (0 there otherwise, null in the JSON).
     public var checkpointsPerSecond = 0.0
     public var bytesPerSecond = 0.0
@@ -167,6 +172,9 @@ public struct ReplicationFigures: Sendable {
         ]
         pairs.append(("end_confirmed", endConfirmed.map { .bool($0) } ?? .null))
         pairs.append(("standby_took_over_at_epoch", supersededAtEpoch.map { .number($0) } ?? .null))
+        pairs.append(("reprotect_for_s", .number(reprotectForSeconds)))
+        pairs.append(("reprotect_s_left", reprotectSecondsLeft.map { .number($0) } ?? .null))
+        pairs.append(("reprotections", .number(reprotections)))
         pairs.append(("channel", channel?.json ?? .null))
         pairs.append(("error", error.map { .string($0) } ?? .null))
         return .object(pairs)

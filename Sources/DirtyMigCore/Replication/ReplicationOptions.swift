@@ -15,26 +15,35 @@ public struct ReplicationOptions: Sendable {
     /// (see StagedCheckpoint). Always on for users; the benchmark turns it off to show what the
     /// pause costs without it.
     public var stagesWhileRunning = true
+    /// A standby lost is sought again for this long (`--reprotect-for`): its address is tried
+    /// with back-off, and a standby that answers gets the initial copy again. 0: never.
+    public var reprotectForSeconds: Double = 300
 
     public init(standby: HostPort) { self.standby = standby }
 
     public static let intervalRange: ClosedRange<Double> = 0.0001...60
     public static let checkpointPagesRange: ClosedRange<Double> = 1...Double(1 << 24)
+    public static let reprotectForRange: ClosedRange<Double> = 0...86_400
 
     public enum Invalid: Error, Equatable, CustomStringConvertible {
-        case interval, checkpointPages, pagesNeedRing
+        case interval, checkpointPages, pagesNeedRing, reprotectFor
 
         public var description: String {
             switch self {
             case .interval: return "checkpoint interval must be from 100 µs (0.1ms) to 60 s (--checkpoint-interval / checkpoint_interval_ms)"
             case .checkpointPages: return "checkpoint pages must be a whole number from 1 to 16777216 (--checkpoint-pages / checkpoint_pages)"
+            case .reprotectFor: return "the time to protect the VM again must be from 0 (never) to 24 h (--reprotect-for / reprotect_for_ms)"
             case .pagesNeedRing: return "--checkpoint-pages needs a VM booted with --track ring or quota: the bitmap learns of dirty pages only when it is read, so with --track bitmap checkpoints end on --checkpoint-interval alone"
             }
         }
     }
 
     /// The one place the values are checked, for the command line and the control socket alike.
-    public mutating func set(intervalSeconds: Double?, checkpointPages: Double?) throws(Invalid) {
+    public mutating func set(intervalSeconds: Double?, checkpointPages: Double?, reprotectForSeconds: Double? = nil) throws(Invalid) {
+        if let reprotectForSeconds {
+            guard Self.reprotectForRange.contains(reprotectForSeconds) else { throw .reprotectFor }
+            self.reprotectForSeconds = reprotectForSeconds
+        }
         if let intervalSeconds {
             guard Self.intervalRange.contains(intervalSeconds) else { throw .interval }
             self.intervalSeconds = intervalSeconds

@@ -17,6 +17,12 @@ import Synchronization
 ///   a standby that took over meanwhile (a link cut both sides saw) is heard of when the link
 ///   comes back, and this copy's output stops (`superseded`).
 ///
+/// A standby lost is sought again for `--reprotect-for` (the re-protecting thread): once the
+/// lost connection has settled without a takeover (closed, or the standby confirmed it
+/// discarded its copy), the standby's address is tried with back-off, and a standby that
+/// answers gets the initial copy again and the checkpoints resume. A standby that took over is
+/// never protected against: this copy is stale then, and replication ends.
+///
 /// The connection is never closed while the standby could read the close as a dead primary:
 /// a stop or a loss first sends `replicationEnd` (the standby discards its copy), and a stop
 /// waits for the standby to confirm it (`replicationEnded`) for as long as the link carries
@@ -27,7 +33,13 @@ public final class Replicator: Sendable {
     private let state: Mutex<Shared>
     /// Signalled by the dirty trigger and by stop().
     private let wake = DispatchSemaphore(value: 0)
-    private let threadsDone = DispatchSemaphore(value: 0)
+    /// Signalled as a connection's epoch thread and its listening thread end: the re-protecting
+    /// thread starts a new connection only after both (its state is one connection's at a time).
+    private let epochsDone = DispatchSemaphore(value: 0)
+    private let listeningDone = DispatchSemaphore(value: 0)
+    /// Wakes the re-protecting thread from its back-off (a stop); signalled as it ends.
+    private let reprotectWake = DispatchSemaphore(value: 0)
+    private let reprotectDone = DispatchSemaphore(value: 0)
     /// Raised by `stop` and by the loss of the standby; read for every page of the initial copy.
     private let stopping = Atomic<Bool>(false)
     /// Signalled once the end of replication is settled: confirmed by the standby, or the
@@ -36,8 +48,6 @@ public final class Replicator: Sendable {
     /// Where the primary's own log lines go (its stderr in `dirtymig boot`): the loss of the
     /// standby and a takeover by it, with the reason.
     private let log: @Sendable (String) -> Void
-    /// The connection while it is being set up, which `stop` cuts short.
-    private let attempt = ConnectionAttempt()
 
     private struct Shared {
         var figures: ReplicationFigures
@@ -47,6 +57,20 @@ public final class Replicator: Sendable {
         /// replicationEnd went out; `endConfirmed` once the standby said it discarded its copy.
         var endSent = false
         var endSettled = false
+        /// The connection while it is being set up, which `stop` cuts short (one per connection).
+        var attempt = ConnectionAttempt()
+        /// A connection's two threads run (a loss then hands over to the re-protecting thread).
+        var connected = false
+        /// The re-protecting thread runs: it holds the machine's transfer claim.
+        var reprotecting = false
+        /// Until when the re-protecting thread tries (monotonic ns); nil when it does not.
+        var reprotectDeadline: UInt64?
+        /// Why the standby was lost last, for the error while re-protecting.
+        var lossReason: String?
+        /// Checkpoints sent and acknowledged on this connection: one a lost connection left
+        /// unanswered is no answer owed by the next standby.
+        var connectionSent: UInt64 = 0
+        var connectionAcknowledged: UInt64 = 0
         var started: UInt64 = MonotonicClock.nanoseconds()
         var pauses = RecentSamples()
         var dirtyPages = RecentSamples()
@@ -65,6 +89,7 @@ public final class Replicator: Sendable {
             standby: options.standby.description, track: machine.configuration.tracking,
             intervalSeconds: options.intervalSeconds, checkpointPages: options.checkpointPages)
         figures.compression.mode = options.compression
+        figures.reprotectForSeconds = options.reprotectForSeconds
         state = Mutex(Shared(figures: figures))
     }
 
@@ -94,6 +119,9 @@ public final class Replicator: Sendable {
             figures.outputLinesReleased = machine.output.releasedCount
             figures.outputLinesHeld = machine.output.heldCount
             figures.uptimeSeconds = Double(now - shared.started) / 1e9
+            if figures.status == .unprotected, let deadline = shared.reprotectDeadline {
+                figures.reprotectSecondsLeft = Double(deadline > now ? deadline - now : 0) / 1e9
+            }
             return figures
         }
     }
@@ -111,9 +139,15 @@ public final class Replicator: Sendable {
         }
     }
 
+    /// Nothing runs any more: stopped, superseded, or unprotected without re-protecting.
     public var isFinished: Bool {
-        state.withLock { [.unprotected, .stopped, .superseded].contains($0.figures.status) }
+        state.withLock { shared in
+            [.stopped, .superseded].contains(shared.figures.status) || (shared.figures.status == .unprotected && !shared.reprotecting)
+        }
     }
+
+    /// Unprotected, and looking for the standby again (`--reprotect-for`).
+    public var isReprotecting: Bool { state.withLock { $0.reprotecting } }
 
     // MARK: Start: connect, initial copy, first checkpoint
 
@@ -127,29 +161,47 @@ public final class Replicator: Sendable {
             let channel = try connect()
             opened = channel
             let compressor = try initialCopy(channel)
-            _ = OSThread(name: "repl-listen") { [self] in listenToStandby(channel) }
-            _ = OSThread(name: "repl-epochs") { [self] in epochLoop(channel, compressor: compressor) }
+            runConnection(channel, compressor: compressor)
         } catch {
             lose(error.description)
-            // The first checkpoint may have reached the standby: it must discard it, not read
-            // the close as a dead primary.
-            if let opened {
-                let reason = MigrationReason("the primary could not start replicating (\(error)); it runs the VM on, unprotected")
-                opened.transport.setReceiveDeadline(nil)
-                try? opened.send(.replicationEnd, reason.encode())
-            }
-            state.withLock { $0.session }?.close()
+            abandon(opened, because: error)
             machine.transferClaim.release()
         }
         return figures
     }
 
-    private func connect() throws(MigrationError) -> MigrationChannel {
+    /// The connection's two threads, from its first checkpoint on.
+    private func runConnection(_ channel: MigrationChannel, compressor: PageBatchCompressor?) {
+        state.withLock { shared in
+            shared.connected = true
+            shared.reprotecting = false   // the epoch thread holds the transfer claim now
+        }
+        _ = OSThread(name: "repl-listen") { [self] in
+            listenToStandby(channel)
+            listeningDone.signal()
+        }
+        _ = OSThread(name: "repl-epochs") { [self] in epochLoop(channel, compressor: compressor) }
+    }
+
+    /// A connection that failed before its threads ran: the first checkpoint may have reached
+    /// the standby, which must discard it, not read the close as a dead primary.
+    private func abandon(_ opened: MigrationChannel?, because error: MigrationError) {
+        if let opened {
+            let reason = MigrationReason("the primary could not start replicating (\(error)); it runs the VM on, unprotected")
+            opened.transport.setReceiveDeadline(nil)
+            try? opened.send(.replicationEnd, reason.encode())
+        }
+        state.withLock { $0.session }?.close()
+    }
+
+    /// `again`: a re-protection (the figures go on; `started` stays the first connection's).
+    private func connect(again: Bool = false) throws(MigrationError) -> MigrationChannel {
         guard machine.tracker != nil else {
             throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
         }
         let started = MonotonicClock.nanoseconds()
         let session: MigrationSession
+        let attempt = state.withLock { $0.attempt }
         do { session = try MigrationSession.connect(to: options.standby, security: options.security, attempt: attempt) } catch {
             if let reason = state.withLock({ $0.stopReason }) { throw .cancelled(reason) }
             throw error
@@ -158,7 +210,7 @@ public final class Replicator: Sendable {
         session.control.allowConcurrentSendAndReceive()
         let stopped = state.withLock { shared -> Bool in
             shared.session = session
-            shared.started = started
+            if !again { shared.started = started }
             shared.figures.channel = session.control.channel
             return shared.stopReason != nil
         }
@@ -186,7 +238,7 @@ public final class Replicator: Sendable {
 
     /// The migration's pre-copy, live, until what is left is small; then the first checkpoint.
     /// Returns the compressor (`--compress`), whose measurements the checkpoints go on with.
-    private func initialCopy(_ channel: MigrationChannel) throws(MigrationError) -> PageBatchCompressor? {
+    private func initialCopy(_ channel: MigrationChannel, again: Bool = false) throws(MigrationError) -> PageBatchCompressor? {
         let started = MonotonicClock.nanoseconds()
         let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel,
                                        compression: options.compression)
@@ -209,20 +261,33 @@ public final class Replicator: Sendable {
             throw .cancelled(stopReasonText)
         }
         bytes += sent
-        state.withLock { $0.figures.checkpointsSent += 1 }
+        state.withLock { shared in
+            shared.figures.checkpointsSent += 1
+            shared.connectionSent += 1
+        }
         let ack = try channel.receive(.checkpointAck) { payload throws(MigrationProtocolError) in
             try EpochFrame(decoding: payload, what: "checkpoint ack")
         }
         guard ack.epoch == epoch else {
             throw .protocolError(.unexpected("an acknowledgement of checkpoint \(ack.epoch) after checkpoint \(epoch)"))
         }
-        state.withLock { shared in
+        let stoppedMeanwhile = state.withLock { shared -> Bool in
+            // A stop while re-protecting finds the status unprotected and does not wait for an
+            // end the standby confirms: this connection must not go on to checkpoints.
+            if again && shared.stopReason != nil { return true }
             shared.figures.initialSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
             shared.figures.initialBytes = bytes
-            shared.figures.bytesSent = bytes
+            shared.figures.bytesSent += bytes
             shared.figures.status = .protected
             shared.figures.compression = CompressionReport(mode: options.compression, tally: compressor?.tally ?? CompressionTally())
+            if again {
+                shared.figures.error = nil
+                shared.figures.reprotections += 1
+                shared.reprotectDeadline = nil
+            }
+            return false
         }
+        if stoppedMeanwhile { throw .cancelled(stopReasonText) }
         acknowledged(epoch)
         if let pages = options.checkpointPages, let tracker = machine.tracker, tracker.hasDirtyTrigger {
             let wake = self.wake
@@ -335,8 +400,10 @@ public final class Replicator: Sendable {
         var lastStats = epochStart
         defer {
             machine.tracker?.setDirtyTrigger(pages: nil, nil)
-            machine.transferClaim.release()
-            threadsDone.signal()
+            // A loss that re-protects hands the claim to the re-protecting thread (decided with
+            // the loss, before this thread saw `stopping`).
+            if !state.withLock({ $0.reprotecting }) { machine.transferClaim.release() }
+            epochsDone.signal()
         }
         do {
             while true {
@@ -375,6 +442,7 @@ public final class Replicator: Sendable {
                 state.withLock { shared in
                     if let compressor { shared.figures.compression.tally = compressor.tally }
                     shared.figures.checkpointsSent += 1
+                    shared.connectionSent += 1
                     shared.figures.bytesSent += bytes
                     shared.bytes.add(Double(bytes), at: lastSend)
                 }
@@ -438,7 +506,7 @@ public final class Replicator: Sendable {
                         continue
                     }
                     let (lost, awaiting) = state.withLock { shared in
-                        (shared.lost, shared.endSent || shared.figures.checkpointsSent > shared.figures.checkpointsAcknowledged)
+                        (shared.lost, shared.endSent || shared.connectionSent > shared.connectionAcknowledged)
                     }
                     if lost { continue }   // only a takeover is still to be heard of
                     if let verdict = liveness.observe(connection.tcp.progress, awaitingAnswer: awaiting, at: MonotonicClock.nanoseconds()) {
@@ -474,6 +542,7 @@ public final class Replicator: Sendable {
         let now = MonotonicClock.nanoseconds()
         state.withLock { shared in
             shared.figures.checkpointsAcknowledged += 1
+            shared.connectionAcknowledged += 1
             shared.figures.lastAcknowledgedEpoch = epoch
             shared.acknowledged.add(1, at: now)
         }
@@ -490,21 +559,124 @@ public final class Replicator: Sendable {
     /// The connection stays open: the epoch thread tells the standby, if it still can, that this
     /// side gave up (so it discards rather than takes over), and the listening thread hears of
     /// a takeover that happened anyway.
+    ///
+    /// A connection that had its threads running (not a first start that failed: the user sees
+    /// that failure) is then sought again for --reprotect-for, unless replication is being
+    /// stopped.
     private func lose(_ reason: String) {
-        let first = state.withLock { shared -> Bool in
-            guard !shared.lost, shared.figures.status != .stopped, shared.figures.status != .superseded else { return false }
+        let (first, reprotect) = state.withLock { shared -> (Bool, Bool) in
+            guard !shared.lost, shared.figures.status != .stopped, shared.figures.status != .superseded else { return (false, false) }
             shared.lost = true
             stopping.store(true, ordering: .releasing)
             shared.figures.status = .unprotected
             shared.figures.error = reason
-            return true
+            shared.lossReason = reason
+            let reprotect = shared.connected && shared.stopReason == nil && options.reprotectForSeconds > 0
+            shared.connected = false
+            if reprotect {
+                shared.reprotecting = true
+                shared.reprotectDeadline = MonotonicClock.nanoseconds() + UInt64(options.reprotectForSeconds * 1e9)
+            }
+            return (true, reprotect)
         }
         guard first else { return }
-        log("dirtymig: replication to \(options.standby): \(reason); the VM runs on here, unprotected")
+        log("dirtymig: replication to \(options.standby): \(reason); the VM runs on here, unprotected"
+            + (reprotect ? String(format: "; it is protected again if the standby answers within %.0f s", options.reprotectForSeconds) : ""))
         machine.tracker?.setDirtyTrigger(pages: nil, nil)
         machine.output.stopHolding()
         wake.signal()
         settleEnd(confirmed: false)
+        if reprotect { _ = OSThread(name: "repl-reprotect") { [self] in reprotectLoop() } }
+    }
+
+    // MARK: Re-protecting
+
+    /// The first retry comes this soon after the lost connection settled; each next one twice
+    /// as late, up to `longestBackoffNanoseconds`, so that a standby back on its address is
+    /// protecting again within about that long.
+    static let firstBackoffNanoseconds: UInt64 = 50_000_000
+    static let longestBackoffNanoseconds: UInt64 = 500_000_000
+
+    /// After a loss: waits for the lost connection to settle without a takeover, then tries
+    /// the standby's address until one answers and holds a first checkpoint (protected again),
+    /// or --reprotect-for runs out, or replication is stopped or superseded. Holds the machine's
+    /// transfer claim throughout, and releases it unless a connection took it over.
+    private func reprotectLoop() {
+        defer { reprotectDone.signal() }
+        // The lost connection's threads end first. The listening one lasts as long as the
+        // connection: only once it closed or the standby confirmed it discarded its copy is it
+        // known that no standby took over the VM (a takeover is heard of on that connection).
+        epochsDone.wait()
+        while listeningDone.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
+            if !reprotectGoesOn { return finishReprotecting() }
+        }
+        // Settled: closing it can no longer look like a dead primary to a standby that lives.
+        state.withLock { $0.session }?.close()
+        var backoff = Self.firstBackoffNanoseconds
+        while true {
+            let go = state.withLock { shared -> Bool in
+                guard shared.figures.status == .unprotected, shared.stopReason == nil,
+                      let deadline = shared.reprotectDeadline, MonotonicClock.nanoseconds() < deadline else { return false }
+                // A fresh connection: nothing sent on it yet, nothing lost or ending.
+                shared.lost = false
+                shared.endSent = false
+                shared.endSettled = false
+                shared.connectionSent = 0
+                shared.connectionAcknowledged = 0
+                shared.attempt = ConnectionAttempt()
+                stopping.store(false, ordering: .releasing)
+                return true
+            }
+            guard go else { return finishReprotecting() }
+            while endSettled.wait(timeout: .now()) == .success {}   // the lost connection's
+            var opened: MigrationChannel?
+            do {
+                let channel = try connect(again: true)
+                opened = channel
+                let compressor = try initialCopy(channel, again: true)
+                log("dirtymig: replication to \(options.standby): the standby answered again; the VM is protected again")
+                runConnection(channel, compressor: compressor)
+                return
+            } catch {
+                state.withLock { shared in
+                    shared.lost = true
+                    shared.figures.status = .unprotected
+                    shared.figures.error = "\(shared.lossReason ?? "the standby is lost"); trying to protect the VM again: \(error)"
+                }
+                stopping.store(true, ordering: .releasing)
+                machine.tracker?.setDirtyTrigger(pages: nil, nil)
+                machine.output.stopHolding()   // a first checkpoint may have started holding it
+                abandon(opened, because: error)
+            }
+            let left = state.withLock { shared -> UInt64 in
+                let now = MonotonicClock.nanoseconds()
+                return shared.reprotectDeadline.map { $0 > now ? $0 - now : 0 } ?? 0
+            }
+            _ = reprotectWake.wait(timeout: .now() + .nanoseconds(Int(min(backoff, left))))
+            backoff = min(backoff * 2, Self.longestBackoffNanoseconds)
+        }
+    }
+
+    private var reprotectGoesOn: Bool {
+        state.withLock { shared in
+            guard let deadline = shared.reprotectDeadline else { return false }
+            return shared.figures.status == .unprotected && shared.stopReason == nil && MonotonicClock.nanoseconds() < deadline
+        }
+    }
+
+    /// Re-protecting ends without a standby: given up (said in the error), stopped, or superseded.
+    private func finishReprotecting() {
+        state.withLock { shared in
+            if shared.figures.status == .unprotected, shared.stopReason == nil {
+                let reason = shared.figures.error ?? shared.lossReason ?? "the standby is lost"
+                shared.figures.error = String(format: "%@; no standby answered within --reprotect-for (%.0f s): the VM runs on unprotected (start a replication again with 'dirtymig migrate --continuous')",
+                                              reason, options.reprotectForSeconds)
+                log("dirtymig: replication to \(options.standby): no standby answered within --reprotect-for; the VM runs on here, unprotected")
+            }
+            shared.reprotectDeadline = nil
+            shared.reprotecting = false
+        }
+        machine.transferClaim.release()
     }
 
     /// The standby resumed the VM from checkpoint `epoch` (it heard nothing from here for its
@@ -542,10 +714,10 @@ public final class Replicator: Sendable {
     /// carries data, so that a VM stopped on purpose never comes back on its standby.
     @discardableResult
     public func stop(reason: String = "the primary stopped replicating") -> ReplicationFigures {
-        let running = state.withLock { shared -> Bool in
+        let (running, reprotecting, attempt) = state.withLock { shared -> (Bool, Bool, ConnectionAttempt) in
             if shared.stopReason == nil { shared.stopReason = reason }
             stopping.store(true, ordering: .releasing)
-            return shared.figures.status == .protected
+            return (shared.figures.status == .protected, shared.reprotecting, shared.attempt)
         }
         attempt.cancel()   // still connecting or in the TLS handshake: cut it now
         wake.signal()
@@ -553,9 +725,19 @@ public final class Replicator: Sendable {
             endSettled.wait()
             endSettled.signal()
         }
+        if reprotecting {
+            // The re-protecting thread sees the stop between two attempts (or its attempt is cut
+            // short) and releases the transfer claim: a new replication may start at once.
+            reprotectWake.signal()
+            reprotectDone.wait()
+            reprotectDone.signal()
+        }
         let session = state.withLock { shared -> MigrationSession? in
-            if shared.figures.status == .protected || shared.figures.status == .starting { shared.figures.status = .stopped }
-            return shared.figures.status == .stopped ? shared.session : nil
+            if shared.figures.status == .protected || shared.figures.status == .starting
+                || (reprotecting && shared.figures.status == .unprotected) { shared.figures.status = .stopped }
+            // A lost connection not yet settled is left to its listening thread (a standby cut off
+            // may still read our end of replication before the close).
+            return shared.figures.status == .stopped && !reprotecting ? shared.session : nil
         }
         // Confirmed (or the standby is gone): closing can no longer look like a dead primary.
         session?.close()
