@@ -130,9 +130,10 @@ final class ReplicationCLITests: ReplicationProcessTestCase {
         XCTAssertTrue(primary.isRunning)
         try assertGuestRuns(socket: socket("primary"), vcpus: 2)
         let unprotected = try listed("primary", replication: lost)
-        XCTAssertTrue(unprotected.label.hasPrefix("replicating (unprotected: standby lost, "), unprotected.label)
+        XCTAssertTrue(unprotected.label.hasPrefix("replicating (unprotected: standby lost, reconnecting, "), unprotected.label)
 
-        // Without stopping the VM: a new standby, a new replication.
+        // Without stopping the VM: a new standby, a new replication (which replaces the one
+        // still seeking the lost standby).
         let second = try freePort()
         _ = try startStandby("standby2", port: second)
         _ = try replicate(to: second)
@@ -140,6 +141,127 @@ final class ReplicationCLITests: ReplicationProcessTestCase {
         Thread.sleep(forTimeInterval: 0.5)
         XCTAssertEqual(try replication()["status"]?.stringValue, "protected")
         try assertCheckingWithoutErrors("primary")
+    }
+
+    /// The primary's lines, then the standby's after it took over: each one unbroken run, the
+    /// standby's starting right after the primary's last released line or one epoch later.
+    private func assertOutputContinues(primary: String, standby: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let before = try outputLines(primary).map(\.sequence), after = try outputLines(standby)
+        XCTAssertGreaterThan(after.count, 10, "the standby's guest goes on emitting", file: file, line: line)
+        XCTAssertEqual(before, Array(1...UInt64(max(before.count, 1))).prefix(before.count).map { $0 }, file: file, line: line)
+        if let first = after.first?.sequence, let last = before.last {
+            XCTAssertEqual(after.map(\.sequence), Array(first..<first + UInt64(after.count)), file: file, line: line)
+            XCTAssertTrue((last + 1)...(last + 6) ~= first,
+                          "the standby continues right after the primary's last released line (primary ended at \(last), standby began at \(first))",
+                          file: file, line: line)
+        }
+        XCTAssertEqual(after.map(\.errors).max() ?? 1, 0, file: file, line: line)
+    }
+
+    /// The standby's process dies and a new one is started on the same address: the primary,
+    /// unprotected and saying how long it goes on seeking, protects the VM again by itself; the
+    /// new standby's copy is the VM (it takes over when the primary dies, memory and output whole).
+    func testAStandbyStartedAgainOnItsAddressProtectsTheVMAgainByItself() throws {
+        let port = try freePort()
+        let primaryOutput = directory + "/primary.out", standbyOutput = directory + "/standby2.out"
+        let (standby, _) = try startStandby("standby", port: port)
+        let primary = try bootPrimary(output: primaryOutput)
+        _ = try replicate(to: port, ["--reprotect-for", "30s"])
+        Thread.sleep(forTimeInterval: 0.5)
+        let pid = status("primary")?["pid"]?.doubleValue
+        kill(standby.processIdentifier, SIGKILL)
+        standby.waitUntilExit()
+        try waitFor("the primary reports unprotected, reconnecting", timeout: 10) {
+            let figures = try replication()
+            return figures["status"]?.stringValue == "unprotected" && figures["reprotect_s_left"]?.doubleValue != nil
+        }
+        let seeking = try replication()
+        XCTAssertEqual(seeking["reprotect_for_s"]?.doubleValue, 30)
+        XCTAssertGreaterThan(seeking["reprotect_s_left"]?.doubleValue ?? 0, 20, seeking.serialized())
+        XCTAssertLessThanOrEqual(seeking["reprotect_s_left"]?.doubleValue ?? 99, 30, seeking.serialized())
+        XCTAssertTrue(ReplicationTable.render(seeking).contains("unprotected (reconnecting, "), ReplicationTable.render(seeking))
+        let row = ListCommand.row(name: "primary", socket: socket("primary"), status: try XCTUnwrap(status("primary")),
+                                  migration: nil, replication: seeking)
+        XCTAssertTrue(ListCommand.stateLabel(row).contains("reconnecting, "), ListCommand.stateLabel(row))
+        Thread.sleep(forTimeInterval: 1)   // unprotected a while: the guest's output flows meanwhile
+
+        _ = try startStandby("standby2", port: port, output: standbyOutput)
+        let back = Date()
+        try waitFor("the primary protects the VM again by itself", timeout: 10) {
+            try replication()["status"]?.stringValue == "protected"
+        }
+        let took = Date().timeIntervalSince(back)
+        print("re-protected \(Int(took * 1000)) ms after the new standby listened")
+        XCTAssertLessThan(took, 2.0, "protection is restored within 2 s of the standby's return")
+        let again = try replication()
+        XCTAssertEqual(again["reprotections"]?.doubleValue, 1)
+        XCTAssertEqual(again["error"], .null)
+        XCTAssertEqual(again["reprotect_s_left"], .null)
+        XCTAssertEqual(status("primary")?["pid"]?.doubleValue, pid, "the same VM process throughout")
+        Thread.sleep(forTimeInterval: 0.5)
+        XCTAssertEqual(status("standby2")?["standby"]?["phase"]?.stringValue, "protecting")
+        XCTAssertGreaterThan(try replication()["checkpoints"]?.doubleValue ?? 0, again["checkpoints"]?.doubleValue ?? 0)
+
+        kill(primary.processIdentifier, SIGKILL)
+        primary.waitUntilExit()
+        waitFor("the new standby runs the VM", timeout: 5) { status("standby2")?["vcpu_stats"] != nil }
+        try assertCheckingWithoutErrors("standby2")
+        try assertOutputContinues(primary: primaryOutput, standby: standbyOutput)
+    }
+
+    /// A standby that stops reading (its process stopped) is lost; when it reads again it finds
+    /// that the primary gave up, discards its copy and listens on: the primary protects the VM
+    /// again on the same standby, which never took over.
+    func testAStandbyThatStalledAndDiscardedItsCopyIsProtectingAgain() throws {
+        let port = try freePort()
+        let (standby, standbyErrors) = try startStandby("standby", port: port, extra: ["--failover-after", "200ms"])
+        _ = try bootPrimary(output: directory + "/primary.out")
+        _ = try replicate(to: port, ["--reprotect-for", "30s"])
+        Thread.sleep(forTimeInterval: 0.5)
+        kill(standby.processIdentifier, SIGSTOP)
+        try waitFor("the primary reports unprotected", timeout: 10) { try replication()["status"]?.stringValue == "unprotected" }
+        kill(standby.processIdentifier, SIGCONT)
+        let back = Date()
+        try waitFor("the primary protects the VM again by itself", timeout: 10) {
+            try replication()["status"]?.stringValue == "protected"
+        }
+        print("re-protected \(Int(Date().timeIntervalSince(back) * 1000)) ms after the standby read again")
+        XCTAssertEqual(try replication()["reprotections"]?.doubleValue, 1)
+        Thread.sleep(forTimeInterval: 0.5)
+        let follows = try XCTUnwrap(status("standby"))
+        XCTAssertNil(follows["vcpu_stats"], "the standby took over a VM whose primary lives: \(stderrText(standbyErrors))")
+        XCTAssertEqual(follows["standby"]?["phase"]?.stringValue, "protecting", follows.serialized())
+        XCTAssertTrue(standby.isRunning)
+        try assertCheckingWithoutErrors("primary")
+    }
+
+    /// Seeking the standby ends after --reprotect-for: the VM runs on unprotected, saying so, and
+    /// a standby that comes later is not protecting until asked; with 0s it is never sought.
+    func testSeekingALostStandbyEndsAfterReprotectFor() throws {
+        let port = try freePort()
+        let (standby, _) = try startStandby("standby", port: port)
+        _ = try bootPrimary(output: directory + "/primary.out")
+        _ = try replicate(to: port, ["--reprotect-for", "1s"])
+        kill(standby.processIdentifier, SIGKILL)
+        standby.waitUntilExit()
+        try waitFor("the primary reports unprotected", timeout: 10) { try replication()["status"]?.stringValue == "unprotected" }
+        try waitFor("the primary stops seeking its standby", timeout: 10) { try replication()["reprotect_s_left"] == .null }
+        let given = try replication()
+        XCTAssertEqual(given["status"]?.stringValue, "unprotected")
+        XCTAssertTrue(given["error"]?.stringValue?.contains("--reprotect-for") ?? false, given.serialized())
+        let (second, _) = try startStandby("standby2", port: port)
+        Thread.sleep(forTimeInterval: 1.5)
+        XCTAssertEqual(try replication()["status"]?.stringValue, "unprotected", "sought after --reprotect-for ran out")
+        XCTAssertNil(status("standby2")?["standby"]?["phase"]?.stringValue, "the late standby follows no replication")
+
+        // Asked again, with 0s: protected, and once the standby is lost, not sought at all.
+        _ = try replicate(to: port, ["--reprotect-for", "0s"])
+        kill(second.processIdentifier, SIGKILL)
+        second.waitUntilExit()
+        try waitFor("the primary reports unprotected", timeout: 10) { try replication()["status"]?.stringValue == "unprotected" }
+        let never = try replication()
+        XCTAssertEqual(never["reprotect_s_left"], .null, never.serialized())
+        XCTAssertEqual(never["reprotect_for_s"]?.doubleValue, 0)
     }
 
     func testASilentLinkLeavesAManualStandbyWaitingUntilFailover() throws {

@@ -45,6 +45,7 @@ final class ReplicationOnFakeHypervisorTests: XCTestCase {
         options.intervalSeconds = 0.02
         // One collection per epoch, in its pause: each checkpoint is one scripted set.
         options.stagesWhileRunning = false
+        options.reprotectForSeconds = 0   // the standby takes over at the end: nothing to seek again
         XCTAssertNil(primary.transferClaim.claim("replication"))
         let replicator = Replicator(machine: primary, options: options)
         XCTAssertEqual(replicator.start().status, .protected, replicator.figures.error ?? "")

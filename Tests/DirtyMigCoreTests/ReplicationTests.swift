@@ -54,6 +54,8 @@ final class ReplicationTests: XCTestCase {
         var options = ReplicationOptions(standby: endpoint)
         options.intervalSeconds = interval
         options.checkpointPages = pages
+        // These tests end with the standby gone: no seeking it again after the test.
+        options.reprotectForSeconds = 0
         XCTAssertNil(machine.transferClaim.claim("replication"))
         let replicator = Replicator(machine: machine, options: options)
         let figures = replicator.start()
