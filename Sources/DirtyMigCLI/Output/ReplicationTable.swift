@@ -27,6 +27,9 @@ enum ReplicationTable {
         row("track", figures["track"]?.stringValue ?? "-")
         var trigger = value("checkpoint_interval_ms") + " ms"
         if let pages = figures["checkpoint_pages"]?.doubleValue { trigger += ", or \(HumanNumber.grouped(pages)) dirty pages" }
+        if let effective = figures["effective_interval_ms"]?.doubleValue {
+            trigger += String(format: " (median epoch %.1f ms)", effective)
+        }
         row("checkpoint every", trigger)
         // A figure that was not measured (null in the JSON) is said so or left out, never printed as 0.
         guard let initial = figures["initial_copy_ms"]?.doubleValue else {

@@ -87,6 +87,10 @@ public struct ReplicationFigures: Sendable {
     public var track: TrackingMode?
     public var error: String?
     public var intervalSeconds: Double
+    /// The epochs' median length: `intervalSeconds`, or longer where an epoch waited for the
+    /// acknowledgement of the checkpoint before it (a link slower than the guest dirties memory);
+    /// nil before two checkpoints.
+    public var effectiveIntervalMedianMs: Double?
     public var checkpointPages: Int?
     /// Until the handshake was done; nil: it never was.
     public var setupSeconds: Double?
@@ -143,6 +147,7 @@ public struct ReplicationFigures: Sendable {
             ("standby", .string(standby)),
             ("track", track.map { .string($0.rawValue) } ?? .null),
             ("checkpoint_interval_ms", .number(intervalSeconds * 1000)),
+            ("effective_interval_ms", effectiveIntervalMedianMs.map { .number($0) } ?? .null),
             ("checkpoint_pages", checkpointPages.map { .number($0) } ?? .null),
             ("setup_ms", setupSeconds.map { .number($0 * 1000) } ?? .null),
             ("initial_copy_ms", initialSeconds.map { .number($0 * 1000) } ?? .null),

@@ -7,7 +7,9 @@ import Synchronization
 /// a first checkpoint; it returns once the standby has acknowledged it (the VM is protected).
 /// From then on two threads run until `stop` or until the standby is lost:
 /// - the epoch thread: when `--checkpoint-interval` has passed, or the guest has dirtied
-///   `--checkpoint-pages` pages (the ring's dirty trigger), it pauses the vCPUs, collects the
+///   `--checkpoint-pages` pages (the ring's dirty trigger), and the checkpoint before has been
+///   acknowledged (on a link slower than the guest dirties memory the epoch stretches to what
+///   the link carries: one checkpoint in flight, not a queue of stale ones), it pauses the vCPUs, collects the
 ///   epoch's dirty pages as a dense list, copies them and the vCPU/device state into the staging
 ///   buffer, resumes the vCPUs and sends the buffer while the next epoch runs; it is the only
 ///   thread that sends, so the end of replication goes out between two frames;
@@ -31,8 +33,10 @@ public final class Replicator: Sendable {
     public let machine: Machine
     public let options: ReplicationOptions
     private let state: Mutex<Shared>
-    /// Signalled by the dirty trigger and by stop().
+    /// Signalled by the dirty trigger, by an acknowledgement and by stop().
     private let wake = DispatchSemaphore(value: 0)
+    /// The dirty trigger fired in this epoch.
+    private let triggered = Atomic<Bool>(false)
     /// Signalled as a connection's epoch thread and its listening thread end: the re-protecting
     /// thread starts a new connection only after both (its state is one connection's at a time).
     private let epochsDone = DispatchSemaphore(value: 0)
@@ -71,6 +75,10 @@ public final class Replicator: Sendable {
         /// unanswered is no answer owed by the next standby.
         var connectionSent: UInt64 = 0
         var connectionAcknowledged: UInt64 = 0
+        /// When the last checkpoint's pause began, and the epochs' lengths (`--checkpoint-interval`,
+        /// or longer when an acknowledgement took longer).
+        var lastPauseStart: UInt64?
+        var epochs = RecentSamples()
         var started: UInt64 = MonotonicClock.nanoseconds()
         var pauses = RecentSamples()
         var dirtyPages = RecentSamples()
@@ -107,6 +115,7 @@ public final class Replicator: Sendable {
             if let median = shared.pauses.positionOfPercentile(50) {
                 figures.medianPauseParts = PausePart.allCases.map { ($0.name, shared.pauseParts[$0.rawValue].value(at: median)) }
             }
+            figures.effectiveIntervalMedianMs = shared.epochs.isEmpty ? nil : shared.epochs.percentile(50)
             figures.dirtyPagesMedian = shared.dirtyPages.percentile(50)
             figures.dirtyPagesMax = shared.dirtyPages.maximum
             figures.pagesCopiedPausedMedian = shared.pagesCopiedPaused.percentile(50)
@@ -135,6 +144,7 @@ public final class Replicator: Sendable {
             shared.dirtyPages = RecentSamples()
             shared.pagesCopiedPaused = RecentSamples()
             shared.outputDelays = RecentSamples()
+            shared.epochs = RecentSamples()
             shared.pauseParts = PausePart.allCases.map { _ in RecentSamples() }
         }
     }
@@ -289,10 +299,7 @@ public final class Replicator: Sendable {
         }
         if stoppedMeanwhile { throw .cancelled(stopReasonText) }
         acknowledged(epoch)
-        if let pages = options.checkpointPages, let tracker = machine.tracker, tracker.hasDirtyTrigger {
-            let wake = self.wake
-            tracker.setDirtyTrigger(pages: pages) { wake.signal() }
-        }
+        if let pages = options.checkpointPages { armDirtyTrigger(pages: pages) }
         return compressor
     }
 
@@ -327,6 +334,7 @@ public final class Replicator: Sendable {
         let list: DirtyList
         do { list = try tracker.collectList() } catch { throw .machine("dirty tracking failed: \(error)") }
         while wake.wait(timeout: .now()) == .success {}   // a trigger that fired for this epoch
+        triggered.store(false, ordering: .releasing)
         var pages = list.pages
         let lost = list.losses.count + staged.lossesSeen
         if lost > 0 {
@@ -353,6 +361,8 @@ public final class Replicator: Sendable {
         machine.resume()
         lap(.resume)
         state.withLock { shared in
+            if let last = shared.lastPauseStart, !first { shared.epochs.add(Double(pauseStart - last) / 1e6) }
+            shared.lastPauseStart = pauseStart
             shared.pauses.add(Double(pause) / 1e6)
             for part in PausePart.allCases { shared.pauseParts[part.rawValue].add(parts[part.rawValue]) }
             shared.dirtyPages.add(Double(staged.pages.count))
@@ -378,9 +388,15 @@ public final class Replicator: Sendable {
         } else if !list.pages.isEmpty {
             staged.stage(list.pages, from: machine.memory, paused: false)
         }
-        if let pages = options.checkpointPages, tracker.hasDirtyTrigger {
-            let wake = self.wake
-            tracker.setDirtyTrigger(pages: max(pages - staged.pages.count, 1)) { wake.signal() }
+        if let pages = options.checkpointPages { armDirtyTrigger(pages: max(pages - staged.pages.count, 1)) }
+    }
+
+    /// The epoch ends once the guest has dirtied `pages` more (ring and quota tracking).
+    private func armDirtyTrigger(pages: Int) {
+        guard let tracker = machine.tracker, tracker.hasDirtyTrigger else { return }
+        tracker.setDirtyTrigger(pages: pages) { [self] in
+            triggered.store(true, ordering: .releasing)
+            wake.signal()
         }
     }
 
@@ -412,12 +428,24 @@ public final class Replicator: Sendable {
                 // The first early stage halfway through the epoch, each next one halfway through
                 // what is left, until the lead is reached: each copies about half the one before.
                 var nextStage: UInt64? = stagesEarly ? epochStart + interval / 2 : nil
-                // Wait for the epoch's end: its interval, the dirty trigger, or a stop. Say we are
-                // alive meanwhile when the interval is long.
+                // Wait for the epoch's end: its interval or the dirty trigger, once the checkpoint
+                // before is acknowledged; or a stop. Say we are alive meanwhile when it is long.
+                var stretched = false
                 while !isStopping {
                     var now = MonotonicClock.nanoseconds()
                     if now - lastStats >= 1_000_000_000 { writeStats(); lastStats = now }
-                    if now >= end { break }
+                    let over = now >= end || triggered.load(ordering: .acquiring)
+                    if over {
+                        if state.withLock({ $0.connectionAcknowledged >= $0.connectionSent }) {
+                            // Stretched past its interval, the epoch dirtied more than its early
+                            // stages copied: one more stage, so the pause copies only what the
+                            // guest dirties during it.
+                            if stretched && stagesEarly { try stageWhileRunning(staged) }
+                            break
+                        }
+                        stretched = true
+                        nextStage = nil
+                    }
                     if let due = nextStage, now >= due {
                         try stageWhileRunning(staged)
                         now = MonotonicClock.nanoseconds()
@@ -429,8 +457,10 @@ public final class Replicator: Sendable {
                         try channel.send(.heartbeat, EpochFrame(epoch: 0).encode())
                         lastSend = now
                     }
-                    let until = min(end, lastSend + heartbeat, lastStats + 1_000_000_000, nextStage ?? end)
-                    if wake.wait(timeout: .now() + .nanoseconds(Int(until > now ? until - now : 0))) == .success { break }
+                    // An acknowledgement, the trigger or a stop wakes this up early.
+                    var until = min(lastSend + heartbeat, lastStats + 1_000_000_000)
+                    if !over { until = min(until, end, nextStage ?? end) }
+                    _ = wake.wait(timeout: .now() + .nanoseconds(Int(until > now ? until - now : 0)))
                 }
                 if isStopping { break }
                 epochStart = MonotonicClock.nanoseconds()
@@ -547,6 +577,7 @@ public final class Replicator: Sendable {
             shared.acknowledged.add(1, at: now)
         }
         machine.output.release(through: epoch)
+        wake.signal()   // an epoch that waited for it may end
     }
 
     // MARK: Ending
@@ -623,6 +654,7 @@ public final class Replicator: Sendable {
                 shared.endSettled = false
                 shared.connectionSent = 0
                 shared.connectionAcknowledged = 0
+                shared.lastPauseStart = nil
                 shared.attempt = ConnectionAttempt()
                 stopping.store(false, ordering: .releasing)
                 return true
