@@ -84,6 +84,12 @@ final class SlowLinkTests: TwoHostTestCase {
         XCTAssertLessThan(rate, 1.2 * 2.5e6)
         // The standby hears bytes all the time a checkpoint crawls over the link.
         XCTAssertLessThan(heard.max() ?? 1e9, 500, "last_heard_ms counts from the last byte")
+        // Epochs stretch to what the link carries (an 8 MiB checkpoint takes 3.4 s), with one
+        // checkpoint in flight at a time rather than a queue of them.
+        let effective = figures["effective_interval_ms"]?.doubleValue ?? 0
+        print("effective interval: median epoch \(Int(effective)) ms (--checkpoint-interval 25 ms), lag \(figures["lag_checkpoints"]?.doubleValue ?? -1)")
+        XCTAssertGreaterThan(effective, 1000, "the epochs stretch as long as a checkpoint takes to cross")
+        XCTAssertLessThanOrEqual(figures["lag_checkpoints"]?.doubleValue ?? 99, 1, "one checkpoint in flight at a time")
         XCTAssertTrue(primary.isRunning && standby.isRunning)
     }
 

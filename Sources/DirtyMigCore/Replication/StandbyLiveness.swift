@@ -9,7 +9,9 @@
 /// - its TCP taking more of our bytes (its host is up and its reader takes data: a reader that
 ///   stops closes its window and the count stops) — but only while it does not hold everything
 ///   we sent already: once it does, an answer it owes is up to its reader alone, and silence from
-///   then on counts.
+///   then on counts. Bytes sent after that (heartbeats: the next checkpoint waits for the answer)
+///   do not excuse it: a heartbeat in flight is not the checkpoint the answer is owed for, and a
+///   stalled reader's host takes heartbeats as long as its buffer has room.
 /// Pure logic with times passed in, so that it is tested without sockets or clocks.
 struct StandbyLiveness {
     let lossNanoseconds: UInt64
@@ -49,7 +51,7 @@ struct StandbyLiveness {
             }
             if awaitingAnswer && progress.allAcknowledged {
                 if drainedSince == nil { drainedSince = now }
-            } else {
+            } else if !awaitingAnswer {
                 drainedSince = nil
             }
         }
