@@ -65,8 +65,10 @@ public final class Replicator: Sendable {
         var attempt = ConnectionAttempt()
         /// A connection's two threads run (a loss then hands over to the re-protecting thread).
         var connected = false
-        /// The re-protecting thread runs: it holds the machine's transfer claim.
+        /// The re-protecting thread runs, and the epoch thread: whichever of them ends last
+        /// releases the machine's transfer claim.
         var reprotecting = false
+        var epochsRunning = false
         /// Until when the re-protecting thread tries (monotonic ns); nil when it does not.
         var reprotectDeadline: UInt64?
         /// Why the standby was lost last, for the error while re-protecting.
@@ -184,6 +186,7 @@ public final class Replicator: Sendable {
     private func runConnection(_ channel: MigrationChannel, compressor: PageBatchCompressor?) {
         state.withLock { shared in
             shared.connected = true
+            shared.epochsRunning = true
             shared.reprotecting = false   // the epoch thread holds the transfer claim now
         }
         _ = OSThread(name: "repl-listen") { [self] in
@@ -417,8 +420,12 @@ public final class Replicator: Sendable {
         defer {
             machine.tracker?.setDirtyTrigger(pages: nil, nil)
             // A loss that re-protects hands the claim to the re-protecting thread (decided with
-            // the loss, before this thread saw `stopping`).
-            if !state.withLock({ $0.reprotecting }) { machine.transferClaim.release() }
+            // the loss, before this thread saw `stopping`), unless that one ended first.
+            let last = state.withLock { shared -> Bool in
+                shared.epochsRunning = false
+                return !shared.reprotecting
+            }
+            if last { machine.transferClaim.release() }
             epochsDone.signal()
         }
         do {
@@ -634,12 +641,14 @@ public final class Replicator: Sendable {
     /// transfer claim throughout, and releases it unless a connection took it over.
     private func reprotectLoop() {
         defer { reprotectDone.signal() }
-        // The lost connection's threads end first. The listening one lasts as long as the
-        // connection: only once it closed or the standby confirmed it discarded its copy is it
-        // known that no standby took over the VM (a takeover is heard of on that connection).
-        epochsDone.wait()
-        while listeningDone.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
-            if !reprotectGoesOn { return finishReprotecting() }
+        // The lost connection's threads end first (the epoch one may be in a send on a cut
+        // link). The listening one lasts as long as the connection: only once it closed or the
+        // standby confirmed it discarded its copy is it known that no standby took over the VM
+        // (a takeover is heard of on that connection). A stop or the deadline ends the wait.
+        for done in [epochsDone, listeningDone] {
+            while done.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
+                if !reprotectGoesOn { return finishReprotecting() }
+            }
         }
         // Settled: closing it can no longer look like a dead primary to a standby that lives.
         state.withLock { $0.session }?.close()
@@ -698,7 +707,7 @@ public final class Replicator: Sendable {
 
     /// Re-protecting ends without a standby: given up (said in the error), stopped, or superseded.
     private func finishReprotecting() {
-        state.withLock { shared in
+        let last = state.withLock { shared -> Bool in
             if shared.figures.status == .unprotected, shared.stopReason == nil {
                 let reason = shared.figures.error ?? shared.lossReason ?? "the standby is lost"
                 shared.figures.error = String(format: "%@; no standby answered within --reprotect-for (%.0f s): the VM runs on unprotected (start a replication again with 'dirtymig migrate --continuous')",
@@ -707,8 +716,9 @@ public final class Replicator: Sendable {
             }
             shared.reprotectDeadline = nil
             shared.reprotecting = false
+            return !shared.epochsRunning
         }
-        machine.transferClaim.release()
+        if last { machine.transferClaim.release() }
     }
 
     /// The standby resumed the VM from checkpoint `epoch` (it heard nothing from here for its
