@@ -82,6 +82,100 @@ final class ReplicationOnFakeHypervisorTests: XCTestCase {
     }
 }
 
+extension ReplicationOnFakeHypervisorTests {
+    /// The standby's receiver stops (its process ended) and another listens on the same port:
+    /// the primary, unprotected and seeking it, protects the VM again by itself, and the new
+    /// standby's copy, once it takes over, is the primary's memory.
+    func testAPrimaryProtectsItsVMAgainOnAStandbyStartedAgainOnTheSameAddress() throws {
+        let primaryHypervisor = FakeHypervisor()
+        let primary = try Machine.onFake(primaryHypervisor)
+        defer { primary.stop() }
+        let tracker = try XCTUnwrap(primaryHypervisor.vms.first?.tracker)
+        let memory = primary.memory
+        let base = Int(GuestLayout.workloadBase / 4096)
+        PreCopyOnFakeHypervisorTests.write(Array(base..<base + 256), pass: 0, into: memory)
+        // Every collection dirties a few pages, with the collection's number in them, until the
+        // test says: the copy that takes over must hold the last ones.
+        let writes = WritesUntil()
+        tracker.onCollect = { index in
+            guard index < writes.collection.load(ordering: .acquiring) else { return [] }
+            let pages = (0..<8).map { base + (index * 8 + $0) % 1024 }
+            PreCopyOnFakeHypervisorTests.write(pages, pass: UInt8(truncatingIfNeeded: index), into: memory)
+            return pages
+        }
+        try primary.start()
+        let options = StandbyOptions(failover: .auto, failoverAfterSeconds: 0.3)
+        let first = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), hypervisor: FakeHypervisor(),
+                                                 standby: options)
+        let port = first.port
+        let firstOutcome = OSThread(name: "fake-standby-1") { _ = try? first.receiveOne() }
+        var replication = ReplicationOptions(standby: HostPort(host: "127.0.0.1", port: port))
+        replication.intervalSeconds = 0.02
+        replication.reprotectForSeconds = 10
+        XCTAssertNil(primary.transferClaim.claim("replication"))
+        let replicator = Replicator(machine: primary, options: replication)
+        defer { replicator.stop() }
+        XCTAssertEqual(replicator.start().status, .protected, replicator.figures.error ?? "")
+        Thread.sleep(forTimeInterval: 0.2)
+
+        first.stop()
+        firstOutcome.join()
+        let lostBy = MonotonicClock.seconds() + 5
+        while replicator.figures.status == .protected && MonotonicClock.seconds() < lostBy { usleep(5_000) }
+        let seeking = replicator.figures
+        XCTAssertEqual(seeking.status, .unprotected)
+        XCTAssertNotNil(seeking.reprotectSecondsLeft, "the primary seeks its standby again: \(seeking.error ?? "?")")
+        XCTAssertFalse(replicator.isFinished)
+        XCTAssertNotNil(primary.transferClaim.claim("a migration"), "a VM seeking its standby is not free to migrate")
+
+        let standbyHypervisor = FakeHypervisor()
+        let second = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: port), hypervisor: standbyHypervisor,
+                                                  standby: options)
+        defer { second.stop() }
+        let takenOver = Mutex<Result<Machine, MigrationError>?>(nil)
+        let secondOutcome = OSThread(name: "fake-standby-2") {
+            let outcome: Result<Machine, MigrationError>
+            do throws(MigrationError) { outcome = .success(try second.receiveOne()) } catch { outcome = .failure(error) }
+            takenOver.withLock { $0 = outcome }
+        }
+        let protectedBy = MonotonicClock.seconds() + 5
+        while replicator.figures.status != .protected && MonotonicClock.seconds() < protectedBy { usleep(5_000) }
+        let again = replicator.figures
+        XCTAssertEqual(again.status, .protected, again.error ?? "")
+        XCTAssertEqual(again.reprotections, 1)
+        XCTAssertNil(again.reprotectSecondsLeft)
+        let acknowledgedBy = MonotonicClock.seconds() + 5
+        while replicator.figures.checkpointsAcknowledged < again.checkpointsAcknowledged + 3 && MonotonicClock.seconds() < acknowledgedBy {
+            usleep(5_000)
+        }
+        XCTAssertGreaterThanOrEqual(replicator.figures.checkpointsAcknowledged, again.checkpointsAcknowledged + 3)
+
+        // The new standby's copy is the VM: once the guest writes no more and that is
+        // acknowledged, a takeover on request resumes a copy equal to the primary's memory.
+        writes.collection.store(tracker.collections.count, ordering: .releasing)
+        let settled = replicator.figures.checkpointsAcknowledged
+        let settledBy = MonotonicClock.seconds() + 5
+        while replicator.figures.checkpointsAcknowledged < settled + 3 && MonotonicClock.seconds() < settledBy { usleep(5_000) }
+        let session = try XCTUnwrap(second.standbySession)
+        _ = try session.requestFailover(force: true)
+        secondOutcome.join()
+        guard case .success(let copy)? = takenOver.withLock({ $0 }) else {
+            return XCTFail("the new standby did not take over: \(String(describing: takenOver.withLock { $0 }))")
+        }
+        defer { copy.stop() }
+        XCTAssertEqual(memcmp(primary.memory.base, copy.memory.base, Int(primary.memory.size)), 0,
+                       "the new standby's copy is the primary's memory at its last checkpoint")
+        let supersededBy = MonotonicClock.seconds() + 5
+        while replicator.figures.status != .superseded && MonotonicClock.seconds() < supersededBy { usleep(5_000) }
+        XCTAssertEqual(replicator.figures.status, .superseded, "a standby that took over is never protected against")
+    }
+}
+
+/// The collection from which the fake guest writes nothing more.
+private final class WritesUntil: Sendable {
+    let collection = Atomic<Int>(Int.max)
+}
+
 private extension Array where Element: Hashable {
     /// The elements in order, each once.
     func uniqued() -> [Element] {
