@@ -1,3 +1,4 @@
+import DirtyMigCore
 import Foundation
 import XCTest
 
@@ -167,6 +168,25 @@ final class UsageErrorTests: XCTestCase {
         try expectUsageError(["limit", "--vcpu", "-1", "--show"], mentions: ["--vcpu"])
         try expectUsageError(["migrate", "--downtime", "soon"], mentions: ["--downtime"])
         try expectUsageError(["migrate", "--max-iterations", "0"], mentions: ["--max-iterations"])
+        try expectUsageError(["migrate", "--to", "127.0.0.1:1", "--reprotect-for", "5s"],
+                             mentions: ["--reprotect-for applies to --continuous"])
+        try expectUsageError(["migrate", "--vm", "x", "--replication", "--reprotect-for", "5s"],
+                             mentions: ["--reprotect-for applies to --continuous"])
+        try expectUsageError(["migrate", "--reprotect-for", "0"], mentions: ["--reprotect-for", "add a unit"])
+    }
+
+    /// --reprotect-for: 0 s (never) to 24 h, checked in one place for the command line and the
+    /// control socket.
+    func testTheTimeToProtectAgainIsBounded() throws {
+        var options = ReplicationOptions(standby: HostPort(host: "127.0.0.1", port: 1))
+        XCTAssertEqual(options.reprotectForSeconds, 300, "five minutes unless asked")
+        XCTAssertNoThrow(try options.set(intervalSeconds: nil, checkpointPages: nil, reprotectForSeconds: 0))
+        XCTAssertEqual(options.reprotectForSeconds, 0)
+        XCTAssertThrowsError(try options.set(intervalSeconds: nil, checkpointPages: nil, reprotectForSeconds: 86_401)) { error in
+            XCTAssertEqual(error as? ReplicationOptions.Invalid, .reprotectFor)
+            XCTAssertTrue("\(error)".contains("--reprotect-for"))
+        }
+        XCTAssertThrowsError(try options.set(intervalSeconds: nil, checkpointPages: nil, reprotectForSeconds: -1))
     }
 
     func testPlotSaysWhyItCannotRead() throws {
