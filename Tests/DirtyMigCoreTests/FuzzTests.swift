@@ -140,6 +140,7 @@ final class FuzzTests: XCTestCase {
         func restoreState(_ saved: MachineState) throws(MachineError) {}
         func start() throws(MachineError) {}
         func stop() {}
+        var vcpuThreadIDs: [UInt32] { [] }
     }
 
     func testTheReceiverRefusesHostileStreamsWithAReason() throws {

@@ -68,6 +68,9 @@ final class VCPURunner<VCPU: HypervisorVCPU>: @unchecked Sendable {
         mailbox.publish(parked ? .parked : .paused)
     }
 
+    /// The vCPU thread's kernel id (0 before start()).
+    var threadID: UInt32 { thread?.threadID ?? 0 }
+
     /// Starts the vCPU's thread, paused (or parked): it enters the guest at the first `.resume`.
     func start() {
         KickSignal.install()

@@ -22,6 +22,9 @@ public struct MigrationOptions: Sendable {
     /// How the connection is protected (`--psk-file`, `--tls-dir`, `--insecure`); plaintext,
     /// loopback only, by default.
     public var security = ChannelSecurity.plain
+    /// `--postcopy`: the migration may switch to post-copy (see PostCopyDecision); nil:
+    /// pre-copy only, as without the option.
+    public var postcopy: PostCopyPolicy?
 
     public init(destination: HostPort) { self.destination = destination }
 
@@ -248,6 +251,8 @@ public struct MigrationReport: Sendable {
     /// what; and how many changes more were made than kept.
     public var limitChanges: [MigrationLimits.Change] = []
     public var limitChangesDropped = 0
+    /// The post-copy phase, when the migration switched to it.
+    public var postcopy: PostCopyReport?
 
     public init() {}
 
@@ -301,6 +306,7 @@ public struct MigrationReport: Sendable {
             "timeline": .array(timeline.map(\.json)),
             "limit_changes": .array(limitChanges.map(\.json)),
             "limit_changes_dropped": .number(limitChangesDropped),
+            "postcopy": postcopy?.json ?? .null,
         ]
     }
 }

@@ -83,6 +83,20 @@ public final class DemandFaultResolver: @unchecked Sendable {
         return placed
     }
 
+    /// The source sent `count` pages at `firstPage` as zero (all-zero there): placed as zero pages,
+    /// each once. Returns how many were new.
+    @discardableResult
+    public func placeZeros(firstPage: Int, count: Int) throws(SystemError) -> Int {
+        precondition(firstPage >= 0 && count >= 0 && firstPage + count <= memory.pageCount)
+        var placed = 0
+        for page in firstPage..<firstPage + count where map.lacks(page) {
+            let address = memory.base + page * 4096
+            if try userFault.zero(address, length: 4096) == .alreadyPresent { try userFault.wake(address, length: 4096) }
+            if map.landed(page: page, at: MonotonicClock.nanoseconds()) { placed += 1 }
+        }
+        return placed
+    }
+
     /// The first error the fault thread met (it stops there; vCPUs waiting on faults would wait
     /// for ever, so the caller fails the migration).
     public var threadFailure: SystemError? { failure.withLock { $0 } }
