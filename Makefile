@@ -1,8 +1,13 @@
 # dirtymig: build in release mode and install, as Linux tools are.
 #
 #   make                      build .build/release/dirtymig and dirtymig-bench
-#   make install              install them, the man page and the shell completions under PREFIX
-#   make uninstall            remove what `make install` installed
+#   sudo make install         install them, the man page and the shell completions under PREFIX
+#   sudo make uninstall       remove what `make install` installed
+#
+# `make install` builds only what is missing or older than the sources, so `make` followed by
+# `sudo make install` builds as you and installs as root: sudo resets PATH to its secure_path,
+# where a Swift toolchain in /opt or ~/.local is not, and a build as root would leave
+# root-owned files in .build that your next build cannot write.
 #
 # PREFIX defaults to /usr/local; DESTDIR is prepended to every installed path (for packages).
 # SWIFTFLAGS is passed to `swift build` (the tests build with -Xswiftc -enable-testing).
@@ -19,6 +24,8 @@ mandir = $(PREFIX)/share/man
 datadir = $(PREFIX)/share
 
 PROGRAMS = dirtymig dirtymig-bench
+BINARIES = $(addprefix $(BUILDDIR)/,$(PROGRAMS))
+SOURCES := Package.swift $(shell find Sources -type f 2>/dev/null)
 
 .PHONY: all build install uninstall
 
@@ -26,8 +33,19 @@ all: build
 
 build:
 	$(SWIFT) build -c release $(SWIFTFLAGS)
+	touch -c $(BINARIES)
 
-install: build
+# The binaries, built when missing or older than a source (touched after the build: SwiftPM
+# leaves a binary alone when nothing it links changed, and make would then build every time).
+$(BINARIES): $(SOURCES)
+	@command -v $(firstword $(SWIFT)) >/dev/null 2>&1 || { \
+		echo "make: '$(firstword $(SWIFT))' is not on this PATH ($$PATH), and $(BINARIES) need building." >&2; \
+		echo "make: build first as yourself with 'make', then run 'sudo make install' (sudo resets PATH)." >&2; \
+		exit 1; }
+	$(SWIFT) build -c release $(SWIFTFLAGS)
+	touch -c $(BINARIES)
+
+install: $(BINARIES)
 	$(INSTALL) -d $(DESTDIR)$(bindir) $(DESTDIR)$(mandir)/man1 \
 		$(DESTDIR)$(datadir)/bash-completion/completions \
 		$(DESTDIR)$(datadir)/zsh/site-functions \

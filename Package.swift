@@ -16,10 +16,13 @@ let package = Package(
         // The system's OpenSSL (libssl, libcrypto) for Swift: TLS 1.3 contexts, PSK and certificate
         // glue, the handshake's outcome. No cryptography of our own; `.ci/run` installs libssl-dev.
         .target(name: "CTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
+        // The system's libzstd for Swift: contexts with their bounds set, the frame header's
+        // declared size. zstd does all compression; `.ci/run` installs libzstd-dev.
+        .target(name: "CZstd", linkerSettings: [.linkedLibrary("zstd")]),
         // Everything with logic in it: KVM layer, guest memory, guest image, tracking, control protocol.
         .target(
             name: "DirtyMigCore",
-            dependencies: ["CKVM", "CTLS", "CUserfaultfd"],
+            dependencies: ["CKVM", "CTLS", "CZstd", "CUserfaultfd"],
             exclude: ["Guest/src"]
         ),
         // The `dirtymig` executable: argument parsing, one file per subcommand, output.

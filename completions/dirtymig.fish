@@ -49,6 +49,7 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l stop-replicatio
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l status -d "show the migration under way"
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l set -x -a "bandwidth= downtime=" -d "change the running migration's limits"
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l throttle -x -a 'auto none cpu dirty-limit dirty-quota'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l compress -x -a 'none zstd auto' -d 'compress page batches with zstd'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l memory -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vcpus -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l workload -x

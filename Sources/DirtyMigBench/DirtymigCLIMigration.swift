@@ -17,7 +17,8 @@ import Foundation
 /// destination does with -mem-prealloc, so the clock starts on resident memory.
 func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, conditions: MigrationRunConditions,
                              credentials: [String] = [], prepareMemory: Bool = false,
-                             placement: MigrationPlacement = .loopback, sampleETA: Bool = false) throws -> MigrationMeasurement {
+                             placement: MigrationPlacement = .loopback, sampleETA: Bool = false,
+                             migrateArguments: [String] = []) throws -> MigrationMeasurement {
     // Plaintext beyond loopback is refused without --insecure, on both sides.
     let credentials = credentials.isEmpty && placement.acrossHosts ? ["--insecure"] : credentials
     let scratch = try ScratchDirectory("dirtymig-bench")
@@ -49,7 +50,7 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, co
     let started = MonotonicClock.seconds()
     let others = OthersCPUShare(children: [boot.pid, receive.pid])
     let migrate = try ChildProcess(dirtymig, ["migrate", "--vm", source, "--to", address,
-                                              "--downtime", "\(scenario.downtimeMs)ms", "--json"] + credentials,
+                                              "--downtime", "\(scenario.downtimeMs)ms", "--json"] + credentials + migrateArguments,
                                    stdout: .file(scratch.file("migrate.json")), stderrPath: scratch.file("migrate.log"))
     // With `sampleETA`, the source's time-left forecast is read every 100 ms (one query-migrate
     // on its control socket: a light load the table's conditions state).

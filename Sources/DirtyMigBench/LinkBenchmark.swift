@@ -8,11 +8,13 @@ import Foundation
 /// processes launched the way users launch them, the same idle time before every run, the order
 /// alternated, median (min-max) of N runs. Neither side prepares the destination's RAM (no
 /// `receive --memory`, no -mem-prealloc): on a link slower than memory, allocation is not what
-/// limits either. "of link" is MiB sent over the total time, against the shaped rate.
+/// limits either. "of link" is MiB sent over the total time, against the shaped rate. The
+/// compressed rows (`--compress zstd`, `auto`) count the bytes on the wire: their total time is
+/// what to compare with plain's.
 struct LinkBenchmarkOptions {
     var runs = 5
     var ratesMbit = [100, 1000, 10_000]
-    var scenarioKeys = ["written", "rewriting"]
+    var scenarioKeys = ["written", "rewriting", "text"]
     var withQEMU = true
     var conditions = MigrationRunConditions()
 }
@@ -33,15 +35,27 @@ enum LinkScenario {
                                  writerPassesBeforeMigrating: 1, warmBytes: (64 << 20) + (64 << 20))
     }
 
+    /// As `written`, but the pages hold text-like words (content=text: zstd -1 shrinks them
+    /// about 3x): what compression is for.
+    static let text = MigrationScenario(key: "text", label: "512 MiB, 256 MiB of text written once, idle", memory: 512 << 20, vcpus: 1,
+                                        workloadSpecs: ["write,ws=256M,offset=0,passes=1,content=text"], writerPassesBeforeMigrating: 1,
+                                        warmBytes: (256 << 20) + (64 << 20))
+
+    static let keys = ["written", "rewriting", "text"]
+
     static func scenario(_ key: String, rateMbit: Int) -> MigrationScenario {
-        key == "written" ? written : rewriting(rateMbit: rateMbit)
+        switch key {
+        case "written": return written
+        case "text": return text
+        default: return rewriting(rateMbit: rateMbit)
+        }
     }
 }
 
 func runLinkBenchmark(_ options: LinkBenchmarkOptions) throws {
     let dirtymig = try dirtymigBesideBenchmark()
     let qemu = options.withQEMU && qemuExecutable() != nil
-    var migrators: [Migrator] = [.dirtymig, .dirtymigPSK]
+    var migrators: [Migrator] = [.dirtymig, .dirtymigPSK, .dirtymigZstd, .dirtymigAuto]
     if qemu { migrators += [.qemu, .qemuPSK] }
     let order = migrators.map(\.shortLabel).joined(separator: ", ") + ", then reversed, alternating"
     let conditions = options.conditions
@@ -69,6 +83,9 @@ func runLinkBenchmark(_ options: LinkBenchmarkOptions) throws {
                 case .dirtymigPSK:
                     return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
                                                        credentials: ["--psk-file", psk.file], placement: placement, sampleETA: true)
+                case .dirtymigZstd, .dirtymigAuto:
+                    return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions, placement: placement, sampleETA: true,
+                                                       migrateArguments: ["--compress", migrator == .dirtymigZstd ? "zstd" : "auto"])
                 case .qemu:
                     return try runQEMUProcessMigration(scenario, guest: guest!, conditions: conditions, placement: placement)
                 case .qemuPSK:

@@ -34,7 +34,8 @@ struct MigrationBenchmarkOptions {
 /// the migration parameter tls-creds (its destination started with `-incoming defer`, as QEMU's
 /// documentation says for TLS).
 enum Migrator: CaseIterable {
-    case dirtymig, dirtymigPrepared, qemuPrealloc, qemu, dirtymigInProcess, dirtymigPSK, dirtymigPreparedPSK, qemuPreallocPSK, qemuPSK
+    case dirtymig, dirtymigPrepared, qemuPrealloc, qemu, dirtymigInProcess, dirtymigPSK, dirtymigPreparedPSK, qemuPreallocPSK, qemuPSK,
+         dirtymigZstd, dirtymigAuto
 
     var label: String {
         switch self {
@@ -47,6 +48,8 @@ enum Migrator: CaseIterable {
         case .dirtymigPreparedPSK: return "dirtymig, receive --memory, TLS 1.3 PSK (--psk-file)"
         case .qemuPreallocPSK: return "QEMU 7.2, TLS PSK (tls-creds-psk), -mem-prealloc"
         case .qemuPSK: return "QEMU 7.2, TLS PSK (tls-creds-psk), without -mem-prealloc"
+        case .dirtymigZstd: return "dirtymig, --compress zstd"
+        case .dirtymigAuto: return "dirtymig, --compress auto"
         }
     }
 
@@ -73,6 +76,8 @@ enum Migrator: CaseIterable {
         case .dirtymigPreparedPSK: return "dirtymig-prepared-psk"
         case .qemuPreallocPSK: return "qemu-prealloc-psk"
         case .qemuPSK: return "qemu-psk"
+        case .dirtymigZstd: return "dirtymig-zstd"
+        case .dirtymigAuto: return "dirtymig-auto"
         }
     }
 
@@ -143,6 +148,9 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
             case .qemuPSK: return try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions, psk: psk)
             case .qemuPreallocPSK:
                 return try runQEMUProcessMigration(scenario, guest: qemuPreallocGuest!, conditions: conditions, psk: psk)
+            case .dirtymigZstd, .dirtymigAuto:
+                return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
+                                                   migrateArguments: ["--compress", migrator == .dirtymigZstd ? "zstd" : "auto"])
             }
         }
         for (index, migrator) in migrators.enumerated() {

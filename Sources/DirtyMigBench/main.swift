@@ -59,15 +59,17 @@
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
 //       --only runs one migrator alone (to investigate one side; its table compares nothing).
 //
-//   dirtymig-bench link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting] [--no-qemu]
+//   dirtymig-bench link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu]
 //       Pre-copy between two hosts (as root): two network namespaces joined by a veth pair
 //       shaped with tbf at each rate (default 100, 1000 and 10000 Mbit/s), the source's
 //       processes in one and the destination's in the other. dirtymig (plaintext with
 //       --insecure, and TLS 1.3 PSK) next to QEMU 7.2 (plaintext, and tls-creds-psk), neither
 //       preparing the destination's RAM; otherwise as the migration benchmark: the same idle
-//       time, order alternated, median (min-max) of N runs (default 5). Scenarios: 512 MiB with
-//       256 MiB written once (written), and one vCPU rewriting 64 MiB at a quarter of the link's
-//       rate (rewriting). "of link" is MiB sent over the total time against the shaped rate.
+//       time, order alternated, median (min-max) of N runs (default 5); dirtymig also with
+//       --compress zstd and --compress auto. Scenarios: 512 MiB with 256 MiB written once
+//       (written), the same of text-like pages (text), and one vCPU rewriting 64 MiB at a
+//       quarter of the link's rate (rewriting). "of link" is MiB sent over the total time
+//       against the shaped rate (for the compressed rows: the bytes on the wire).
 //
 //   dirtymig-bench replication [--seconds S] [--runs N] [--only pause,rate,pace,failover]
 //       Continuous replication, ring (dense dirty lists) next to bitmap: the pause per
@@ -202,7 +204,7 @@ func runAccuracy(intervals: Int) throws {
 StandardStream.ignoreBrokenPipes()   // a table piped into a reader that quit costs the rest of it, not a signal
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting] [--no-qemu] | --help\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk|dirtymig-zstd|dirtymig-auto] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu] | --help\n"
 
 func usageError(_ message: String) -> Never {
     StandardStream.error.write("dirtymig-bench: \(message)\n\(usage)")
@@ -309,7 +311,7 @@ func linkOptions() -> LinkBenchmarkOptions {
         options.ratesMbit = parsed.compactMap { $0 }
     }
     if let scenario = stringOption("--scenario") {
-        guard ["written", "rewriting"].contains(scenario) else { usageError("--scenario \(scenario): written or rewriting") }
+        guard LinkScenario.keys.contains(scenario) else { usageError("--scenario \(scenario): \(LinkScenario.keys.joined(separator: ", "))") }
         options.scenarioKeys = [scenario]
     }
     return options

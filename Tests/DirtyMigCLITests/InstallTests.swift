@@ -15,8 +15,13 @@ final class InstallTests: XCTestCase {
             print("skipped: make is not installed (apt-get install make)")
             throw XCTSkip("make is not installed")
         }
-        // `make install` builds in release mode first.
-        let plan = try make(["-n", "install"])
+        // `make` builds in release mode; `make install` too, where the binaries are missing.
+        let build = try make(["-n", "build"])
+        XCTAssertEqual(build.status, 0, build.stderr)
+        XCTAssertTrue(build.stdout.contains("swift build -c release"), build.stdout)
+        let nowhere = try privateTemporaryDirectory("dmn")
+        defer { try? FileManager.default.removeItem(atPath: nowhere) }
+        let plan = try make(["-n", "install", "BUILDDIR=\(nowhere)"])
         XCTAssertEqual(plan.status, 0, plan.stderr)
         XCTAssertTrue(plan.stdout.contains("swift build -c release"), plan.stdout)
         XCTAssertTrue(plan.stdout.contains("/usr/local/bin"), "PREFIX defaults to /usr/local: \(plan.stdout)")
@@ -57,5 +62,50 @@ final class InstallTests: XCTestCase {
         for file in files.keys {
             XCTAssertFalse(FileManager.default.fileExists(atPath: destdir + "/usr/" + file), "\(file) is removed")
         }
+    }
+
+    /// `make` as you, then `sudo make install`: sudo resets PATH to its secure_path, where a
+    /// Swift toolchain in /opt or a home directory is not. An install over binaries newer than
+    /// the sources must not need `swift` (it ran `swift build` and failed: "make: swift: No such
+    /// file or directory"); one that has to build says what to do.
+    func testInstallUnderSudosPathUsesTheBuiltBinaries() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/make") else {
+            print("skipped: make is not installed in /usr/bin (apt-get install make)")
+            throw XCTSkip("make is not installed in /usr/bin")
+        }
+        let sudoPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        var environment = ProcessInfo.processInfo.environment
+        environment["PATH"] = sudoPath
+        let swiftOnSudoPath = sudoPath.split(separator: ":").contains { FileManager.default.isExecutableFile(atPath: "\($0)/swift") }
+        if swiftOnSudoPath {
+            print("note: swift is on sudo's default PATH here; the build-needed case is not checked")
+        }
+        // The built binaries, copied and made newer than every source.
+        let builddir = try privateTemporaryDirectory("dmb")
+        let destdir = try privateTemporaryDirectory("dmi")
+        defer {
+            try? FileManager.default.removeItem(atPath: builddir)
+            try? FileManager.default.removeItem(atPath: destdir)
+        }
+        for program in ["dirtymig", "dirtymig-bench"] {
+            try FileManager.default.copyItem(atPath: CLI.binary.deletingLastPathComponent().path + "/" + program,
+                                             toPath: builddir + "/" + program)
+            try FileManager.default.setAttributes([.modificationDate: Date().addingTimeInterval(3600)],
+                                                  ofItemAtPath: builddir + "/" + program)
+        }
+        let installed = try make(["install", "DESTDIR=\(destdir)", "BUILDDIR=\(builddir)"], environment: environment)
+        XCTAssertEqual(installed.status, 0, installed.stdout + installed.stderr)
+        XCTAssertFalse(installed.stdout.contains("swift build"), installed.stdout)
+        XCTAssertTrue(FileManager.default.isExecutableFile(atPath: destdir + "/usr/local/bin/dirtymig"))
+
+        guard !swiftOnSudoPath else { return }
+        // Older than the sources: it would have to build, and says how instead.
+        for program in ["dirtymig", "dirtymig-bench"] {
+            try FileManager.default.setAttributes([.modificationDate: Date(timeIntervalSince1970: 1_000_000_000)],
+                                                  ofItemAtPath: builddir + "/" + program)
+        }
+        let stale = try make(["install", "DESTDIR=\(destdir)", "BUILDDIR=\(builddir)"], environment: environment)
+        XCTAssertNotEqual(stale.status, 0)
+        XCTAssertTrue(stale.stderr.contains("build first as yourself with 'make', then run 'sudo make install'"), stale.stderr)
     }
 }

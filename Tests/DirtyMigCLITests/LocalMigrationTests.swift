@@ -66,4 +66,30 @@ final class LocalMigrationTests: XCTestCase {
             }
         }
     }
+
+    /// The timeline records each vCPU's share of time held per sample, measured over that
+    /// sample's interval: a dirty-limit throttle shows from the sample after it started (the
+    /// figure it used to carry was refreshed only at pass ends, and read 0 for most of a second
+    /// after the start), on the vCPU that writes, not on the one that does not.
+    func testTimelineShowsTheThrottleFromItsStart() throws {
+        try requireKVMDevice()
+        let result = try CLI.run(["migrate", "--memory", "256M", "--vcpus", "2", "--track", "ring",
+                                  "--workload", "0:write,ws=64M", "--workload", "1:read,ws=32M",
+                                  "--bandwidth", "1Gbit", "--throttle", "dirty-limit", "--json"])
+        XCTAssertEqual(result.status, 0, result.stdout + result.stderr)
+        let report = try JSONValue.parse(result.stdout)
+        guard let started = report["throttle"]?["started_s"]?.doubleValue else {
+            throw XCTSkip("the throttle did not start in this run (the guest wrote slower than half the link): \(report["throttle"] ?? .null)")
+        }
+        let timeline = try XCTUnwrap(report["timeline"]?.arrayValue)
+        func held(_ sample: JSONValue) -> [Double] { sample["held_percent"]?.arrayValue?.compactMap(\.doubleValue) ?? [] }
+        let before = timeline.filter { ($0["t_s"]?.doubleValue ?? 0) < started }
+        XCTAssertTrue(before.allSatisfy { held($0).allSatisfy { $0 < 1 } }, "held before the throttle started: \(before.map(held))")
+        // The first two samples after the start (100 ms apart): the writer is held in them.
+        let after = timeline.filter { ($0["t_s"]?.doubleValue ?? 0) > started && $0["phase"]?.stringValue == "pre-copy" }.prefix(2)
+        XCTAssertFalse(after.isEmpty, "no pre-copy sample after the throttle started at \(started) s")
+        XCTAssertTrue(after.contains { (held($0).first ?? 0) > 5 }, "the writer is not shown held after the start: \(after.map(held))")
+        XCTAssertTrue(timeline.allSatisfy { held($0).count < 2 || held($0)[1] < 5 }, "the reader is never held")
+        XCTAssertTrue(after.allSatisfy { ($0["throttle_percent"]?.doubleValue ?? 0) == (held($0).max() ?? 0) })
+    }
 }

@@ -273,6 +273,148 @@ final class MigrationPlotTests: XCTestCase {
         XCTAssertTrue(try parse(MigrationPlot.svg(report: .null)).contains("no samples"))
     }
 
+    // MARK: - Reading positions back
+
+    /// The text elements of one group (`<g class="NAME">`): their x, anchor and text.
+    private func texts(inGroup name: String, of svg: String) -> [(x: Double, anchorEnd: Bool, text: String)] {
+        guard let start = svg.range(of: "<g class=\"\(name)\">"),
+              let end = svg.range(of: "</g>", range: start.upperBound..<svg.endIndex) else { return [] }
+        let pattern = try! NSRegularExpression(pattern: #"<text x="([-0-9.]+)" y="[-0-9.]+" text-anchor="(start|end)"[^>]*>([^<]*)</text>"#)
+        let group = String(svg[start.upperBound..<end.lowerBound])
+        return pattern.matches(in: group, range: NSRange(group.startIndex..., in: group)).map { match in
+            func part(_ index: Int) -> String { String(group[Range(match.range(at: index), in: group)!]) }
+            return (Double(part(1))!, part(2) == "end", part(3))
+        }
+    }
+
+    /// The points of the line drawn in group `name` (its last path: an area's outline, or a line).
+    private func linePoints(inGroup name: String, of svg: String) -> [(x: Double, y: Double)] {
+        guard let start = svg.range(of: "<g class=\"\(name)\">"),
+              let end = svg.range(of: "</g>", range: start.upperBound..<svg.endIndex) else { return [] }
+        let group = String(svg[start.upperBound..<end.lowerBound])
+        let paths = try! NSRegularExpression(pattern: #"<path d="([^"]*)" fill="none""#)
+        guard let last = paths.matches(in: group, range: NSRange(group.startIndex..., in: group)).last else { return [] }
+        let d = String(group[Range(last.range(at: 1), in: group)!])
+        let point = try! NSRegularExpression(pattern: #"[ML]([-0-9.]+) ([-0-9.]+)"#)
+        return point.matches(in: d, range: NSRange(d.startIndex..., in: d)).map { match in
+            (Double(String(d[Range(match.range(at: 1), in: d)!]))!, Double(String(d[Range(match.range(at: 2), in: d)!]))!)
+        }
+    }
+
+    /// The plot's frame: x from 62 to 882 in a 900 px picture (MigrationPlot.Renderer).
+    private static let plotLeft = 62.0, plotRight = 882.0
+
+    /// Passes that crowd the end of a migration (five in the last 0.45 s of 3.35, as a 1 Gbit/s
+    /// migration of a writing guest had them) are labelled where their labels fit: no two
+    /// overlap, none leaves the plot; the others keep their lines without a label.
+    func testCrowdedPassLabelsNeitherOverlapNorLeaveThePlot() throws {
+        let passEnds = [1.9, 3.0, 3.25, 3.3, 3.33, 3.345, 3.35]
+        for total in [3.35, 3.36, 3.4] {
+            let passes: [JSONValue] = passEnds.enumerated().map { index, end in
+                ["iteration": .number(index + 1), "time_s": .number(end), "bytes_sent": .number(8 * Self.mib),
+                 "pages_sent": 2048, "bandwidth_mib_s": 120, "expected_downtime_ms": 100]
+            }
+            let report: JSONValue = ["status": "completed", "total_ms": .number(total * 1000), "setup_ms": 10,
+                                     "downtime_ms": 6.4, "passes": .array(passes)]
+            let svg = MigrationPlot.svg(report: report)
+            try write(svg, name: "plot-crowded.svg")
+            _ = try parse(svg)
+            let labels = texts(inGroup: "strip", of: svg)
+            XCTAssertTrue(labels.contains { $0.text == "pass 1" }, "\(labels)")
+            // The renderer's own estimate of a label's width (12 px font, 0.61 em a character):
+            // the test holds it to what it promised itself.
+            let boxes = labels.map { label -> (lower: Double, upper: Double, text: String) in
+                let width = Double(label.text.count) * 12 * 0.61
+                return label.anchorEnd ? (label.x - width, label.x, label.text) : (label.x, label.x + width, label.text)
+            }
+            for box in boxes {
+                XCTAssertGreaterThanOrEqual(box.lower, Self.plotLeft, "'\(box.text)' starts left of the plot (total \(total) s)")
+                XCTAssertLessThanOrEqual(box.upper, Self.plotRight, "'\(box.text)' runs past the plot's right edge (total \(total) s)")
+            }
+            for (index, box) in boxes.enumerated() {
+                for other in boxes[(index + 1)...] {
+                    let sameRow = svg.contains(">\(box.text)</text>") && rowOf(box.text, svg) == rowOf(other.text, svg)
+                    XCTAssertFalse(sameRow && box.lower < other.upper && other.lower < box.upper,
+                                   "'\(box.text)' and '\(other.text)' overlap (total \(total) s)")
+                }
+            }
+        }
+    }
+
+    /// The baseline (y) of the strip label `text`.
+    private func rowOf(_ text: String, _ svg: String) -> String? {
+        let pattern = try! NSRegularExpression(pattern: #"<text x="[-0-9.]+" y="([-0-9.]+)"[^>]*>"# + NSRegularExpression.escapedPattern(for: text) + "</text>")
+        guard let match = pattern.firstMatch(in: svg, range: NSRange(svg.startIndex..., in: svg)) else { return nil }
+        return String(svg[Range(match.range(at: 1), in: svg)!])
+    }
+
+    /// A dirty-limit throttle that started at 1.04 s, as the timeline recorded it: the writer
+    /// (vCPU 0) held from the sample after the start, the reader never. The panel shows the
+    /// writer's share from that sample on (not the average over vCPUs, nor a figure refreshed
+    /// only at pass ends, which read 0 until 2.0 s and 44 % after) and says whose it is.
+    func testThrottlePanelShowsTheHeldVCPUFromItsStart() throws {
+        let times = (1...30).map { Double($0) / 10 }
+        let timeline: [JSONValue] = times.map { t in
+            let writer = t < 1.04 ? 0.0 : t < 1.15 ? 59.0 : 94.0
+            return ["t_s": .number(t), "phase": "pre-copy", "pass": .number(t <= 1.9 ? 1 : 2),
+                    "remaining_bytes": .number(100 * Self.mib), "throughput_mib_s": 120, "dirty_pages_s": 25_000,
+                    "expected_downtime_ms": t <= 1.9 ? nil : 900,
+                    // What the recorder used to write: an average refreshed at pass ends.
+                    "throttle_percent": .number(t < 2 ? 0 : 44),
+                    "cpu_throttle_percent": 0, "held_percent": [.number(writer), 0], "paused": false]
+        }
+        let report: JSONValue = [
+            "status": "completed", "total_ms": 3000, "setup_ms": 10, "downtime_ms": 6, "track": "ring",
+            "throttle": ["kind": "dirty-limit", "started_s": 1.04, "started_in_pass": 1, "tightened": 0,
+                         "final": ["kind": "dirty-limit", "active": true, "ceiling_mib_s": [29.7, 14.9]]],
+            "passes": [["iteration": 1, "time_s": 1.9, "bytes_sent": .number(220 * Self.mib)],
+                       ["iteration": 2, "time_s": 3.0, "bytes_sent": .number(130 * Self.mib)]],
+            "timeline": .array(timeline),
+        ]
+        let svg = MigrationPlot.svg(report: report)
+        try write(svg, name: "plot-held.svg")
+        let parsed = try parse(svg)
+        XCTAssertTrue(parsed.contains("throttle (dirty-limit) from 1.04 s: share of time vCPU 0 was held (ceiling 29.7 MiB/s at the pause); vCPU 1 never held"),
+                      "\(parsed.texts)")
+        XCTAssertEqual(parsed.classes["throttle-start"], 1)
+        let points = linePoints(inGroup: "throttle", of: svg)
+        XCTAssertEqual(points.count, times.count)
+        // x of each sample: 3 s over the plot's 820 px.
+        func y(at t: Double) throws -> Double {
+            let x = Self.plotLeft + t / 3 * (Self.plotRight - Self.plotLeft)
+            return try XCTUnwrap(points.first { abs($0.x - x) < 0.2 }, "no point at \(t) s").y
+        }
+        let floor = try y(at: 1.0)
+        XCTAssertLessThan(try y(at: 1.1), floor - 10, "the throttle shows from the first sample after it started")
+        XCTAssertLessThan(try y(at: 1.5), try y(at: 1.1), "94 % held is drawn above 59 %")
+        XCTAssertEqual(try y(at: 0.5), floor, "nothing held before the start")
+    }
+
+    /// A migration too short for its timeline to hold an expected downtime (the first pass has
+    /// none until it ends; 2 samples in 200 ms) draws the figure each pass measured.
+    func testShortMigrationDrawsEachPassesExpectedDowntime() throws {
+        let report: JSONValue = [
+            "status": "completed", "total_ms": 201, "setup_ms": 8, "downtime_ms": 58.4, "downtime_limit_ms": 300,
+            "throttle": ["kind": "dirty-limit", "started_s": nil],
+            "passes": [["iteration": 1, "time_s": 0.143, "bytes_sent": 25_227_772, "pages_sent": 12303,
+                        "bandwidth_mib_s": 190, "expected_downtime_ms": 68.97],
+                       ["iteration": 2, "time_s": 0.199, "bytes_sent": 11_000_000, "pages_sent": 2700,
+                        "bandwidth_mib_s": 200, "expected_downtime_ms": 0]],
+            "timeline": [["t_s": 0.101, "phase": "pre-copy", "pass": 1, "remaining_bytes": 33_615_872, "throughput_mib_s": 158,
+                          "expected_downtime_ms": nil, "throttle_percent": 0, "held_percent": [0, 0], "paused": false],
+                         ["t_s": 0.201, "phase": "completed", "pass": 1, "remaining_bytes": 0, "throughput_mib_s": 0,
+                          "expected_downtime_ms": nil, "throttle_percent": 0, "held_percent": [], "paused": false]],
+        ]
+        let svg = MigrationPlot.svg(report: report)
+        try write(svg, name: "plot-short-passes.svg")
+        let parsed = try parse(svg)
+        XCTAssertFalse(parsed.contains("no samples"), "\(parsed.texts)")
+        XCTAssertTrue(parsed.contains("share of time a vCPU was held (none was)"), "no vCPU named when none was held: \(parsed.texts)")
+        let points = linePoints(inGroup: "expected-downtime", of: svg)
+        XCTAssertEqual(points.count, 2, "one point at each pass's end")
+        XCTAssertEqual(points.first?.x ?? 0, Self.plotLeft + 0.143 / 0.201 * (Self.plotRight - Self.plotLeft), accuracy: 0.2)
+    }
+
     func testNiceStepsAndNumbers() {
         typealias Format = MigrationPlot.Format
         for (raw, nice) in zip([0.04, 0.3, 1, 1.2, 2.5, 7, 40, 3000], [0.05, 0.5, 1, 2, 5, 10, 50, 5000]) {

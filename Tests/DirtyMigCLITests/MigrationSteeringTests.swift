@@ -110,6 +110,12 @@ final class MigrationSteeringTests: ProcessTestCase {
         let table = try run(["list"]).stdout
         let line = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("src") }, table)
         XCTAssertTrue(line.contains("migrating (pass 1 at "), String(line))
+        // ... and the receiver receives it, with how much has come (over 2 MiB by now).
+        let receiving = try XCTUnwrap(rows.first { $0["name"] == "dst" }, "\(rows)")
+        XCTAssertEqual(receiving["state"], "receiving")
+        XCTAssertGreaterThan(receiving["received_bytes"]?.doubleValue ?? 0, 2 * 1_048_576, "\(receiving)")
+        let receiverLine = try XCTUnwrap(table.split(separator: "\n").first { $0.hasPrefix("dst") }, table)
+        XCTAssertTrue(receiverLine.contains("receiving (from 127.0.0.1:") && receiverLine.contains(" MiB received)"), String(receiverLine))
 
         // The rate before and after raising the cap fourfold, in this one run: a ratio, not a time.
         func rate(over seconds: Double) throws -> Double {

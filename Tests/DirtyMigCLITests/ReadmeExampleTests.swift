@@ -55,7 +55,7 @@ struct ReadmeShellBlock {
 final class ReadmeExampleTests: XCTestCase {
     /// The examples this class runs, one test each: an example added to the README without a
     /// test here fails `testEveryExampleHasATest`.
-    static let covered: Set<String> = ["quick-start", "migrate-detached", "steer", "encrypted", "replication", "dirty-rates", "plot"]
+    static let covered: Set<String> = ["quick-start", "migrate-detached", "steer", "encrypted", "compressed", "replication", "dirty-rates", "plot"]
 
     /// Set in every example's environment (and so inherited by everything it starts, detached
     /// VMs included): how the cleanup finds what an example left behind.
@@ -155,6 +155,17 @@ final class ReadmeExampleTests: XCTestCase {
         try run("encrypted") { output, _ in
             XCTAssertTrue(output.contains("TLSv1.3"), "the report names the channel: \(output)")
             XCTAssertTrue(output.contains("verify                passed"), output)
+        }
+    }
+
+    func testCompressed() throws {
+        try run("compressed") { output, _ in
+            XCTAssertTrue(output.contains("status                completed"), output)
+            XCTAssertTrue(output.contains("verify                passed"), output)
+            // "compression           zstd: 65 of 65 batches, 128.0 MiB of pages in 38.4 MiB (ratio 3.34), ..."
+            let line = output.split(separator: "\n").first { $0.hasPrefix("compression ") }.map(String.init) ?? ""
+            let ratio = line.range(of: "ratio ").flatMap { Double(line[$0.upperBound...].prefix { $0 != ")" }) }
+            XCTAssertGreaterThan(ratio ?? 0, 2, "text-like pages travel in less than half their size: \(output)")
         }
     }
 

@@ -1,3 +1,4 @@
+@testable import DirtyMigCLI
 import DirtyMigCore
 import DirtyMigTestSupport
 import Foundation
@@ -104,6 +105,19 @@ final class ReplicationCLITests: ReplicationProcessTestCase {
         let primary = try bootPrimary(output: directory + "/primary.out")
         _ = try replicate(to: first)
         Thread.sleep(forTimeInterval: 0.5)
+        // list: the primary replicates, protected, at an epoch; the standby holds one.
+        func listed(_ name: String, replication: JSONValue? = nil) throws -> (row: JSONValue, label: String) {
+            let row = ListCommand.row(name: name, socket: socket(name), status: try XCTUnwrap(status(name), "no status from \(name)"),
+                                      migration: nil, replication: replication)
+            return (row, ListCommand.stateLabel(row))
+        }
+        let protected = try listed("primary", replication: try replication())
+        XCTAssertEqual(protected.row["state"], "replicating")
+        XCTAssertTrue(protected.label.hasPrefix("replicating (protected, epoch "), protected.label)
+        let follows = try listed("standby")
+        XCTAssertEqual(follows.row["state"], "standby")
+        XCTAssertTrue(follows.label.hasPrefix("standby (protecting, epoch "), follows.label)
+        XCTAssertGreaterThan(follows.row["received_bytes"]?.doubleValue ?? 0, 1_048_576, "\(follows.row)")
         let pid = status("primary")?["pid"]?.doubleValue
         kill(standby.processIdentifier, SIGKILL)
         standby.waitUntilExit()
@@ -115,6 +129,8 @@ final class ReplicationCLITests: ReplicationProcessTestCase {
         print("standby killed: \(lost["error"]?.stringValue ?? "?"); pause max \(lost["pause_ms"]?["max"]?.doubleValue ?? 0) ms")
         XCTAssertTrue(primary.isRunning)
         try assertGuestRuns(socket: socket("primary"), vcpus: 2)
+        let unprotected = try listed("primary", replication: lost)
+        XCTAssertTrue(unprotected.label.hasPrefix("replicating (unprotected: standby lost, "), unprotected.label)
 
         // Without stopping the VM: a new standby, a new replication.
         let second = try freePort()

@@ -187,10 +187,7 @@ final class SlowLinkTests: TwoHostTestCase {
     /// 2,788 MiB/s on this 20 Mbit/s link).
     func testTheFinalPassReportsTheRateTheLinkCarried() throws {
         let key = try makePSKFile("key.psk")
-        let (_, out, errors) = try start(["receive", "--listen", "\(link.rightAddress):\(port)", "--psk-file", key, "--once",
-                                          "--control", socket("destination")], prefix: link.inside(link.right))
-        let ready = try XCTUnwrap(CLI.readLine(out), "receive printed nothing: \(stderrText(errors))")
-        XCTAssertTrue(ready.contains("listening"), ready)
+        try startDestination(key: key)
         let (_, sourceOut, sourceErrors) = try start(["boot", "--memory", "128M", "--vcpus", "1", "--track", "bitmap",
                                                       "--control", socket("source"), "--workload", "0:write,ws=4M,rate=2M"],
                                                      prefix: link.inside(link.left))

@@ -29,4 +29,13 @@ class TwoHostTestCase: ReplicationProcessTestCase {
         super.tearDown()   // the processes first, then the namespaces
         link?.remove()
     }
+
+    /// `dirtymig receive` in the right namespace, with the PSK file `key`, serving one migration
+    /// (control socket "destination"), once it says it listens.
+    func startDestination(key: String) throws {
+        let (_, out, errors) = try start(["receive", "--listen", "\(link.rightAddress):\(port)", "--psk-file", key, "--once",
+                                          "--control", socket("destination")], prefix: link.inside(link.right))
+        let ready = try XCTUnwrap(CLI.readLine(out), "receive printed nothing: \(stderrText(errors))")
+        XCTAssertTrue(ready.contains("listening"), ready)
+    }
 }

@@ -113,7 +113,7 @@ final class FrameCodecTests: XCTestCase {
         let memory = try GuestMemory(size: Self.pageCount * 4096)
         for (index, variant) in malformedTables.enumerated() where index != malformedTables.count - 1 {
             let transport = MemoryTransport(input: variant.bytes + [UInt8](repeating: 0, count: 8192))
-            let receiver = PageReceiver(memory: memory, verifying: false)
+            let receiver = try PageReceiver(memory: memory, verifying: false)
             do {
                 try receiver.receive(from: MigrationChannel(transport: transport), payloadLength: variant.payloadLength)
                 XCTFail("variant \(index) was accepted")
@@ -214,7 +214,7 @@ final class FrameCodecTests: XCTestCase {
 
     private static func controlHello() -> MigrationHello {
         var hello = MigrationHello(name: "vm", memorySize: 64 << 20, vcpuCount: 1, tracking: .ring, ringEntries: 4096,
-                                   tscKHz: 2_000_000, requiredFeatures: .workloadGuest, guestConfig: [1, 2, 3])
+                                   tscKHz: 2_000_000, requiredFeatures: .workloadGuest, bootSource: .workloadGuest, bootAnnouncement: [1, 2, 3])
         hello.session = SessionID(high: 0x0123_4567_89AB_CDEF, low: .max)
         hello.joins = SessionJoins(pages: SessionJoins.maxPages, faults: 1)
         hello.verify = true
@@ -277,9 +277,18 @@ final class FrameCodecTests: XCTestCase {
         // The hello's bound holds the largest control hello.
         var largest = hello
         largest.name = String(repeating: "n", count: MigrationWire.maxStringBytes)
-        largest.guestConfig = [UInt8](repeating: 0, count: 64 * (GuestLayout.maxVCPUs + 1))
+        largest.bootAnnouncement = [UInt8](repeating: 0, count: MigrationHello.maxBootAnnouncementBytes)
         XCTAssertLessThanOrEqual(largest.encode().count, MigrationFrameType.hello.maxPayload)
         XCTAssertNoThrow(try ConnectionHello(decoding: largest.encode()))
+        // The boot source: one this dirtymig knows, with an announcement of bounded size.
+        var unknown = hello.encode()
+        let kindOffset = unknown.count - 4 - hello.bootAnnouncement.count - 4
+        XCTAssertEqual(Array(unknown[kindOffset..<kindOffset + 4]), Self.u32(UInt64(BootSourceKind.workloadGuest.rawValue)))
+        unknown.replaceSubrange(kindOffset..<kindOffset + 4, with: Self.u32(7))
+        XCTAssertEqual(decoding(unknown), .malformed("boot source 7"))
+        var oversized = hello.encode()
+        oversized.replaceSubrange(kindOffset + 4..<kindOffset + 8, with: Self.u32(UInt64(MigrationHello.maxBootAnnouncementBytes + 1)))
+        XCTAssertEqual(decoding(oversized), .malformed("hello carries \(MigrationHello.maxBootAnnouncementBytes + 1) bytes where at most \(MigrationHello.maxBootAnnouncementBytes) are allowed"))
     }
 
     // MARK: The small frames

@@ -49,11 +49,12 @@ final class FuzzTests: XCTestCase {
     private static let memory: UInt64 = 64 << 20
     private static let pageCount = memory / 4096
 
-    private static func validHello(verify: Bool = false) -> MigrationHello {
+    private static func validHello(verify: Bool = false, codec: PageCodec = .none) -> MigrationHello {
         let config = GuestConfig(tscHz: 2_000_000_000, memorySize: memory, vcpus: [VCPUWorkload(kind: .idle, seed: 0)])
         var hello = MigrationHello(name: "fuzz", memorySize: memory, vcpuCount: 1, tracking: .bitmap, ringEntries: 4096,
-                                   tscKHz: 2_000_000, requiredFeatures: .workloadGuest, guestConfig: config.encode())
+                                   tscKHz: 2_000_000, requiredFeatures: .workloadGuest, bootSource: .workloadGuest, bootAnnouncement: config.encode())
         hello.verify = verify
+        hello.pageCodecCode = codec.rawValue
         return hello
     }
 
@@ -65,20 +66,23 @@ final class FuzzTests: XCTestCase {
             Self.u64(Self.memory), Self.u32(1), Self.u32(1), Self.u32(4096), Self.u64(2_000_000),
             Self.u32(UInt64(CPUFeatureSet.workloadGuest.leaf1EDX)), Self.u32(0), Self.u32(UInt64(CPUFeatureSet.workloadGuest.extendedEDX)),
             Self.u32(0), Self.u32(UInt64(MigrationHello.defaultLinkTimeoutMilliseconds)), Self.u32(0), Self.u32(0),
+            Self.u32(UInt64(PageCodec.zstd.rawValue)),
         ]
-        let widths = [32, 32, 32, 64, 64, 64, 32, 32, 32, 64, 32, 32, 32, 32, 32, 32, 32]
+        let widths = [32, 32, 32, 64, 64, 64, 32, 32, 32, 64, 32, 32, 32, 32, 32, 32, 32, 32]
         for index in fields.indices where Int.random(in: 0..<4, using: &random) == 0 {
             let value = boundary(bits: widths[index])
             fields[index] = widths[index] == 64 ? Self.u64(value) : Self.u32(value)
         }
         let name = Array("fuzz".utf8)
-        var config = Self.validHello().guestConfig
+        var config = Self.validHello().bootAnnouncement
         if Int.random(in: 0..<3, using: &random) == 0 {
             // A config block with a random field overwritten (vCPU count, sizes, offsets, kinds).
             let offset = Int.random(in: 0..<config.count - 8, using: &random)
             config.replaceSubrange(offset..<offset + 8, with: Self.u64(boundary(bits: 64)))
         }
         var payload = fields.flatMap { $0 } + Self.u32(UInt64(name.count)) + name
+        let bootSource = Int.random(in: 0..<6, using: &random) == 0 ? boundary(bits: 32) : UInt64(BootSourceKind.workloadGuest.rawValue)
+        payload += Self.u32(bootSource)
         let configLength = Int.random(in: 0..<6, using: &random) == 0 ? boundary(bits: 32) : UInt64(config.count)
         payload += Self.u32(configLength) + config
         return payload
@@ -87,7 +91,7 @@ final class FuzzTests: XCTestCase {
     /// A frame of a random type (sometimes an unknown one) with a plausible or random payload.
     private func randomFrame() -> [UInt8] {
         let types: [MigrationFrameType] = [.hello, .helloReply, .pages, .iterationEnd, .state, .complete, .result, .abort,
-                                           .iterationAck, .passPlan]
+                                           .iterationAck, .passPlan, .compressedPages, .compressedPages]
         let type = types.randomElement(using: &random)!
         var payload: [UInt8]
         switch type {
@@ -103,6 +107,26 @@ final class FuzzTests: XCTestCase {
                 if kind == 0 { data += Int(min(count, 4)) * 4096 }
             }
             payload += bytes(Int.random(in: 0..<2, using: &random) == 0 ? data : Int.random(in: 0..<9000, using: &random))
+        case .compressedPages:
+            // A table of 1 to 3 ranges, then a zstd frame that tells the truth, declares another
+            // size, is cut short, has bytes after it, or is not zstd at all.
+            let count = Int.random(in: 1...3, using: &random)
+            var ranges: [PageRange] = []
+            for _ in 0..<count {
+                let pages = UInt32.random(in: 1...4, using: &random)
+                let first = Int.random(in: 0..<8, using: &random) == 0 ? boundary(bits: 64) : UInt64.random(in: 0..<Self.pageCount - 4, using: &random)
+                ranges.append(PageRange(firstPage: first, count: pages, kind: Int.random(in: 0..<4, using: &random) == 0 ? .zero : .data))
+            }
+            let dataBytes = PageBatchTable(ranges: ranges).dataBytes
+            var frame: [UInt8]
+            switch Int.random(in: 0..<6, using: &random) {
+            case 0, 1: frame = CompressionTests.zstdFrame(CompressionTests.textLike(dataBytes, seed: random.next()))
+            case 2: frame = CompressionTests.zstdFrame(CompressionTests.textLike(max(0, dataBytes + Int.random(in: -8192...8192, using: &random)), seed: random.next()))
+            case 3: frame = Array(CompressionTests.zstdFrame(CompressionTests.textLike(dataBytes, seed: random.next())).dropLast(Int.random(in: 1...8, using: &random)))
+            case 4: frame = CompressionTests.zstdFrame(CompressionTests.textLike(dataBytes, seed: random.next())) + bytes(Int.random(in: 1...16, using: &random))
+            default: frame = bytes(Int.random(in: 1...600, using: &random))
+            }
+            payload = PageBatchTable(ranges: ranges).encode() + frame
         case .passPlan:
             let words = Int.random(in: 0..<2, using: &random) == 0 ? Int(Self.pageCount / 64) : Int.random(in: 0..<300, using: &random)
             payload = Self.u32(boundary(bits: 32)) + (0..<words).flatMap { _ in Self.u64(boundary(bits: 64)) }
@@ -125,7 +149,7 @@ final class FuzzTests: XCTestCase {
 
     /// The header of a frame of any type (or none) with a length at or near its type's largest.
     private func largeHeader() -> [UInt8] {
-        let type = UInt64.random(in: 1...16, using: &random)
+        let type = UInt64.random(in: 1...20, using: &random)
         let most = MigrationFrameType(rawValue: UInt32(type))?.maxPayload ?? Int(UInt32.max)
         return Self.u32(type) + Self.u32(UInt64(most) - UInt64.random(in: 0...min(UInt64(most), 3), using: &random))
     }
@@ -144,15 +168,13 @@ final class FuzzTests: XCTestCase {
     }
 
     func testTheReceiverRefusesHostileStreamsWithAReason() throws {
-        let kvm = try? KVMSystem()
-        if kvm == nil { print("FuzzTests: no /dev/kvm: the hello's host checks are skipped, the rest runs") }
-        let hostTSC = kvm.flatMap { try? HostTSC.frequency(kvm: $0) }.map { $0 / 1000 }
+        // The host checks run on KVM where there is one, else on the fake hypervisor: the boot
+        // source's checks (the config block) and the limits are the same code either way.
+        let hypervisor: any Hypervisor = (try? KVMSystem()) ?? FakeHypervisor()
         let build = { (hello: MigrationHello) throws(MigrationError) -> MemoryOnlyVM in
-            if let kvm {
-                // The real checks, on a host whose TSC ticks like the sender's (else every hello
-                // would stop at the TSC check and the frames after it would never be read).
-                _ = try MigrationReceiver.configuration(for: hello, kvm: kvm, name: nil, hostTSCKHz: hostTSC.map { _ in hello.tscKHz })
-            }
+            // On a host whose TSC ticks like the sender's (else every hello would stop at the
+            // TSC check and the frames after it would never be read).
+            _ = try MigrationReceiver.configuration(for: hello, hypervisor: hypervisor, name: nil, hostTSCKHz: hello.tscKHz)
             guard hello.memorySize <= 256 << 20, hello.memorySize >= 1 << 20, hello.memorySize % 4096 == 0 else {
                 throw .refused("the fuzz host builds VMs of 1 to 256 MiB")
             }
@@ -174,8 +196,8 @@ final class FuzzTests: XCTestCase {
                 stream = MigrationWire.frame(.hello, mutated(join.encode()).bytes) + randomFrame()
             case 1:   // a valid header with a random payload, then random frames
                 stream = MigrationWire.frame(.hello, mutatedHello()) + (0..<Int.random(in: 0...3, using: &random)).flatMap { _ in randomFrame() }
-            default:  // a valid hello, then random frames
-                stream = MigrationWire.frame(.hello, Self.validHello(verify: index % 8 == 2).encode())
+            default:  // a valid hello (every other one announcing zstd), then random frames
+                stream = MigrationWire.frame(.hello, Self.validHello(verify: index % 8 == 2, codec: index % 8 < 4 ? .zstd : .none).encode())
                     + (0..<Int.random(in: 1...6, using: &random)).flatMap { _ in randomFrame() }
             }
             let transport = MemoryTransport(input: stream)

@@ -22,6 +22,10 @@ final class MachineStateTests: XCTestCase {
         XCTAssertEqual(decoded.vcpus[1].parked, true)
         XCTAssertEqual(decoded.devices.irqChips.map(\.chip_id), [0, 1, 2])
         XCTAssertEqual(decoded.devices.clock?.clock, 987_654_321)
+        XCTAssertEqual(decoded.deviceStates, [DeviceState(id: "console", version: 3, bytes: [1, 2, 3]),
+                                              DeviceState(id: "rtc-0", version: 1, bytes: [])])
+        let noDevices = MachineState(memorySize: 1 << 30, vcpus: [], devices: VMDeviceState(irqChips: [], clock: nil))
+        XCTAssertEqual(try MachineState(decoding: noDevices.encode()), noDevices)
         XCTAssertEqual(try VCPUState(decoding: state.vcpus[0].encode()), state.vcpus[0])
         XCTAssertEqual(try VMDeviceState(decoding: state.devices.encode()), state.devices)
         let noClock = VMDeviceState(irqChips: [], clock: nil)
@@ -44,8 +48,8 @@ final class MachineStateTests: XCTestCase {
         var bytes = sampleMachineState().encode()
         bytes[4] = 7
         XCTAssertThrowsError(try MachineState(decoding: bytes)) { error in
-            XCTAssertEqual(error as? StateDecodingError, .unsupportedVersion("machine state", found: 7, supported: 1))
-            XCTAssertEqual("\(error)", "machine state version 7 is not supported: this dirtymig reads version 1")
+            XCTAssertEqual(error as? StateDecodingError, .unsupportedVersion("machine state", found: 7, supported: 2))
+            XCTAssertEqual("\(error)", "machine state version 7 is not supported: this dirtymig reads version 2")
         }
         var vcpu = sampleVCPUState(id: 0).encode()
         vcpu[4] = 2
@@ -58,7 +62,7 @@ final class MachineStateTests: XCTestCase {
     }
 
     func testHugeLengthsAndCountsAreRefusedBeforeAllocating() throws {
-        func header(_ magic: String) -> [UInt8] { Array(magic.utf8) + [1, 0, 0, 0] }
+        func header(_ magic: String) -> [UInt8] { Array(magic.utf8) + [2, 0, 0, 0] }
         func le32(_ value: UInt32) -> [UInt8] { withUnsafeBytes(of: value.littleEndian) { Array($0) } }
         let machine = header("DMMS") + [UInt8](repeating: 0, count: 8)
         // 4 billion vCPUs.
@@ -95,6 +99,39 @@ final class MachineStateTests: XCTestCase {
         }
     }
 
+    /// The userspace devices' list: its count, each id and each state are bounded before anything
+    /// is allocated, an id is a printable name, and no id appears twice.
+    func testDeviceStateListsAreBoundedAndChecked() throws {
+        func le32(_ value: UInt32) -> [UInt8] { withUnsafeBytes(of: value.littleEndian) { Array($0) } }
+        let empty = MachineState(memorySize: 1 << 30, vcpus: [], devices: VMDeviceState(irqChips: [], clock: nil))
+        // Everything up to the device count.
+        let head = Array(empty.encode().dropLast(4))
+        func device(_ id: [UInt8], version: UInt16 = 1, state: [UInt8] = []) -> [UInt8] {
+            le32(UInt32(id.count)) + id + withUnsafeBytes(of: version.littleEndian) { Array($0) } + le32(UInt32(state.count)) + state
+        }
+        func refusal(_ bytes: [UInt8]) -> StateDecodingError? {
+            do { _ = try MachineState(decoding: bytes); return nil } catch { return error }
+        }
+        XCTAssertEqual(refusal(head + le32(.max)), .tooMany("machine state", field: "userspace devices", count: Int(UInt32.max), limit: 64))
+        XCTAssertEqual(refusal(head + le32(1) + le32(1 << 30)),
+                       .badLength("machine state", field: "device 0 id", length: 1 << 30, expected: "at most 64"))
+        XCTAssertEqual(refusal(head + le32(1) + device(Array("a b".utf8))),
+                       .invalidValue("machine state", field: "device 0 id", "not 1 to 64 printable ASCII characters"))
+        XCTAssertEqual(refusal(head + le32(1) + device([])),
+                       .invalidValue("machine state", field: "device 0 id", "not 1 to 64 printable ASCII characters"))
+        XCTAssertEqual(refusal(head + le32(2) + device(Array("uart".utf8)) + device(Array("uart".utf8))),
+                       .invalidValue("machine state", field: "device 1 id", "'uart' appears twice"))
+        // A state that claims 2 GiB is refused by its length; one that claims 1 MiB is not there.
+        XCTAssertEqual(refusal(head + le32(1) + device(Array("uart".utf8)).dropLast(4) + le32(1 << 31)),
+                       .badLength("machine state", field: "device 'uart' state", length: 1 << 31, expected: "at most \(1 << 20)"))
+        guard case .truncated? = refusal(head + le32(1) + device(Array("uart".utf8)).dropLast(4) + le32(1 << 20) + [1]) else {
+            return XCTFail("a state shorter than its length must be refused as truncated")
+        }
+        let two = head + le32(2) + device(Array("uart".utf8), version: 7, state: [9, 9]) + device(Array("rtc".utf8))
+        XCTAssertEqual(try MachineState(decoding: two).deviceStates,
+                       [DeviceState(id: "uart", version: 7, bytes: [9, 9]), DeviceState(id: "rtc", version: 1, bytes: [])])
+    }
+
     func testRandomAndCorruptedBytesNeverCrash() {
         var generator = SystemRandomNumberGenerator()
         for _ in 0..<2000 {
@@ -104,7 +141,7 @@ final class MachineStateTests: XCTestCase {
             XCTAssertThrowsError(try VCPUState(decoding: bytes))
             XCTAssertThrowsError(try VMDeviceState(decoding: bytes))
             // With a valid header the decoder goes further into the garbage.
-            bytes = Array("DMMS".utf8) + [1, 0, 0, 0] + bytes
+            bytes = Array("DMMS".utf8) + [2, 0, 0, 0] + bytes
             XCTAssertThrowsError(try MachineState(decoding: bytes))
         }
         // Flipped bytes in a valid encoding: decoding throws or succeeds, and never crashes.
@@ -368,7 +405,9 @@ final class MachineStateTests: XCTestCase {
         clock.clock = 987_654_321
         clock.flags = 14
         return MachineState(memorySize: 128 * MiB, vcpus: [sampleVCPUState(id: 0), sampleVCPUState(id: 1)],
-                            devices: VMDeviceState(irqChips: chips, clock: clock))
+                            devices: VMDeviceState(irqChips: chips, clock: clock),
+                            deviceStates: [DeviceState(id: "console", version: 3, bytes: [1, 2, 3]),
+                                           DeviceState(id: "rtc-0", version: 1, bytes: [])])
     }
 
     /// Where the MSR count sits in an encoded vCPU state (after the fixed fields before it).

@@ -14,7 +14,7 @@ final class MigrationProtocolTests: XCTestCase {
                        tracking: TrackingMode = .bitmap) -> MigrationHello {
         let config = GuestConfig(tscHz: Self.tscKHz * 1000, memorySize: memory, vcpus: [VCPUWorkload(kind: .idle, seed: 0)])
         var hello = MigrationHello(name: "t", memorySize: memory, vcpuCount: 1, tracking: tracking, ringEntries: 4096,
-                                   tscKHz: Self.tscKHz, requiredFeatures: .workloadGuest, guestConfig: config.encode())
+                                   tscKHz: Self.tscKHz, requiredFeatures: .workloadGuest, bootSource: .workloadGuest, bootAnnouncement: config.encode())
         hello.version = version
         return hello
     }

@@ -14,7 +14,7 @@ final class ReceiverHardeningTests: XCTestCase {
         let tsc = tscKHz ?? ((try? HostTSC.frequency(kvm: kvm)) ?? 2_000_000_000) / 1000
         let config = GuestConfig(tscHz: tsc * 1000, memorySize: Self.memory, vcpus: [workload])
         return MigrationHello(name: "t", memorySize: Self.memory, vcpuCount: 1, tracking: .bitmap, ringEntries: 4096,
-                              tscKHz: tsc, requiredFeatures: .workloadGuest, guestConfig: config.encode())
+                              tscKHz: tsc, requiredFeatures: .workloadGuest, bootSource: .workloadGuest, bootAnnouncement: config.encode())
     }
 
     /// A receiver whose receiveOne outcomes and log lines are collected.

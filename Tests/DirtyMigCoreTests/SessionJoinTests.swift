@@ -14,7 +14,7 @@ final class SessionJoinTests: XCTestCase {
         let tsc = ((try? HostTSC.frequency(kvm: kvm)) ?? 2_000_000_000) / 1000
         let config = GuestConfig(tscHz: tsc * 1000, memorySize: Self.memory, vcpus: [VCPUWorkload(kind: .idle, seed: 0)])
         var hello = MigrationHello(name: "t", memorySize: Self.memory, vcpuCount: 1, tracking: .bitmap, ringEntries: 4096,
-                                   tscKHz: tsc, requiredFeatures: .workloadGuest, guestConfig: config.encode())
+                                   tscKHz: tsc, requiredFeatures: .workloadGuest, bootSource: .workloadGuest, bootAnnouncement: config.encode())
         hello.joins = joins
         return hello
     }

@@ -68,6 +68,30 @@ final class UnitsAndSpecTests: XCTestCase {
         }
     }
 
+    /// content= (write only): parsed, resolved into the vCPU's workload, and carried in the
+    /// config block's u16 beside the pattern (0, sparse, for everything written before it).
+    func testPageContent() throws {
+        XCTAssertEqual(try WorkloadSpec.parse("write").content, .sparse)
+        XCTAssertEqual(try WorkloadSpec.parse("0:write,content=text").content, .text)
+        XCTAssertEqual(try WorkloadSpec.parse("0:write,content=RANDOM,pattern=hot:0.1").content, .random)
+        for (bad, words) in [("0:read,content=text", "only applies to write"), ("0:mix,content=text", "only applies to write"),
+                             ("0:write,content=txt", "did you mean 'text'"), ("0:write,contents=text", "did you mean 'content'")] {
+            do { _ = try WorkloadSpec.parse(bad); XCTFail(bad) } catch {
+                XCTAssertTrue(error.message.contains(words), "\(bad): \(error.message)")
+            }
+        }
+        let resolved = try WorkloadPlan.resolve(specs: [try WorkloadSpec.parse("0:write,ws=4M,pattern=random,content=text")],
+                                                vcpuCount: 1, memorySize: 64 << 20)
+        XCTAssertEqual(resolved[0].content, .text)
+        let config = GuestConfig(tscHz: 2_000_000_000, memorySize: 64 << 20, vcpus: resolved)
+        let bytes = config.encode()
+        XCTAssertEqual(Array(bytes[64 + 4..<64 + 8]), [1, 0, 1, 0], "u16 pattern (random), u16 content (text)")
+        XCTAssertEqual(try GuestConfig(decoding: bytes), config)
+        var unknown = bytes
+        unknown[64 + 6] = 3
+        XCTAssertThrowsError(try GuestConfig(decoding: unknown)) { XCTAssertEqual("\($0)", "config block has an invalid page content") }
+    }
+
     func testWorkloadPlan() throws {
         let specs = [try WorkloadSpec.parse("0:write,ws=512M"), try WorkloadSpec.parse("1:read,ws=256M")]
         let plan = try WorkloadPlan.resolve(specs: specs, vcpuCount: 3, memorySize: 1 << 30)

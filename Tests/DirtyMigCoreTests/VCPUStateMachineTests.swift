@@ -3,101 +3,6 @@ import CKVM
 import Foundation
 import XCTest
 
-/// A vCPU for the state machine, without /dev/kvm: `runOnce` hands out scripted exits, then
-/// stays "in the guest" (blocks) until kicked, as KVM_RUN does; immediate_exit set before entry
-/// returns at once. It logs what the runner did to it, in order.
-final class FakeVCPU: HypervisorVCPU, @unchecked Sendable {
-    // @unchecked: everything is guarded by `condition`.
-    let id: Int
-    private let condition = NSCondition()
-    private var immediateExit = false
-    private var script: [VCPUExit]
-    private var pending = false
-    private var inGuest = false
-    private var entries = 0
-    private var log: [String] = []
-    /// Called (on the vCPU thread, outside the lock) as a scripted exit is returned.
-    var onExit: (@Sendable () -> Void)?
-    /// When set, saveState waits for it (outside the lock).
-    var saveGate: DispatchSemaphore?
-
-    init(id: Int = 0, script: [VCPUExit] = []) {
-        self.id = id
-        self.script = script
-    }
-
-    func runOnce() throws(KVMError) -> VCPUExit {
-        condition.lock(); defer { condition.unlock() }
-        entries += 1
-        pending = false   // entering completes the last exit
-        if immediateExit {
-            immediateExit = false
-            log.append("interrupted")
-            return .interrupted
-        }
-        if !script.isEmpty {
-            let exit = script.removeFirst()
-            pending = true
-            log.append("exit")
-            if let onExit {
-                condition.unlock()
-                onExit()
-                condition.lock()
-            }
-            return exit
-        }
-        inGuest = true
-        condition.broadcast()
-        while !immediateExit { condition.wait() }
-        inGuest = false
-        immediateExit = false
-        log.append("kicked")
-        return .interrupted
-    }
-
-    func completePendingExit() throws(KVMError) -> VCPUExit? {
-        condition.lock(); defer { condition.unlock() }
-        immediateExit = false   // as KVM's: set for the completing KVM_RUN, cleared after
-        if pending { log.append("completed") }
-        pending = false
-        return nil
-    }
-
-    func requestImmediateExit(_ value: Bool) {
-        condition.lock()
-        immediateExit = value
-        condition.broadcast()
-        condition.unlock()
-    }
-
-    func saveState(msrIndices: [UInt32]) throws(KVMError) -> VCPUState {
-        if let saveGate {
-            condition.lock(); log.append("saving"); condition.unlock()
-            saveGate.wait()
-        }
-        condition.lock(); defer { condition.unlock() }
-        log.append(pending ? "saved with the exit pending" : "saved")
-        var regs = kvm_regs()
-        regs.rip = UInt64(entries)
-        return VCPUState(id: UInt32(id), parked: false, mpState: 0, regs: regs, sregs: kvm_sregs(), xsave: [],
-                         xcrs: nil, debugRegisters: nil, lapic: kvm_lapic_state(), msrs: [], events: kvm_vcpu_events(),
-                         tscKHz: 0)
-    }
-
-    func registerDump() -> VCPURegisterDump? { nil }
-
-    var entryCount: Int { condition.lock(); defer { condition.unlock() }; return entries }
-    var events: [String] { condition.lock(); defer { condition.unlock() }; return log }
-
-    /// Waits until the runner is inside `runOnce`, blocked "in the guest".
-    func waitUntilInGuest(timeout: Double = 5) -> Bool {
-        let deadline = Date(timeIntervalSinceNow: timeout)
-        condition.lock(); defer { condition.unlock() }
-        while !inGuest { if !condition.wait(until: deadline) { return inGuest } }
-        return true
-    }
-}
-
 /// Bytes an exit carries. Never freed: a scripted exit's data points into them, however long
 /// the fake keeps it (a test allocates a few bytes).
 final class ExitBytes: @unchecked Sendable {
@@ -254,7 +159,9 @@ final class VCPUStateMachineTests: XCTestCase {
     func testARestoredParkedVCPUStartsParked() {
         let vcpu = FakeVCPU()
         let runner = runner(vcpu)
-        runner.restoreParked(true)
+        var parked = FakeVCPU.blankState(id: 0)
+        parked.parked = true
+        try! runner.restore(parked)
         runner.start()
         defer { runner.stop() }
         expect(runner.post(.resume).wait(), "resumed")

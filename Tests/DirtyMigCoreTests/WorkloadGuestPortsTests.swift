@@ -28,7 +28,7 @@ final class WorkloadGuestPortsTests: XCTestCase {
         memory = try GuestMemory(size: 4 * MiB)
         reports = Reports()
         bus = DeviceBus()
-        try WorkloadGuestPorts(vcpuCount: 2, memory: memory, reports: reports).register(on: &bus)
+        try WorkloadGuestPorts(vcpuCount: 2, memory: memory, reports: reports).machineDevice.register(on: &bus)
     }
 
     private func out(_ port: UInt16, _ bytes: [UInt8], size: Int = 1, vcpu: Int = 0) -> DeviceBus.Dispatch {

@@ -37,6 +37,7 @@ enum HelpText {
               KIND: idle | write | read | mix | check (verifies its own memory, counts guest_errors)
               keys: ws=SIZE offset=SIZE pattern=seq|random|hot:F rate=RATE writes=PCT (mix) passes=N
                     emit=DURATION (check: an output line this often, 1ms-10s; see --guest-output)
+                    content=sparse|text|random (write: what written pages hold; default sparse, mostly zero)
               e.g. --workload 0:write,ws=512M,pattern=random,rate=100M --workload 1:read,ws=256M
             Default: vCPU 0 writes 256 MiB sequentially at 100 MiB/s, the other vCPUs read 128 MiB.
 

@@ -25,6 +25,7 @@ enum OptionTable {
     static let trackChoices = TrackingMode.allCases.map(\.rawValue)
     static let modeChoices = DirtyRateMode.allCases.map(\.rawValue)
     static let throttleChoices = ThrottleMode.allCases.map(\.rawValue)
+    static let compressChoices = PageCompression.allCases.map(\.rawValue)
 
     static let vm = OptionSpec(name: "vm", value: "NAME|PATH", help: "the VM's name or control socket path (default: vm)", completion: .vm)
     static let json = OptionSpec(name: "json", value: nil, help: "print JSON (one object per line) instead of a table")
@@ -51,7 +52,7 @@ enum OptionTable {
                               OptionSpec(name: "export-image", value: "FILE", help: "write the guest image (and with --export-config its config block), print the QEMU options that run it, and exit", completion: .file),
                               OptionSpec(name: "export-config", value: "FILE", help: "with --export-image: where to write the config block", completion: .file)]),
         CommandSpec(name: "migrate", summary: "live-migrate a running VM to a receiver, or (with neither --vm nor --to) run a whole local migration",
-                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--link-timeout DURATION] [--verify] [--json] [--stats FILE] [--plot FILE] [--throttle MODE] [--psk-file FILE | --tls-dir DIR [--tls-peer NAME] | --insecure]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--throttle MODE] [--verify] [--json] [--stats FILE] [--plot FILE]   (a local migration)\n       dirtymig migrate [--vm NAME|PATH] --continuous --to HOST:PORT [--checkpoint-interval DURATION] [--checkpoint-pages N] [--stats FILE] [--json] [--psk-file FILE | --tls-dir DIR [--tls-peer NAME] | --insecure]   (replication)\n       dirtymig migrate [--vm NAME|PATH] --replication | --stop-replication [--json]\n       dirtymig migrate [--vm NAME|PATH] --status [--json]   (the migration under way)\n       dirtymig migrate [--vm NAME|PATH] --set LIMIT=VALUE... [--json]   (change its limits: bandwidth=RATE|unlimited, downtime=DURATION)",
+                    synopsis: "dirtymig migrate [--vm NAME|PATH] --to HOST:PORT [--bandwidth RATE] [--downtime DURATION] [--max-iterations N] [--timeout DURATION] [--link-timeout DURATION] [--verify] [--json] [--stats FILE] [--plot FILE] [--throttle MODE] [--compress MODE] [--psk-file FILE | --tls-dir DIR [--tls-peer NAME] | --insecure]\n       dirtymig migrate [--memory SIZE] [--vcpus N] [--workload SPEC]... [--track MODE] [--bandwidth RATE] [--downtime DURATION] [--throttle MODE] [--compress MODE] [--verify] [--json] [--stats FILE] [--plot FILE]   (a local migration)\n       dirtymig migrate [--vm NAME|PATH] --continuous --to HOST:PORT [--checkpoint-interval DURATION] [--checkpoint-pages N] [--compress MODE] [--stats FILE] [--json] [--psk-file FILE | --tls-dir DIR [--tls-peer NAME] | --insecure]   (replication)\n       dirtymig migrate [--vm NAME|PATH] --replication | --stop-replication [--json]\n       dirtymig migrate [--vm NAME|PATH] --status [--json]   (the migration under way)\n       dirtymig migrate [--vm NAME|PATH] --set LIMIT=VALUE... [--json]   (change its limits: bandwidth=RATE|unlimited, downtime=DURATION)",
                     options: [vm, OptionSpec(name: "to", value: "HOST:PORT", help: "where a 'dirtymig receive' listens"),
                               OptionSpec(name: "bandwidth", value: "RATE", help: "cap on bytes sent per second (default unlimited)"),
                               OptionSpec(name: "downtime", value: "DURATION", help: "largest acceptable pause (default 300ms)"),
@@ -63,6 +64,7 @@ enum OptionTable {
                               OptionSpec(name: "stats", value: "FILE", help: "write one JSON line per pass", completion: .file),
                               plot,
                               OptionSpec(name: "throttle", value: "MODE", help: "slow a guest that dirties faster than the link: auto (by --track), none, cpu, dirty-limit (ring), dirty-quota (quota)", completion: .choices(throttleChoices)),
+                              OptionSpec(name: "compress", value: "MODE", help: "compress page batches with zstd: none (default), zstd (every batch that shrinks), auto (only while the link is slower than compressing here)", completion: .choices(compressChoices)),
                               memory, vcpus, workload, track,
                               OptionSpec(name: "continuous", value: nil, help: "replicate to a standby ('receive --standby') until stopped: return once it holds a first checkpoint"),
                               OptionSpec(name: "checkpoint-interval", value: "DURATION", help: "with --continuous: end an epoch after this long (default 25ms)"),

@@ -41,6 +41,7 @@ enum MigrateCommand {
             throw arguments.error(error.description)
         }
         if let throttle = try arguments.choice("throttle") { options.migration.throttle = ThrottleMode(rawValue: throttle)! }
+        if let compress = try arguments.choice("compress") { options.migration.compression = PageCompression(rawValue: compress)! }
         options.migration.verify = arguments.has("verify")
         options.json = arguments.has("json")
         options.stats = arguments.string("stats")
@@ -101,7 +102,8 @@ enum MigrateCommand {
     static func arguments(_ options: Options, to: HostPort) -> JSONValue {
         var pairs: [(String, JSONValue)] = [("to", .string(to.description)), ("downtime_ms", .number(options.downtime * 1000)),
                                             ("max_iterations", .number(options.maxIterations)), ("verify", .bool(options.verify)),
-                                            ("throttle", .string(options.throttle.rawValue))]
+                                            ("throttle", .string(options.throttle.rawValue)),
+                                            ("compress", .string(options.migration.compression.rawValue))]
         if let bandwidth = options.bandwidth { pairs.append(("bandwidth", .number(bandwidth))) }
         if let timeout = options.timeout { pairs.append(("timeout_s", .number(timeout))) }
         pairs.append(("link_timeout_s", .number(options.migration.linkTimeoutSeconds)))
@@ -170,6 +172,7 @@ enum MigrateCommand {
         migration.linkTimeoutSeconds = options.migration.linkTimeoutSeconds
         migration.verify = options.verify
         migration.throttle = options.throttle
+        migration.compression = options.migration.compression
         migration.security = options.migration.security
         let sender = MigrationSender(machine: source, options: migration)
         stop.onSignal {

@@ -23,7 +23,7 @@ enum MigrateReplication {
             throw arguments.error("--\(option) applies to a migration, not to --\(actions[0])")
         }
         if !arguments.has("continuous") {
-            for option in ["to", "checkpoint-interval", "checkpoint-pages", "stats", "psk-file", "tls-dir", "tls-peer", "insecure"]
+            for option in ["to", "checkpoint-interval", "checkpoint-pages", "compress", "stats", "psk-file", "tls-dir", "tls-peer", "insecure"]
                 where arguments.has(option) {
                 throw arguments.error("--\(option) applies to --continuous (starting a replication)")
             }
@@ -70,6 +70,7 @@ enum MigrateReplication {
         var pairs: [(String, JSONValue)] = [("to", .string(standby.description)),
                                             ("checkpoint_interval_ms", .number(options.intervalSeconds * 1000))]
         if let pages = options.checkpointPages { pairs.append(("checkpoint_pages", .number(pages))) }
+        if let compress = try arguments.choice("compress") { pairs.append(("compress", .string(compress))) }
         // Checked here too, so a wrong key file or a plaintext standby on another host is a
         // usage error before the VM is asked.
         let security = try ChannelOptions.security(arguments)

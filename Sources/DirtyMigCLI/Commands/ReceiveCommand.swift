@@ -117,6 +117,7 @@ extension ReceiveCommand {
             let state = session != nil ? "standby" : peer == nil ? "listening" : "receiving"
             return ["name": .string(vmName), "state": .string(state), "pid": .number(Int(getpid())),
                     "listen": .string(shown.description), "from": peer.map { .string($0) } ?? .null,
+                    "received_bytes": peer == nil ? .null : receiver.activeBytesReceived.map { .number($0) } ?? .null,
                     "standby": session?.json ?? .null,
                     "prepared_memory": prepared.map { .number(Int($0.size)) } ?? .null,
                     "prepared_memory_state": prepared.map { .string($0.availability.rawValue) } ?? .null,

@@ -82,6 +82,9 @@ extension MigrationPlot {
         var remainingMiB: Double?
         var expectedMs: Double?
         var throttle: Double?
+        /// Each vCPU's share of the time since the sample before that it was held, percent
+        /// (nil in reports from before it was recorded).
+        var held: [Double]?
         var paused: Bool
     }
 
@@ -108,6 +111,10 @@ extension MigrationPlot {
         var setupEnd: Double?
         var downtimeLimitMs: Double?
         var throttleKind: String?
+        /// What the throttle panel shows, for its legend.
+        var throttleMeaning = "how hard the guest is held"
+        /// When the throttle first applied (the report's `started_s`).
+        var throttleStart: Double?
         /// The end of the time axis, seconds (> 0).
         var duration = 1.0
 
@@ -156,6 +163,13 @@ extension MigrationPlot {
                 remaining.points = samples.map { Point(t: $0.t, value: $0.remainingMiB) }
                 expectedDowntime.points = samples.map { Point(t: $0.t, value: $0.expectedMs) }
                 throttle.points = samples.map { Point(t: $0.t, value: $0.throttle) }
+                if throttleKind == "dirty-limit" || throttleKind == "dirty-quota",
+                   let held = Model.mostHeldVCPU(samples, ceilings: throttleReport?["final"]?["ceiling_mib_s"]?.arrayValue) {
+                    throttle.points = held.points
+                    throttleMeaning = held.meaning
+                } else if throttleKind == "cpu" {
+                    throttleMeaning = "share of time every vCPU is held"
+                }
                 let few = samples.count <= 12
                 for keyPath in [\Model.throughput, \.dirty, \.remaining, \.expectedDowntime, \.throttle] as [WritableKeyPath<Model, Series>] {
                     self[keyPath: keyPath].markers = few
@@ -180,6 +194,19 @@ extension MigrationPlot {
                 expectedDowntime.markers = true
                 throttle.markers = true
             }
+            // The timeline has an expected downtime only once a pass has ended (the first is
+            // null): in a migration shorter than a few samples it has none, though every pass
+            // that ended measured one (a 200 ms migration drew "no samples" over two passes'
+            // figures). The value at each pass's end goes in at its exact time.
+            let passEstimates = zip(passes, passStartTimes).compactMap { pass, _ -> Point? in
+                guard let end = pass.end, let value = pass.expectedMs else { return nil }
+                return Point(t: end, value: value)
+            }
+            if !samples.isEmpty, !passEstimates.isEmpty, expectedDowntime.points.filter({ $0.value != nil }).count < 2 {
+                expectedDowntime.points = Model.merged(expectedDowntime.points.filter { $0.value != nil }, passEstimates)
+                expectedDowntime.markers = true
+            }
+            throttleStart = number(throttleReport?["started_s"]).flatMap { $0 >= 0 ? $0 : nil }
 
             pauses = Model.pauses(in: samples)
             if let downtimeMs, downtimeMs > 0 {
@@ -211,10 +238,52 @@ extension MigrationPlot {
                               remainingMiB: number(sample["remaining_bytes"]).map { $0 / bytesPerMiB },
                               expectedMs: number(sample["expected_downtime_ms"]),
                               throttle: number(sample["throttle_percent"]),
+                              held: sample["held_percent"]?.arrayValue.map { $0.map { number($0) ?? 0 } },
                               paused: sample["paused"]?.boolValue ?? false)
             }
             // In time order, whatever the report's order; equal times keep theirs.
             return samples.enumerated().sorted { ($0.element.t, $0.offset) < ($1.element.t, $1.offset) }.map(\.element)
+        }
+
+        /// Two series as one, in time order (at equal times the first's point first).
+        private static func merged(_ first: [Point], _ second: [Point]) -> [Point] {
+            (first.map { ($0, 0) } + second.map { ($0, 1) }).enumerated()
+                .sorted { ($0.element.0.t, $0.element.1, $0.offset) < ($1.element.0.t, $1.element.1, $1.offset) }
+                .map(\.element.0)
+        }
+
+        /// A dirty-limit or dirty-quota throttle holds each vCPU by what it writes: the panel shows
+        /// the vCPU held most (over the whole timeline) and says which it is, with its ceiling at
+        /// the pause and how much the others were held, as `limit` lists them. An average over the
+        /// vCPUs read 44 % where the writer was held 90 % of the time and the readers never.
+        /// nil when the timeline has no per-vCPU figures.
+        private static func mostHeldVCPU(_ samples: [Sample], ceilings: [JSONValue]?) -> (points: [Point], meaning: String)? {
+            let count = samples.compactMap { $0.held?.count }.max() ?? 0
+            guard count > 0 else { return nil }
+            var totals = [Double](repeating: 0, count: count), peaks = totals
+            for held in samples.compactMap(\.held) {
+                for (vcpu, value) in held.enumerated() {
+                    totals[vcpu] += value
+                    peaks[vcpu] = max(peaks[vcpu], value)
+                }
+            }
+            let vcpu = totals.indices.max { totals[$0] < totals[$1] }!
+            // A sample with no figures (the one at the end, once the throttle is off) holds nobody.
+            let points = samples.map { sample in
+                Point(t: sample.t, value: sample.held.map { vcpu < $0.count ? $0[vcpu] : 0 })
+            }
+            // Nobody held (a throttle that never started): no vCPU to name.
+            guard peaks[vcpu] >= 0.5 else { return (points, "share of time a vCPU was held (none was)") }
+            var meaning = "share of time vCPU \(vcpu) was held"
+            if let ceiling = ceilings.flatMap({ vcpu < $0.count ? number($0[vcpu]) : nil }) {
+                meaning += " (ceiling " + Format.compact(ceiling) + " MiB/s at the pause)"
+            }
+            let others = peaks.indices.filter { $0 != vcpu }
+            if let othersPeak = others.map({ peaks[$0] }).max() {
+                let whom = others.count == 1 ? "vCPU \(others[0])" : "the other \(others.count) vCPUs"
+                meaning += othersPeak < 0.5 ? "; \(whom) never held" : "; \(whom) at most " + Format.compact(othersPeak) + " %"
+            }
+            return (points, meaning)
         }
 
         /// When the timeline first shows pass `number`: halfway between the sample before and the
@@ -528,7 +597,8 @@ extension MigrationPlot {
             }
             addPanel(height: 110, scale: downtimeScale, unit: downtimeScale.isLog ? "ms (log)" : "ms", legend: downtimeLegend,
                      hasData: model.expectedDowntime.hasValues)
-            let throttleName = model.throttleKind.map { "throttle (\($0)): how hard the guest is held" } ?? "throttle: how hard the guest is held"
+            let throttleName = "throttle" + (model.throttleKind.map { " (\($0))" } ?? "")
+                + (model.throttleStart.map { " from " + Format.compact($0) + " s" } ?? "") + ": " + model.throttleMeaning
             addPanel(height: 64, scale: .linear(top: 100, step: 50), unit: "%",
                      legend: [(.area(Colour.throttle), throttleName)], hasData: model.throttle.hasValues)
             let lastBottom = panels.last!.bottom
@@ -630,6 +700,12 @@ extension MigrationPlot {
             // The data.
             drawArea(&svg, model.remaining, panel: panels[1], colour: Colour.remaining, name: "remaining")
             drawArea(&svg, model.throttle, panel: panels[3], colour: Colour.throttle, name: "throttle")
+            if let start = model.throttleStart, model.throttle.hasValues {
+                // Where the throttle first applied: the samples around it bracket it 100 ms apart.
+                let px = x(start), panel = panels[3]
+                svg.line(px, panel.top, px, panel.bottom, [("class", "throttle-start"), ("stroke", Colour.throttle),
+                                                          ("stroke-width", "1.5")])
+            }
             drawLine(&svg, model.dirty, panel: panels[0], colour: Colour.dirty, width: 1.8, name: "dirty-rate")
             drawLine(&svg, model.throughput, panel: panels[0], colour: Colour.throughput, width: 2, name: "throughput")
             drawLine(&svg, model.expectedDowntime, panel: panels[2], colour: Colour.downtime, width: 2, name: "expected-downtime")
@@ -679,11 +755,6 @@ extension MigrationPlot {
             text.count <= limit ? text : String(text.prefix(max(0, limit - 1))) + "…"
         }
 
-        /// Pass labels ("pass N", or just "N" where that does not fit), the pause's length and
-        /// "setup", in `stripRows` rows above the panels. Greedy, the pause first: a label goes in
-        /// the first row where it overlaps no other label and crosses no pass line (a labelled
-        /// pass's line runs from its label's row down, so labels in lower rows must stay clear of
-        /// it). What does not fit is left out; the pass lines themselves are always drawn.
         /// Where a pause's label goes: at the band's edge on the side with room (a pause is
         /// usually at the end of the migration, so its label then reads leftwards from there).
         private func pauseLabel(_ band: Band) -> (x: Double, anchorEnd: Bool, lower: Double, upper: Double) {
@@ -696,6 +767,12 @@ extension MigrationPlot {
             return (start, false, start, start + textSpan)
         }
 
+        /// Pass labels ("pass N", or just "N" where that does not fit), the pause's length and
+        /// "setup", in `stripRows` rows above the panels. Greedy, the pause first: a label goes in
+        /// the first row where it overlaps no other label and crosses no pass line (a labelled
+        /// pass's line runs from its label's row down, so labels in lower rows must stay clear of
+        /// it). Every label lies within the plot's width. What does not fit is left out; the pass
+        /// lines themselves are always drawn.
         private func placeStripLabels(stripTop: Double, pauses: [Band]) -> [StripLabel] {
             var placed: [StripLabel] = []
             func conflicts(_ label: StripLabel) -> Bool {
@@ -712,7 +789,9 @@ extension MigrationPlot {
                     let textSpan = textWidth(text)
                     let lower = anchorEnd ? px - 4 - textSpan : px
                     let upper = anchorEnd ? px : px + 4 + textSpan
-                    guard lower >= plotLeft - 30, upper <= plotRight + 16 else { continue }
+                    // Within the plot's width: past its right edge a label ran into the picture's
+                    // edge ("5" cut), and beside the frame it reads as an axis label.
+                    guard lower >= plotLeft, upper <= plotRight else { continue }
                     for row in rows {
                         let label = StripLabel(row: row, text: text, x: anchorEnd ? px - 4 : px + 4, anchorEnd: anchorEnd,
                                                lower: lower, upper: upper, lineX: passIndex == nil ? nil : px,
@@ -731,7 +810,7 @@ extension MigrationPlot {
                 let px = x(pass.t)
                 // Right of the line; left of it only where the right runs off the plot.
                 let full = "pass \(pass.number)", short = "\(pass.number)"
-                let fitsRight = { (text: String) in px + 4 + textWidth(text) <= plotRight + 16 }
+                let fitsRight = { (text: String) in px + 4 + textWidth(text) <= plotRight }
                 var candidates: [(String, Bool)] = []
                 for text in [full, short] { candidates.append((text, !fitsRight(text))) }
                 place(candidates, at: px, passIndex: index, colour: Colour.muted, rows: rows)

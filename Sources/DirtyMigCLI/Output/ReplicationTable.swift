@@ -18,6 +18,7 @@ enum ReplicationTable {
         if let error = figures["error"]?.stringValue { row("error", error) }
         row("standby", figures["standby"]?.stringValue ?? "-")
         if let channel = figures["channel"], !channel.isNull { row("channel", ReportTable.channelText(channel)) }
+        if let compression = ReportTable.compressionText(figures["compression"]) { row("compression", compression) }
         row("track", figures["track"]?.stringValue ?? "-")
         var trigger = value("checkpoint_interval_ms") + " ms"
         if let pages = figures["checkpoint_pages"]?.doubleValue { trigger += ", or \(HumanNumber.grouped(pages)) dirty pages" }

@@ -11,6 +11,16 @@ enum ReportTable {
             + String(format: " (handshake %.1f ms)", channel["handshake_ms"]?.doubleValue ?? 0)
     }
 
+    /// "zstd: 33 of 33 batches, 64.0 MiB of pages in 19.2 MiB (ratio 3.34), 241 ms compressing", or nil
+    /// when compression was off.
+    static func compressionText(_ compression: JSONValue?) -> String? {
+        guard let compression, let mode = compression["mode"]?.stringValue, mode != "none" else { return nil }
+        func mib(_ key: String) -> String { String(format: "%.1f MiB", (compression[key]?.doubleValue ?? 0) / 1_048_576) }
+        return "\(mode): \(Int(compression["compressed_batches"]?.doubleValue ?? 0)) of \(Int(compression["batches"]?.doubleValue ?? 0)) batches, "
+            + "\(mib("page_bytes")) of pages in \(mib("page_wire_bytes"))"
+            + String(format: " (ratio %.2f), %.0f ms compressing", compression["ratio"]?.doubleValue ?? 1, compression["compress_ms"]?.doubleValue ?? 0)
+    }
+
     static func render(_ report: JSONValue) -> String {
         var lines: [String] = []
         func row(_ key: String, _ value: String) { lines.append(key.padding(toLength: 22, withPad: " ", startingAt: 0) + value) }
@@ -21,6 +31,7 @@ enum ReportTable {
         if let error = report["error"]?.stringValue { row("error", error) }
         row("destination", report["destination"]?.stringValue ?? "-")
         if let channel = report["channel"], !channel.isNull { row("channel", channelText(channel)) }
+        if let compression = compressionText(report["compression"]) { row("compression", compression) }
         row("track", report["track"]?.stringValue ?? "-")
         row("total", number("total_ms") + " ms")
         // A figure that was not measured (null in the JSON) is said so, never printed as 0.

@@ -73,11 +73,11 @@ public enum MigrationControl {
     }
 
     /// The `migrate` command's arguments: `to` (HOST:PORT, required), `bandwidth` (bytes/s),
-    /// `downtime_ms`, `max_iterations`, `timeout_s`, `link_timeout_s`, `verify`, `throttle`, and the channel's:
+    /// `downtime_ms`, `max_iterations`, `timeout_s`, `link_timeout_s`, `verify`, `throttle`, `compress`, and the channel's:
     /// `psk_file`, `tls_dir`, `tls_peer` (absolute paths, read by this process), `insecure`.
     static func migrationOptions(_ arguments: JSONValue) throws(ControlError) -> MigrationOptions {
         try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "link_timeout_s", "verify", "throttle",
-                                               "psk_file", "tls_dir", "tls_peer", "insecure"])
+                                               "compress", "psk_file", "tls_dir", "tls_peer", "insecure"])
         let destination = try target(arguments, command: "migrate", listener: "'dirtymig receive'")
         var options = MigrationOptions(destination: destination)
         let bandwidth = try arguments.doubleArgument("bandwidth")
@@ -101,6 +101,7 @@ public enum MigrationControl {
             guard let flag = verify.boolValue else { throw ControlError(.invalidArgument, "verify must be true or false") }
             options.verify = flag
         }
+        options.compression = try compression(arguments)
         options.security = try channelSecurity(arguments, connectingTo: destination)
         return options
     }
@@ -127,6 +128,15 @@ public enum MigrationControl {
             throw ControlError(.invalidArgument, "migrate-set needs 'bandwidth' (bytes/s, or \"unlimited\") or 'downtime_ms', or both")
         }
         return (bandwidth, downtime)
+    }
+
+    /// The `compress` argument of `migrate` and `replicate` (default none).
+    static func compression(_ arguments: JSONValue) throws(ControlError) -> PageCompression {
+        guard let name = try arguments.stringArgument("compress") else { return .none }
+        guard let mode = PageCompression(rawValue: name) else {
+            throw ControlError(.invalidArgument, "compress must be one of \(PageCompression.allCases.map(\.rawValue).joined(separator: ", ")), not '\(name)'")
+        }
+        return mode
     }
 
     /// The `to` argument (HOST:PORT) of `migrate` and `replicate`, which must be there.

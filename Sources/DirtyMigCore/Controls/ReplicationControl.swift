@@ -51,9 +51,9 @@ public enum ReplicationControl {
     }
 
     /// The `replicate` command's arguments: `to` (HOST:PORT, required), `checkpoint_interval_ms`,
-    /// `checkpoint_pages`, `stats` (a file path), and the channel's as for `migrate`.
+    /// `checkpoint_pages`, `compress`, `stats` (a file path), and the channel's as for `migrate`.
     static func replicationOptions(_ arguments: JSONValue, machine: Machine) throws(ControlError) -> ReplicationOptions {
-        try arguments.checkArguments(allowed: ["to", "checkpoint_interval_ms", "checkpoint_pages", "stats",
+        try arguments.checkArguments(allowed: ["to", "checkpoint_interval_ms", "checkpoint_pages", "compress", "stats",
                                                "psk_file", "tls_dir", "tls_peer", "insecure"])
         let standby = try MigrationControl.target(arguments, command: "replicate", listener: "'dirtymig receive --standby'")
         var options = ReplicationOptions(standby: standby)
@@ -65,6 +65,7 @@ public enum ReplicationControl {
         } catch {
             throw ControlError(.invalidArgument, error.description)
         }
+        options.compression = try MigrationControl.compression(arguments)
         options.statsPath = try arguments.stringArgument("stats")
         options.security = try MigrationControl.channelSecurity(arguments, connectingTo: standby)
         return options

@@ -43,10 +43,8 @@ final class WorkloadGuestPorts: BusDevice {
         consoles = (0..<vcpuCount).map { _ in Console() }
     }
 
-    /// Registers the device on each of its ports.
-    func register(on bus: inout DeviceBus) throws(DeviceBusError) {
-        for port in Self.ports { try bus.register(self, ports: port...port) }
-    }
+    /// The device on each of its ports, registered alone (the ports between them stay unclaimed).
+    var machineDevice: MachineDevice { MachineDevice(self, ports: Self.ports.map { $0...$0 }) }
 
     func read(_ access: DeviceAccess, into data: IOData) -> DeviceRequest { .none }
 

@@ -41,7 +41,9 @@ public struct GuestConfig: Sendable, Equatable {
         u64(tscHz); u64(memorySize); u64(GuestLayout.lowMemorySize(forTotal: memorySize))
         u64(GuestLayout.workloadBase); u64(0)
         for workload in vcpus {
-            u32(workload.kind.rawValue); u32(workload.pattern.rawValue); u32(workload.writePercent)
+            u32(workload.kind.rawValue)
+            u32(workload.pattern.rawValue | UInt32(workload.content.rawValue) << 16)   // u16 pattern, u16 content
+            u32(workload.writePercent)
             u32(GuestConfig.hotFractionPPM(workload.hotFraction))
             u64(workload.offset); u64(workload.size); u64(workload.rateBytesPerSecond)
             u64(workload.passes); u64(workload.seed); u64(workload.emitMicroseconds)
@@ -67,11 +69,14 @@ public struct GuestConfig: Sendable, Equatable {
         for index in 0..<count {
             let base = GuestLayout.configHeaderSize + GuestLayout.configEntrySize * index
             guard let kind = WorkloadKind(rawValue: u32(base)) else { throw .badValue("workload kind") }
-            guard let pattern = AccessPattern(rawValue: u32(base + 4)) else { throw .badValue("access pattern") }
-            vcpus.append(VCPUWorkload(kind: kind, pattern: pattern, hotFraction: Double(u32(base + 12)) / 1_000_000,
-                                      writePercent: u32(base + 8), offset: u64(base + 16), size: u64(base + 24),
-                                      rateBytesPerSecond: u64(base + 32), passes: u64(base + 40), seed: u64(base + 48),
-                                      emitMicroseconds: u64(base + 56)))
+            guard let pattern = AccessPattern(rawValue: u32(base + 4) & 0xFFFF) else { throw .badValue("access pattern") }
+            guard let content = PageContent(rawValue: UInt16(u32(base + 4) >> 16)) else { throw .badValue("page content") }
+            var workload = VCPUWorkload(kind: kind, pattern: pattern, hotFraction: Double(u32(base + 12)) / 1_000_000,
+                                        writePercent: u32(base + 8), offset: u64(base + 16), size: u64(base + 24),
+                                        rateBytesPerSecond: u64(base + 32), passes: u64(base + 40), seed: u64(base + 48),
+                                        emitMicroseconds: u64(base + 56))
+            workload.content = content
+            vcpus.append(workload)
         }
         self.vcpus = vcpus
     }

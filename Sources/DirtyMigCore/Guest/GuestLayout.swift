@@ -128,6 +128,21 @@ public enum AccessPattern: UInt32, Sendable {
     case sequential = 0, random = 1, hot = 2
 }
 
+/// What a write workload puts in the pages it writes (`content=`): one word, the rest as it was
+/// (zero unless written otherwise: mostly zero, the default); the whole page as text-like words
+/// (zstd -1 compresses it about 3x); the whole page random (incompressible).
+public enum PageContent: UInt16, Sendable, CaseIterable {
+    case sparse = 0, text = 1, random = 2
+
+    public var name: String {
+        switch self {
+        case .sparse: return "sparse"
+        case .text: return "text"
+        case .random: return "random"
+        }
+    }
+}
+
 public enum GuestVCPUState: UInt32, Sendable {
     case notStarted = 0, running = 1, finished = 2, idle = 3, failed = 4
 }

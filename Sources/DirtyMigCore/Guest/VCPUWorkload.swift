@@ -3,6 +3,8 @@
 public struct VCPUWorkload: Sendable, Equatable {
     public var kind: WorkloadKind
     public var pattern: AccessPattern
+    /// For `.write`: what the written pages hold.
+    public var content: PageContent = .sparse
     /// For `.hot`: the fraction of the working set (at its start) that takes 1 − F of the accesses.
     public var hotFraction: Double
     /// For `.mix`: the percentage of touched pages that are written (0...100).

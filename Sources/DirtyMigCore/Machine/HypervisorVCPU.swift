@@ -1,9 +1,11 @@
-/// What a vCPU thread (`VCPURunner`) needs of its vCPU: enter the guest until the next exit,
-/// complete a pending exit without entering it, be kicked, read its state, show its registers
-/// when it dies. `KVMVCPU` is the one hypervisor today; tests step a fake one, so that the vCPU
-/// state machine runs without /dev/kvm. This is the vCPU half of the hypervisor seam in its
-/// smallest form: what restore, CPUID and the dirty ring need joins it when Machine is built over
-/// the seam too.
+import CKVM
+
+/// The vCPU half of the hypervisor seam (see `Hypervisor`): what a vCPU thread (`VCPURunner`)
+/// needs of its vCPU (enter the guest until the next exit, complete a pending exit without
+/// entering it, be kicked, read its state, show its registers when it dies), and what `Machine`
+/// and a boot source need before it runs (its TSC rate, its entry registers, a restored state).
+/// `KVMVCPU` is the one hypervisor of the product; tests step a fake one, so that the vCPU state
+/// machine and a whole Machine run without /dev/kvm.
 protocol HypervisorVCPU: AnyObject, Sendable {
     /// The vCPU's index (and local APIC ID).
     var id: Int { get }
@@ -18,6 +20,15 @@ protocol HypervisorVCPU: AnyObject, Sendable {
     func requestImmediateExit(_ value: Bool)
     /// The vCPU's state, read while it is out of the guest with its last exit completed.
     func saveState(msrIndices: [UInt32]) throws(KVMError) -> VCPUState
+    /// Writes a saved state into this vCPU, which has never run; returns the MSRs refused.
+    @discardableResult
+    func restoreState(_ state: VCPUState) throws(KVMError) -> [UInt32]
+    /// The guest's TSC frequency in kHz.
+    func tscKHz() throws(KVMError) -> UInt64
+    /// The entry registers a boot source sets on the boot vCPU before it first runs.
+    func getSpecialRegisters() throws(KVMError) -> kvm_sregs
+    func setSpecialRegisters(_ sregs: kvm_sregs) throws(KVMError)
+    func setRegisters(_ regs: kvm_regs) throws(KVMError)
     /// Registers for an error report; nil if they cannot be read.
     func registerDump() -> VCPURegisterDump?
 }

@@ -1,15 +1,14 @@
 import Foundation
 
-/// A VM running the workload guest: KVM VM, guest RAM, vCPU threads and the dirty tracker,
-/// assembled in the order KVM requires and torn down in reverse.
+/// A VM: hypervisor VM, guest RAM, vCPU threads, the dirty tracker and the devices on its bus,
+/// assembled in the order KVM requires and torn down in reverse. What it boots, and which
+/// devices its guest talks to, come from its boot source (`BootSource`: the workload guest);
+/// the hypervisor under it is KVM, or in tests a fake (`Hypervisor`).
 public final class Machine: IncomingVM, @unchecked Sendable {
     // @unchecked: the components are immutable after init and thread-safe themselves; `state` is
     // guarded by `lock`.
     public let configuration: MachineConfiguration
-    public let kvm: KVMSystem
-    public let vm: KVMVirtualMachine
     public let memory: GuestMemory
-    public let vcpus: [KVMVCPU]
     public let tracker: DirtyTracker?
     /// The same tracker when it is the ring (ring and quota modes): it also carries the per-vCPU
     /// ceilings and pacing, which the bitmap cannot have.
@@ -24,19 +23,28 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     public let transferClaim = TransferClaim()
     /// The guest's TSC frequency, which paces its workloads.
     public let tscHz: UInt64
-    public let guestConfig: GuestConfig
     public let boot: Boot
     /// Where every throttle puts its penalties; each vCPU thread waits them out.
     public let holds: VCPUHolds
     /// Auto-converge (`migrate --throttle cpu`).
     public let cpuThrottle: CPUThrottle
-    private let runners: [VCPURunner<KVMVCPU>]
-    /// The devices the vCPUs' port I/O and MMIO exits go to: the workload guest's ports.
-    private let devices: DeviceBus
+    /// What the VM boots and its devices (what a hello announces to a destination).
+    let bootSource: any BootSource
+    /// The hypervisor and the VM in it (per pass only: saving and restoring the VM's state).
+    private let hypervisor: any Hypervisor
+    private let vm: any HypervisorVM
+    /// One per vCPU, in vCPU order; each a `VCPURunner` specialised for the hypervisor's vCPU.
+    private let runners: [any VCPUThread]
+    /// Starts every vCPU thread: made where the vCPU type is known, so that each thread runs
+    /// the specialised `VCPURunner` (see `Hypervisor`).
+    private let startThreads: @Sendable () -> Void
+    /// The devices whose state travels with the VM's, in the machine's device order.
+    private let statefulDevices: [any StatefulDevice]
 
     /// How the VM's CPUs and memory begin.
     public enum Boot: Sendable {
-        /// The workload guest boots from its image, with its config block and working sets.
+        /// The guest boots from its boot source (the workload guest: its image, config block and
+        /// working sets).
         case fresh
         /// The destination of a migration: the same KVM setup (tracking, irqchip, memory slots,
         /// vCPUs with CPUID), but guest memory stays empty and the vCPUs in their reset state
@@ -52,74 +60,62 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     private var msrIndices: [UInt32]?
     public private(set) var startTime: UInt64 = 0
 
+    /// A VM running the workload guest with `configuration.workloads`, on KVM.
     /// `memory`: guest RAM already allocated for this VM (PreparedMemory, for an incoming VM),
     /// of exactly its size; nil allocates it here.
-    public init(_ configuration: MachineConfiguration, kvm: KVMSystem? = nil, boot: Boot = .fresh,
-                memory prepared: GuestMemory? = nil) throws(MachineError) {
+    public convenience init(_ configuration: MachineConfiguration, kvm: KVMSystem? = nil, boot: Boot = .fresh,
+                            memory prepared: GuestMemory? = nil) throws(MachineError) {
+        let system: KVMSystem
+        if let kvm { system = kvm } else {
+            do throws(KVMError) { system = try KVMSystem() } catch { throw .kvm(error) }
+        }
+        try self.init(configuration, hypervisor: system,
+                      bootSource: WorkloadGuestBoot(memorySize: configuration.memorySize, workloads: configuration.workloads),
+                      boot: boot, memory: prepared)
+    }
+
+    /// A VM on `hypervisor` booting `bootSource`, with its devices and `extraDevices` on its bus
+    /// (their state saved and restored after the boot source's).
+    init<H: Hypervisor>(_ configuration: MachineConfiguration, hypervisor: H, bootSource: any BootSource,
+                        extraDevices: [MachineDevice] = [], boot: Boot = .fresh,
+                        memory prepared: GuestMemory? = nil) throws(MachineError) {
         precondition(prepared == nil || prepared?.size == configuration.memorySize)
         self.configuration = configuration
         self.boot = boot
+        self.bootSource = bootSource
+        self.hypervisor = hypervisor
+        let vcpus: [H.VM.VCPU]
+        let vm: H.VM
         do {
-            let kvm = try kvm ?? KVMSystem()
-            try configuration.validate(against: kvm)
+            try configuration.validate(against: hypervisor)
             // Before any allocation: a VM that would not fit is refused with the figures, not
             // OOM-killed later with no message (and another VM with it).
             // (Prepared memory was checked, and is resident, already.)
             if prepared == nil { try configuration.checkMemoryAvailable() }
-            self.kvm = kvm
-            vm = try kvm.createVM()
+            vm = try hypervisor.createVM()
+            self.vm = vm
             memory = try prepared ?? GuestMemory(size: configuration.memorySize)
-            holds = VCPUHolds(vcpuCount: configuration.vcpuCount)
+            let holds = VCPUHolds(vcpuCount: configuration.vcpuCount)
+            self.holds = holds
             let memory = self.memory, vcpuCount = configuration.vcpuCount
             pace = GuestPaceHistory(read: { GuestStats(memory: memory, vcpuCount: vcpuCount).vcpus.map(\.pages) })
 
             // Tracking capabilities must be enabled before any memory slot or vCPU exists.
-            var ringTracker: RingTracker? = nil
-            switch configuration.tracking {
-            case .bitmap?:
-                tracker = try BitmapTracker(vm: vm, memory: memory)
-            case .ring?, .quota?:
-                let ring = try RingTracker(vm: vm, memory: memory, entries: configuration.ringEntries,
-                                           mode: configuration.tracking!, holds: holds,
-                                           pollInterval: configuration.harvestInterval)
-                ringTracker = ring
-                tracker = ring
-            case nil:
-                tracker = nil
+            let tracker = try configuration.tracking.map { mode throws(KVMError) in
+                try vm.makeTracker(mode, memory: memory, configuration: configuration, holds: holds)
             }
-            self.ringTracker = ringTracker
+            self.tracker = tracker
+            ringTracker = tracker as? RingTracker
+            try vm.install(memory: memory)
 
-            try vm.setTSSAddress(0xFFFB_D000)
-            try vm.createIRQChip()
-            try vm.setMemorySlots(of: memory, logDirtyPages: false)
-
-            let cpuid = try kvm.supportedCPUID()
-            var vcpus: [KVMVCPU] = []
+            let cpuid = try hypervisor.supportedCPUID()
+            var made: [H.VM.VCPU] = []
             for id in 0..<configuration.vcpuCount {
-                let vcpu = try vm.createVCPU(id: id)
-                try vcpu.setCPUID(cpuid.forVCPU(apicID: UInt32(id)))
-                try ringTracker?.attach(vcpu)
-                vcpus.append(vcpu)
+                made.append(try vm.createVCPU(id: id, cpuid: cpuid, tracker: tracker))
             }
-            self.vcpus = vcpus
+            vcpus = made
             tscHz = try vcpus[0].tscKHz() * 1000
-
-            guestConfig = GuestConfig(tscHz: tscHz, memorySize: configuration.memorySize,
-                                      vcpus: configuration.workloads)
-            if boot == .fresh {
-                let image = GuestImage.workload
-                memory.write(image.bytes, at: image.loadAddress)
-                memory.write(guestConfig.encode(), at: GuestLayout.configAddress)
-                try MultibootEntry.configure(vcpus[0], entry: image.entryAddress)
-                for workload in configuration.workloads where workload.kind != .idle && workload.size > 0 {
-                    let start = GuestLayout.workloadBase + workload.offset
-                    try memory.populate(start..<start + workload.size)
-                }
-            }
-            var devices = DeviceBus()
-            try WorkloadGuestPorts(vcpuCount: configuration.vcpuCount, memory: memory,
-                                   reports: MachineGuestReports(events: events, output: output)).register(on: &devices)
-            self.devices = devices
+            if boot == .fresh { try bootSource.load(into: memory, bootVCPU: vcpus[0], tscHz: tscHz) }
         } catch let error as MachineError {
             throw error
         } catch let error as KVMError {
@@ -129,15 +125,26 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         } catch {
             throw .guestFailed("\(error)")
         }
+        let devices = bootSource.devices(DeviceContext(vcpuCount: configuration.vcpuCount, memory: memory,
+                                                       events: events, output: output)) + extraDevices
+        var bus = DeviceBus()
+        do { for device in devices { try device.register(on: &bus) } } catch {
+            throw .invalidConfiguration("the machine's devices overlap on its bus: \(error)")
+        }
+        statefulDevices = devices.compactMap { $0.device as? any StatefulDevice }
+        let ids = statefulDevices.map(\.stateID)
+        guard Set(ids).count == ids.count, ids.allSatisfy(DeviceState.isValidID) else {
+            throw .invalidConfiguration("the machine's device state ids must be unique printable names: \(ids)")
+        }
         let events = self.events
         let tracker = self.tracker
         let ringTracker = self.ringTracker
         let holds = self.holds
-        let devices = self.devices
         let runners = vcpus.map {
-            VCPURunner(vcpu: $0, tracker: tracker, ring: ringTracker, holds: holds, events: events, bus: devices)
+            VCPURunner(vcpu: $0, tracker: tracker, ring: ringTracker, holds: holds, events: events, bus: bus)
         }
         self.runners = runners
+        startThreads = { for runner in runners { runner.start() } }
         // Kicks capture the runners, not the machine: a strong capture of `self` would make
         // machine -> tracker -> kick -> machine a cycle that keeps the VM's memory alive. The
         // runners hold the tracker, so tracker -> kick -> runners -> tracker is one still:
@@ -159,7 +166,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         // into the guest: a thread made while earlier vCPUs already ran had to wait for a core
         // to say it had started (64 busy vCPUs on 2 cores: 6-7 s to start a received VM, all of
         // it downtime). Nobody waits for the `.resumed` replies.
-        for runner in runners { runner.start() }
+        startThreads()
         for runner in runners { runner.post(.resume) }
         pace.start()
         state = .running
@@ -204,7 +211,7 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         let msrIndices: [UInt32]
         do {
             // Fetched once: a replication saves the state hundreds of times a second.
-            if self.msrIndices == nil { self.msrIndices = try kvm.migratableMSRIndices() }
+            if self.msrIndices == nil { self.msrIndices = try hypervisor.migratableMSRIndices() }
             msrIndices = self.msrIndices!
         } catch {
             throw .kvm(error)
@@ -218,11 +225,12 @@ public final class Machine: IncomingVM, @unchecked Sendable {
             case .stopped: throw .state(.vmFailed(events.firstFailure.map { "\($0)" } ?? "vCPU \(vcpu) has stopped"))
             }
         }
-        do {
-            return MachineState(memorySize: configuration.memorySize, vcpus: states, devices: try vm.saveDeviceState())
-        } catch {
-            throw .kvm(error)
-        }
+        let inKernel: VMDeviceState
+        do { inKernel = try vm.saveDeviceState() } catch { throw .kvm(error) }
+        return MachineState(memorySize: configuration.memorySize, vcpus: states, devices: inKernel,
+                            deviceStates: statefulDevices.map {
+                                DeviceState(id: $0.stateID, version: $0.stateVersion, bytes: $0.saveState())
+                            })
     }
 
     /// Puts a saved state into this incoming VM, once, before start(). Its memory is filled
@@ -230,11 +238,14 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     /// Whether `saved` fits this VM (its vCPUs, its RAM), without restoring it: a standby checks
     /// each checkpoint's state this way before it applies and acknowledges the checkpoint.
     public func checkRestorable(_ saved: MachineState) throws(MachineError) {
-        guard saved.vcpus.count == vcpus.count else {
-            throw .state(.vcpuCountMismatch(saved: saved.vcpus.count, machine: vcpus.count))
+        guard saved.vcpus.count == runners.count else {
+            throw .state(.vcpuCountMismatch(saved: saved.vcpus.count, machine: runners.count))
         }
         guard saved.memorySize == configuration.memorySize else {
             throw .state(.memorySizeMismatch(saved: saved.memorySize, machine: configuration.memorySize))
+        }
+        guard saved.deviceStates.map(\.id) == statefulDevices.map(\.stateID) else {
+            throw .state(.devicesMismatch(saved: saved.deviceStates.map(\.id), machine: statefulDevices.map(\.stateID)))
         }
     }
 
@@ -248,13 +259,16 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         restored = true
         do {
             // Before start(): no vCPU thread exists yet, so the caller writes the state itself.
-            for (runner, vcpuState) in zip(runners, saved.vcpus) {
-                try runner.vcpu.restoreState(vcpuState)
-                runner.restoreParked(vcpuState.parked)
-            }
+            for (runner, vcpuState) in zip(runners, saved.vcpus) { try runner.restore(vcpuState) }
             try vm.restoreDeviceState(saved.devices)
         } catch {
             throw .kvm(error)
+        }
+        // Last, in the order saved (checkRestorable matched the ids): see MachineState.
+        for (device, deviceState) in zip(statefulDevices, saved.deviceStates) {
+            do throws(MachineStateError) { try device.restoreState(deviceState.bytes, version: deviceState.version) } catch {
+                throw .state(error)
+            }
         }
     }
 

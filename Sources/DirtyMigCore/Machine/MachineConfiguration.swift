@@ -67,15 +67,20 @@ public struct MachineConfiguration: Sendable {
 
     /// Refuses requests this host cannot satisfy, before anything is allocated.
     public func validate(against kvm: KVMSystem) throws(MachineError) {
+        try validate(against: kvm as any Hypervisor)
+    }
+
+    func validate(against hypervisor: any Hypervisor) throws(MachineError) {
         try Self.validate(memorySize: memorySize)
-        if vcpuCount < 1 || vcpuCount > min(kvm.maxVCPUs, GuestLayout.maxVCPUs) {
-            throw .invalidConfiguration("--vcpus \(vcpuCount): this host allows 1 to \(min(kvm.maxVCPUs, GuestLayout.maxVCPUs)) vCPUs (KVM allows \(kvm.maxVCPUs), the guest \(GuestLayout.maxVCPUs))")
+        let maxVCPUs = hypervisor.maxVCPUs
+        if vcpuCount < 1 || vcpuCount > min(maxVCPUs, GuestLayout.maxVCPUs) {
+            throw .invalidConfiguration("--vcpus \(vcpuCount): this host allows 1 to \(min(maxVCPUs, GuestLayout.maxVCPUs)) vCPUs (KVM allows \(maxVCPUs), the guest \(GuestLayout.maxVCPUs))")
         }
         if workloads.count != vcpuCount {
             throw .invalidConfiguration("\(workloads.count) workloads for \(vcpuCount) vCPUs")
         }
         if let tracking, tracking.usesDirtyRing {
-            let maximum = kvm.maxDirtyRingEntries
+            let maximum = hypervisor.maxDirtyRingEntries
             if maximum == 0 {
                 throw .invalidConfiguration("this kernel has no dirty ring; use --track bitmap")
             }

@@ -8,7 +8,7 @@ import CKVM
 enum MultibootEntry {
     static let bootloaderMagic: UInt64 = 0x2BAD_B002
 
-    static func configure(_ vcpu: KVMVCPU, entry: UInt64) throws(KVMError) {
+    static func configure<VCPU: HypervisorVCPU>(_ vcpu: VCPU, entry: UInt64) throws(KVMError) {
         var sregs = try vcpu.getSpecialRegisters()
         func flat(_ selector: UInt16, type: UInt8) -> kvm_segment {
             var segment = kvm_segment()

@@ -27,6 +27,21 @@ enum VCPUExitOutcome: Equatable {
     case halt
 }
 
+/// A vCPU thread as `Machine` drives it, whatever the hypervisor's vCPU type: the calls it makes
+/// per event and per pass (the thread itself is started where the type is known, see
+/// `Machine.startThreads`).
+protocol VCPUThread: AnyObject, Sendable {
+    @discardableResult
+    func post(_ event: VCPUEvent) -> VCPUReply
+    func kick()
+    func stop()
+    func saveState(msrIndices: [UInt32]) -> VCPUResponse
+    /// Before the thread starts: writes a saved state into the vCPU (parked included).
+    func restore(_ state: VCPUState) throws(KVMError)
+    /// The thread's kernel id (0 before it starts).
+    var threadID: UInt32 { get }
+}
+
 /// The thread that owns one vCPU, a state machine driven by typed events (`VCPUEvent`) that get
 /// typed replies (`VCPUResponse`), as Firecracker's `vstate/vcpu.rs`. Other threads only post
 /// events to its mailbox and kick it: a pause or a stop posted to a vCPU inside KVM_RUN kicks it
@@ -37,7 +52,7 @@ enum VCPUExitOutcome: Equatable {
 /// only through the request it returns (`DeviceRequest.parkVCPU` moves it to `.parked`). An
 /// access nobody claims: a port read leaves the exit's data as KVM left it, a port write is
 /// ignored, and an MMIO access ends the vCPU ("the guest accessed unmapped memory at 0x…").
-final class VCPURunner<VCPU: HypervisorVCPU>: @unchecked Sendable {
+final class VCPURunner<VCPU: HypervisorVCPU>: VCPUThread, @unchecked Sendable {
     // @unchecked: other threads touch only `mailbox` (thread-safe), the kick (immediate_exit
     // store + signal), `saveState` (under the mailbox's lock, see there) and `thread` (written by
     // start() before any of them is called). Everything else is the vCPU thread's own.
@@ -63,9 +78,11 @@ final class VCPURunner<VCPU: HypervisorVCPU>: @unchecked Sendable {
         self.bus = bus
     }
 
-    /// Before start(): a restored vCPU the guest had parked begins parked, and is never entered.
-    func restoreParked(_ parked: Bool) {
-        mailbox.publish(parked ? .parked : .paused)
+    /// Before start(): no vCPU thread exists yet, so the caller writes the state itself. A
+    /// restored vCPU the guest had parked begins parked, and is never entered.
+    func restore(_ state: VCPUState) throws(KVMError) {
+        try vcpu.restoreState(state)
+        mailbox.publish(state.parked ? .parked : .paused)
     }
 
     /// The vCPU thread's kernel id (0 before start()).

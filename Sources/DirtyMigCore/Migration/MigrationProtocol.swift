@@ -13,7 +13,8 @@ import Glibc
 ///     hello  ─────────────────────────────▶  checks version, role, layout, vCPUs, CPU, host
 ///            ◀─────────────────────────────  helloReply (accepted, or why not)
 ///     passPlan               (which pages pass 1 will carry, so the receiver can allocate ahead)
-///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied)
+///     pages … iterationEnd   (pass 1: all RAM that holds data; pass n: what was dirtied;
+///                             a batch whose pages compress travels as compressedPages)
 ///            ◀─────────────────────────────  iterationAck (the pass is in guest memory)
 ///     …   (the source pauses its vCPUs)
 ///     pages … iterationEnd   (the last dirty pages)
@@ -24,7 +25,8 @@ import Glibc
 /// Continuous replication (hello flag `replicate`, see ReplicationProtocol.swift) starts the
 /// same way, passes and all, and then, instead of `state` and `complete`, sends checkpoints:
 ///
-///     checkpointPages …      (one epoch's dirty pages, copied while the vCPUs were paused)
+///     checkpointPages …      (one epoch's dirty pages, copied while the vCPUs were paused;
+///                             pages that compress travel as checkpointCompressedPages)
 ///     checkpointEnd          (the epoch's vCPU/device state and a digest of the whole epoch)
 ///            ◀─────────────────────────────  checkpointAck (the standby's copy is this epoch now)
 ///     heartbeat              (when no checkpoint went out for a while)
@@ -46,13 +48,20 @@ public enum MigrationWire {
     /// 7: hello's link timeout (both sides give up on the same silent link).
     /// 8: every connection opens with its role and a session id (the hello's head); a control
     /// hello announces the connections that will join its session.
-    /// 9: post-copy (hello flag, its frames, the faults connection).
-    public static let version: UInt32 = 9
+    /// 9: the hello names the VM's boot source and carries its announcement (the workload
+    /// guest's config block), which the generic code does not read; saved state carries the
+    /// userspace devices' states (MachineState version 2).
+    /// 10: hello's page codec; the compressedPages and checkpointCompressedPages frames.
+    /// 11: post-copy (hello flag, its frames, the faults connection).
+    public static let version: UInt32 = 11
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
     public static let maxRangesPerBatch = 4096
     public static let maxBatchDataBytes = 64 << 20
+    /// Data per compressed batch, before compression: the receiver decompresses into a buffer
+    /// of this size at most (the sender's batches are 2 MiB, PageSender.batchDataBytes).
+    public static let maxCompressedBatchDataBytes = 8 << 20
     public static let maxStateBytes = 16 << 20
 
     /// A whole frame: header and payload.
@@ -98,22 +107,24 @@ public enum MigrationFrameType: UInt32, Sendable {
     case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8,
          iterationAck = 9, passPlan = 10,
          checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15,
-         replicationEnded = 16, tookOver = 17,
-         postcopySwitch = 18, postcopyRunning = 19, pageRequest = 20, postcopyEnd = 21, postcopyResult = 22
+         replicationEnded = 16, tookOver = 17, compressedPages = 18, checkpointCompressedPages = 19,
+         postcopySwitch = 20, postcopyRunning = 21, pageRequest = 22, postcopyEnd = 23, postcopyResult = 24
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
         switch self {
-        case .hello: return 96 + MigrationWire.maxStringBytes + 64 * (GuestLayout.maxVCPUs + 1)
+        case .hello: return 104 + MigrationWire.maxStringBytes + MigrationHello.maxBootAnnouncementBytes
         case .helloReply, .abort: return 16 + MigrationWire.maxStringBytes
         case .pages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxBatchDataBytes
+        // Smaller than the pages it holds, or it would have been sent as they are.
+        case .compressedPages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxCompressedBatchDataBytes
         case .iterationEnd: return 12
         case .iterationAck: return 4
         case .passPlan: return 4 + 8 * Int(GuestLayout.maxAddressableBytes / GuestLayout.pageSize / 64)
         case .state: return MigrationWire.maxStateBytes
         case .complete: return 17
         case .result: return 24 + MigrationWire.maxStringBytes
-        case .checkpointPages: return 12 + CheckpointWire.maxPagesPerFrame * (4 + 4096)
+        case .checkpointPages, .checkpointCompressedPages: return 12 + CheckpointWire.maxPagesPerFrame * (4 + 4096)
         case .checkpointEnd: return 32 + MigrationWire.maxStateBytes
         case .checkpointAck, .heartbeat, .replicationEnded, .tookOver: return 8
         case .replicationEnd: return 4 + MigrationWire.maxStringBytes
@@ -158,8 +169,13 @@ public struct MigrationHello: Sendable, Equatable {
     public var tscKHz: UInt64
     /// CPUID features the guest needs (leaf 1 EDX/ECX, leaf 0x80000001 EDX), as bit masks.
     public var requiredFeatures: CPUFeatureSet
-    /// The guest's config block, which also gives each vCPU's workload.
-    public var guestConfig: [UInt8]
+    /// What the VM boots (the destination builds the same)...
+    public var bootSource: BootSourceKind
+    /// ...and what that boot source announces (the workload guest: its config block, which gives
+    /// each vCPU's workload). Read by the boot source alone (`BootSources.decode`).
+    public var bootAnnouncement: [UInt8]
+    /// Largest boot source announcement a receiver reads.
+    public static let maxBootAnnouncementBytes = 64 << 10
     /// The sender will ask for --verify: the destination hashes each page as it lands, so that
     /// its half of the digest costs no downtime.
     public var verify = false
@@ -179,6 +195,11 @@ public struct MigrationHello: Sendable, Equatable {
     public var session = SessionID.random()
     /// The connections that will join the session, besides this one.
     public var joins = SessionJoins.none
+    /// The codec of the compressedPages frames the sender may send (`--compress`), as on the
+    /// wire: a receiver refuses a code it does not know (`pageCodec` nil) before it builds anything.
+    public var pageCodecCode: UInt32 = PageCodec.none.rawValue
+    /// The codec announced, if this build knows it.
+    public var pageCodec: PageCodec? { PageCodec(rawValue: pageCodecCode) }
 
     /// Bit 0 of the flags word.
     static let verifyFlag: UInt32 = 1
@@ -188,7 +209,7 @@ public struct MigrationHello: Sendable, Equatable {
     static let postcopyFlag: UInt32 = 4
 
     public init(name: String, memorySize: UInt64, vcpuCount: Int, tracking: TrackingMode?, ringEntries: Int,
-                tscKHz: UInt64, requiredFeatures: CPUFeatureSet, guestConfig: [UInt8]) {
+                tscKHz: UInt64, requiredFeatures: CPUFeatureSet, bootSource: BootSourceKind, bootAnnouncement: [UInt8]) {
         self.name = name
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount
@@ -196,7 +217,8 @@ public struct MigrationHello: Sendable, Equatable {
         self.ringEntries = ringEntries
         self.tscKHz = tscKHz
         self.requiredFeatures = requiredFeatures
-        self.guestConfig = guestConfig
+        self.bootSource = bootSource
+        self.bootAnnouncement = bootAnnouncement
     }
 
     static let trackingCodes: [TrackingMode?] = [nil, .bitmap, .ring, .quota]
@@ -217,8 +239,10 @@ public struct MigrationHello: Sendable, Equatable {
                    | (postcopy ? MigrationHello.postcopyFlag : 0))
         writer.u32(linkTimeoutMilliseconds)
         joins.encode(into: &writer)
+        writer.u32(pageCodecCode)
         writer.string(name)
-        writer.blob(guestConfig)
+        writer.u32(bootSource.rawValue)
+        writer.blob(bootAnnouncement)
         return writer.bytes
     }
 
@@ -257,8 +281,12 @@ public struct MigrationHello: Sendable, Equatable {
             throw .malformed("link timeout \(linkTimeoutMilliseconds) ms (1 s to 1 h)")
         }
         joins = try SessionJoins(reading: &reader)
+        pageCodecCode = try reader.u32()
         name = try reader.peerText()
-        guestConfig = try reader.blob(max: 64 * (GuestLayout.maxVCPUs + 1))
+        let kind = try reader.u32()
+        guard let bootSource = BootSourceKind(rawValue: kind) else { throw .malformed("boot source \(kind)") }
+        self.bootSource = bootSource
+        bootAnnouncement = try reader.blob(max: Self.maxBootAnnouncementBytes)
         try reader.finish()
     }
 }

@@ -56,7 +56,11 @@ public final class MigrationReceiver: Sendable {
     }
 
     public let listener: TCPSocket
-    public let kvm: KVMSystem
+    /// What received VMs run on (KVM; a test's fake): the host's limits a hello is checked against.
+    let hypervisor: any Hypervisor
+    /// Builds a received VM on `hypervisor`: made where the hypervisor's type is known, so that
+    /// the VM's vCPU threads run specialised (see `Hypervisor`).
+    private let makeMachine: @Sendable (MachineConfiguration, any BootSource, GuestMemory?) throws(MachineError) -> Machine
     /// The name the received VM gets (its control socket); nil keeps the sender's name.
     public let name: String?
     public let limits: Limits
@@ -113,22 +117,34 @@ public final class MigrationReceiver: Sendable {
         var committed = false
     }
 
-    public init(listener: TCPSocket, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
-                standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
-                log: @escaping @Sendable (String) -> Void = { _ in },
-                guestOutput: (@Sendable (String) -> Void)? = nil, preparedMemory: PreparedMemory? = nil,
-                onRunning: (@Sendable (Machine) -> Void)? = nil) {
+    public convenience init(listener: TCPSocket, kvm: KVMSystem, name: String? = nil, limits: Limits = Limits(),
+                            standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
+                            log: @escaping @Sendable (String) -> Void = { _ in },
+                            guestOutput: (@Sendable (String) -> Void)? = nil, preparedMemory: PreparedMemory? = nil,
+                            onRunning: (@Sendable (Machine) -> Void)? = nil) {
+        self.init(listener: listener, hypervisor: kvm, name: name, limits: limits, standby: standby, security: security,
+                  log: log, guestOutput: guestOutput, preparedMemory: preparedMemory, onRunning: onRunning)
+    }
+
+    init<H: Hypervisor>(listener: TCPSocket, hypervisor: H, name: String? = nil, limits: Limits = Limits(),
+                        standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
+                        log: @escaping @Sendable (String) -> Void = { _ in },
+                        guestOutput: (@Sendable (String) -> Void)? = nil, preparedMemory: PreparedMemory? = nil,
+                        onRunning: (@Sendable (Machine) -> Void)? = nil) {
         self.listener = listener
         self.preparedMemory = preparedMemory
         self.onRunning = onRunning
-        self.kvm = kvm
+        self.hypervisor = hypervisor
+        makeMachine = { configuration, bootSource, memory throws(MachineError) in
+            try Machine(configuration, hypervisor: hypervisor, bootSource: bootSource, boot: .incoming, memory: memory)
+        }
         self.name = name
         self.limits = limits
         self.standby = standby
         self.security = security
         self.guestOutput = guestOutput
         self.log = log
-        hostTSCKHz = (try? HostTSC.frequency(kvm: kvm)).map { $0 / 1000 }
+        hostTSCKHz = hypervisor.tscKHz
     }
 
     /// Listens on `endpoint`. A port in use is a clear error; so is a non-loopback address
@@ -141,12 +157,22 @@ public final class MigrationReceiver: Sendable {
                               guestOutput: (@Sendable (String) -> Void)? = nil,
                               preparedMemory: PreparedMemory? = nil,
                               onRunning: (@Sendable (Machine) -> Void)? = nil) throws(MigrationError) -> MigrationReceiver {
+        try listen(on: endpoint, addresses: addresses, hypervisor: kvm, name: name, limits: limits, standby: standby,
+                   security: security, log: log, guestOutput: guestOutput, preparedMemory: preparedMemory, onRunning: onRunning)
+    }
+
+    static func listen<H: Hypervisor>(on endpoint: HostPort, addresses: [SocketAddress]? = nil, hypervisor: H, name: String? = nil,
+                                      limits: Limits = Limits(), standby: StandbyOptions? = nil, security: ChannelSecurity = .plain,
+                                      log: @escaping @Sendable (String) -> Void = { _ in },
+                                      guestOutput: (@Sendable (String) -> Void)? = nil,
+                                      preparedMemory: PreparedMemory? = nil,
+                                      onRunning: (@Sendable (Machine) -> Void)? = nil) throws(MigrationError) -> MigrationReceiver {
         var checked = addresses ?? []
         if addresses == nil {
             do { checked = try security.checkListening(on: endpoint) } catch { throw .channel(error) }
         }
         do {
-            return MigrationReceiver(listener: try TCPSocket.listen(endpoint, addresses: checked), kvm: kvm, name: name, limits: limits,
+            return MigrationReceiver(listener: try TCPSocket.listen(endpoint, addresses: checked), hypervisor: hypervisor, name: name, limits: limits,
                                      standby: standby, security: security, log: log, guestOutput: guestOutput,
                                      preparedMemory: preparedMemory, onRunning: onRunning)
         } catch {
@@ -161,6 +187,10 @@ public final class MigrationReceiver: Sendable {
 
     /// Whether a migration holds the slot now, and from where.
     public var activePeer: String? { state.withLock { $0.active?.peer } }
+
+    /// What the migration (or replication) that holds the slot has received so far, bytes on its
+    /// connection; nil when none holds it.
+    public var activeBytesReceived: UInt64? { state.withLock { $0.active?.socket }?.bytesReceived }
 
     /// The session of the migration that holds the slot: where the connections that join it wait.
     public var activeSession: IncomingSession? { state.withLock { $0.active?.session } }
@@ -444,6 +474,13 @@ public final class MigrationReceiver: Sendable {
         state.withLock { $0.active?.id == id && $0.active?.committed == true }
     }
 
+    /// The page codec the hello announces, which this build must know: checked before the VM
+    /// is built, so an unknown one is refused with nothing allocated.
+    static func checkedCodec(_ hello: MigrationHello) throws(MigrationError) -> PageCodec {
+        guard let codec = hello.pageCodec else { throw .refused(PageCodec.unknown(hello.pageCodecCode)) }
+        return codec
+    }
+
     /// A replication reaches only a standby, and a standby takes only replications.
     static func roleMismatch(_ hello: MigrationHello, standby: StandbyOptions?,
                              postcopyUnavailable: () -> String? = { UserFaultFD.unavailableReason() }) -> String? {
@@ -473,7 +510,8 @@ public final class MigrationReceiver: Sendable {
 
     /// Builds the empty VM the hello announces, after checking it against this host.
     private func build(_ hello: MigrationHello) throws(MigrationError) -> Machine {
-        let configuration = try Self.configuration(for: hello, kvm: kvm, name: name, hostTSCKHz: hostTSCKHz)
+        let (configuration, bootSource) = try Self.configuration(for: hello, hypervisor: hypervisor, name: name,
+                                                                 hostTSCKHz: hostTSCKHz)
         let prepared = preparedMemory?.take(size: configuration.memorySize)
         if let preparedMemory, prepared == nil {
             log(preparedMemory.size == configuration.memorySize
@@ -481,7 +519,7 @@ public final class MigrationReceiver: Sendable {
                 : "the incoming VM has \(ByteSize.format(configuration.memorySize)) of RAM, not the \(ByteSize.format(preparedMemory.size)) prepared with --memory: it gets fresh memory")
         }
         do {
-            let machine = try Machine(configuration, kvm: kvm, boot: .incoming, memory: prepared)
+            let machine = try makeMachine(configuration, bootSource, prepared)
             machine.output.setSink(guestOutput)
             return machine
         } catch {
@@ -490,36 +528,32 @@ public final class MigrationReceiver: Sendable {
         }
     }
 
-    /// Checks a sender's announcement against this host, before anything is allocated: the
-    /// config block agrees with it and keeps the working sets inside RAM, the CPU has what the
-    /// guest uses, and the TSC ticks at the guest's rate. (Whether the memory is there is
-    /// checked when the VM is built, right before it is allocated.)
+    /// Checks a sender's announcement against this host, before anything is allocated: the boot
+    /// source's announcement agrees with it (the workload guest: its config block keeps the
+    /// working sets inside RAM), the CPU has what the guest uses, and the TSC ticks at the
+    /// guest's rate. (Whether the memory is there is checked when the VM is built, right before
+    /// it is allocated.)
     public static func configuration(for hello: MigrationHello, kvm: KVMSystem, name: String?,
                                      hostTSCKHz: UInt64?) throws(MigrationError) -> MachineConfiguration {
-        let config: GuestConfig
-        do { config = try GuestConfig(decoding: hello.guestConfig) } catch {
-            throw .protocolError(.malformed("guest config block: \(error)"))
-        }
-        guard config.memorySize == hello.memorySize, config.vcpus.count == hello.vcpuCount else {
-            throw .refused("the guest config block (\(config.vcpus.count) vCPUs, \(config.memorySize) bytes) disagrees with the announced VM (\(hello.vcpuCount) vCPUs, \(hello.memorySize) bytes)")
-        }
-        let workloadArea = hello.memorySize > GuestLayout.workloadBase ? hello.memorySize - GuestLayout.workloadBase : 0
-        for (index, workload) in config.vcpus.enumerated() where workload.kind != .idle {
-            guard workload.size <= workloadArea, workload.offset <= workloadArea - workload.size else {
-                throw .refused("vCPU \(index)'s working set (\(workload.size) bytes at offset \(workload.offset)) lies outside the VM's \(hello.memorySize) bytes of RAM")
-            }
-        }
-        let missing = hello.requiredFeatures.missing(in: kvm.cpuFeatures)
+        try configuration(for: hello, hypervisor: kvm, name: name, hostTSCKHz: hostTSCKHz).0
+    }
+
+    static func configuration(for hello: MigrationHello, hypervisor: any Hypervisor, name: String?,
+                              hostTSCKHz: UInt64?) throws(MigrationError) -> (MachineConfiguration, any BootSource) {
+        let bootSource = try BootSources.decode(hello.bootSource, hello.bootAnnouncement,
+                                                memorySize: hello.memorySize, vcpuCount: hello.vcpuCount)
+        let missing = hello.requiredFeatures.missing(in: hypervisor.cpuFeatures)
         guard missing.isEmpty else {
             throw .refused("this host's CPU lacks what the guest uses: \(missing.joined(separator: ", "))")
         }
-        try checkTSC(hello.tscKHz, hostKHz: hostTSCKHz, canScale: kvm.checkExtension(CKVM_CAP_TSC_CONTROL) > 0)
-        let configuration = MachineConfiguration(
+        try checkTSC(hello.tscKHz, hostKHz: hostTSCKHz, canScale: hypervisor.canScaleTSC)
+        var configuration = MachineConfiguration(
             name: name ?? hello.name, memorySize: hello.memorySize, vcpuCount: hello.vcpuCount,
-            workloads: config.vcpus, tracking: hello.tracking, ringEntries: hello.ringEntries)
+            workloads: [], tracking: hello.tracking, ringEntries: hello.ringEntries)
+        bootSource.describe(&configuration)
         // The memory check comes with the build (Machine.init), right before the allocation.
-        do { try configuration.validate(against: kvm) } catch { throw .refused("\(error)") }
-        return configuration
+        do { try configuration.validate(against: hypervisor) } catch { throw .refused("\(error)") }
+        return (configuration, bootSource)
     }
 
     /// x86 TSCs tick at 100 MHz to 20 GHz: anything else in a hello is not a real host's. The
@@ -570,6 +604,8 @@ enum IncomingMigration {
         switch type {
         case .pages:
             try pages.receive(from: channel, payloadLength: length)
+        case .compressedPages:
+            try pages.receiveCompressed(from: channel, payloadLength: length)
         case .passPlan:
             try pages.receivePlan(from: channel, payloadLength: length)
         case .iterationEnd:
@@ -597,13 +633,18 @@ enum IncomingMigration {
                                     faults: () -> (any MigrationConnection)? = { nil },
                                     log: (String) -> Void = { _ in }) throws(MigrationError) -> VM {
         let vm: VM
-        do { vm = try build() } catch {
+        let codec: PageCodec
+        do {
+            codec = try MigrationReceiver.checkedCodec(hello)
+            vm = try build()
+        } catch {
             try? channel.send(.helloReply, MigrationHelloReply.refuse(error.reasonForPeer).encode())
             throw error
         }
         built = true
+        let pages = try PageReceiver(memory: vm.memory, verifying: hello.verify, codec: codec)
         try channel.send(.helloReply, MigrationHelloReply.accept.encode())
-        var phase = Phase.receivingMemory(vm, PageReceiver(memory: vm.memory, verifying: hello.verify))
+        var phase = Phase.receivingMemory(vm, pages)
         defer {
             // However it ends, no thread keeps allocating pages for this migration.
             if case .receivingMemory(_, let pages) = phase { pages.passEnded() }

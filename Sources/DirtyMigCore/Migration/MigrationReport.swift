@@ -16,6 +16,8 @@ public struct MigrationOptions: Sendable {
     /// How to slow a guest that dirties faster than the link carries (resolved against the
     /// VM's tracking mode when the migration starts).
     public var throttle: ThrottleMode = .auto
+    /// How page batches travel (`--compress`).
+    public var compression: PageCompression = .none
     /// dirty-quota: let vCPUs draw on the quota others leave unused (off only to measure what
     /// the pool is worth: the benchmark's equal split).
     public var quotaPool = true
@@ -247,6 +249,8 @@ public struct MigrationReport: Sendable {
     public var timeline: [MigrationSample] = []
     /// What the connection was: encrypted or not, cipher, the peer's identity (nil if none was made).
     public var channel: ChannelDescription?
+    /// What compression did (`--compress`).
+    public var compression = CompressionReport(mode: .none)
     /// The limits changed while the migration ran (`migrate --set`), when, and from what to
     /// what; and how many changes more were made than kept.
     public var limitChanges: [MigrationLimits.Change] = []
@@ -284,6 +288,7 @@ public struct MigrationReport: Sendable {
             "error": error.map { .string($0) } ?? .null,
             "destination": .string(destination),
             "channel": channel?.json ?? .null,
+            "compression": compression.json,
             "total_ms": .number(totalSeconds * 1000), "setup_ms": setupSeconds.map { .number($0 * 1000) } ?? .null,
             "downtime_ms": downtimeMeasured ? .number(downtimeSeconds * 1000) : .null,
             "iterations": preCopyBegan ? .number(iterations) : .null,
@@ -348,8 +353,16 @@ public struct MigrationSample: Sendable, Equatable {
     public var throughputMiBPerSecond: Double
     public var dirtyPagesPerSecond: Double?
     public var expectedDowntimeSeconds: Double?
-    public var throttlePercent: Double
+    /// Auto-converge's setting: the share of time every vCPU is held (0: off).
+    public var cpuThrottlePercent: Int
+    /// Each vCPU's share of the time since the sample before that it spent held by a throttle
+    /// (auto-converge, a dirty limit or a dirty quota), percent.
+    public var heldPercent: [Double]
     public var paused: Bool
+
+    /// How hard the throttle holds the guest: auto-converge's setting, or the share of time the
+    /// most held vCPU was held, whichever is more.
+    public var throttlePercent: Double { max(Double(cpuThrottlePercent), heldPercent.max() ?? 0) }
 
     public var json: JSONValue {
         [
@@ -357,7 +370,8 @@ public struct MigrationSample: Sendable, Equatable {
             "remaining_bytes": .number(remainingBytes), "throughput_mib_s": .number(throughputMiBPerSecond),
             "dirty_pages_s": dirtyPagesPerSecond.map { .number($0) } ?? .null,
             "expected_downtime_ms": expectedDowntimeSeconds.map { .number($0 * 1000) } ?? .null,
-            "throttle_percent": .number(throttlePercent), "paused": .bool(paused),
+            "throttle_percent": .number(throttlePercent), "cpu_throttle_percent": .number(cpuThrottlePercent),
+            "held_percent": .array(heldPercent.map { .number($0) }), "paused": .bool(paused),
         ]
     }
 }

@@ -145,6 +145,7 @@ public final class MigrationSender: Sendable {
         report.track = machine.configuration.tracking
         report.destination = options.destination.description
         report.verify = options.verify ? "failed" : "off"
+        report.compression.mode = options.compression
         let throttleMode: ThrottleMode
         do { throttleMode = try options.throttle.resolved(for: machine.configuration.tracking) } catch {
             report.error = error.description
@@ -169,11 +170,7 @@ public final class MigrationSender: Sendable {
                     if let dirty { progress.dirtyPagesPerSecond = dirty }
                 }
             },
-            throttlePercent: {
-                let status = machine.throttleStatus()
-                let held = status.map(\.heldFraction).reduce(0, +) / Double(max(status.count, 1)) * 100
-                return max(Double(machine.cpuThrottle.percent), held)
-            },
+            cpuThrottlePercent: { machine.cpuThrottle.percent }, heldNanoseconds: { machine.holds.heldNanoseconds() },
             dirtyPages: { machine.configuration.tracking?.usesDirtyRing == true ? machine.tracker?.counters().totalPages : nil })
         var paused = false
         do {
@@ -214,7 +211,7 @@ public final class MigrationSender: Sendable {
         report.timeline = timeline.finish(final: MigrationSample(
             seconds: report.totalSeconds, phase: end.phase, pass: end.iteration, sentBytes: end.sentBytes,
             remainingBytes: end.remainingPages * 4096, throughputMiBPerSecond: 0,
-            dirtyPagesPerSecond: nil, expectedDowntimeSeconds: nil, throttlePercent: 0, paused: false))
+            dirtyPagesPerSecond: nil, expectedDowntimeSeconds: nil, cpuThrottlePercent: 0, heldPercent: [], paused: false))
         return report
     }
 
@@ -314,6 +311,7 @@ public final class MigrationSender: Sendable {
         hello.linkTimeoutMilliseconds = UInt32(options.linkTimeoutSeconds * 1000)
         hello.postcopy = options.postcopy != nil
         if hello.postcopy { hello.joins = SessionJoins(pages: 0, faults: 1) }
+        hello.pageCodecCode = options.compression.codec.rawValue
         _ = try session.greet(hello)
         let channel = session.channel
         // Post-copy's page requests get their own connection from the start, so that a request
@@ -329,7 +327,9 @@ public final class MigrationSender: Sendable {
         // in it) is irrelevant.
         let limits = self.limits
         let passes = try PreCopyPasses(memory: machine.memory, tracker: tracker, channel: channel,
-                                       bandwidth: { limits.bandwidth })
+                                       bandwidth: { limits.bandwidth }, compression: options.compression)
+        report.compression.mode = options.compression
+        defer { report.compression = passes.transfer.compressionReport }
         var bandwidth = 0.0
         // --verify hashes all guest memory here while the VM is paused (the destination hashed
         // pages as they landed): part of the downtime, so part of the expected downtime the

@@ -18,14 +18,22 @@ final class MigrationTimeline: Sendable {
     /// interval (an idle 4 GiB VM's 18 ms migration replied 104 ms after it began).
     private let wake = DispatchSemaphore(value: 0)
 
-    /// `read` gives the live progress; `throttlePercent` how hard the throttle holds the guest;
-    /// `dirtyPages` the tracker's cumulative count (nil where it only counts at collections).
+    /// `read` gives the live progress; `cpuThrottlePercent` auto-converge's setting (0 off);
+    /// `heldNanoseconds` each vCPU's cumulative time held by a throttle; `dirtyPages` the
+    /// tracker's cumulative count (nil where it only counts at collections).
+    ///
+    /// Each sample's `held_percent` is the share of the time since the sample before that each
+    /// vCPU spent held, measured here from the cumulative counts: the ring tracker's own
+    /// "last whole second" figure (what `limit` shows) is refreshed only when it harvests for a
+    /// collection, so it lagged the throttle by up to a pass (a throttle that started at 1.04 s
+    /// read 0 until the pass ended at 1.9 s, then held the same value for the whole next pass).
     init(started: UInt64, read: @escaping @Sendable () -> MigrationProgress,
          publish: @escaping @Sendable (_ throughputBytesPerSecond: Double, _ dirtyPagesPerSecond: Double?) -> Void,
-         throttlePercent: @escaping @Sendable () -> Double, dirtyPages: @escaping @Sendable () -> UInt64?) {
+         cpuThrottlePercent: @escaping @Sendable () -> Int, heldNanoseconds: @escaping @Sendable () -> [UInt64],
+         dirtyPages: @escaping @Sendable () -> UInt64?) {
         _ = OSThread(name: "migr-timeline") { [self] in
             var interval: UInt64 = 100_000_000
-            var last = (time: started, sent: UInt64(0), dirty: dirtyPages())
+            var last = (time: started, sent: UInt64(0), dirty: dirtyPages(), held: heldNanoseconds())
             var recent: [(time: UInt64, sent: UInt64)] = [(started, 0)]   // the last second's samples
             while running.load(ordering: .relaxed) {
                 _ = wake.wait(timeout: .now() + .nanoseconds(Int(interval)))
@@ -33,6 +41,7 @@ final class MigrationTimeline: Sendable {
                 let now = MonotonicClock.nanoseconds()
                 let progress = read()
                 let dirty = dirtyPages()
+                let held = heldNanoseconds()
                 let seconds = max(Double(now - last.time) / 1e9, 1e-6)
                 let throughput = Double(progress.sentBytes &- last.sent) / seconds
                 let dirtyRate = dirty.flatMap { now in last.dirty.map { Double(now &- $0) / seconds } }
@@ -46,7 +55,9 @@ final class MigrationTimeline: Sendable {
                     throughputMiBPerSecond: throughput / 1_048_576,
                     dirtyPagesPerSecond: dirtyRate,
                     expectedDowntimeSeconds: progress.expectedDowntimeSeconds,
-                    throttlePercent: throttlePercent(), paused: progress.phase == "stop-and-copy")
+                    cpuThrottlePercent: cpuThrottlePercent(),
+                    heldPercent: Self.heldPercent(now: held, before: last.held, nanoseconds: now - last.time),
+                    paused: progress.phase == "stop-and-copy")
                 samples.withLock { samples in
                     samples.append(sample)
                     if samples.count > Self.maxSamples {
@@ -54,10 +65,16 @@ final class MigrationTimeline: Sendable {
                         interval *= 2
                     }
                 }
-                last = (now, progress.sentBytes, dirty)
+                last = (now, progress.sentBytes, dirty, held)
             }
             finished.signal()
         }
+    }
+
+    /// Each vCPU's share of `nanoseconds` spent held, in percent, from two cumulative readings.
+    static func heldPercent(now: [UInt64], before: [UInt64], nanoseconds: UInt64) -> [Double] {
+        guard now.count == before.count, nanoseconds > 0 else { return [] }
+        return zip(now, before).map { min(100, Double($0 &- $1) / Double(nanoseconds) * 100) }
     }
 
     /// Stops sampling and returns the samples, with `final` (the state at the end) last.

@@ -1,5 +1,5 @@
-/// The frames of a pre-copy pass that describe pages: a pages frame's range table and the pass
-/// plan. Each is typed at both ends, its encoding and its decoding (with every bound the
+/// The frames of a pre-copy pass that describe pages: a pages frame's range table (also the head
+/// of a compressedPages frame) and the pass plan. Each is typed at both ends, its encoding and its decoding (with every bound the
 /// receiver checks) side by side. The page bytes themselves never pass through these types: the
 /// sender hands pointers into guest memory to sendmsg, the receiver reads straight into guest
 /// memory.
@@ -57,10 +57,23 @@ struct PageBatchTable: Equatable {
     /// pages and against the frame's length: the frame must be the table and the data it
     /// announces, no more, no less.
     init(decoding entries: [UInt8], count: Int, payloadLength: Int, pageCount: UInt64) throws(MigrationProtocolError) {
+        try self.init(decoding: entries, count: count, pageCount: pageCount)
+        try checkPlain(payloadLength: payloadLength)
+    }
+
+    /// A pages frame must be the table and the data it announces, no more, no less.
+    func checkPlain(payloadLength: Int) throws(MigrationProtocolError) {
+        guard encodedSize + dataBytes == payloadLength else {
+            throw .malformed("a page batch announcing \(dataBytes) data bytes in a \(payloadLength)-byte frame")
+        }
+    }
+
+    /// The `count` entries of the table, checked against a RAM of `pageCount` pages only (a
+    /// compressed batch's frame is checked against them by `compressedLength`).
+    init(decoding entries: [UInt8], count: Int, pageCount: UInt64) throws(MigrationProtocolError) {
         var reader = WireReader(entries, what: "page range table")
         var ranges: [PageRange] = []
         ranges.reserveCapacity(count)
-        var dataBytes = 0
         for _ in 0..<count {
             let first = try reader.u64(), pages = try reader.u32(), rawKind = try reader.u32()
             guard let kind = PageRange.Kind(rawValue: rawKind) else { throw .malformed("page range kind \(rawKind)") }
@@ -69,13 +82,26 @@ struct PageBatchTable: Equatable {
             guard pages > 0, first < pageCount, UInt64(pages) <= pageCount - first else {
                 throw .malformed("\(pages) pages from page \(first) lie outside RAM (\(pageCount) pages)")
             }
-            if kind == .data { dataBytes += Int(pages) * 4096 }
             ranges.append(PageRange(firstPage: first, count: pages, kind: kind))
         }
-        guard Self.encodedSize(ranges: count) + dataBytes == payloadLength else {
-            throw .malformed("a page batch announcing \(dataBytes) data bytes in a \(payloadLength)-byte frame")
-        }
         self.ranges = ranges
+    }
+
+    /// A compressedPages frame: the table, then one zstd frame of the `.data` ranges' bytes,
+    /// range after range. Returns the zstd frame's length, checked before it is read: the
+    /// data it announces must be 1 byte to `maxCompressedBatchDataBytes` (what the receiver
+    /// decompresses into at most), and the compressed bytes fewer than that (a batch that does
+    /// not get smaller travels as it is).
+    func compressedLength(payloadLength: Int) throws(MigrationProtocolError) -> Int {
+        let dataBytes = self.dataBytes
+        guard dataBytes > 0, dataBytes <= MigrationWire.maxCompressedBatchDataBytes else {
+            throw .malformed("a compressed page batch announcing \(dataBytes) data bytes (1 to \(MigrationWire.maxCompressedBatchDataBytes))")
+        }
+        let compressed = payloadLength - encodedSize
+        guard compressed > 0, compressed < dataBytes else {
+            throw .malformed("a compressed page batch of \(compressed) bytes for \(dataBytes) data bytes")
+        }
+        return compressed
     }
 
     /// The whole table at once (`bytes` may run on into the data), all steps in order.

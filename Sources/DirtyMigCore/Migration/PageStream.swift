@@ -78,11 +78,13 @@ struct PageSendTally {
 /// Sends pages straight from guest memory: the frame header and range table (PageBatchTable)
 /// are built here, in one reused buffer; the page bytes go to the socket from the guest's own
 /// mapping (sendmsg with one iovec per run), never copied. All-zero pages travel as a range
-/// flag with no bytes.
+/// flag with no bytes. With a compressor (`--compress`), a batch it chooses to compress goes out
+/// as a compressedPages frame: the same table, then the zstd frame of its data pages.
 struct PageSender {
     let channel: MigrationChannel
     let memory: GuestMemory
     let limiter: BandwidthLimiter
+    var compressor: PageBatchCompressor? = nil
     /// Data per batch: big enough that headers are noise, small enough to pace smoothly.
     static let batchDataBytes = 2 << 20
 
@@ -127,23 +129,35 @@ struct PageSender {
 
         func flush() throws(MigrationError) {
             guard !table.ranges.isEmpty else { return }
+            var compressed: UnsafeRawBufferPointer?
+            if dataBytes > 0, let compressor, compressor.wantsBatch() {
+                compressed = compressor.compress(table, dataBytes: dataBytes, from: memory)
+            }
+            let pageWireBytes = compressed?.count ?? dataBytes
             head.removeAll()
-            let payloadLength = table.encodedSize + dataBytes
-            MigrationFrameHeader(.pages, payloadLength: payloadLength).encode(into: &head)
+            let payloadLength = table.encodedSize + pageWireBytes
+            MigrationFrameHeader(compressed == nil ? .pages : .compressedPages, payloadLength: payloadLength).encode(into: &head)
             table.encode(into: &head)
-            let frameBytes = head.bytes.count + dataBytes
+            let frameBytes = head.bytes.count + pageWireBytes
+            let sendStarted = MonotonicClock.nanoseconds()
             limiter.willSend(frameBytes, shouldStop: shouldStop)
             if shouldStop() { throw .cancelled(MigrationSender.cancelledReason) }
             let base = UnsafeRawPointer(memory.base)
             let result = head.bytes.withUnsafeBytes { headBuffer in
                 var buffers = [headBuffer]
-                for range in table.ranges where range.kind == .data {
-                    buffers.append(UnsafeRawBufferPointer(start: base + Int(range.firstPage) * 4096,
-                                                          count: Int(range.count) * 4096))
+                if let compressed {
+                    buffers.append(compressed)
+                } else {
+                    for range in table.ranges where range.kind == .data {
+                        buffers.append(UnsafeRawBufferPointer(start: base + Int(range.firstPage) * 4096,
+                                                              count: Int(range.count) * 4096))
+                    }
                 }
                 return Result { () throws(SystemError) in try channel.transport.send(buffers) }
             }
             do { try result.get() } catch { throw .connection(error) }
+            compressor?.sent(pageBytes: dataBytes, pageWireBytes: pageWireBytes, compressed: compressed != nil,
+                             frameBytes: frameBytes, sendNanoseconds: MonotonicClock.nanoseconds() - sendStarted)
             tally.bytes += UInt64(frameBytes)
             var batch = PageSendTally(bytes: UInt64(frameBytes))
             for range in table.ranges {
@@ -204,10 +218,20 @@ final class PageReceiver {
     /// written to the memory file.
     static let chunkPages = PageWriter.chunkPages
 
+    /// Decompresses compressedPages frames; nil unless the hello announced a codec, so such a
+    /// frame from a sender that announced none is refused. (A standby's checkpoints use it too.)
+    let decompressor: PageBatchDecompressor?
+
     deinit { writer.close() }
 
-    init(memory: GuestMemory, verifying: Bool) {
+    init(memory: GuestMemory, verifying: Bool, codec: PageCodec = .none) throws(MigrationError) {
         self.memory = memory
+        switch codec {
+        case .none: decompressor = nil
+        case .zstd:
+            guard let decompressor = PageBatchDecompressor() else { throw .machine("cannot make a zstd decompression context (out of memory)") }
+            self.decompressor = decompressor
+        }
         writer = PageWriter(memory: memory, digest: verifying ? LandedPagesDigest(pageCount: memory.pageCount) : nil)
         hasData = DirtyPageBitmap(pageCount: memory.pageCount)
         allocatedAtSource = DirtyPageBitmap(pageCount: memory.pageCount)
@@ -261,15 +285,55 @@ final class PageReceiver {
     /// Reads one pages frame's payload (its header already read) into memory, validating the
     /// range table against RAM and the payload length before any page byte is read.
     func receive(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
+        let table = try receiveTable(from: channel, payloadLength: payloadLength)
+        try MigrationError.wrap { () throws(MigrationProtocolError) in try table.checkPlain(payloadLength: payloadLength) }
+        try land(table) { target, count throws(MigrationError) in
+            do throws(SystemError) { try channel.transport.receive(into: target, count: count) } catch { throw .connection(error) }
+        }
+    }
+
+    /// Reads one compressedPages frame's payload: the table (validated as a pages frame's), the
+    /// zstd frame's length checked against it, the zstd frame read, decompressed to exactly the
+    /// bytes the table announces (never more: see PageBatchDecompressor), and landed.
+    func receiveCompressed(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
+        guard let decompressor else {
+            throw .protocolError(.unexpected("a compressed page batch from a source that announced no compression"))
+        }
+        let table = try receiveTable(from: channel, payloadLength: payloadLength)
+        let compressedLength = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try table.compressedLength(payloadLength: payloadLength)
+        }
+        let buffer = decompressor.compressedBuffer(compressedLength)
+        do { try channel.transport.receive(into: buffer, count: compressedLength) } catch { throw .connection(error) }
+        let dataBytes = table.dataBytes
+        let pages = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try decompressor.decompress(compressedLength, dataBytes: dataBytes)
+        }
+        var offset = 0
+        try land(table) { target, count throws(MigrationError) in
+            memcpy(target, pages + offset, count)
+            offset += count
+        }
+    }
+
+    /// The range table at the head of a pages or compressedPages frame, each step bounded
+    /// before the next read.
+    private func receiveTable(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) -> PageBatchTable {
         try MigrationError.wrap { () throws(MigrationProtocolError) in try PageBatchTable.checkFrame(payloadLength: payloadLength) }
         let countBytes = try channel.receivePayload(PageBatchTable.countBytes)
         let count = try MigrationError.wrap { () throws(MigrationProtocolError) in
             try PageBatchTable.rangeCount(decoding: countBytes, payloadLength: payloadLength)
         }
         let entries = try channel.receivePayload(PageBatchTable.entryBytes * count)
-        let table = try MigrationError.wrap { () throws(MigrationProtocolError) in
-            try PageBatchTable(decoding: entries, count: count, payloadLength: payloadLength, pageCount: UInt64(memory.pageCount))
+        return try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try PageBatchTable(decoding: entries, count: count, pageCount: UInt64(memory.pageCount))
         }
+    }
+
+    /// Puts the batch `table` describes into guest memory: `fill` writes the next bytes of its
+    /// `.data` ranges (from the connection, or from a decompressed batch) to where they go.
+    private func land(_ table: PageBatchTable,
+                      fill: (UnsafeMutableRawPointer, Int) throws(MigrationError) -> Void) throws(MigrationError) {
         for range in table.ranges {
             let first = Int(range.firstPage), end = first + Int(range.count)
             switch range.kind {
@@ -284,21 +348,17 @@ final class PageReceiver {
                         // page comes twice in a pass, and passes end settled, so this cannot
                         // overtake a queued write of the same page.)
                         let target = memory.base + page * 4096
-                        do { try channel.transport.receive(into: target, count: (chunkEnd - page) * 4096) } catch {
-                            throw .connection(error)
-                        }
+                        try fill(target, (chunkEnd - page) * 4096)
                         writer.withDigest { $0?.landed(page..<chunkEnd, from: target) }
                         page = chunkEnd
                         continue
                     }
-                    // Connection -> a chunk -> (the writer's thread) the memory file, while this
-                    // thread reads the next chunk.
+                    // Connection (or decompressed batch) -> a chunk -> (the writer's thread) the
+                    // memory file, while this thread reads the next chunk.
                     let chunk = try writer.buffer()
-                    do {
-                        try channel.transport.receive(into: chunk, count: (chunkEnd - page) * 4096)
-                    } catch {
+                    do { try fill(chunk, (chunkEnd - page) * 4096) } catch {
                         writer.giveBack()
-                        throw .connection(error)
+                        throw error
                     }
                     writer.submit(firstPage: page, pageCount: chunkEnd - page, prefaulter: prefaulter)
                     page = chunkEnd

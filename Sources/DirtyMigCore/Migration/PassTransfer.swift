@@ -3,15 +3,31 @@
 /// passes and a replication's initial copy are the same step.
 final class PassTransfer {
     let channel: MigrationChannel
-    let pages: PageSender
+    private(set) var pages: PageSender
     /// The shortest wait for an acknowledgement seen so far: what the final one will cost at
     /// least (a round trip, and the receiver draining what is in flight).
     private(set) var shortestAcknowledgementSeconds = Double.infinity
 
-    /// `bandwidth`: the cap in force (nil: none), asked before every batch.
-    init(channel: MigrationChannel, memory: GuestMemory, bandwidth: @escaping () -> UInt64?) {
+    /// `bandwidth`: the cap in force (nil: none), asked before every batch. `compression`:
+    /// `--compress` (the hello announced its codec).
+    init(channel: MigrationChannel, memory: GuestMemory, bandwidth: @escaping () -> UInt64?,
+         compression: PageCompression = .none) throws(MigrationError) {
         self.channel = channel
         pages = PageSender(channel: channel, memory: memory, limiter: BandwidthLimiter(rate: bandwidth))
+        self.compression = compression
+        if compression != .none {
+            guard let compressor = PageBatchCompressor(mode: compression) else {
+                throw .machine("cannot make a zstd compression context (out of memory)")
+            }
+            pages.compressor = compressor
+        }
+    }
+
+    let compression: PageCompression
+
+    /// What compression did so far.
+    var compressionReport: CompressionReport {
+        CompressionReport(mode: compression, tally: pages.compressor?.tally ?? CompressionTally())
     }
 
     /// The plan of pass 1 (which pages it carries), so the receiver can allocate them ahead on
@@ -45,6 +61,7 @@ extension MigrationHello {
         self.init(name: machine.configuration.name, memorySize: machine.configuration.memorySize,
                   vcpuCount: machine.configuration.vcpuCount, tracking: machine.configuration.tracking,
                   ringEntries: machine.configuration.ringEntries, tscKHz: machine.tscHz / 1000,
-                  requiredFeatures: .workloadGuest, guestConfig: machine.guestConfig.encode())
+                  requiredFeatures: machine.bootSource.requiredFeatures, bootSource: machine.bootSource.kind,
+                  bootAnnouncement: machine.bootSource.announcement(tscHz: machine.tscHz))
     }
 }

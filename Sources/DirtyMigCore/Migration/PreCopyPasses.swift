@@ -32,12 +32,13 @@ final class PreCopyPasses {
 
     /// Starts pre-copy on `channel` (after the hello): forgets what the tracker collected before
     /// now (and any loss in it: pass 1 carries everything anyway) and sends pass 1's plan.
-    /// `bandwidth`: the cap in force (nil: none), asked before every batch.
+    /// `bandwidth`: the cap in force (nil: none), asked before every batch; `compression`: how
+    /// batches may travel (the hello announced its codec).
     init(memory: GuestMemory, tracker: DirtyTracker, channel: MigrationChannel,
-         bandwidth: @escaping () -> UInt64? = { nil }) throws(MigrationError) {
+         bandwidth: @escaping () -> UInt64? = { nil }, compression: PageCompression = .none) throws(MigrationError) {
         self.memory = memory
         self.tracker = tracker
-        transfer = PassTransfer(channel: channel, memory: memory, bandwidth: bandwidth)
+        transfer = try PassTransfer(channel: channel, memory: memory, bandwidth: bandwidth, compression: compression)
         do { _ = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
         pending = memory.dataPages()
         try transfer.sendPlan(pending)

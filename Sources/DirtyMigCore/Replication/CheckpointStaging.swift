@@ -11,18 +11,47 @@ final class CheckpointStaging {
     private var capacityPages = 0
     private var digest = CheckpointDigest()
 
-    init(memory: GuestMemory) { self.memory = memory }
+    /// Decompresses checkpointCompressedPages frames; nil unless the hello announced a codec.
+    private let decompressor: PageBatchDecompressor?
+
+    init(memory: GuestMemory, decompressor: PageBatchDecompressor? = nil) {
+        self.memory = memory
+        self.decompressor = decompressor
+    }
 
     deinit { buffer?.deallocate() }
 
     /// One checkpointPages frame (its header already read): validated before any byte of page
     /// data is read; the staging area never grows past the VM's own size.
     func receivePages(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
+        try receive(from: channel, payloadLength: payloadLength) { header throws(MigrationProtocolError) in
+            (try header.checkedCount(payloadLength: payloadLength), nil)
+        }
+    }
+
+    /// One checkpointCompressedPages frame: as a checkpointPages frame, but the pages' bytes are
+    /// one zstd frame, decompressed straight into the staging area, to exactly the pages
+    /// announced (and refused whole if it does not hold exactly them).
+    func receiveCompressedPages(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
+        guard decompressor != nil else {
+            throw .protocolError(.unexpected("a compressed checkpoint from a primary that announced no compression"))
+        }
+        try receive(from: channel, payloadLength: payloadLength) { header throws(MigrationProtocolError) in
+            let (count, compressed) = try header.checkedCompressed(payloadLength: payloadLength)
+            return (count, compressed)
+        }
+    }
+
+    /// The steps both frames share; `check` gives the pages a header announces and, for a
+    /// compressed frame, the length of its zstd frame.
+    private func receive(from channel: MigrationChannel, payloadLength: Int,
+                         check: (CheckpointPagesHeader) throws(MigrationProtocolError) -> (Int, Int?)) throws(MigrationError) {
         try MigrationError.wrap { () throws(MigrationProtocolError) in try CheckpointPagesHeader.checkFrame(payloadLength: payloadLength) }
         let headerBytes = try channel.receivePayload(CheckpointPagesHeader.size)
-        let (header, count) = try MigrationError.wrap { () throws(MigrationProtocolError) in
+        let (header, count, compressedLength) = try MigrationError.wrap { () throws(MigrationProtocolError) in
             let header = try CheckpointPagesHeader(decoding: headerBytes)
-            return (header, try header.checkedCount(payloadLength: payloadLength))
+            let (count, compressed) = try check(header)
+            return (header, count, compressed)
         }
         if let epoch, epoch != header.epoch {
             throw .protocolError(.malformed("pages of checkpoint \(header.epoch) while checkpoint \(epoch) is unfinished"))
@@ -38,7 +67,15 @@ final class CheckpointStaging {
         }
         try reserve(pages.count)
         let target = buffer! + first * 4096
-        do { try channel.transport.receive(into: target, count: count * 4096) } catch { throw .connection(error) }
+        if let compressedLength, let decompressor {
+            let compressed = decompressor.compressedBuffer(compressedLength)
+            do { try channel.transport.receive(into: compressed, count: compressedLength) } catch { throw .connection(error) }
+            try MigrationError.wrap { () throws(MigrationProtocolError) in
+                try decompressor.decompress(compressedLength, into: UnsafeMutableRawBufferPointer(start: target, count: count * 4096))
+            }
+        } else {
+            do { try channel.transport.receive(into: target, count: count * 4096) } catch { throw .connection(error) }
+        }
         for index in first..<pages.count { digest.add(page: pages[index], bytes: buffer! + index * 4096) }
     }
 

@@ -37,19 +37,24 @@ enum IncomingReplication {
                                     commit: () -> Bool, stopping: () -> Bool,
                                     log: @escaping @Sendable (String) -> Void) throws(MigrationError) -> VM {
         let vm: VM
-        do { vm = try build() } catch {
+        let codec: PageCodec
+        do {
+            codec = try MigrationReceiver.checkedCodec(hello)
+            vm = try build()
+        } catch {
             try? channel.send(.helloReply, MigrationHelloReply.refuse(error.reasonForPeer).encode())
             throw error
         }
         built = true
+        let initialPages = try PageReceiver(memory: vm.memory, verifying: false, codec: codec)
         var reply = MigrationHelloReply.accept
         reply.heartbeatMilliseconds = session.options.heartbeatMilliseconds
         try channel.send(.helloReply, reply.encode())
 
         // Once protecting, frames have no deadline of their own: silence is what counts (below).
         let watched = MigrationChannel(transport: connection)
-        let staging = CheckpointStaging(memory: vm.memory)
-        var phase = Phase.initialCopy(PageReceiver(memory: vm.memory, verifying: false))
+        let staging = CheckpointStaging(memory: vm.memory, decompressor: initialPages.decompressor)
+        var phase = Phase.initialCopy(initialPages)
         defer { if case .initialCopy(let pages) = phase { pages.passEnded() } }
         var lost: String
         var keepWaiting = false   // a bad checkpoint: the primary lives, so never take over unasked
@@ -171,6 +176,9 @@ enum IncomingReplication {
         switch type {
         case .checkpointPages:
             try staging.receivePages(from: channel, payloadLength: length)
+            return nil
+        case .checkpointCompressedPages:
+            try staging.receiveCompressedPages(from: channel, payloadLength: length)
             return nil
         case .checkpointEnd:
             let payload = try channel.receivePayload(length)

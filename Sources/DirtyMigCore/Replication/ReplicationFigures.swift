@@ -127,6 +127,8 @@ public struct ReplicationFigures: Sendable {
     public var uptimeSeconds = 0.0
     /// The channel to the standby: encrypted or not, cipher, who the standby proved to be.
     public var channel: ChannelDescription?
+    /// What compression did to the initial copy and the checkpoints (`--compress`).
+    public var compression = CompressionReport(mode: .none)
 
     public var lagCheckpoints: UInt64 { checkpointsSent - min(checkpointsSent, checkpointsAcknowledged) }
 
@@ -159,6 +161,7 @@ public struct ReplicationFigures: Sendable {
             ("output_lines_held", .number(outputLinesHeld)),
             ("lag_checkpoints", .number(lagCheckpoints)),
             ("ring_overruns", .number(ringOverruns)),
+            ("compression", compression.json),
             ("resyncs", .number(resyncs)),
             ("uptime_s", .number(uptimeSeconds)),
         ]

@@ -9,6 +9,8 @@ public struct ReplicationOptions: Sendable {
     public var statsPath: String?
     /// Credentials for the channel (TLS 1.3), as a migration's.
     public var security = ChannelSecurity.plain
+    /// How the initial copy's page batches and the checkpoints' pages travel (`--compress`).
+    public var compression: PageCompression = .none
     /// Copy an epoch's dirty pages into the staging buffer while it runs as well as in its pause
     /// (see StagedCheckpoint). Always on for users; the benchmark turns it off to show what the
     /// pause costs without it.

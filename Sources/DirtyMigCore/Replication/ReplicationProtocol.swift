@@ -5,7 +5,8 @@ import Glibc
 /// dense list of page numbers with their bytes (`checkpointPages`, as many frames as needed),
 /// then the vCPU and device state with a digest of the whole epoch (`checkpointEnd`). The standby
 /// stages an epoch and applies it only when the end arrived and the digest matched, so its copy
-/// is always exactly some checkpoint of the primary, never a torn one.
+/// is always exactly some checkpoint of the primary, never a torn one. With `--compress`, a
+/// frame's pages that shrink travel zstd-compressed (`checkpointCompressedPages`).
 public enum CheckpointWire {
     /// Pages per checkpointPages frame: 2 MiB of data, like a migration batch.
     public static let maxPagesPerFrame = 512
@@ -48,6 +49,19 @@ struct CheckpointPagesHeader: Equatable {
         epoch = try reader.u64()
         count = try reader.u32()
         try reader.finish()
+    }
+
+    /// A checkpointCompressedPages frame (the same header and page numbers, then one zstd frame
+    /// of the pages' bytes): the pages announced, if 1 to `maxPagesPerFrame`, and the zstd
+    /// frame's length, which must be at least a byte and less than the pages' bytes (pages that
+    /// do not shrink travel in a checkpointPages frame).
+    func checkedCompressed(payloadLength: Int) throws(MigrationProtocolError) -> (count: Int, compressedLength: Int) {
+        let count = Int(count)
+        let compressed = payloadLength - Self.size - 4 * count
+        guard count >= 1, count <= CheckpointWire.maxPagesPerFrame, compressed > 0, compressed < count * 4096 else {
+            throw .malformed("a compressed checkpoint pages frame announcing \(count) pages in \(payloadLength) bytes")
+        }
+        return (count, compressed)
     }
 
     /// The pages announced, if they are 1 to `maxPagesPerFrame` and exactly fill a frame of

@@ -61,9 +61,11 @@ public final class Replicator: Sendable {
         self.machine = machine
         self.options = options
         self.log = log
-        state = Mutex(Shared(figures: ReplicationFigures(
+        var figures = ReplicationFigures(
             standby: options.standby.description, track: machine.configuration.tracking,
-            intervalSeconds: options.intervalSeconds, checkpointPages: options.checkpointPages)))
+            intervalSeconds: options.intervalSeconds, checkpointPages: options.checkpointPages)
+        figures.compression.mode = options.compression
+        state = Mutex(Shared(figures: figures))
     }
 
     /// The figures now (recent windows for medians and rates).
@@ -124,9 +126,9 @@ public final class Replicator: Sendable {
         do {
             let channel = try connect()
             opened = channel
-            try initialCopy(channel)
+            let compressor = try initialCopy(channel)
             _ = OSThread(name: "repl-listen") { [self] in listenToStandby(channel) }
-            _ = OSThread(name: "repl-epochs") { [self] in epochLoop(channel) }
+            _ = OSThread(name: "repl-epochs") { [self] in epochLoop(channel, compressor: compressor) }
         } catch {
             lose(error.description)
             // The first checkpoint may have reached the standby: it must discard it, not read
@@ -164,6 +166,7 @@ public final class Replicator: Sendable {
         let channel = session.channel
         var hello = MigrationHello(announcing: machine)
         hello.replicate = true
+        hello.pageCodecCode = options.compression.codec.rawValue
         let reply = try session.greet(hello)
         heartbeatNanoseconds.store(UInt64(max(reply.heartbeatMilliseconds, 5)) * 1_000_000, ordering: .relaxed)
         state.withLock { $0.figures.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9 }
@@ -182,9 +185,11 @@ public final class Replicator: Sendable {
     }
 
     /// The migration's pre-copy, live, until what is left is small; then the first checkpoint.
-    private func initialCopy(_ channel: MigrationChannel) throws(MigrationError) {
+    /// Returns the compressor (`--compress`), whose measurements the checkpoints go on with.
+    private func initialCopy(_ channel: MigrationChannel) throws(MigrationError) -> PageBatchCompressor? {
         let started = MonotonicClock.nanoseconds()
-        let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel)
+        let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel,
+                                       compression: options.compression)
         var bytes: UInt64 = 0
         defer { state.withLock { $0.figures.ringOverruns += passes.ringOverruns } }
         for _ in 1...Self.maxInitialPasses {
@@ -199,7 +204,10 @@ public final class Replicator: Sendable {
         let staged = StagedCheckpoint(preparedPages: pending.count + 1024)
         staged.begin()
         let epoch = try checkpoint(into: staged, carrying: pending, first: true)
-        guard let sent = try staged.send(over: channel, shouldStop: { isStopping }) else { throw .cancelled(stopReasonText) }
+        let compressor = passes.transfer.pages.compressor
+        guard let sent = try staged.send(over: channel, compressor: compressor, shouldStop: { isStopping }) else {
+            throw .cancelled(stopReasonText)
+        }
         bytes += sent
         state.withLock { $0.figures.checkpointsSent += 1 }
         let ack = try channel.receive(.checkpointAck) { payload throws(MigrationProtocolError) in
@@ -213,12 +221,14 @@ public final class Replicator: Sendable {
             shared.figures.initialBytes = bytes
             shared.figures.bytesSent = bytes
             shared.figures.status = .protected
+            shared.figures.compression = CompressionReport(mode: options.compression, tally: compressor?.tally ?? CompressionTally())
         }
         acknowledged(epoch)
         if let pages = options.checkpointPages, let tracker = machine.tracker, tracker.hasDirtyTrigger {
             let wake = self.wake
             tracker.setDirtyTrigger(pages: pages) { wake.signal() }
         }
+        return compressor
     }
 
     /// Pages the staging buffer holds from the start (16 MiB): epochs up to this size never
@@ -316,7 +326,7 @@ public final class Replicator: Sendable {
     /// guest dirties in about this long (1,000 pages at 160 MiB/s took 0.75 ms to copy paused).
     static let lastStageLeadNanoseconds: UInt64 = 2_000_000
 
-    private func epochLoop(_ channel: MigrationChannel) {
+    private func epochLoop(_ channel: MigrationChannel, compressor: PageBatchCompressor?) {
         let staged = StagedCheckpoint(preparedPages: Self.preparedPages)
         let interval = UInt64(options.intervalSeconds * 1e9)
         let stagesEarly = options.stagesWhileRunning && interval >= Self.shortestStagedEpochNanoseconds
@@ -360,9 +370,10 @@ public final class Replicator: Sendable {
                 _ = try checkpoint(into: staged)
                 // A stop or a loss abandons the checkpoint between two of its frames: the end of
                 // replication must not wait behind megabytes on a slow link.
-                guard let bytes = try staged.send(over: channel, shouldStop: { isStopping }) else { break }
+                guard let bytes = try staged.send(over: channel, compressor: compressor, shouldStop: { isStopping }) else { break }
                 lastSend = MonotonicClock.nanoseconds()
                 state.withLock { shared in
+                    if let compressor { shared.figures.compression.tally = compressor.tally }
                     shared.figures.checkpointsSent += 1
                     shared.figures.bytesSent += bytes
                     shared.bytes.add(Double(bytes), at: lastSend)

@@ -137,7 +137,10 @@ final class StagedCheckpoint {
     /// Puts the checkpoint on the wire: checkpointPages frames of up to 512 pages straight from
     /// the buffer (one sendmsg each), then checkpointEnd with the digest. Returns the bytes sent,
     /// or nil if `shouldStop` said so between two frames (the standby drops a torn epoch whole).
-    func send(over channel: MigrationChannel, shouldStop: () -> Bool = { false }) throws(MigrationError) -> UInt64? {
+    /// With a `compressor`, the pages of a frame it chooses to compress travel as one zstd frame
+    /// (checkpointCompressedPages), if they shrink.
+    func send(over channel: MigrationChannel, compressor: PageBatchCompressor? = nil,
+              shouldStop: () -> Bool = { false }) throws(MigrationError) -> UInt64? {
         var digest = CheckpointDigest()
         var sent: UInt64 = 0
         var first = 0
@@ -147,19 +150,27 @@ final class StagedCheckpoint {
         while first < pages.count {
             if shouldStop() { return nil }
             let count = min(CheckpointWire.maxPagesPerFrame, pages.count - first)
-            let payload = CheckpointPagesHeader.payloadLength(pages: count)
+            let bytes = UnsafeRawBufferPointer(start: data! + first * 4096, count: count * 4096)
+            var compressed: UnsafeRawBufferPointer?
+            if let compressor, compressor.wantsBatch() { compressed = compressor.compress(bytes) }
+            let pageWireBytes = compressed?.count ?? bytes.count
+            let payload = CheckpointPagesHeader.size + count * 4 + pageWireBytes
             head.removeAll()
-            MigrationFrameHeader(.checkpointPages, payloadLength: payload).encode(into: &head)
+            MigrationFrameHeader(compressed == nil ? .checkpointPages : .checkpointCompressedPages,
+                                 payloadLength: payload).encode(into: &head)
             CheckpointPagesHeader(epoch: epoch, count: UInt32(count)).encode(into: &head)
             for index in first..<first + count { digest.add(page: pages[index], bytes: data! + index * 4096) }
+            let sendStarted = MonotonicClock.nanoseconds()
             let result = head.bytes.withUnsafeBytes { headBytes in
                 CheckpointPageList.withEncoded(pages, first..<first + count) { list in
-                    let bytes = UnsafeRawBufferPointer(start: data! + first * 4096, count: count * 4096)
-                    return Result { () throws(SystemError) in try channel.transport.send([headBytes, list, bytes]) }
+                    Result { () throws(SystemError) in try channel.transport.send([headBytes, list, compressed ?? bytes]) }
                 }
             }
             do { try result.get() } catch { throw .connection(error) }
-            sent += UInt64(MigrationWire.frameHeaderSize + payload)
+            let frameBytes = MigrationWire.frameHeaderSize + payload
+            compressor?.sent(pageBytes: bytes.count, pageWireBytes: pageWireBytes, compressed: compressed != nil,
+                             frameBytes: frameBytes, sendNanoseconds: MonotonicClock.nanoseconds() - sendStarted)
+            sent += UInt64(frameBytes)
             first += count
         }
         if shouldStop() { return nil }

@@ -330,6 +330,15 @@ public final class TCPSocket: MigrationTransport {
         }
     }
 
+    /// What this side's TCP has received from the peer so far (TCP_INFO's tcpi_bytes_received,
+    /// a u64 at offset 128 of the kernel's layout, Linux 4.1), nil where the kernel does not say:
+    /// how far an incoming migration has come, without its receiver counting (TLS records
+    /// included).
+    public var bytesReceived: UInt64? {
+        guard let info = tcpInfo(atLeast: 136) else { return nil }
+        return info.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 128, as: UInt64.self) }
+    }
+
     /// How long ago (ns) the peer's TCP last acknowledged anything (TCP_INFO's tcpi_last_ack_recv,
     /// a u32 of milliseconds at offset 56 of the kernel's layout), nil where the kernel does not
     /// say. Still readable after the kernel gave up on the connection: what tells, after the

@@ -2,7 +2,7 @@
 ///   VCPUS   N or N-M (absent: every vCPU)
 ///   KIND    idle | write | read | mix | check
 ///   keys    ws=SIZE, offset=SIZE, pattern=seq|random|hot:F, rate=RATE, writes=PCT (mix), passes=N,
-///           emit=DURATION (check)
+///           emit=DURATION (check), content=sparse|text|random (write)
 public struct WorkloadSpec: Sendable, Equatable {
     public var vcpus: ClosedRange<Int>?
     public var kind: WorkloadKind
@@ -15,8 +15,10 @@ public struct WorkloadSpec: Sendable, Equatable {
     public var passes: UInt64 = 0
     /// check: an output line this often (0 = none).
     public var emitMicroseconds: UInt64 = 0
+    /// write: what the written pages hold.
+    public var content: PageContent = .sparse
 
-    public static let keys = ["ws", "offset", "pattern", "rate", "writes", "passes", "emit"]
+    public static let keys = ["ws", "offset", "pattern", "rate", "writes", "passes", "emit", "content"]
     /// In WorkloadKind's order.
     public static let kinds = ["idle", "write", "read", "mix", "check"]
     /// emit=: 1 ms to 10 s. Every line costs an exit to the host and a write(2) to the output
@@ -71,6 +73,15 @@ public struct WorkloadSpec: Sendable, Equatable {
                     throw QuantityError("invalid workload '\(text)': emit=\(value) must be between 1ms and 10s")
                 }
                 spec.emitMicroseconds = UInt64(microseconds)
+            case "content":
+                guard spec.kind == .write else {
+                    throw QuantityError("invalid workload '\(text)': content= only applies to write workloads")
+                }
+                let names = PageContent.allCases.map(\.name)
+                guard let content = PageContent.allCases.first(where: { $0.name == value.lowercased() }) else {
+                    throw QuantityError("invalid workload '\(text)': content must be \(names.joined(separator: ", ")), not '\(value)'\(suggestion(value, names))")
+                }
+                spec.content = content
             case "pattern":
                 switch value.lowercased() {
                 case "seq": spec.pattern = .sequential
@@ -139,11 +150,13 @@ public enum WorkloadPlan {
                 throw QuantityError("vCPU \(vcpu): working set [\(ByteSize.format(offset)), \(ByteSize.format(offset + size))) lies outside the \(ByteSize.format(area)) workload area of a \(ByteSize.format(memorySize)) VM (the first 16 MiB are the guest's own)")
             }
             if spec.offset == nil { next = offset + size }
-            result.append(VCPUWorkload(kind: spec.kind, pattern: spec.pattern, hotFraction: spec.hotFraction,
-                                       writePercent: spec.writePercent ?? 50, offset: offset, size: size,
-                                       rateBytesPerSecond: spec.rate, passes: spec.passes,
-                                       seed: 0x9E37_79B9_7F4A_7C15 &* UInt64(vcpu + 1),
-                                       emitMicroseconds: spec.emitMicroseconds))
+            var workload = VCPUWorkload(kind: spec.kind, pattern: spec.pattern, hotFraction: spec.hotFraction,
+                                        writePercent: spec.writePercent ?? 50, offset: offset, size: size,
+                                        rateBytesPerSecond: spec.rate, passes: spec.passes,
+                                        seed: 0x9E37_79B9_7F4A_7C15 &* UInt64(vcpu + 1),
+                                        emitMicroseconds: spec.emitMicroseconds)
+            workload.content = spec.content
+            result.append(workload)
         }
         return result
     }

@@ -43,6 +43,12 @@
 #define PATTERN_SEQ 0
 #define PATTERN_RANDOM 1
 #define PATTERN_HOT 2
+/* What a write workload puts in a page: one word, the rest as it was (zero unless
+ * written otherwise: mostly zero, the default); the whole page as text-like words; the whole
+ * page random (incompressible). */
+#define CONTENT_SPARSE 0
+#define CONTENT_TEXT 1
+#define CONTENT_RANDOM 2
 
 #define STATE_NOT_STARTED 0
 #define STATE_RUNNING 1

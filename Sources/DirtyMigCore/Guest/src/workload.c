@@ -23,7 +23,9 @@ struct config_header {
 };
 
 struct vcpu_config {
-    u32 kind, pattern, write_percent, hot_ppm;
+    u32 kind;
+    u16 pattern, content;
+    u32 write_percent, hot_ppm;
     u64 ws_offset, ws_size, rate, passes, seed, emit_us;
 };
 
@@ -80,6 +82,7 @@ struct plan {
     u64 write_percent;              /* mix */
     u64 apic_id;
     u32 kind, pattern;
+    u64 content;                    /* write: CONTENT_* (mix has no register left to fill pages) */
 };
 
 static struct plan plans[MAX_VCPUS];
@@ -146,6 +149,66 @@ static inline __attribute__((always_inline)) u64 check_value(u64 page, u64 key) 
     return check_mix((page * CHECK_MUL) ^ check_mix(key)) | 1;
 }
 
+/* Text-like content: words of English, each with its space (some with a full stop), one of 64
+ * chosen per word by an xorshift. zstd -1 compresses such pages about 3x, as it does prose.
+ * An entry holds the word's bytes (at most 7) and, in its top byte, how many there are. */
+#define WORD(len, text) ((u64)(len) << 56 | (text))
+static const u64 text_words[64] = {
+#define W1(a) (u64)(a)
+#define W2(a, b) (W1(a) | (u64)(b) << 8)
+#define W3(a, b, c) (W2(a, b) | (u64)(c) << 16)
+#define W4(a, b, c, d) (W3(a, b, c) | (u64)(d) << 24)
+#define W5(a, b, c, d, e) (W4(a, b, c, d) | (u64)(e) << 32)
+#define W6(a, b, c, d, e, f) (W5(a, b, c, d, e) | (u64)(f) << 40)
+#define W7(a, b, c, d, e, f, g) (W6(a, b, c, d, e, f) | (u64)(g) << 48)
+    WORD(4, W4('t','h','e',' ')), WORD(3, W3('o','f',' ')), WORD(4, W4('a','n','d',' ')), WORD(3, W3('t','o',' ')),
+    WORD(3, W3('i','n',' ')), WORD(3, W3('i','s',' ')), WORD(5, W5('t','h','a','t',' ')), WORD(4, W4('f','o','r',' ')),
+    WORD(3, W3('i','t',' ')), WORD(3, W3('a','s',' ')), WORD(4, W4('w','a','s',' ')), WORD(5, W5('w','i','t','h',' ')),
+    WORD(3, W3('b','e',' ')), WORD(3, W3('b','y',' ')), WORD(3, W3('o','n',' ')), WORD(4, W4('n','o','t',' ')),
+    WORD(5, W5('p','a','g','e',' ')), WORD(5, W5('t','h','i','s',' ')), WORD(4, W4('a','r','e',' ')), WORD(3, W3('o','r',' ')),
+    WORD(7, W7('m','e','m','o','r','y',' ')), WORD(5, W5('f','r','o','m',' ')), WORD(3, W3('a','t',' ')), WORD(6, W6('w','h','i','c','h',' ')),
+    WORD(4, W4('b','u','t',' ')), WORD(5, W5('h','a','v','e',' ')), WORD(3, W3('a','n',' ')), WORD(5, W5('t','h','e','y',' ')),
+    WORD(4, W4('y','o','u',' ')), WORD(5, W5('w','e','r','e',' ')), WORD(4, W4('h','e','r',' ')), WORD(6, W6('t','h','e','r','e',' ')),
+    WORD(5, W5('b','e','e','n',' ')), WORD(4, W4('o','n','e',' ')), WORD(4, W4('a','l','l',' ')), WORD(3, W3('w','e',' ')),
+    WORD(6, W6('t','h','e','i','r',' ')), WORD(4, W4('h','a','s',' ')), WORD(6, W6('w','o','u','l','d',' ')), WORD(5, W5('w','h','e','n',' ')),
+    WORD(3, W3('i','f',' ')), WORD(3, W3('s','o',' ')), WORD(3, W3('n','o',' ')), WORD(5, W5('w','i','l','l',' ')),
+    WORD(5, W5('m','o','r','e',' ')), WORD(4, W4('c','a','n',' ')), WORD(4, W4('o','u','t',' ')), WORD(3, W3('u','p',' ')),
+    WORD(4, W4('w','h','o',' ')), WORD(5, W5('t','h','e','m',' ')), WORD(5, W5('s','o','m','e',' ')), WORD(5, W5('i','n','t','o',' ')),
+    WORD(5, W5('o','n','l','y',' ')), WORD(6, W6('a','b','o','u','t',' ')), WORD(5, W5('t','h','a','n',' ')), WORD(6, W6('t','h','e','n','.',' ')),
+    WORD(6, W6('c','o','u','l','d',' ')), WORD(6, W6('h','o','s','t','.',' ')), WORD(5, W5('w','h','a','t',' ')), WORD(6, W6('t','i','m','e','.',' ')),
+    WORD(4, W4('i','t','s',' ')), WORD(6, W6('t','h','e','s','e',' ')), WORD(4, W4('t','w','o',' ')), WORD(5, W5('d','a','y','.',' ')),
+};
+
+/* Fills the rest of the page whose first word is `word` (written already) with `content`, text
+ * or random, from the xorshift state `x` (never 0): a different page every write. The loop it
+ * is inlined into has few registers left (see workload_loop), so this takes two more only: the
+ * state and one for the words; `word` itself walks the page (the caller is done with it).
+ * Text words go in with one unaligned 8-byte store each (the bytes after a word are overwritten
+ * by the next); the last few bytes, where such a store would run past the page, are spaces. */
+static inline __attribute__((always_inline))
+void fill_page(volatile u64 *word, u64 content, u64 x) {
+    volatile u8 *at = (volatile u8 *)(word + 1);
+    if (content == CONTENT_RANDOM) {
+        do {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *(volatile u64 *)at = x;
+            at += 8;
+        } while ((u64)at & 4095);
+        return;
+    }
+    do {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        u64 entry = text_words[x & 63];
+        *(volatile u64 *)at = entry & 0x00FFFFFFFFFFFFFFul;
+        at += entry >> 56;
+    } while (((u64)at & 4095) <= 4096 - 8);
+    while ((u64)at & 4095) *at++ = ' ';
+}
+
 static inline __attribute__((always_inline, noreturn))
 void workload_loop(const volatile struct plan *p, const u32 kind, const u32 pattern) {
     u64 touched = 0, cursor, accumulator = 0, remainder = 0;
@@ -203,6 +266,7 @@ void workload_loop(const volatile struct plan *p, const u32 kind, const u32 patt
         touched++;
         if (kind == KIND_WRITE) {
             *word = touched;
+            if (p->content != CONTENT_SPARSE) fill_page(word, p->content, (touched * SCRAMBLE_MUL) | 1);
         } else if (kind == KIND_READ) {
             (void)*word;
         } else if (kind == KIND_CHECK) {
@@ -228,7 +292,10 @@ void workload_loop(const volatile struct plan *p, const u32 kind, const u32 patt
             }
         } else {
             accumulator += p->write_percent;
-            if (accumulator >= 100) { accumulator -= 100; *word = touched; }
+            if (accumulator >= 100) {
+                accumulator -= 100;
+                *word = touched;
+            }
             else (void)*word;
         }
 
@@ -368,7 +435,7 @@ static __attribute__((noreturn)) void run_workload(u32 id) {
     u32 kind = cfg->kind, pattern = cfg->pattern;
     u64 n = cfg->ws_size >> 12;
     if (kind == KIND_IDLE || n == 0) { st->state = STATE_IDLE; halt_forever(); }
-    if (kind > KIND_CHECK || pattern > PATTERN_HOT) fail(ERR_BAD_VERSION, st);
+    if (kind > KIND_CHECK || pattern > PATTERN_HOT || cfg->content > CONTENT_RANDOM) fail(ERR_BAD_VERSION, st);
     if (kind == KIND_CHECK && pattern == PATTERN_HOT) fail(ERR_BAD_WORKLOAD, st);
 
     struct plan *p = &plans[id];
@@ -388,6 +455,7 @@ static __attribute__((noreturn)) void run_workload(u32 id) {
     p->apic_id = id;
     p->kind = kind;
     p->pattern = pattern;
+    p->content = cfg->content;
     u64 passes = cfg->passes;
     p->limit = passes && passes <= ~0ul / n ? passes * n : 0;
 
