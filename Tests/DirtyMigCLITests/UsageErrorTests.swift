@@ -73,6 +73,16 @@ final class UsageErrorTests: XCTestCase {
         try expectUsageError(["migrate", "--status", "--to", "127.0.0.1:4444"], mentions: ["--to does not go with --status"])
         try expectUsageError(["migrate", "--set", "downtime=1s", "--bandwidth", "1M"], mentions: ["--set bandwidth=VALUE"])
         try expectUsageError(["migrate", "--status", "--replication"], mentions: ["--replication does not go with --status"])
+        try expectUsageError(["migrate", "--start-postcopy", "--status"], mentions: ["cannot be combined"])
+        try expectUsageError(["migrate", "--start-postcopy", "--postcopy"], mentions: ["--postcopy does not go with --start-postcopy"])
+    }
+
+    func testPostcopyOptions() throws {
+        try expectUsageError(["migrate", "--postcopy-after", "2"], mentions: ["--postcopy-after applies with --postcopy"])
+        try expectUsageError(["migrate", "--postcopy", "--postcopy-after", "0"], mentions: ["--postcopy-after", "positive whole number"])
+        try expectUsageError(["migrate", "--postcopy", "--postcopy-after", "1001"], mentions: ["--postcopy-after 1001", "1 to 1000"])
+        try expectUsageError(["migrate", "--continuous", "--to", "127.0.0.1:4444", "--postcopy"],
+                             mentions: ["a replicated VM cannot switch to post-copy"])
     }
 
     func testImpossibleRequests() throws {

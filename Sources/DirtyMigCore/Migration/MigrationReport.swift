@@ -119,7 +119,8 @@ public struct MigrationPass: Sendable {
 /// line) shows. A figure not measured yet is nil (null in the JSON), never 0: the expected
 /// downtime is known only once a pass has ended and its dirty pages were counted.
 public struct MigrationProgress: Sendable {
-    /// starting, connecting, pre-copy, stop-and-copy, completed, failed.
+    /// starting, connecting, pre-copy, stop-and-copy (or, with --postcopy, switching to
+    /// post-copy and post-copy), completed, failed.
     public var phase: String = "starting"
     public var destination = ""
     public var iteration = 0
@@ -170,6 +171,10 @@ public struct MigrationProgress: Sendable {
 
     /// Seconds left, while the migration copies memory (nil otherwise, or when unknown).
     public var etaSeconds: Double? {
+        if phase == "post-copy" {   // no more passes: what is left, at the rate it goes out
+            guard let throughput = throughputBytesPerSecond, throughput > 0 else { return nil }
+            return Double(remainingPages) * 4096 / throughput
+        }
         guard phase == "pre-copy" || phase == "stop-and-copy" else { return nil }
         return forecast.secondsLeft
     }

@@ -147,7 +147,11 @@ public final class MigrationSender: Sendable {
         report.verify = options.verify ? "failed" : "off"
         report.compression.mode = options.compression
         let throttleMode: ThrottleMode
-        do { throttleMode = try options.throttle.resolved(for: machine.configuration.tracking) } catch {
+        // With --postcopy, `auto` throttles nothing: post-copy is the answer to a guest that
+        // outruns the link, and slowing it as well would cost the guest its speed for nothing.
+        // A throttle asked for by name still applies during pre-copy.
+        let asked = options.postcopy != nil && options.throttle == .auto ? ThrottleMode.none : options.throttle
+        do { throttleMode = try asked.resolved(for: machine.configuration.tracking) } catch {
             report.error = error.description
             report.throttle.mode = options.throttle
             update { $0.phase = "failed" }
