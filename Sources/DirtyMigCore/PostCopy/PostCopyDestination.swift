@@ -110,6 +110,11 @@ enum PostCopyDestination {
         do {
             try vm.restoreState(try MachineState(decoding: frame.state))
             faults.allowConcurrentSendAndReceive()
+            // Answers come only when the guest faults, which it may not do for minutes: the
+            // connection waits without an idle timeout, and the link rule (the kernel's, at the
+            // source's --link-timeout) says when it is dead.
+            faults.tcp.watchLink(timeoutSeconds: linkTimeoutSeconds)
+            faults.setTimeouts(send: linkTimeoutSeconds, receive: 0)
             let faultChannel = MigrationChannel(transport: faults)
             resolver = try DemandFaultResolver(memory: vm.memory, lacking: frame.lacking(pageCount: pageCount)) { pages in
                 // A request that cannot go out (the link failed) leaves its vCPU waiting: the
