@@ -8,14 +8,6 @@ import XCTest
 /// wrote reads as zero, a stale copy is dropped before the guest can read it, and no page is
 /// placed twice.
 final class DemandFaultTests: XCTestCase {
-    private func requireUserfaultfd() throws {
-        if let reason = UserFaultFD.unavailableReason() {
-            let message = "skipped: needs userfaultfd with missing faults on shared memory (\(reason))"
-            FileHandle.standardError.write(Data((message + "\n").utf8))
-            throw XCTSkip(message)
-        }
-    }
-
     private func page(_ value: UInt8) -> [UInt8] { [UInt8](repeating: value, count: 4096) }
 
     /// A plain thread reads lacking pages: each read waits for its page, served from a second

@@ -8,14 +8,6 @@ import XCTest
 /// memory finds nothing lost, stale or torn; the switch by hand and after N passes; a destination
 /// that cannot serve demand faults refuses at the hello.
 final class PostCopyMigrationTests: XCTestCase {
-    private func requireUserfaultfd() throws {
-        if let reason = UserFaultFD.unavailableReason() {
-            let message = "skipped: needs userfaultfd with missing faults on shared memory (\(reason))"
-            FileHandle.standardError.write(Data((message + "\n").utf8))
-            throw XCTSkip(message)
-        }
-    }
-
     private func check(_ pattern: AccessPattern, offset: UInt64, size: UInt64, rate: UInt64, seed: UInt64) -> VCPUWorkload {
         VCPUWorkload(kind: .check, pattern: pattern, offset: offset, size: size, rateBytesPerSecond: rate, seed: seed)
     }
