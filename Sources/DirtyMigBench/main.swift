@@ -81,7 +81,7 @@
 //       the same idle time before every run, order alternated, median (min-max) of N runs
 //       (default 5). Scenarios, 1 GiB and 2 vCPUs each: a writer pre-copy cannot keep up with
 //       (v0 checking 512 MiB at random at 400 MiB/s, v1 reading 256 MiB); a reader walking the
-//       working set of a 100 MiB/s random writer; idle. Columns: whether it switched, total and
+//       working set at 50 MiB/s while a 100 MiB/s random writer rewrites it; idle. Columns: whether it switched, total and
 //       downtime ms, MB before and after the switch, page requests, fault latency p50/p99
 //       (dirtymig's; QEMU 7.2 has none), the vCPUs' summed blocked time (QEMU:
 //       postcopy-blocktime's per-vCPU figures), and the share of its pace the reader vCPU kept
