@@ -34,6 +34,13 @@ final class UsageErrorTests: XCTestCase {
             (["migration", "--runs"], "--runs needs a value"),
             (["migration", "--runs", "2"], "at least 5 runs"),
             (["migrations"], "no benchmark named 'migrations'"),
+            (["postcopy", "--encrypted"], "postcopy does not take '--encrypted'"),
+            (["postcopy", "--only", "xen"], "--only xen: expected dirtymig or qemu"),
+            (["postcopy", "--scenario", "busy"], "--scenario busy: expected writer, reader, idle"),
+            (["postcopy", "--bandwidth", "fast"], "--bandwidth fast: invalid rate"),
+            (["postcopy", "--bandwidth", "100K"], "at least 1M"),
+            (["postcopy", "--no-qemu", "--only", "qemu"], "leave nothing to run"),
+            (["postcopy", "--runs", "0"], "--runs must be at least 1"),
         ]
         for (arguments, words) in cases {
             let result = try CLI.run(arguments, program: bench)
@@ -45,6 +52,7 @@ final class UsageErrorTests: XCTestCase {
         let help = try CLI.run(["migration", "--help"], program: bench)
         XCTAssertEqual(help.status, 0, help.stderr)
         XCTAssertTrue(help.stdout.contains("--encrypted") && help.stdout.contains("replication"), help.stdout)
+        XCTAssertTrue(help.stdout.contains("postcopy [--runs N]") && help.stdout.contains("[--bandwidth RATE]"), help.stdout)
     }
 
     func testValuesThatDoNotParse() throws {
