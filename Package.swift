@@ -11,6 +11,8 @@ let package = Package(
     targets: [
         // <linux/kvm.h> for Swift: ioctl numbers, struct layouts, kvm_run union accessors. No logic.
         .target(name: "CKVM"),
+        // <linux/userfaultfd.h> for Swift: post-copy's demand faults. No logic.
+        .target(name: "CUserfaultfd"),
         // The system's OpenSSL (libssl, libcrypto) for Swift: TLS 1.3 contexts, PSK and certificate
         // glue, the handshake's outcome. No cryptography of our own; `.ci/run` installs libssl-dev.
         .target(name: "CTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
@@ -20,7 +22,7 @@ let package = Package(
         // Everything with logic in it: KVM layer, guest memory, guest image, tracking, control protocol.
         .target(
             name: "DirtyMigCore",
-            dependencies: ["CKVM", "CTLS", "CZstd"],
+            dependencies: ["CKVM", "CTLS", "CZstd", "CUserfaultfd"],
             exclude: ["Guest/src"]
         ),
         // The `dirtymig` executable: argument parsing, one file per subcommand, output.

@@ -51,6 +51,9 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l status -d "show
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l set -x -a "bandwidth= downtime=" -d "change the running migration's limits"
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l throttle -x -a 'auto none cpu dirty-limit dirty-quota'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l compress -x -a 'none zstd auto' -d 'compress page batches with zstd'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l postcopy -d 'switch to post-copy when pre-copy cannot meet --downtime'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l postcopy-after -x -d 'with --postcopy: switch after N pre-copy passes'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l start-postcopy -d 'switch the migration under way to post-copy'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l memory -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vcpus -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l workload -x

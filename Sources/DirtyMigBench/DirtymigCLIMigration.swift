@@ -15,10 +15,14 @@ import Foundation
 /// `credentials` (`--psk-file FILE`) go to both `receive` and `migrate`. `prepareMemory` starts
 /// the receiver with `--memory` (the VM's size): it allocates the RAM before it listens, as QEMU's
 /// destination does with -mem-prealloc, so the clock starts on resident memory.
+///
+/// `watch` is for a benchmark that reads more than the report (the post-copy benchmark reads
+/// the guest's pace on both ends): it is called at both ends of the pace window, every 100 ms
+/// while `migrate` runs, and given the report.
 func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, conditions: MigrationRunConditions,
                              credentials: [String] = [], prepareMemory: Bool = false,
                              placement: MigrationPlacement = .loopback, sampleETA: Bool = false,
-                             migrateArguments: [String] = []) throws -> MigrationMeasurement {
+                             migrateArguments: [String] = [], watch: DirtymigRunWatch? = nil) throws -> MigrationMeasurement {
     // Plaintext beyond loopback is refused without --insecure, on both sides.
     let credentials = credentials.isEmpty && placement.acrossHosts ? ["--insecure"] : credentials
     let scratch = try ScratchDirectory("dirtymig-bench")
@@ -46,7 +50,9 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, co
     if conditions.warm { WarmMemory.touchAndFree(scenario.warmBytes) }
     // The 0.5 s QEMU's run spends here reading its guest's pace (dirtymig's VM keeps its own at
     // hand), so that both destinations wait as long before the migration starts.
-    Thread.sleep(forTimeInterval: 0.5)
+    watch?.paceWindow(source, false)
+    Thread.sleep(forTimeInterval: conditions.paceWindowSeconds)
+    watch?.paceWindow(source, true)
     let started = MonotonicClock.seconds()
     let others = OthersCPUShare(children: [boot.pid, receive.pid])
     let migrate = try ChildProcess(dirtymig, ["migrate", "--vm", source, "--to", address,
@@ -58,7 +64,7 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, co
     let watcher = sampleETA ? try? ControlClient(path: source, callTimeout: 2) : nil
     defer { watcher?.close() }
     let deadline = MonotonicClock.seconds() + conditions.migrationTimeoutSeconds
-    while !migrate.waitForExit(timeout: watcher == nil ? conditions.migrationTimeoutSeconds : 0.1) {
+    while !migrate.waitForExit(timeout: watcher == nil && watch == nil ? conditions.migrationTimeoutSeconds : 0.1) {
         guard MonotonicClock.seconds() < deadline else {
             migrate.stop()
             throw BenchError("dirtymig migrate did not finish within \(Int(conditions.migrationTimeoutSeconds)) s")
@@ -67,6 +73,7 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, co
            let elapsed = progress["elapsed_s"]?.doubleValue {
             etaSamples.append((elapsed, eta))
         }
+        watch?.duringMigration(source, destination)
     }
     let wallMs = (MonotonicClock.seconds() - started) * 1000
     let othersShare = others.othersShare(children: [boot.pid, receive.pid])
@@ -75,10 +82,12 @@ func runDirtymigCLIMigration(_ scenario: MigrationScenario, dirtymig: String, co
           report["status"]?.stringValue == "completed" else {
         throw BenchError("dirtymig migrate \(migrate.exitDescription ?? "?"): \(output.prefix(500)) \(migrate.stderrTail)")
     }
+    watch?.report = report
 
     // The guest must run at the destination; then both ends are let go as a user would.
     _ = try receive.expectLine(containing: "received and running", timeout: 30)
     try checkRunning(socket: destination, vcpus: scenario.vcpus)
+    watch?.afterMigration(destination)
     _ = try? ControlClient(path: destination).call("quit", timeout: 5)
     if !boot.waitForExit(timeout: 30) { throw BenchError("dirtymig boot did not exit after its VM migrated: \(boot.stderrTail)") }
     receive.waitForExit(timeout: 30)
@@ -121,5 +130,26 @@ private func checkRunning(socket: String, vcpus: Int) throws {
     let status = try client.call("query-status")
     guard status["state"]?.stringValue == "running", GuestProgress(status: status).passes.count == vcpus else {
         throw BenchError("the destination VM is not running: \(status.serialized().prefix(300))")
+    }
+}
+
+/// What a benchmark reads of one dirtymig run besides the figures `runDirtymigCLIMigration`
+/// returns. Each hook gets the control socket of the side it reads and runs in the benchmark's
+/// main thread; its cost (one control call) falls inside or outside the clock as said.
+final class DirtymigRunWatch {
+    /// At the start (false) and the end (true) of the pace window, before the clock: the source.
+    let paceWindow: (_ source: String, _ ended: Bool) -> Void
+    /// Every 100 ms while `migrate` runs (inside the clock).
+    let duringMigration: (_ source: String, _ destination: String) -> Void
+    /// Once the VM runs at the destination, after the clock: the destination.
+    let afterMigration: (_ destination: String) -> Void
+    /// `migrate --json`'s report, once it completed.
+    var report: JSONValue?
+
+    init(paceWindow: @escaping (String, Bool) -> Void, duringMigration: @escaping (String, String) -> Void,
+         afterMigration: @escaping (String) -> Void) {
+        self.paceWindow = paceWindow
+        self.duringMigration = duringMigration
+        self.afterMigration = afterMigration
     }
 }

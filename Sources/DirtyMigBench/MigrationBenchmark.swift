@@ -191,17 +191,30 @@ final class BenchPSK {
 func runAlternating(_ migrators: [Migrator], runs: Int, conditions: MigrationRunConditions, others: inout OthersLoad,
                     label: String, linkMiBs: Double? = nil,
                     _ measure: (Migrator) throws -> MigrationMeasurement) throws -> [Migrator: [MigrationMeasurement]] {
-    var results: [Migrator: [MigrationMeasurement]] = [:]
+    try alternate(migrators, runs: runs, idleSeconds: conditions.idleSeconds, others: &others,
+                  othersShare: \.othersCPUShare) { migrator, run, busy in
+        let measurement = try measure(migrator)
+        let share = linkMiBs.map { String(format: " (%.0f %% of the link)", measurement.mibPerSecond / $0 * 100) } ?? ""
+        log(String(format: "%@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.1f MiB/s%@; %@; others used %.0f %% of the CPUs during the migration, the machine was %.0f %% busy during the idle time before",
+                   label, run, runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs, measurement.passes,
+                   measurement.mibSent, measurement.mibPerSecond, share, measurement.detail, measurement.othersCPUShare * 100, busy * 100))
+        return measurement
+    }
+}
+
+/// The order every comparison runs in: each side `runs` times, each run after the idle time
+/// (QuietMachine), the order reversed every other round. `measure` gets the side, the run's
+/// number (from 1) and how busy the machine was during the idle time before it (for its log).
+func alternate<Side: Hashable, Measured>(_ sides: [Side], runs: Int, idleSeconds: Double, others: inout OthersLoad,
+                                         othersShare: (Measured) -> Double,
+                                         _ measure: (Side, Int, Double) throws -> Measured) throws -> [Side: [Measured]] {
+    var results: [Side: [Measured]] = [:]
     for round in 0..<runs {
-        for migrator in round % 2 == 0 ? migrators : migrators.reversed() {
-            let busy = try QuietMachine.idle(conditions.idleSeconds)
-            let measurement = try measure(migrator)
-            results[migrator, default: []].append(measurement)
-            others.add(idle: busy, migration: measurement.othersCPUShare)
-            let share = linkMiBs.map { String(format: " (%.0f %% of the link)", measurement.mibPerSecond / $0 * 100) } ?? ""
-            log(String(format: "%@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.1f MiB/s%@; %@; others used %.0f %% of the CPUs during the migration, the machine was %.0f %% busy during the idle time before",
-                       label, round + 1, runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs, measurement.passes,
-                       measurement.mibSent, measurement.mibPerSecond, share, measurement.detail, measurement.othersCPUShare * 100, busy * 100))
+        for side in round % 2 == 0 ? sides : sides.reversed() {
+            let busy = try QuietMachine.idle(idleSeconds)
+            let measured = try measure(side, round + 1, busy)
+            results[side, default: []].append(measured)
+            others.add(idle: busy, migration: othersShare(measured))
         }
     }
     return results

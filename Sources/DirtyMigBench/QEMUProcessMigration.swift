@@ -25,13 +25,7 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
         guard let psk else { return [] }
         return ["-object", "tls-creds-psk,id=tls0,endpoint=\(endpoint),dir=\(psk.directory)\(endpoint == "client" ? ",username=\(psk.identity)" : "")"]
     }
-    let source = try guest.launch("src", credentials("client"), prefix: placement.sourcePrefix)
-    let deadline = MonotonicClock.seconds() + 120
-    while !scenario.isReady(GuestProgress(try guest.stats(source)), workloads: guest.workloads) {
-        guard MonotonicClock.seconds() < deadline else { throw BenchError("QEMU's guest was not ready within 120 s") }
-        Thread.sleep(forTimeInterval: conditions.readyPollSeconds)
-    }
-    Thread.sleep(forTimeInterval: conditions.settleSeconds)
+    let source = try startQEMUSource(scenario, guest: guest, conditions: conditions, credentials("client"), placement: placement)
 
     let port = try placement.destinationPort()
     let uri = "tcp:\(placement.destinationHost):\(port)"
@@ -66,8 +60,31 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
     var result = QEMUMigrationResult()
     result.take(final)
 
-    // The source says "completed" once it has sent everything; the destination may still be
-    // loading the last of it for a moment.
+    try awaitQEMUDestinationRunning(destination)
+    return MigrationMeasurement(totalMs: result.totalMs, downtimeMs: result.downtimeMs, passes: result.passes,
+                                sentBytes: result.transferredBytes,
+                                detail: String(format: "setup %.1f ms, QEMU's own mbps %.0f MiB/s", result.setupMs, result.throughputMiBs),
+                                othersCPUShare: othersShare)
+}
+
+/// QEMU's source started with the guest's options (and `extra`), once its guest is ready (its
+/// counters polled as dirtymig's are) and the settle time has passed: the same moment a dirtymig
+/// run starts its destination.
+func startQEMUSource(_ scenario: MigrationScenario, guest: QEMUGuest, conditions: MigrationRunConditions,
+                     _ extra: [String] = [], placement: MigrationPlacement = .loopback) throws -> QMPClient {
+    let source = try guest.launch("src", extra, prefix: placement.sourcePrefix)
+    let deadline = MonotonicClock.seconds() + 120
+    while !scenario.isReady(GuestProgress(try guest.stats(source)), workloads: guest.workloads) {
+        guard MonotonicClock.seconds() < deadline else { throw BenchError("QEMU's guest was not ready within 120 s") }
+        Thread.sleep(forTimeInterval: conditions.readyPollSeconds)
+    }
+    Thread.sleep(forTimeInterval: conditions.settleSeconds)
+    return source
+}
+
+/// The source says "completed" once it has sent everything; the destination may still be
+/// loading the last of it for a moment. Throws if it does not run within 10 s.
+func awaitQEMUDestinationRunning(_ destination: QMPClient) throws {
     var running = try destination.execute("query-status")["status"]?.stringValue
     let runDeadline = MonotonicClock.seconds() + 10
     while running != "running" && MonotonicClock.seconds() < runDeadline {
@@ -75,8 +92,4 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
         running = try destination.execute("query-status")["status"]?.stringValue
     }
     guard running == "running" else { throw BenchError("QEMU's destination is '\(running ?? "?")' after the migration, not running") }
-    return MigrationMeasurement(totalMs: result.totalMs, downtimeMs: result.downtimeMs, passes: result.passes,
-                                sentBytes: result.transferredBytes,
-                                detail: String(format: "setup %.1f ms, QEMU's own mbps %.0f MiB/s", result.setupMs, result.throughputMiBs),
-                                othersCPUShare: othersShare)
 }

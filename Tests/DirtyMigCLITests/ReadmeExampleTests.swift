@@ -55,7 +55,7 @@ struct ReadmeShellBlock {
 final class ReadmeExampleTests: XCTestCase {
     /// The examples this class runs, one test each: an example added to the README without a
     /// test here fails `testEveryExampleHasATest`.
-    static let covered: Set<String> = ["quick-start", "migrate-detached", "steer", "encrypted", "compressed", "replication", "dirty-rates", "plot"]
+    static let covered: Set<String> = ["quick-start", "migrate-detached", "steer", "encrypted", "compressed", "postcopy", "replication", "dirty-rates", "plot"]
 
     /// Set in every example's environment (and so inherited by everything it starts, detached
     /// VMs included): how the cleanup finds what an example left behind.
@@ -166,6 +166,19 @@ final class ReadmeExampleTests: XCTestCase {
             let line = output.split(separator: "\n").first { $0.hasPrefix("compression ") }.map(String.init) ?? ""
             let ratio = line.range(of: "ratio ").flatMap { Double(line[$0.upperBound...].prefix { $0 != ")" }) }
             XCTAssertGreaterThan(ratio ?? 0, 2, "text-like pages travel in less than half their size: \(output)")
+        }
+    }
+
+    func testPostcopy() throws {
+        if let reason = UserFaultFD.unavailableReason() { throw XCTSkip("skipped: needs userfaultfd (\(reason))") }
+        try run("postcopy") { output, _ in
+            XCTAssertTrue(output.contains("status                completed"), output)
+            XCTAssertTrue(output.contains("verify                passed"), output)
+            // "post-copy             after pass 1 at 2682 ms: the guest dirtied 60.5 MiB/s against 60.0 MiB/s ..."
+            XCTAssertTrue(output.contains("post-copy             after pass 1 at"), output)
+            XCTAssertTrue(output.contains("could not meet --downtime"), output)
+            XCTAssertTrue(output.contains("  faults              "), output)
+            XCTAssertFalse(output.contains("throttle              dirty-limit"), "with --postcopy, auto throttles nothing: \(output)")
         }
     }
 

@@ -35,6 +35,13 @@ final class UsageErrorTests: XCTestCase {
             (["migration", "--runs"], "--runs needs a value"),
             (["migration", "--runs", "2"], "at least 5 runs"),
             (["migrations"], "no benchmark named 'migrations'"),
+            (["postcopy", "--encrypted"], "postcopy does not take '--encrypted'"),
+            (["postcopy", "--only", "xen"], "--only xen: expected dirtymig or qemu"),
+            (["postcopy", "--scenario", "busy"], "--scenario busy: expected writer, reader, idle"),
+            (["postcopy", "--bandwidth", "fast"], "--bandwidth fast: invalid rate"),
+            (["postcopy", "--bandwidth", "100K"], "at least 1M"),
+            (["postcopy", "--no-qemu", "--only", "qemu"], "leave nothing to run"),
+            (["postcopy", "--runs", "0"], "--runs must be at least 1"),
         ]
         for (arguments, words) in cases {
             let result = try CLI.run(arguments, program: bench)
@@ -46,6 +53,7 @@ final class UsageErrorTests: XCTestCase {
         let help = try CLI.run(["migration", "--help"], program: bench)
         XCTAssertEqual(help.status, 0, help.stderr)
         XCTAssertTrue(help.stdout.contains("--encrypted") && help.stdout.contains("replication"), help.stdout)
+        XCTAssertTrue(help.stdout.contains("postcopy [--runs N]") && help.stdout.contains("[--bandwidth RATE]"), help.stdout)
     }
 
     func testValuesThatDoNotParse() throws {
@@ -74,6 +82,16 @@ final class UsageErrorTests: XCTestCase {
         try expectUsageError(["migrate", "--status", "--to", "127.0.0.1:4444"], mentions: ["--to does not go with --status"])
         try expectUsageError(["migrate", "--set", "downtime=1s", "--bandwidth", "1M"], mentions: ["--set bandwidth=VALUE"])
         try expectUsageError(["migrate", "--status", "--replication"], mentions: ["--replication does not go with --status"])
+        try expectUsageError(["migrate", "--start-postcopy", "--status"], mentions: ["cannot be combined"])
+        try expectUsageError(["migrate", "--start-postcopy", "--postcopy"], mentions: ["--postcopy does not go with --start-postcopy"])
+    }
+
+    func testPostcopyOptions() throws {
+        try expectUsageError(["migrate", "--postcopy-after", "2"], mentions: ["--postcopy-after applies with --postcopy"])
+        try expectUsageError(["migrate", "--postcopy", "--postcopy-after", "0"], mentions: ["--postcopy-after", "positive whole number"])
+        try expectUsageError(["migrate", "--postcopy", "--postcopy-after", "1001"], mentions: ["--postcopy-after 1001", "1 to 1000"])
+        try expectUsageError(["migrate", "--continuous", "--to", "127.0.0.1:4444", "--postcopy"],
+                             mentions: ["a replicated VM cannot switch to post-copy"])
     }
 
     func testImpossibleRequests() throws {

@@ -321,4 +321,47 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertEqual(try CheckpointEnd(decoding: checkpointEnd.encode()), checkpointEnd)
         XCTAssertEqual(try EpochFrame(decoding: EpochFrame(epoch: 8).encode(), what: "heartbeat"), EpochFrame(epoch: 8))
     }
+
+    // MARK: Post-copy
+
+    func testPostCopyFramesRoundTripAndRefusals() throws {
+        var lacking = DirtyPageBitmap(pageCount: 100)
+        lacking.set(3); lacking.set(99)
+        let switchFrame = PostCopySwitch(state: [1, 2, 3], lacking: lacking)
+        let decoded = try PostCopySwitch(decoding: switchFrame.encode(), pageCount: 100)
+        XCTAssertEqual(decoded, switchFrame)
+        XCTAssertEqual(decoded.lacking(pageCount: 100).pageList(), [3, 99])
+        XCTAssertThrowsError(try PostCopySwitch(decoding: switchFrame.encode(), pageCount: 200), "a bitmap for another RAM size")
+        var pastTheEnd = switchFrame
+        pastTheEnd.lackingWords[1] |= 1 << 40   // page 104 of a 100-page RAM
+        XCTAssertThrowsError(try PostCopySwitch(decoding: pastTheEnd.encode(), pageCount: 100)) {
+            XCTAssertTrue("\($0)".contains("past the end of RAM"), "\($0)")
+        }
+
+        let running = PostCopyRunning(running: true, resumeNanoseconds: 7, message: "")
+        XCTAssertEqual(try PostCopyRunning(decoding: running.encode()), running)
+        var badFlag = running.encode(); badFlag[0] = 2
+        XCTAssertThrowsError(try PostCopyRunning(decoding: badFlag))
+
+        let request = PageRequest(pages: [0, 99, 5])
+        XCTAssertEqual(try PageRequest(decoding: request.encode(), pageCount: 100), request)
+        XCTAssertThrowsError(try PageRequest(decoding: PageRequest(pages: [100]).encode(), pageCount: 100)) {
+            XCTAssertTrue("\($0)".contains("outside RAM"), "\($0)")
+        }
+        XCTAssertThrowsError(try PageRequest(decoding: PageRequest(pages: []).encode(), pageCount: 100), "an empty request")
+        XCTAssertThrowsError(try PageRequest(decoding: WireWriter.encoding { $0.u32(UInt32(PageRequest.maxPages + 1)) }, pageCount: 100))
+        XCTAssertLessThanOrEqual(PageRequest(pages: Array(repeating: 1, count: PageRequest.maxPages)).encode().count,
+                                 MigrationFrameType.pageRequest.maxPayload)
+
+        let end = PostCopyEnd(verify: true, memoryDigest: .max)
+        XCTAssertEqual(try PostCopyEnd(decoding: end.encode()), end)
+
+        var result = PostCopyResult(status: .verifyFailed, message: "differs", verifyNanoseconds: 3, vcpuBlockedNanoseconds: [1, 2])
+        result.faults = 10; result.requested = 9; result.latencyP50Microseconds = 20; result.latencyMaxMicroseconds = 900
+        XCTAssertEqual(try PostCopyResult(decoding: result.encode()), result)
+        result.vcpuBlockedNanoseconds = Array(repeating: 0, count: PostCopyResult.maxVCPUs)
+        XCTAssertLessThanOrEqual(result.encode().count, MigrationFrameType.postcopyResult.maxPayload)
+        XCTAssertLessThanOrEqual(PostCopyRunning(running: false, message: String(repeating: "x", count: 5000)).encode().count,
+                                 MigrationFrameType.postcopyRunning.maxPayload)
+    }
 }

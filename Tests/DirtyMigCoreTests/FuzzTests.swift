@@ -164,6 +164,7 @@ final class FuzzTests: XCTestCase {
         func restoreState(_ saved: MachineState) throws(MachineError) {}
         func start() throws(MachineError) {}
         func stop() {}
+        var vcpuThreadIDs: [UInt32] { [] }
     }
 
     func testTheReceiverRefusesHostileStreamsWithAReason() throws {
@@ -327,7 +328,7 @@ final class FuzzTests: XCTestCase {
         }
         let pageCount = Int(Self.pageCount)
         for _ in 0..<3000 {
-            let type = MigrationFrameType(rawValue: UInt32.random(in: 1...17, using: &random))!
+            let type = MigrationFrameType(rawValue: UInt32.random(in: 1...24, using: &random))!
             let header = MigrationFrameHeader(type, payloadLength: Int.random(in: 0...type.maxPayload, using: &random))
             check(header, mutated(header.encode())) { bytes throws(MigrationProtocolError) in try MigrationFrameHeader(decoding: bytes) }
 
@@ -376,6 +377,28 @@ final class FuzzTests: XCTestCase {
             check(end, mutated(end.encode())) { bytes throws(MigrationProtocolError) in try CheckpointEnd(decoding: bytes) }
             let epoch = EpochFrame(epoch: boundary(bits: 64))
             check(epoch, mutated(epoch.encode())) { bytes throws(MigrationProtocolError) in try EpochFrame(decoding: bytes, what: "heartbeat") }
+
+            // Post-copy's frames.
+            let lacking = (0..<(pageCount + 63) / 64).map { index -> UInt64 in
+                let word = boundary(bits: 64)
+                return index == (pageCount - 1) / 64 && pageCount % 64 != 0 ? word & ((1 << UInt64(pageCount % 64)) - 1) : word
+            }
+            let postcopySwitch = PostCopySwitch(state: bytes(Int.random(in: 0..<64, using: &random)),
+                                                lacking: DirtyPageBitmap(pageCount: pageCount, words: lacking))
+            check(postcopySwitch, mutated(postcopySwitch.encode())) { bytes throws(MigrationProtocolError) in
+                try PostCopySwitch(decoding: bytes, pageCount: pageCount)
+            }
+            let running = PostCopyRunning(running: Bool.random(using: &random), resumeNanoseconds: boundary(bits: 64), message: reason.text)
+            check(running, mutated(running.encode())) { bytes throws(MigrationProtocolError) in try PostCopyRunning(decoding: bytes) }
+            let request = PageRequest(pages: (0..<Int.random(in: 1...8, using: &random)).map { _ in UInt64.random(in: 0..<UInt64(pageCount), using: &random) })
+            check(request, mutated(request.encode())) { bytes throws(MigrationProtocolError) in try PageRequest(decoding: bytes, pageCount: pageCount) }
+            let postcopyEnd = PostCopyEnd(verify: Bool.random(using: &random), memoryDigest: boundary(bits: 64))
+            check(postcopyEnd, mutated(postcopyEnd.encode())) { bytes throws(MigrationProtocolError) in try PostCopyEnd(decoding: bytes) }
+            var postcopyResult = PostCopyResult(status: .resumed, message: reason.text, verifyNanoseconds: boundary(bits: 64),
+                                                vcpuBlockedNanoseconds: (0..<Int.random(in: 0...4, using: &random)).map { _ in boundary(bits: 64) })
+            postcopyResult.faults = boundary(bits: 64)
+            postcopyResult.latencyP99Microseconds = UInt32(truncatingIfNeeded: boundary(bits: 32))
+            check(postcopyResult, mutated(postcopyResult.encode())) { bytes throws(MigrationProtocolError) in try PostCopyResult(decoding: bytes) }
 
             let session = SessionID(high: boundary(bits: 64), low: boundary(bits: 64))
             var control = Self.validHello(verify: Bool.random(using: &random))

@@ -14,6 +14,16 @@ func requireKVM(file: StaticString = #filePath, line: UInt = #line) throws -> KV
     }
 }
 
+/// Tests of post-copy's demand faults call this: where userfaultfd cannot report missing pages
+/// of shared memory (guest RAM is a memfd), it skips the test and prints why.
+func requireUserfaultfd(file: StaticString = #filePath, line: UInt = #line) throws {
+    if let reason = UserFaultFD.unavailableReason() {
+        let message = "skipped: needs userfaultfd with missing faults on shared memory (\(reason))"
+        FileHandle.standardError.write(Data((message + "\n").utf8))
+        throw XCTSkip(message, file: file, line: line)
+    }
+}
+
 extension Machine {
     /// Waits until every vCPU has reached its workload loop (or fails the test).
     func waitForGuest(timeout: Double = 10, file: StaticString = #filePath, line: UInt = #line) {

@@ -45,10 +45,13 @@ final class MigrationProtocolTests: XCTestCase {
         var unknownFlag = verifying.encode()
         let flags = 12 + 16 + 8 + 4 + 4 + 4 + 8 + 12
         XCTAssertEqual(unknownFlag[flags], 1)
-        unknownFlag[flags] = 5   // bit 0 (verify) and bit 2, which no version has
+        unknownFlag[flags] = 9   // bit 0 (verify) and bit 3, which no version has
         XCTAssertThrowsError(try MigrationHello(decoding: unknownFlag)) {
             XCTAssertTrue("\($0)".contains("flags"), "\($0)")
         }
+        var postcopy = original
+        postcopy.postcopy = true
+        XCTAssertEqual(try MigrationHello(decoding: postcopy.encode()), postcopy, "bit 2: the source may switch to post-copy")
     }
 
     /// The link timeout follows the flags word; the destination takes the source's deadline,

@@ -42,6 +42,17 @@ enum MigrateCommand {
         }
         if let throttle = try arguments.choice("throttle") { options.migration.throttle = ThrottleMode(rawValue: throttle)! }
         if let compress = try arguments.choice("compress") { options.migration.compression = PageCompression(rawValue: compress)! }
+        if arguments.has("postcopy") || arguments.has("postcopy-after") {
+            guard arguments.has("postcopy") else { throw arguments.error("--postcopy-after applies with --postcopy") }
+            var policy = PostCopyPolicy()
+            if let after = try arguments.count("postcopy-after") {
+                guard PostCopyPolicy.afterPassesRange.contains(after) else {
+                    throw arguments.error("--postcopy-after \(after): expected \(PostCopyPolicy.afterPassesRange.lowerBound) to \(PostCopyPolicy.afterPassesRange.upperBound) passes")
+                }
+                policy.afterPasses = after
+            }
+            options.migration.postcopy = policy
+        }
         options.migration.verify = arguments.has("verify")
         options.json = arguments.has("json")
         options.stats = arguments.string("stats")
@@ -107,6 +118,10 @@ enum MigrateCommand {
         if let bandwidth = options.bandwidth { pairs.append(("bandwidth", .number(bandwidth))) }
         if let timeout = options.timeout { pairs.append(("timeout_s", .number(timeout))) }
         pairs.append(("link_timeout_s", .number(options.migration.linkTimeoutSeconds)))
+        if let postcopy = options.migration.postcopy {
+            pairs.append(("postcopy", .bool(true)))
+            if let after = postcopy.afterPasses { pairs.append(("postcopy_after", .number(after))) }
+        }
         pairs += ChannelOptions.controlArguments(options.migration.security)
         return .object(pairs)
     }
@@ -173,6 +188,7 @@ enum MigrateCommand {
         migration.verify = options.verify
         migration.throttle = options.throttle
         migration.compression = options.migration.compression
+        migration.postcopy = options.migration.postcopy
         migration.security = options.migration.security
         let sender = MigrationSender(machine: source, options: migration)
         stop.onSignal {

@@ -19,6 +19,9 @@ enum MigrateReplication {
         guard actions.count == 1 else {
             throw arguments.error("--\(actions[0]) and --\(actions[1]) cannot be combined: start, show or stop, one at a time")
         }
+        if arguments.has("postcopy") || arguments.has("postcopy-after") {
+            throw arguments.error("a replicated VM cannot switch to post-copy: its standby keeps whole checkpoints, never a VM whose memory is still arriving (stop the replication and migrate with --postcopy)")
+        }
         for option in migrationOnly where arguments.has(option) {
             throw arguments.error("--\(option) applies to a migration, not to --\(actions[0])")
         }

@@ -1,21 +1,25 @@
 import DirtyMigCore
 
-/// `dirtymig migrate --status | --set LIMIT=VALUE`: watch and steer the migration under way from
-/// another shell, as `virsh domjobinfo`, `virsh migrate-setspeed` / `migrate-setmaxdowntime` and
-/// QMP's `migrate-set-parameters` do. The migration runs in the VM's process; these ask it
-/// through its control socket (`query-migrate`, `migrate-set`).
+/// `dirtymig migrate --status | --set LIMIT=VALUE | --start-postcopy`: watch and steer the
+/// migration under way from another shell, as `virsh domjobinfo`, `virsh migrate-setspeed` /
+/// `migrate-setmaxdowntime`, `virsh migrate-postcopy` and QMP's `migrate-set-parameters` do.
+/// The migration runs in the VM's process; these ask it through its control socket
+/// (`query-migrate`, `migrate-set`, `migrate-start-postcopy`).
 enum MigrateSteering {
     static func applies(_ arguments: ParsedArguments) -> Bool {
-        arguments.has("status") || arguments.has("set")
+        actions.contains(where: arguments.has)
     }
 
+    static let actions = ["status", "set", "start-postcopy"]
+
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
-        if arguments.has("status") && arguments.has("set") {
-            throw arguments.error("--status and --set cannot be combined: --set replies with the limits now in force")
+        let given = actions.filter(arguments.has)
+        if given.count > 1 {
+            throw arguments.error("--\(given[0]) and --\(given[1]) cannot be combined: each acts on the migration under way by itself")
         }
-        let action = arguments.has("status") ? "status" : "set"
+        let action = given[0]
         for option in arguments.command.options.map(\.name)
-            where arguments.has(option) && !["vm", "json", "status", "set"].contains(option) {
+            where arguments.has(option) && !(["vm", "json"] + actions).contains(option) {
             let hint = ["bandwidth", "downtime"].contains(option) ? "; change the running migration's with --set \(option)=VALUE" : ""
             throw arguments.error("--\(option) does not go with --\(action), which acts on the migration under way\(hint)")
         }
@@ -26,7 +30,8 @@ enum MigrateSteering {
         defer { client.close() }
         let reply: JSONValue
         do throws(ControlClient.ClientError) {
-            reply = try client.call(action == "status" ? "query-migrate" : "migrate-set", arguments: request, timeout: 5)
+            let command = ["status": "query-migrate", "set": "migrate-set", "start-postcopy": "migrate-start-postcopy"][action]!
+            reply = try client.call(command, arguments: request, timeout: 5)
         } catch {
             switch error.controlError?.errorClass {
             case .unknownCommand?: throw RuntimeFailure("'\(name)' is a receiver, not a running VM: nothing migrates from it")
@@ -36,6 +41,11 @@ enum MigrateSteering {
         }
         if action == "set" {
             emit(arguments.has("json") ? reply.serialized() : MigrationStatusText.limitsSet(reply, vm: name))
+            return 0
+        }
+        if action == "start-postcopy" {
+            emit(arguments.has("json") ? reply.serialized()
+                 : "'\(name)' switches to post-copy at the end of pass \(Int(reply["iteration"]?.doubleValue ?? 0)) (now \(reply["phase"]?.stringValue ?? "-"))\n")
             return 0
         }
         guard MigrationProgress.isUnderWay(phase: reply["phase"]?.stringValue) else {

@@ -33,9 +33,15 @@ final class ProgressLine: @unchecked Sendable {
 
     static func render(_ progress: JSONValue) -> String? {
         guard let phase = progress["phase"]?.stringValue, phase != "none" else { return nil }
-        guard phase == "pre-copy" || phase == "stop-and-copy" else { return phase }
         let sent = (progress["sent_bytes"]?.doubleValue ?? 0) / 1_048_576
         let remaining = (progress["remaining_pages"]?.doubleValue ?? 0) * 4096 / 1_048_576
+        if phase == "post-copy" {   // the guest runs at the destination; these are the pages it still lacks
+            var text = String(format: "post-copy  sent %.0f MiB  still at the source %.0f MiB", sent, remaining)
+            if let throughput = progress["throughput_mib_s"]?.doubleValue { text += String(format: "  %.0f MiB/s", throughput) }
+            if let eta = progress["eta_s"]?.doubleValue { text += String(format: "  ETA %.1f s", eta) }
+            return text
+        }
+        guard phase == "pre-copy" || phase == "stop-and-copy" else { return phase }
         var text = String(format: "%@  pass %d  sent %.0f MiB  remaining %.0f MiB", phase,
                           Int(progress["iteration"]?.doubleValue ?? 0), sent, remaining)
         if let throughput = progress["throughput_mib_s"]?.doubleValue { text += String(format: "  %.0f MiB/s", throughput) }

@@ -21,6 +21,27 @@ enum ReportTable {
             + String(format: " (ratio %.2f), %.0f ms compressing", compression["ratio"]?.doubleValue ?? 1, compression["compress_ms"]?.doubleValue ?? 0)
     }
 
+    /// The post-copy phase, when the migration switched: why and when, where its pages went,
+    /// and what the destination's guest waited (null figures are said to be missing, not 0).
+    static func postcopyRows(_ postcopy: JSONValue?) -> [(String, String)] {
+        guard let postcopy, !postcopy.isNull else { return [] }
+        func number(_ key: String) -> Double { postcopy[key]?.doubleValue ?? 0 }
+        var rows = [("post-copy", String(format: "after pass %.0f at %.0f ms: ", number("after_passes"), number("switched_at_ms"))
+                     + (postcopy["reason"]?.stringValue ?? "-"))]
+        rows.append(("  pages", "\(HumanNumber.grouped(number("lacking_pages"))) lacking: \(HumanNumber.grouped(number("answered_pages"))) on demand (\(HumanNumber.grouped(number("requested_pages"))) asked), \(HumanNumber.grouped(number("pushed_pages"))) pushed; "
+                     + String(format: "%.1f MiB in %.0f ms", number("bytes") / 1_048_576, number("ms"))))
+        if let latency = postcopy["fault_latency_us"], !latency.isNull {
+            let blocked = (postcopy["vcpu_blocked_ms"]?.arrayValue ?? []).map { String(format: "%.1f", $0.doubleValue ?? 0) }
+            rows.append(("  faults", "\(HumanNumber.grouped(number("faults"))), "
+                         + String(format: "latency p50 %.0f µs, p99 %.0f µs, max %.0f µs", latency["p50"]?.doubleValue ?? 0,
+                                  latency["p99"]?.doubleValue ?? 0, latency["max"]?.doubleValue ?? 0)
+                         + "; vCPUs blocked " + blocked.joined(separator: ", ") + " ms"))
+        } else {
+            rows.append(("  faults", "not measured: the destination gave no final word"))
+        }
+        return rows
+    }
+
     static func render(_ report: JSONValue) -> String {
         var lines: [String] = []
         func row(_ key: String, _ value: String) { lines.append(key.padding(toLength: 22, withPad: " ", startingAt: 0) + value) }
@@ -53,6 +74,7 @@ enum ReportTable {
                 parts[key]?.doubleValue.map { String(format: "%@ %.1f", name, $0) }
             }.joined(separator: ", ") + " ms")
         }
+        for (key, value) in postcopyRows(report["postcopy"]) { row(key, value) }
         let began = report["iterations"]?.doubleValue != nil
         if let iterations = report["iterations"]?.doubleValue {
             var text = String(format: "%.0f", iterations)

@@ -2,7 +2,8 @@ import Synchronization
 
 /// The control commands that migrate a running VM: `migrate` (runs the whole migration and
 /// replies with the report), `query-migrate` (progress of the one under way), `migrate-set`
-/// (changes its bandwidth cap and downtime limit) and `migrate-cancel`. The migration runs
+/// (changes its bandwidth cap and downtime limit), `migrate-start-postcopy` (switches a
+/// `--postcopy` migration to post-copy at the end of its pass) and `migrate-cancel`. The migration runs
 /// inside the VM's process, on the thread serving the `migrate` command; other clients are
 /// served meanwhile.
 public enum MigrationControl {
@@ -63,6 +64,16 @@ public enum MigrationControl {
                     "phase": .string(progress.phase), "iteration": .number(progress.iteration),
                     "t_s": .number(progress.elapsedSeconds)]
         }
+        server.register("migrate-start-postcopy") { (arguments: JSONValue) throws(ControlError) in
+            try arguments.checkArguments(allowed: [])
+            guard let sender = slot.current.withLock({ $0 }) else {
+                throw ControlError(.failed, "no migration of this VM is under way")
+            }
+            if let refusal = sender.startPostCopy() { throw ControlError(.failed, refusal) }
+            let progress = sender.progress
+            return ["switching": true, "phase": .string(progress.phase), "iteration": .number(progress.iteration),
+                    "t_s": .number(progress.elapsedSeconds)]
+        }
         server.register("migrate-cancel") { (arguments: JSONValue) throws(ControlError) in
             try arguments.checkArguments(allowed: ["reason"])
             let reason = try arguments.stringArgument("reason").map { String($0.prefix(1024)) } ?? MigrationSender.cancelledReason
@@ -73,11 +84,12 @@ public enum MigrationControl {
     }
 
     /// The `migrate` command's arguments: `to` (HOST:PORT, required), `bandwidth` (bytes/s),
-    /// `downtime_ms`, `max_iterations`, `timeout_s`, `link_timeout_s`, `verify`, `throttle`, `compress`, and the channel's:
+    /// `downtime_ms`, `max_iterations`, `timeout_s`, `link_timeout_s`, `verify`, `throttle`, `compress`, `postcopy`
+    /// (true: the migration may switch to post-copy), `postcopy_after` (passes), and the channel's:
     /// `psk_file`, `tls_dir`, `tls_peer` (absolute paths, read by this process), `insecure`.
     static func migrationOptions(_ arguments: JSONValue) throws(ControlError) -> MigrationOptions {
         try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "link_timeout_s", "verify", "throttle",
-                                               "compress", "psk_file", "tls_dir", "tls_peer", "insecure"])
+                                               "compress", "postcopy", "postcopy_after", "psk_file", "tls_dir", "tls_peer", "insecure"])
         let destination = try target(arguments, command: "migrate", listener: "'dirtymig receive'")
         var options = MigrationOptions(destination: destination)
         let bandwidth = try arguments.doubleArgument("bandwidth")
@@ -102,8 +114,29 @@ public enum MigrationControl {
             options.verify = flag
         }
         options.compression = try compression(arguments)
+        options.postcopy = try postcopy(arguments)
         options.security = try channelSecurity(arguments, connectingTo: destination)
         return options
+    }
+
+    /// `postcopy` (bool) and `postcopy_after` (passes, which needs `postcopy`).
+    static func postcopy(_ arguments: JSONValue) throws(ControlError) -> PostCopyPolicy? {
+        let after = try arguments.doubleArgument("postcopy_after")
+        var enabled = false
+        if let flag = arguments["postcopy"] {
+            guard let value = flag.boolValue else { throw ControlError(.invalidArgument, "postcopy must be true or false") }
+            enabled = value
+        }
+        guard enabled else {
+            if after != nil { throw ControlError(.invalidArgument, "postcopy_after applies with postcopy: true") }
+            return nil
+        }
+        guard let after else { return PostCopyPolicy() }
+        let range = PostCopyPolicy.afterPassesRange
+        guard after == after.rounded(), after >= Double(range.lowerBound), after <= Double(range.upperBound) else {
+            throw ControlError(.invalidArgument, "postcopy_after must be a whole number of passes from \(range.lowerBound) to \(range.upperBound)")
+        }
+        return PostCopyPolicy(afterPasses: Int(after))
     }
 
     /// `migrate-set`'s arguments, checked by the ranges `migrate` applies: `bandwidth` (bytes/s,

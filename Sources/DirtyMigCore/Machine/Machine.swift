@@ -272,6 +272,9 @@ public final class Machine: IncomingVM, @unchecked Sendable {
         }
     }
 
+    /// The vCPU threads' kernel ids, in vCPU order (0 for a vCPU not started).
+    public var vcpuThreadIDs: [UInt32] { runners.map(\.threadID) }
+
     /// Kicks one vCPU out of KVM_RUN (it re-enters at once unless held or paused).
     public func kick(vcpu: Int) { runners[vcpu].kick() }
 

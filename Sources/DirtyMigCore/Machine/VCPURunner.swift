@@ -38,6 +38,8 @@ protocol VCPUThread: AnyObject, Sendable {
     func saveState(msrIndices: [UInt32]) -> VCPUResponse
     /// Before the thread starts: writes a saved state into the vCPU (parked included).
     func restore(_ state: VCPUState) throws(KVMError)
+    /// The thread's kernel id (0 before it starts).
+    var threadID: UInt32 { get }
 }
 
 /// The thread that owns one vCPU, a state machine driven by typed events (`VCPUEvent`) that get
@@ -82,6 +84,9 @@ final class VCPURunner<VCPU: HypervisorVCPU>: VCPUThread, @unchecked Sendable {
         try vcpu.restoreState(state)
         mailbox.publish(state.parked ? .parked : .paused)
     }
+
+    /// The vCPU thread's kernel id (0 before start()).
+    var threadID: UInt32 { thread?.threadID ?? 0 }
 
     /// Starts the vCPU's thread, paused (or parked): it enters the guest at the first `.resume`.
     func start() {

@@ -52,7 +52,8 @@ public enum MigrationWire {
     /// guest's config block), which the generic code does not read; saved state carries the
     /// userspace devices' states (MachineState version 2).
     /// 10: hello's page codec; the compressedPages and checkpointCompressedPages frames.
-    public static let version: UInt32 = 10
+    /// 11: post-copy (hello flag, its frames, the faults connection).
+    public static let version: UInt32 = 11
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -106,7 +107,8 @@ public enum MigrationFrameType: UInt32, Sendable {
     case hello = 1, helloReply = 2, pages = 3, iterationEnd = 4, state = 5, complete = 6, result = 7, abort = 8,
          iterationAck = 9, passPlan = 10,
          checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15,
-         replicationEnded = 16, tookOver = 17, compressedPages = 18, checkpointCompressedPages = 19
+         replicationEnded = 16, tookOver = 17, compressedPages = 18, checkpointCompressedPages = 19,
+         postcopySwitch = 20, postcopyRunning = 21, pageRequest = 22, postcopyEnd = 23, postcopyResult = 24
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
@@ -126,6 +128,11 @@ public enum MigrationFrameType: UInt32, Sendable {
         case .checkpointEnd: return 32 + MigrationWire.maxStateBytes
         case .checkpointAck, .heartbeat, .replicationEnded, .tookOver: return 8
         case .replicationEnd: return 4 + MigrationWire.maxStringBytes
+        case .postcopySwitch: return PostCopySwitch.maxPayload(pageCount: Int(GuestLayout.maxAddressableBytes / GuestLayout.pageSize))
+        case .postcopyRunning: return 13 + MigrationWire.maxStringBytes
+        case .pageRequest: return PageRequest.maxPayload
+        case .postcopyEnd: return 9
+        case .postcopyResult: return PostCopyResult.maxPayload
         }
     }
 }
@@ -174,6 +181,9 @@ public struct MigrationHello: Sendable, Equatable {
     public var verify = false
     /// The sender starts continuous replication: the receiver must be a standby.
     public var replicate = false
+    /// The sender may switch to post-copy (`migrate --postcopy`): a destination that cannot
+    /// serve demand faults refuses here, before anything is switched.
+    public var postcopy = false
     /// How long the link may carry nothing before the migration fails (`--link-timeout`): the
     /// destination watches its side of the link with the same deadline, so both sides give up
     /// together, and neither before. Ignored by a standby, which has its `--failover-after`.
@@ -195,6 +205,8 @@ public struct MigrationHello: Sendable, Equatable {
     static let verifyFlag: UInt32 = 1
     /// Bit 1.
     static let replicateFlag: UInt32 = 2
+    /// The source may switch to post-copy: the destination must be able to serve demand faults.
+    static let postcopyFlag: UInt32 = 4
 
     public init(name: String, memorySize: UInt64, vcpuCount: Int, tracking: TrackingMode?, ringEntries: Int,
                 tscKHz: UInt64, requiredFeatures: CPUFeatureSet, bootSource: BootSourceKind, bootAnnouncement: [UInt8]) {
@@ -223,7 +235,8 @@ public struct MigrationHello: Sendable, Equatable {
         writer.u32(UInt32(ringEntries)); writer.u64(tscKHz)
         writer.u32(requiredFeatures.leaf1EDX); writer.u32(requiredFeatures.leaf1ECX)
         writer.u32(requiredFeatures.extendedEDX)
-        writer.u32((verify ? MigrationHello.verifyFlag : 0) | (replicate ? MigrationHello.replicateFlag : 0))
+        writer.u32((verify ? MigrationHello.verifyFlag : 0) | (replicate ? MigrationHello.replicateFlag : 0)
+                   | (postcopy ? MigrationHello.postcopyFlag : 0))
         writer.u32(linkTimeoutMilliseconds)
         joins.encode(into: &writer)
         writer.u32(pageCodecCode)
@@ -257,11 +270,12 @@ public struct MigrationHello: Sendable, Equatable {
         tscKHz = try reader.u64()
         requiredFeatures = CPUFeatureSet(leaf1EDX: try reader.u32(), leaf1ECX: try reader.u32(), extendedEDX: try reader.u32())
         let flags = try reader.u32()
-        guard flags & ~(MigrationHello.verifyFlag | MigrationHello.replicateFlag) == 0 else {
+        guard flags & ~(MigrationHello.verifyFlag | MigrationHello.replicateFlag | MigrationHello.postcopyFlag) == 0 else {
             throw .malformed("hello flags 0x\(String(flags, radix: 16))")
         }
         verify = flags & MigrationHello.verifyFlag != 0
         replicate = flags & MigrationHello.replicateFlag != 0
+        postcopy = flags & MigrationHello.postcopyFlag != 0
         linkTimeoutMilliseconds = try reader.u32()
         guard Self.linkTimeoutMillisecondsRange.contains(linkTimeoutMilliseconds) else {
             throw .malformed("link timeout \(linkTimeoutMilliseconds) ms (1 s to 1 h)")

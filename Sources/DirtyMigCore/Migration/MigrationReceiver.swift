@@ -13,6 +13,9 @@ public protocol IncomingVM: AnyObject, Sendable {
     func restoreState(_ saved: MachineState) throws(MachineError)
     func start() throws(MachineError)
     func stop()
+    /// The kernel thread ids of the vCPU threads, in vCPU order (post-copy charges each vCPU the
+    /// time it waited for pages; empty where there are none).
+    var vcpuThreadIDs: [UInt32] { get }
 }
 
 /// The destination side.
@@ -46,6 +49,9 @@ public final class MigrationReceiver: Sendable {
         /// One frame, header to last byte, once the migration runs (the sender sends at least a
         /// quarter-second batch at a time, see PageSender.batchLimit).
         public var frameSeconds = 60.0
+        /// Why this host cannot serve post-copy's demand faults (nil: it can). A test stands in
+        /// a host without a usable userfaultfd here.
+        public var postcopyUnavailable: @Sendable () -> String? = { UserFaultFD.unavailableReason() }
         public init() {}
     }
 
@@ -341,7 +347,7 @@ public final class MigrationReceiver: Sendable {
         case .control(let control):
             hello = control
         }
-        if let reason = Self.roleMismatch(hello, standby: standby) {
+        if let reason = Self.roleMismatch(hello, standby: standby, postcopyUnavailable: limits.postcopyUnavailable) {
             try? handshake.send(.helloReply, MigrationHelloReply.refuse(reason).encode())
             log("refused a connection from \(peer): \(reason)")
             return
@@ -396,7 +402,8 @@ public final class MigrationReceiver: Sendable {
             } else {
                 outcome = .success(try IncomingMigration.run(channel, hello: hello, built: &built,
                                                              build: { () throws(MigrationError) in try build(hello) },
-                                                             commit: { commit(id) }, running: { onRunning?($0) }))
+                                                             commit: { commit(id) }, running: { onRunning?($0) },
+                                                             faults: { session.take(.faults, timeout: 5) }, log: log))
             }
         } catch {
             var error = error
@@ -475,9 +482,16 @@ public final class MigrationReceiver: Sendable {
     }
 
     /// A replication reaches only a standby, and a standby takes only replications.
-    static func roleMismatch(_ hello: MigrationHello, standby: StandbyOptions?) -> String? {
+    static func roleMismatch(_ hello: MigrationHello, standby: StandbyOptions?,
+                             postcopyUnavailable: () -> String? = { UserFaultFD.unavailableReason() }) -> String? {
         if hello.replicate && standby == nil {
             return "this receiver is not a standby: start it with 'dirtymig receive --standby' to take a replication"
+        }
+        if hello.postcopy && hello.replicate {
+            return "a replicated VM cannot switch to post-copy: its standby keeps whole checkpoints"
+        }
+        if hello.postcopy, let reason = postcopyUnavailable() {
+            return "this destination cannot serve post-copy: \(reason); migrate without --postcopy"
         }
         if !hello.replicate && standby != nil {
             return "this receiver is a standby: it takes a replication ('dirtymig migrate --continuous'), not a migration"
@@ -615,7 +629,9 @@ enum IncomingMigration {
     /// was allocated (so a failure's message can say whether one was dropped).
     static func run<VM: IncomingVM>(_ channel: MigrationChannel, hello: MigrationHello, built: inout Bool,
                                     build: () throws(MigrationError) -> VM,
-                                    commit: () -> Bool, running: (VM) -> Void = { _ in }) throws(MigrationError) -> VM {
+                                    commit: () -> Bool, running: (VM) -> Void = { _ in },
+                                    faults: () -> (any MigrationConnection)? = { nil },
+                                    log: (String) -> Void = { _ in }) throws(MigrationError) -> VM {
         let vm: VM
         let codec: PageCodec
         do {
@@ -642,6 +658,15 @@ enum IncomingMigration {
                 case .state:
                     pages.passEnded()
                     phase = .awaitingCompletion(vm, pages, stateBytes: try channel.receivePayload(length))
+                case .postcopySwitch where hello.postcopy:
+                    pages.passEnded()
+                    let outcome = try PostCopyDestination.run(
+                        vm, control: channel, payloadLength: length, digest: pages.digest, faults: faults(),
+                        linkTimeoutSeconds: Double(hello.linkTimeoutMilliseconds) / 1000, commit: commit, running: running)
+                    if case .broken(let reason, let pagesAtSource) = outcome {
+                        log("post-copy broke after the VM began to run here: \(reason); \(pagesAtSource) pages are still at the source, and vCPUs that touch them wait")
+                    }
+                    return vm
                 case .abort:
                     throw .peerAborted(MigrationChannel.abortReason(try channel.receivePayload(length)))
                 default:

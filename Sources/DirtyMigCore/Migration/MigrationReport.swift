@@ -24,6 +24,9 @@ public struct MigrationOptions: Sendable {
     /// How the connection is protected (`--psk-file`, `--tls-dir`, `--insecure`); plaintext,
     /// loopback only, by default.
     public var security = ChannelSecurity.plain
+    /// `--postcopy`: the migration may switch to post-copy (see PostCopyDecision); nil:
+    /// pre-copy only, as without the option.
+    public var postcopy: PostCopyPolicy?
 
     public init(destination: HostPort) { self.destination = destination }
 
@@ -116,7 +119,8 @@ public struct MigrationPass: Sendable {
 /// line) shows. A figure not measured yet is nil (null in the JSON), never 0: the expected
 /// downtime is known only once a pass has ended and its dirty pages were counted.
 public struct MigrationProgress: Sendable {
-    /// starting, connecting, pre-copy, stop-and-copy, completed, failed.
+    /// starting, connecting, pre-copy, stop-and-copy (or, with --postcopy, switching to
+    /// post-copy and post-copy), completed, failed.
     public var phase: String = "starting"
     public var destination = ""
     public var iteration = 0
@@ -167,6 +171,10 @@ public struct MigrationProgress: Sendable {
 
     /// Seconds left, while the migration copies memory (nil otherwise, or when unknown).
     public var etaSeconds: Double? {
+        if phase == "post-copy" {   // no more passes: what is left, at the rate it goes out
+            guard let throughput = throughputBytesPerSecond, throughput > 0 else { return nil }
+            return Double(remainingPages) * 4096 / throughput
+        }
         guard phase == "pre-copy" || phase == "stop-and-copy" else { return nil }
         return forecast.secondsLeft
     }
@@ -252,6 +260,8 @@ public struct MigrationReport: Sendable {
     /// what; and how many changes more were made than kept.
     public var limitChanges: [MigrationLimits.Change] = []
     public var limitChangesDropped = 0
+    /// The post-copy phase, when the migration switched to it.
+    public var postcopy: PostCopyReport?
 
     public init() {}
 
@@ -306,6 +316,7 @@ public struct MigrationReport: Sendable {
             "timeline": .array(timeline.map(\.json)),
             "limit_changes": .array(limitChanges.map(\.json)),
             "limit_changes_dropped": .number(limitChangesDropped),
+            "postcopy": postcopy?.json ?? .null,
         ]
     }
 }

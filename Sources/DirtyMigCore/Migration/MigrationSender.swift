@@ -20,16 +20,22 @@ public final class MigrationSender: Sendable {
     /// When `run` began (monotonic ns; 0 before): elapsed time and when limits changed count from it.
     private let startedAt = Atomic<UInt64>(0)
     private let cancelFlag = Atomic<Bool>(false)
-    private let link = Mutex(Link())
+    /// `migrate --start-postcopy`: switch at the end of the pass under way.
+    private let postcopyAsked = Atomic<Bool>(false)
+    let link = Mutex(Link())
     /// The connection while it is being set up (connect, TLS handshake), for `cancel`.
     private let attempt = ConnectionAttempt()
 
     /// The connection as `cancel` sees it from another thread.
-    private struct Link {
+    struct Link {
         var session: MigrationSession?
         /// Set when the `complete` frame goes out: from then on the destination may resume the
         /// VM at any moment, so a cancel can no longer take the migration back.
         var committed = false
+        /// Set when the post-copy switch goes out: the destination may run the guest from then
+        /// on and this copy lacks what it writes there, so this copy is never resumed (unless
+        /// the destination says it did not start the guest), whatever fails after.
+        var postcopyHeld = false
         var cancelReason: String?
     }
 
@@ -115,10 +121,22 @@ public final class MigrationSender: Sendable {
         return true
     }
 
-    private var cancelReason: String { link.withLock { $0.cancelReason } ?? MigrationSender.cancelledReason }
+    var cancelReason: String { link.withLock { $0.cancelReason } ?? MigrationSender.cancelledReason }
 
     @discardableResult
-    private func update<T>(_ body: (inout MigrationProgress) -> T) -> T { live.withLock { body(&$0) } }
+    func update<T>(_ body: (inout MigrationProgress) -> T) -> T { live.withLock { body(&$0) } }
+
+    /// Asks a running `--postcopy` migration to switch to post-copy at the end of the pass under
+    /// way. Returns why not, or nil.
+    public func startPostCopy() -> String? {
+        guard options.postcopy != nil else { return "this migration was started without --postcopy" }
+        let phase = progress.phase
+        guard phase == "pre-copy" || phase == "connecting" || phase == "starting" else {
+            return "the migration is past pre-copy (\(phase))"
+        }
+        postcopyAsked.store(true, ordering: .relaxed)
+        return nil
+    }
 
     /// Runs the whole migration. On `completed`, the destination runs the VM and the caller
     /// should stop the source; otherwise the source VM is running, as before.
@@ -129,7 +147,11 @@ public final class MigrationSender: Sendable {
         report.verify = options.verify ? "failed" : "off"
         report.compression.mode = options.compression
         let throttleMode: ThrottleMode
-        do { throttleMode = try options.throttle.resolved(for: machine.configuration.tracking) } catch {
+        // With --postcopy, `auto` throttles nothing: post-copy is the answer to a guest that
+        // outruns the link, and slowing it as well would cost the guest its speed for nothing.
+        // A throttle asked for by name still applies during pre-copy.
+        let asked = options.postcopy != nil && options.throttle == .auto ? ThrottleMode.none : options.throttle
+        do { throttleMode = try asked.resolved(for: machine.configuration.tracking) } catch {
             report.error = error.description
             report.throttle.mode = options.throttle
             update { $0.phase = "failed" }
@@ -166,7 +188,11 @@ public final class MigrationSender: Sendable {
             report.transferredBytes = max(report.transferredBytes, progress.sentBytes)
             if case .verifyFailed = error { report.verify = "failed" } else if options.verify { report.verify = "not reached" }
             throttle.remove()   // before the guest runs again at full speed here
-            if paused { machine.resume() }
+            if link.withLock({ $0.postcopyHeld }) {
+                report.error = (report.error ?? "") + "; the guest ran at the destination after the post-copy switch, so this copy stays paused and is never resumed here (its pages are the ones the destination still lacks)"
+            } else if paused {
+                machine.resume()
+            }
         }
         throttle.remove()
         report.throttle = throttle.report
@@ -287,9 +313,18 @@ public final class MigrationSender: Sendable {
         var hello = MigrationHello(announcing: machine)
         hello.verify = options.verify
         hello.linkTimeoutMilliseconds = UInt32(options.linkTimeoutSeconds * 1000)
+        hello.postcopy = options.postcopy != nil
+        if hello.postcopy { hello.joins = SessionJoins(pages: 0, faults: 1) }
         hello.pageCodecCode = options.compression.codec.rawValue
         _ = try session.greet(hello)
         let channel = session.channel
+        // Post-copy's page requests get their own connection from the start, so that a request
+        // never waits behind pages; it carries nothing until the switch.
+        let faults = hello.postcopy ? try session.join(.faults) : nil
+        if let faults {
+            faults.tcp.watchLink(timeoutSeconds: options.linkTimeoutSeconds)
+            faults.setTimeouts(send: options.linkTimeoutSeconds, receive: 0)   // requests come when the guest faults
+        }
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
 
         // Pass 1: everything that holds data; the tracker's history before now (and any loss
@@ -386,6 +421,23 @@ public final class MigrationSender: Sendable {
                 bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,
                 dirtyPagesPerSecond: Double(dirtyPages) / seconds, bandwidthBytesPerSecond: bandwidth,
                 expectedDowntimeSeconds: expected, trackingLost: lost)
+            // Post-copy is the other answer to a guest that outruns the link: decided before the
+            // throttle would slow the guest down.
+            if let switchReason = options.postcopy.flatMap({ policy in
+                PostCopyDecision.reason(
+                    policy: policy, pass: iteration, expectedSeconds: lost ? .infinity : expected, targetSeconds: target,
+                    dirtyBytesPerSecond: pass.dirtyPagesPerSecond * 4096, bandwidthBytesPerSecond: bandwidth,
+                    passesLeft: options.maxIterations - iteration, askedByHand: postcopyAsked.load(ordering: .relaxed))
+            }) {
+                report.passes.append(pass)
+                report.iterations = iteration
+                report.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
+                passLog(pass)
+                update { $0.sentBytes = report.transferredBytes; $0.remainingPages = dirtyPages }
+                try switchToPostCopy(session, faults: faults!, passes: passes, after: iteration, reason: switchReason,
+                                     report: &report, started: started, paused: &paused, guestAtStart: guestAtStart)
+                return
+            }
             if expected > target || lost {
                 if throttle.judgesWithinPasses {
                     judge(pass: iteration)   // the rest of the pass since the last judgement
@@ -426,6 +478,27 @@ public final class MigrationSender: Sendable {
                         paused: &paused, guestAtStart: guestAtStart, passLog: passLog)
     }
 
+    /// The end of pre-copy, either way it ends: the guest's pace during the passes, the vCPUs
+    /// paused, and the last pages it dirtied (what the last pass left, plus what it wrote between
+    /// that collection and the pause) added to `passes.pending`. Returns whether tracking lost
+    /// pages in that last collection (all pages holding data are pending then), and when every
+    /// vCPU was out of the guest.
+    func pauseAndCollect(_ passes: PreCopyPasses, report: inout MigrationReport, started: UInt64, paused: inout Bool,
+                         guestAtStart: [UInt64]) throws(MigrationError) -> (lost: Bool, pausedAt: UInt64) {
+        let pauseStart = MonotonicClock.nanoseconds()
+        report.guestPagesPerSecondDuring = zip(machine.guestStats().vcpus.map(\.pages), guestAtStart).map {
+            Double($0 &- $1) / max(Double(pauseStart - started) / 1e9, 1e-9)
+        }
+        machine.pause()
+        paused = true
+        let pausedAt = MonotonicClock.nanoseconds()
+        let (last, lost) = try passes.collect()
+        report.ringOverruns = passes.ringOverruns
+        passes.addPending(last)
+        update { $0.remainingPages = UInt64(passes.pending.count); $0.passPages = $0.remainingPages }
+        return (lost, pausedAt)
+    }
+
     /// Stop and copy, after the pre-copy passes: pause, the last dirty pages, the state and the
     /// digests; then the destination's word. `after`: the passes made so far.
     private func stopAndCopy(_ channel: MigrationChannel, socket: any MigrationConnection, passes: PreCopyPasses,
@@ -435,9 +508,6 @@ public final class MigrationSender: Sendable {
         // Stop and copy: pause, last dirty pages, state, digests; the destination resumes.
         update { $0.phase = "stop-and-copy" }
         let pauseStart = MonotonicClock.nanoseconds()
-        report.guestPagesPerSecondDuring = zip(machine.guestStats().vcpus.map(\.pages), guestAtStart).map {
-            Double($0 &- $1) / max(Double(pauseStart - started) / 1e9, 1e-9)
-        }
         var parts = DowntimeParts()
         var mark = pauseStart
         func lap() -> Double {
@@ -445,16 +515,11 @@ public final class MigrationSender: Sendable {
             defer { mark = now }
             return Double(now - mark) / 1e9
         }
-        machine.pause()
-        paused = true
-        parts.pauseSeconds = lap()
+        let (lastLost, pausedAt) = try pauseAndCollect(passes, report: &report, started: started, paused: &paused,
+                                                       guestAtStart: guestAtStart)
+        parts.pauseSeconds = Double(pausedAt - pauseStart) / 1e9
+        mark = pausedAt   // collecting the last dirty pages counts with sending them, as before
         report.downtimeParts = parts
-        // What the last pass left dirty, plus what the guest wrote between that collection and
-        // the pause.
-        let (last, lastLost) = try passes.collect()
-        report.ringOverruns = passes.ringOverruns
-        passes.addPending(last)
-        update { $0.remainingPages = UInt64(passes.pending.count); $0.passPages = $0.remainingPages }
         let finalStart = MonotonicClock.nanoseconds()
         var finalInFlight = PageSendTally()
         let finalSent: PageSendTally

@@ -57,7 +57,7 @@ final class MigrationTimeline: Sendable {
                     expectedDowntimeSeconds: progress.expectedDowntimeSeconds,
                     cpuThrottlePercent: cpuThrottlePercent(),
                     heldPercent: Self.heldPercent(now: held, before: last.held, nanoseconds: now - last.time),
-                    paused: progress.phase == "stop-and-copy")
+                    paused: progress.phase == "stop-and-copy" || progress.phase == "switching to post-copy")
                 samples.withLock { samples in
                     samples.append(sample)
                     if samples.count > Self.maxSamples {

@@ -113,6 +113,13 @@ struct PageSender {
     /// so that a pass cut mid-way still counts the pages it sent).
     func send(_ pages: DirtyPageBitmap, shouldStop: () -> Bool = { false },
               onBatch: (PageSendTally) -> Void = { _ in }) throws(MigrationError) -> PageSendTally {
+        try send(runs: pages.runs(), shouldStop: shouldStop, onBatch: onBatch)
+    }
+
+    /// The pages of `runs` (ascending, disjoint), in batches: a pass's dirty bitmap, or the runs
+    /// post-copy claims one by one.
+    func send(runs: [Range<Int>], shouldStop: () -> Bool = { false },
+              onBatch: (PageSendTally) -> Void = { _ in }) throws(MigrationError) -> PageSendTally {
         var tally = PageSendTally()
         let started = MonotonicClock.nanoseconds()
         var table = PageBatchTable()
@@ -164,7 +171,7 @@ struct PageSender {
         // Asked again after every batch: the rate may change mid-pass, and a batch sized for a
         // fast rate would starve the receiver under a slow one.
         var batchLimit = self.batchLimit
-        for run in pages.runs() {
+        for run in runs {
             var page = run.lowerBound
             while page < run.upperBound {
                 if shouldStop() { throw .cancelled(MigrationSender.cancelledReason) }

@@ -10,6 +10,8 @@ public final class OSThread: @unchecked Sendable {
     private let finished = DispatchSemaphore(value: 0)
     private let started = DispatchSemaphore(value: 0)
     public private(set) var handle: pthread_t = pthread_t()
+    /// The kernel's id of the thread (what /proc, perf and userfaultfd's fault messages name).
+    public private(set) var threadID: UInt32 = 0
 
     public init(name: String, body: @escaping @Sendable () -> Void) {
         // Foundation's Thread.name names no Linux thread: without prctl every thread is
@@ -17,6 +19,7 @@ public final class OSThread: @unchecked Sendable {
         let shortName = String(decoding: Array(name.utf8.prefix(15)), as: UTF8.self)
         let thread = Thread { [self] in
             self.handle = pthread_self()
+            self.threadID = UInt32(ckvm_gettid())
             _ = ckvm_set_thread_name(shortName)
             self.started.signal()
             body()

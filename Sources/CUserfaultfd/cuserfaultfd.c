@@ -1,0 +1,1 @@
+#include "cuserfaultfd.h"
