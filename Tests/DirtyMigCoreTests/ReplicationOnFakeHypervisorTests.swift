@@ -9,14 +9,22 @@ import XCTest
 /// checkpoint carries exactly those, and after the link is cut the standby resumes a VM whose
 /// memory is the primary's. No /dev/kvm.
 final class ReplicationOnFakeHypervisorTests: XCTestCase {
-    func testCheckpointsCarryTheEpochsDirtyPagesAndTheStandbyResumesAnEqualCopy() throws {
-        let primaryHypervisor = FakeHypervisor(), standbyHypervisor = FakeHypervisor()
-        let primary = try Machine.onFake(primaryHypervisor)
-        defer { primary.stop() }
-        let tracker = try XCTUnwrap(primaryHypervisor.vms.first?.tracker)
-        let memory = primary.memory
+    /// A primary on the fake hypervisor (not started) whose first `pages` pages from the
+    /// workload's base hold data; its tracker, and that base page.
+    private func fakePrimary(writing pages: Int) throws -> (Machine, FakeTracker, Int) {
+        let hypervisor = FakeHypervisor()
+        let primary = try Machine.onFake(hypervisor)
+        let tracker = try XCTUnwrap(hypervisor.vms.first?.tracker)
         let base = Int(GuestLayout.workloadBase / 4096)
-        PreCopyOnFakeHypervisorTests.write(Array(base..<base + 512), pass: 0, into: memory)
+        PreCopyOnFakeHypervisorTests.write(Array(base..<base + pages), pass: 0, into: primary.memory)
+        return (primary, tracker, base)
+    }
+
+    func testCheckpointsCarryTheEpochsDirtyPagesAndTheStandbyResumesAnEqualCopy() throws {
+        let standbyHypervisor = FakeHypervisor()
+        let (primary, tracker, base) = try fakePrimary(writing: 512)
+        defer { primary.stop() }
+        let memory = primary.memory
         // Collection k (the initial copy's are 0 and 1, each epoch's one after) dirties 5k pages,
         // spread over the working set and beyond it, up to k = 30; then the guest writes nothing.
         let lastScripted = 30
@@ -35,12 +43,7 @@ final class ReplicationOnFakeHypervisorTests: XCTestCase {
                                                     standby: StandbyOptions(failover: .auto, failoverAfterSeconds: 0.3))
         defer { receiver.stop() }
         let relay = try FaultRelay(to: receiver.port)
-        let takenOver = Mutex<Result<Machine, MigrationError>?>(nil)
-        let standby = OSThread(name: "fake-standby") {
-            let outcome: Result<Machine, MigrationError>
-            do throws(MigrationError) { outcome = .success(try receiver.receiveOne()) } catch { outcome = .failure(error) }
-            takenOver.withLock { $0 = outcome }
-        }
+        let standby = StandbyOutcome(receiver)
         var options = ReplicationOptions(standby: relay.endpoint)
         options.intervalSeconds = 0.02
         // One collection per epoch, in its pause: each checkpoint is one scripted set.
@@ -70,13 +73,8 @@ final class ReplicationOnFakeHypervisorTests: XCTestCase {
         XCTAssertEqual(collections[lastScripted].count, dirtied(lastScripted).count)
 
         relay.cut()
-        standby.join()
-        guard case .success(let copy)? = takenOver.withLock({ $0 }) else {
-            return XCTFail("the standby did not take over: \(String(describing: takenOver.withLock { $0 }))")
-        }
+        let copy = try standby.assertEqualCopy(of: primary, "the standby's copy is the primary's memory at its last acknowledged checkpoint")
         defer { copy.stop() }
-        XCTAssertEqual(memcmp(primary.memory.base, copy.memory.base, Int(primary.memory.size)), 0,
-                       "the standby's copy is the primary's memory at its last acknowledged checkpoint")
         XCTAssertEqual(try XCTUnwrap(standbyHypervisor.vms.last).vcpus.first?.events.first, "restored")
         _ = replicator.stop()
     }
@@ -87,13 +85,9 @@ extension ReplicationOnFakeHypervisorTests {
     /// the primary, unprotected and seeking it, protects the VM again by itself, and the new
     /// standby's copy, once it takes over, is the primary's memory.
     func testAPrimaryProtectsItsVMAgainOnAStandbyStartedAgainOnTheSameAddress() throws {
-        let primaryHypervisor = FakeHypervisor()
-        let primary = try Machine.onFake(primaryHypervisor)
+        let (primary, tracker, base) = try fakePrimary(writing: 256)
         defer { primary.stop() }
-        let tracker = try XCTUnwrap(primaryHypervisor.vms.first?.tracker)
         let memory = primary.memory
-        let base = Int(GuestLayout.workloadBase / 4096)
-        PreCopyOnFakeHypervisorTests.write(Array(base..<base + 256), pass: 0, into: memory)
         // Every collection dirties a few pages, with the collection's number in them, until the
         // test says: the copy that takes over must hold the last ones.
         let writes = WritesUntil()
@@ -132,12 +126,7 @@ extension ReplicationOnFakeHypervisorTests {
         let second = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: port), hypervisor: standbyHypervisor,
                                                   standby: options)
         defer { second.stop() }
-        let takenOver = Mutex<Result<Machine, MigrationError>?>(nil)
-        let secondOutcome = OSThread(name: "fake-standby-2") {
-            let outcome: Result<Machine, MigrationError>
-            do throws(MigrationError) { outcome = .success(try second.receiveOne()) } catch { outcome = .failure(error) }
-            takenOver.withLock { $0 = outcome }
-        }
+        let secondOutcome = StandbyOutcome(second)
         let protectedBy = MonotonicClock.seconds() + 5
         while replicator.figures.status != .protected && MonotonicClock.seconds() < protectedBy { usleep(5_000) }
         let again = replicator.figures
@@ -158,16 +147,38 @@ extension ReplicationOnFakeHypervisorTests {
         while replicator.figures.checkpointsAcknowledged < settled + 3 && MonotonicClock.seconds() < settledBy { usleep(5_000) }
         let session = try XCTUnwrap(second.standbySession)
         _ = try session.requestFailover(force: true)
-        secondOutcome.join()
-        guard case .success(let copy)? = takenOver.withLock({ $0 }) else {
-            return XCTFail("the new standby did not take over: \(String(describing: takenOver.withLock { $0 }))")
-        }
+        let copy = try secondOutcome.assertEqualCopy(of: primary, "the new standby's copy is the primary's memory at its last checkpoint")
         defer { copy.stop() }
-        XCTAssertEqual(memcmp(primary.memory.base, copy.memory.base, Int(primary.memory.size)), 0,
-                       "the new standby's copy is the primary's memory at its last checkpoint")
         let supersededBy = MonotonicClock.seconds() + 5
         while replicator.figures.status != .superseded && MonotonicClock.seconds() < supersededBy { usleep(5_000) }
         XCTAssertEqual(replicator.figures.status, .superseded, "a standby that took over is never protected against")
+    }
+}
+
+/// A standby's `receiveOne` on a thread of its own: the VM it took over, once it did.
+private final class StandbyOutcome: Sendable {
+    private final class Slot: Sendable {
+        let result = Mutex<Result<Machine, MigrationError>?>(nil)
+    }
+    private let slot = Slot()
+    private let thread: OSThread
+
+    init(_ receiver: MigrationReceiver) {
+        let slot = self.slot
+        thread = OSThread(name: "fake-standby") {
+            let result: Result<Machine, MigrationError>
+            do throws(MigrationError) { result = .success(try receiver.receiveOne()) } catch { result = .failure(error) }
+            slot.result.withLock { $0 = result }
+        }
+    }
+
+    /// Waits for the takeover; the copy it resumed must equal `primary`'s memory.
+    func assertEqualCopy(of primary: Machine, _ message: String, file: StaticString = #filePath, line: UInt = #line) throws -> Machine {
+        thread.join()
+        let result = slot.result.withLock { $0 }
+        let copy = try XCTUnwrap(try? result?.get(), "the standby did not take over: \(String(describing: result))", file: file, line: line)
+        XCTAssertEqual(memcmp(primary.memory.base, copy.memory.base, Int(primary.memory.size)), 0, message, file: file, line: line)
+        return copy
     }
 }
 
