@@ -37,7 +37,7 @@ final class PostCopyLinkTests: TwoHostTestCase {
         try migrate.run()
         processes.append(migrate)
 
-        try waitFor("post-copy", timeout: 30) { phase("source") == "post-copy" || !migrate.isRunning }
+        waitFor("post-copy", timeout: 30) { phase("source") == "post-copy" || !migrate.isRunning }
         XCTAssertTrue(migrate.isRunning, "the migration ended before post-copy: \(stderrText(errors))")
         Thread.sleep(forTimeInterval: 0.3)
         try link.cut()
@@ -61,7 +61,7 @@ final class PostCopyLinkTests: TwoHostTestCase {
         func passes() -> [Double] { status("destination")?["vcpu_stats"]?.arrayValue?.map { $0["passes"]?.doubleValue ?? 0 } ?? [] }
         let atTheEnd = passes()
         XCTAssertEqual(atTheEnd.count, 2)
-        try waitFor("the destination's guest to check all its memory again", timeout: 20) {
+        waitFor("the destination's guest to check all its memory again", timeout: 20) {
             zip(passes(), atTheEnd).allSatisfy { $0 >= $1 + 1 }
         }
         let errorsSeen = status("destination")?["vcpu_stats"]?.arrayValue?.map { $0["guest_errors"]?.doubleValue ?? -1 } ?? []

@@ -45,7 +45,7 @@ final class PostCopySignalTests: ReplicationProcessTestCase {
         try waitForWrites(socket(source), pages: 6144)
         let (migrate, report, _) = try start(["migrate", "--vm", socket(source), "--to", "127.0.0.1:\(port)", "--json",
                                               "--bandwidth", "20M", "--postcopy", "--postcopy-after", "1", "--verify"])
-        try waitFor("post-copy", timeout: 30) { phase(source) == "post-copy" || !migrate.isRunning }
+        waitFor("post-copy", timeout: 30) { phase(source) == "post-copy" || !migrate.isRunning }
         XCTAssertTrue(migrate.isRunning, "the migration ended before post-copy")
         return (vm, receiver, receiverErrors, migrate, report)
     }
