@@ -316,18 +316,8 @@ final class PageReceiver {
         }
     }
 
-    /// The range table at the head of a pages or compressedPages frame, each step bounded
-    /// before the next read.
     private func receiveTable(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) -> PageBatchTable {
-        try MigrationError.wrap { () throws(MigrationProtocolError) in try PageBatchTable.checkFrame(payloadLength: payloadLength) }
-        let countBytes = try channel.receivePayload(PageBatchTable.countBytes)
-        let count = try MigrationError.wrap { () throws(MigrationProtocolError) in
-            try PageBatchTable.rangeCount(decoding: countBytes, payloadLength: payloadLength)
-        }
-        let entries = try channel.receivePayload(PageBatchTable.entryBytes * count)
-        return try MigrationError.wrap { () throws(MigrationProtocolError) in
-            try PageBatchTable(decoding: entries, count: count, pageCount: UInt64(memory.pageCount))
-        }
+        try PageBatchTable.receive(from: channel, payloadLength: payloadLength, pageCount: memory.pageCount)
     }
 
     /// Puts the batch `table` describes into guest memory: `fill` writes the next bytes of its
@@ -377,6 +367,22 @@ final class PageReceiver {
                 allocatedAtSource.set(first..<end)
             }
             pagesReceived += UInt64(range.count)
+        }
+    }
+}
+
+extension PageBatchTable {
+    /// The range table at the head of a pages or compressedPages frame (its header read), each
+    /// step bounded before the next read; the ranges checked against a RAM of `pageCount` pages.
+    static func receive(from channel: MigrationChannel, payloadLength: Int, pageCount: Int) throws(MigrationError) -> PageBatchTable {
+        try MigrationError.wrap { () throws(MigrationProtocolError) in try checkFrame(payloadLength: payloadLength) }
+        let countBytes = try channel.receivePayload(countBytes)
+        let count = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try rangeCount(decoding: countBytes, payloadLength: payloadLength)
+        }
+        let entries = try channel.receivePayload(entryBytes * count)
+        return try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try PageBatchTable(decoding: entries, count: count, pageCount: UInt64(pageCount))
         }
     }
 }

@@ -47,15 +47,8 @@ enum PostCopyDestination {
         /// One pages frame (its header read): the range table checked against RAM and the frame's
         /// length before any page byte is read, then each range placed (each page once).
         func receive(from channel: MigrationChannel, payloadLength: Int) throws(MigrationError) {
-            try MigrationError.wrap { () throws(MigrationProtocolError) in try PageBatchTable.checkFrame(payloadLength: payloadLength) }
-            let countBytes = try channel.receivePayload(PageBatchTable.countBytes)
-            let count = try MigrationError.wrap { () throws(MigrationProtocolError) in
-                try PageBatchTable.rangeCount(decoding: countBytes, payloadLength: payloadLength)
-            }
-            let entries = try channel.receivePayload(PageBatchTable.entryBytes * count)
-            let table = try MigrationError.wrap { () throws(MigrationProtocolError) in
-                try PageBatchTable(decoding: entries, count: count, payloadLength: payloadLength, pageCount: UInt64(pageCount))
-            }
+            let table = try PageBatchTable.receive(from: channel, payloadLength: payloadLength, pageCount: pageCount)
+            try MigrationError.wrap { () throws(MigrationProtocolError) in try table.checkPlain(payloadLength: payloadLength) }
             for range in table.ranges {
                 let first = Int(range.firstPage), pages = Int(range.count)
                 switch range.kind {
