@@ -35,6 +35,21 @@ final class PreCopyForecastTests: XCTestCase {
         XCTAssertEqual(progress.json["eta_s"], .null, "an ended migration has no time left")
     }
 
+    /// Under --compress the pages left move at the link's rate times the ratio: 3 page bytes
+    /// per wire byte make a pass-1 forecast (and a post-copy one) three times shorter.
+    func testCompressedPagesAreForecastAtThePageRateNotTheWireRate() {
+        var progress = MigrationProgress()
+        progress.phase = "pre-copy"; progress.iteration = 1; progress.remainingPages = 3000
+        progress.elapsedSeconds = 2; progress.dirtyPagesPerSecond = 0
+        progress.throughputBytesPerSecond = 4096 * 1000
+        progress.sentBytes = 1 << 20; progress.sentPageBytes = 3 << 20
+        XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 1, accuracy: 1e-9, "3000 pages at 1000 wire pages/s x 3")
+        progress.phase = "post-copy"
+        XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 1, accuracy: 1e-9)
+        progress.sentPageBytes = 1 << 19   // zero pages and headers: never a ratio below 1
+        XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 3, accuracy: 1e-9)
+    }
+
     /// An idle guest: what is left of the pass, at the link's rate.
     func testAnIdleGuestLeavesTheRestOfThePassAtTheLinksRate() throws {
         XCTAssertEqual(try XCTUnwrap(forecast(dirty: 0, remaining: 250 * mib).secondsLeft), 2.5, accuracy: 1e-9)

@@ -29,85 +29,167 @@ public struct CompressionTally: Sendable, Equatable {
 }
 
 /// The sender's compression of page batches (`--compress zstd|auto`): it decides per batch
-/// (`auto`: CompressionChooser), copies the batch's data pages into one buffer, compresses them
-/// with one reused zstd context, and keeps the tally. A batch that does not shrink by at least
-/// 1/16 goes out as it is.
+/// (`auto`: CompressionChooser), and compresses on its own thread (CompressionWorker) while the
+/// sender puts the batch before on the wire: `submit` starts a batch's compression, `collect`
+/// waits for it. A batch's data pages are copied into one buffer and compressed with one reused
+/// zstd context; a batch that does not shrink by at least 1/16 goes out as it is.
 ///
 /// The copy is needed anyway (zstd compresses one contiguous input), and it also snapshots the
 /// pages: the guest keeps writing them meanwhile, and zstd must not see its input change under
-/// it. Compression runs on the sending thread: at level 1 it compresses faster than the links
-/// it pays on carry (see CompressionChooser for the rule that keeps it off faster ones).
+/// it. (A page written after the pass's dirty log was collected is sent again in the next pass,
+/// whenever the snapshot was taken.)
+///
+/// Two slots of buffers: the batch on the wire holds one while the next is compressed into the
+/// other. The decisions and the tally are kept on the sender's thread alone (at `collect`).
 final class PageBatchCompressor: @unchecked Sendable {
-    // @unchecked: used by one thread at a time; a replication hands it from the thread that
-    // made the initial copy to the one that sends checkpoints, which starts after.
+    // @unchecked: used by one sending thread at a time (a replication hands it from the thread
+    // that made the initial copy to the one that sends checkpoints, which starts after); the
+    // worker touches only the slot and the zstd context of the job it runs, and the worker's
+    // lock orders its writes before the sender's `collect` reads them.
     let mode: PageCompression
     private let zstd: ZstdCompressor
-    private var input: UnsafeMutableRawPointer
-    private var output: UnsafeMutableRawPointer
-    private var capacity: Int
+    private let worker: CompressionWorker
+    private let slots: [Slot]
+    private var nextSlot = 0
     private(set) var chooser = CompressionChooser()
     private(set) var tally = CompressionTally()
-    /// When the last batch's sending ended (for the link's rate).
-    private let now: () -> UInt64
+    private let now: @Sendable () -> UInt64
+
+    /// Buffers for one batch's compression, and what it came to.
+    private final class Slot: @unchecked Sendable {
+        // @unchecked: written by the worker during a job, read by the sender after `wait`.
+        var input: UnsafeMutableRawPointer
+        var output: UnsafeMutableRawPointer
+        var capacity: Int
+        var length: Int?
+        var nanoseconds: UInt64 = 0
+        var ended: UInt64 = 0
+
+        init(capacity: Int) {
+            self.capacity = capacity
+            input = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+            output = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+        }
+
+        /// Only while no job uses the slot.
+        func reserve(_ bytes: Int) {
+            guard bytes > capacity else { return }
+            input.deallocate()
+            output.deallocate()
+            capacity = bytes
+            input = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+            output = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+        }
+
+        deinit {
+            input.deallocate()
+            output.deallocate()
+        }
+    }
+
+    /// Where a job's pages are: runs of guest memory (copied on the worker), or a buffer the
+    /// caller keeps unchanged until `collect` (a staged checkpoint's).
+    private struct Source: @unchecked Sendable {
+        // @unchecked: raw addresses the caller keeps valid until the job's `collect`.
+        var base: UnsafeRawPointer
+        var runs: [(firstPage: Int, count: Int)]
+    }
+
+    /// A batch's compression (or a sample of it) under way.
+    struct Ticket {
+        fileprivate let job: CompressionWorker.Ticket
+        fileprivate let slot: Int
+        /// A sample: measured, never sent.
+        let sample: Bool
+        fileprivate let pageBytes: Int
+    }
 
     /// nil for `none`, or if zstd cannot make a context (out of memory).
-    init?(mode: PageCompression, now: @escaping () -> UInt64 = MonotonicClock.nanoseconds) {
+    init?(mode: PageCompression, now: @escaping @Sendable () -> UInt64 = MonotonicClock.nanoseconds) {
         guard mode != .none, let zstd = ZstdCompressor() else { return nil }
         self.mode = mode
         self.zstd = zstd
         self.now = now
-        capacity = PageSender.batchDataBytes
-        input = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
-        output = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+        slots = [Slot(capacity: PageSender.batchDataBytes), Slot(capacity: PageSender.batchDataBytes)]
+        worker = CompressionWorker()
     }
 
-    deinit {
-        input.deallocate()
-        output.deallocate()
-    }
+    deinit { worker.close() }
 
-    /// Compress the next batch?
-    func wantsBatch() -> Bool { mode == .zstd || chooser.shouldCompress(now: now()) }
-
-    /// The `.data` ranges of `table` (`dataBytes` of them), from `memory`, compressed: the
-    /// zstd frame, valid until the next call; nil if they did not shrink by 1/16.
-    func compress(_ table: PageBatchTable, dataBytes: Int, from memory: GuestMemory) -> UnsafeRawBufferPointer? {
-        let started = now()
-        reserve(dataBytes)
-        var offset = 0
-        for range in table.ranges where range.kind == .data {
-            let bytes = Int(range.count) * 4096
-            memcpy(input + offset, memory.base + Int(range.firstPage) * 4096, bytes)
-            offset += bytes
+    /// Starts what the plan for a batch of `dataBytes` says: its `.data` ranges of `table`, from
+    /// `memory`, compressed (or a sample of them); nil: it goes out plain, nothing to wait for.
+    func submit(_ table: PageBatchTable, dataBytes: Int, from memory: GuestMemory) -> Ticket? {
+        guard dataBytes > 0, let sample = planSample() else { return nil }
+        var runs: [(firstPage: Int, count: Int)] = []
+        var bytes = 0
+        let wanted = sample ? min(dataBytes, CompressionChooser.sampleBytes) : dataBytes
+        for range in table.ranges where range.kind == .data && bytes < wanted {
+            let count = min(Int(range.count), (wanted - bytes + 4095) / 4096)
+            runs.append((Int(range.firstPage), count))
+            bytes += count * 4096
         }
-        return compress(UnsafeRawBufferPointer(start: input, count: dataBytes), started: started)
+        return start(Source(base: UnsafeRawPointer(memory.base), runs: runs), bytes: bytes, sample: sample)
     }
 
-    /// Pages already copied out of guest memory (a staged checkpoint's), compressed as above.
-    func compress(_ pages: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
-        let started = now()
-        reserve(pages.count)
-        return compress(pages, started: started)
+    /// The same for pages already copied out of guest memory (a staged checkpoint's), which the
+    /// caller leaves unchanged until `collect`.
+    func submit(_ pages: UnsafeRawBufferPointer) -> Ticket? {
+        guard pages.count > 0, let base = pages.baseAddress, let sample = planSample() else { return nil }
+        let bytes = sample ? min(pages.count, CompressionChooser.sampleBytes) & ~4095 : pages.count
+        guard bytes > 0 else { return nil }
+        return start(Source(base: base, runs: [(0, bytes / 4096)]), bytes: bytes, sample: sample)
     }
 
-    private func compress(_ pages: UnsafeRawBufferPointer, started: UInt64) -> UnsafeRawBufferPointer? {
-        let bound = pages.count - pages.count / 16
-        let length = zstd.compress(pages, into: UnsafeMutableRawBufferPointer(start: output, count: bound))
-        let ended = now()
-        chooser.compressed(pageBytes: pages.count, compressedBytes: length, nanoseconds: ended - started, now: ended)
-        tally.compressNanoseconds += ended - started
-        if length == nil { tally.incompressibleBatches += 1 }
-        return length.map { UnsafeRawBufferPointer(start: output, count: $0) }
+    /// nil: plain, no sample; false: compress the batch; true: a sample.
+    private func planSample() -> Bool? {
+        if mode == .zstd { return false }
+        switch chooser.plan(now: now()) {
+        case .plain: return nil
+        case .plainWithSample: return true
+        case .compressed: return false
+        }
     }
 
-    private func reserve(_ bytes: Int) {
-        guard bytes > capacity else { return }
-        input.deallocate()
-        output.deallocate()
-        capacity = bytes
-        input = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
-        output = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
+    private func start(_ source: Source, bytes: Int, sample: Bool) -> Ticket {
+        let index = nextSlot
+        nextSlot ^= 1
+        let slot = slots[index]
+        slot.reserve(bytes)
+        let zstd = SendableZstd(zstd), now = self.now
+        let job = worker.submit {
+            let started = now()
+            var offset = 0
+            for run in source.runs {
+                memcpy(slot.input + offset, source.base + run.firstPage * 4096, run.count * 4096)
+                offset += run.count * 4096
+            }
+            let bound = bytes - bytes / 16
+            slot.length = zstd.compressor.compress(UnsafeRawBufferPointer(start: slot.input, count: bytes),
+                                                   into: UnsafeMutableRawBufferPointer(start: slot.output, count: bound))
+            slot.ended = now()
+            slot.nanoseconds = slot.ended - started
+        }
+        return Ticket(job: job, slot: index, sample: sample, pageBytes: bytes)
     }
+
+    /// Waits for `ticket`'s job and keeps its measurements: the zstd frame to send, valid until
+    /// the slot's next use (two submits on), or nil: send the batch as it is (a sample, or pages
+    /// that did not shrink by 1/16).
+    func collect(_ ticket: Ticket) -> UnsafeRawBufferPointer? {
+        worker.wait(ticket.job)
+        let slot = slots[ticket.slot]
+        chooser.compressed(pageBytes: ticket.pageBytes, compressedBytes: slot.length, nanoseconds: slot.nanoseconds, now: slot.ended)
+        tally.compressNanoseconds += slot.nanoseconds
+        if ticket.sample { return nil }
+        guard let length = slot.length else {
+            tally.incompressibleBatches += 1
+            return nil
+        }
+        return UnsafeRawBufferPointer(start: slot.output, count: length)
+    }
+
+    /// Waits for every job submitted (a sender that stops mid-way, before its buffers go).
+    func drain() { worker.drain() }
 
     /// A batch of `pageBytes` went out as `pageWireBytes` (`compressed` or not), its frame of
     /// `frameBytes` taking `sendNanoseconds` (the limiter's wait and the send).
@@ -120,6 +202,12 @@ final class PageBatchCompressor: @unchecked Sendable {
         }
         chooser.sent(wireBytes: frameBytes, nanoseconds: sendNanoseconds)
     }
+}
+
+/// The compressor's zstd context, handed to the worker: one job at a time uses it.
+private struct SendableZstd: @unchecked Sendable {
+    let compressor: ZstdCompressor
+    init(_ compressor: ZstdCompressor) { self.compressor = compressor }
 }
 
 /// The receiver's side: a compressed batch's zstd frame is read into one buffer and decompressed

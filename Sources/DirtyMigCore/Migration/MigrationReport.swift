@@ -125,6 +125,10 @@ public struct MigrationProgress: Sendable {
     public var destination = ""
     public var iteration = 0
     public var sentBytes: UInt64 = 0
+    /// The page data those bytes carried, before compression (data pages x 4 KiB, the
+    /// batches' headers and zero pages left out): with `sentBytes`, the ratio `--compress`
+    /// achieves so far.
+    public var sentPageBytes: UInt64 = 0
     public var remainingPages: UInt64 = 0
     /// The pages the pass under way carries (with `remainingPages`, how far it is).
     public var passPages: UInt64 = 0
@@ -161,7 +165,7 @@ public struct MigrationProgress: Sendable {
     public var forecast: PreCopyForecast {
         let passElapsed = elapsedSeconds - passStartedSeconds
         var bandwidth = lastPassBandwidthBytesPerSecond
-        if bandwidth == nil && passElapsed >= 1 && dirtyPagesPerSecond != nil { bandwidth = throughputBytesPerSecond }
+        if bandwidth == nil && passElapsed >= 1 && dirtyPagesPerSecond != nil { bandwidth = pageThroughputBytesPerSecond }
         return PreCopyForecast(bandwidthBytesPerSecond: bandwidth,
                                dirtyBytesPerSecond: (dirtyPagesPerSecond ?? 0) * 4096,
                                remainingBytes: Double(remainingPages) * 4096,
@@ -169,10 +173,17 @@ public struct MigrationProgress: Sendable {
                                stopBelowBytes: max(stopBelowSeconds, 0) * (bandwidth ?? 0), passesLeft: passesLeft)
     }
 
+    /// Page bytes moved per second over about the last 100 ms: the link's throughput times the
+    /// compression ratio so far (1 without --compress). What is left is counted in pages, so
+    /// this, not the wire's rate, is what divides it.
+    public var pageThroughputBytesPerSecond: Double? {
+        throughputBytesPerSecond.map { $0 * max(1, Double(sentPageBytes) / Double(max(sentBytes, 1))) }
+    }
+
     /// Seconds left, while the migration copies memory (nil otherwise, or when unknown).
     public var etaSeconds: Double? {
         if phase == "post-copy" {   // no more passes: what is left, at the rate it goes out
-            guard let throughput = throughputBytesPerSecond, throughput > 0 else { return nil }
+            guard let throughput = pageThroughputBytesPerSecond, throughput > 0 else { return nil }
             return Double(remainingPages) * 4096 / throughput
         }
         guard phase == "pre-copy" || phase == "stop-and-copy" else { return nil }

@@ -379,7 +379,10 @@ public final class MigrationSender: Sendable {
                 }, onBatch: { batch in
                     inFlight.add(batch)
                     let pages = batch.normalPages + batch.zeroPages
-                    update { $0.sentBytes += batch.bytes; $0.remainingPages -= min($0.remainingPages, pages) }
+                    update {
+                        $0.sentBytes += batch.bytes; $0.sentPageBytes += batch.normalPages * 4096
+                        $0.remainingPages -= min($0.remainingPages, pages)
+                    }
                     guard throttle.judgesWithinPasses else { return }
                     period.sentBytes += batch.bytes
                     if MonotonicClock.nanoseconds() - period.time >= ThrottlePeriod.nanoseconds { judge(pass: iteration) }
@@ -404,6 +407,11 @@ public final class MigrationSender: Sendable {
             // during the pass counts from this decision on.
             let inForce = limits.current
             if let cap = inForce.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
+            // What the rule, the throttle and the forecast weigh pages against: the rate pages
+            // move at. Under --compress a page takes fewer bytes on the wire than it holds, so
+            // that is the link's rate times the pass's ratio (1 when nothing was compressed: a
+            // plain pass's bytes are its pages and their headers).
+            let pageRate = bandwidth * max(1, Double(sent.normalPages) * 4096 / Double(max(sent.bytes, 1)))
             let verifyEstimate = min(verifyCost, inForce.downtimeSeconds / 2)
             report.verifyEstimateSeconds = verifyEstimate
             // Pre-copy stops when the expected downtime is at most 85 % of --downtime: the rest is
@@ -413,7 +421,7 @@ public final class MigrationSender: Sendable {
             // Everything the pause will hold: the last pages, the source's hash, pausing and
             // saving every vCPU here and restoring and starting it there, and two more round trips
             // (the last pass's acknowledgement and the result).
-            let expected = Double(dirtyPages) * 4096 / max(bandwidth, 1) + verifyEstimate
+            let expected = Double(dirtyPages) * 4096 / max(pageRate, 1) + verifyEstimate
                 + Self.perVCPUSwitchSeconds * Double(machine.configuration.vcpuCount)
                 + 2 * (passes.transfer.shortestAcknowledgementSeconds.isFinite ? passes.transfer.shortestAcknowledgementSeconds : 0)
             var pass = MigrationPass(
@@ -426,7 +434,7 @@ public final class MigrationSender: Sendable {
             if let switchReason = options.postcopy.flatMap({ policy in
                 PostCopyDecision.reason(
                     policy: policy, pass: iteration, expectedSeconds: lost ? .infinity : expected, targetSeconds: target,
-                    dirtyBytesPerSecond: pass.dirtyPagesPerSecond * 4096, bandwidthBytesPerSecond: bandwidth,
+                    dirtyBytesPerSecond: pass.dirtyPagesPerSecond * 4096, bandwidthBytesPerSecond: pageRate,
                     passesLeft: options.maxIterations - iteration, askedByHand: postcopyAsked.load(ordering: .relaxed))
             }) {
                 report.passes.append(pass)
@@ -443,7 +451,7 @@ public final class MigrationSender: Sendable {
                     judge(pass: iteration)   // the rest of the pass since the last judgement
                 } else {
                     throttle.observe(pass: iteration, sentBytes: sent.bytes, dirtyBytes: dirtyPages * 4096, seconds: seconds,
-                                     bandwidth: bandwidth, vcpuDirtyBytesPerSecond: nil,
+                                     bandwidth: pageRate, vcpuDirtyBytesPerSecond: nil,
                                      sinceStart: Double(MonotonicClock.nanoseconds() - started) / 1e9)
                 }
             }
@@ -460,15 +468,15 @@ public final class MigrationSender: Sendable {
                 $0.passPages = dirtyPages
                 $0.expectedDowntimeSeconds = expected
                 // What the forecast (eta_s) needs: the link's rate, and where pre-copy stops.
-                $0.lastPassBandwidthBytesPerSecond = bandwidth
-                $0.stopBelowSeconds = target - (expected - Double(dirtyPages) * 4096 / max(bandwidth, 1))
+                $0.lastPassBandwidthBytesPerSecond = pageRate
+                $0.stopBelowSeconds = target - (expected - Double(dirtyPages) * 4096 / max(pageRate, 1))
                 $0.passesLeft = options.maxIterations - iteration
             }
             if expected <= target && !lost && !Self.anotherPassHalvesThePause(
                 dirtyPages: Double(dirtyPages), dirtyPagesPerSecond: pass.dirtyPagesPerSecond,
-                bandwidth: bandwidth, expected: expected, passesLeft: iteration < options.maxIterations) { break }
+                bandwidth: pageRate, expected: expected, passesLeft: iteration < options.maxIterations) { break }
             if iteration >= options.maxIterations {
-                throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", bandwidth / 1_048_576)) MiB/s of bandwidth (expected downtime \(Int(expected * 1000)) ms > \(Int(target * 1000)) ms, 85 % of the downtime limit); the VM runs on here")
+                throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", pageRate / 1_048_576)) MiB/s of pages moved (expected downtime \(Int(expected * 1000)) ms > \(Int(target * 1000)) ms, 85 % of the downtime limit); the VM runs on here")
             }
             try checkTimeout()
             if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }

@@ -127,12 +127,14 @@ struct PageSender {
         var head = WireWriter()
         var dataBytes = 0
 
-        func flush() throws(MigrationError) {
-            guard !table.ranges.isEmpty else { return }
-            var compressed: UnsafeRawBufferPointer?
-            if dataBytes > 0, let compressor, compressor.wantsBatch() {
-                compressed = compressor.compress(table, dataBytes: dataBytes, from: memory)
-            }
+        // With a compressor, a batch's compression starts on the compressor's thread when its
+        // table is complete, and the batch goes out after the next one's has started: the link
+        // carries one batch while the next is compressed. Without one, each goes out at once.
+        var pending: (table: PageBatchTable, dataBytes: Int, ticket: PageBatchCompressor.Ticket?)?
+        defer { compressor?.drain() }   // thrown out mid-way: no job outlives this call
+
+        func transmit(_ table: PageBatchTable, dataBytes: Int, ticket: PageBatchCompressor.Ticket?) throws(MigrationError) {
+            let compressed = ticket.flatMap { compressor?.collect($0) }
             let pageWireBytes = compressed?.count ?? dataBytes
             head.removeAll()
             let payloadLength = table.encodedSize + pageWireBytes
@@ -164,6 +166,17 @@ struct PageSender {
                 if range.kind == .zero { batch.zeroPages += UInt64(range.count) } else { batch.normalPages += UInt64(range.count) }
             }
             onBatch(batch)
+        }
+
+        func flush() throws(MigrationError) {
+            guard !table.ranges.isEmpty else { return }
+            if let compressor {
+                let ticket = compressor.submit(table, dataBytes: dataBytes, from: memory)
+                if let pending { try transmit(pending.table, dataBytes: pending.dataBytes, ticket: pending.ticket) }
+                pending = (table, dataBytes, ticket)
+            } else {
+                try transmit(table, dataBytes: dataBytes, ticket: nil)
+            }
             table.ranges.removeAll(keepingCapacity: true)
             dataBytes = 0
         }
@@ -191,6 +204,7 @@ struct PageSender {
             }
         }
         try flush()
+        if let last = pending { try transmit(last.table, dataBytes: last.dataBytes, ticket: last.ticket) }
         tally.nanoseconds = MonotonicClock.nanoseconds() - started
         return tally
     }

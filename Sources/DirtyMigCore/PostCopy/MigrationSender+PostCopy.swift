@@ -58,7 +58,7 @@ extension MigrationSender {
         do {
             outcome = try source.run(verify: options.verify, linkTimeoutSeconds: options.linkTimeoutSeconds) { batch in
                 let left = UInt64(source.queue.tally.remaining)
-                update { $0.sentBytes += batch.bytes; $0.remainingPages = left }
+                update { $0.sentBytes += batch.bytes; $0.sentPageBytes += batch.normalPages * 4096; $0.remainingPages = left }
             }
         } catch {
             let tally = source.queue.tally

@@ -143,16 +143,22 @@ final class StagedCheckpoint {
               shouldStop: () -> Bool = { false }) throws(MigrationError) -> UInt64? {
         var digest = CheckpointDigest()
         var sent: UInt64 = 0
-        var first = 0
         let data = UnsafeRawPointer(buffer)
         // The frame header and the checkpoint pages header, in one buffer reused frame to frame.
         var head = WireWriter()
-        while first < pages.count {
-            if shouldStop() { return nil }
+        // A frame's compression starts before the frame before it goes out (see PageSender):
+        // the staged buffer does not change meanwhile.
+        defer { compressor?.drain() }
+        func frame(at first: Int) -> (first: Int, count: Int, ticket: PageBatchCompressor.Ticket?) {
             let count = min(CheckpointWire.maxPagesPerFrame, pages.count - first)
+            return (first, count, compressor?.submit(UnsafeRawBufferPointer(start: data! + first * 4096, count: count * 4096)))
+        }
+        var next = pages.isEmpty ? nil : frame(at: 0)
+        while let (first, count, ticket) = next {
+            if shouldStop() { return nil }
             let bytes = UnsafeRawBufferPointer(start: data! + first * 4096, count: count * 4096)
-            var compressed: UnsafeRawBufferPointer?
-            if let compressor, compressor.wantsBatch() { compressed = compressor.compress(bytes) }
+            next = first + count < pages.count ? frame(at: first + count) : nil
+            let compressed = ticket.flatMap { compressor?.collect($0) }
             let pageWireBytes = compressed?.count ?? bytes.count
             let payload = CheckpointPagesHeader.size + count * 4 + pageWireBytes
             head.removeAll()
@@ -171,7 +177,6 @@ final class StagedCheckpoint {
             compressor?.sent(pageBytes: bytes.count, pageWireBytes: pageWireBytes, compressed: compressed != nil,
                              frameBytes: frameBytes, sendNanoseconds: MonotonicClock.nanoseconds() - sendStarted)
             sent += UInt64(frameBytes)
-            first += count
         }
         if shouldStop() { return nil }
         let end = CheckpointEnd(epoch: epoch, pageCount: UInt32(pages.count), resync: resync,
