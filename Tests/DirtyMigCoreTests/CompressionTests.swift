@@ -1,5 +1,6 @@
 @testable import DirtyMigCore
 import Foundation
+import Synchronization
 import XCTest
 
 /// Page compression (`--compress`): the zstd codec's round trip and its bounds against lying
@@ -312,6 +313,35 @@ final class CompressionTests: XCTestCase {
         // Just below the crossover (the link 95 % of zstd's rate) the margin keeps it plain.
         XCTAssertEqual(run(linkBytesPerSecond: 250e6 * 0.95, ratio: 3, batches: 200).compressed, 0)
         XCTAssertGreaterThanOrEqual(run(linkBytesPerSecond: 250e6 * 0.8, ratio: 3, batches: 200).compressed, 195)
+    }
+
+    /// A batch the sender had to wait for went into a socket buffer the link had drained: its
+    /// send does not measure the link. Batches it did not wait for (and plain ones) do.
+    func testOnlySendsTheLinkPacedMeasureIt() throws {
+        let memory = try GuestMemory(size: 1024 * 4096)
+        let text = Self.textLike(1024 * 4096, seed: 6)
+        text.withUnsafeBytes { memory.base.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        let table = PageBatchTable(ranges: [PageRange(firstPage: 0, count: 512, kind: .data)])
+        // A clock that moves 1 ms at every reading: every collect looks like a wait.
+        final class SteppingClock: Sendable {
+            let reading = Mutex<UInt64>(0)
+            func next() -> UInt64 { reading.withLock { $0 += 1_000_000; return $0 } }
+        }
+        let slowClock = SteppingClock()
+        let waited = try XCTUnwrap(PageBatchCompressor(mode: .zstd, now: { slowClock.next() }))
+        let compressed = try XCTUnwrap(waited.submit(table, dataBytes: 512 * 4096, from: memory))
+        XCTAssertNotNil(waited.collect(compressed))
+        waited.sent(pageBytes: 512 * 4096, pageWireBytes: 100_000, compressed: true, frameBytes: 100_100, sendNanoseconds: 1000)
+        XCTAssertNil(waited.chooser.linkBytesPerSecond, "a send the sender waited for says nothing of the link")
+        // A plain batch (auto, nothing to wait for) measures it.
+        waited.sent(pageBytes: 512 * 4096, pageWireBytes: 512 * 4096, compressed: false, frameBytes: 512 * 4096 + 100, sendNanoseconds: 1_000_000)
+        XCTAssertNotNil(waited.chooser.linkBytesPerSecond)
+        // A clock that stands still: the compression was done before the sender asked.
+        let ready = try XCTUnwrap(PageBatchCompressor(mode: .zstd, now: { 1 }))
+        let done = try XCTUnwrap(ready.submit(table, dataBytes: 512 * 4096, from: memory))
+        XCTAssertNotNil(ready.collect(done))
+        ready.sent(pageBytes: 512 * 4096, pageWireBytes: 100_000, compressed: true, frameBytes: 100_100, sendNanoseconds: 1000)
+        XCTAssertNotNil(ready.chooser.linkBytesPerSecond)
     }
 
     /// The sender compresses the next batch while this one is on the wire: on a slow transport,
