@@ -62,6 +62,10 @@ struct CompressionChooser {
     /// What a sample compresses: the first 256 KiB of a batch's data pages (an eighth of a full
     /// batch), enough for zstd's rate and ratio, about 1 ms of compressing here.
     static let sampleBytes = 256 << 10
+    /// The first batches each carry a sample, whatever the time: the very first compression
+    /// runs cold (its buffers and zstd's tables not yet touched) and measured slow, and with it
+    /// alone the next sample came 64 times its duration later, seven batches at 1 Gbit/s.
+    static let warmUpSamples = 4
     /// Compress only when the measurements say it is at least this much faster.
     static let margin = 1.1
 
@@ -76,7 +80,7 @@ struct CompressionChooser {
     /// The next batch's plan (`now`: monotonic ns).
     func plan(now: UInt64) -> Plan {
         if compressionPays { return .compressed }
-        if compressBytesPerSecond == nil || ratio == nil || now >= nextSample { return .plainWithSample }
+        if compression.samples < Self.warmUpSamples || now >= nextSample { return .plainWithSample }
         return .plain
     }
 
