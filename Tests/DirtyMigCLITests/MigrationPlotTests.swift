@@ -415,6 +415,48 @@ final class MigrationPlotTests: XCTestCase {
         XCTAssertEqual(points.first?.x ?? 0, Self.plotLeft + 0.143 / 0.201 * (Self.plotRight - Self.plotLeft), accuracy: 0.2)
     }
 
+    /// Post-copy after pass 1 at 2.15 s of 4.3: the pause is drawn at the switch (where the
+    /// guest stopped), the switch has its own labelled line, the dirty rate stops there (the
+    /// source no longer sees the guest's writes), and the header gives post-copy's figures.
+    func testPostCopyShowsTheSwitchItsPauseAndItsFigures() throws {
+        let times = stride(from: 0.1, through: 4.2, by: 0.1).map { $0 }
+        let timeline: [JSONValue] = times.map { t in
+            let post = t > 2.15
+            return ["t_s": .number(t), "phase": .string(post ? "post-copy" : "pre-copy"), "pass": 1,
+                    "remaining_bytes": .number(post ? (4.3 - t) / 2.15 * 128 * Self.mib : (2.15 - t) / 2.15 * 128 * Self.mib),
+                    "throughput_mib_s": 60, "dirty_pages_s": .number(post ? 0 : 76_800), "expected_downtime_ms": nil,
+                    "throttle_percent": 0, "paused": false]
+        } + [["t_s": 4.3, "phase": "completed", "pass": 1, "remaining_bytes": 0, "throughput_mib_s": 0, "paused": false]]
+        let report: JSONValue = [
+            "status": "completed", "total_ms": 4300, "setup_ms": 12.9, "downtime_ms": 21.4, "downtime_limit_ms": 300,
+            "iterations": 1, "transferred_bytes": .number(256 * Self.mib),
+            "passes": [["iteration": 1, "time_s": 2.15, "bytes_sent": .number(128 * Self.mib), "pages_sent": 32768,
+                        "bandwidth_mib_s": 60, "dirty_pages_s": 76_800, "expected_downtime_ms": 2130]],
+            "postcopy": ["reason": "the guest dirtied 59.9 MiB/s against 60.0 MiB/s of bandwidth", "after_passes": 1,
+                         "switched_at_ms": 2153.2, "lacking_pages": 32769, "requested_pages": 588, "answered_pages": 76,
+                         "pushed_pages": 32693, "faults": 588, "fault_latency_us": ["p50": 3452, "p99": 4832, "max": 6060]],
+            "timeline": .array(timeline),
+        ]
+        let svg = MigrationPlot.svg(report: report)
+        try write(svg, name: "plot-postcopy.svg")
+        let parsed = try parse(svg)
+        XCTAssertTrue(parsed.contains("post-copy after pass 1"), "\(parsed.texts)")
+        XCTAssertTrue(parsed.contains("post-copy: 32769 pages lacking (76 sent on request)"), "\(parsed.texts)")
+        XCTAssertTrue(parsed.contains("588 faults, p50 3452 µs, p99 4832 µs"), "\(parsed.texts)")
+        XCTAssertTrue(parsed.texts.contains("post-copy"), "the switch's line is labelled: \(parsed.texts)")
+        XCTAssertEqual(parsed.classes["postcopy-line"], 1)
+        XCTAssertTrue(parsed.contains("then the pages the destination lacks"))
+        // The pause band starts at the switch, not at the end.
+        let band = try XCTUnwrap(svg.range(of: #"class="pause" d="M([0-9.]+)"#, options: .regularExpression))
+        let left = Double(svg[band].split(separator: "M").last!)!
+        let switchX = Self.plotLeft + 2.1532 / 4.3 * (Self.plotRight - Self.plotLeft)
+        XCTAssertEqual(left, switchX, accuracy: 3, "the pause is at the switch")
+        // The dirty rate ends at the switch.
+        let dirty = linePoints(inGroup: "dirty-rate", of: svg)
+        XCTAssertFalse(dirty.isEmpty)
+        XCTAssertLessThanOrEqual(dirty.map(\.x).max() ?? 0, switchX + 1, "no dirty rate after the switch")
+    }
+
     func testNiceStepsAndNumbers() {
         typealias Format = MigrationPlot.Format
         for (raw, nice) in zip([0.04, 0.3, 1, 1.2, 2.5, 7, 40, 3000], [0.05, 0.5, 1, 2, 5, 10, 50, 5000]) {

@@ -71,6 +71,8 @@ extension MigrationPlot {
     fileprivate struct PassStart {
         var number: Int
         var t: Double
+        /// A line that is not a pass's start: the switch to post-copy ("post-copy").
+        var label: String? = nil
     }
 
     /// One `timeline` sample.
@@ -86,6 +88,8 @@ extension MigrationPlot {
         /// (nil in reports from before it was recorded).
         var held: [Double]?
         var paused: Bool
+        /// "pre-copy", "post-copy", ... (nil in reports from before it was recorded).
+        var phase: String?
     }
 
     /// One `passes` entry.
@@ -115,6 +119,8 @@ extension MigrationPlot {
         var throttleMeaning = "how hard the guest is held"
         /// When the throttle first applied (the report's `started_s`).
         var throttleStart: Double?
+        /// When the migration switched to post-copy (the report's `postcopy.switched_at_ms`).
+        var postcopyStart: Double?
         /// The end of the time axis, seconds (> 0).
         var duration = 1.0
 
@@ -128,7 +134,12 @@ extension MigrationPlot {
             error = report["error"]?.stringValue
             setupEnd = setupS
 
-            let samples = Model.samples(report["timeline"])
+            var samples = Model.samples(report["timeline"])
+            let postcopy = report["postcopy"]
+            postcopyStart = number(postcopy?["switched_at_ms"]).flatMap { $0 >= 0 ? $0 / 1000 : nil }
+            // After the switch the guest runs at the destination: the source sees none of its
+            // writes, and its dirty rate there is unknown, not zero.
+            for index in samples.indices where samples[index].phase == "post-copy" { samples[index].dirtyMiB = nil }
             let passes: [Pass] = (report["passes"]?.arrayValue ?? []).enumerated().map { index, pass in
                 Pass(number: integer(pass["iteration"]) ?? index + 1,
                      end: number(pass["time_s"]).map { max(0, $0) },
@@ -156,6 +167,7 @@ extension MigrationPlot {
             }
             passStarts = zip(passes, passStartTimes).compactMap { pass, start in start.map { PassStart(number: pass.number, t: $0) } }
             if passes.isEmpty { passStarts = Model.passStarts(in: samples) }
+            if let postcopyStart { passStarts.append(PassStart(number: passes.count + 1, t: postcopyStart, label: "post-copy")) }
 
             if samples.count >= 2 || (samples.count == 1 && passes.isEmpty) {
                 throughput.points = samples.map { Point(t: $0.t, value: $0.throughput) }
@@ -209,7 +221,10 @@ extension MigrationPlot {
             throttleStart = number(throttleReport?["started_s"]).flatMap { $0 >= 0 ? $0 : nil }
 
             pauses = Model.pauses(in: samples)
-            if let downtimeMs, downtimeMs > 0 {
+            if let downtimeMs, downtimeMs > 0, let postcopyStart {
+                // Post-copy's pause is at the switch: the guest then runs on at the destination.
+                pauses = [Band(start: postcopyStart, end: postcopyStart + downtimeMs / 1000, label: "paused " + Format.milliseconds(downtimeMs))]
+            } else if let downtimeMs, downtimeMs > 0 {
                 // The sender measures the downtime from the pause to the destination's "resumed"
                 // and takes total_ms right after, so the pause ends at total_ms. The timeline's
                 // paused samples are 100 ms apart and would only bracket it.
@@ -226,6 +241,7 @@ extension MigrationPlot {
             title = Model.title(report, passCount: passes.isEmpty ? integer(report["iterations"]) : passes.count,
                                 throttleKind: throttleKind)
             details = Model.details(report, setupS: setupS)
+            if postcopyStart != nil, let figures = Model.postcopyDetails(postcopy) { details += " · " + figures }
         }
 
         private static func samples(_ timeline: JSONValue?) -> [Sample] {
@@ -239,7 +255,8 @@ extension MigrationPlot {
                               expectedMs: number(sample["expected_downtime_ms"]),
                               throttle: number(sample["throttle_percent"]),
                               held: sample["held_percent"]?.arrayValue.map { $0.map { number($0) ?? 0 } },
-                              paused: sample["paused"]?.boolValue ?? false)
+                              paused: sample["paused"]?.boolValue ?? false,
+                              phase: sample["phase"]?.stringValue)
             }
             // In time order, whatever the report's order; equal times keep theirs.
             return samples.enumerated().sorted { ($0.element.t, $0.offset) < ($1.element.t, $1.offset) }.map(\.element)
@@ -328,10 +345,31 @@ extension MigrationPlot {
             if let total = number(report["total_ms"]) { parts.append("total " + Format.duration(milliseconds: total)) }
             if let downtime = number(report["downtime_ms"]) { parts.append("downtime " + Format.milliseconds(downtime)) }
             if let passCount { parts.append("\(passCount) pass\(passCount == 1 ? "" : "es")") }
+            if let after = integer(report["postcopy"]?["after_passes"]) { parts.append("post-copy after pass \(after)") }
             if let bytes = number(report["transferred_bytes"]) { parts.append(Format.compact(bytes / bytesPerMiB) + " MiB sent") }
             if let track = report["track"]?.stringValue { parts.append("track " + track) }
             if let throttleKind { parts.append("throttle " + throttleKind) }
             return parts.joined(separator: " · ")
+        }
+
+        /// Post-copy's figures: how the lacking pages went, and what the faults cost.
+        private static func postcopyDetails(_ postcopy: JSONValue?) -> String? {
+            guard let postcopy else { return nil }
+            var parts: [String] = []
+            if let lacking = integer(postcopy["lacking_pages"]) {
+                var text = "post-copy: \(lacking) pages lacking"
+                if let answered = integer(postcopy["answered_pages"]) { text += " (\(answered) sent on request)" }
+                parts.append(text)
+            }
+            if let faults = integer(postcopy["faults"]) {
+                var text = "\(faults) faults"
+                let latency = postcopy["fault_latency_us"]
+                if let p50 = number(latency?["p50"]), let p99 = number(latency?["p99"]) {
+                    text += ", p50 " + Format.compact(p50) + " µs, p99 " + Format.compact(p99) + " µs"
+                }
+                parts.append(text)
+            }
+            return parts.isEmpty ? nil : parts.joined(separator: ", ")
         }
 
         private static func details(_ report: JSONValue, setupS: Double?) -> String {
@@ -587,7 +625,8 @@ extension MigrationPlot {
                               (.pause, "vCPUs paused"), (.passLine, "pass start")],
                      hasData: model.throughput.hasValues || model.dirty.hasValues)
             addPanel(height: 96, scale: .fitting(model.remaining.maxValue, ticks: 3), unit: "MiB",
-                     legend: [(.area(Colour.remaining), "remaining to send in the current pass")],
+                     legend: [(.area(Colour.remaining), model.postcopyStart == nil ? "remaining to send in the current pass"
+                                : "remaining to send in the current pass, then the pages the destination lacks")],
                      hasData: model.remaining.hasValues)
             let downtimeValues = model.expectedDowntime.points.compactMap(\.value) + [model.downtimeLimitMs].compactMap { $0 }
             let downtimeScale = Scale.forDowntime(values: downtimeValues)
@@ -685,8 +724,13 @@ extension MigrationPlot {
                     // A labelled pass: its line also runs up to its label.
                     d = "M\(fmt(px)) \(fmt(stripTop + Double(label.row) * stripRowHeight + 2))V\(fmt(stripBottom + 2))" + d
                 }
-                svg.empty("path", [("class", "pass-line"), ("d", d), ("stroke", Colour.pass), ("stroke-width", "1"),
-                                   ("stroke-dasharray", "3 3"), ("fill", "none")])
+                if pass.label == nil {
+                    svg.empty("path", [("class", "pass-line"), ("d", d), ("stroke", Colour.pass), ("stroke-width", "1"),
+                                       ("stroke-dasharray", "3 3"), ("fill", "none")])
+                } else {   // the switch to post-copy: solid, the phase changes there
+                    svg.empty("path", [("class", "postcopy-line"), ("d", d), ("stroke", Colour.pass), ("stroke-width", "1.5"),
+                                       ("fill", "none")])
+                }
             }
 
             // The downtime limit.
@@ -809,7 +853,7 @@ extension MigrationPlot {
             for (index, pass) in model.passStarts.enumerated() {
                 let px = x(pass.t)
                 // Right of the line; left of it only where the right runs off the plot.
-                let full = "pass \(pass.number)", short = "\(pass.number)"
+                let full = pass.label ?? "pass \(pass.number)", short = pass.label ?? "\(pass.number)"
                 let fitsRight = { (text: String) in px + 4 + textWidth(text) <= plotRight }
                 var candidates: [(String, Bool)] = []
                 for text in [full, short] { candidates.append((text, !fitsRight(text))) }
