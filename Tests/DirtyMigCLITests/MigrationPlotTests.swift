@@ -457,6 +457,23 @@ final class MigrationPlotTests: XCTestCase {
         XCTAssertLessThanOrEqual(dirty.map(\.x).max() ?? 0, switchX + 1, "no dirty rate after the switch")
     }
 
+    /// A --stats file of a post-copy migration ends with its post-copy line: the plot reads it
+    /// as the report's post-copy figures, not as a pass.
+    func testAStatsFileWithAPostCopyLineIsDrawnWithItsSwitch() throws {
+        let stats = """
+        {"iteration":1,"time_s":2.15,"bytes_sent":134217728,"pages_sent":32768,"bandwidth_mib_s":60,"expected_downtime_ms":2130}
+        {"phase":"post-copy","after_passes":1,"switched_at_ms":2153.2,"lacking_pages":32769,"answered_pages":76,"faults":588}
+
+        """
+        let report = try PlotCommand.readReport(stats, path: "stats.jsonl")
+        XCTAssertEqual(report["passes"]?.arrayValue?.count, 1)
+        XCTAssertEqual(report["postcopy"]?["switched_at_ms"]?.doubleValue, 2153.2)
+        let parsed = try parse(MigrationPlot.svg(report: report))
+        XCTAssertTrue(parsed.texts.contains("post-copy"), "\(parsed.texts)")
+        XCTAssertTrue(parsed.contains("post-copy after pass 1"))
+        XCTAssertThrowsError(try PlotCommand.readReport("{\"phase\":\"post-copy\"}\n", path: "x"), "a post-copy line alone is no migration")
+    }
+
     func testNiceStepsAndNumbers() {
         typealias Format = MigrationPlot.Format
         for (raw, nice) in zip([0.04, 0.3, 1, 1.2, 2.5, 7, 40, 3000], [0.05, 0.5, 1, 2, 5, 10, 50, 5000]) {

@@ -215,7 +215,12 @@ enum MigrateCommand {
     }
 
     static func writeStats(_ report: JSONValue, to path: String) throws {
-        let lines = (report["passes"]?.arrayValue ?? []).map { $0.serialized() + "\n" }.joined()
+        var lines = (report["passes"]?.arrayValue ?? []).map { $0.serialized() + "\n" }.joined()
+        if let postcopy = report["postcopy"], case .object(var fields) = postcopy {
+            // The phase after the passes, as one more line: the report's post-copy object.
+            fields.insert(("phase", "post-copy"), at: 0)
+            lines += JSONValue.object(fields).serialized() + "\n"
+        }
         do { try Data(lines.utf8).write(to: URL(fileURLWithPath: path)) } catch {
             throw RuntimeFailure("cannot write --stats \(path): \(error.localizedDescription)")
         }

@@ -18,14 +18,20 @@ enum PlotCommand {
     static func readReport(_ text: String, path: String) throws -> JSONValue {
         if let report = try? JSONValue.parse(text), report["passes"] != nil || report["timeline"] != nil { return report }
         var passes: [JSONValue] = []
+        var postcopy: JSONValue = .null
         for (number, line) in text.split(separator: "\n").enumerated() where !line.allSatisfy(\.isWhitespace) {
-            guard let pass = try? JSONValue.parse(String(line)), pass["iteration"] != nil else {
+            let parsed = try? JSONValue.parse(String(line))
+            if let parsed, parsed["phase"]?.stringValue == "post-copy" {   // the last line of a --postcopy migration
+                postcopy = parsed
+                continue
+            }
+            guard let pass = parsed, pass["iteration"] != nil else {
                 throw RuntimeFailure("\(path) line \(number + 1) is neither a 'migrate --json' report nor a 'migrate --stats' line")
             }
             passes.append(pass)
         }
         guard !passes.isEmpty else { throw RuntimeFailure("\(path) holds no migration report or stats lines") }
-        return ["passes": .array(passes), "iterations": .number(passes.count)]
+        return ["passes": .array(passes), "iterations": .number(passes.count), "postcopy": postcopy]
     }
 
     /// The whole file, or a failure that says why not ("No such file or directory").
