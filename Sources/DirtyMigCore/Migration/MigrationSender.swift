@@ -309,22 +309,8 @@ public final class MigrationSender: Sendable {
             }
         }
 
-        // Handshake.
-        var hello = MigrationHello(announcing: machine)
-        hello.verify = options.verify
-        hello.linkTimeoutMilliseconds = UInt32(options.linkTimeoutSeconds * 1000)
-        hello.postcopy = options.postcopy != nil
-        if hello.postcopy { hello.joins = SessionJoins(pages: 0, faults: 1) }
-        hello.pageCodecCode = options.compression.codec.rawValue
-        _ = try session.greet(hello)
+        let faults = try open(session)
         let channel = session.channel
-        // Post-copy's page requests get their own connection from the start, so that a request
-        // never waits behind pages; it carries nothing until the switch.
-        let faults = hello.postcopy ? try session.join(.faults) : nil
-        if let faults {
-            faults.tcp.watchLink(timeoutSeconds: options.linkTimeoutSeconds)
-            faults.setTimeouts(send: options.linkTimeoutSeconds, receive: 0)   // requests come when the guest faults
-        }
         report.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
 
         // Pass 1: everything that holds data; the tracker's history before now (and any loss
@@ -398,85 +384,56 @@ public final class MigrationSender: Sendable {
                 }
                 throw error
             }
-            let (sent, dirty, lost, seconds) = (outcome.sent, outcome.dirty, outcome.lost, outcome.seconds)
-            report.tally(sent)
+            report.tally(outcome.sent)
             report.ringOverruns = passes.ringOverruns
-            // A tiny pass measures latency, not bandwidth: keep the last good figure then.
-            if sent.bytes >= 1 << 20 || bandwidth == 0 { bandwidth = Double(sent.bytes) / seconds }
-            // The decision uses the limits in force now: a cap or a downtime limit changed
-            // during the pass counts from this decision on.
-            let inForce = limits.current
-            if let cap = inForce.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
-            // What the rule, the throttle and the forecast weigh pages against: the rate pages
-            // move at. Under --compress a page takes fewer bytes on the wire than it holds, so
-            // that is the link's rate times the pass's ratio (1 when nothing was compressed: a
-            // plain pass's bytes are its pages and their headers).
-            let pageRate = bandwidth * max(1, Double(sent.normalPages) * 4096 / Double(max(sent.bytes, 1)))
-            let verifyEstimate = min(verifyCost, inForce.downtimeSeconds / 2)
-            report.verifyEstimateSeconds = verifyEstimate
-            // Pre-copy stops when the expected downtime is at most 85 % of --downtime: the rest is
-            // kept for what the guest dirties between the last pass and the pause, and for the state.
-            let target = inForce.downtimeSeconds * 0.85
-            let dirtyPages = UInt64(dirty.count)
-            // Everything the pause will hold: the last pages, the source's hash, pausing and
-            // saving every vCPU here and restoring and starting it there, and two more round trips
-            // (the last pass's acknowledgement and the result).
-            let expected = Double(dirtyPages) * 4096 / max(pageRate, 1) + verifyEstimate
-                + Self.perVCPUSwitchSeconds * Double(machine.configuration.vcpuCount)
-                + 2 * (passes.transfer.shortestAcknowledgementSeconds.isFinite ? passes.transfer.shortestAcknowledgementSeconds : 0)
-            var pass = MigrationPass(
-                iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
-                bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,
-                dirtyPagesPerSecond: Double(dirtyPages) / seconds, bandwidthBytesPerSecond: bandwidth,
-                expectedDowntimeSeconds: expected, trackingLost: lost)
+            let assessment = assess(outcome, iteration: iteration, started: started, bandwidth: &bandwidth,
+                                    verifyCost: verifyCost, acknowledgementSeconds: passes.transfer.shortestAcknowledgementSeconds)
+            report.verifyEstimateSeconds = assessment.verifyEstimateSeconds
+            var pass = assessment.pass
             // Post-copy is the other answer to a guest that outruns the link: decided before the
             // throttle would slow the guest down.
             if let switchReason = options.postcopy.flatMap({ policy in
                 PostCopyDecision.reason(
-                    policy: policy, pass: iteration, expectedSeconds: lost ? .infinity : expected, targetSeconds: target,
-                    dirtyBytesPerSecond: pass.dirtyPagesPerSecond * 4096, bandwidthBytesPerSecond: pageRate,
-                    passesLeft: options.maxIterations - iteration, askedByHand: postcopyAsked.load(ordering: .relaxed))
+                    policy: policy, pass: iteration, expectedSeconds: assessment.lost ? .infinity : assessment.expectedSeconds,
+                    targetSeconds: assessment.targetSeconds, dirtyBytesPerSecond: pass.dirtyPagesPerSecond * 4096,
+                    bandwidthBytesPerSecond: assessment.pageRate, passesLeft: options.maxIterations - iteration,
+                    askedByHand: postcopyAsked.load(ordering: .relaxed))
             }) {
-                report.passes.append(pass)
-                report.iterations = iteration
-                report.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
-                passLog(pass)
-                update { $0.sentBytes = report.transferredBytes; $0.remainingPages = dirtyPages }
+                record(pass, report: &report, passLog: passLog)
+                update { $0.sentBytes = report.transferredBytes; $0.remainingPages = assessment.dirtyPages }
                 try switchToPostCopy(session, faults: faults!, passes: passes, after: iteration, reason: switchReason,
                                      report: &report, started: started, paused: &paused, guestAtStart: guestAtStart)
                 return
             }
-            if expected > target || lost {
+            if !assessment.meetsTarget {
                 if throttle.judgesWithinPasses {
                     judge(pass: iteration)   // the rest of the pass since the last judgement
                 } else {
-                    throttle.observe(pass: iteration, sentBytes: sent.bytes, dirtyBytes: dirtyPages * 4096, seconds: seconds,
-                                     bandwidth: pageRate, vcpuDirtyBytesPerSecond: nil,
+                    throttle.observe(pass: iteration, sentBytes: outcome.sent.bytes, dirtyBytes: assessment.dirtyPages * 4096,
+                                     seconds: outcome.seconds, bandwidth: assessment.pageRate, vcpuDirtyBytesPerSecond: nil,
                                      sinceStart: Double(MonotonicClock.nanoseconds() - started) / 1e9)
                 }
             }
             let level = throttle.level
             pass.throttle = level
             update { $0.throttle = level }
-            report.passes.append(pass)
-            report.iterations = iteration   // so a migration that fails later reports what it did
-            report.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
-            passLog(pass)
-            update {
-                $0.sentBytes = report.transferredBytes; $0.remainingPages = dirtyPages
-                if machine.configuration.tracking?.usesDirtyRing != true { $0.dirtyPagesPerSecond = pass.dirtyPagesPerSecond }
-                $0.passPages = dirtyPages
-                $0.expectedDowntimeSeconds = expected
-                // What the forecast (eta_s) needs: the link's rate, and where pre-copy stops.
-                $0.lastPassBandwidthBytesPerSecond = pageRate
-                $0.stopBelowSeconds = target - (expected - Double(dirtyPages) * 4096 / max(pageRate, 1))
-                $0.passesLeft = options.maxIterations - iteration
+            record(pass, report: &report, passLog: passLog)
+            update { [tracksRing = machine.configuration.tracking?.usesDirtyRing == true, passesLeft = options.maxIterations - iteration] in
+                $0.sentBytes = report.transferredBytes; $0.remainingPages = assessment.dirtyPages
+                if !tracksRing { $0.dirtyPagesPerSecond = pass.dirtyPagesPerSecond }
+                $0.passPages = assessment.dirtyPages
+                $0.expectedDowntimeSeconds = assessment.expectedSeconds
+                // What the forecast (eta_s) needs: the rate pages move at, and where pre-copy stops.
+                $0.lastPassBandwidthBytesPerSecond = assessment.pageRate
+                $0.stopBelowSeconds = assessment.stopBelowSeconds
+                $0.passesLeft = passesLeft
             }
-            if expected <= target && !lost && !Self.anotherPassHalvesThePause(
-                dirtyPages: Double(dirtyPages), dirtyPagesPerSecond: pass.dirtyPagesPerSecond,
-                bandwidth: pageRate, expected: expected, passesLeft: iteration < options.maxIterations) { break }
+            if assessment.meetsTarget && !Self.anotherPassHalvesThePause(
+                dirtyPages: Double(assessment.dirtyPages), dirtyPagesPerSecond: pass.dirtyPagesPerSecond,
+                bandwidth: assessment.pageRate, expected: assessment.expectedSeconds,
+                passesLeft: iteration < options.maxIterations) { break }
             if iteration >= options.maxIterations {
-                throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", pageRate / 1_048_576)) MiB/s of pages moved (expected downtime \(Int(expected * 1000)) ms > \(Int(target * 1000)) ms, 85 % of the downtime limit); the VM runs on here")
+                throw .notConverging("pre-copy did not converge in --max-iterations \(options.maxIterations) passes: the guest dirtied \(Int(pass.dirtyPagesPerSecond)) pages/s against \(String(format: "%.1f", assessment.pageRate / 1_048_576)) MiB/s of pages moved (expected downtime \(Int(assessment.expectedSeconds * 1000)) ms > \(Int(assessment.targetSeconds * 1000)) ms, 85 % of the downtime limit); the VM runs on here")
             }
             try checkTimeout()
             if cancelFlag.load(ordering: .relaxed) { throw .cancelled(cancelReason) }
@@ -484,6 +441,69 @@ public final class MigrationSender: Sendable {
 
         try stopAndCopy(channel, socket: session.control, passes: passes, after: iteration, report: &report, started: started,
                         paused: &paused, guestAtStart: guestAtStart, passLog: passLog)
+    }
+
+    /// Opens the session at the destination: the hello (what this VM is, and how it will be
+    /// sent), and with --postcopy the faults connection. Post-copy's page requests get their own
+    /// connection from the start, so that a request never waits behind pages; it carries
+    /// nothing until the switch.
+    private func open(_ session: MigrationSession) throws(MigrationError) -> (any MigrationConnection)? {
+        var hello = MigrationHello(announcing: machine)
+        hello.verify = options.verify
+        hello.linkTimeoutMilliseconds = UInt32(options.linkTimeoutSeconds * 1000)
+        hello.postcopy = options.postcopy != nil
+        if hello.postcopy { hello.joins = SessionJoins(pages: 0, faults: 1) }
+        hello.pageCodecCode = options.compression.codec.rawValue
+        _ = try session.greet(hello)
+        guard hello.postcopy else { return nil }
+        let faults = try session.join(.faults)
+        faults.tcp.watchLink(timeoutSeconds: options.linkTimeoutSeconds)
+        faults.setTimeouts(send: options.linkTimeoutSeconds, receive: 0)   // requests come when the guest faults
+        return faults
+    }
+
+    /// The pre-copy rule's reading of a pass that ended (see PassAssessment). `bandwidth`: the
+    /// link's rate, kept from pass to pass (a tiny pass measures latency, not bandwidth: the last
+    /// good figure stands then).
+    private func assess(_ outcome: PreCopyPasses.Outcome, iteration: Int, started: UInt64, bandwidth: inout Double,
+                        verifyCost: Double, acknowledgementSeconds: Double) -> PassAssessment {
+        let sent = outcome.sent
+        if sent.bytes >= 1 << 20 || bandwidth == 0 { bandwidth = Double(sent.bytes) / outcome.seconds }
+        // The decision uses the limits in force now: a cap or a downtime limit changed during
+        // the pass counts from this decision on.
+        let inForce = limits.current
+        if let cap = inForce.bandwidth { bandwidth = min(bandwidth, Double(cap)) }
+        // What the rule, the throttle and the forecast weigh pages against: the rate pages move
+        // at. Under --compress a page takes fewer bytes on the wire than it holds, so that is the
+        // link's rate times the pass's ratio (1 when nothing was compressed: a plain pass's bytes
+        // are its pages and their headers).
+        let pageRate = bandwidth * max(1, Double(sent.normalPages) * 4096 / Double(max(sent.bytes, 1)))
+        let verifyEstimate = min(verifyCost, inForce.downtimeSeconds / 2)
+        let dirtyPages = UInt64(outcome.dirty.count)
+        // Everything the pause will hold: the last pages, the source's hash, pausing and saving
+        // every vCPU here and restoring and starting it there, and two more round trips (the last
+        // pass's acknowledgement and the result).
+        let fixed = verifyEstimate + Self.perVCPUSwitchSeconds * Double(machine.configuration.vcpuCount)
+            + 2 * (acknowledgementSeconds.isFinite ? acknowledgementSeconds : 0)
+        let expected = Double(dirtyPages) * 4096 / max(pageRate, 1) + fixed
+        let pass = MigrationPass(
+            iteration: iteration, timeSeconds: Double(MonotonicClock.nanoseconds() - started) / 1e9,
+            bytesSent: sent.bytes, pagesSent: sent.normalPages + sent.zeroPages, pagesDirtied: dirtyPages,
+            dirtyPagesPerSecond: Double(dirtyPages) / outcome.seconds, bandwidthBytesPerSecond: bandwidth,
+            expectedDowntimeSeconds: expected, trackingLost: outcome.lost)
+        // Pre-copy stops when the expected downtime is at most 85 % of --downtime: the rest is
+        // kept for what the guest dirties between the last pass and the pause, and for the state.
+        return PassAssessment(pass: pass, dirtyPages: dirtyPages, lost: outcome.lost, pageRate: pageRate,
+                              expectedSeconds: expected, fixedSeconds: fixed, targetSeconds: inForce.downtimeSeconds * 0.85,
+                              verifyEstimateSeconds: verifyEstimate)
+    }
+
+    /// A pass that ended, in the report and the pass log.
+    private func record(_ pass: MigrationPass, report: inout MigrationReport, passLog: (MigrationPass) -> Void) {
+        report.passes.append(pass)
+        report.iterations = pass.iteration   // so a migration that fails later reports what it did
+        report.dirtyPagesPerSecond = pass.dirtyPagesPerSecond
+        passLog(pass)
     }
 
     /// The end of pre-copy, either way it ends: the guest's pace during the passes, the vCPUs
