@@ -165,6 +165,7 @@ final class FuzzTests: XCTestCase {
         func start() throws(MachineError) {}
         func stop() {}
         var vcpuThreadIDs: [UInt32] { [] }
+        let postcopyLink = PostCopyLinkState()
     }
 
     func testTheReceiverRefusesHostileStreamsWithAReason() throws {

@@ -16,6 +16,8 @@ public protocol IncomingVM: AnyObject, Sendable {
     /// The kernel thread ids of the vCPU threads, in vCPU order (post-copy charges each vCPU the
     /// time it waited for pages; empty where there are none).
     var vcpuThreadIDs: [UInt32] { get }
+    /// Whether its post-copy link is paused (what `query-status` shows).
+    var postcopyLink: PostCopyLinkState { get }
 }
 
 /// The destination side.
