@@ -38,18 +38,28 @@ extension MigrationSender {
         try channel.send(.postcopySwitch, frame)
         report.transferredBytes += UInt64(frame.count)
         session.control.setTimeouts(send: options.linkTimeoutSeconds, receive: max(60, options.linkTimeoutSeconds))
-        let running = try channel.receive(.postcopyRunning, PostCopyRunning.init(decoding:))
-        guard running.running else {
+        // A link that fails before the destination's answer leaves it unknown whether the guest
+        // runs there: this copy stays held, and post-copy resumes (or stays paused) as after
+        // any link failure; the destination accepts a resume only if it runs the guest.
+        var running: PostCopyRunning?
+        do {
+            running = try channel.receive(.postcopyRunning, PostCopyRunning.init(decoding:))
+        } catch {
+            guard error.pausesPostCopy else { throw error }
+        }
+        if let running, !running.running {
             // The destination did not start the guest: the VM is whole here, and runs on here.
             link.withLock { $0.postcopyHeld = false }
             throw .peerAborted(running.message)
         }
         let runningAt = MonotonicClock.nanoseconds()
-        report.downtimeSeconds = Double(runningAt - pauseStart) / 1e9
-        report.downtimeMeasured = true
-        parts.destinationSeconds = min(Double(running.resumeNanoseconds) / 1e9, Double(runningAt - pausedAt) / 1e9 - parts.stateSeconds)
-        parts.otherSeconds = max(0, report.downtimeSeconds - parts.pauseSeconds - parts.stateSeconds - parts.destinationSeconds)
-        report.downtimeParts = parts
+        if let running {
+            report.downtimeSeconds = Double(runningAt - pauseStart) / 1e9
+            report.downtimeMeasured = true
+            parts.destinationSeconds = min(Double(running.resumeNanoseconds) / 1e9, Double(runningAt - pausedAt) / 1e9 - parts.stateSeconds)
+            parts.otherSeconds = max(0, report.downtimeSeconds - parts.pauseSeconds - parts.stateSeconds - parts.destinationSeconds)
+            report.downtimeParts = parts
+        }
 
         update { $0.phase = "post-copy"; $0.remainingPages = UInt64(lacking.count); $0.passPages = $0.remainingPages }
         let source = PostCopySource(memory: machine.memory, lacking: lacking, bandwidth: { [limits] in limits.bandwidth })
@@ -127,21 +137,22 @@ extension MigrationSender {
     /// destination's list of the pages it still lacks. Never gives up: once the automatic window
     /// has closed it waits for a by-hand request, holding every page.
     private func reconnectPostCopy(session id: SessionID) -> (MigrationSession, any MigrationConnection, DirtyPageBitmap) {
-        var windowReported = false
+        let window = DurationValue.format(microseconds: UInt64(postcopyReconnect.recoverSeconds * 1e6))
+        var byHandOnly = false
         while true {
-            if postcopyReconnect.windowClosed && !windowReported {
-                windowReported = true
-                let window = DurationValue.format(microseconds: UInt64(postcopyReconnect.recoverSeconds * 1e6))
-                machine.postcopyLink.explain("the destination did not come back within --postcopy-recover-for \(window) (last attempt: \(postcopyReconnect.attempts.lastError ?? "none")); this copy keeps its pages: resume by hand with 'dirtymig migrate --resume'")
+            let (endpoint, timeout) = postcopyReconnect.waitForAttempt { [machine] lastError in
+                byHandOnly = true
+                machine.postcopyLink.explain("the destination did not come back within --postcopy-recover-for \(window) (last attempt: \(lastError ?? "none")); this copy keeps its pages: resume by hand with 'dirtymig migrate --resume'")
             }
-            let (endpoint, timeout) = postcopyReconnect.waitForAttempt()
             do {
                 return try attemptResume(at: endpoint, session: id, timeout: timeout)
             } catch {
                 var slow = false
                 if case .channel(.handshake(let why)) = error { slow = why.hasSuffix(TLSConnection.lateHandshake) }
                 postcopyReconnect.attemptFailed("\(error)", slowHandshake: slow)
-                if windowReported { machine.postcopyLink.explain("resuming by hand failed: \(error); this copy keeps its pages: try again with 'dirtymig migrate --resume'") }
+                if byHandOnly {
+                    machine.postcopyLink.explain("resuming by hand failed: \(error); this copy keeps its pages: try again with 'dirtymig migrate --resume'")
+                }
             }
         }
     }

@@ -34,6 +34,8 @@ final class PostCopyReconnect: @unchecked Sendable {
         var nextAttempt: UInt64 = 0
         var attempts = 0
         var lastError: String?
+        /// Whether the window's close was reported (`waitForAttempt`'s `windowClosed`).
+        var closeReported = false
     }
     private var state: State
     let recoverSeconds: Double
@@ -51,6 +53,7 @@ final class PostCopyReconnect: @unchecked Sendable {
         state.attemptSeconds = Self.attemptSeconds
         state.nextAttempt = now
         state.lastError = nil
+        state.closeReported = false
     }
 
     /// A by-hand request: try now (at `endpoint`, from here on, if given).
@@ -74,15 +77,17 @@ final class PostCopyReconnect: @unchecked Sendable {
         return !state.asked && MonotonicClock.nanoseconds() >= state.windowEnds
     }
 
-    /// Attempts made since the link failed, and the last one's error.
-    var attempts: (count: Int, lastError: String?) {
+    /// Attempts made since the migration began.
+    var attempts: Int {
         condition.lock(); defer { condition.unlock() }
-        return (state.attempts, state.lastError)
+        return state.attempts
     }
 
     /// Waits until the next attempt is due (or asked for by hand; once the window has closed,
     /// only that), then returns where it goes and how long it may take to connect.
-    func waitForAttempt() -> (endpoint: HostPort, timeoutSeconds: Double) {
+    /// `windowClosed` is called once when the window closes with no attempt having succeeded
+    /// (with the last attempt's error), before the wait for a by-hand request.
+    func waitForAttempt(windowClosed: (String?) -> Void) -> (endpoint: HostPort, timeoutSeconds: Double) {
         condition.lock(); defer { condition.unlock() }
         while true {
             if state.asked {
@@ -91,10 +96,19 @@ final class PostCopyReconnect: @unchecked Sendable {
                 let now = MonotonicClock.nanoseconds()
                 state.windowEnds = max(state.windowEnds, now + UInt64(recoverSeconds * 1e9))
                 state.delaySeconds = Self.firstDelaySeconds
+                state.closeReported = false
                 break
             }
             let now = MonotonicClock.nanoseconds()
             if now >= state.windowEnds {
+                if !state.closeReported {
+                    state.closeReported = true
+                    let lastError = state.lastError
+                    condition.unlock()
+                    windowClosed(lastError)
+                    condition.lock()
+                    continue
+                }
                 condition.wait()
                 continue
             }
