@@ -161,6 +161,9 @@ public struct MigrationProgress: Sendable {
     public var stopBelowSeconds: Double = 0
     /// Passes the pass limit still allows after the one under way.
     public var passesLeft = 0
+    /// While post-copy is paused: its link's state (`PostCopyLinkState.json`); after a pause,
+    /// how many there were and how long they lasted. Null before any.
+    public var postcopyLink: JSONValue = .null
 
     public init() {}
 
@@ -210,6 +213,7 @@ public struct MigrationProgress: Sendable {
             "sent_bytes": .number(sentBytes), "remaining_pages": .number(remainingPages),
             "remaining_bytes": .number(remainingPages * 4096), "pass_pages": .number(passPages),
             "pass_percent": passPercent.map { .number($0) } ?? .null,
+            "postcopy_link": postcopyLink,
             "throughput_mib_s": throughputBytesPerSecond.map { .number($0 / 1_048_576) } ?? .null,
             "dirty_pages_s": dirtyPagesPerSecond.map { .number($0) } ?? .null,
             "expected_downtime_ms": expectedDowntimeSeconds.map { .number($0 * 1000) } ?? .null,

@@ -80,6 +80,7 @@ public final class MigrationSender: Sendable {
         progress.limits = limits.current
         progress.limitChanges = limits.changes.kept.count + limits.changes.dropped
         progress.elapsedSeconds = secondsSinceStart
+        progress.postcopyLink = machine.postcopyLink.json
         return progress
     }
 
