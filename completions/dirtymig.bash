@@ -17,7 +17,7 @@ _dirtymig() {
     local command="${COMP_WORDS[1]}" options=""
     case "$command" in
         boot) options="--memory --vcpus --workload --track --ring-entries --control --name --guest-output --detach --export-image --export-config --help" ;;
-        migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --link-timeout --verify --json --stats --plot --throttle --compress --postcopy --postcopy-after --memory --vcpus --workload --track --continuous --checkpoint-interval --checkpoint-pages --reprotect-for --replication --stop-replication --status --set --start-postcopy --psk-file --tls-dir --tls-peer --insecure --help" ;;
+        migrate) options="--vm --to --bandwidth --downtime --max-iterations --timeout --link-timeout --verify --json --stats --plot --throttle --compress --postcopy --postcopy-after --postcopy-recover-for --memory --vcpus --workload --track --continuous --checkpoint-interval --checkpoint-pages --reprotect-for --replication --stop-replication --status --set --start-postcopy --resume --psk-file --tls-dir --tls-peer --insecure --help" ;;
         receive) options="--listen --memory --control --name --guest-output --once --detach --standby --failover --failover-after --psk-file --tls-dir --tls-peer --insecure --help" ;;
         dirtyrate) options="--vm --mode --interval --count --json --help" ;;
         limit) options="--vm --vcpu --rate --cancel --show --json --help" ;;

@@ -53,7 +53,9 @@ complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l throttle -x -a 
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l compress -x -a 'none zstd auto' -d 'compress page batches with zstd'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l postcopy -d 'switch to post-copy when pre-copy cannot meet --downtime'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l postcopy-after -x -d 'with --postcopy: switch after N pre-copy passes'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l postcopy-recover-for -x -d 'with --postcopy: how long a paused post-copy retries by itself'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l start-postcopy -d 'switch the migration under way to post-copy'
+complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l resume -d 'a paused post-copy tries the destination now'
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l memory -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l vcpus -x
 complete -c dirtymig -n "__fish_seen_subcommand_from migrate" -l workload -x

@@ -8,7 +8,10 @@ import Synchronization
 /// silent), to cut (close both sides), or to tear the next frame of a type from the sender (pass
 /// half its payload on, then stall or cut). It reads the sender's stream frame by frame (the
 /// migration protocol's 8-byte headers), so "half a checkpoint" is exact. Used by the tests
-/// (DirtyMigTestSupport: not part of the `dirtymig` executable); it serves one connection.
+/// (DirtyMigTestSupport: not part of the `dirtymig` executable). It serves one connection, or
+/// with `servesMany` every connection made to it (a session's several connections, and the new
+/// ones a sender makes after a cut), each relayed alike; `setDown` makes it refuse new ones (each
+/// is closed at once, as a link that is down fails a connect).
 public final class FaultRelay: @unchecked Sendable {
     // @unchecked: the descriptors are set once, under `state`, before the threads use them.
     public enum Tear: Sendable { case stall, cut }
@@ -18,16 +21,21 @@ public final class FaultRelay: @unchecked Sendable {
     private let target: UInt16
     private let state = Mutex(State())
 
+    private let servesMany: Bool
+
     private struct State {
-        var client: Int32 = -1
-        var server: Int32 = -1
+        /// Every relayed connection's two sockets.
+        var pairs: [(client: Int32, server: Int32)] = []
+        var down = false
+        var accepted = 0
         var stalled = false
         var tear: (type: UInt32, then: Tear)?
         var framesForwarded: [UInt32: Int] = [:]
     }
 
-    public init(to targetPort: UInt16) throws(SystemError) {
+    public init(to targetPort: UInt16, servesMany: Bool = false) throws(SystemError) {
         target = targetPort
+        self.servesMany = servesMany
         let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var one: Int32 = 1
         setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
@@ -45,7 +53,9 @@ public final class FaultRelay: @unchecked Sendable {
         }
         self.listener = listener
         port = UInt16(bigEndian: address.sin_port)
-        _ = OSThread(name: "relay-accept") { [self] in acceptOne() }
+        _ = OSThread(name: "relay-accept") { [self] in
+            while acceptOne() && servesMany {}
+        }
     }
 
     public var endpoint: HostPort { HostPort(host: "127.0.0.1", port: port) }
@@ -53,15 +63,29 @@ public final class FaultRelay: @unchecked Sendable {
     /// Stops forwarding in both directions; the connections stay open.
     public func stall() { state.withLock { $0.stalled = true } }
 
-    /// Closes both connections (each side sees a reset or the end of the stream).
+    /// Closes every connection relayed so far (each side sees a reset or the end of the stream).
     public func cut() {
-        let (client, server) = state.withLock { state in
+        let pairs = state.withLock { state in
             state.stalled = false   // the forwarding threads then see the closed sockets and end
-            return (state.client, state.server)
+            return state.pairs
         }
-        if client >= 0 { shutdown(client, Int32(SHUT_RDWR)) }
-        if server >= 0 { shutdown(server, Int32(SHUT_RDWR)) }
+        for (client, server) in pairs {
+            shutdown(client, Int32(SHUT_RDWR))
+            shutdown(server, Int32(SHUT_RDWR))
+        }
     }
+
+    /// Closes every connection and stops accepting (a relay that `servesMany` accepts until then).
+    public func stop() {
+        cut()
+        shutdown(listener, Int32(SHUT_RDWR))
+    }
+
+    /// While down, a new connection is closed as soon as it is accepted (`servesMany`).
+    public func setDown(_ down: Bool) { state.withLock { $0.down = down } }
+
+    /// Connections relayed so far.
+    public var relayedConnections: Int { state.withLock { $0.pairs.count } }
 
     /// The next frame of `type` from the sender is passed on only half, then the link stalls or
     /// is cut.
@@ -69,9 +93,15 @@ public final class FaultRelay: @unchecked Sendable {
 
     public func forwarded(_ type: UInt32) -> Int { state.withLock { $0.framesForwarded[type] ?? 0 } }
 
-    private func acceptOne() {
+    /// Accepts one connection and relays it (or closes it, while down); false once the
+    /// listener is closed.
+    private func acceptOne() -> Bool {
         let client = accept(listener, nil, nil)
-        guard client >= 0 else { return }
+        guard client >= 0 else { return false }
+        if state.withLock({ $0.down }) {
+            close(client)
+            return true
+        }
         let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
@@ -80,10 +110,11 @@ public final class FaultRelay: @unchecked Sendable {
         let connected = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(server, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
         }
-        guard connected == 0 else { close(client); return }
-        state.withLock { $0.client = client; $0.server = server }
+        guard connected == 0 else { close(client); close(server); return true }
+        state.withLock { $0.pairs.append((client, server)) }
         _ = OSThread(name: "relay-up") { [self] in forwardFrames(from: client, to: server) }
         _ = OSThread(name: "relay-down") { [self] in forwardBytes(from: server, to: client) }
+        return true
     }
 
     private func readExactly(_ fd: Int32, _ count: Int) -> [UInt8]? {
@@ -151,6 +182,7 @@ public final class FaultRelay: @unchecked Sendable {
 
     deinit {
         cut()
+        shutdown(listener, Int32(SHUT_RDWR))
         close(listener)
     }
 }

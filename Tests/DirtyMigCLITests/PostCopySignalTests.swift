@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 import XCTest
 
@@ -79,5 +80,39 @@ final class PostCopySignalTests: ReplicationProcessTestCase {
         XCTAssertTrue(waitUntil(seconds: 10) { !run.receiver.isRunning }, "the destination stops its VM as asked: \(stderrText(run.receiverErrors))")
         XCTAssertEqual(run.receiver.terminationStatus, 0, stderrText(run.receiverErrors))
         XCTAssertTrue(waitUntil(seconds: 10) { !run.source.isRunning }, "the source stops its copy after a completed migration")
+    }
+
+    /// While post-copy is paused (the link through the test's relay is down), SIGTERM to the
+    /// source does not discard its pages: it says so, keeps serving its control socket and stays
+    /// paused; once the link is back post-copy resumes and completes, then the source exits 0.
+    func testSIGTERMToTheSourceWhilePostCopyIsPausedWaitsForItsEnd() throws {
+        if let reason = UserFaultFD.unavailableReason() { throw XCTSkip("skipped: needs userfaultfd (\(reason))") }
+        let vm = try boot("psrc")
+        let port = try freePort()
+        _ = try receive("pdst", port: port)
+        let relay = try FaultRelay(to: port, servesMany: true)
+        defer { relay.stop() }
+        try waitForWrites(socket("psrc"), pages: 6144)
+        let (migrate, report, _) = try start(["migrate", "--vm", socket("psrc"), "--to", "127.0.0.1:\(relay.port)", "--json",
+                                              "--bandwidth", "20M", "--postcopy", "--postcopy-after", "1", "--verify"])
+        waitFor("post-copy", timeout: 30) { phase("psrc") == "post-copy" || !migrate.isRunning }
+        relay.setDown(true)
+        relay.cut()
+        let paused = PostCopyLinkState.pausedStateName
+        waitFor("both sides to pause", timeout: 20) {
+            status("psrc")?["state"]?.stringValue == paused && status("pdst")?["state"]?.stringValue == paused
+        }
+        kill(vm.processIdentifier, SIGTERM)
+        Thread.sleep(forTimeInterval: 1.5)
+        XCTAssertTrue(vm.isRunning, "the source keeps the only copy of the pages the destination lacks")
+        XCTAssertEqual(status("psrc")?["state"]?.stringValue, paused, "and still answers on its control socket")
+        relay.setDown(false)
+        let json = try finished(migrate, report)
+        XCTAssertEqual(json["status"]?.stringValue, "completed", "\(json)")
+        XCTAssertEqual(json["verify"]?.stringValue, "passed", "\(json)")
+        XCTAssertEqual(json["postcopy"]?["recoveries"]?.doubleValue, 1)
+        XCTAssertTrue(waitUntil(seconds: 10) { !vm.isRunning }, "the source exits once post-copy is done")
+        XCTAssertEqual(vm.terminationStatus, 0)
+        try assertGuestRuns(socket: socket("pdst"), vcpus: 2)
     }
 }

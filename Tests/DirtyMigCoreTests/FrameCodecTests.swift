@@ -338,6 +338,20 @@ final class FrameCodecTests: XCTestCase {
             XCTAssertTrue("\($0)".contains("past the end of RAM"), "\($0)")
         }
 
+        let resume = PostCopyResume(lacking: lacking)
+        XCTAssertEqual(try PostCopyResume(decoding: resume.encode(), pageCount: 100), resume)
+        XCTAssertEqual(try PostCopyResume(decoding: resume.encode(), pageCount: 100).lacking(pageCount: 100).pageList(), [3, 99])
+        XCTAssertThrowsError(try PostCopyResume(decoding: resume.encode(), pageCount: 64), "a bitmap for another RAM size")
+        XCTAssertThrowsError(try PostCopyResume(decoding: resume.encode() + [0], pageCount: 100), "a byte too many")
+        var resumePastTheEnd = resume
+        resumePastTheEnd.lackingWords[1] |= 1 << 40
+        XCTAssertThrowsError(try PostCopyResume(decoding: resumePastTheEnd.encode(), pageCount: 100)) {
+            XCTAssertTrue("\($0)".contains("past the end of RAM"), "\($0)")
+        }
+        let largest = GuestLayout.maxAddressableBytes / GuestLayout.pageSize
+        XCTAssertLessThanOrEqual(PostCopyResume(lacking: DirtyPageBitmap(pageCount: Int(largest))).encode().count,
+                                 MigrationFrameType.postcopyResume.maxPayload)
+
         let running = PostCopyRunning(running: true, resumeNanoseconds: 7, message: "")
         XCTAssertEqual(try PostCopyRunning(decoding: running.encode()), running)
         var badFlag = running.encode(); badFlag[0] = 2

@@ -165,6 +165,7 @@ final class FuzzTests: XCTestCase {
         func start() throws(MachineError) {}
         func stop() {}
         var vcpuThreadIDs: [UInt32] { [] }
+        let postcopyLink = PostCopyLinkState()
     }
 
     func testTheReceiverRefusesHostileStreamsWithAReason() throws {
@@ -328,7 +329,7 @@ final class FuzzTests: XCTestCase {
         }
         let pageCount = Int(Self.pageCount)
         for _ in 0..<3000 {
-            let type = MigrationFrameType(rawValue: UInt32.random(in: 1...24, using: &random))!
+            let type = MigrationFrameType(rawValue: UInt32.random(in: 1...25, using: &random))!
             let header = MigrationFrameHeader(type, payloadLength: Int.random(in: 0...type.maxPayload, using: &random))
             check(header, mutated(header.encode())) { bytes throws(MigrationProtocolError) in try MigrationFrameHeader(decoding: bytes) }
 
@@ -388,6 +389,10 @@ final class FuzzTests: XCTestCase {
             check(postcopySwitch, mutated(postcopySwitch.encode())) { bytes throws(MigrationProtocolError) in
                 try PostCopySwitch(decoding: bytes, pageCount: pageCount)
             }
+            let postcopyResume = PostCopyResume(lacking: DirtyPageBitmap(pageCount: pageCount, words: lacking))
+            check(postcopyResume, mutated(postcopyResume.encode())) { bytes throws(MigrationProtocolError) in
+                try PostCopyResume(decoding: bytes, pageCount: pageCount)
+            }
             let running = PostCopyRunning(running: Bool.random(using: &random), resumeNanoseconds: boundary(bits: 64), message: reason.text)
             check(running, mutated(running.encode())) { bytes throws(MigrationProtocolError) in try PostCopyRunning(decoding: bytes) }
             let request = PageRequest(pages: (0..<Int.random(in: 1...8, using: &random)).map { _ in UInt64.random(in: 0..<UInt64(pageCount), using: &random) })
@@ -405,6 +410,7 @@ final class FuzzTests: XCTestCase {
             control.session = session
             control.joins = SessionJoins(pages: Int.random(in: 0...SessionJoins.maxPages, using: &random),
                                          faults: Int.random(in: 0...SessionJoins.maxFaults, using: &random))
+            if Bool.random(using: &random) { control.postcopy = true; control.resume = Bool.random(using: &random) }
             check(ConnectionHello.control(control), mutated(control.encode())) { bytes throws(MigrationProtocolError) in
                 try ConnectionHello(decoding: bytes)
             }

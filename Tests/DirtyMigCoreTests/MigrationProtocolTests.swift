@@ -45,13 +45,24 @@ final class MigrationProtocolTests: XCTestCase {
         var unknownFlag = verifying.encode()
         let flags = 12 + 16 + 8 + 4 + 4 + 4 + 8 + 12
         XCTAssertEqual(unknownFlag[flags], 1)
-        unknownFlag[flags] = 9   // bit 0 (verify) and bit 3, which no version has
+        unknownFlag[flags] = 17   // bit 0 (verify) and bit 4, which no version has
         XCTAssertThrowsError(try MigrationHello(decoding: unknownFlag)) {
             XCTAssertTrue("\($0)".contains("flags"), "\($0)")
         }
         var postcopy = original
         postcopy.postcopy = true
         XCTAssertEqual(try MigrationHello(decoding: postcopy.encode()), postcopy, "bit 2: the source may switch to post-copy")
+        var resuming = postcopy
+        resuming.resume = true
+        XCTAssertEqual(try MigrationHello(decoding: resuming.encode()), resuming, "bit 3: a post-copy resumes over a new link")
+        // A resume is post-copy's alone: without the post-copy flag, or with replication's, refused.
+        for bad in [9, 8 | 2 | 4] as [UInt8] {
+            var encoded = resuming.encode()
+            encoded[flags] = bad
+            XCTAssertThrowsError(try MigrationHello(decoding: encoded)) {
+                XCTAssertTrue("\($0)".contains("resuming post-copy"), "\($0)")
+            }
+        }
     }
 
     /// The link timeout follows the flags word; the destination takes the source's deadline,

@@ -55,12 +55,39 @@ final class PostCopySchedulingTests: XCTestCase {
         XCTAssertEqual(Array(rest.suffix(from: 103)), Array(8..<400), "then from the start, skipping nothing")
     }
 
-    func testPagesInFlightAtAFailureGoBackToTheQueue() {
+    func testAResumeSendsExactlyTheLackingPagesAgainAndNoLandedOne() {
+        // 128 pages lacking at the switch; the link fails after the stream claimed 0..<48 and a
+        // request claimed 100. Of those, the destination got 0..<40 (the rest were in flight).
         let queue = PostCopyPushQueue(missing: bitmap(128, Array(0..<128)))
-        _ = drain(queue, maxPages: 16)
-        queue.returnUnsent(bitmap(128, [3, 4, 100]))
-        XCTAssertEqual(queue.tally.remaining, 3)
-        XCTAssertEqual(drain(queue, maxPages: 16), [3, 4, 100])
+        var claimed: [Int] = []
+        for _ in 0..<3 { claimed += Array(queue.claimNextRun(maxPages: 16)!) }
+        XCTAssertEqual(queue.claimRequested([100]), [100])
+        claimed.append(100)
+        let landed = Set(0..<40)
+        // The destination lacks everything that did not land, plus a page outside the switch's
+        // set it cannot lack (ignored: never sent).
+        let lacking = bitmap(128, (0..<128).filter { !landed.contains($0) })
+        XCTAssertEqual(queue.resume(lacking: lacking), 9, "40..<48 and 100 were in flight: they go again")
+        XCTAssertEqual(queue.tally.remaining, 88)
+        XCTAssertEqual(queue.tally.resent, 9)
+        XCTAssertEqual(queue.claimRequested([5, 41]), [41], "a landed page is never sent again, even when asked for")
+        let second = drain(queue, maxPages: 16)
+        XCTAssertTrue(Set(second).isDisjoint(with: landed), "no landed page twice")
+        XCTAssertEqual(Set(second + [41]), Set(40..<128), "every page still lacking, once")
+        XCTAssertEqual(second.count + 1, 88)
+
+        // A second failure at once: nothing landed meanwhile, so everything claimed goes again.
+        let queue2 = PostCopyPushQueue(missing: bitmap(64, Array(0..<64)))
+        _ = queue2.claimNextRun(maxPages: 8)
+        XCTAssertEqual(queue2.resume(lacking: bitmap(64, Array(0..<64))), 8)
+        XCTAssertEqual(queue2.resume(lacking: bitmap(64, Array(0..<64))), 0, "nothing was claimed since the last resume")
+        XCTAssertEqual(drain(queue2, maxPages: 64).sorted(), Array(0..<64), "from where the stream was, wrapping around")
+        XCTAssertEqual(queue2.tally.resent, 8)
+
+        // Pages outside the set the destination lacked at the switch are not sent.
+        let queue3 = PostCopyPushQueue(missing: bitmap(64, [1, 2]))
+        XCTAssertEqual(queue3.resume(lacking: bitmap(64, [2, 3, 63])), 0)
+        XCTAssertEqual(drain(queue3, maxPages: 8), [2])
     }
 
     func testRequestsOutsideRAMAreIgnored() {

@@ -59,7 +59,7 @@ enum ListCommand {
             ("track", "track"), ("uptime_s", "uptime_s"), ("listen", "listen"),
             ("prepared_memory_bytes", "prepared_memory"), ("prepared_memory_state", "prepared_memory_state"),
             ("credentials", "credentials"), ("superseded", "superseded"),
-            ("from", "from"), ("received_bytes", "received_bytes"), ("standby", "standby"),
+            ("from", "from"), ("received_bytes", "received_bytes"), ("standby", "standby"), ("postcopy", "postcopy"),
         ]
         var row: [(String, JSONValue)] = [("name", .string(name))]
         row += copied.map { ($0.0, status[$0.1] ?? .null) }
@@ -142,6 +142,12 @@ enum ListCommand {
             return "standby (" + parts.joined(separator: ", ") + ")"
         case "superseded":
             return "superseded (its standby took over and runs the VM; output stopped)"
+        case PostCopyLinkState.pausedStateName:
+            // Either side of a post-copy whose link failed: since when, and why.
+            guard let link = row["postcopy"], let since = link["paused_since"]?.doubleValue else { return state }
+            let clock = DateFormatter()
+            clock.dateFormat = "HH:mm:ss"
+            return "\(state) (since \(clock.string(from: Date(timeIntervalSince1970: since))), \(String(format: "%.0f s", link["paused_s"]?.doubleValue ?? 0)): \(link["reason"]?.stringValue ?? "-"))"
         default:
             return state
         }

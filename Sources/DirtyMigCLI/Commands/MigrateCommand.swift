@@ -42,8 +42,15 @@ enum MigrateCommand {
         }
         if let throttle = try arguments.choice("throttle") { options.migration.throttle = ThrottleMode(rawValue: throttle)! }
         if let compress = try arguments.choice("compress") { options.migration.compression = PageCompression(rawValue: compress)! }
-        if arguments.has("postcopy") || arguments.has("postcopy-after") {
-            guard arguments.has("postcopy") else { throw arguments.error("--postcopy-after applies with --postcopy") }
+        if arguments.has("postcopy") || arguments.has("postcopy-after") || arguments.has("postcopy-recover-for") {
+            guard arguments.has("postcopy") else {
+                throw arguments.error("--\(arguments.has("postcopy-after") ? "postcopy-after" : "postcopy-recover-for") applies with --postcopy")
+            }
+            if let recover = try arguments.duration("postcopy-recover-for") {
+                do throws(MigrationOptions.Invalid) { try options.migration.set(postcopyRecoverSeconds: recover) } catch {
+                    throw arguments.error(error.description)
+                }
+            }
             var policy = PostCopyPolicy()
             if let after = try arguments.count("postcopy-after") {
                 guard PostCopyPolicy.afterPassesRange.contains(after) else {
@@ -121,6 +128,7 @@ enum MigrateCommand {
         if let postcopy = options.migration.postcopy {
             pairs.append(("postcopy", .bool(true)))
             if let after = postcopy.afterPasses { pairs.append(("postcopy_after", .number(after))) }
+            pairs.append(("postcopy_recover_s", .number(options.migration.postcopyRecoverSeconds)))
         }
         pairs += ChannelOptions.controlArguments(options.migration.security)
         return .object(pairs)
@@ -189,6 +197,7 @@ enum MigrateCommand {
         migration.throttle = options.throttle
         migration.compression = options.migration.compression
         migration.postcopy = options.migration.postcopy
+        migration.postcopyRecoverSeconds = options.migration.postcopyRecoverSeconds
         migration.security = options.migration.security
         let sender = MigrationSender(machine: source, options: migration)
         stop.onSignal {

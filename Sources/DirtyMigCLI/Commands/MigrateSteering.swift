@@ -1,16 +1,17 @@
 import DirtyMigCore
 
-/// `dirtymig migrate --status | --set LIMIT=VALUE | --start-postcopy`: watch and steer the
-/// migration under way from another shell, as `virsh domjobinfo`, `virsh migrate-setspeed` /
-/// `migrate-setmaxdowntime`, `virsh migrate-postcopy` and QMP's `migrate-set-parameters` do.
-/// The migration runs in the VM's process; these ask it through its control socket
-/// (`query-migrate`, `migrate-set`, `migrate-start-postcopy`).
+/// `dirtymig migrate --status | --set LIMIT=VALUE | --start-postcopy | --resume [--to HOST:PORT]`:
+/// watch and steer the migration under way from another shell, as `virsh domjobinfo`, `virsh
+/// migrate-setspeed` / `migrate-setmaxdowntime`, `virsh migrate-postcopy`, QMP's
+/// `migrate-set-parameters` and `migrate-recover`/`migrate -r` do. The migration runs in the VM's
+/// process; these ask it through its control socket (`query-migrate`, `migrate-set`,
+/// `migrate-start-postcopy`, `migrate-resume`).
 enum MigrateSteering {
     static func applies(_ arguments: ParsedArguments) -> Bool {
         actions.contains(where: arguments.has)
     }
 
-    static let actions = ["status", "set", "start-postcopy"]
+    static let actions = ["status", "set", "start-postcopy", "resume"]
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
         let given = actions.filter(arguments.has)
@@ -18,19 +19,27 @@ enum MigrateSteering {
             throw arguments.error("--\(given[0]) and --\(given[1]) cannot be combined: each acts on the migration under way by itself")
         }
         let action = given[0]
-        for option in arguments.command.options.map(\.name)
-            where arguments.has(option) && !(["vm", "json"] + actions).contains(option) {
+        // --resume may name the destination's new address (--to); nothing else goes with an action.
+        let allowed = ["vm", "json"] + actions + (action == "resume" ? ["to"] : [])
+        for option in arguments.command.options.map(\.name) where arguments.has(option) && !allowed.contains(option) {
             let hint = ["bandwidth", "downtime"].contains(option) ? "; change the running migration's with --set \(option)=VALUE" : ""
             throw arguments.error("--\(option) does not go with --\(action), which acts on the migration under way\(hint)")
         }
-        let request: JSONValue = action == "set" ? try limits(arguments) : .object([])
+        var request: JSONValue = action == "set" ? try limits(arguments) : .object([])
+        if action == "resume", let to = arguments.string("to") {
+            guard let endpoint = HostPort.parse(to), endpoint.port != 0, !endpoint.host.isEmpty else {
+                throw arguments.error("--to \(to): expected HOST:PORT, for example 10.0.0.2:4444")
+            }
+            request = ["to": .string(endpoint.description)]
+        }
         let path = try ControlSocketPath.resolve(vm: arguments.string("vm"))
         let name = ControlSocketPath.name(forPath: path)
         let client = try ControlClient(path: path)
         defer { client.close() }
         let reply: JSONValue
         do throws(ControlClient.ClientError) {
-            let command = ["status": "query-migrate", "set": "migrate-set", "start-postcopy": "migrate-start-postcopy"][action]!
+            let command = ["status": "query-migrate", "set": "migrate-set", "start-postcopy": "migrate-start-postcopy",
+                           "resume": "migrate-resume"][action]!
             reply = try client.call(command, arguments: request, timeout: 5)
         } catch {
             switch error.controlError?.errorClass {
@@ -41,6 +50,11 @@ enum MigrateSteering {
         }
         if action == "set" {
             emit(arguments.has("json") ? reply.serialized() : MigrationStatusText.limitsSet(reply, vm: name))
+            return 0
+        }
+        if action == "resume" {
+            emit(arguments.has("json") ? reply.serialized()
+                 : "'\(name)' tries the destination \(reply["to"]?.stringValue ?? "-") now to resume its paused post-copy (watch it with 'dirtymig migrate --status' or 'dirtymig list')\n")
             return 0
         }
         if action == "start-postcopy" {

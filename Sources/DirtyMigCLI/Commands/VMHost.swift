@@ -40,11 +40,22 @@ enum VMHost {
                 printError("dirtymig: the standby \(figures.standby) could not be told that the VM stopped on purpose (\(figures.error ?? "no answer")): it may resume the VM from checkpoint \(figures.lastAcknowledgedEpoch.map(String.init) ?? "?"); stop it there with 'dirtymig stop'")
             }
         }
+        /// A VM whose migration switched to post-copy holds the only copy of the pages the
+        /// destination lacks: it stops once post-copy has ended (also when its link is paused:
+        /// it keeps serving its control socket, so `migrate --resume` still reaches it).
+        @Sendable func stopOnce(_ why: String) {
+            guard migrations.holdsPostCopy else {
+                done.signal()
+                return
+            }
+            printError("dirtymig: \(why): post-copy is under way, and this VM holds the only copy of the pages the destination still lacks: it stops once post-copy has ended (SIGKILL would lose the VM)")
+            migrations.whenIdle { done.signal() }
+        }
         // `quit` (what `dirtymig stop` sends) does what SIGTERM does.
         MachineControl.register(on: server, machine: machine) {
             endReplication("the primary was asked to quit: the VM stopped on purpose")
             migrations.cancel(reason: "the source was asked to quit: the migration was cancelled, the destination discarded its copy, and the VM stopped at the source")
-            done.signal()
+            stopOnce("asked to quit")
         }
         LimitControl.register(on: server, machine: machine)
         // SIGINT/SIGTERM: a migration under way is cancelled first (the destination is told and
@@ -56,7 +67,7 @@ enum VMHost {
             if migrations.cancel(reason: "the source was asked to stop (\(stop.name)): the migration was cancelled, the destination discarded its copy, and the VM stopped at the source") {
                 printError("dirtymig: stopping: cancelling the migration under way first")
             }
-            done.signal()
+            stopOnce(stop.name)
         }
         return Hosted(machine: machine, server: server, done: done)
     }

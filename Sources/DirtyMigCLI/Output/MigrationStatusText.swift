@@ -12,6 +12,13 @@ enum MigrationStatusText {
         let destination = progress["destination"]?.stringValue.map { " to \($0)" } ?? ""
         lines.append("migration of '\(vm)'\(destination): \(phase)" + (pass > 0 ? ", pass \(pass)" : ""))
         row("sent", mebibytes(progress["sent_bytes"]?.doubleValue ?? 0))
+        if let link = progress["postcopy_link"], !link.isNull {
+            if link["state"]?.stringValue == "paused" {
+                row("post-copy paused", String(format: "for %.1f s: ", link["paused_s"]?.doubleValue ?? 0) + (link["reason"]?.stringValue ?? "-"))
+            }
+            row("link failures", String(format: "%.0f resumed, %.1f s paused in all", link["recoveries"]?.doubleValue ?? 0,
+                                        link["paused_total_s"]?.doubleValue ?? 0))
+        }
         if pass > 0 {
             var left = mebibytes(progress["remaining_bytes"]?.doubleValue ?? 0) + " left in this pass"
             if let percent = progress["pass_percent"]?.doubleValue, let pages = progress["pass_pages"]?.doubleValue {

@@ -41,6 +41,11 @@ final class ProgressLine: @unchecked Sendable {
             if let eta = progress["eta_s"]?.doubleValue { text += String(format: "  ETA %.1f s", eta) }
             return text
         }
+        if phase == "post-copy paused", let link = progress["postcopy_link"] {
+            // The guest runs at the destination, its vCPUs wait for missing pages; the source retries.
+            return String(format: "post-copy paused  %.0f s  still at the source %.0f MiB  (%@)",
+                          link["paused_s"]?.doubleValue ?? 0, remaining, link["reason"]?.stringValue ?? "-")
+        }
         guard phase == "pre-copy" || phase == "stop-and-copy" else { return phase }
         var text = String(format: "%@  pass %d  sent %.0f MiB  remaining %.0f MiB", phase,
                           Int(progress["iteration"]?.doubleValue ?? 0), sent, remaining)

@@ -30,6 +30,11 @@ enum ReportTable {
                      + (postcopy["reason"]?.stringValue ?? "-"))]
         rows.append(("  pages", "\(HumanNumber.grouped(number("lacking_pages"))) lacking: \(HumanNumber.grouped(number("answered_pages"))) on demand (\(HumanNumber.grouped(number("requested_pages"))) asked), \(HumanNumber.grouped(number("pushed_pages"))) pushed; "
                      + String(format: "%.1f MiB in %.0f ms", number("bytes") / 1_048_576, number("ms"))))
+        if number("recoveries") > 0 {
+            rows.append(("  link", String(format: "failed and resumed %.0f time%@, paused %.0f ms in all; %@ pages sent again (in flight at a failure)",
+                                          number("recoveries"), number("recoveries") == 1 ? "" : "s", number("paused_ms"),
+                                          HumanNumber.grouped(number("resent_pages")))))
+        }
         if let latency = postcopy["fault_latency_us"], !latency.isNull {
             let blocked = (postcopy["vcpu_blocked_ms"]?.arrayValue ?? []).map { String(format: "%.1f", $0.doubleValue ?? 0) }
             rows.append(("  faults", "\(HumanNumber.grouped(number("faults"))), "

@@ -33,9 +33,16 @@ public final class MigrationSession: Sendable {
     /// said yet: `greet` opens the session at the receiver.
     public static func connect(to endpoint: HostPort, security: ChannelSecurity,
                                attempt: ConnectionAttempt? = nil) throws(MigrationError) -> MigrationSession {
-        let control = try MigrationConnector.connect(to: endpoint, security: security, attempt: attempt)
+        try connect(to: endpoint, security: security, id: .random(), timeout: 5, attempt: attempt)
+    }
+
+    /// A new control connection for session `id`, which began over another (a post-copy that
+    /// resumes after its link failed greets the destination as that session again).
+    static func connect(to endpoint: HostPort, security: ChannelSecurity, id: SessionID, timeout: Double,
+                        attempt: ConnectionAttempt? = nil) throws(MigrationError) -> MigrationSession {
+        let control = try MigrationConnector.connect(to: endpoint, security: security, timeout: timeout, attempt: attempt)
         control.setTimeouts(send: stallSeconds, receive: stallSeconds)
-        return MigrationSession(id: .random(), endpoint: endpoint, security: security, control: control)
+        return MigrationSession(id: id, endpoint: endpoint, security: security, control: control)
     }
 
     /// Opens the session at the receiver: `hello` (as this session's, with its id) out over the

@@ -43,7 +43,11 @@ public enum MachineControl {
         return [
             "name": .string(configuration.name),
             // Superseded: its standby took over and runs the VM; this copy's output is stopped.
-            "state": .string(machine.events.firstFailure != nil ? "failed" : machine.output.isFenced ? "superseded" : "running"),
+            // Post-copy paused: its link failed after the switch, on either side; the guest runs at
+            // the destination (its vCPUs wait for missing pages), the source holds those pages.
+            "state": .string(machine.events.firstFailure != nil ? "failed" : machine.output.isFenced ? "superseded"
+                             : machine.postcopyLink.isPaused ? PostCopyLinkState.pausedStateName : "running"),
+            "postcopy": machine.postcopyLink.json,
             // Superseded, in words: who took over, from which checkpoint, and what to do.
             "superseded": machine.output.fenceReason.map { .string($0) } ?? .null,
             "pid": .number(Int(getpid())),

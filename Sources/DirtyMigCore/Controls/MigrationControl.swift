@@ -3,13 +3,45 @@ import Synchronization
 /// The control commands that migrate a running VM: `migrate` (runs the whole migration and
 /// replies with the report), `query-migrate` (progress of the one under way), `migrate-set`
 /// (changes its bandwidth cap and downtime limit), `migrate-start-postcopy` (switches a
-/// `--postcopy` migration to post-copy at the end of its pass) and `migrate-cancel`. The migration runs
+/// `--postcopy` migration to post-copy at the end of its pass), `migrate-resume` (a paused
+/// post-copy tries the destination now, at a new address if given) and `migrate-cancel`. The migration runs
 /// inside the VM's process, on the thread serving the `migrate` command; other clients are
 /// served meanwhile.
 public enum MigrationControl {
     /// At most one migration per VM at a time.
     public final class Slot: Sendable {
         let current = Mutex<MigrationSender?>(nil)
+        /// What runs once the migration under way has ended (`whenIdle`). Locked after `current`.
+        private let idleActions = Mutex<[@Sendable () -> Void]>([])
+
+        /// Whether the migration under way has switched to post-copy: this copy is held (never
+        /// resumed here) and its pages are the only copy of what the destination lacks, so the
+        /// VM must not stop before post-copy ends, also while it is paused.
+        public var holdsPostCopy: Bool {
+            current.withLock { $0 }?.link.withLock { $0.postcopyHeld } ?? false
+        }
+
+        /// Runs `action` once no migration is under way: now if none is, else when it ends.
+        public func whenIdle(_ action: @escaping @Sendable () -> Void) {
+            let now = current.withLock { sender -> Bool in
+                guard sender != nil else { return true }
+                idleActions.withLock { $0.append(action) }
+                return false
+            }
+            if now { action() }
+        }
+
+        /// The migration ended: the slot is free, and what waited for it runs.
+        func release() {
+            let actions = current.withLock { sender -> [@Sendable () -> Void] in
+                sender = nil
+                return idleActions.withLock { actions in
+                    defer { actions = [] }
+                    return actions
+                }
+            }
+            for action in actions { action() }
+        }
 
         /// Cancels the migration under way, if any, and says whether one could still be
         /// cancelled (false: none, or it is past its commit point and ends as the destination says).
@@ -38,7 +70,7 @@ public enum MigrationControl {
                 return false
             }
             if busy { throw ControlError(.failed, "a migration of this VM is already under way") }
-            defer { slot.current.withLock { $0 = nil } }
+            defer { slot.release() }
             if let superseded = machine.supersededRefusal { throw ControlError(.failed, superseded) }
             if let other = machine.transferClaim.claim("a migration to \(options.destination)") {
                 throw ControlError(.failed, "\(other) is under way; stop it first (migrate --stop-replication)")
@@ -74,6 +106,24 @@ public enum MigrationControl {
             return ["switching": true, "phase": .string(progress.phase), "iteration": .number(progress.iteration),
                     "t_s": .number(progress.elapsedSeconds)]
         }
+        server.register("migrate-resume") { (arguments: JSONValue) throws(ControlError) in
+            try arguments.checkArguments(allowed: ["to"])
+            guard let sender = slot.current.withLock({ $0 }) else {
+                throw ControlError(.failed, "no migration of this VM is under way")
+            }
+            var endpoint: HostPort?
+            if arguments["to"] != nil {
+                let to = try target(arguments, command: "migrate-resume", listener: "'dirtymig receive'")
+                do { try sender.options.security.checkConnecting(to: to) } catch {
+                    throw ControlError(.invalidArgument, "\(error)")
+                }
+                endpoint = to
+            }
+            if let refusal = sender.resumePostCopy(to: endpoint) { throw ControlError(.failed, refusal) }
+            let progress = sender.progress
+            return ["resuming": true, "to": .string((endpoint ?? sender.postcopyReconnect.endpoint).description),
+                    "phase": .string(progress.phase), "postcopy_link": progress.postcopyLink]
+        }
         server.register("migrate-cancel") { (arguments: JSONValue) throws(ControlError) in
             try arguments.checkArguments(allowed: ["reason"])
             let reason = try arguments.stringArgument("reason").map { String($0.prefix(1024)) } ?? MigrationSender.cancelledReason
@@ -85,11 +135,13 @@ public enum MigrationControl {
 
     /// The `migrate` command's arguments: `to` (HOST:PORT, required), `bandwidth` (bytes/s),
     /// `downtime_ms`, `max_iterations`, `timeout_s`, `link_timeout_s`, `verify`, `throttle`, `compress`, `postcopy`
-    /// (true: the migration may switch to post-copy), `postcopy_after` (passes), and the channel's:
+    /// (true: the migration may switch to post-copy), `postcopy_after` (passes), `postcopy_recover_s`
+    /// (how long a paused post-copy retries by itself), and the channel's:
     /// `psk_file`, `tls_dir`, `tls_peer` (absolute paths, read by this process), `insecure`.
     static func migrationOptions(_ arguments: JSONValue) throws(ControlError) -> MigrationOptions {
         try arguments.checkArguments(allowed: ["to", "bandwidth", "downtime_ms", "max_iterations", "timeout_s", "link_timeout_s", "verify", "throttle",
-                                               "compress", "postcopy", "postcopy_after", "psk_file", "tls_dir", "tls_peer", "insecure"])
+                                               "compress", "postcopy", "postcopy_after", "postcopy_recover_s", "psk_file", "tls_dir", "tls_peer",
+                                               "insecure"])
         let destination = try target(arguments, command: "migrate", listener: "'dirtymig receive'")
         var options = MigrationOptions(destination: destination)
         let bandwidth = try arguments.doubleArgument("bandwidth")
@@ -97,9 +149,13 @@ public enum MigrationControl {
         let iterations = try arguments.doubleArgument("max_iterations")
         let timeout = try arguments.doubleArgument("timeout_s")
         let linkTimeout = try arguments.doubleArgument("link_timeout_s")
+        let recover = try arguments.doubleArgument("postcopy_recover_s")
+        if recover != nil && arguments["postcopy"]?.boolValue != true {
+            throw ControlError(.invalidArgument, "postcopy_recover_s applies with postcopy: true")
+        }
         do throws(MigrationOptions.Invalid) {
             try options.set(bandwidth: bandwidth, downtimeSeconds: downtime, maxIterations: iterations, timeoutSeconds: timeout,
-                            linkTimeoutSeconds: linkTimeout)
+                            linkTimeoutSeconds: linkTimeout, postcopyRecoverSeconds: recover)
         } catch {
             throw ControlError(.invalidArgument, error.description)
         }

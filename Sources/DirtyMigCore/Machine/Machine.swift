@@ -21,6 +21,8 @@ public final class Machine: IncomingVM, @unchecked Sendable {
     public let output = GuestOutput()
     /// Whether a migration or a replication is copying this VM's memory elsewhere.
     public let transferClaim = TransferClaim()
+    /// Whether this VM's post-copy link is paused (either side of a migration that switched).
+    public let postcopyLink = PostCopyLinkState()
     /// The guest's TSC frequency, which paces its workloads.
     public let tscHz: UInt64
     public let boot: Boot

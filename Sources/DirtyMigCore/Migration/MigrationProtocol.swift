@@ -53,7 +53,8 @@ public enum MigrationWire {
     /// userspace devices' states (MachineState version 2).
     /// 10: hello's page codec; the compressedPages and checkpointCompressedPages frames.
     /// 11: post-copy (hello flag, its frames, the faults connection).
-    public static let version: UInt32 = 11
+    /// 12: post-copy recovery (hello flag `resume`, the postcopyResume frame).
+    public static let version: UInt32 = 12
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -108,7 +109,8 @@ public enum MigrationFrameType: UInt32, Sendable {
          iterationAck = 9, passPlan = 10,
          checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15,
          replicationEnded = 16, tookOver = 17, compressedPages = 18, checkpointCompressedPages = 19,
-         postcopySwitch = 20, postcopyRunning = 21, pageRequest = 22, postcopyEnd = 23, postcopyResult = 24
+         postcopySwitch = 20, postcopyRunning = 21, pageRequest = 22, postcopyEnd = 23, postcopyResult = 24,
+         postcopyResume = 25
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
@@ -133,6 +135,7 @@ public enum MigrationFrameType: UInt32, Sendable {
         case .pageRequest: return PageRequest.maxPayload
         case .postcopyEnd: return 9
         case .postcopyResult: return PostCopyResult.maxPayload
+        case .postcopyResume: return PostCopyResume.maxPayload(pageCount: Int(GuestLayout.maxAddressableBytes / GuestLayout.pageSize))
         }
     }
 }
@@ -184,6 +187,10 @@ public struct MigrationHello: Sendable, Equatable {
     /// The sender may switch to post-copy (`migrate --postcopy`): a destination that cannot
     /// serve demand faults refuses here, before anything is switched.
     public var postcopy = false
+    /// This control connection resumes the paused post-copy of session `session` (the one that
+    /// switched) over a new link, rather than opening a migration: the destination refuses it
+    /// unless it holds that session's post-copy. Needs `postcopy`.
+    public var resume = false
     /// How long the link may carry nothing before the migration fails (`--link-timeout`): the
     /// destination watches its side of the link with the same deadline, so both sides give up
     /// together, and neither before. Ignored by a standby, which has its `--failover-after`.
@@ -207,6 +214,8 @@ public struct MigrationHello: Sendable, Equatable {
     static let replicateFlag: UInt32 = 2
     /// The source may switch to post-copy: the destination must be able to serve demand faults.
     static let postcopyFlag: UInt32 = 4
+    /// Resumes the paused post-copy of the session named (protocol 12).
+    static let resumeFlag: UInt32 = 8
 
     public init(name: String, memorySize: UInt64, vcpuCount: Int, tracking: TrackingMode?, ringEntries: Int,
                 tscKHz: UInt64, requiredFeatures: CPUFeatureSet, bootSource: BootSourceKind, bootAnnouncement: [UInt8]) {
@@ -236,7 +245,7 @@ public struct MigrationHello: Sendable, Equatable {
         writer.u32(requiredFeatures.leaf1EDX); writer.u32(requiredFeatures.leaf1ECX)
         writer.u32(requiredFeatures.extendedEDX)
         writer.u32((verify ? MigrationHello.verifyFlag : 0) | (replicate ? MigrationHello.replicateFlag : 0)
-                   | (postcopy ? MigrationHello.postcopyFlag : 0))
+                   | (postcopy ? MigrationHello.postcopyFlag : 0) | (resume ? MigrationHello.resumeFlag : 0))
         writer.u32(linkTimeoutMilliseconds)
         joins.encode(into: &writer)
         writer.u32(pageCodecCode)
@@ -270,12 +279,17 @@ public struct MigrationHello: Sendable, Equatable {
         tscKHz = try reader.u64()
         requiredFeatures = CPUFeatureSet(leaf1EDX: try reader.u32(), leaf1ECX: try reader.u32(), extendedEDX: try reader.u32())
         let flags = try reader.u32()
-        guard flags & ~(MigrationHello.verifyFlag | MigrationHello.replicateFlag | MigrationHello.postcopyFlag) == 0 else {
+        let known = MigrationHello.verifyFlag | MigrationHello.replicateFlag | MigrationHello.postcopyFlag | MigrationHello.resumeFlag
+        guard flags & ~known == 0 else {
             throw .malformed("hello flags 0x\(String(flags, radix: 16))")
         }
         verify = flags & MigrationHello.verifyFlag != 0
         replicate = flags & MigrationHello.replicateFlag != 0
         postcopy = flags & MigrationHello.postcopyFlag != 0
+        resume = flags & MigrationHello.resumeFlag != 0
+        guard !resume || (postcopy && !replicate) else {
+            throw .malformed("a hello resuming post-copy without the post-copy flag, or with replication's")
+        }
         linkTimeoutMilliseconds = try reader.u32()
         guard Self.linkTimeoutMillisecondsRange.contains(linkTimeoutMilliseconds) else {
             throw .malformed("link timeout \(linkTimeoutMilliseconds) ms (1 s to 1 h)")

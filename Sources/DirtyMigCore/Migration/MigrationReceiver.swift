@@ -16,6 +16,8 @@ public protocol IncomingVM: AnyObject, Sendable {
     /// The kernel thread ids of the vCPU threads, in vCPU order (post-copy charges each vCPU the
     /// time it waited for pages; empty where there are none).
     var vcpuThreadIDs: [UInt32] { get }
+    /// Whether its post-copy link is paused (what `query-status` shows).
+    var postcopyLink: PostCopyLinkState { get }
 }
 
 /// The destination side.
@@ -113,7 +115,10 @@ public final class MigrationReceiver: Sendable {
         let id: Int
         let peer: String
         let socket: TCPSocket
-        let session: IncomingSession
+        /// The session's connections; after a post-copy resume, the resume's.
+        var session: IncomingSession
+        /// Where a resume of this session's post-copy reaches it (a `--postcopy` migration's).
+        let resumes: PostCopyResumePoint?
         var committed = false
     }
 
@@ -344,6 +349,9 @@ public final class MigrationReceiver: Sendable {
         case .join(let join):
             handedOver = admit(join, connection: connection, channel: handshake, peer: peer)
             return
+        case .control(let control) where control.resume:
+            handedOver = resume(control, connection: connection, channel: handshake, peer: peer)
+            return
         case .control(let control):
             hello = control
         }
@@ -354,11 +362,12 @@ public final class MigrationReceiver: Sendable {
         }
 
         let session = IncomingSession(id: hello.session, announced: hello.joins)
+        let resumes = hello.postcopy ? PostCopyResumePoint(session: hello.session, pageCount: Int(hello.memorySize / GuestLayout.pageSize)) : nil
         let claim = state.withLock { state -> Claim in
             if state.stopping { return .stopping }
             if let active = state.active { return .busy(active.peer) }
             state.handshakes[id] = nil
-            state.active = Active(id: id, peer: peer, socket: socket, session: session)
+            state.active = Active(id: id, peer: peer, socket: socket, session: session, resumes: resumes)
             return .claimed
         }
         switch claim {
@@ -403,7 +412,8 @@ public final class MigrationReceiver: Sendable {
                 outcome = .success(try IncomingMigration.run(channel, hello: hello, built: &built,
                                                              build: { () throws(MigrationError) in try build(hello) },
                                                              commit: { commit(id) }, running: { onRunning?($0) },
-                                                             faults: { session.take(.faults, timeout: 5) }, log: log))
+                                                             faults: { session.take(.faults, timeout: 5) }, resumes: resumes,
+                                                             log: log))
             }
         } catch {
             var error = error
@@ -420,12 +430,19 @@ public final class MigrationReceiver: Sendable {
             outcome = .failure(error)
             preparedMemory?.replaceIfTaken()   // a VM built on it failed: its pages are spoilt
         }
-        // Before the slot is freed: the connections that joined close with their session.
+        // Before the slot is freed: the connections that joined close with their session (the
+        // one a post-copy resume made, if any, too).
+        let how: String
         switch outcome {
-        case .success: end(session, how: "completed")
-        case .failure(.cancelled(let why)): end(session, how: "cancelled: \(why)")
-        case .failure(let error): end(session, how: "failed: \(error)")
+        case .success: how = "completed"
+        case .failure(.cancelled(let why)): how = "cancelled: \(why)"
+        case .failure(let error): how = "failed: \(error)"
         }
+        resumes?.end()
+        if let resumed = state.withLock({ $0.active?.id == id ? $0.active?.session : nil }), resumed !== session {
+            resumed.end(how)
+        }
+        end(session, how: how)
         deliver(outcome, releasing: id)
     }
 
@@ -450,6 +467,53 @@ public final class MigrationReceiver: Sendable {
         guard let open, (try? channel.send(.helloReply, MigrationHelloReply.accept.encode())) != nil else { return false }
         open.deliver(connection, role: join.role)
         return true
+    }
+
+    /// A control hello that resumes a paused post-copy: handed over (true: the post-copy thread
+    /// owns the connection now) only to the post-copy of the session it names, here, after its
+    /// switch and before its end; otherwise refused with the reason. Its faults connection then
+    /// joins a session of the same id made for the resume, which replaces the one before (whose
+    /// connections the failed link left dead).
+    private func resume(_ hello: MigrationHello, connection: any MigrationConnection, channel: MigrationChannel,
+                        peer: String) -> Bool {
+        let (active, ended) = state.withLock { state in
+            (state.active.flatMap { $0.resumes != nil ? ($0.session.id, $0.resumes!) : nil },
+             state.ended.last { $0.id == hello.session }?.how)
+        }
+        var refusal: String?
+        if let (held, point) = active {
+            if held != hello.session {
+                refusal = "session \(hello.session) is not the post-copy held here (that is session \(held)): only the session that switched may resume it"
+            } else if Int(hello.memorySize / GuestLayout.pageSize) != point.pageCount {
+                refusal = "session \(hello.session)'s VM has \(point.pageCount) pages of RAM here, the resume announces \(hello.memorySize / GuestLayout.pageSize)"
+            }
+        } else if let ended {
+            refusal = IncomingSession.endedReason(hello.session, ended) + "; there is no post-copy to resume"
+        } else {
+            refusal = "no post-copy is paused here to resume (session \(hello.session) never switched here, or ended long ago)"
+        }
+        let session = IncomingSession(id: hello.session, announced: hello.joins)
+        if refusal == nil, let (_, point) = active {
+            // Accepted before it is offered: the post-copy thread's first frame follows the reply.
+            guard (try? channel.send(.helloReply, MigrationHelloReply.accept.encode())) != nil else { return false }
+            refusal = point.offer(PostCopyResumePoint.Offer(control: connection, session: session))
+            if refusal == nil {
+                let replaced = state.withLock { state -> IncomingSession? in
+                    guard state.active?.session.id == hello.session else { return nil }
+                    defer { state.active?.session = session }
+                    return state.active?.session
+                }
+                replaced?.end("replaced by a post-copy resume")
+                log("post-copy of session \(hello.session) resumes from \(peer)")
+                return true
+            }
+            session.end("refused")
+            log("refused a post-copy resume from \(peer): \(refusal!)")
+            return false
+        }
+        try? channel.send(.helloReply, MigrationHelloReply.refuse(refusal!).encode())
+        log("refused a post-copy resume from \(peer): \(refusal!)")
+        return false
     }
 
     /// Ends `session` (closing the connections that joined it) and remembers how.
@@ -631,6 +695,7 @@ enum IncomingMigration {
                                     build: () throws(MigrationError) -> VM,
                                     commit: () -> Bool, running: (VM) -> Void = { _ in },
                                     faults: () -> (any MigrationConnection)? = { nil },
+                                    resumes: PostCopyResumePoint? = nil,
                                     log: (String) -> Void = { _ in }) throws(MigrationError) -> VM {
         let vm: VM
         let codec: PageCodec
@@ -662,9 +727,10 @@ enum IncomingMigration {
                     pages.passEnded()
                     let outcome = try PostCopyDestination.run(
                         vm, control: channel, payloadLength: length, digest: pages.digest, faults: faults(),
-                        linkTimeoutSeconds: Double(hello.linkTimeoutMilliseconds) / 1000, commit: commit, running: running)
+                        linkTimeoutSeconds: Double(hello.linkTimeoutMilliseconds) / 1000, resumes: resumes,
+                        commit: commit, running: running, log: log)
                     if case .broken(let reason, let pagesAtSource) = outcome {
-                        log("post-copy broke after the VM began to run here: \(reason); \(pagesAtSource) pages are still at the source, and vCPUs that touch them wait")
+                        log("post-copy failed here after the VM began to run here: \(reason); \(pagesAtSource) pages are still at the source, and vCPUs that touch them wait")
                     }
                     return vm
                 case .abort:

@@ -27,6 +27,11 @@ public struct MigrationOptions: Sendable {
     /// `--postcopy`: the migration may switch to post-copy (see PostCopyDecision); nil:
     /// pre-copy only, as without the option.
     public var postcopy: PostCopyPolicy?
+    /// `--postcopy-recover-for`: how long a source whose post-copy link failed tries the
+    /// destination again by itself; after it, only a by-hand resume (`migrate --resume`) does,
+    /// and the source keeps its pages meanwhile.
+    public var postcopyRecoverSeconds = MigrationOptions.defaultPostcopyRecoverSeconds
+    public static let defaultPostcopyRecoverSeconds = 600.0
 
     public init(destination: HostPort) { self.destination = destination }
 
@@ -38,10 +43,11 @@ public struct MigrationOptions: Sendable {
     public static let maxIterationsRange: ClosedRange<Double> = 1...1_000_000
     public static let timeoutRange: ClosedRange<Double> = 0.001...(30 * 86_400)
     public static let linkTimeoutRange: ClosedRange<Double> = 1...3600
+    public static let postcopyRecoverRange: ClosedRange<Double> = 0...(30 * 86_400)
 
     /// Why a value is out of range, in words that name the option both ways it can be given.
     public enum Invalid: Error, Equatable, CustomStringConvertible {
-        case bandwidth, downtime, maxIterations, timeout, linkTimeout
+        case bandwidth, downtime, maxIterations, timeout, linkTimeout, postcopyRecover
 
         public var description: String {
             switch self {
@@ -50,6 +56,7 @@ public struct MigrationOptions: Sendable {
             case .maxIterations: return "max_iterations must be a whole number from 1 to 1000000"
             case .timeout: return "timeout must be from 1 ms to 30 days (--timeout 1ms to 43200m, timeout_s up to 2592000)"
             case .linkTimeout: return "link timeout must be from 1 s to 1 hour (--link-timeout 1s to 60m, link_timeout_s 1 to 3600)"
+            case .postcopyRecover: return "post-copy recovery must be from 0 s to 30 days (--postcopy-recover-for 0s to 43200m, postcopy_recover_s 0 to 2592000)"
             }
         }
     }
@@ -68,7 +75,8 @@ public struct MigrationOptions: Sendable {
 
     /// Checks and sets each value given (nil: leave as it is). NaN and infinities are out of range.
     public mutating func set(bandwidth: Double? = nil, downtimeSeconds: Double? = nil, maxIterations: Double? = nil,
-                             timeoutSeconds: Double? = nil, linkTimeoutSeconds: Double? = nil) throws(Invalid) {
+                             timeoutSeconds: Double? = nil, linkTimeoutSeconds: Double? = nil,
+                             postcopyRecoverSeconds: Double? = nil) throws(Invalid) {
         if let bandwidth { self.bandwidth = try Self.checkedBandwidth(bandwidth) }
         if let downtimeSeconds { self.downtimeSeconds = try Self.checkedDowntime(downtimeSeconds) }
         if let maxIterations {
@@ -84,6 +92,10 @@ public struct MigrationOptions: Sendable {
         if let linkTimeoutSeconds {
             guard Self.linkTimeoutRange.contains(linkTimeoutSeconds) else { throw .linkTimeout }
             self.linkTimeoutSeconds = linkTimeoutSeconds
+        }
+        if let postcopyRecoverSeconds {
+            guard Self.postcopyRecoverRange.contains(postcopyRecoverSeconds) else { throw .postcopyRecover }
+            self.postcopyRecoverSeconds = postcopyRecoverSeconds
         }
     }
 }
@@ -120,7 +132,7 @@ public struct MigrationPass: Sendable {
 /// downtime is known only once a pass has ended and its dirty pages were counted.
 public struct MigrationProgress: Sendable {
     /// starting, connecting, pre-copy, stop-and-copy (or, with --postcopy, switching to
-    /// post-copy and post-copy), completed, failed.
+    /// post-copy, post-copy and post-copy paused), completed, failed.
     public var phase: String = "starting"
     public var destination = ""
     public var iteration = 0
@@ -153,6 +165,9 @@ public struct MigrationProgress: Sendable {
     public var stopBelowSeconds: Double = 0
     /// Passes the pass limit still allows after the one under way.
     public var passesLeft = 0
+    /// While post-copy is paused: its link's state (`PostCopyLinkState.json`); after a pause,
+    /// how many there were and how long they lasted. Null before any.
+    public var postcopyLink: JSONValue = .null
 
     public init() {}
 
@@ -209,6 +224,7 @@ public struct MigrationProgress: Sendable {
             "sent_bytes": .number(sentBytes), "remaining_pages": .number(remainingPages),
             "remaining_bytes": .number(remainingPages * 4096), "pass_pages": .number(passPages),
             "pass_percent": passPercent.map { .number($0) } ?? .null,
+            "postcopy_link": postcopyLink,
             "throughput_mib_s": throughputBytesPerSecond.map { .number($0 / 1_048_576) } ?? .null,
             "dirty_pages_s": dirtyPagesPerSecond.map { .number($0) } ?? .null,
             "expected_downtime_ms": expectedDowntimeSeconds.map { .number($0 * 1000) } ?? .null,

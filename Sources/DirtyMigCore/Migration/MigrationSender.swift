@@ -25,6 +25,8 @@ public final class MigrationSender: Sendable {
     let link = Mutex(Link())
     /// The connection while it is being set up (connect, TLS handshake), for `cancel`.
     private let attempt = ConnectionAttempt()
+    /// When and where a paused post-copy tries the destination again (`resumePostCopy`).
+    let postcopyReconnect: PostCopyReconnect
 
     /// The connection as `cancel` sees it from another thread.
     struct Link {
@@ -69,6 +71,7 @@ public final class MigrationSender: Sendable {
         self.machine = machine
         self.options = options
         limits = MigrationLimits(.init(bandwidth: options.bandwidth, downtimeSeconds: options.downtimeSeconds))
+        postcopyReconnect = PostCopyReconnect(endpoint: options.destination, recoverSeconds: options.postcopyRecoverSeconds)
         live.withLock { $0.destination = options.destination.description }
     }
 
@@ -77,6 +80,7 @@ public final class MigrationSender: Sendable {
         progress.limits = limits.current
         progress.limitChanges = limits.changes.kept.count + limits.changes.dropped
         progress.elapsedSeconds = secondsSinceStart
+        progress.postcopyLink = machine.postcopyLink.json
         return progress
     }
 

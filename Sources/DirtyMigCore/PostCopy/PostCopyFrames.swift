@@ -13,6 +13,17 @@
 ///     pages …         (the answers, ahead of anything queued on the control connection)
 ///
 /// The pages frames are the pre-copy passes' (PageFrames.swift) on both connections.
+///
+/// A link that fails after the switch pauses post-copy on both sides; the source resumes it over
+/// new connections of the same session:
+///
+///     source (new control)                  destination
+///     hello (flag resume, the session id that switched; joins: 1 faults)
+///                     ◀───────────────────  helloReply (accepted, or why not)
+///     (the faults connection joins again)
+///                     ◀───────────────────  postcopyResume (the pages it still lacks)
+///     pages …, postcopyEnd …                (as above; the destination asks again for the
+///                                            pages its vCPUs wait on)
 
 /// The switch: the paused VM's state and the pages the destination must not use as they are
 /// (never received, or dirtied since they were), as a bitmap of all RAM.
@@ -20,7 +31,7 @@ struct PostCopySwitch: Equatable {
     var state: [UInt8]
     var lackingWords: [UInt64]
 
-    static func maxPayload(pageCount: Int) -> Int { 4 + MigrationWire.maxStateBytes + 8 * ((pageCount + 63) / 64) }
+    static func maxPayload(pageCount: Int) -> Int { 4 + MigrationWire.maxStateBytes + PageBitmapWire.maxBytes(pageCount: pageCount) }
 
     func encode() -> [UInt8] {
         WireWriter.encoding { writer in
@@ -33,24 +44,56 @@ struct PostCopySwitch: Equatable {
     init(decoding payload: [UInt8], pageCount: Int) throws(MigrationProtocolError) {
         var reader = WireReader(payload, what: "post-copy switch")
         state = try reader.blob(max: MigrationWire.maxStateBytes)
-        let words = (pageCount + 63) / 64
-        guard reader.remaining == 8 * words else {
-            throw .malformed("a post-copy switch whose page bitmap is \(reader.remaining) bytes for \(pageCount) pages of RAM")
-        }
-        var lacking: [UInt64] = []
-        lacking.reserveCapacity(words)
-        for _ in 0..<words { lacking.append(try reader.u64()) }
-        // Bits past the last page would name pages outside RAM.
-        if pageCount % 64 != 0, let last = lacking.last, last >> UInt64(pageCount % 64) != 0 {
-            throw .malformed("a post-copy switch naming pages past the end of RAM")
-        }
-        lackingWords = lacking
+        lackingWords = try PageBitmapWire.read(&reader, pageCount: pageCount, what: "a post-copy switch")
         try reader.finish()
     }
 
     init(state: [UInt8], lacking: DirtyPageBitmap) {
         self.state = state
         lackingWords = lacking.words
+    }
+
+    func lacking(pageCount: Int) -> DirtyPageBitmap { DirtyPageBitmap(pageCount: pageCount, words: lackingWords) }
+}
+
+/// A RAM-sized page bitmap on the wire: its words, nothing more; the reader knows the RAM's size
+/// and takes exactly that many words, with no bit past the last page.
+enum PageBitmapWire {
+    static func maxBytes(pageCount: Int) -> Int { 8 * ((pageCount + 63) / 64) }
+
+    static func read(_ reader: inout WireReader, pageCount: Int, what: String) throws(MigrationProtocolError) -> [UInt64] {
+        let words = (pageCount + 63) / 64
+        guard reader.remaining == 8 * words else {
+            throw .malformed("\(what) whose page bitmap is \(reader.remaining) bytes for \(pageCount) pages of RAM")
+        }
+        var bitmap: [UInt64] = []
+        bitmap.reserveCapacity(words)
+        for _ in 0..<words { bitmap.append(try reader.u64()) }
+        // Bits past the last page would name pages outside RAM.
+        if pageCount % 64 != 0, let last = bitmap.last, last >> UInt64(pageCount % 64) != 0 {
+            throw .malformed("\(what) naming pages past the end of RAM")
+        }
+        return bitmap
+    }
+}
+
+/// The destination's first frame on a resumed post-copy link: the pages it still lacks, as a
+/// bitmap of all RAM. The source sends exactly those again (pages that were in flight when the
+/// link failed; never one that landed).
+struct PostCopyResume: Equatable {
+    var lackingWords: [UInt64]
+
+    static func maxPayload(pageCount: Int) -> Int { PageBitmapWire.maxBytes(pageCount: pageCount) }
+
+    init(lacking: DirtyPageBitmap) { lackingWords = lacking.words }
+
+    func encode() -> [UInt8] { WireWriter.encoding { writer in for word in lackingWords { writer.u64(word) } } }
+
+    /// The bitmap must be exactly one of the source's RAM of `pageCount` pages.
+    init(decoding payload: [UInt8], pageCount: Int) throws(MigrationProtocolError) {
+        var reader = WireReader(payload, what: "post-copy resume")
+        lackingWords = try PageBitmapWire.read(&reader, pageCount: pageCount, what: "a post-copy resume")
+        try reader.finish()
     }
 
     func lacking(pageCount: Int) -> DirtyPageBitmap { DirtyPageBitmap(pageCount: pageCount, words: lackingWords) }

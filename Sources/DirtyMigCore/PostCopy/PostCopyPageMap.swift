@@ -57,6 +57,10 @@ public final class PostCopyPageMap: Sendable {
     /// The pages still lacking (after a link failure: what the source must send again).
     public func lackingPages() -> DirtyPageBitmap { state.withLock { $0.lacking } }
 
+    /// The pages asked for that have not landed (after a link failure: what the vCPUs wait on,
+    /// to be asked for again over the new link), in page order.
+    public func awaitedPages() -> [UInt64] { state.withLock { $0.waiting.keys.sorted().map { UInt64($0) } } }
+
     /// A thread faulted on `page` at `now` (monotonic nanoseconds).
     public func fault(page: Int, thread: UInt32, at now: UInt64) -> FaultAction {
         state.withLock { state in

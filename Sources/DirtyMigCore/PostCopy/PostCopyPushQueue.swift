@@ -7,17 +7,23 @@ import Synchronization
 /// once, by whichever gets there first, so no page is sent twice; a request for a page already
 /// claimed by the stream is not answered (the page is on its way).
 ///
+/// After a link failure the destination says which pages it still lacks, and the queue starts
+/// again from exactly those (`resume`).
+///
 /// Pre-paging: a fault at page P says the guest works near P, so the stream moves its position to
 /// just after P and pushes on from there (wrapping around at the end of RAM), as QEMU's
 /// post-copy does: the pages the guest is about to touch arrive before it faults on them.
 public final class PostCopyPushQueue: Sendable {
     private struct State {
+        /// The pages the destination lacked at the switch.
+        let initial: DirtyPageBitmap
         var unsent: DirtyPageBitmap
         var remaining: Int
         var cursor: Int
         var requested = 0
         var answered = 0
         var pushed = 0
+        var resent = 0
     }
     private let state: Mutex<State>
     public let pageCount: Int
@@ -27,7 +33,7 @@ public final class PostCopyPushQueue: Sendable {
     public init(missing: DirtyPageBitmap) {
         pageCount = missing.pageCount
         total = missing.count
-        state = Mutex(State(unsent: missing, remaining: missing.count, cursor: 0))
+        state = Mutex(State(initial: missing, unsent: missing, remaining: missing.count, cursor: 0))
     }
 
     /// What has gone out so far.
@@ -40,10 +46,23 @@ public final class PostCopyPushQueue: Sendable {
         public var pushed: Int
         /// Pages not yet claimed by either.
         public var remaining: Int
+        /// Pages claimed again after a link failure because the destination still lacked them
+        /// (they had been in flight); included in `answered` and `pushed` when they go again.
+        public var resent: Int
+
+        public init(requested: Int, answered: Int, pushed: Int, remaining: Int, resent: Int = 0) {
+            self.requested = requested
+            self.answered = answered
+            self.pushed = pushed
+            self.remaining = remaining
+            self.resent = resent
+        }
     }
 
     public var tally: Tally {
-        state.withLock { Tally(requested: $0.requested, answered: $0.answered, pushed: $0.pushed, remaining: $0.remaining) }
+        state.withLock {
+            Tally(requested: $0.requested, answered: $0.answered, pushed: $0.pushed, remaining: $0.remaining, resent: $0.resent)
+        }
     }
 
     public var isDrained: Bool { state.withLock { $0.remaining == 0 } }
@@ -88,16 +107,27 @@ public final class PostCopyPushQueue: Sendable {
         }
     }
 
-    /// Puts pages back as unsent: they were in flight when the link failed and may not have
-    /// arrived (the destination's word decides which it still lacks).
-    public func returnUnsent(_ pages: DirtyPageBitmap) {
-        state.withLock { state in
-            for run in pages.runs() {
-                for page in run where !state.unsent.contains(page) {
-                    state.unsent.set(page)
-                    state.remaining += 1
+    /// The link failed and post-copy resumes: the destination still lacks exactly `lacking`, so
+    /// those are the pages left to send, whoever had claimed them (pages in flight when the link
+    /// failed go again; a page that landed never does). Pages outside the set the destination
+    /// lacked at the switch are ignored: it cannot lack a page it was never missing. Returns how
+    /// many of them had gone out before (sent again: the report's resent pages).
+    @discardableResult
+    public func resume(lacking: DirtyPageBitmap) -> Int {
+        precondition(lacking.pageCount == pageCount)
+        return state.withLock { state in
+            var unsent = DirtyPageBitmap(pageCount: pageCount)
+            var again = 0
+            for run in lacking.runs() {
+                for page in run where state.initial.contains(page) {
+                    unsent.set(page)
+                    if !state.unsent.contains(page) { again += 1 }
                 }
             }
+            state.unsent = unsent
+            state.remaining = unsent.count
+            state.resent += again
+            return again
         }
     }
 

@@ -15,6 +15,12 @@ public struct PostCopyReport: Sendable, Equatable {
     public var requestedPages = 0
     public var answeredPages = 0
     public var pushedPages = 0
+    /// Pages sent again after a link failure, because the destination still lacked them (they
+    /// were in flight); counted in answered and pushed too.
+    public var resentPages = 0
+    /// How many times the link failed and post-copy resumed, and how long it stayed paused.
+    public var recoveries = 0
+    public var pausedSeconds: Double = 0
     public var bytes: UInt64 = 0
     /// From the destination's "running" to its final word.
     public var seconds: Double = 0
@@ -33,7 +39,9 @@ public struct PostCopyReport: Sendable, Equatable {
             "reason": .string(reason), "after_passes": .number(afterPasses),
             "switched_at_ms": .number(switchedAtSeconds * 1000), "lacking_pages": .number(lackingPages),
             "requested_pages": .number(requestedPages), "answered_pages": .number(answeredPages),
-            "pushed_pages": .number(pushedPages), "bytes": .number(bytes), "ms": .number(seconds * 1000),
+            "pushed_pages": .number(pushedPages), "resent_pages": .number(resentPages),
+            "recoveries": .number(recoveries), "paused_ms": .number(pausedSeconds * 1000),
+            "bytes": .number(bytes), "ms": .number(seconds * 1000),
             "faults": destination.map { .number($0.faults) } ?? .null,
             "fault_latency_us": destination.map {
                 ["p50": .number($0.latencyP50Microseconds), "p99": .number($0.latencyP99Microseconds),

@@ -8,28 +8,37 @@ import Synchronization
 ///   the destination last faulted, paced by `--bandwidth`.
 /// When every page has been sent, `postcopyEnd` (with the source's digest of the memory, which
 /// has not changed since the pause) asks for the destination's word: every page landed, verified.
+/// One source serves the whole phase; each link (the first, and each after a failure) is one
+/// `run`.
 final class PostCopySource: @unchecked Sendable {
-    // @unchecked: `limiter` is used by the background stream alone (the calling thread); the
-    // request server shares only the queue and the counters, which are thread-safe.
+    // @unchecked: `limiter`, `pushedBytes` and `digest` are used by the background stream alone
+    // (the calling thread); the request server shares only the queue and the counters, which are
+    // thread-safe, and `serverFailure`, reset before each run's server starts.
     /// Pages per background run: 256 KiB, a batch big enough that headers are noise, small enough
     /// that a request's answer on the other connection does not share the link with a long one.
     static let runPages = 64
 
     let queue: PostCopyPushQueue
     private let memory: GuestMemory
-    private let control: MigrationChannel
-    private let faults: any MigrationConnection
     private let limiter: BandwidthLimiter
     private let serverFailure = Mutex<MigrationError?>(nil)
     private let answeredBytes = Atomic<UInt64>(0)
+    private var pushedBytes: UInt64 = 0
+    /// The source's digest of its memory and what hashing it took: computed once (the memory
+    /// does not change after the pause), even when the link fails after `postcopyEnd`.
+    private var digest: (value: UInt64, nanoseconds: UInt64)?
 
-    init(memory: GuestMemory, lacking: DirtyPageBitmap, control: MigrationChannel, faults: any MigrationConnection,
-         bandwidth: @escaping () -> UInt64?) {
+    init(memory: GuestMemory, lacking: DirtyPageBitmap, bandwidth: @escaping () -> UInt64?) {
         self.memory = memory
         queue = PostCopyPushQueue(missing: lacking)
-        self.control = control
-        self.faults = faults
         limiter = BandwidthLimiter(rate: bandwidth)
+    }
+
+    /// The connections one run of the phase goes over: the session's control connection (the
+    /// background stream, the end) and its faults connection (requests and their answers).
+    struct Link {
+        var control: MigrationChannel
+        var faults: any MigrationConnection
     }
 
     /// What the post-copy phase sent, and what the destination said of it.
@@ -42,40 +51,47 @@ final class PostCopySource: @unchecked Sendable {
         var verifyNanoseconds: UInt64
     }
 
-    /// Runs the phase to its end. `shouldStop`: a cancel can no longer take the VM back, so it is
-    /// not asked here; `onBatch` reports each background batch (progress).
-    func run(verify: Bool, linkTimeoutSeconds: Double,
-             onBatch: (PageSendTally) -> Void) throws(MigrationError) -> Outcome {
-        let server = OSThread(name: "postcopy-server") { [self] in serveRequests() }
+    /// Bytes sent so far on either connection, over every link.
+    var sentBytes: UInt64 { pushedBytes + answeredBytes.load(ordering: .relaxed) }
+
+    /// Runs the phase over `link` until the destination's word, or until the link fails (thrown:
+    /// the queue keeps what was claimed, and `PostCopyPushQueue.resume` says what goes again
+    /// over the next link). A cancel can no longer take the VM back, so it is not asked here;
+    /// `onBatch` reports each background batch (progress).
+    func run(over link: Link, verify: Bool, onBatch: (PageSendTally) -> Void) throws(MigrationError) -> Outcome {
+        serverFailure.withLock { $0 = nil }
+        let faults = link.faults
+        let server = OSThread(name: "postcopy-server") { [self] in serveRequests(on: faults) }
         defer {
             // The destination closes its end once it has answered; make sure the server's read
             // returns however the phase ended.
             faults.shutdown()
             server.join()
         }
-        let stream = PageSender(channel: control, memory: memory, limiter: limiter)
-        var pushedBytes: UInt64 = 0
+        let stream = PageSender(channel: link.control, memory: memory, limiter: limiter)
         while let run = queue.claimNextRun(maxPages: Self.runPages) {
             if let failure = serverFailure.withLock({ $0 }) { throw failure }
             let sent = try stream.send(runs: [run], onBatch: onBatch)
             pushedBytes += sent.bytes
         }
         if let failure = serverFailure.withLock({ $0 }) { throw failure }
-        let hashStart = MonotonicClock.nanoseconds()
-        let digest = verify ? MemoryDigest.compute(memory) : 0
-        let verifyNanoseconds = MonotonicClock.nanoseconds() - hashStart
-        try control.send(.postcopyEnd, PostCopyEnd(verify: verify, memoryDigest: digest).encode())
+        if digest == nil {
+            let hashStart = MonotonicClock.nanoseconds()
+            let value = verify ? MemoryDigest.compute(memory) : 0
+            digest = (value, MonotonicClock.nanoseconds() - hashStart)
+        }
+        try link.control.send(.postcopyEnd, PostCopyEnd(verify: verify, memoryDigest: digest!.value).encode())
         // The destination waits for the last answers on the other connection, then hashes
         // nothing more (it hashed pages as they landed): its word comes within the link rule.
-        let result = try control.receive(.postcopyResult, PostCopyResult.init(decoding:))
+        let result = try link.control.receive(.postcopyResult, PostCopyResult.init(decoding:))
         return Outcome(tally: queue.tally, pushedBytes: pushedBytes, answeredBytes: answeredBytes.load(ordering: .relaxed),
-                       result: result, verifyNanoseconds: verifyNanoseconds)
+                       result: result, verifyNanoseconds: digest!.nanoseconds)
     }
 
     /// The request server: each request's pages that are not on their way yet go out at once on
     /// the faults connection. Ends when the connection does (the destination closes it once
     /// every page landed, or `run` shuts it down).
-    private func serveRequests() {
+    private func serveRequests(on faults: any MigrationConnection) {
         let channel = MigrationChannel(transport: faults)
         // Answers are never paced: they are what a vCPU waits for.
         let answers = PageSender(channel: channel, memory: memory, limiter: BandwidthLimiter(bytesPerSecond: nil))
