@@ -338,6 +338,12 @@ final class FrameCodecTests: XCTestCase {
             XCTAssertTrue("\($0)".contains("past the end of RAM"), "\($0)")
         }
 
+        let prepare = PostCopyPrepare(stale: lacking)
+        XCTAssertEqual(try PostCopyPrepare(decoding: prepare.encode(), pageCount: 100).stale(pageCount: 100).pageList(), [3, 99])
+        XCTAssertThrowsError(try PostCopyPrepare(decoding: prepare.encode(), pageCount: 64), "a bitmap for another RAM size")
+        let prepared = PostCopyPrepared(droppedNanoseconds: 84_000_000)
+        XCTAssertEqual(try PostCopyPrepared(decoding: prepared.encode()), prepared)
+        XCTAssertThrowsError(try PostCopyPrepared(decoding: prepared.encode() + [0]), "a byte too many")
         let resume = PostCopyResume(lacking: lacking)
         XCTAssertEqual(try PostCopyResume(decoding: resume.encode(), pageCount: 100), resume)
         XCTAssertEqual(try PostCopyResume(decoding: resume.encode(), pageCount: 100).lacking(pageCount: 100).pageList(), [3, 99])

@@ -329,7 +329,7 @@ final class FuzzTests: XCTestCase {
         }
         let pageCount = Int(Self.pageCount)
         for _ in 0..<3000 {
-            let type = MigrationFrameType(rawValue: UInt32.random(in: 1...25, using: &random))!
+            let type = MigrationFrameType(rawValue: UInt32.random(in: 1...27, using: &random))!
             let header = MigrationFrameHeader(type, payloadLength: Int.random(in: 0...type.maxPayload, using: &random))
             check(header, mutated(header.encode())) { bytes throws(MigrationProtocolError) in try MigrationFrameHeader(decoding: bytes) }
 
@@ -393,6 +393,12 @@ final class FuzzTests: XCTestCase {
             check(postcopyResume, mutated(postcopyResume.encode())) { bytes throws(MigrationProtocolError) in
                 try PostCopyResume(decoding: bytes, pageCount: pageCount)
             }
+            let prepare = PostCopyPrepare(stale: DirtyPageBitmap(pageCount: pageCount, words: lacking))
+            check(prepare, mutated(prepare.encode())) { bytes throws(MigrationProtocolError) in
+                try PostCopyPrepare(decoding: bytes, pageCount: pageCount)
+            }
+            let prepared = PostCopyPrepared(droppedNanoseconds: boundary(bits: 64))
+            check(prepared, mutated(prepared.encode())) { bytes throws(MigrationProtocolError) in try PostCopyPrepared(decoding: bytes) }
             let running = PostCopyRunning(running: Bool.random(using: &random), resumeNanoseconds: boundary(bits: 64), message: reason.text)
             check(running, mutated(running.encode())) { bytes throws(MigrationProtocolError) in try PostCopyRunning(decoding: bytes) }
             let request = PageRequest(pages: (0..<Int.random(in: 1...8, using: &random)).map { _ in UInt64.random(in: 0..<UInt64(pageCount), using: &random) })

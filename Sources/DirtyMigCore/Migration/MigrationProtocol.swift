@@ -54,7 +54,8 @@ public enum MigrationWire {
     /// 10: hello's page codec; the compressedPages and checkpointCompressedPages frames.
     /// 11: post-copy (hello flag, its frames, the faults connection).
     /// 12: post-copy recovery (hello flag `resume`, the postcopyResume frame).
-    public static let version: UInt32 = 12
+    /// 13: postcopyPrepare and postcopyPrepared (stale pages dropped before the pause).
+    public static let version: UInt32 = 13
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -110,7 +111,7 @@ public enum MigrationFrameType: UInt32, Sendable {
          checkpointPages = 11, checkpointEnd = 12, checkpointAck = 13, heartbeat = 14, replicationEnd = 15,
          replicationEnded = 16, tookOver = 17, compressedPages = 18, checkpointCompressedPages = 19,
          postcopySwitch = 20, postcopyRunning = 21, pageRequest = 22, postcopyEnd = 23, postcopyResult = 24,
-         postcopyResume = 25
+         postcopyResume = 25, postcopyPrepare = 26, postcopyPrepared = 27
 
     /// The largest payload a frame of this type may carry.
     var maxPayload: Int {
@@ -136,6 +137,8 @@ public enum MigrationFrameType: UInt32, Sendable {
         case .postcopyEnd: return 9
         case .postcopyResult: return PostCopyResult.maxPayload
         case .postcopyResume: return PostCopyResume.maxPayload(pageCount: Int(GuestLayout.maxAddressableBytes / GuestLayout.pageSize))
+        case .postcopyPrepare: return PostCopyPrepare.maxPayload(pageCount: Int(GuestLayout.maxAddressableBytes / GuestLayout.pageSize))
+        case .postcopyPrepared: return 8
         }
     }
 }

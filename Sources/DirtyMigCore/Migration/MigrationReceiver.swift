@@ -714,19 +714,27 @@ enum IncomingMigration {
             // However it ends, no thread keeps allocating pages for this migration.
             if case .receivingMemory(_, let pages) = phase { pages.passEnded() }
         }
+        // After postcopyPrepare the pages it named are holes: only the switch (or an abort) may
+        // follow, never a page that would fill one with a stale copy.
+        var dropped: DirtyPageBitmap?
         while true {
             switch phase {
             case .receivingMemory(let vm, let pages):
                 let (type, length) = try channel.receiveHeader()
+                if dropped != nil && type != .postcopySwitch && type != .abort {
+                    throw .protocolError(.unexpected("a \(type) frame after postcopyPrepare"))
+                }
                 if try receivePassFrame(type, length: length, into: pages, channel: channel) { continue }
                 switch type {
+                case .postcopyPrepare where hello.postcopy:
+                    dropped = try PostCopyDestination.prepare(vm.memory, pages: pages, control: channel, payloadLength: length)
                 case .state:
                     pages.passEnded()
                     phase = .awaitingCompletion(vm, pages, stateBytes: try channel.receivePayload(length))
                 case .postcopySwitch where hello.postcopy:
                     pages.passEnded()
                     let outcome = try PostCopyDestination.run(
-                        vm, control: channel, payloadLength: length, digest: pages.digest, faults: faults(),
+                        vm, control: channel, payloadLength: length, digest: pages.digest, dropped: dropped, faults: faults(),
                         linkTimeoutSeconds: Double(hello.linkTimeoutMilliseconds) / 1000, resumes: resumes,
                         commit: commit, running: running, log: log)
                     if case .broken(let reason, let pagesAtSource) = outcome {

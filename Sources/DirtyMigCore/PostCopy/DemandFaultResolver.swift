@@ -36,20 +36,29 @@ public final class DemandFaultResolver: @unchecked Sendable {
     }
 
     /// Drops whatever the destination holds of the lacking pages (a copy from an earlier pass,
-    /// stale since the guest wrote it again), registers RAM for missing faults and starts the
-    /// fault thread. Call it before any vCPU runs.
-    public func start() throws(SystemError) {
-        // A lacking page that is present here is stale: without the hole the guest would read the
-        // old copy and no fault would ever fetch the new one.
-        for run in map.lackingPages().runs() {
-            if cuffd_punch_hole(memory.fd.rawValue, run.lowerBound * 4096, run.count * 4096) != 0 {
-                throw SystemError("fallocate(PUNCH_HOLE) of \(run.count) stale pages")
-            }
-        }
+    /// stale since the guest wrote it again), except those `dropped` already (`dropStale` before
+    /// the pause), registers RAM for missing faults and starts the fault thread. Call it before
+    /// any vCPU runs.
+    public func start(dropped: DirtyPageBitmap? = nil) throws(SystemError) {
+        var stale = map.lackingPages()
+        if let dropped { stale.subtract(dropped) }
+        try Self.dropStale(stale, from: memory)
         try userFault.registerMissing(memory.base, length: Int(memory.size))
         lifecycle.withLock { $0.registered = true }
         let thread = OSThread(name: "postcopy-faults") { [self] in faultLoop() }
         lifecycle.withLock { $0.thread = thread }
+    }
+
+    /// Punches holes where `pages` are. A lacking page that is present at the destination is
+    /// stale: without the hole the guest would read the old copy and no fault would ever fetch
+    /// the new one. Freeing them is most of what the switch costs here (512 MiB: 84 ms), so the
+    /// pages known before the pause are dropped before it (`postcopyPrepare`).
+    public static func dropStale(_ pages: DirtyPageBitmap, from memory: GuestMemory) throws(SystemError) {
+        for run in pages.runs() {
+            if cuffd_punch_hole(memory.fd.rawValue, run.lowerBound * 4096, run.count * 4096) != 0 {
+                throw SystemError("fallocate(PUNCH_HOLE) of \(run.count) stale pages")
+            }
+        }
     }
 
     /// Places `count` pages from `bytes` at `firstPage` (each page once: one already present is

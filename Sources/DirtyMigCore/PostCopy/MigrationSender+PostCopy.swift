@@ -10,12 +10,19 @@ extension MigrationSender {
                           after passesMade: Int, reason: String, report: inout MigrationReport, started: UInt64,
                           paused: inout Bool, guestAtStart: [UInt64]) throws(MigrationError) {
         update { $0.phase = "switching to post-copy" }
+        // The destination drops its stale copies of the pages dirtied so far while the guest
+        // still runs here; only those dirtied from now to the pause are left for the pause.
+        let channel = session.channel
+        let prepareStart = MonotonicClock.nanoseconds()
+        try channel.send(.postcopyPrepare, PostCopyPrepare(stale: passes.pending).encode())
+        _ = try channel.receive(.postcopyPrepared, PostCopyPrepared.init(decoding:))
         let pauseStart = MonotonicClock.nanoseconds()
         let (lost, pausedAt) = try pauseAndCollect(passes, report: &report, started: started, paused: &paused,
                                                    guestAtStart: guestAtStart)
         let lacking = passes.pending
         var postcopy = PostCopyReport(reason: reason, afterPasses: passesMade,
                                       switchedAtSeconds: Double(pauseStart - started) / 1e9, lackingPages: lacking.count)
+        postcopy.prepareSeconds = Double(pauseStart - prepareStart) / 1e9
         report.postcopy = postcopy
         var parts = DowntimeParts()
         parts.pauseSeconds = Double(pausedAt - pauseStart) / 1e9
@@ -33,7 +40,6 @@ extension MigrationSender {
             return nil
         }
         if let lateCancel { throw .cancelled(lateCancel) }
-        let channel = session.channel
         let frame = PostCopySwitch(state: stateBytes, lacking: lacking).encode()
         try channel.send(.postcopySwitch, frame)
         report.transferredBytes += UInt64(frame.count)

@@ -115,12 +115,34 @@ enum PostCopyDestination {
     }
 
     /// After the `postcopySwitch` header (`payloadLength`) on `control`. `digest`: what the
-    /// pre-copy passes left (with --verify). Throws only before the guest runs here (the source
+    /// pre-copy passes left (with --verify). `dropped`: stale pages dropped already, at the
+    /// source's `postcopyPrepare` (`prepare`). Throws only before the guest runs here (the source
     /// then resumes its copy); after that, returns once every page has landed, or `.broken`.
     /// A link that fails meanwhile pauses post-copy (`vm.postcopyLink`) until the source resumes
     /// it through `resumes`; the vCPUs that touch a missing page wait until then.
+    /// The source's `postcopyPrepare` (its header read): while the guest still runs there, the
+    /// pages it names are dropped here, once every page of the passes before is in memory, and
+    /// `postcopyPrepared` answers. Returns the pages dropped, for `run`.
+    static func prepare(_ memory: GuestMemory, pages: PageReceiver, control: MigrationChannel,
+                        payloadLength: Int) throws(MigrationError) -> DirtyPageBitmap {
+        let payload = try control.receivePayload(payloadLength)
+        let stale = try MigrationError.wrap { () throws(MigrationProtocolError) in
+            try PostCopyPrepare(decoding: payload, pageCount: memory.pageCount).stale(pageCount: memory.pageCount)
+        }
+        // Nothing may write a page after its hole is punched: the prefaulter stops, the writer
+        // drains what it holds.
+        pages.passEnded()
+        try pages.settle()
+        let started = MonotonicClock.nanoseconds()
+        do { try DemandFaultResolver.dropStale(stale, from: memory) } catch {
+            throw .machine("cannot drop stale pages before post-copy: \(error)")
+        }
+        try control.send(.postcopyPrepared, PostCopyPrepared(droppedNanoseconds: MonotonicClock.nanoseconds() - started).encode())
+        return stale
+    }
+
     static func run<VM: IncomingVM>(_ vm: VM, control: MigrationChannel, payloadLength: Int,
-                                    digest: LandedPagesDigest?, faults: (any MigrationConnection)?,
+                                    digest: LandedPagesDigest?, dropped: DirtyPageBitmap? = nil, faults: (any MigrationConnection)?,
                                     linkTimeoutSeconds: Double, resumes: PostCopyResumePoint?, commit: () -> Bool,
                                     running: (VM) -> Void, log: (String) -> Void = { _ in }) throws(MigrationError) -> Outcome {
         let received = MonotonicClock.nanoseconds()
@@ -140,7 +162,7 @@ enum PostCopyDestination {
                 requests.request(pages)
             }
             requests.attach(prepare(faults, linkTimeoutSeconds: linkTimeoutSeconds))
-            try resolver.start()
+            try resolver.start(dropped: dropped)
         } catch {
             try refuse("cannot run the VM here for post-copy: \(error)")
         }

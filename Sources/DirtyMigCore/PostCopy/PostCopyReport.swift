@@ -10,6 +10,9 @@ public struct PostCopyReport: Sendable, Equatable {
     public var switchedAtSeconds: Double
     /// Pages the destination lacked at the switch (never received, or dirtied since).
     public var lackingPages: Int
+    /// Before the pause: the destination dropping its stale copies of the pages dirtied so far
+    /// (`postcopyPrepare`, a round trip while the guest still ran here).
+    public var prepareSeconds: Double = 0
     /// Pages the destination asked for, those answered on the faults connection (the rest were
     /// on their way already), and those pushed by the background stream.
     public var requestedPages = 0
@@ -37,7 +40,8 @@ public struct PostCopyReport: Sendable, Equatable {
     public var json: JSONValue {
         [
             "reason": .string(reason), "after_passes": .number(afterPasses),
-            "switched_at_ms": .number(switchedAtSeconds * 1000), "lacking_pages": .number(lackingPages),
+            "switched_at_ms": .number(switchedAtSeconds * 1000), "prepare_ms": .number(prepareSeconds * 1000),
+            "lacking_pages": .number(lackingPages),
             "requested_pages": .number(requestedPages), "answered_pages": .number(answeredPages),
             "pushed_pages": .number(pushedPages), "resent_pages": .number(resentPages),
             "recoveries": .number(recoveries), "paused_ms": .number(pausedSeconds * 1000),

@@ -59,6 +59,12 @@ public struct DirtyPageBitmap: Sendable, Equatable {
         for index in words.indices { words[index] |= other.words[index] }
     }
 
+    /// Clears every page set in `other`.
+    public mutating func subtract(_ other: DirtyPageBitmap) {
+        precondition(other.pageCount == pageCount)
+        for index in words.indices { words[index] &= ~other.words[index] }
+    }
+
     public mutating func setAll() {
         for index in words.indices { words[index] = ~0 }
         trimTail()
