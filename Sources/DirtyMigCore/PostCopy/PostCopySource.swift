@@ -68,11 +68,16 @@ final class PostCopySource: @unchecked Sendable {
             faults.shutdown()
             server.join()
         }
-        let stream = PageSender(channel: link.control, memory: memory, limiter: limiter)
+        // Paced after each run, not before: a page claimed by the stream is only sent by it, so a
+        // run claimed and then held by the limiter made every fault on its pages wait out the
+        // limiter too (a sequential writer at 60 MiB/s: faults waited 3.6 ms at p50, for runs
+        // of 256 KiB held 4.4 ms each). Claimed now, a run goes out at once.
+        let stream = PageSender(channel: link.control, memory: memory, limiter: BandwidthLimiter(bytesPerSecond: nil))
         while let run = queue.claimNextRun(maxPages: Self.runPages) {
             if let failure = serverFailure.withLock({ $0 }) { throw failure }
             let sent = try stream.send(runs: [run], onBatch: onBatch)
             pushedBytes += sent.bytes
+            limiter.willSend(Int(sent.bytes))
         }
         if let failure = serverFailure.withLock({ $0 }) { throw failure }
         if digest == nil {
