@@ -101,6 +101,27 @@ final class SecureChannelTests: ProcessTestCase {
         try assertGuestRuns(socket: socket("dst"), vcpus: 2)
     }
 
+    /// Post-copy over certificates: the control connection and the faults connection are both
+    /// TLS 1.3 with the same certificates, and every lacking page lands, verified. (The cap keeps
+    /// the 20 MiB/s writer from converging, so that the switch after pass 1 happens.)
+    func testPostCopyWithCertificatesEncryptsEveryConnectionAndVerifies() throws {
+        if let reason = UserFaultFD.unavailableReason() { throw XCTSkip("skipped: needs userfaultfd (\(reason))") }
+        try makeCertificates()
+        _ = try boot("src")
+        let port = try freePort()
+        let (_, log) = try receive("dst", port: port, ["--tls-dir", path("dest"), "--tls-peer", "source"])
+        let (status, report) = try migrate("src", port: port, ["--tls-dir", path("source"), "--verify",
+                                                                "--bandwidth", "10M", "--postcopy", "--postcopy-after", "1"])
+        assertCompletedEncrypted(status, report, peer: "CN=dest")
+        let postcopy = report["postcopy"]
+        XCTAssertEqual(postcopy?["after_passes"]?.doubleValue, 1, report.serialized())
+        XCTAssertGreaterThan(postcopy?["lacking_pages"]?.doubleValue ?? 0, 0, "the writer left pages for post-copy")
+        var text = ""
+        // Both connections of the session were authenticated as the source.
+        XCTAssertTrue(waitForLog(log, "certificate CN=source", collected: &text), text)
+        try assertGuestRuns(socket: socket("dst"), vcpus: 2)
+    }
+
     // MARK: Refusals
 
     /// Each wrong peer is refused during the handshake with a message on both sides that names
