@@ -350,7 +350,7 @@ final class FrameCodecTests: XCTestCase {
         XCTAssertThrowsError(try PostCopyResume(decoding: resume.encode(), pageCount: 64), "a bitmap for another RAM size")
         XCTAssertThrowsError(try PostCopyResume(decoding: resume.encode() + [0], pageCount: 100), "a byte too many")
         var resumePastTheEnd = resume
-        resumePastTheEnd.lackingWords[1] |= 1 << 40
+        resumePastTheEnd.words[1] |= 1 << 40
         XCTAssertThrowsError(try PostCopyResume(decoding: resumePastTheEnd.encode(), pageCount: 100)) {
             XCTAssertTrue("\($0)".contains("past the end of RAM"), "\($0)")
         }

@@ -77,49 +77,53 @@ enum PageBitmapWire {
     }
 }
 
-/// The destination's first frame on a resumed post-copy link: the pages it still lacks, as a
-/// bitmap of all RAM. The source sends exactly those again (pages that were in flight when the
-/// link failed; never one that landed).
-struct PostCopyResume: Equatable {
-    var lackingWords: [UInt64]
+/// A frame that is one bitmap of all RAM (u64 words), exactly as long as the RAM it names and
+/// naming no page past its end (PageBitmapWire): postcopyPrepare and postcopyResume.
+protocol PageBitmapFrame: Equatable {
+    var words: [UInt64] { get }
+    init(words: [UInt64])
+    /// What the frame is, for a refusal ("a post-copy resume").
+    static var what: String { get }
+}
 
+extension PageBitmapFrame {
     static func maxPayload(pageCount: Int) -> Int { PageBitmapWire.maxBytes(pageCount: pageCount) }
 
-    init(lacking: DirtyPageBitmap) { lackingWords = lacking.words }
+    func encode() -> [UInt8] { WireWriter.encoding { writer in for word in words { writer.u64(word) } } }
 
-    func encode() -> [UInt8] { WireWriter.encoding { writer in for word in lackingWords { writer.u64(word) } } }
-
-    /// The bitmap must be exactly one of the source's RAM of `pageCount` pages.
+    /// The bitmap must be exactly one of the RAM of `pageCount` pages.
     init(decoding payload: [UInt8], pageCount: Int) throws(MigrationProtocolError) {
-        var reader = WireReader(payload, what: "post-copy resume")
-        lackingWords = try PageBitmapWire.read(&reader, pageCount: pageCount, what: "a post-copy resume")
+        var reader = WireReader(payload, what: Self.what)
+        let words = try PageBitmapWire.read(&reader, pageCount: pageCount, what: "a " + Self.what)
         try reader.finish()
+        self.init(words: words)
     }
 
-    func lacking(pageCount: Int) -> DirtyPageBitmap { DirtyPageBitmap(pageCount: pageCount, words: lackingWords) }
+    func pages(pageCount: Int) -> DirtyPageBitmap { DirtyPageBitmap(pageCount: pageCount, words: words) }
+}
+
+/// The destination's first frame on a resumed post-copy link: the pages it still lacks. The
+/// source sends exactly those again (pages that were in flight when the link failed; never one
+/// that landed).
+struct PostCopyResume: PageBitmapFrame {
+    var words: [UInt64]
+    static let what = "post-copy resume"
+    init(words: [UInt64]) { self.words = words }
+    init(lacking: DirtyPageBitmap) { words = lacking.words }
+    func lacking(pageCount: Int) -> DirtyPageBitmap { pages(pageCount: pageCount) }
 }
 
 /// The source's word just before it pauses for the switch: the pages dirtied since they were
-/// last sent (a bitmap of all RAM), whose copies at the destination are stale. The destination
-/// drops them while the guest still runs at the source, then answers `postcopyPrepared`; only
-/// what the guest dirties after this is left to drop during the pause. (Dropping 512 MiB of
-/// stale pages took 84 ms here, all of a post-copy pause that came to 85 ms.)
-struct PostCopyPrepare: Equatable {
-    var staleWords: [UInt64]
-
-    static func maxPayload(pageCount: Int) -> Int { PageBitmapWire.maxBytes(pageCount: pageCount) }
-
-    init(stale: DirtyPageBitmap) { staleWords = stale.words }
-
-    func encode() -> [UInt8] { WireWriter.encoding { writer in for word in staleWords { writer.u64(word) } } }
-
-    init(decoding payload: [UInt8], pageCount: Int) throws(MigrationProtocolError) {
-        var reader = WireReader(payload, what: "post-copy prepare")
-        staleWords = try PageBitmapWire.read(&reader, pageCount: pageCount, what: "a post-copy prepare")
-        try reader.finish()
-    }
-
-    func stale(pageCount: Int) -> DirtyPageBitmap { DirtyPageBitmap(pageCount: pageCount, words: staleWords) }
+/// last sent, whose copies at the destination are stale. The destination drops them while the
+/// guest still runs at the source, then answers `postcopyPrepared`; only what the guest dirties
+/// after this is left to drop during the pause. (Dropping 512 MiB of stale pages took 84 ms
+/// here, all of a post-copy pause that came to 85 ms.)
+struct PostCopyPrepare: PageBitmapFrame {
+    var words: [UInt64]
+    static let what = "post-copy prepare"
+    init(words: [UInt64]) { self.words = words }
+    init(stale: DirtyPageBitmap) { words = stale.words }
+    func stale(pageCount: Int) -> DirtyPageBitmap { pages(pageCount: pageCount) }
 }
 
 /// The destination's answer to `postcopyPrepare`: the stale copies are gone; how long that took.
