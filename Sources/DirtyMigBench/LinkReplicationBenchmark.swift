@@ -12,7 +12,7 @@ import Foundation
 struct LinkReplicationOptions {
     var runs = 5
     var ratesMbit = [1000, 100]
-    var guests = LinkReplicationGuest.all
+    var guests = LinkReplicationGuest.defaults
     var idleSeconds = 5.0
     /// From protection to the first reading: the checkpoints right after the initial copy carry
     /// what the guest wrote during it.
@@ -36,7 +36,14 @@ struct LinkReplicationGuest: Hashable {
     /// 6 MiB/s of dirtied pages is 50 Mbit/s of checkpoints: about half of the 100 Mbit/s link.
     static let writer = LinkReplicationGuest(key: "writer", label: "writer: 6 MiB/s over 64 MiB (half of 100 Mbit/s), a line every 10 ms",
                                              workload: "check,ws=64M,rate=6M,emit=10ms")
-    static let all = [idle, writer]
+    /// 24 MiB/s over 16 MiB dirties twice what 100 Mbit/s carries: there each checkpoint waits
+    /// for the one before to cross, so epochs stretch until a checkpoint holds the whole working
+    /// set (16 MiB, about 1.4 s at 100 Mbit/s).
+    static let fastWriter = LinkReplicationGuest(key: "fast-writer", label: "fast writer: 24 MiB/s over 16 MiB (twice 100 Mbit/s), a line every 10 ms",
+                                                 workload: "check,ws=16M,rate=24M,emit=10ms")
+    /// What runs without --scenario; `fast-writer` runs when asked for.
+    static let defaults = [idle, writer]
+    static let known = [idle, writer, fastWriter]
 }
 
 /// One replication run's figures: the primary's, over the window.

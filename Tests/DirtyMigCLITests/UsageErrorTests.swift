@@ -50,7 +50,7 @@ final class UsageErrorTests: XCTestCase {
             (["link", "--seconds", "5"], "--seconds is for link --replication"),
             (["link", "--runs", "0"], "--runs must be at least 1"),
             (["link", "--replication", "--only", "qemu"], "--only is for link's pre-copy table"),
-            (["link", "--replication", "--scenario", "text"], "with --replication, expected idle, writer"),
+            (["link", "--replication", "--scenario", "text"], "with --replication, expected idle, writer, fast-writer"),
             (["link", "--replication", "--seconds", "0.5"], "at least 1"),
             (["link", "--replicaton"], "link does not take '--replicaton'"),
         ]
