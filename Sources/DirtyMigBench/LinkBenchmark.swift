@@ -139,7 +139,7 @@ func runLinkBenchmark(_ options: LinkBenchmarkOptions) throws {
     emitLine("")
     emitLine(conditions.describe(runs: options.runs, order: order, others: others))
     if migrators.contains(where: { $0.multifd(channels: 1) != nil }) {
-        emitLine("QEMU multifd: the multifd capability and multifd-channels \(QEMUMultifd.benchmarkChannels) set alike on both QEMU processes (the destination on -incoming defer, then migrate-incoming); multifd-compression zstd at QEMU's default multifd-zstd-level 1, the level of dirtymig's --compress zstd; dirtymig compresses on one thread beside its sending one, QEMU on each channel's thread. \"MiB sent\" is QEMU's transferred, which QEMU 7.2 counts for a multifd page before compressing it: \"MiB on the wire\" says what crossed.")
+        emitLine("QEMU multifd: the multifd capability and multifd-channels \(QEMUMultifd.benchmarkChannels) set alike on both QEMU processes (the destination on -incoming defer, then migrate-incoming); multifd-compression zstd with multifd-zstd-level 1 (QEMU's default, set and read back on both), the level of dirtymig's --compress zstd; dirtymig compresses on one thread beside its sending one, QEMU on each channel's thread. \"MiB sent\" is QEMU's transferred, which QEMU 7.2 counts for a multifd page before compressing it: \"MiB on the wire\" says what crossed.")
     }
     if let warning = others.warning { emitLine(warning) }
     if options.withQEMU && qemuExecutable() == nil && (options.only ?? LinkBenchmarkOptions.migrators).contains(where: \.isQEMU) {
