@@ -53,7 +53,8 @@
 //       `--psk-file` on receive and migrate; QEMU with `-object tls-creds-psk` on both sides,
 //       the migration parameter tls-creds, and its destination on `-incoming defer` then
 //       `migrate-incoming` (QEMU's way for TLS). --only takes dirtymig-psk, dirtymig-prepared-psk,
-//       qemu-psk and qemu-prealloc-psk too.
+//       qemu-psk and qemu-prealloc-psk too, and the link benchmark's rows dirtymig-zstd,
+//       dirtymig-auto, qemu-multifd and qemu-zstd (over loopback).
 //       --in-process adds a row "dirtymig in-process (not how users run it)": sender and
 //       receiver in the benchmark's own process (as `dirtymig migrate` with neither --vm nor
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
@@ -242,7 +243,7 @@ func runAccuracy(intervals: Int) throws {
 StandardStream.ignoreBrokenPipes()   // a table piped into a reader that quit costs the rest of it, not a signal
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk|dirtymig-zstd|dirtymig-auto] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu] [--only ROW,...] | link --replication [--runs N] [--idle S] [--rates MBIT,...] [--scenario idle|writer|fast-writer] [--seconds S] | postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu] [--bandwidth RATE] [--no-qemu] | --help\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk|dirtymig-zstd|dirtymig-auto|qemu-multifd|qemu-zstd] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu] [--only ROW,...] | link --replication [--runs N] [--idle S] [--rates MBIT,...] [--scenario idle|writer|fast-writer] [--seconds S] | postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu] [--bandwidth RATE] [--no-qemu] | --help\n"
 
 func usageError(_ message: String) -> Never {
     StandardStream.error.write("dirtymig-bench: \(message)\n\(usage)")
