@@ -1,4 +1,5 @@
 import DirtyMigCore
+import DirtyMigTestSupport
 import Foundation
 import Glibc
 
@@ -35,7 +36,7 @@ struct MigrationBenchmarkOptions {
 /// documentation says for TLS).
 enum Migrator: CaseIterable {
     case dirtymig, dirtymigPrepared, qemuPrealloc, qemu, dirtymigInProcess, dirtymigPSK, dirtymigPreparedPSK, qemuPreallocPSK, qemuPSK,
-         dirtymigZstd, dirtymigAuto
+         dirtymigZstd, dirtymigAuto, qemuMultifd, qemuMultifdZstd
 
     var label: String {
         switch self {
@@ -50,6 +51,8 @@ enum Migrator: CaseIterable {
         case .qemuPSK: return "QEMU 7.2, TLS PSK (tls-creds-psk), without -mem-prealloc"
         case .dirtymigZstd: return "dirtymig, --compress zstd"
         case .dirtymigAuto: return "dirtymig, --compress auto"
+        case .qemuMultifd: return "QEMU 7.2, multifd (no compression)"
+        case .qemuMultifdZstd: return "QEMU 7.2, multifd-compression zstd"
         }
     }
 
@@ -78,10 +81,22 @@ enum Migrator: CaseIterable {
         case .qemuPSK: return "qemu-psk"
         case .dirtymigZstd: return "dirtymig-zstd"
         case .dirtymigAuto: return "dirtymig-auto"
+        case .qemuMultifd: return "qemu-multifd"
+        case .qemuMultifdZstd: return "qemu-zstd"
         }
     }
 
-    var isQEMU: Bool { [.qemu, .qemuPrealloc, .qemuPSK, .qemuPreallocPSK].contains(self) }
+    var isQEMU: Bool { [.qemu, .qemuPrealloc, .qemuPSK, .qemuPreallocPSK, .qemuMultifd, .qemuMultifdZstd].contains(self) }
+
+    /// QEMU's multifd setting for the multifd rows (nil for every other migrator): both sides
+    /// alike, `channels` connections each, zstd at level 1 (QEMU's default, and dirtymig's level).
+    func multifd(channels: Int) -> QEMUMultifd? {
+        switch self {
+        case .qemuMultifd: return QEMUMultifd(compression: "none", channels: channels)
+        case .qemuMultifdZstd: return QEMUMultifd(compression: "zstd", channels: channels, zstdLevel: 1)
+        default: return nil
+        }
+    }
 }
 
 /// Which rows to run (`--prealloc both|yes|no`): with the destination's RAM allocated before
@@ -127,7 +142,7 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
     emitLine("|---|---|---|---|---|---|---|")
     for scenario in options.scenarios {
         // Exported once per scenario, before any run's idle time (it opens /dev/kvm briefly).
-        let qemuGuest = migrators.contains(.qemu) || migrators.contains(.qemuPSK)
+        let qemuGuest = migrators.contains(where: { $0.isQEMU && $0 != .qemuPrealloc && $0 != .qemuPreallocPSK })
             ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: false) : nil
         let qemuPreallocGuest = migrators.contains(.qemuPrealloc) || migrators.contains(.qemuPreallocPSK)
             ? try QEMUGuest(exportedBy: dirtymig, scenario: scenario, preallocate: true) : nil
@@ -151,6 +166,9 @@ func runMigrationBenchmark(_ options: MigrationBenchmarkOptions) throws {
             case .dirtymigZstd, .dirtymigAuto:
                 return try runDirtymigCLIMigration(scenario, dirtymig: dirtymig, conditions: conditions,
                                                    migrateArguments: ["--compress", migrator == .dirtymigZstd ? "zstd" : "auto"])
+            case .qemuMultifd, .qemuMultifdZstd:
+                return try runQEMUProcessMigration(scenario, guest: qemuGuest!, conditions: conditions,
+                                                   multifd: migrator.multifd(channels: QEMUMultifd.benchmarkChannels))
             }
         }
         for (index, migrator) in migrators.enumerated() {
@@ -187,14 +205,14 @@ final class BenchPSK {
 /// Runs every migrator `runs` times, each after the idle time, the order reversed every other
 /// round (A B, B A, A B, ...): a migrator is as often first as second, so what one run leaves
 /// behind (it should be nothing, after the idle time) falls on both alike. Each run is logged as
-/// it ends (`label` first; with `linkMiBs`, its share of the link too).
+/// it ends (`label` first; with `linkMiBs`, its share of the link too: what crossed it per second).
 func runAlternating(_ migrators: [Migrator], runs: Int, conditions: MigrationRunConditions, others: inout OthersLoad,
                     label: String, linkMiBs: Double? = nil,
                     _ measure: (Migrator) throws -> MigrationMeasurement) throws -> [Migrator: [MigrationMeasurement]] {
     try alternate(migrators, runs: runs, idleSeconds: conditions.idleSeconds, others: &others,
                   othersShare: \.othersCPUShare) { migrator, run, busy in
         let measurement = try measure(migrator)
-        let share = linkMiBs.map { String(format: " (%.0f %% of the link)", measurement.mibPerSecond / $0 * 100) } ?? ""
+        let share = linkMiBs.map { String(format: " (%.0f %% of the link)", measurement.linkMiBPerSecond / $0 * 100) } ?? ""
         log(String(format: "%@ run %d/%d %@: total %.1f ms, downtime %.1f ms, %d passes, %.1f MiB, %.1f MiB/s%@; %@; others used %.0f %% of the CPUs during the migration, the machine was %.0f %% busy during the idle time before",
                    label, run, runs, migrator.shortLabel, measurement.totalMs, measurement.downtimeMs, measurement.passes,
                    measurement.mibSent, measurement.mibPerSecond, share, measurement.detail, measurement.othersCPUShare * 100, busy * 100))

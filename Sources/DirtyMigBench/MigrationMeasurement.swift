@@ -13,6 +13,9 @@ struct MigrationMeasurement {
     /// dirtymig's iterations; QEMU's dirty-sync-count.
     var passes: Int
     var sentBytes: UInt64
+    /// Between two hosts: what the source's network namespace transmitted over the whole run
+    /// (NamespaceTraffic), frames' headers included; nil over loopback.
+    var wireBytes: UInt64?
     /// One line of extra detail for the per-run log on standard error.
     var detail: String = ""
     /// Others' share of the machine's CPUs during the migration (OthersCPUShare): near 0 on a
@@ -23,6 +26,9 @@ struct MigrationMeasurement {
     /// `mbps` leaves its setup time out, dirtymig's throughput_mib_s does not).
     var mibPerSecond: Double { totalMs > 0 ? Double(sentBytes) / 1_048_576 / (totalMs / 1000) : 0 }
     var mibSent: Double { Double(sentBytes) / 1_048_576 }
+    /// What crossed the link per second of the total time: the wire's count between two hosts,
+    /// else the migrator's own.
+    var linkMiBPerSecond: Double { totalMs > 0 ? Double(wireBytes ?? sentBytes) / 1_048_576 / (totalMs / 1000) : 0 }
 }
 
 /// The conditions every run of every migrator gets, so that the only difference is the migrator.

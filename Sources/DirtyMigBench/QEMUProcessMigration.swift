@@ -17,8 +17,12 @@ import Foundation
 /// With `psk`, both sides get a tls-creds-psk object over its directory and the migration
 /// parameter tls-creds; the destination starts with `-incoming defer` and is given its URI by
 /// `migrate-incoming` once tls-creds is set, as QEMU's documentation says for TLS.
+///
+/// With `multifd`, both sides get the multifd capability and its parameters (QEMUMultifd) before
+/// either end starts, the destination likewise on `-incoming defer`: QEMU's multifd needs the
+/// capability on both ends, the destination's set before it listens.
 func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
-                             conditions: MigrationRunConditions, psk: BenchPSK? = nil,
+                             conditions: MigrationRunConditions, psk: BenchPSK? = nil, multifd: QEMUMultifd? = nil,
                              placement: MigrationPlacement = .loopback) throws -> MigrationMeasurement {
     defer { guest.stopAll() }
     let credentials = { (endpoint: String) -> [String] in
@@ -29,10 +33,12 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
 
     let port = try placement.destinationPort()
     let uri = "tcp:\(placement.destinationHost):\(port)"
-    let destination = try guest.launch("dst", credentials("server") + ["-incoming", psk == nil ? uri : "defer"],
+    let deferred = psk != nil || multifd != nil
+    let destination = try guest.launch("dst", credentials("server") + ["-incoming", deferred ? "defer" : uri],
                                        prefix: placement.destinationPrefix)
-    if psk != nil {
-        try destination.execute("migrate-set-parameters", ["tls-creds": "tls0"])
+    if deferred {
+        if psk != nil { try destination.execute("migrate-set-parameters", ["tls-creds": "tls0"]) }
+        try multifd?.apply(to: destination)
         try destination.execute("migrate-incoming", ["uri": .string(uri)])
     }
     let waiting = try destination.execute("query-status")["status"]?.stringValue
@@ -41,6 +47,7 @@ func runQEMUProcessMigration(_ scenario: MigrationScenario, guest: QEMUGuest,
     try source.execute("migrate-set-parameters", ["max-bandwidth": .number(100 << 30),
                                                   "downtime-limit": .number(scenario.downtimeMs)])
     if psk != nil { try source.execute("migrate-set-parameters", ["tls-creds": "tls0"]) }
+    try multifd?.apply(to: source)
     if conditions.qmpPollSeconds == nil {
         try source.execute("migrate-set-capabilities", ["capabilities": .array([["capability": "events", "state": true]])])
     }

@@ -53,23 +53,45 @@
 //       `--psk-file` on receive and migrate; QEMU with `-object tls-creds-psk` on both sides,
 //       the migration parameter tls-creds, and its destination on `-incoming defer` then
 //       `migrate-incoming` (QEMU's way for TLS). --only takes dirtymig-psk, dirtymig-prepared-psk,
-//       qemu-psk and qemu-prealloc-psk too.
+//       qemu-psk and qemu-prealloc-psk too, and the link benchmark's rows dirtymig-zstd,
+//       dirtymig-auto, qemu-multifd and qemu-zstd (over loopback).
 //       --in-process adds a row "dirtymig in-process (not how users run it)": sender and
 //       receiver in the benchmark's own process (as `dirtymig migrate` with neither --vm nor
 //       --to), same conditions, for comparison with the figures that benchmark used to print.
 //       --only runs one migrator alone (to investigate one side; its table compares nothing).
 //
 //   dirtymig-bench link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu]
+//                       [--only ROW,...]
 //       Pre-copy between two hosts (as root): two network namespaces joined by a veth pair
 //       shaped with tbf at each rate (default 100, 1000 and 10000 Mbit/s), the source's
 //       processes in one and the destination's in the other. dirtymig (plaintext with
 //       --insecure, and TLS 1.3 PSK) next to QEMU 7.2 (plaintext, and tls-creds-psk), neither
 //       preparing the destination's RAM; otherwise as the migration benchmark: the same idle
 //       time, order alternated, median (min-max) of N runs (default 5); dirtymig also with
-//       --compress zstd and --compress auto. Scenarios: 512 MiB with 256 MiB written once
-//       (written), the same of text-like pages (text), and one vCPU rewriting 64 MiB at a
-//       quarter of the link's rate (rewriting). "of link" is MiB sent over the total time
-//       against the shaped rate (for the compressed rows: the bytes on the wire).
+//       --compress zstd and --compress auto, QEMU also with multifd (2 channels a side) without
+//       compression and with multifd-compression zstd (level 1, as dirtymig's). Scenarios:
+//       512 MiB with 256 MiB written once (written), the same of text-like pages (text), and
+//       one vCPU rewriting 64 MiB at a quarter of the link's rate (rewriting). "MiB on the
+//       wire" is what the source's namespace transmitted over the run (headers included; QEMU
+//       7.2's own count, "MiB sent", is of multifd pages before compression); "of link" is that
+//       over the total time against the shaped rate. --only runs these rows, in this order
+//       (comma-separated): dirtymig,
+//       dirtymig-psk, dirtymig-zstd, dirtymig-auto, qemu, qemu-psk, qemu-multifd, qemu-zstd.
+//
+//   dirtymig-bench link --replication [--runs N] [--idle S] [--rates MBIT,...] [--scenario idle|writer|fast-writer]
+//                                     [--seconds S]
+//       Continuous replication between two hosts (as root): the primary (`dirtymig boot`, then
+//       `migrate --continuous`) in one namespace, its standby (`receive --standby --failover
+//       manual`) in the other, over the link shaped at each rate (default 1000 and 100
+//       Mbit/s), checkpoints every 25 ms (the default). Guests of 512 MiB, each emitting a line
+//       every 10 ms: idle but for that output (idle), and a writer dirtying 6 MiB/s, half of a
+//       100 Mbit/s link (writer), alternated with the same idle time before every run; with
+//       --scenario fast-writer, one dirtying 24 MiB/s over 16 MiB, twice what 100 Mbit/s
+//       carries (its epochs stretch: the effective interval). From the
+//       primary's query-replication over S seconds (--seconds, default 10) starting 2 s after
+//       protection: checkpoints per second, the effective interval, the pause (median, p99),
+//       the output delay (median, p99: how long a guest line waits for its checkpoint's
+//       acknowledgement), MiB/s to the standby; median (min-max) of N runs.
 //
 //   dirtymig-bench postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu]
 //                           [--bandwidth RATE] [--no-qemu]
@@ -221,7 +243,7 @@ func runAccuracy(intervals: Int) throws {
 StandardStream.ignoreBrokenPipes()   // a table piped into a reader that quit costs the rest of it, not a signal
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk|dirtymig-zstd|dirtymig-auto] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu] | postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu] [--bandwidth RATE] [--no-qemu] | --help\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk|dirtymig-zstd|dirtymig-auto|qemu-multifd|qemu-zstd] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu] [--only ROW,...] | link --replication [--runs N] [--idle S] [--rates MBIT,...] [--scenario idle|writer|fast-writer] [--seconds S] | postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu] [--bandwidth RATE] [--no-qemu] | --help\n"
 
 func usageError(_ message: String) -> Never {
     StandardStream.error.write("dirtymig-bench: \(message)\n\(usage)")
@@ -240,7 +262,7 @@ let acceptedOptions: [String: (values: Set<String>, flags: Set<String>)] = [
     "replication": (["--seconds", "--runs", "--only"], []),
     "throttle": ([], ["--no-qemu", "--sweep"]),
     "limit": ([], ["--no-qemu"]),
-    "link": (["--runs", "--idle", "--rates", "--scenario"], ["--no-qemu"]),
+    "link": (["--runs", "--idle", "--rates", "--scenario", "--only", "--seconds"], ["--no-qemu", "--replication"]),
     "postcopy": (["--runs", "--idle", "--scenario", "--only", "--bandwidth"], ["--no-qemu"]),
 ]
 
@@ -316,23 +338,65 @@ func migrationOptions() -> MigrationBenchmarkOptions {
     return options
 }
 
+/// `link`'s pre-copy options, checked (`--replication`: `linkReplicationOptions`).
 func linkOptions() -> LinkBenchmarkOptions {
     var options = LinkBenchmarkOptions()
-    options.runs = max(1, Int(option("--runs", default: 5)))
+    options.runs = linkRuns()
     options.conditions.idleSeconds = option("--idle", default: 5)
     options.withQEMU = !arguments.contains("--no-qemu")
-    if let rates = stringOption("--rates") {
-        let parsed = rates.split(separator: ",").map { Int($0) }
-        guard !parsed.isEmpty, parsed.allSatisfy({ $0.map { (1...100_000).contains($0) } ?? false }) else {
-            usageError("--rates \(rates): comma-separated Mbit/s, each from 1 to 100000")
-        }
-        options.ratesMbit = parsed.compactMap { $0 }
-    }
+    options.ratesMbit = linkRates() ?? options.ratesMbit
+    if arguments.contains("--seconds") { usageError("--seconds is for link --replication (pre-copy runs until the migration ends)") }
     if let scenario = stringOption("--scenario") {
-        guard LinkScenario.keys.contains(scenario) else { usageError("--scenario \(scenario): \(LinkScenario.keys.joined(separator: ", "))") }
+        guard LinkScenario.keys.contains(scenario) else { usageError("--scenario \(scenario): expected \(LinkScenario.keys.joined(separator: ", "))") }
         options.scenarioKeys = [scenario]
     }
+    if let only = stringOption("--only") {
+        let names = LinkBenchmarkOptions.migrators.map(\.shortLabel)
+        let rows = only.split(separator: ",", omittingEmptySubsequences: false).map { name in
+            LinkBenchmarkOptions.migrators.first { $0.shortLabel == name.lowercased() }
+        }
+        guard !rows.isEmpty, rows.allSatisfy({ $0 != nil }) else { usageError("--only \(only): expected rows among \(names.joined(separator: ", ")), comma-separated") }
+        guard Set(rows.map { $0!.shortLabel }).count == rows.count else { usageError("--only \(only): a row named twice") }
+        options.only = rows.compactMap { $0 }
+        if !options.withQEMU && options.only!.allSatisfy(\.isQEMU) { usageError("--no-qemu and --only \(only) leave nothing to run") }
+    }
     return options
+}
+
+/// `link --replication`'s options, checked.
+func linkReplicationOptions() -> LinkReplicationOptions {
+    var options = LinkReplicationOptions()
+    options.runs = linkRuns()
+    options.idleSeconds = option("--idle", default: 5)
+    options.ratesMbit = linkRates() ?? options.ratesMbit
+    for precopyOnly in ["--only", "--no-qemu"] where arguments.contains(precopyOnly) {
+        usageError("\(precopyOnly) is for link's pre-copy table; --replication runs dirtymig alone")
+    }
+    if let key = stringOption("--scenario") {
+        guard let guest = LinkReplicationGuest.known.first(where: { $0.key == key }) else {
+            usageError("--scenario \(key): with --replication, expected \(LinkReplicationGuest.known.map(\.key).joined(separator: ", "))")
+        }
+        options.guests = [guest]
+    }
+    options.seconds = option("--seconds", default: options.seconds)
+    guard options.seconds >= 1 else { usageError("--seconds \(options.seconds): at least 1 (the window checkpoints are counted over)") }
+    return options
+}
+
+private func linkRuns() -> Int {
+    let runs = Int(option("--runs", default: 5))
+    guard runs >= 1 else { usageError("--runs must be at least 1") }
+    return runs
+}
+
+/// `--rates`, checked; nil when not given.
+private func linkRates() -> [Int]? {
+    guard let rates = stringOption("--rates") else { return nil }
+    let parsed = rates.split(separator: ",", omittingEmptySubsequences: false).map { Int($0) }
+    guard !parsed.isEmpty, parsed.allSatisfy({ $0.map { (1...100_000).contains($0) } ?? false }) else {
+        usageError("--rates \(rates): comma-separated Mbit/s, each from 1 to 100000")
+    }
+    return parsed.compactMap { $0 }
 }
 
 /// `postcopy`'s options, checked. One run is allowed (a smoke test; the conditions line says so).
@@ -383,7 +447,11 @@ do {
     case "migration":
         try runMigrationBenchmark(migrationOptions())
     case "link":
-        try runLinkBenchmark(linkOptions())
+        if arguments.contains("--replication") {
+            try runLinkReplicationBenchmark(linkReplicationOptions())
+        } else {
+            try runLinkBenchmark(linkOptions())
+        }
     case "postcopy":
         try runPostCopyBenchmark(postCopyOptions())
     case "replication":

@@ -42,6 +42,17 @@ final class UsageErrorTests: XCTestCase {
             (["postcopy", "--bandwidth", "100K"], "at least 1M"),
             (["postcopy", "--no-qemu", "--only", "qemu"], "leave nothing to run"),
             (["postcopy", "--runs", "0"], "--runs must be at least 1"),
+            (["link", "--only", "xen"], "--only xen: expected rows among dirtymig, dirtymig-psk"),
+            (["link", "--only", "qemu-zstd,qemu-zstd"], "a row named twice"),
+            (["link", "--no-qemu", "--only", "qemu,qemu-zstd"], "leave nothing to run"),
+            (["link", "--rates", "100,,1000"], "comma-separated Mbit/s"),
+            (["link", "--scenario", "writer"], "--scenario writer: expected written, rewriting, text"),
+            (["link", "--seconds", "5"], "--seconds is for link --replication"),
+            (["link", "--runs", "0"], "--runs must be at least 1"),
+            (["link", "--replication", "--only", "qemu"], "--only is for link's pre-copy table"),
+            (["link", "--replication", "--scenario", "text"], "with --replication, expected idle, writer, fast-writer"),
+            (["link", "--replication", "--seconds", "0.5"], "at least 1"),
+            (["link", "--replicaton"], "link does not take '--replicaton'"),
         ]
         for (arguments, words) in cases {
             let result = try CLI.run(arguments, program: bench)
@@ -54,6 +65,7 @@ final class UsageErrorTests: XCTestCase {
         XCTAssertEqual(help.status, 0, help.stderr)
         XCTAssertTrue(help.stdout.contains("--encrypted") && help.stdout.contains("replication"), help.stdout)
         XCTAssertTrue(help.stdout.contains("postcopy [--runs N]") && help.stdout.contains("[--bandwidth RATE]"), help.stdout)
+        XCTAssertTrue(help.stdout.contains("link --replication [--runs N]") && help.stdout.contains("[--only ROW,...]"), help.stdout)
     }
 
     func testValuesThatDoNotParse() throws {
