@@ -48,6 +48,11 @@ final class PreCopyForecastTests: XCTestCase {
         XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 1, accuracy: 1e-9)
         progress.sentPageBytes = 1 << 19   // zero pages and headers: never a ratio below 1
         XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 3, accuracy: 1e-9)
+        // What the socket still holds drains at the link's rate after that.
+        progress.queuedWireBytes = 4096 * 500
+        XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 3.5, accuracy: 1e-9)
+        progress.phase = "pre-copy"
+        XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 3.5, accuracy: 1e-9)
     }
 
     /// An idle guest: what is left of the pass, at the link's rate.

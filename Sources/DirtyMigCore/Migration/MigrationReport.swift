@@ -141,6 +141,9 @@ public struct MigrationProgress: Sendable {
     /// batches' headers and zero pages left out): with `sentBytes`, the ratio `--compress`
     /// achieves so far.
     public var sentPageBytes: UInt64 = 0
+    /// Of `sentBytes`, what the link has not carried yet: still in the socket's queue, or
+    /// unacknowledged (0 when unknown). The forecast adds the time it takes to drain.
+    public var queuedWireBytes: UInt64 = 0
     public var remainingPages: UInt64 = 0
     /// The pages the pass under way carries (with `remainingPages`, how far it is).
     public var passPages: UInt64 = 0
@@ -197,12 +200,16 @@ public struct MigrationProgress: Sendable {
 
     /// Seconds left, while the migration copies memory (nil otherwise, or when unknown).
     public var etaSeconds: Double? {
+        // What the socket still holds goes out at the link's rate after what the forecast
+        // counts: measured at 100 Mbit/s with zstd, a forecast without it said -92 % at 90 % of
+        // the way (the queue held the last second's compressed pages), plain -18 %.
+        let draining = throughputBytesPerSecond.map { $0 > 0 ? Double(queuedWireBytes) / $0 : 0 } ?? 0
         if phase == "post-copy" {   // no more passes: what is left, at the rate it goes out
             guard let throughput = pageThroughputBytesPerSecond, throughput > 0 else { return nil }
-            return Double(remainingPages) * 4096 / throughput
+            return Double(remainingPages) * 4096 / throughput + draining
         }
         guard phase == "pre-copy" || phase == "stop-and-copy" else { return nil }
-        return forecast.secondsLeft
+        return forecast.secondsLeft.map { $0 + draining }
     }
 
     /// Whether a migration in `phase` (as `query-migrate` says it; "none" when there is none)
@@ -221,7 +228,7 @@ public struct MigrationProgress: Sendable {
     public var json: JSONValue {
         [
             "phase": .string(phase), "destination": .string(destination), "iteration": .number(iteration),
-            "sent_bytes": .number(sentBytes), "remaining_pages": .number(remainingPages),
+            "sent_bytes": .number(sentBytes), "queued_bytes": .number(queuedWireBytes), "remaining_pages": .number(remainingPages),
             "remaining_bytes": .number(remainingPages * 4096), "pass_pages": .number(passPages),
             "pass_percent": passPercent.map { .number($0) } ?? .null,
             "postcopy_link": postcopyLink,

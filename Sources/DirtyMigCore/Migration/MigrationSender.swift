@@ -81,6 +81,9 @@ public final class MigrationSender: Sendable {
         progress.limitChanges = limits.changes.kept.count + limits.changes.dropped
         progress.elapsedSeconds = secondsSinceStart
         progress.postcopyLink = machine.postcopyLink.json
+        if MigrationProgress.isUnderWay(phase: progress.phase), let session = link.withLock({ $0.session }) {
+            progress.queuedWireBytes = session.control.tcp.queuedBytes ?? 0
+        }
         return progress
     }
 

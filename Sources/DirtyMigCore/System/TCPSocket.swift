@@ -330,6 +330,19 @@ public final class TCPSocket: MigrationTransport {
         }
     }
 
+    /// Bytes written to this socket that the peer has not acknowledged yet, about (TCP_INFO:
+    /// tcpi_notsent_bytes, a u32 at offset 144, plus tcpi_unacked segments at 24 times
+    /// tcpi_snd_mss at 16), nil where the kernel does not say: what the link still has to
+    /// carry of what the sender counts as sent. A 4 MiB socket buffer holds a third of a second
+    /// at 100 Mbit/s, and three times as much page data when it holds compressed batches.
+    public var queuedBytes: UInt64? {
+        guard let info = tcpInfo(atLeast: 148) else { return nil }
+        return info.withUnsafeBytes { bytes in
+            UInt64(bytes.loadUnaligned(fromByteOffset: 144, as: UInt32.self))
+                + UInt64(bytes.loadUnaligned(fromByteOffset: 24, as: UInt32.self)) * UInt64(bytes.loadUnaligned(fromByteOffset: 16, as: UInt32.self))
+        }
+    }
+
     /// What this side's TCP has received from the peer so far (TCP_INFO's tcpi_bytes_received,
     /// a u64 at offset 128 of the kernel's layout, Linux 4.1), nil where the kernel does not say:
     /// how far an incoming migration has come, without its receiver counting (TLS records
