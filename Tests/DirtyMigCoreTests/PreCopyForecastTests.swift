@@ -36,23 +36,32 @@ final class PreCopyForecastTests: XCTestCase {
     }
 
     /// Under --compress the pages left move at the link's rate times the ratio: 3 page bytes
-    /// per wire byte make a pass-1 forecast (and a post-copy one) three times shorter.
+    /// per wire byte make a pass-1 forecast (and a post-copy one) three times shorter. The rate
+    /// is the pass's average of what the link carried, not the last second's batches, and what
+    /// the socket still holds drains at it after that.
     func testCompressedPagesAreForecastAtThePageRateNotTheWireRate() {
         var progress = MigrationProgress()
         progress.phase = "pre-copy"; progress.iteration = 1; progress.remainingPages = 3000
-        progress.elapsedSeconds = 2; progress.dirtyPagesPerSecond = 0
-        progress.throughputBytesPerSecond = 4096 * 1000
-        progress.sentBytes = 1 << 20; progress.sentPageBytes = 3 << 20
+        progress.elapsedSeconds = 2; progress.passStartedSeconds = 1; progress.dirtyPagesPerSecond = 0
+        progress.throughputBytesPerSecond = 4096 * 1200   // the last second's batches: not what counts
+        progress.sentBytes = 4096 * 1000; progress.sentPageBytes = 3 * 4096 * 1000   // 1000 wire pages in the pass's second
         XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 1, accuracy: 1e-9, "3000 pages at 1000 wire pages/s x 3")
         progress.phase = "post-copy"
         XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 1, accuracy: 1e-9)
         progress.sentPageBytes = 1 << 19   // zero pages and headers: never a ratio below 1
         XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 3, accuracy: 1e-9)
-        // What the socket still holds drains at the link's rate after that.
-        progress.queuedWireBytes = 4096 * 500
+        // 500 of the pass's 1500 pages are still in the socket: the link carried 1000 in the
+        // second, and drains those 500 in half a second more.
+        progress.sentBytes = 4096 * 1500; progress.queuedWireBytes = 4096 * 500
         XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 3.5, accuracy: 1e-9)
         progress.phase = "pre-copy"
         XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 3.5, accuracy: 1e-9)
+        // In post-copy's first second, the last second's throughput stands in (pre-copy's first
+        // pass forecasts nothing before its first second).
+        progress.passStartedSeconds = 1.5
+        XCTAssertEqual(progress.json["eta_s"], .null)
+        progress.phase = "post-copy"
+        XCTAssertEqual(progress.json["eta_s"]?.doubleValue ?? -1, 3000.0 / 1200 + 500.0 / 1200, accuracy: 1e-9)
     }
 
     /// An idle guest: what is left of the pass, at the link's rate.

@@ -87,7 +87,7 @@ public final class MigrationSender: Sendable {
         return progress
     }
 
-    private var secondsSinceStart: Double {
+    var secondsSinceStart: Double {
         let started = startedAt.load(ordering: .acquiring)
         return started == 0 ? 0 : Double(MonotonicClock.nanoseconds() - started) / 1e9
     }
@@ -359,6 +359,7 @@ public final class MigrationSender: Sendable {
                 $0.phase = "pre-copy"; $0.iteration = iteration
                 $0.remainingPages = UInt64(passes.pending.count); $0.passPages = $0.remainingPages
                 $0.passStartedSeconds = secondsSinceStart
+                $0.passStartSentBytes = $0.sentBytes
                 if iteration == 1 {   // until pass 1's decision counts the pause's fixed costs
                     $0.stopBelowSeconds = limits.current.downtimeSeconds * 0.85
                     $0.passesLeft = options.maxIterations - 1

@@ -67,7 +67,10 @@ extension MigrationSender {
             report.downtimeParts = parts
         }
 
-        update { $0.phase = "post-copy"; $0.remainingPages = UInt64(lacking.count); $0.passPages = $0.remainingPages }
+        update { [secondsSinceStart] in
+            $0.phase = "post-copy"; $0.remainingPages = UInt64(lacking.count); $0.passPages = $0.remainingPages
+            $0.passStartedSeconds = secondsSinceStart; $0.passStartSentBytes = $0.sentBytes
+        }
         let source = PostCopySource(memory: machine.memory, lacking: lacking, bandwidth: { [limits] in limits.bandwidth })
         func figures(_ tally: PostCopyPushQueue.Tally) {
             postcopy.requestedPages = tally.requested
