@@ -87,12 +87,13 @@ final class PageBatchCompressor: @unchecked Sendable {
         }
     }
 
-    /// Where a job's pages are: runs of guest memory (copied on the worker), or a buffer the
-    /// caller keeps unchanged until `collect` (a staged checkpoint's).
-    private struct Source: @unchecked Sendable {
+    /// Where a job's pages are: runs of guest memory, copied on the worker into the slot (a
+    /// snapshot zstd can read while the guest writes on), or a buffer the caller keeps unchanged
+    /// until `collect` (a staged checkpoint's), compressed where it is.
+    private enum Source: @unchecked Sendable {
         // @unchecked: raw addresses the caller keeps valid until the job's `collect`.
-        var base: UnsafeRawPointer
-        var runs: [(firstPage: Int, count: Int)]
+        case guestRuns(base: UnsafeRawPointer, runs: [(firstPage: Int, count: Int)])
+        case stable(UnsafeRawPointer)
     }
 
     /// A batch's compression (or a sample of it) under way.
@@ -128,7 +129,7 @@ final class PageBatchCompressor: @unchecked Sendable {
             runs.append((Int(range.firstPage), count))
             bytes += count * 4096
         }
-        return start(Source(base: UnsafeRawPointer(memory.base), runs: runs), bytes: bytes, sample: sample)
+        return start(.guestRuns(base: UnsafeRawPointer(memory.base), runs: runs), bytes: bytes, sample: sample)
     }
 
     /// The same for pages already copied out of guest memory (a staged checkpoint's), which the
@@ -137,7 +138,7 @@ final class PageBatchCompressor: @unchecked Sendable {
         guard pages.count > 0, let base = pages.baseAddress, let sample = planSample() else { return nil }
         let bytes = sample ? min(pages.count, CompressionChooser.sampleBytes) & ~4095 : pages.count
         guard bytes > 0 else { return nil }
-        return start(Source(base: base, runs: [(0, bytes / 4096)]), bytes: bytes, sample: sample)
+        return start(.stable(base), bytes: bytes, sample: sample)
     }
 
     /// nil: plain, no sample; false: compress the batch; true: a sample.
@@ -158,13 +159,20 @@ final class PageBatchCompressor: @unchecked Sendable {
         let zstd = SendableZstd(zstd), now = self.now
         let job = worker.submit {
             let started = now()
-            var offset = 0
-            for run in source.runs {
-                memcpy(slot.input + offset, source.base + run.firstPage * 4096, run.count * 4096)
-                offset += run.count * 4096
+            let input: UnsafeRawPointer
+            switch source {
+            case .guestRuns(let base, let runs):
+                var offset = 0
+                for run in runs {
+                    memcpy(slot.input + offset, base + run.firstPage * 4096, run.count * 4096)
+                    offset += run.count * 4096
+                }
+                input = UnsafeRawPointer(slot.input)
+            case .stable(let pages):
+                input = pages
             }
             let bound = bytes - bytes / 16
-            slot.length = zstd.compressor.compress(UnsafeRawBufferPointer(start: slot.input, count: bytes),
+            slot.length = zstd.compressor.compress(UnsafeRawBufferPointer(start: input, count: bytes),
                                                    into: UnsafeMutableRawBufferPointer(start: slot.output, count: bound))
             slot.ended = now()
             slot.nanoseconds = slot.ended - started

@@ -193,13 +193,6 @@ public struct MigrationProgress: Sendable {
                                stopBelowBytes: max(stopBelowSeconds, 0) * (bandwidth ?? 0), passesLeft: passesLeft)
     }
 
-    /// Page bytes moved per second over about the last 100 ms: the link's throughput times the
-    /// compression ratio so far (1 without --compress). What is left is counted in pages, so
-    /// this, not the wire's rate, is what divides it.
-    public var pageThroughputBytesPerSecond: Double? {
-        throughputBytesPerSecond.map { $0 * max(1, Double(sentPageBytes) / Double(max(sentBytes, 1))) }
-    }
-
     /// Wire bytes the link carried per second over the pass under way (handed to the socket,
     /// less what it still holds), once the pass has run a second; nil before. The last second's
     /// throughput moves in whole batches: 5 or 6 batches of 2 MiB a second at 100 Mbit/s read
@@ -211,10 +204,13 @@ public struct MigrationProgress: Sendable {
         return carried > 0 ? carried / passElapsed : nil
     }
 
-    /// Page bytes moved per second: the pass's wire rate (or, in its first second, the last
-    /// second's) times the compression ratio so far.
+    /// The pass's wire rate, or in its first second the last second's.
+    private var wireRate: Double? { passWireBytesPerSecond ?? throughputBytesPerSecond }
+
+    /// Page bytes moved per second: the wire rate times the compression ratio so far (1 without
+    /// --compress). What is left is counted in pages, so this, not the wire's rate, divides it.
     var pageRate: Double? {
-        (passWireBytesPerSecond ?? throughputBytesPerSecond).map { $0 * max(1, Double(sentPageBytes) / Double(max(sentBytes, 1))) }
+        wireRate.map { $0 * max(1, Double(sentPageBytes) / Double(max(sentBytes, 1))) }
     }
 
     /// Seconds left, while the migration copies memory (nil otherwise, or when unknown).
@@ -222,7 +218,7 @@ public struct MigrationProgress: Sendable {
         // What the socket still holds goes out at the link's rate after what the forecast
         // counts: measured at 100 Mbit/s with zstd, a forecast without it said -92 % at 90 % of
         // the way (the queue held the last second's compressed pages), plain -18 %.
-        let draining = (passWireBytesPerSecond ?? throughputBytesPerSecond).map { $0 > 0 ? Double(queuedWireBytes) / $0 : 0 } ?? 0
+        let draining = wireRate.map { $0 > 0 ? Double(queuedWireBytes) / $0 : 0 } ?? 0
         if phase == "post-copy" {   // no more passes: what is left, at the rate it goes out
             guard let throughput = pageRate, throughput > 0 else { return nil }
             return Double(remainingPages) * 4096 / throughput + draining
