@@ -155,6 +155,54 @@ extension ReplicationOnFakeHypervisorTests {
     }
 }
 
+extension ReplicationOnFakeHypervisorTests {
+    /// A checkpoint whose pause lasts four times the standby's --failover-after (a loaded host
+    /// stopping its vCPUs, or a resync copying every data page paused) is not silence: the
+    /// primary's heartbeats go on from their own thread, and the standby keeps protecting.
+    func testAPauseLongerThanFailoverAfterIsNotTakenForADeadPrimary() throws {
+        let (primary, tracker, base) = try fakePrimary(writing: 64)
+        defer { primary.stop() }
+        let memory = primary.memory
+        let slowCollection = Atomic<Int>(Int.max)
+        tracker.onCollect = { index in
+            // This collection runs in a checkpoint's pause (no staging while the epoch runs).
+            if index == slowCollection.load(ordering: .acquiring) { Thread.sleep(forTimeInterval: 1.2) }
+            let pages = [base + index % 64]
+            PreCopyOnFakeHypervisorTests.write(pages, pass: UInt8(truncatingIfNeeded: index), into: memory)
+            return pages
+        }
+        try primary.start()
+        let receiver = try MigrationReceiver.listen(on: HostPort(host: "127.0.0.1", port: 0), hypervisor: FakeHypervisor(),
+                                                    standby: StandbyOptions(failover: .auto, failoverAfterSeconds: 0.3))
+        defer { receiver.stop() }
+        let standby = StandbyOutcome(receiver)
+        var options = ReplicationOptions(standby: HostPort(host: "127.0.0.1", port: receiver.port))
+        options.intervalSeconds = 0.02
+        options.stagesWhileRunning = false
+        options.reprotectForSeconds = 0
+        XCTAssertNil(primary.transferClaim.claim("replication"))
+        let replicator = Replicator(machine: primary, options: options)
+        defer { replicator.stop() }
+        XCTAssertEqual(replicator.start().status, .protected, replicator.figures.error ?? "")
+        Thread.sleep(forTimeInterval: 0.2)
+        let before = replicator.figures.checkpointsAcknowledged
+        slowCollection.store(tracker.collections.count + 2, ordering: .releasing)
+        // Past the slow pause, and a few checkpoints after it.
+        let deadline = MonotonicClock.seconds() + 10
+        while MonotonicClock.seconds() < deadline {
+            if replicator.figures.pauseMaxMs >= 1_000, replicator.figures.checkpointsAcknowledged >= before + 5 { break }
+            if standby.ended { break }
+            usleep(10_000)
+        }
+        let figures = replicator.figures
+        print("a \(Int(figures.pauseMaxMs)) ms pause against --failover-after 300 ms: standby phase \(receiver.standbySession?.json["phase"]?.stringValue ?? "none"), \(figures.checkpointsAcknowledged - before) checkpoints acknowledged since")
+        XCTAssertGreaterThanOrEqual(figures.pauseMaxMs, 1_000, "the slow pause did not happen")
+        XCTAssertEqual(figures.status, .protected, figures.error ?? "")
+        XCTAssertFalse(standby.ended, "the standby took over from a primary that lives: \(standby.outcome)")
+        XCTAssertEqual(receiver.standbySession?.json["phase"]?.stringValue, StandbySession.Phase.protecting.rawValue)
+    }
+}
+
 /// A standby's `receiveOne` on a thread of its own: the VM it took over, once it did.
 private final class StandbyOutcome: Sendable {
     private final class Slot: Sendable {
@@ -171,6 +219,10 @@ private final class StandbyOutcome: Sendable {
             slot.result.withLock { $0 = result }
         }
     }
+
+    /// Whether `receiveOne` returned (a takeover, or a replication that ended).
+    var ended: Bool { slot.result.withLock { $0 != nil } }
+    var outcome: String { slot.result.withLock { $0.map { "\($0)" } ?? "still receiving" } }
 
     /// Waits for the takeover; the copy it resumed must equal `primary`'s memory.
     func assertEqualCopy(of primary: Machine, _ message: String, file: StaticString = #filePath, line: UInt = #line) throws -> Machine {

@@ -194,7 +194,8 @@ public final class Replicator: Sendable {
             listenToStandby(channel)
             listeningDone.signal()
         }
-        _ = OSThread(name: "repl-epochs") { [self] in epochLoop(channel, compressor: compressor) }
+        let heartbeat = PrimaryHeartbeat.start(channel: channel) { [self] in heartbeatNanoseconds.load(ordering: .relaxed) }
+        _ = OSThread(name: "repl-epochs") { [self] in epochLoop(channel, heartbeat: heartbeat, compressor: compressor) }
     }
 
     /// A connection that failed before its threads ran: the first checkpoint may have reached
@@ -432,14 +433,14 @@ public final class Replicator: Sendable {
         return progress.allAcknowledged
     }
 
-    private func epochLoop(_ channel: MigrationChannel, compressor: PageBatchCompressor?) {
+    private func epochLoop(_ channel: MigrationChannel, heartbeat: PrimaryHeartbeat, compressor: PageBatchCompressor?) {
         let staged = StagedCheckpoint(preparedPages: Self.preparedPages)
         let interval = UInt64(options.intervalSeconds * 1e9)
         let stagesEarly = options.stagesWhileRunning && interval >= Self.shortestStagedEpochNanoseconds
         var epochStart = MonotonicClock.nanoseconds()
-        var lastSend = epochStart
         var lastStats = epochStart
         defer {
+            heartbeat.end()
             machine.tracker?.setDirtyTrigger(pages: nil, nil)
             // A loss that re-protects hands the claim to the re-protecting thread (decided with
             // the loss, before this thread saw `stopping`), unless that one ended first.
@@ -458,7 +459,7 @@ public final class Replicator: Sendable {
                 // what is left, until the lead is reached: each copies about half the one before.
                 var nextStage: UInt64? = stagesEarly ? epochStart + interval / 2 : nil
                 // Wait for the epoch's end: its interval or the dirty trigger, once the checkpoint
-                // before is acknowledged; or a stop. Say we are alive meanwhile when it is long.
+                // before is acknowledged; or a stop. (The heartbeat says we live meanwhile.)
                 var stretched = false
                 while !isStopping {
                     var now = MonotonicClock.nanoseconds()
@@ -481,15 +482,10 @@ public final class Replicator: Sendable {
                         nextStage = end > now && end - now >= 2 * Self.lastStageLeadNanoseconds ? now + (end - now) / 2 : nil
                         continue
                     }
-                    let heartbeat = heartbeatNanoseconds.load(ordering: .relaxed)
-                    if now - lastSend >= heartbeat {
-                        try channel.send(.heartbeat, EpochFrame(epoch: 0).encode())
-                        lastSend = now
-                    }
                     // An acknowledgement, the trigger or a stop wakes this up early; the standby's
                     // TCP taking the rest of a checkpoint does not, so that is looked at again soon.
-                    var until = min(lastSend + heartbeat, lastStats + 1_000_000_000)
-                    until = over ? min(until, now + Self.crossingPollNanoseconds) : min(until, end, nextStage ?? end)
+                    let until = over ? min(lastStats + 1_000_000_000, now + Self.crossingPollNanoseconds)
+                                     : min(lastStats + 1_000_000_000, end, nextStage ?? end)
                     _ = wake.wait(timeout: .now() + .nanoseconds(Int(until > now ? until - now : 0)))
                 }
                 if isStopping { break }
@@ -497,17 +493,19 @@ public final class Replicator: Sendable {
                 _ = try checkpoint(into: staged)
                 // A stop or a loss abandons the checkpoint between two of its frames: the end of
                 // replication must not wait behind megabytes on a slow link.
-                guard let bytes = try staged.send(over: channel, compressor: compressor, shouldStop: { isStopping }) else { break }
-                lastSend = MonotonicClock.nanoseconds()
+                guard let bytes = try heartbeat.sending({ () throws(MigrationError) in
+                    try staged.send(over: channel, compressor: compressor, shouldStop: { isStopping })
+                }) else { break }
+                let sent = MonotonicClock.nanoseconds()
                 state.withLock { shared in
                     if let compressor { shared.figures.compression.tally = compressor.tally }
                     shared.figures.checkpointsSent += 1
                     shared.connectionSent += 1
                     shared.figures.bytesSent += bytes
-                    shared.bytes.add(Double(bytes), at: lastSend)
+                    shared.bytes.add(Double(bytes), at: sent)
                 }
             }
-            sendEnd(channel)
+            sendEnd(channel, heartbeat: heartbeat)
         } catch {
             lose("the standby is lost: \(error)")
         }
@@ -516,13 +514,16 @@ public final class Replicator: Sendable {
     /// Tells the standby that replication ends, between two frames: stopped on purpose (it
     /// discards its copy and confirms), or given up by this side (it discards its copy rather
     /// than take over a VM that runs on here).
-    private func sendEnd(_ channel: MigrationChannel) {
+    private func sendEnd(_ channel: MigrationChannel, heartbeat: PrimaryHeartbeat) {
         let (reason, lost) = state.withLock { shared -> (String, Bool) in
             shared.endSent = true
             if shared.lost { return ("the primary gave up on its standby (\(shared.figures.error ?? "lost")); it runs the VM on, unprotected", true) }
             return (shared.stopReason ?? "replication was stopped", false)
         }
-        do { try channel.send(.replicationEnd, MigrationReason(reason).encode()) } catch {
+        heartbeat.end()   // nothing after the end
+        do {
+            try heartbeat.sending { () throws(MigrationError) in try channel.send(.replicationEnd, MigrationReason(reason).encode()) }
+        } catch {
             if !lost { lose("the standby could not be told that replication ends: \(error)") }
         }
     }
