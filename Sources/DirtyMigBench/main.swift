@@ -93,6 +93,19 @@
 //       the output delay (median, p99: how long a guest line waits for its checkpoint's
 //       acknowledgement), MiB/s to the standby; median (min-max) of N runs.
 //
+//   dirtymig-bench link --failover [--runs N] [--idle S] [--rates MBIT] [--seconds S] [--failover-after D] [--cut S]
+//                                  [--only alive|return]
+//       Whether a standby across a slow link tells a living primary from a dead one, and how
+//       soon it acts (as root): primary and standby as in --replication, over one link (default
+//       20 Mbit/s), a 128 MiB guest dirtying 50 MiB/s over 8 MiB (twenty times the link) and
+//       writing a line every 10 ms. Each of N runs (default 20): an automatic standby watched
+//       for S seconds (default 10) while its primary lives (takeovers, and whether the primary
+//       stayed protected); then the primary's death, as a host (the link cut, then SIGKILL) in
+//       odd runs and as a process (SIGKILL) in even ones, timed to the guest's first line on
+//       the standby; then, with a manual standby, a cut of --cut seconds (default 3: the
+//       primary gives up on its standby) timed from the link's return to `protected` again.
+//       --only alive or --only return runs one kind of trial.
+//
 //   dirtymig-bench postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu]
 //                           [--bandwidth RATE] [--no-qemu]
 //       dirtymig's post-copy (`migrate --postcopy --postcopy-after 1`) next to QEMU 7.2's
@@ -243,7 +256,7 @@ func runAccuracy(intervals: Int) throws {
 StandardStream.ignoreBrokenPipes()   // a table piped into a reader that quit costs the rest of it, not a signal
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk|dirtymig-zstd|dirtymig-auto|qemu-multifd|qemu-zstd] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu] [--only ROW,...] | link --replication [--runs N] [--idle S] [--rates MBIT,...] [--scenario idle|writer|fast-writer] [--seconds S] | postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu] [--bandwidth RATE] [--no-qemu] | --help\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk|dirtymig-zstd|dirtymig-auto|qemu-multifd|qemu-zstd] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu] [--only ROW,...] | link --replication [--runs N] [--idle S] [--rates MBIT,...] [--scenario idle|writer|fast-writer] [--seconds S] | link --failover [--runs N] [--idle S] [--rates MBIT] [--seconds S] [--failover-after D] [--cut S] [--only alive|return] | postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu] [--bandwidth RATE] [--no-qemu] | --help\n"
 
 func usageError(_ message: String) -> Never {
     StandardStream.error.write("dirtymig-bench: \(message)\n\(usage)")
@@ -262,7 +275,8 @@ let acceptedOptions: [String: (values: Set<String>, flags: Set<String>)] = [
     "replication": (["--seconds", "--runs", "--only"], []),
     "throttle": ([], ["--no-qemu", "--sweep"]),
     "limit": ([], ["--no-qemu"]),
-    "link": (["--runs", "--idle", "--rates", "--scenario", "--only", "--seconds"], ["--no-qemu", "--replication"]),
+    "link": (["--runs", "--idle", "--rates", "--scenario", "--only", "--seconds", "--failover-after", "--cut"],
+             ["--no-qemu", "--replication", "--failover"]),
     "postcopy": (["--runs", "--idle", "--scenario", "--only", "--bandwidth"], ["--no-qemu"]),
 ]
 
@@ -383,6 +397,38 @@ func linkReplicationOptions() -> LinkReplicationOptions {
     return options
 }
 
+/// `link --failover`'s options, checked.
+func linkFailoverOptions() -> LinkFailoverOptions {
+    var options = LinkFailoverOptions()
+    options.runs = Int(option("--runs", default: Double(options.runs)))
+    guard options.runs >= 1 else { usageError("--runs must be at least 1") }
+    options.idleSeconds = option("--idle", default: options.idleSeconds)
+    switch stringOption("--only") {
+    case nil: break
+    case "alive": options.linkReturn = false
+    case "return": options.aliveAndDeath = false
+    case let other?: usageError("--only \(other): with --failover, expected alive (the primary alive, then its death) or return (a cut, then the link back)")
+    }
+    for other in ["--no-qemu", "--scenario", "--replication"] where arguments.contains(other) {
+        usageError("\(other) is not for link --failover (it runs one guest, dirtymig alone)")
+    }
+    if let rates = linkRates() {
+        guard rates.count == 1 else { usageError("--rates: link --failover runs at one rate") }
+        options.rateMbit = rates[0]
+    }
+    options.seconds = option("--seconds", default: options.seconds)
+    guard options.seconds >= 1 else { usageError("--seconds \(options.seconds): at least 1 (how long the primary lives)") }
+    if let after = stringOption("--failover-after") {
+        guard let seconds = try? DurationValue.parse(after), seconds >= 0.05, seconds <= 60 else {
+            usageError("--failover-after \(after): a duration from 50ms to 60s, such as 500ms")
+        }
+        options.failoverAfter = after
+        options.cutSeconds = max(options.cutSeconds, 2 * seconds + 1)
+    }
+    options.cutSeconds = option("--cut", default: options.cutSeconds)
+    return options
+}
+
 private func linkRuns() -> Int {
     let runs = Int(option("--runs", default: 5))
     guard runs >= 1 else { usageError("--runs must be at least 1") }
@@ -447,7 +493,9 @@ do {
     case "migration":
         try runMigrationBenchmark(migrationOptions())
     case "link":
-        if arguments.contains("--replication") {
+        if arguments.contains("--failover") {
+            try runLinkFailoverBenchmark(linkFailoverOptions())
+        } else if arguments.contains("--replication") {
             try runLinkReplicationBenchmark(linkReplicationOptions())
         } else {
             try runLinkBenchmark(linkOptions())

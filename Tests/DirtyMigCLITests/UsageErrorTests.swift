@@ -53,6 +53,9 @@ final class UsageErrorTests: XCTestCase {
             (["link", "--replication", "--scenario", "text"], "with --replication, expected idle, writer, fast-writer"),
             (["link", "--replication", "--seconds", "0.5"], "at least 1"),
             (["link", "--replicaton"], "link does not take '--replicaton'"),
+            (["link", "--failover", "--only", "death"], "with --failover, expected alive"),
+            (["link", "--failover", "--rates", "20,100"], "link --failover runs at one rate"),
+            (["link", "--failover", "--failover-after", "5"], "a duration from 50ms to 60s"),
         ]
         for (arguments, words) in cases {
             let result = try CLI.run(arguments, program: bench)

@@ -187,6 +187,13 @@ public final class TCPSocket: MigrationTransport {
         setOption(Int32(IPPROTO_TCP), TCP_THIN_LINEAR_TIMEOUTS, 1)
     }
 
+    /// Keeps at most `bytes` queued that TCP has not sent yet (TCP_NOTSENT_LOWAT): a send waits
+    /// for the link instead of filling a send buffer the kernel grows to megabytes. What is
+    /// queued still goes out after the process dies, before the FIN.
+    public func limitUnsentBytes(_ bytes: Int32) {
+        setOption(Int32(IPPROTO_TCP), 25 /* TCP_NOTSENT_LOWAT */, bytes)
+    }
+
     /// Declares the peer gone once the link has carried nothing back for `seconds`, whether this
     /// side is sending or only waiting: TCP_USER_TIMEOUT aborts the connection (ETIMEDOUT) when
     /// data sent stays unacknowledged that long, and keepalive probes, the first after a third
