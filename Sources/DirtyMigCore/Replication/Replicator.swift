@@ -202,7 +202,6 @@ public final class Replicator: Sendable {
             shared.connected = true
             shared.epochsRunning = true
             shared.reprotecting = false   // the epoch thread holds the transfer claim now
-            shared.generation += 1
             return (shared.generation, shared.session?.control)
         }
         _ = OSThread(name: "repl-listen") { [self] in
@@ -748,7 +747,10 @@ public final class Replicator: Sendable {
             let go = state.withLock { shared -> Bool in
                 guard shared.figures.status == .unprotected, shared.stopReason == nil,
                       let deadline = shared.reprotectDeadline, MonotonicClock.nanoseconds() < deadline else { return false }
-                // A fresh connection: nothing sent on it yet, nothing lost or ending.
+                // A fresh connection: nothing sent on it yet, nothing lost or ending; the lost
+                // one's listening thread hears only of a takeover from now on (the standby
+                // drops that connection as it accepts this one).
+                shared.generation += 1
                 shared.lost = false
                 shared.endSent = false
                 shared.endSettled = false
