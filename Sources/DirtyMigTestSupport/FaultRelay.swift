@@ -84,6 +84,15 @@ public final class FaultRelay: @unchecked Sendable {
     /// While down, a new connection is closed as soon as it is accepted (`servesMany`).
     public func setDown(_ down: Bool) { state.withLock { $0.down = down } }
 
+    /// The link is back after a stall (and `setDown`): what waited in the buffers flows on, and
+    /// new connections are relayed again.
+    public func restore() {
+        state.withLock { state in
+            state.stalled = false
+            state.down = false
+        }
+    }
+
     /// Connections relayed so far.
     public var relayedConnections: Int { state.withLock { $0.pairs.count } }
 

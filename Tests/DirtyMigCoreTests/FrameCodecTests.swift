@@ -225,6 +225,17 @@ final class FrameCodecTests: XCTestCase {
         let hello = Self.controlHello()
         XCTAssertEqual(try ConnectionHello(decoding: hello.encode()), .control(hello))
         XCTAssertEqual(try MigrationHello(decoding: hello.encode()), hello)
+        // A replication resuming, and a post-copy resuming; never both, never neither.
+        var resuming = hello
+        resuming.replicate = true
+        resuming.resume = true
+        XCTAssertEqual(try MigrationHello(decoding: resuming.encode()), resuming)
+        resuming.postcopy = true
+        XCTAssertThrowsError(try MigrationHello(decoding: resuming.encode()))
+        resuming.replicate = false
+        XCTAssertEqual(try MigrationHello(decoding: resuming.encode()), resuming)
+        resuming.postcopy = false
+        XCTAssertThrowsError(try MigrationHello(decoding: resuming.encode()))
         // The opening: magic, version, role, then the session id, little-endian.
         let encoded = hello.encode()
         XCTAssertEqual(Array(encoded[0..<12]), Self.u32(UInt64(MigrationWire.magic)) + Self.u32(UInt64(MigrationWire.version)) + Self.u32(0))
@@ -310,6 +321,29 @@ final class FrameCodecTests: XCTestCase {
         var reply = MigrationHelloReply.refuse("no room")
         reply.heartbeatMilliseconds = 200
         XCTAssertEqual(try MigrationHelloReply(decoding: reply.encode()), reply)
+        XCTAssertEqual(try MigrationHelloReply(decoding: reply.encode()).heldEpoch, nil)
+        // A standby's answer to a replication that resumes: the checkpoint it holds, or why not.
+        var held = MigrationHelloReply.accept
+        held.heartbeatMilliseconds = 100
+        held.heldEpoch = 0
+        XCTAssertEqual(try MigrationHelloReply(decoding: held.encode()), held, "epoch 0 is an epoch, not none")
+        held.heldEpoch = .max
+        XCTAssertEqual(try MigrationHelloReply(decoding: held.encode()), held)
+        for refusal in [MigrationHelloReply.HelloRefusal.nothingToResume, .tookOver] {
+            let refused = MigrationHelloReply.refuse("why", refusal, epoch: refusal == .tookOver ? 41 : nil)
+            XCTAssertEqual(try MigrationHelloReply(decoding: refused.encode()), refused)
+        }
+        var badKind = held.encode()
+        badKind[badKind.count - 10] = 9
+        XCTAssertThrowsError(try MigrationHelloReply(decoding: badKind), "an unknown kind of refusal")
+        var badFlag = held.encode()
+        badFlag[badFlag.count - 9] = 2
+        XCTAssertThrowsError(try MigrationHelloReply(decoding: badFlag), "an epoch flag that is neither 0 nor 1")
+        // An older receiver's reply (up to the heartbeat) still reads: a refusal of its version.
+        let older = Array(MigrationHelloReply.refuse("old").encode().dropLast(10))
+        XCTAssertEqual(try MigrationHelloReply(decoding: older).reason, "old")
+        XCTAssertLessThanOrEqual(MigrationHelloReply.refuse(String(repeating: "x", count: 5000), .tookOver, epoch: 1).encode().count,
+                                 MigrationFrameType.helloReply.maxPayload, "the longest reply fits its frame")
         let end = MigrationPassEnd(pass: 9)
         XCTAssertEqual(try MigrationPassEnd(decoding: end.encode()), end)
         XCTAssertEqual(try MigrationPassEnd(decodingAck: end.encodeAck()), end)

@@ -364,6 +364,8 @@ final class FuzzTests: XCTestCase {
             check(reason, mutated(reason.encode())) { bytes throws(MigrationProtocolError) in try MigrationReason(decoding: bytes) }
             var reply = MigrationHelloReply(accepted: Bool.random(using: &random), reason: reason.text)
             reply.heartbeatMilliseconds = UInt32(truncatingIfNeeded: boundary(bits: 32))
+            reply.refusal = [.other, .nothingToResume, .tookOver][Int.random(in: 0...2, using: &random)]
+            reply.heldEpoch = Bool.random(using: &random) ? boundary(bits: 64) : nil
             check(reply, mutated(reply.encode())) { bytes throws(MigrationProtocolError) in try MigrationHelloReply(decoding: bytes) }
             let passEnd = MigrationPassEnd(pass: UInt32(truncatingIfNeeded: boundary(bits: 32)))
             check(passEnd, mutated(passEnd.encode())) { bytes throws(MigrationProtocolError) in try MigrationPassEnd(decoding: bytes) }
@@ -416,7 +418,11 @@ final class FuzzTests: XCTestCase {
             control.session = session
             control.joins = SessionJoins(pages: Int.random(in: 0...SessionJoins.maxPages, using: &random),
                                          faults: Int.random(in: 0...SessionJoins.maxFaults, using: &random))
-            if Bool.random(using: &random) { control.postcopy = true; control.resume = Bool.random(using: &random) }
+            switch Int.random(in: 0...2, using: &random) {
+            case 0: control.postcopy = true; control.resume = Bool.random(using: &random)
+            case 1: control.replicate = true; control.resume = Bool.random(using: &random)
+            default: break
+            }
             check(ConnectionHello.control(control), mutated(control.encode())) { bytes throws(MigrationProtocolError) in
                 try ConnectionHello(decoding: bytes)
             }

@@ -17,7 +17,16 @@ enum ReplicationTable {
         if let left = figures["reprotect_s_left"]?.doubleValue { status += String(format: " (reconnecting, %.0f s left)", left.rounded(.up)) }
         row("status", status)
         if let again = figures["reprotections"]?.doubleValue, again > 0 {
-            row("protected again", "\(Int(again)) time\(again == 1 ? "" : "s") after the standby was lost")
+            let deltas = Int(figures["reprotect_deltas"]?.doubleValue ?? 0)
+            row("protected again", "\(Int(again)) time\(again == 1 ? "" : "s") after the standby was lost (\(deltas) sending only what changed)")
+        }
+        if let last = figures["last_reprotect"], !last.isNull {
+            var text = last["kind"]?.stringValue == "delta"
+                ? "what changed since checkpoint \(Int(last["standby_held_epoch"]?.doubleValue ?? 0))"
+                : "the whole VM (\(last["full_because"]?.stringValue ?? "-"))"
+            text += String(format: ": %@ pages, %.1f MiB in %.0f ms", HumanNumber.grouped(last["pages"]?.doubleValue ?? 0),
+                           (last["bytes"]?.doubleValue ?? 0) / 1_048_576, last["ms"]?.doubleValue ?? 0)
+            row("last re-protection", text)
         }
         guard figures["status"]?.stringValue != "none" else { return lines.joined(separator: "\n") + "  (this VM is not replicating)" }
         if let error = figures["error"]?.stringValue { row("error", error) }

@@ -53,6 +53,15 @@ public final class MigrationSession: Sendable {
         return try channel.greet(hello.encode())
     }
 
+    /// As `greet`, but a refusal is returned, not thrown: a replication that resumes acts on
+    /// the kind of refusal (`MigrationHelloReply.refusal`).
+    func answer(_ hello: MigrationHello) throws(MigrationError) -> MigrationHelloReply {
+        var hello = hello
+        hello.session = id
+        try channel.send(.hello, hello.encode())
+        return try channel.receive(.helloReply, MigrationHelloReply.init(decoding:))
+    }
+
     /// A further connection of `role` (never `control`) to the same endpoint with the same
     /// security, joined to this session: the receiver admits it only for a role the session's
     /// hello announced, and no more of a role than announced; a refusal is thrown with its

@@ -37,6 +37,12 @@ import Glibc
 ///            ◀─────────────────────────────  tookOver (the standby resumed the VM, after the
 ///                                            primary fell silent: the primary's copy is stale)
 ///
+/// A primary that lost its standby greets it again over a new connection as the same
+/// replication (its session id, flags `replicate` and `resume`): a standby that still holds a
+/// checkpoint of it answers with that checkpoint's epoch (`helloReply.heldEpoch`), drops the
+/// old connection, and takes the pages changed since that checkpoint as a pre-copy's passes,
+/// then a first checkpoint, as at the start.
+///
 /// Either side may send `abort` with a reason instead of its next frame.
 public enum MigrationWire {
     /// "DMIG" at the start of every hello: a stream that does not start with it is not ours.
@@ -55,7 +61,10 @@ public enum MigrationWire {
     /// 11: post-copy (hello flag, its frames, the faults connection).
     /// 12: post-copy recovery (hello flag `resume`, the postcopyResume frame).
     /// 13: postcopyPrepare and postcopyPrepared (stale pages dropped before the pause).
-    public static let version: UInt32 = 13
+    /// 14: a replication resumes (hello flags `replicate` and `resume`: the primary greets its
+    /// standby again as the same replication); the hello reply says what kind of refusal it is
+    /// and which checkpoint a standby holds.
+    public static let version: UInt32 = 14
     public static let frameHeaderSize = 8
     public static let maxStringBytes = 4096
     /// Ranges per page batch and data per batch: what the receiver accepts at most.
@@ -117,7 +126,8 @@ public enum MigrationFrameType: UInt32, Sendable {
     var maxPayload: Int {
         switch self {
         case .hello: return 104 + MigrationWire.maxStringBytes + MigrationHello.maxBootAnnouncementBytes
-        case .helloReply, .abort: return 16 + MigrationWire.maxStringBytes
+        case .helloReply: return 32 + MigrationWire.maxStringBytes
+        case .abort: return 16 + MigrationWire.maxStringBytes
         case .pages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxBatchDataBytes
         // Smaller than the pages it holds, or it would have been sent as they are.
         case .compressedPages: return 4 + 16 * MigrationWire.maxRangesPerBatch + MigrationWire.maxCompressedBatchDataBytes
@@ -190,9 +200,10 @@ public struct MigrationHello: Sendable, Equatable {
     /// The sender may switch to post-copy (`migrate --postcopy`): a destination that cannot
     /// serve demand faults refuses here, before anything is switched.
     public var postcopy = false
-    /// This control connection resumes the paused post-copy of session `session` (the one that
-    /// switched) over a new link, rather than opening a migration: the destination refuses it
-    /// unless it holds that session's post-copy. Needs `postcopy`.
+    /// This control connection resumes session `session` over a new link, rather than opening a
+    /// migration: with `postcopy`, the paused post-copy of the session that switched (the
+    /// destination refuses it unless it holds that session's post-copy); with `replicate`, the
+    /// replication a standby follows (it answers with the checkpoint it holds, or refuses).
     public var resume = false
     /// How long the link may carry nothing before the migration fails (`--link-timeout`): the
     /// destination watches its side of the link with the same deadline, so both sides give up
@@ -217,7 +228,8 @@ public struct MigrationHello: Sendable, Equatable {
     static let replicateFlag: UInt32 = 2
     /// The source may switch to post-copy: the destination must be able to serve demand faults.
     static let postcopyFlag: UInt32 = 4
-    /// Resumes the paused post-copy of the session named (protocol 12).
+    /// Resumes the paused post-copy (protocol 12), or the replication (protocol 14), of the
+    /// session named.
     static let resumeFlag: UInt32 = 8
 
     public init(name: String, memorySize: UInt64, vcpuCount: Int, tracking: TrackingMode?, ringEntries: Int,
@@ -290,8 +302,8 @@ public struct MigrationHello: Sendable, Equatable {
         replicate = flags & MigrationHello.replicateFlag != 0
         postcopy = flags & MigrationHello.postcopyFlag != 0
         resume = flags & MigrationHello.resumeFlag != 0
-        guard !resume || (postcopy && !replicate) else {
-            throw .malformed("a hello resuming post-copy without the post-copy flag, or with replication's")
+        guard !resume || postcopy != replicate else {
+            throw .malformed("a hello resuming neither a post-copy nor a replication, or both")
         }
         linkTimeoutMilliseconds = try reader.u32()
         guard Self.linkTimeoutMillisecondsRange.contains(linkTimeoutMilliseconds) else {
@@ -358,9 +370,30 @@ public struct MigrationHelloReply: Sendable, Equatable {
     /// A standby's: how often the primary must send something (a checkpoint or a heartbeat),
     /// in milliseconds; a fifth of its --failover-after. 0 for a migration.
     public var heartbeatMilliseconds: UInt32 = 0
+    /// What kind of refusal this is, where the sender acts on it (a replication that resumes).
+    public var refusal = HelloRefusal.other
+    /// A standby's answer to a replication that resumes: the checkpoint it holds committed (the
+    /// primary sends what changed since); with refusal `tookOver`, the one it resumed the VM from.
+    public var heldEpoch: UInt64?
+
+    /// Why a hello was refused, where the sender acts differently on it.
+    public enum HelloRefusal: UInt8, Sendable {
+        /// Anything else: the reason says what to do.
+        case other = 0
+        /// A standby that holds no checkpoint of the replication resuming (it was started
+        /// again, discarded its copy, or is copying): the primary starts the replication afresh.
+        case nothingToResume = 1
+        /// The standby took over the replication resuming: the primary's copy is stale.
+        case tookOver = 2
+    }
 
     public static let accept = MigrationHelloReply(accepted: true, reason: "")
-    public static func refuse(_ reason: String) -> MigrationHelloReply { MigrationHelloReply(accepted: false, reason: reason) }
+    public static func refuse(_ reason: String, _ refusal: HelloRefusal = .other, epoch: UInt64? = nil) -> MigrationHelloReply {
+        var reply = MigrationHelloReply(accepted: false, reason: reason)
+        reply.refusal = refusal
+        reply.heldEpoch = epoch
+        return reply
+    }
 
     public init(accepted: Bool, reason: String) {
         self.accepted = accepted
@@ -370,6 +403,7 @@ public struct MigrationHelloReply: Sendable, Equatable {
     func encode() -> [UInt8] {
         var writer = WireWriter()
         writer.u8(accepted ? 1 : 0); writer.u32(version); writer.string(reason); writer.u32(heartbeatMilliseconds)
+        writer.u8(refusal.rawValue); writer.u8(heldEpoch == nil ? 0 : 1); writer.u64(heldEpoch ?? 0)
         return writer.bytes
     }
 
@@ -380,6 +414,15 @@ public struct MigrationHelloReply: Sendable, Equatable {
         reason = try reader.peerText()
         // An older receiver's reply ends here: its refusal (a version mismatch) still reads.
         heartbeatMilliseconds = reader.remaining >= 4 ? try reader.u32() : 0
+        if reader.remaining > 0 {
+            let code = try reader.u8()
+            guard let refusal = HelloRefusal(rawValue: code) else { throw .malformed("hello refusal kind \(code)") }
+            self.refusal = refusal
+            let held = try reader.u8()
+            guard held <= 1 else { throw .malformed("hello reply epoch flag \(held)") }
+            let epoch = try reader.u64()
+            heldEpoch = held == 1 ? epoch : nil
+        }
         try reader.finish()
     }
 }

@@ -114,7 +114,8 @@ public final class MigrationReceiver: Sendable {
     private struct Active {
         let id: Int
         let peer: String
-        let socket: TCPSocket
+        /// The connection's socket; a standby's replication that resumed, the resume's.
+        var socket: TCPSocket
         /// The session's connections; after a post-copy resume, the resume's.
         var session: IncomingSession
         /// Where a resume of this session's post-copy reaches it (a `--postcopy` migration's).
@@ -349,6 +350,9 @@ public final class MigrationReceiver: Sendable {
         case .join(let join):
             handedOver = admit(join, connection: connection, channel: handshake, peer: peer)
             return
+        case .control(let control) where control.resume && control.replicate:
+            handedOver = resumeReplication(control, socket: socket, connection: connection, channel: handshake, peer: peer)
+            return
         case .control(let control) where control.resume:
             handedOver = resume(control, connection: connection, channel: handshake, peer: peer)
             return
@@ -399,7 +403,10 @@ public final class MigrationReceiver: Sendable {
         let outcome: Result<Machine, MigrationError>
         do {
             if let standby {
-                let session = StandbySession(primary: peer, options: standby, lastByte: { socket.lastReceivedNanoseconds })
+                let session = StandbySession(primary: peer, replication: hello.session, memorySize: hello.memorySize,
+                                             vcpuCount: hello.vcpuCount, options: standby,
+                                             lastByte: { socket.lastReceivedNanoseconds })
+                session.follow(connection)
                 state.withLock { $0.session = session }
                 defer { state.withLock { if $0.session === session { $0.session = nil } } }
                 log("replication from \(peer): taking the initial copy")
@@ -514,6 +521,58 @@ public final class MigrationReceiver: Sendable {
         try? channel.send(.helloReply, MigrationHelloReply.refuse(refusal!).encode())
         log("refused a post-copy resume from \(peer): \(refusal!)")
         return false
+    }
+
+    /// A control hello that resumes a replication (flags `replicate` and `resume`): its primary
+    /// came back over a new connection. Handed over (true: the replication's thread owns the
+    /// connection now) only to the replication this standby follows, with that session id, while
+    /// it holds a committed checkpoint and nothing decided to take over; answered with that
+    /// checkpoint's epoch. Otherwise refused with the reason and its kind: `nothingToResume`
+    /// (the primary starts afresh) or `tookOver` (the primary's copy is stale).
+    private func resumeReplication(_ hello: MigrationHello, socket: TCPSocket, connection: any MigrationConnection,
+                                   channel: MigrationChannel, peer: String) -> Bool {
+        func refuse(_ reason: String, _ kind: MigrationHelloReply.HelloRefusal, epoch: UInt64? = nil) -> Bool {
+            try? channel.send(.helloReply, MigrationHelloReply.refuse(reason, kind, epoch: epoch).encode())
+            log("refused a replication resuming from \(peer): \(reason)")
+            return false
+        }
+        if let reason = Self.roleMismatch(hello, standby: standby, postcopyUnavailable: limits.postcopyUnavailable) {
+            return refuse(reason, .other)
+        }
+        let following = state.withLock { $0.session }
+        guard let following else {
+            return refuse("this standby holds no copy of replication \(hello.session) (it follows none: it was started again, or discarded its copy); start the replication afresh", .nothingToResume)
+        }
+        guard following.replication == hello.session else {
+            return refuse("this standby follows replication \(following.replication) from \(following.primary), not \(hello.session): it is busy; stop that replication first, or use another standby", .other)
+        }
+        guard hello.memorySize == following.memorySize, hello.vcpuCount == following.vcpuCount else {
+            return refuse("replication \(hello.session)'s VM has \(ByteSize.format(following.memorySize)) of RAM and \(following.vcpuCount) vCPUs here; the resume announces \(ByteSize.format(hello.memorySize)) and \(hello.vcpuCount)", .other)
+        }
+        let codec: PageCodec
+        do { codec = try Self.checkedCodec(hello) } catch { return refuse(error.reasonForPeer, .other) }
+        let resume = StandbyResume(connection: connection, channel: MigrationChannel(transport: connection, frameSeconds: limits.frameSeconds),
+                                   hello: hello, codec: codec, peer: peer)
+        switch following.acceptResume(resume) {
+        case .failure(.nothingHeld(let why)):
+            return refuse("this standby holds no checkpoint of replication \(hello.session): \(why); start the replication afresh", .nothingToResume)
+        case .failure(.tookOver(let epoch)):
+            return refuse("this standby took over replication \(hello.session): it resumed the VM from checkpoint \(epoch) and runs it; the primary's copy is stale", .tookOver, epoch: epoch)
+        case .failure(.keptForOperator(let epoch)):
+            return refuse("this standby refused a checkpoint of replication \(hello.session) and keeps checkpoint \(epoch) for an operator: run 'dirtymig failover' on it, or stop it and start the replication afresh", .other)
+        case .success(let epoch):
+            state.withLock { state in
+                if state.session === following { state.active?.socket = socket }
+            }
+            var reply = MigrationHelloReply.accept
+            reply.heartbeatMilliseconds = following.options.heartbeatMilliseconds
+            reply.heldEpoch = epoch
+            // Accepted before the reply: the replication's thread reads the resync's first frame
+            // after it. A reply that cannot go out fails that read, and the torn copy is dropped.
+            try? channel.send(.helloReply, reply.encode())
+            log("replication \(hello.session) resumes from \(peer): the standby holds checkpoint \(epoch) and takes what changed since")
+            return true
+        }
     }
 
     /// Ends `session` (closing the connections that joined it) and remembers how.

@@ -225,6 +225,7 @@ final class PageReceiver {
 
     /// Allocates pass 1's pages ahead of this thread (see PagePrefaulter), while pass 1 lasts.
     private var prefaulter: PagePrefaulter?
+    private let allocatesAhead: Bool
     /// Writes the chunks this thread receives into guest memory, on its own thread (see PageWriter).
     private let writer: PageWriter
 
@@ -238,8 +239,13 @@ final class PageReceiver {
 
     deinit { writer.close() }
 
-    init(memory: GuestMemory, verifying: Bool, codec: PageCodec = .none) throws(MigrationError) {
+    /// `olderData`: pages that already hold data here (a standby's copy that a resync brings up
+    /// to date): a zero range over them zeroes them, and nothing is allocated ahead (the copy's
+    /// pages are allocated already).
+    init(memory: GuestMemory, verifying: Bool, codec: PageCodec = .none,
+         olderData: DirtyPageBitmap? = nil) throws(MigrationError) {
         self.memory = memory
+        allocatesAhead = olderData == nil
         switch codec {
         case .none: decompressor = nil
         case .zstd:
@@ -247,7 +253,7 @@ final class PageReceiver {
             self.decompressor = decompressor
         }
         writer = PageWriter(memory: memory, digest: verifying ? LandedPagesDigest(pageCount: memory.pageCount) : nil)
-        hasData = DirtyPageBitmap(pageCount: memory.pageCount)
+        hasData = olderData ?? DirtyPageBitmap(pageCount: memory.pageCount)
         allocatedAtSource = DirtyPageBitmap(pageCount: memory.pageCount)
     }
 
@@ -269,7 +275,7 @@ final class PageReceiver {
             try PassPlan(decoding: payload, pageCount: memory.pageCount).words
         }
         let plan = DirtyPageBitmap(pageCount: memory.pageCount, words: planWords)
-        guard prefaulter == nil, pagesReceived == 0, !memory.allocatedAhead else { return }
+        guard allocatesAhead, prefaulter == nil, pagesReceived == 0, !memory.allocatedAhead else { return }
         prefaulter = PagePrefaulter(memory: memory, plan: plan)
     }
 

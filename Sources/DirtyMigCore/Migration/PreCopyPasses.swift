@@ -17,6 +17,9 @@ final class PreCopyPasses {
     private(set) var count = 0
     /// What the next pass carries.
     private(set) var pending: DirtyPageBitmap
+    /// Pass 1 carries only what changed since the receiver's copy (a replication's resync), not
+    /// every page that holds data.
+    let resyncsChanges: Bool
 
     /// What one pass sent and what the guest dirtied meanwhile (now `pending`).
     struct Outcome {
@@ -34,13 +37,28 @@ final class PreCopyPasses {
     /// now (and any loss in it: pass 1 carries everything anyway) and sends pass 1's plan.
     /// `bandwidth`: the cap in force (nil: none), asked before every batch; `compression`: how
     /// batches may travel (the hello announced its codec).
+    ///
+    /// `changedSince`: the receiver holds an older copy (a standby that a replication resumes
+    /// to), and these pages changed since that copy besides those the tracker holds: pass 1 is
+    /// them and what the tracker collected, unless the tracker lost dirty information meanwhile
+    /// (then every page that holds data, `resyncsChanges` false).
     init(memory: GuestMemory, tracker: DirtyTracker, channel: MigrationChannel,
-         bandwidth: @escaping () -> UInt64? = { nil }, compression: PageCompression = .none) throws(MigrationError) {
+         bandwidth: @escaping () -> UInt64? = { nil }, compression: PageCompression = .none,
+         changedSince: DirtyPageBitmap? = nil) throws(MigrationError) {
         self.memory = memory
         self.tracker = tracker
         transfer = try PassTransfer(channel: channel, memory: memory, bandwidth: bandwidth, compression: compression)
-        do { _ = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
-        pending = memory.dataPages()
+        let collection: DirtyCollection
+        do { collection = try tracker.collect() } catch { throw .machine("dirty tracking failed: \(error)") }
+        if var changed = changedSince, collection.isComplete {
+            changed.formUnion(collection.pages)
+            pending = changed
+            resyncsChanges = true
+        } else {
+            if changedSince != nil { ringOverruns += UInt64(collection.losses.count) }
+            pending = memory.dataPages()
+            resyncsChanges = false
+        }
         try transfer.sendPlan(pending)
     }
 

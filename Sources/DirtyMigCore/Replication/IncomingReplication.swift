@@ -3,9 +3,17 @@ import Glibc
 /// The standby's side of one replication, after its hello: an explicit state machine.
 ///
 ///     initial copy ──first checkpoint applied──▶ protecting ──primary gone──▶ take over
-///          │                                        │  (auto; manual: after `failover`)
+///          │  ▲                                     │  (auto; manual: after `failover`)
+///          │  └──── the primary resumes ────────────┤  (protecting, or awaiting `failover`)
 ///          └─ primary gone: discard                 ├─ replicationEnd: discard, confirm
 ///                                                   └─ bad checkpoint: keep the copy, await `failover`
+///
+/// "The primary resumes": it greets this standby again over a new connection as the same
+/// replication (`StandbySession.acceptResume`, before any takeover was decided). The old
+/// connection is dropped (a staged epoch on it with it), and the pages changed since the
+/// committed checkpoint arrive as an initial copy's do, written straight into guest memory:
+/// the copy is torn until the resync's first checkpoint, and a resync that fails is discarded
+/// as an initial copy is (the primary lives: it was just heard from).
 ///
 /// "Primary gone" while protecting is silence: no byte for --failover-after (or the connection
 /// closed without a replicationEnd: the primary's process died). A slow link is not silence.
@@ -51,70 +59,115 @@ enum IncomingReplication {
         reply.heartbeatMilliseconds = session.options.heartbeatMilliseconds
         try channel.send(.helloReply, reply.encode())
 
-        // Once protecting, frames have no deadline of their own: silence is what counts (below).
-        let watched = MigrationChannel(transport: connection)
-        let staging = CheckpointStaging(memory: vm.memory, decompressor: initialPages.decompressor)
+        // The connection followed: the first one (its caller's), or the last resume's, which
+        // this thread owns and closes (`resumed`), unless it goes to the thread that tells the
+        // former primary of a takeover.
+        var link = Link(channel: channel, connection: connection)
+        var resumed: (any MigrationConnection)?
+        defer {
+            session.end()
+            resumed?.shutdown()
+        }
+        var staging = CheckpointStaging(memory: vm.memory, decompressor: initialPages.decompressor)
         var phase = Phase.initialCopy(initialPages)
         defer { if case .initialCopy(let pages) = phase { pages.passEnded() } }
-        var lost: String
+        var lost = ""
         var keepWaiting = false   // a bad checkpoint: the primary lives, so never take over unasked
-        receiving: while true {
-            let current = phase
-            do {
-                switch current {
-                case .initialCopy(let pages):
-                    let (type, length) = try channel.receiveHeader()
-                    if try IncomingMigration.receivePassFrame(type, length: length, into: pages, channel: channel) { continue }
-                    guard let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging,
-                                                                          vm: vm, session: session, channel: channel) else { continue }
-                    pages.passEnded()
-                    phase = .protecting(state: state, epoch: epoch)
-                    try channel.send(.checkpointAck, EpochFrame(epoch: epoch).encode())
-                    // From now on the primary is lost only after --failover-after of silence: no
-                    // byte at all (a checkpoint that crawls over a slow link is not silence), and
-                    // no frame deadline (a 2 MiB checkpoint takes 0.84 s at 20 Mbit/s).
-                    connection.setReceiveDeadline(nil)
-                    connection.setTimeouts(send: 10, receive: session.options.failoverAfterSeconds)
-                    connection.tcp.retransmitThinStreamsSteadily()
-                case .protecting:
-                    if let request = session.failoverRequest {
-                        staging.reset()   // a checkpoint the request came before is not applied
-                        lost = request
-                        break receiving
+
+        /// The primary came back on a new connection (`StandbySession.acceptResume`, which shut
+        /// the old one): what changed since the committed checkpoint comes as an initial copy's
+        /// passes, straight into guest memory, then a first checkpoint. Until that checkpoint
+        /// the copy is torn: the resync failing discards it, as an initial copy failing does.
+        func adopt(_ resume: StandbyResume) throws(MigrationError) {
+            link.connection.shutdown()
+            resumed?.shutdown()
+            resumed = resume.connection
+            link = Link(channel: resume.channel, connection: resume.connection)
+            session.follow(resume.connection)
+            let pages = try PageReceiver(memory: vm.memory, verifying: false, codec: resume.codec,
+                                         olderData: vm.memory.dataPages())
+            staging.reset()
+            staging = CheckpointStaging(memory: vm.memory, decompressor: pages.decompressor)
+            phase = .initialCopy(pages)
+            keepWaiting = false
+            log("the primary came back from \(resume.peer): taking what changed since the checkpoint held; the copy is incomplete until the resync's first checkpoint")
+        }
+
+        following: while true {
+            receiving: while true {
+                let current = phase
+                do {
+                    switch current {
+                    case .initialCopy(let pages):
+                        let (type, length) = try link.channel.receiveHeader()
+                        if try IncomingMigration.receivePassFrame(type, length: length, into: pages, channel: link.channel) { continue }
+                        guard let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging,
+                                                                              vm: vm, session: session, channel: link.channel) else { continue }
+                        pages.passEnded()
+                        phase = .protecting(state: state, epoch: epoch)
+                        try link.channel.send(.checkpointAck, EpochFrame(epoch: epoch).encode())
+                        // From now on the primary is lost only after --failover-after of silence: no
+                        // byte at all (a checkpoint that crawls over a slow link is not silence), and
+                        // no frame deadline (a 2 MiB checkpoint takes 0.84 s at 20 Mbit/s).
+                        link.connection.setReceiveDeadline(nil)
+                        link.connection.setTimeouts(send: 10, receive: session.options.failoverAfterSeconds)
+                        link.connection.tcp.retransmitThinStreamsSteadily()
+                    case .protecting:
+                        if let request = session.failoverRequest {
+                            staging.reset()   // a checkpoint the request came before is not applied
+                            lost = request
+                            break receiving
+                        }
+                        let (type, length) = try link.watched.receiveHeader()
+                        guard let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging,
+                                                                              vm: vm, session: session, channel: link.watched) else { continue }
+                        phase = .protecting(state: state, epoch: epoch)
+                        try link.channel.send(.checkpointAck, EpochFrame(epoch: epoch).encode())
                     }
-                    let (type, length) = try watched.receiveHeader()
-                    guard let (state, epoch) = try receiveCheckpointFrame(type, length: length, staging: staging,
-                                                                          vm: vm, session: session, channel: watched) else { continue }
-                    phase = .protecting(state: state, epoch: epoch)
-                    try channel.send(.checkpointAck, EpochFrame(epoch: epoch).encode())
+                } catch {
+                    guard case .protecting(_, let epoch) = phase, !stopping() else { throw error }
+                    staging.reset()   // a torn epoch is dropped whole
+                    if let resume = session.takeResume() {
+                        try adopt(resume)
+                        continue receiving
+                    }
+                    switch error {
+                    case .peerAborted, .refused, .cancelled:
+                        throw error   // replicationEnd or an abort: the primary lives and says why
+                    case _ where Self.refusedByUs(error):
+                        // The primary is alive but sent something we refused (a bad checkpoint, or a
+                        // TLS record that failed its integrity check: the stream was tampered with
+                        // on the way): tell it, keep the copy.
+                        link.channel.sendAbort("the standby refused a checkpoint (\(error)); it keeps checkpoint \(epoch) and takes over only on 'dirtymig failover'")
+                        keepWaiting = true
+                    default:
+                        break
+                    }
+                    lost = session.failoverRequest ?? "\(error)"
+                    break receiving
                 }
-            } catch {
-                guard case .protecting(_, let epoch) = phase, !stopping() else { throw error }
-                staging.reset()   // a torn epoch is dropped whole
-                switch error {
-                case .peerAborted, .refused, .cancelled:
-                    throw error   // replicationEnd or an abort: the primary lives and says why
-                case _ where Self.refusedByUs(error):
-                    // The primary is alive but sent something we refused (a bad checkpoint, or a
-                    // TLS record that failed its integrity check: the stream was tampered with
-                    // on the way): tell it, keep the copy.
-                    channel.sendAbort("the standby refused a checkpoint (\(error)); it keeps checkpoint \(epoch) and takes over only on 'dirtymig failover'")
-                    keepWaiting = true
-                default:
-                    break
-                }
-                lost = session.failoverRequest ?? "\(error)"
-                break receiving
             }
+            guard case .protecting(_, let epoch) = phase else { throw .machine("unreachable: no checkpoint") }
+            if (session.options.failover == .manual || keepWaiting) && !session.failoverRequested {
+                log("the primary is lost (\(lost)); holding checkpoint \(epoch): run 'dirtymig failover' to resume the VM here")
+                switch session.awaitFailover(reason: lost, heldForOperator: keepWaiting, stopping: stopping) {
+                case .failover: break
+                case .stopping: throw .cancelled(MigrationReceiver.stoppingReason)
+                case .resumed:
+                    guard let resume = session.takeResume() else { throw .cancelled(MigrationReceiver.stoppingReason) }
+                    try adopt(resume)
+                    continue following
+                }
+            }
+            // A resume that came first wins: the primary lives, nothing is taken over.
+            if !session.takingOver() {
+                guard let resume = session.takeResume() else { throw .cancelled(MigrationReceiver.stoppingReason) }
+                try adopt(resume)
+                continue following
+            }
+            break following
         }
         guard case .protecting(let state, let epoch) = phase else { throw .machine("unreachable: no checkpoint") }
-        if (session.options.failover == .manual || keepWaiting) && !session.failoverRequested {
-            log("the primary is lost (\(lost)); holding checkpoint \(epoch): run 'dirtymig failover' to resume the VM here")
-            guard session.awaitFailover(reason: lost, stopping: stopping) else {
-                throw .cancelled(MigrationReceiver.stoppingReason)
-            }
-        }
-        session.takingOver()
         do {
             try vm.restoreState(state)
         } catch {
@@ -126,8 +179,23 @@ enum IncomingReplication {
             throw .machine("cannot resume the VM from checkpoint \(epoch): \(error)")
         }
         log("took over from the primary (\(lost)): the VM runs here from checkpoint \(epoch)")
-        tellTheFormerPrimary(channel, connection: connection, epoch: epoch, log: log)
+        resumed = nil   // the notice's thread closes it
+        tellTheFormerPrimary(link.channel, connection: link.connection, epoch: epoch, log: log)
         return vm
+    }
+
+    /// The connection a replication follows, and its frames without a deadline of their own
+    /// (once protecting, silence is what counts).
+    private struct Link {
+        let channel: MigrationChannel
+        let connection: any MigrationConnection
+        let watched: MigrationChannel
+
+        init(channel: MigrationChannel, connection: any MigrationConnection) {
+            self.channel = channel
+            self.connection = connection
+            watched = MigrationChannel(transport: connection)
+        }
     }
 
     /// After a takeover: if the primary still lives (a link cut both sides saw as silence), it

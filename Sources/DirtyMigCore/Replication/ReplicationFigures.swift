@@ -109,6 +109,10 @@ public struct ReplicationFigures: Sendable {
     public var reprotectForSeconds = 0.0
     public var reprotectSecondsLeft: Double?
     public var reprotections: UInt64 = 0
+    /// Of those, how many sent only the pages changed since the checkpoint the standby held.
+    public var reprotectDeltas: UInt64 = 0
+    /// The last re-protection: what it sent and how long it took.
+    public var lastReprotect: ReprotectFigures?
     /// Rates over the last second, measured only while protected (0 there otherwise, null in the JSON).
     public var checkpointsPerSecond = 0.0
     public var bytesPerSecond = 0.0
@@ -180,9 +184,40 @@ public struct ReplicationFigures: Sendable {
         pairs.append(("reprotect_for_s", .number(reprotectForSeconds)))
         pairs.append(("reprotect_s_left", reprotectSecondsLeft.map { .number($0) } ?? .null))
         pairs.append(("reprotections", .number(reprotections)))
+        pairs.append(("reprotect_deltas", .number(reprotectDeltas)))
+        pairs.append(("last_reprotect", lastReprotect?.json ?? .null))
         pairs.append(("channel", channel?.json ?? .null))
         pairs.append(("error", error.map { .string($0) } ?? .null))
         return .object(pairs)
+    }
+}
+
+/// One re-protection: a delta (only the pages changed since the checkpoint the standby still
+/// held) or the whole VM (and why), what crossed the link until the standby held a first
+/// checkpoint again, and how long that took from the dial.
+public struct ReprotectFigures: Sendable, Equatable {
+    public var delta: Bool
+    public var fullBecause: String?
+    public var heldEpoch: UInt64?
+    public var pages: UInt64
+    public var bytes: UInt64
+    public var seconds: Double
+
+    public var json: JSONValue {
+        [
+            "kind": .string(delta ? "delta" : "full"),
+            "full_because": fullBecause.map { .string($0) } ?? .null,
+            "standby_held_epoch": heldEpoch.map { .number($0) } ?? .null,
+            "pages": .number(pages),
+            "bytes": .number(bytes),
+            "ms": .number(seconds * 1000),
+        ]
+    }
+
+    /// For the log line.
+    var summary: String {
+        let what = delta ? "only what changed since checkpoint \(heldEpoch ?? 0) was sent" : "the whole VM was sent (\(fullBecause ?? "no checkpoint held"))"
+        return String(format: "%@: %llu pages, %@ in %.0f ms", what, pages, ByteSize.format(bytes), seconds * 1000)
     }
 }
 

@@ -21,10 +21,13 @@ import Synchronization
 ///   comes back, and this copy's output stops (`superseded`).
 ///
 /// A standby lost is sought again for `--reprotect-for` (the re-protecting thread): once the
-/// lost connection has settled without a takeover (closed, or the standby confirmed it
-/// discarded its copy), the standby's address is tried with back-off, and a standby that
-/// answers gets the initial copy again and the checkpoints resume. A standby that took over is
-/// never protected against: this copy is stale then, and replication ends.
+/// lost connection's epoch thread ended, the standby's address is tried with back-off, greeting
+/// it as the same replication resuming (one session id for the replicator's life). A standby
+/// that still holds a checkpoint of it names that checkpoint and receives only the pages changed
+/// since (`CheckpointLedger`); one that holds nothing gets the initial copy again; then the
+/// checkpoints resume. The lost connection stays open meanwhile, its listening thread
+/// listening for a takeover, until the standby has answered: a standby that took over (said on
+/// either connection) is never protected against: this copy is stale then, and replication ends.
 ///
 /// The connection is never closed while the standby could read the close as a dead primary:
 /// a stop or a loss first sends `replicationEnd` (the standby discards its copy), and a stop
@@ -38,10 +41,13 @@ public final class Replicator: Sendable {
     private let wake = DispatchSemaphore(value: 0)
     /// The dirty trigger fired in this epoch.
     private let triggered = Atomic<Bool>(false)
-    /// Signalled as a connection's epoch thread and its listening thread end: the re-protecting
-    /// thread starts a new connection only after both (its state is one connection's at a time).
+    /// Signalled as a connection's epoch thread ends: the re-protecting thread starts a new
+    /// connection only after it (it is the only thread that sends). A lost connection's
+    /// listening thread goes on (see `generation`).
     private let epochsDone = DispatchSemaphore(value: 0)
-    private let listeningDone = DispatchSemaphore(value: 0)
+    /// The replication's session id, the same in every hello (a reconnection greets the standby
+    /// as the same replication resuming).
+    private let replication = SessionID.random()
     /// Wakes the re-protecting thread from its back-off (a stop); signalled as it ends.
     private let reprotectWake = DispatchSemaphore(value: 0)
     private let reprotectDone = DispatchSemaphore(value: 0)
@@ -78,6 +84,13 @@ public final class Replicator: Sendable {
         /// unanswered is no answer owed by the next standby.
         var connectionSent: UInt64 = 0
         var connectionAcknowledged: UInt64 = 0
+        /// Counts connections: a listening thread whose connection is no longer the current one
+        /// listens only for a takeover, and its connection's end is no news.
+        var generation: UInt64 = 0
+        /// The pages of the checkpoints the standby has not acknowledged (a resync's delta).
+        var ledger = CheckpointLedger(capacity: Int(Replicator.maxUnanswered) + 2)
+        /// The lost connection, open until the standby answered a resume (or was given up on).
+        var lostSession: MigrationSession?
         /// When the last checkpoint's pause began, and the epochs' lengths (`--checkpoint-interval`,
         /// or longer when an acknowledgement took longer).
         var lastPauseStart: UInt64?
@@ -171,7 +184,7 @@ public final class Replicator: Sendable {
     public func start() -> ReplicationFigures {
         var opened: MigrationChannel?
         do {
-            let channel = try connect()
+            let (channel, _) = try connect()
             opened = channel
             let compressor = try initialCopy(channel)
             runConnection(channel, compressor: compressor)
@@ -185,17 +198,17 @@ public final class Replicator: Sendable {
 
     /// The connection's two threads, from its first checkpoint on.
     private func runConnection(_ channel: MigrationChannel, compressor: PageBatchCompressor?) {
-        // From protection on (the initial copy is a bulk transfer; a primary dead during it
-        // leaves nothing to take over).
-        state.withLock { $0.session?.control }?.tcp.limitUnsentBytes(Self.unsentBytesLimit)
-        state.withLock { shared in
+        let (generation, connection) = state.withLock { shared in
             shared.connected = true
             shared.epochsRunning = true
             shared.reprotecting = false   // the epoch thread holds the transfer claim now
+            return (shared.generation, shared.session?.control)
         }
+        // From protection on (the initial copy is a bulk transfer; a primary dead during it
+        // leaves nothing to take over).
+        connection?.tcp.limitUnsentBytes(Self.unsentBytesLimit)
         _ = OSThread(name: "repl-listen") { [self] in
-            listenToStandby(channel)
-            listeningDone.signal()
+            if let connection { listenToStandby(channel, connection: connection, generation: generation) }
         }
         let heartbeat = PrimaryHeartbeat.start(channel: channel) { [self] in heartbeatNanoseconds.load(ordering: .relaxed) }
         _ = OSThread(name: "repl-epochs") { [self] in epochLoop(channel, heartbeat: heartbeat, compressor: compressor) }
@@ -212,15 +225,20 @@ public final class Replicator: Sendable {
         state.withLock { $0.session }?.close()
     }
 
-    /// `again`: a re-protection (the figures go on; `started` stays the first connection's).
-    private func connect(again: Bool = false) throws(MigrationError) -> MigrationChannel {
+    /// `again`: a re-protection (the figures go on; `started` stays the first connection's);
+    /// `resume`: greet the standby as this replication resuming (it answers with the checkpoint
+    /// it holds, or refuses with a kind of refusal: `.refused` then carries the reply).
+    private func connect(again: Bool = false, resume: Bool = false) throws(MigrationError) -> (MigrationChannel, MigrationHelloReply) {
         guard machine.tracker != nil else {
             throw .machine("this VM was started without dirty tracking; boot it with --track bitmap, ring or quota")
         }
         let started = MonotonicClock.nanoseconds()
         let session: MigrationSession
         let attempt = state.withLock { $0.attempt }
-        do { session = try MigrationSession.connect(to: options.standby, security: options.security, attempt: attempt) } catch {
+        do {
+            session = try MigrationSession.connect(to: options.standby, security: options.security, id: replication,
+                                                   timeout: 5, attempt: attempt)
+        } catch {
             if let reason = state.withLock({ $0.stopReason }) { throw .cancelled(reason) }
             throw error
         }
@@ -236,11 +254,22 @@ public final class Replicator: Sendable {
         let channel = session.channel
         var hello = MigrationHello(announcing: machine)
         hello.replicate = true
+        hello.resume = resume
         hello.pageCodecCode = options.compression.codec.rawValue
-        let reply = try session.greet(hello)
+        let reply: MigrationHelloReply
+        do { reply = try session.answer(hello) } catch {
+            session.close()
+            throw error
+        }
+        guard reply.accepted else {
+            session.close()
+            // A resume's refusal says what to do (start afresh, or this copy is stale).
+            if resume && reply.refusal != .other { return (channel, reply) }
+            throw .refused(reply.reason)
+        }
         heartbeatNanoseconds.store(UInt64(max(reply.heartbeatMilliseconds, 5)) * 1_000_000, ordering: .relaxed)
         state.withLock { $0.figures.setupSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9 }
-        return channel
+        return (channel, reply)
     }
 
     /// What the replication connection may hold unsent. A primary's process that dies has its
@@ -264,15 +293,20 @@ public final class Replicator: Sendable {
 
     /// The migration's pre-copy, live, until what is left is small; then the first checkpoint.
     /// Returns the compressor (`--compress`), whose measurements the checkpoints go on with.
-    private func initialCopy(_ channel: MigrationChannel, again: Bool = false) throws(MigrationError) -> PageBatchCompressor? {
+    /// A re-protection (`again`) names what its standby holds: `resync`, the pages changed
+    /// since its checkpoint (pass 1 carries only those), or why it gets the whole VM.
+    private func initialCopy(_ channel: MigrationChannel, again: Bool = false,
+                             resync: Result<DirtyPageBitmap, CheckpointLedger.FullCopyReason> = .failure(.nothingHeld),
+                             heldEpoch: UInt64? = nil, dialled: UInt64 = 0) throws(MigrationError) -> PageBatchCompressor? {
         let started = MonotonicClock.nanoseconds()
         let passes = try PreCopyPasses(memory: machine.memory, tracker: machine.tracker!, channel: channel,
-                                       compression: options.compression)
-        var bytes: UInt64 = 0
+                                       compression: options.compression, changedSince: try? resync.get())
+        var bytes: UInt64 = 0, pages: UInt64 = 0
         defer { state.withLock { $0.figures.ringOverruns += passes.ringOverruns } }
         for _ in 1...Self.maxInitialPasses {
             let outcome = try passes.run(shouldStop: { isStopping })
             bytes += outcome.sent.bytes
+            pages += outcome.sent.normalPages + outcome.sent.zeroPages
             let shrinking = outcome.dirty.count < outcome.carried / 2
             if passes.pending.count <= Self.firstCheckpointPages || !shrinking { break }
             if isStopping { throw .cancelled(stopReasonText) }
@@ -287,6 +321,7 @@ public final class Replicator: Sendable {
             throw .cancelled(stopReasonText)
         }
         bytes += sent
+        pages += UInt64(staged.pages.count)
         state.withLock { shared in
             shared.figures.checkpointsSent += 1
             shared.connectionSent += 1
@@ -301,8 +336,21 @@ public final class Replicator: Sendable {
             // A stop while re-protecting finds the status unprotected and does not wait for an
             // end the standby confirms: this connection must not go on to checkpoints.
             if again && shared.stopReason != nil { return true }
-            shared.figures.initialSeconds = Double(MonotonicClock.nanoseconds() - started) / 1e9
-            shared.figures.initialBytes = bytes
+            let now = MonotonicClock.nanoseconds()
+            if again {
+                var full: String?
+                if !passes.resyncsChanges {
+                    if case .failure(let reason) = resync { full = reason.description } else { full = CheckpointLedger.FullCopyReason.dirtyInformationLost.description }
+                }
+                shared.figures.lastReprotect = ReprotectFigures(
+                    delta: passes.resyncsChanges, fullBecause: full, heldEpoch: heldEpoch, pages: pages, bytes: bytes,
+                    seconds: Double(now - (dialled == 0 ? started : dialled)) / 1e9)
+                if passes.resyncsChanges { shared.figures.reprotectDeltas += 1 }
+            } else {
+                shared.figures.initialSeconds = Double(now - started) / 1e9
+                shared.figures.initialBytes = bytes
+            }
+            shared.ledger.started(at: epoch)
             shared.figures.bytesSent += bytes
             shared.figures.status = .protected
             shared.figures.compression = CompressionReport(mode: options.compression, tally: compressor?.tally ?? CompressionTally())
@@ -456,6 +504,9 @@ public final class Replicator: Sendable {
             // A loss that re-protects hands the claim to the re-protecting thread (decided with
             // the loss, before this thread saw `stopping`), unless that one ended first.
             let last = state.withLock { shared -> Bool in
+                // Pages an unfinished epoch took from the tracker are owed to a resync too.
+                shared.ledger.addUnsent(staged.pages)
+                if staged.resync { shared.ledger.forget() }
                 shared.epochsRunning = false
                 return !shared.reprotecting
             }
@@ -501,7 +552,8 @@ public final class Replicator: Sendable {
                 }
                 if isStopping { break }
                 epochStart = MonotonicClock.nanoseconds()
-                _ = try checkpoint(into: staged)
+                let epoch = try checkpoint(into: staged)
+                state.withLock { $0.ledger.record(epoch: epoch, pages: staged.pages) }
                 // A stop or a loss abandons the checkpoint between two of its frames: the end of
                 // replication must not wait behind megabytes on a slow link.
                 guard let bytes = try heartbeat.sending({ () throws(MigrationError) in
@@ -518,6 +570,8 @@ public final class Replicator: Sendable {
             }
             sendEnd(channel, heartbeat: heartbeat)
         } catch {
+            // Not the link's failure: pages taken from the tracker may be in no record.
+            if case .connection = error {} else { state.withLock { $0.ledger.forget() } }
             lose("the standby is lost: \(error)")
         }
     }
@@ -526,11 +580,15 @@ public final class Replicator: Sendable {
     /// discards its copy and confirms), or given up by this side (it discards its copy rather
     /// than take over a VM that runs on here).
     private func sendEnd(_ channel: MigrationChannel, heartbeat: PrimaryHeartbeat) {
-        let (reason, lost) = state.withLock { shared -> (String, Bool) in
+        let end = state.withLock { shared -> (String, Bool)? in
+            // Seeking the standby again, this side has not given up: the standby keeps its copy
+            // (a resume sends only what changed since). Told if re-protecting ends without it.
+            if shared.lost && shared.reprotecting { return nil }
             shared.endSent = true
             if shared.lost { return ("the primary gave up on its standby (\(shared.figures.error ?? "lost")); it runs the VM on, unprotected", true) }
             return (shared.stopReason ?? "replication was stopped", false)
         }
+        guard let (reason, lost) = end else { return }
         heartbeat.end()   // nothing after the end
         do {
             try heartbeat.sending { () throws(MigrationError) in try channel.send(.replicationEnd, MigrationReason(reason).encode()) }
@@ -543,9 +601,12 @@ public final class Replicator: Sendable {
 
     /// Reads what the standby sends until the connection ends: acknowledgements, the
     /// confirmation of the end, and word that it took over. Decides when it is lost
-    /// (StandbyLiveness); once lost, keeps listening for a takeover only.
-    private func listenToStandby(_ channel: MigrationChannel) {
-        guard let connection = state.withLock({ $0.session?.control }) else { return }
+    /// (StandbyLiveness); once lost, keeps listening for a takeover only, also while (and after)
+    /// a newer connection (`generation` passed) protects the VM: its end is no news then.
+    private func listenToStandby(_ channel: MigrationChannel, connection: any MigrationConnection, generation: UInt64) {
+        /// Lost, or no longer the current connection: only a takeover is news.
+        func watching() -> Bool { state.withLock { $0.lost || $0.generation != generation } }
+        func current() -> Bool { state.withLock { $0.generation == generation } }
         var liveness = StandbyLiveness(lossNanoseconds: lossNanoseconds, now: MonotonicClock.nanoseconds())
         while true {
             do throws(MigrationError) {
@@ -558,7 +619,7 @@ public final class Replicator: Sendable {
                         // standby is lost only a takeover is listened for, for as long as the connection
                         // lasts: a deadline could expire while a send of ours holds a TLS connection
                         // (seconds, as a link recovers from a cut), and the word would go unread.
-                        let watching = state.withLock { $0.lost }
+                        let watching = watching()
                         channel.transport.setReceiveDeadline(watching ? nil : MonotonicClock.nanoseconds() + max(lossNanoseconds, 5_000_000_000))
                         let (type, payload) = try channel.receive([.checkpointAck, .replicationEnded, .tookOver, .heartbeat])
                         liveness.heard(at: MonotonicClock.nanoseconds())
@@ -566,9 +627,9 @@ public final class Replicator: Sendable {
                             try EpochFrame(decoding: payload, what: "\(type)").epoch
                         }
                         switch type {
-                        case .checkpointAck: acknowledged(epoch)
+                        case .checkpointAck: if current() { acknowledged(epoch) }
                         case .replicationEnded:
-                            settleEnd(confirmed: true)
+                            if current() { settleEnd(confirmed: true) }
                             return
                         case .tookOver:
                             superseded(at: epoch)
@@ -578,7 +639,7 @@ public final class Replicator: Sendable {
                         continue
                     }
                     let (lost, awaiting) = state.withLock { shared in
-                        (shared.lost, shared.endSent || shared.connectionSent > shared.connectionAcknowledged)
+                        (shared.lost || shared.generation != generation, shared.endSent || shared.connectionSent > shared.connectionAcknowledged)
                     }
                     if lost { continue }   // only a takeover is still to be heard of
                     if let verdict = liveness.observe(connection.tcp.progress, awaitingAnswer: awaiting, at: MonotonicClock.nanoseconds()) {
@@ -591,7 +652,7 @@ public final class Replicator: Sendable {
                     }
                 }
             } catch {
-                let (lost, ending) = state.withLock { ($0.lost, $0.endSent) }
+                let (lost, ending) = state.withLock { ($0.lost || $0.generation != generation, $0.endSent) }
                 if lost {
                     // Still open after a timeout (the link is slow again, or cut again): keep
                     // listening for a takeover; a closed connection ends it.
@@ -615,6 +676,7 @@ public final class Replicator: Sendable {
         state.withLock { shared in
             shared.figures.checkpointsAcknowledged += 1
             shared.connectionAcknowledged += 1
+            shared.ledger.acknowledge(epoch)
             shared.figures.lastAcknowledgedEpoch = epoch
             shared.acknowledged.add(1, at: now)
         }
@@ -670,29 +732,37 @@ public final class Replicator: Sendable {
     static let firstBackoffNanoseconds: UInt64 = 50_000_000
     static let longestBackoffNanoseconds: UInt64 = 500_000_000
 
-    /// After a loss: waits for the lost connection to settle without a takeover, then tries
-    /// the standby's address until one answers and holds a first checkpoint (protected again),
-    /// or --reprotect-for runs out, or replication is stopped or superseded. Holds the machine's
+    /// After a loss: waits for the lost connection's epoch thread to end, then tries the
+    /// standby's address until one answers and holds a first checkpoint (protected again), or
+    /// --reprotect-for runs out, or replication is stopped or superseded. Holds the machine's
     /// transfer claim throughout, and releases it unless a connection took it over.
+    ///
+    /// Each attempt greets the standby as this replication resuming. One that holds a
+    /// checkpoint of it says which, and gets what changed since (or the whole VM, when this
+    /// side cannot tell what changed); one that holds nothing is greeted afresh at once and gets
+    /// the initial copy; one that took over makes this copy superseded. The lost connection is
+    /// left open until the standby answered (an auto standby that still reads it would take a
+    /// close for a dead primary), its listening thread listening for a takeover.
     private func reprotectLoop() {
         defer { reprotectDone.signal() }
-        // The lost connection's threads end first (the epoch one may be in a send on a cut
-        // link). The listening one lasts as long as the connection: only once it closed or the
-        // standby confirmed it discarded its copy is it known that no standby took over the VM
-        // (a takeover is heard of on that connection). A stop or the deadline ends the wait.
-        for done in [epochsDone, listeningDone] {
-            while done.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
-                if !reprotectGoesOn { return finishReprotecting() }
-            }
+        // The lost connection's epoch thread ends first (it may be in a send on a cut link):
+        // it is the only thread that sends, and what it staged is recorded for the resync.
+        while epochsDone.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
+            if !reprotectGoesOn { return finishReprotecting() }
         }
-        // Settled: closing it can no longer look like a dead primary to a standby that lives.
-        state.withLock { $0.session }?.close()
+        state.withLock { shared in
+            if shared.lostSession == nil { shared.lostSession = shared.session }
+        }
         var backoff = Self.firstBackoffNanoseconds
+        var resume = true
         while true {
             let go = state.withLock { shared -> Bool in
                 guard shared.figures.status == .unprotected, shared.stopReason == nil,
                       let deadline = shared.reprotectDeadline, MonotonicClock.nanoseconds() < deadline else { return false }
-                // A fresh connection: nothing sent on it yet, nothing lost or ending.
+                // A fresh connection: nothing sent on it yet, nothing lost or ending; the lost
+                // one's listening thread hears only of a takeover from now on (the standby
+                // drops that connection as it accepts this one).
+                shared.generation += 1
                 shared.lost = false
                 shared.endSent = false
                 shared.endSettled = false
@@ -706,11 +776,33 @@ public final class Replicator: Sendable {
             guard go else { return finishReprotecting() }
             while endSettled.wait(timeout: .now()) == .success {}   // the lost connection's
             var opened: MigrationChannel?
+            var resynced = false
             do {
-                let channel = try connect(again: true)
+                let dialled = MonotonicClock.nanoseconds()
+                let (channel, reply) = try connect(again: true, resume: resume)
+                if !reply.accepted {
+                    switch reply.refusal {
+                    case .tookOver:
+                        superseded(at: reply.heldEpoch ?? 0)
+                        return finishReprotecting()
+                    default:
+                        // It holds nothing of this replication: a close of the lost connection is
+                        // no news to it. Greeted afresh at once.
+                        log("dirtymig: replication to \(options.standby): the standby holds no copy of the VM any more (\(reply.reason)); copying the whole VM to it")
+                        closeLostSession()
+                        resume = false
+                        continue
+                    }
+                }
                 opened = channel
-                let compressor = try initialCopy(channel, again: true)
-                log("dirtymig: replication to \(options.standby): the standby answered again; the VM is protected again")
+                if resume { closeLostSession() }   // the standby dropped it when it accepted
+                resynced = true
+                let changed = state.withLock { shared in
+                    shared.ledger.changed(since: reply.heldEpoch, pageCount: machine.memory.pageCount)
+                }
+                let compressor = try initialCopy(channel, again: true, resync: changed, heldEpoch: reply.heldEpoch, dialled: dialled)
+                let report = state.withLock { $0.figures.lastReprotect }
+                log("dirtymig: replication to \(options.standby): the standby answered again; the VM is protected again" + (report.map { "; \($0.summary)" } ?? ""))
                 runConnection(channel, compressor: compressor)
                 return
             } catch {
@@ -718,6 +810,9 @@ public final class Replicator: Sendable {
                     shared.lost = true
                     shared.figures.status = .unprotected
                     shared.figures.error = "\(shared.lossReason ?? "the standby is lost"); trying to protect the VM again: \(error)"
+                    // A resync that failed half-way consumed dirty information, and the copy it
+                    // was bringing up to date is discarded there: the next one is whole.
+                    if resynced { shared.ledger.forget() }
                 }
                 stopping.store(true, ordering: .releasing)
                 machine.tracker?.setDirtyTrigger(pages: nil, nil)
@@ -733,6 +828,23 @@ public final class Replicator: Sendable {
         }
     }
 
+    /// The lost connection is closed once the standby answered a resume (it dropped it) or
+    /// said it holds nothing: a close can no longer look like a dead primary to it.
+    private func closeLostSession() {
+        state.withLock { shared -> MigrationSession? in
+            defer { shared.lostSession = nil }
+            return shared.lostSession
+        }?.close()
+    }
+
+    /// Re-protecting ended without the standby (given up, or stopped): a standby that still holds
+    /// a copy on the lost connection is told to discard it (it would otherwise take over a VM
+    /// that runs on here once it reads on), and the connection is left to its listening thread.
+    private func tellTheLostStandby(_ reason: String) {
+        guard let lost = state.withLock({ $0.lostSession }) else { return }
+        try? lost.channel.send(.replicationEnd, MigrationReason(reason).encode())
+    }
+
     private var reprotectGoesOn: Bool {
         state.withLock { shared in
             guard let deadline = shared.reprotectDeadline else { return false }
@@ -742,6 +854,13 @@ public final class Replicator: Sendable {
 
     /// Re-protecting ends without a standby: given up (said in the error), stopped, or superseded.
     private func finishReprotecting() {
+        let superseded = state.withLock { $0.figures.status == .superseded }
+        if superseded {
+            closeLostSession()
+        } else {
+            tellTheLostStandby(state.withLock { $0.stopReason }
+                               ?? "the primary gave up seeking its standby (--reprotect-for ran out); it runs the VM on, unprotected")
+        }
         let last = state.withLock { shared -> Bool in
             if shared.figures.status == .unprotected, shared.stopReason == nil {
                 let reason = shared.figures.error ?? shared.lossReason ?? "the standby is lost"
