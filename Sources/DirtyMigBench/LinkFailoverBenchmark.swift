@@ -27,14 +27,20 @@ struct LinkFailoverOptions {
     /// standby after that much silence.
     var cutSeconds = 3.0
     var idleSeconds = 2.0
+    var workingSet = "8M"
     /// The alive-then-death trials, the link-return one, or both (`--only alive|return`).
     var aliveAndDeath = true
     var linkReturn = true
 }
 
-/// 50 MiB/s over 8 MiB dirties twenty times what 20 Mbit/s carries: every checkpoint holds most
-/// of the 8 MiB and takes about 3.4 s to cross. A line every 10 ms marks the guest running.
-private let failoverBootArguments = ["--memory", "128M", "--vcpus", "1", "--workload", "0:check,ws=8M,rate=50M,emit=10ms"]
+extension LinkFailoverOptions {
+    /// 50 MiB/s dirties twenty times what 20 Mbit/s carries: every checkpoint holds most of the
+    /// working set (8 MiB by default: about 3.4 s to cross; one crossing of it is the least a
+    /// standby needs to be protecting again). A line every 10 ms marks the guest running.
+    var bootArguments: [String] {
+        ["--memory", "128M", "--vcpus", "1", "--workload", "0:check,ws=\(workingSet),rate=50M,emit=10ms"]
+    }
+}
 
 func runLinkFailoverBenchmark(_ options: LinkFailoverOptions) throws {
     let dirtymig = try dirtymigBesideBenchmark()
@@ -60,10 +66,10 @@ func runLinkFailoverBenchmark(_ options: LinkFailoverOptions) throws {
         let back = try runLinkReturn(dirtymig: dirtymig, link: link, placement: placement, options: options)
         returns.append(back)
         log("run \(run)/\(options.runs): link back after a \(LinkReplicationTable.seconds(options.cutSeconds)) s cut: "
-            + (back.milliseconds.map { String(format: "protected again %.0f ms later, %.2f MiB sent for it", $0, back.mebibytes ?? 0) }
+            + (back.milliseconds.map { String(format: "protected again %.0f ms later, %.2f MiB sent for it (%@)", $0, back.mebibytes ?? 0, back.note) }
                ?? "not protected again within 30 s (\(back.note))"))
     }
-    emitLine("Replication between two network namespaces over a veth pair shaped with tbf to \(options.rateMbit) Mbit/s (both directions), a guest dirtying 20 times what the link carries; \(options.runs) runs")
+    emitLine("Replication between two network namespaces over a veth pair shaped with tbf to \(options.rateMbit) Mbit/s (both directions), a guest dirtying 50 MiB/s over \(options.workingSet) (the link carries 2.4 MiB/s at 20 Mbit/s); \(options.runs) runs")
     emitLine("")
     emitLine("| trial | what is measured | result | goal |")
     emitLine("|---|---|---|---|")
@@ -78,7 +84,7 @@ func runLinkFailoverBenchmark(_ options: LinkFailoverOptions) throws {
     let sent = returns.compactMap(\.mebibytes)
     if !sent.isEmpty { emitLine("| link cut, manual standby | MiB sent to protect again | \(summary(sent, "%.2f")) | - |") }
     emitLine("")
-    emitLine("Conditions: standby `receive --standby --failover-after \(options.failoverAfter) --insecure` (auto for the first three trials, `--failover manual` for the last); primary `boot \(failoverBootArguments.joined(separator: " "))`, `migrate --continuous --insecure`; "
+    emitLine("Conditions: standby `receive --standby --failover-after \(options.failoverAfter) --insecure` (auto for the first three trials, `--failover manual` for the last); primary `boot \(options.bootArguments.joined(separator: " "))`, `migrate --continuous --insecure`; "
              + "\(LinkReplicationTable.seconds(options.idleSeconds)) s idle before each trial; a death is timed from just before the cut (host) or the kill (process), polled every millisecond on the standby's --guest-output file; "
              + "the link's return is timed from the end of the nft command that removes the cut, polled every 10 ms on the primary's query-replication.")
 }
@@ -104,17 +110,17 @@ private struct ReplicatedPair {
     var standbyOutput: String { scratch.file("standby.out") }
     var standbySocket: String { scratch.file("standby.sock") }
 
-    init(dirtymig: String, placement: MigrationPlacement, manual: Bool, failoverAfter: String) throws {
+    init(dirtymig: String, placement: MigrationPlacement, manual: Bool, options: LinkFailoverOptions) throws {
         scratch = try ScratchDirectory("dirtymig-bench")
         let address = "\(placement.destinationHost):\(try placement.destinationPort())"
         standby = try placement.spawn(source: false, dirtymig,
                                       ["receive", "--listen", address, "--standby", "--failover", manual ? "manual" : "auto",
-                                       "--failover-after", failoverAfter, "--insecure", "--control", scratch.file("standby.sock"),
+                                       "--failover-after", options.failoverAfter, "--insecure", "--control", scratch.file("standby.sock"),
                                        "--guest-output", scratch.file("standby.out")],
                                       stdout: .pipe, stderrPath: scratch.file("standby.log"))
         _ = try standby.expectLine(containing: "listening", timeout: 60)
         let primarySocket = scratch.file("primary.sock")
-        boot = try placement.spawn(source: true, dirtymig, ["boot"] + failoverBootArguments
+        boot = try placement.spawn(source: true, dirtymig, ["boot"] + options.bootArguments
                                        + ["--control", primarySocket, "--guest-output", scratch.file("primary.out")],
                                    stdout: .pipe, stderrPath: scratch.file("boot.log"))
         _ = try boot.expectLine(containing: "running", timeout: 60)
@@ -149,7 +155,7 @@ private struct ReplicatedPair {
 /// Alive for `seconds` (polled every 100 ms), then the death, timed.
 private func runAliveThenDeath(dirtymig: String, link: TwoHostLink, placement: MigrationPlacement, hostDies: Bool,
                                options: LinkFailoverOptions) throws -> (AliveTrial, Double) {
-    let pair = try ReplicatedPair(dirtymig: dirtymig, placement: placement, manual: false, failoverAfter: options.failoverAfter)
+    let pair = try ReplicatedPair(dirtymig: dirtymig, placement: placement, manual: false, options: options)
     defer { pair.end() }
     var trial = AliveTrial(tookOver: false, stayedProtected: true)
     let aliveUntil = MonotonicClock.seconds() + options.seconds
@@ -172,7 +178,7 @@ private func runAliveThenDeath(dirtymig: String, link: TwoHostLink, placement: M
 /// A manual standby, a cut the primary gives up over, the link back: timed to `protected`.
 private func runLinkReturn(dirtymig: String, link: TwoHostLink, placement: MigrationPlacement,
                            options: LinkFailoverOptions) throws -> ReturnTrial {
-    let pair = try ReplicatedPair(dirtymig: dirtymig, placement: placement, manual: true, failoverAfter: options.failoverAfter)
+    let pair = try ReplicatedPair(dirtymig: dirtymig, placement: placement, manual: true, options: options)
     defer { pair.end() }
     Thread.sleep(forTimeInterval: 1)
     try link.cut()
@@ -188,7 +194,9 @@ private func runLinkReturn(dirtymig: String, link: TwoHostLink, placement: Migra
     while MonotonicClock.seconds() - back < 30 {
         if let figures = pair.replication(), figures["status"]?.stringValue == "protected" {
             let bytes = (figures["bytes_sent"]?.doubleValue ?? 0) - bytesBefore
-            return ReturnTrial(milliseconds: (MonotonicClock.seconds() - back) * 1000, mebibytes: bytes / 1_048_576, note: "")
+            let resync = figures["last_reprotect"]
+            let note = "\(resync?["kind"]?.stringValue ?? "?") resync, \(Int(resync?["ms"]?.doubleValue ?? -1)) ms from the attempt that reached the standby to protected"
+            return ReturnTrial(milliseconds: (MonotonicClock.seconds() - back) * 1000, mebibytes: bytes / 1_048_576, note: note)
         }
         usleep(10_000)
     }

@@ -94,10 +94,10 @@
 //       acknowledgement), MiB/s to the standby; median (min-max) of N runs.
 //
 //   dirtymig-bench link --failover [--runs N] [--idle S] [--rates MBIT] [--seconds S] [--failover-after D] [--cut S]
-//                                  [--only alive|return]
+//                                  [--working-set SIZE] [--only alive|return]
 //       Whether a standby across a slow link tells a living primary from a dead one, and how
 //       soon it acts (as root): primary and standby as in --replication, over one link (default
-//       20 Mbit/s), a 128 MiB guest dirtying 50 MiB/s over 8 MiB (twenty times the link) and
+//       20 Mbit/s), a 128 MiB guest dirtying 50 MiB/s over 8 MiB (--working-set; twenty times the link) and
 //       writing a line every 10 ms. Each of N runs (default 20): an automatic standby watched
 //       for S seconds (default 10) while its primary lives (takeovers, and whether the primary
 //       stayed protected); then the primary's death, as a host (the link cut, then SIGKILL) in
@@ -256,7 +256,7 @@ func runAccuracy(intervals: Int) throws {
 StandardStream.ignoreBrokenPipes()   // a table piped into a reader that quit costs the rest of it, not a signal
 let arguments = Array(CommandLine.arguments.dropFirst())
 let benchmark = arguments.first ?? "tracking"
-let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk|dirtymig-zstd|dirtymig-auto|qemu-multifd|qemu-zstd] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu] [--only ROW,...] | link --replication [--runs N] [--idle S] [--rates MBIT,...] [--scenario idle|writer|fast-writer] [--seconds S] | link --failover [--runs N] [--idle S] [--rates MBIT] [--seconds S] [--failover-after D] [--cut S] [--only alive|return] | postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu] [--bandwidth RATE] [--no-qemu] | --help\n"
+let usage = "usage: dirtymig-bench tracking [--seconds S] [--runs N] [--memory MiB] | tracking-shapes [--seconds S] [--runs N] | accuracy [--seconds S] | migration [--runs N] [--quick] [--idle S] [--warm] [--scenario idle|written|rewriting] [--no-qemu] [--in-process] [--only dirtymig|dirtymig-prepared|qemu-prealloc|qemu|in-process|dirtymig-psk|dirtymig-prepared-psk|qemu-psk|qemu-prealloc-psk|dirtymig-zstd|dirtymig-auto|qemu-multifd|qemu-zstd] [--qmp-poll MS] [--prealloc both|yes|no] [--encrypted] | replication [--seconds S] [--runs N] [--only pause,rate,pace,failover] | throttle [--no-qemu] [--sweep] | limit [--no-qemu] | link [--runs N] [--idle S] [--rates MBIT,...] [--scenario written|rewriting|text] [--no-qemu] [--only ROW,...] | link --replication [--runs N] [--idle S] [--rates MBIT,...] [--scenario idle|writer|fast-writer] [--seconds S] | link --failover [--runs N] [--idle S] [--rates MBIT] [--seconds S] [--failover-after D] [--cut S] [--working-set SIZE] [--only alive|return] | postcopy [--runs N] [--idle S] [--scenario writer|reader|idle] [--only dirtymig|qemu] [--bandwidth RATE] [--no-qemu] | --help\n"
 
 func usageError(_ message: String) -> Never {
     StandardStream.error.write("dirtymig-bench: \(message)\n\(usage)")
@@ -275,7 +275,7 @@ let acceptedOptions: [String: (values: Set<String>, flags: Set<String>)] = [
     "replication": (["--seconds", "--runs", "--only"], []),
     "throttle": ([], ["--no-qemu", "--sweep"]),
     "limit": ([], ["--no-qemu"]),
-    "link": (["--runs", "--idle", "--rates", "--scenario", "--only", "--seconds", "--failover-after", "--cut"],
+    "link": (["--runs", "--idle", "--rates", "--scenario", "--only", "--seconds", "--failover-after", "--cut", "--working-set"],
              ["--no-qemu", "--replication", "--failover"]),
     "postcopy": (["--runs", "--idle", "--scenario", "--only", "--bandwidth"], ["--no-qemu"]),
 ]
@@ -426,6 +426,12 @@ func linkFailoverOptions() -> LinkFailoverOptions {
         options.cutSeconds = max(options.cutSeconds, 2 * seconds + 1)
     }
     options.cutSeconds = option("--cut", default: options.cutSeconds)
+    if let size = stringOption("--working-set") {
+        guard let bytes = try? ByteSize.parse(size), bytes >= 1 << 20, bytes <= 64 << 20 else {
+            usageError("--working-set \(size): a size from 1M to 64M (the guest has 128 MiB)")
+        }
+        options.workingSet = size
+    }
     return options
 }
 

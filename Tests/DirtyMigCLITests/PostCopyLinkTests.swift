@@ -86,17 +86,18 @@ final class PostCopyLinkTests: TwoHostTestCase {
 
     /// Cuts longer than --link-timeout break every connection: both sides show "post-copy
     /// paused" (query-status, and list's state label), the source resumes by itself when the
-    /// link is back (three times), and once its --postcopy-recover-for has run out only
+    /// link is back (twice), and once its --postcopy-recover-for has run out only
     /// `migrate --resume` resumes it; the migration completes, verified, and the guest finds no
     /// page lost.
     func testCutsLongerThanTheLinkTimeoutPauseAndResume() throws {
-        // vCPU 0 rewrites 16 MiB at random: post-copy takes about 7 s of link time, time for four cuts.
+        // vCPU 0 rewrites 16 MiB at random: post-copy takes about 7 s of link time, time for three
+        // cuts (a fourth made this the suite's longest test, about 40 s, and proved nothing new).
         let (migrate, reportPath, errors) = try migrateIntoPostCopy(workingSet: "16M", pages: 4096,
                                                                     options: ["--link-timeout", "4s", "--postcopy-recover-for", "4s"])
 
         func paused(_ name: String) -> Bool { status(name)?["state"]?.stringValue == PostCopyLinkState.pausedStateName }
         var latencies: [Double] = []
-        for cut in 1...4 {
+        for cut in 1...3 {
             Thread.sleep(forTimeInterval: 0.3)
             XCTAssertEqual(phase("source"), "post-copy", "cut \(cut) falls inside post-copy")
             try link.cut()
@@ -106,7 +107,7 @@ final class PostCopyLinkTests: TwoHostTestCase {
                 let label = ListCommand.stateLabel(row)
                 XCTAssertTrue(label.hasPrefix("post-copy paused (since "), label)
             }
-            if cut < 4 {
+            if cut < 3 {
                 Thread.sleep(forTimeInterval: 1)
                 let back = Date()   // before the rules go: the figure includes removing them
                 try link.restore()
@@ -132,11 +133,11 @@ final class PostCopyLinkTests: TwoHostTestCase {
         let report = try JSONValue.parse(try String(contentsOfFile: reportPath, encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines))
         let postcopy = report["postcopy"]
-        print("post-copy across a 20 Mbit/s link cut four times past --link-timeout 4s: resumed by itself \(latencies.map { String(format: "%.0f ms", $0 * 1000) }.joined(separator: ", ")) after the link's return (polled every 5 ms), then by hand; \(report["status"]?.stringValue ?? "?"), \(postcopy.map { "recoveries \($0["recoveries"]?.doubleValue ?? -1), paused \(Int($0["paused_ms"]?.doubleValue ?? -1)) ms, resent \(Int($0["resent_pages"]?.doubleValue ?? -1)) of \(Int($0["lacking_pages"]?.doubleValue ?? -1)) pages" } ?? "no post-copy")")
+        print("post-copy across a 20 Mbit/s link cut three times past --link-timeout 4s: resumed by itself \(latencies.map { String(format: "%.0f ms", $0 * 1000) }.joined(separator: ", ")) after the link's return (polled every 5 ms), then by hand; \(report["status"]?.stringValue ?? "?"), \(postcopy.map { "recoveries \($0["recoveries"]?.doubleValue ?? -1), paused \(Int($0["paused_ms"]?.doubleValue ?? -1)) ms, resent \(Int($0["resent_pages"]?.doubleValue ?? -1)) of \(Int($0["lacking_pages"]?.doubleValue ?? -1)) pages" } ?? "no post-copy")")
         XCTAssertEqual(migrate.terminationStatus, 0, stderrText(errors))
         XCTAssertEqual(report["status"]?.stringValue, "completed", "\(report)")
         XCTAssertEqual(report["verify"]?.stringValue, "passed", "\(report)")
-        XCTAssertEqual(postcopy?["recoveries"]?.doubleValue, 4)
+        XCTAssertEqual(postcopy?["recoveries"]?.doubleValue, 3)
         let lacking = postcopy?["lacking_pages"]?.doubleValue ?? 0
         XCTAssertEqual((postcopy?["answered_pages"]?.doubleValue ?? 0) + (postcopy?["pushed_pages"]?.doubleValue ?? 0),
                        lacking + (postcopy?["resent_pages"]?.doubleValue ?? 0), "every lacking page once, and again only if in flight")

@@ -234,10 +234,11 @@ public final class Replicator: Sendable {
         }
         let started = MonotonicClock.nanoseconds()
         let session: MigrationSession
-        let attempt = state.withLock { $0.attempt }
+        let (attempt, lostRoundTrip) = state.withLock { ($0.attempt, $0.lostSession?.control.tcp.leastRoundTripSeconds) }
         do {
             session = try MigrationSession.connect(to: options.standby, security: options.security, id: replication,
-                                                   timeout: 5, attempt: attempt)
+                                                   timeout: again ? Self.reconnectTimeout(roundTrip: lostRoundTrip) : 5,
+                                                   attempt: attempt)
         } catch {
             if let reason = state.withLock({ $0.stopReason }) { throw .cancelled(reason) }
             throw error
@@ -280,6 +281,17 @@ public final class Replicator: Sendable {
     /// (`dirtymig-bench link --failover`). 256 KiB is 0.1 s at that rate.
     static let unsentBytesLimit: Int32 = 256 << 10
 
+    /// How long a re-protecting attempt waits for its connection: four of the lost connection's
+    /// least round trips, from 0.5 s to 5 s. A connect whose SYN a cut link dropped waits for
+    /// the kernel's retransmissions (1 s, then 3 s later), while a fresh attempt sends a fresh
+    /// SYN: with 5 s, a standby whose link came back was reached 0.9 s or 2.1 s after the
+    /// link's return (a 2 MiB resync at 20 Mbit/s, `dirtymig-bench link --failover --only
+    /// return --working-set 2M`), depending on which retransmission came first. The smoothed
+    /// round trip would not do: a sender that fills a slow link's queue makes it seconds long.
+    static func reconnectTimeout(roundTrip: Double?) -> Double {
+        min(5, max(0.5, 4 * (roundTrip ?? 1.25)))
+    }
+
     /// How often the standby wants to hear from us (a fifth of its --failover-after).
     private let heartbeatNanoseconds = Atomic<UInt64>(100_000_000)
 
@@ -303,7 +315,13 @@ public final class Replicator: Sendable {
                                        compression: options.compression, changedSince: try? resync.get())
         var bytes: UInt64 = 0, pages: UInt64 = 0
         defer { state.withLock { $0.figures.ringOverruns += passes.ringOverruns } }
-        for _ in 1...Self.maxInitialPasses {
+        // A resync no larger than a first checkpoint may be goes out as that checkpoint, with no
+        // pass before it: on a link slower than the guest dirties its working set, a pass of the
+        // changed pages left about as much dirty again, and the checkpoint carried it all a second
+        // time (a 20 Mbit/s link and a guest rewriting 8 MiB: 16 MiB and 8 s from the link's
+        // return to protected, where one crossing of 8 MiB takes 3.4 s).
+        let passesFirst = !(passes.resyncsChanges && passes.pending.count <= Self.firstCheckpointPages)
+        for _ in 1...Self.maxInitialPasses where passesFirst {
             let outcome = try passes.run(shouldStop: { isStopping })
             bytes += outcome.sent.bytes
             pages += outcome.sent.normalPages + outcome.sent.zeroPages
@@ -726,9 +744,9 @@ public final class Replicator: Sendable {
 
     // MARK: Re-protecting
 
-    /// The first retry comes this soon after the lost connection settled; each next one twice
-    /// as late, up to `longestBackoffNanoseconds`, so that a standby back on its address is
-    /// protecting again within about that long.
+    /// The second attempt starts this long after the first; each next one twice as long after
+    /// the one before, up to `longestBackoffNanoseconds`, so that a standby back on its address
+    /// (or behind a link that came back) is reached within about that long.
     static let firstBackoffNanoseconds: UInt64 = 50_000_000
     static let longestBackoffNanoseconds: UInt64 = 500_000_000
 
@@ -777,8 +795,8 @@ public final class Replicator: Sendable {
             while endSettled.wait(timeout: .now()) == .success {}   // the lost connection's
             var opened: MigrationChannel?
             var resynced = false
+            let dialled = MonotonicClock.nanoseconds()
             do {
-                let dialled = MonotonicClock.nanoseconds()
                 let (channel, reply) = try connect(again: true, resume: resume)
                 if !reply.accepted {
                     switch reply.refusal {
@@ -819,11 +837,15 @@ public final class Replicator: Sendable {
                 machine.output.stopHolding()   // a first checkpoint may have started holding it
                 abandon(opened, because: error)
             }
-            let left = state.withLock { shared -> UInt64 in
+            // The back-off runs from the attempt's start: one that waited out its connect timeout
+            // (a SYN the cut link dropped) has waited already, and the next SYN goes out at once.
+            let wait = state.withLock { shared -> UInt64 in
                 let now = MonotonicClock.nanoseconds()
-                return shared.reprotectDeadline.map { $0 > now ? $0 - now : 0 } ?? 0
+                let left = shared.reprotectDeadline.map { $0 > now ? $0 - now : 0 } ?? 0
+                let due = dialled + backoff
+                return min(due > now ? due - now : 0, left)
             }
-            _ = reprotectWake.wait(timeout: .now() + .nanoseconds(Int(min(backoff, left))))
+            _ = reprotectWake.wait(timeout: .now() + .nanoseconds(Int(wait)))
             backoff = min(backoff * 2, Self.longestBackoffNanoseconds)
         }
     }

@@ -350,6 +350,14 @@ public final class TCPSocket: MigrationTransport {
         }
     }
 
+    /// The least round-trip time this connection has seen (TCP_INFO's tcpi_min_rtt, µs, a u32 at
+    /// offset 148, Linux 4.6), nil where the kernel does not say: the link's own delay, without
+    /// the queues a busy sender fills (its smoothed RTT grows with them).
+    public var leastRoundTripSeconds: Double? {
+        guard let info = tcpInfo(atLeast: 152) else { return nil }
+        return info.withUnsafeBytes { Double($0.loadUnaligned(fromByteOffset: 148, as: UInt32.self)) / 1e6 }
+    }
+
     /// What this side's TCP has received from the peer so far (TCP_INFO's tcpi_bytes_received,
     /// a u64 at offset 128 of the kernel's layout, Linux 4.1), nil where the kernel does not say:
     /// how far an incoming migration has come, without its receiver counting (TLS records
