@@ -222,7 +222,9 @@ public final class Replicator: Sendable {
             opened.transport.setReceiveDeadline(nil)
             try? opened.send(.replicationEnd, reason.encode())
         }
-        state.withLock { $0.session }?.close()
+        // Not the lost connection, while re-protecting: its listening thread waits on it for word
+        // of a takeover (an attempt that failed before it connected leaves it the current one).
+        state.withLock { $0.session === $0.lostSession ? nil : $0.session }?.close()
     }
 
     /// `again`: a re-protection (the figures go on; `started` stays the first connection's);
@@ -763,11 +765,6 @@ public final class Replicator: Sendable {
     /// close for a dead primary), its listening thread listening for a takeover.
     private func reprotectLoop() {
         defer { reprotectDone.signal() }
-        // The lost connection's epoch thread ends first (it may be in a send on a cut link):
-        // it is the only thread that sends, and what it staged is recorded for the resync.
-        while epochsDone.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
-            if !reprotectGoesOn { return finishReprotecting() }
-        }
         state.withLock { shared in
             if shared.lostSession == nil { shared.lostSession = shared.session }
         }
@@ -777,26 +774,19 @@ public final class Replicator: Sendable {
             let go = state.withLock { shared -> Bool in
                 guard shared.figures.status == .unprotected, shared.stopReason == nil,
                       let deadline = shared.reprotectDeadline, MonotonicClock.nanoseconds() < deadline else { return false }
-                // A fresh connection: nothing sent on it yet, nothing lost or ending; the lost
-                // one's listening thread hears only of a takeover from now on (the standby
-                // drops that connection as it accepts this one).
-                shared.generation += 1
-                shared.lost = false
-                shared.endSent = false
-                shared.endSettled = false
-                shared.connectionSent = 0
-                shared.connectionAcknowledged = 0
-                shared.lastPauseStart = nil
                 shared.attempt = ConnectionAttempt()
-                stopping.store(false, ordering: .releasing)
                 return true
             }
             guard go else { return finishReprotecting() }
-            while endSettled.wait(timeout: .now()) == .success {}   // the lost connection's
             var opened: MigrationChannel?
             var resynced = false
             let dialled = MonotonicClock.nanoseconds()
-            do {
+            do throws(MigrationError) {
+                // The standby is greeted while the lost connection's epoch thread may still be
+                // in a send on it: after a cut, that send waits for TCP's retransmission timer,
+                // backed off to a second or more, and only a standby that accepts the resume
+                // (or says it holds nothing) lets this side close that connection and end the
+                // send. Waiting for the thread first cost 0.85 s after every link's return.
                 let (channel, reply) = try connect(again: true, resume: resume)
                 if !reply.accepted {
                     switch reply.refusal {
@@ -812,8 +802,30 @@ public final class Replicator: Sendable {
                         continue
                     }
                 }
-                opened = channel
                 if resume { closeLostSession() }   // the standby dropped it when it accepted
+                // The lost connection's epoch thread ends before this one touches what the
+                // connections share: it is the only thread that sends, and what it staged is
+                // recorded for the resync.
+                while state.withLock({ $0.epochsRunning }) {
+                    _ = epochsDone.wait(timeout: .now() + .milliseconds(100))
+                    if !reprotectGoesOn { throw .cancelled(stopReasonText) }
+                }
+                while epochsDone.wait(timeout: .now()) == .success {}   // each end is signalled once
+                state.withLock { shared in
+                    // A fresh connection: nothing sent on it yet, nothing lost or ending; the lost
+                    // one's listening thread hears only of a takeover from now on (the standby
+                    // drops that connection as it accepts this one).
+                    shared.generation += 1
+                    shared.lost = false
+                    shared.endSent = false
+                    shared.endSettled = false
+                    shared.connectionSent = 0
+                    shared.connectionAcknowledged = 0
+                    shared.lastPauseStart = nil
+                }
+                stopping.store(false, ordering: .releasing)
+                while endSettled.wait(timeout: .now()) == .success {}   // the lost connection's
+                opened = channel
                 resynced = true
                 let changed = state.withLock { shared in
                     shared.ledger.changed(since: reply.heldEpoch, pageCount: machine.memory.pageCount)
