@@ -188,6 +188,50 @@ final class SlowLinkTests: TwoHostTestCase {
         try assertGuestRuns(socket: socket("standby"), vcpus: 1)
     }
 
+    /// A manual standby cut off past the primary's loss time keeps its copy; when the link returns
+    /// the primary protects the VM again by itself, sending what changed since the standby's
+    /// checkpoint once (as the first checkpoint: a pass first would send the rewritten working
+    /// set twice). Then the primary is killed while a checkpoint crawls over the link: the
+    /// standby hears of it from the close at once, not after the megabytes a grown send buffer
+    /// held (its kernel has at most 256 KiB unsent to deliver first).
+    func testAManualStandbyIsProtectedAgainWithWhatChangedAndAKilledPrimaryIsSeenAtOnce() throws {
+        let key = try makePSKFile("key.psk")
+        let (standby, standbyErrors) = try startStandby(key: key, extra: ["--failover", "manual"])
+        let (primary, primaryErrors) = try bootPrimary(output: directory + "/primary.out")
+        try protect(key: key)
+        func phase() -> String? { status("standby")?["standby"]?["phase"]?.stringValue }
+        Thread.sleep(forTimeInterval: 0.5)
+        try link.cut()
+        waitFor("the primary to lose its standby and the standby to wait for failover", timeout: 20) {
+            replication()?["status"]?.stringValue == "unprotected" && phase() == StandbySession.Phase.awaitingFailover.rawValue
+        }
+        try link.restore()
+        let back = Date()
+        waitFor("the VM protected again once the link returned", timeout: 30) { replication()?["status"]?.stringValue == "protected" }
+        let again = try XCTUnwrap(replication())
+        let resync = again["last_reprotect"]
+        let bytes = resync?["bytes"]?.doubleValue ?? 0
+        print("20 Mbit/s link cut past the primary's loss time, manual standby: protected again \(Int(Date().timeIntervalSince(back) * 1000)) ms after the link returned; \(resync.map { "\($0)" } ?? "no resync figures")")
+        XCTAssertEqual(resync?["kind"]?.stringValue, "delta", "\(again)")
+        // The guest rewrites 8 MiB: what changed is at most that, sent once.
+        XCTAssertGreaterThan(bytes, 0)
+        XCTAssertLessThan(bytes, 1.5 * 8 * 1_048_576, "what changed went out once")
+        XCTAssertNil(status("standby")?["vcpu_stats"], "the manual standby ran the VM: \(stderrText(standbyErrors))")
+
+        waitFor("the standby protecting with a checkpoint in flight", timeout: 20) {
+            phase() == StandbySession.Phase.protecting.rawValue && (replication()?["checkpoints"]?.doubleValue ?? 0) >= (again["checkpoints"]?.doubleValue ?? 0) + 1
+        }
+        let crossing = try XCTUnwrap(replication()?["effective_interval_ms"]?.doubleValue)
+        Thread.sleep(forTimeInterval: 0.5)
+        let killed = Date()
+        kill(primary.processIdentifier, SIGKILL)
+        waitFor("the standby to see its primary gone", timeout: 20) { phase() == StandbySession.Phase.awaitingFailover.rawValue }
+        let seen = Date().timeIntervalSince(killed) * 1000
+        print("a primary killed with a checkpoint crossing (\(Int(crossing)) ms each): its standby saw it gone \(Int(seen)) ms later")
+        XCTAssertLessThan(seen, 0.25 * crossing, "the standby waited for the dead primary's queued checkpoint: \(stderrText(primaryErrors))")
+        XCTAssertTrue(standby.isRunning)
+    }
+
     /// The last pass goes out with the VM paused; its rate is what the link carried until the
     /// destination had it all, not how fast the bytes went into the socket buffer (which gave
     /// 2,788 MiB/s on this 20 Mbit/s link).
