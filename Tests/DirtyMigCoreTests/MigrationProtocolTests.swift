@@ -55,14 +55,19 @@ final class MigrationProtocolTests: XCTestCase {
         var resuming = postcopy
         resuming.resume = true
         XCTAssertEqual(try MigrationHello(decoding: resuming.encode()), resuming, "bit 3: a post-copy resumes over a new link")
-        // A resume is post-copy's alone: without the post-copy flag, or with replication's, refused.
+        // A resume is of a post-copy or of a replication: neither (bit 3 with verify alone) or
+        // both, refused; a replication's is bits 1 and 3.
         for bad in [9, 8 | 2 | 4] as [UInt8] {
             var encoded = resuming.encode()
             encoded[flags] = bad
             XCTAssertThrowsError(try MigrationHello(decoding: encoded)) {
-                XCTAssertTrue("\($0)".contains("resuming post-copy"), "\($0)")
+                XCTAssertTrue("\($0)".contains("resuming neither a post-copy nor a replication, or both"), "\($0)")
             }
         }
+        var replicationResume = original
+        replicationResume.replicate = true
+        replicationResume.resume = true
+        XCTAssertEqual(try MigrationHello(decoding: replicationResume.encode()), replicationResume, "bits 1 and 3: a replication resumes")
     }
 
     /// The link timeout follows the flags word; the destination takes the source's deadline,
@@ -235,8 +240,11 @@ final class MigrationProtocolTests: XCTestCase {
         let reply = try send(stream, to: receiver.port)
         let deadline = Date().addingTimeInterval(10)
         while outcomes.count <= seen && Date() < deadline { usleep(20_000) }
-        // helloReply (8 + 13 bytes), iterationAck (8 + 4), then the result frame.
-        let result = 21 + 12
+        // helloReply (a frame header, u32 type and u32 length, then its payload), iterationAck
+        // (8 + 4), then the result frame.
+        guard reply.count >= 8 else { return (nil, outcomes.all.dropFirst(seen).first) }
+        let helloReplyLength = reply[4..<8].reversed().reduce(0) { $0 << 8 | Int($1) }
+        let result = 8 + helloReplyLength + 12
         guard reply.count > result + 8, reply[result] == 7 else { return (nil, outcomes.all.dropFirst(seen).first) }
         return (reply[result + 8], outcomes.all.dropFirst(seen).first)
     }
