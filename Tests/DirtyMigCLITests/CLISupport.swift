@@ -134,8 +134,20 @@ class ProcessTestCase: XCTestCase {
         return condition()
     }
 
+    /// A loopback port free now, below the kernel's range of ephemeral ports where it can: a port
+    /// the kernel hands out for a listener it may hand out again, before the test's receiver
+    /// binds it, as the local port of another connection (CI once saw a receiver refused with
+    /// "the port is in use" that way). Ports below the range are never handed out.
     func freePort() throws -> UInt16 {
-        try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0)).localPort
+        let range = (try? String(contentsOfFile: "/proc/sys/net/ipv4/ip_local_port_range", encoding: .utf8))?
+            .split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).compactMap { Int($0) }
+        if let low = range?.first, low > 12_000 {
+            for _ in 0..<100 {
+                let port = UInt16(Int.random(in: 10_000..<low))
+                if let listener = try? TCPSocket.listen(HostPort(host: "127.0.0.1", port: port)) { return listener.localPort }
+            }
+        }
+        return try TCPSocket.listen(HostPort(host: "127.0.0.1", port: 0)).localPort
     }
 
     /// Starts a command; its stderr is collected in the returned buffer (and stdout's first line
