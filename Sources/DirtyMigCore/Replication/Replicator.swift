@@ -20,11 +20,10 @@ import Synchronization
 ///   a standby that took over meanwhile (a link cut both sides saw) is heard of when the link
 ///   comes back, and this copy's output stops (`superseded`).
 ///
-/// A standby lost is sought again for `--reprotect-for` (the re-protecting thread): once the
-/// lost connection's epoch thread ended, the standby's address is tried with back-off, greeting
-/// it as the same replication resuming (one session id for the replicator's life). A standby
-/// that still holds a checkpoint of it names that checkpoint and receives only the pages changed
-/// since (`CheckpointLedger`); one that holds nothing gets the initial copy again; then the
+/// A standby lost is sought again for `--reprotect-for` (the re-protecting thread): the
+/// standby's address is tried with back-off, greeting it as the same replication resuming (one
+/// session id for the replicator's life). A standby that still holds a checkpoint of it names
+/// that checkpoint and receives only the pages changed since (`CheckpointLedger`); one that holds nothing gets the initial copy again; then the
 /// checkpoints resume. The lost connection stays open meanwhile, its listening thread
 /// listening for a takeover, until the standby has answered: a standby that took over (said on
 /// either connection) is never protected against: this copy is stale then, and replication ends.
@@ -41,9 +40,10 @@ public final class Replicator: Sendable {
     private let wake = DispatchSemaphore(value: 0)
     /// The dirty trigger fired in this epoch.
     private let triggered = Atomic<Bool>(false)
-    /// Signalled as a connection's epoch thread ends: the re-protecting thread starts a new
-    /// connection only after it (it is the only thread that sends). A lost connection's
-    /// listening thread goes on (see `generation`).
+    /// Signalled as a connection's epoch thread ends: the re-protecting thread greets the standby
+    /// before (that thread may be stuck in a send on the lost connection until the standby's
+    /// answer lets it be closed), and resyncs only after (it is the only thread that sends, and
+    /// records what it staged). A lost connection's listening thread goes on (see `generation`).
     private let epochsDone = DispatchSemaphore(value: 0)
     /// The replication's session id, the same in every hello (a reconnection greets the standby
     /// as the same replication resuming).
